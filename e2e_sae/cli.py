@@ -1,0 +1,117 @@
+"""`e2e-sae` command line: parse, call the library, print a table. User errors exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import yaml
+
+from e2e_sae.errors import UserError
+
+Command = Callable[[argparse.Namespace], int | None]
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from e2e_sae.config import Config, config_to_yaml_dict, load_config
+
+    if args.config is None:
+        from e2e_sae.cli_demo import cmd_demo
+
+        return cmd_demo(args)
+    config = load_config(args.config)
+    assert isinstance(config, Config)
+    if args.dry_run:
+        print(yaml.safe_dump(config_to_yaml_dict(config), sort_keys=False), end="")
+        return 0
+    from e2e_sae.report import eval_table
+    from e2e_sae.train import train
+
+    results = []
+    run_dir = train(config, device=args.device, reference=args.reference, on_eval=results.append)
+    if results:
+        print(eval_table(results[-1]))
+    print(f"\nrun directory: {run_dir}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from e2e_sae.cli_eval import run_eval_command
+
+    return run_eval_command(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="e2e-sae", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train SAEs from a YAML config (no config: the demo)")
+    t.add_argument("config", nargs="?", type=Path, help="YAML config")
+    t.add_argument("--dry-run", action="store_true", help="validate and print the resolved config")
+    t.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: auto)")
+    t.add_argument("--reference", action="store_true",
+                   help="use the straightforward two-pass e2e step (as the original library)")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate a trained run on held-out data")
+    e.add_argument("run_dir", type=Path)
+    e.add_argument("--data", default=None, help="dataset name or path (default: the run's eval_data)")
+    e.add_argument("--split", default=None, help="dataset split (default: the run's)")
+    e.add_argument("--n-tokens", type=int, default=None, help="evaluate on about this many tokens")
+    e.add_argument("--batch-size", type=int, default=None)
+    e.add_argument("--out", type=Path, default=None, help="write JSON here (default RUN_DIR/eval.json)")
+    e.add_argument("--device", default=None)
+    e.set_defaults(func=cmd_eval)
+    for register in EXTRA_COMMANDS:
+        register(sub)
+    return p
+
+
+# Other modules add subcommands here (train-lm, sweep, export, demo, ...).
+EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
+
+
+# Modules that define `register(subparsers)` to add their subcommands.
+COMMAND_MODULES = ["e2e_sae.cli_demo", "e2e_sae.cli_more"]
+
+
+def _register_extras() -> None:
+    import importlib
+    import importlib.util
+
+    for name in COMMAND_MODULES:
+        if importlib.util.find_spec(name) is None:
+            continue
+        reg = getattr(importlib.import_module(name), "register", None)
+        if reg is not None and reg not in EXTRA_COMMANDS:
+            EXTRA_COMMANDS.append(reg)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    _register_extras()
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def print_json(obj: object) -> None:
+    print(json.dumps(obj, indent=2))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,253 @@
+"""Frozen pydantic configs in the original e2e_sae schema (extra keys rejected).
+
+A YAML config written for e2e_sae 2.1.1 loads unchanged. Additions are optional keys with defaults:
+`tlens_config` (random-weight model), `saes.architecture` and friends, `run_name`, precision options.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    model_validator,
+)
+
+from e2e_sae.errors import ConfigError
+
+
+def _to_list(v: Any) -> Any:
+    """Accept a single value where a list is expected (as the original configs do)."""
+    if v is None or isinstance(v, list):
+        return v
+    if isinstance(v, tuple):
+        return list(v)
+    return [v]
+
+
+StrList = Annotated[list[str], BeforeValidator(_to_list)]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatasetConfig(_Frozen):
+    """Where tokens come from: a hub dataset, a local path, or a built-in corpus (`shakespeare`)."""
+
+    dataset_name: str
+    is_tokenized: bool = True
+    tokenizer_name: str | None = None
+    streaming: bool = True
+    split: str = "train"
+    n_ctx: PositiveInt
+    seed: int | None = None
+    column_name: str | None = None
+    """Column holding token ids (default `input_ids`, then `tokens`) or text (default `text`)."""
+    data_files: str | list[str] | None = None
+    """Passed to `datasets.load_dataset` for hub datasets with several file sets."""
+    n_documents: PositiveInt | None = None
+    """Only read this many documents/rows (useful for quick runs on large local datasets)."""
+
+    @model_validator(mode="after")
+    def _tokenizer_for_text(self) -> DatasetConfig:
+        if not self.is_tokenized and self.tokenizer_name is None:
+            raise ValueError("tokenizer_name is required when is_tokenized is false")
+        return self
+
+
+class LossConfig(_Frozen):
+    coeff: NonNegativeFloat
+
+
+class SparsityLossConfig(LossConfig):
+    p_norm: PositiveFloat = 1.0
+
+
+class InToOrigLossConfig(_Frozen):
+    """MSE between the SAE-spliced run and the clean run at later hooks; `total_coeff` split evenly."""
+
+    hook_positions: StrList
+    total_coeff: NonNegativeFloat
+
+    @property
+    def coeff(self) -> float:
+        return self.total_coeff / len(self.hook_positions)
+
+
+class LossConfigs(_Frozen):
+    sparsity: SparsityLossConfig | None = None
+    in_to_orig: InToOrigLossConfig | None = None
+    out_to_orig: LossConfig | None = None
+    out_to_in: LossConfig | None = None
+    logits_kl: LossConfig | None = None
+
+    @model_validator(mode="after")
+    def _at_least_one(self) -> LossConfigs:
+        if not any(getattr(self, n) is not None for n in type(self).model_fields):
+            raise ValueError("at least one loss term must be set")
+        return self
+
+    @property
+    def needs_clean_run_past_saes(self) -> bool:
+        """e2e-style terms need the layers after the SAEs (the clean and the spliced run)."""
+        return self.logits_kl is not None or self.in_to_orig is not None
+
+    @property
+    def enabled(self) -> dict[str, LossConfig | InToOrigLossConfig]:
+        return {n: v for n in type(self).model_fields if (v := getattr(self, n)) is not None}
+
+
+class TranscoderConfig(_Frozen):
+    input: str
+    output: str
+
+
+class SAEsConfig(_Frozen):
+    """Which SAEs to splice in and how to build them. `sae_positions` are hook names or substrings."""
+
+    sae_positions: StrList = Field(default_factory=list)
+    dict_size_to_input_ratio: PositiveFloat = 1.0
+    pretrained_sae_paths: Annotated[list[Path] | None, BeforeValidator(_to_list)] = None
+    retrain_saes: bool | StrList = False
+    """True: continue training all pretrained SAEs; a list: only those hook names train."""
+    type_of_sparsifier: Literal["sae"] | None = "sae"
+    init_decoder_orthogonal: bool = True
+    architecture: str = "relu"
+    """Any registered architecture (`e2e_sae.saes.ARCHITECTURES`): relu, topk, batchtopk, jumprelu."""
+    k: PositiveInt | None = None
+    """Active latents per token for the TopK family."""
+    architecture_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Extra architecture options (e.g. `{k_aux: 512, aux_coeff: 0.03125, bandwidth: 0.001}`)."""
+    transcoders: list[TranscoderConfig] = Field(default_factory=list)
+    init_b_dec: Literal["zeros", "mean", "geometric_median"] = "zeros"
+    tied_init: bool = False
+
+    @model_validator(mode="after")
+    def _some_position(self) -> SAEsConfig:
+        if not self.sae_positions and not self.transcoders:
+            raise ValueError("sae_positions (or transcoders) must name at least one hook")
+        return self
+
+
+class Config(_Frozen):
+    """A training run of one or more SAEs spliced into a TransformerLens model."""
+
+    wandb_project: str | None = None
+    wandb_run_name: str | None = None
+    wandb_run_name_prefix: str = ""
+    seed: int = 0
+    tlens_model_name: str | None = None
+    tlens_model_path: Path | None = None
+    tlens_config: dict[str, Any] | None = None
+    """HookedTransformerConfig fields (+ optional `seed`) for a random-weight model."""
+    save_dir: Path | None = Path("runs")
+    run_name: str | None = None
+    n_samples: PositiveInt | None = None
+    save_every_n_samples: PositiveInt | None = None
+    eval_every_n_samples: PositiveInt | None = None
+    eval_n_samples: PositiveInt | None = None
+    log_every_n_grad_steps: PositiveInt = 20
+    collect_act_frequency_every_n_samples: NonNegativeInt = 20_000
+    act_frequency_n_tokens: PositiveInt = 100_000
+    batch_size: PositiveInt
+    effective_batch_size: PositiveInt | None = None
+    lr: PositiveFloat
+    lr_schedule: Literal["linear", "cosine", "constant"] = "cosine"
+    min_lr_factor: NonNegativeFloat = 0.1
+    warmup_samples: NonNegativeInt = 0
+    max_grad_norm: PositiveFloat | None = None
+    loss: LossConfigs
+    train_data: DatasetConfig
+    eval_data: DatasetConfig | None = None
+    saes: SAEsConfig
+    device: str | None = None
+    """`cpu`, `cuda`, ... (default: cuda when available)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> Config:
+        sources = [
+            n for n in ("tlens_model_name", "tlens_model_path", "tlens_config") if getattr(self, n)
+        ]
+        if len(sources) != 1:
+            got = ", ".join(sources) if sources else "none"
+            raise ValueError(
+                "exactly one of tlens_model_name, tlens_model_path, tlens_config must be set "
+                f"(got {got})"
+            )
+        if self.effective_batch_size is not None and self.effective_batch_size % self.batch_size:
+            raise ValueError(
+                f"effective_batch_size ({self.effective_batch_size}) must be a multiple of "
+                f"batch_size ({self.batch_size})"
+            )
+        if self.n_samples is None:
+            raise ValueError("n_samples is required")
+        return self
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return (self.effective_batch_size or self.batch_size) // self.batch_size
+
+    @property
+    def n_grad_steps(self) -> int:
+        assert self.n_samples is not None
+        return max(1, self.n_samples // (self.effective_batch_size or self.batch_size))
+
+
+def format_validation_error(err: ValidationError, source: str = "config") -> str:
+    """One line naming the first failing field and what was expected."""
+    e = err.errors()[0]
+    loc = ".".join(str(p) for p in e["loc"])
+    msg = e["msg"].removeprefix("Value error, ")
+    if e["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif e["type"] == "missing":
+        msg = "required field is missing"
+    extra = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    where = f"{source}: {loc}" if loc else source
+    return f"{where}: {msg}{extra}"
+
+
+def parse_model(cls: type[BaseModel], data: Any, source: str = "config") -> Any:
+    """Validate `data` into `cls`, turning pydantic errors into a one-line ConfigError."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of config keys, got {type(data).__name__}")
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from None
+
+
+def read_yaml(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        with path.open() as f:
+            return yaml.safe_load(f)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{where}: invalid YAML") from None
+
+
+def load_config(path_or_dict: str | Path | dict[str, Any], config_model: type[BaseModel] = Config):
+    """Load and validate a YAML config (or dict). Errors are one-line `ConfigError`s."""
+    if isinstance(path_or_dict, dict):
+        return parse_model(config_model, path_or_dict)
+    return parse_model(config_model, read_yaml(path_or_dict), source=str(path_or_dict))
+
+
+def config_to_yaml_dict(config: BaseModel) -> dict[str, Any]:
+    """A plain dict (paths as strings) that `load_config` reads back to an equal config."""
+    return config.model_dump(mode="json")

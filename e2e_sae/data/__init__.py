@@ -1,0 +1,288 @@
+"""Token windows from a built-in corpus, a local path or a Hugging Face dataset.
+
+Raw text is tokenized, documents are joined with the end-of-text token and cut into `n_ctx`
+windows. Non-streaming sources are materialised once (and cached on disk) as an int tensor
+[n_windows, n_ctx]; batches are drawn in a seeded permutation per epoch, so a run is deterministic
+and can resume at any batch. Streaming hub datasets are read in order through a seeded buffer shuffle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from e2e_sae.config import DatasetConfig
+from e2e_sae.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+TEXT_SUFFIXES = {".txt", ".md"}
+TOKEN_COLUMNS = ("input_ids", "tokens")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("E2E_SAE_CACHE", Path.home() / ".cache" / "e2e_sae"))
+
+
+@dataclass
+class TokenWindows:
+    """All windows of a (non-streaming) dataset split, [n_windows, n_ctx]."""
+
+    tokens: Tensor
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def batches(
+        self,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        start_batch: int = 0,
+        shuffle: bool = True,
+    ) -> Iterator[Tensor]:
+        """Endless batches. Global batch i holds permuted windows [i*B, (i+1)*B) with
+        B = batch_size * world_size; rank r gets its r-th slice, so N ranks with batch b see
+        exactly what one process with batch N*b sees."""
+        n = len(self)
+        global_bs = batch_size * world_size
+        if n < global_bs:
+            raise UserError(
+                f"dataset has {n} windows of the requested n_ctx, fewer than one batch "
+                f"({global_bs}); use a smaller batch_size or n_ctx, or more data"
+            )
+        per_epoch = n // global_bs
+        i = start_batch
+        while True:
+            epoch, j = divmod(i, per_epoch)
+            if shuffle:
+                g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+                perm = torch.randperm(n, generator=g)
+            else:
+                perm = torch.arange(n)
+            lo = j * global_bs + rank * batch_size
+            yield self.tokens[perm[lo : lo + batch_size]]
+            i += 1
+
+
+def _read_local_dataset(path: Path, cfg: DatasetConfig) -> Any:
+    import datasets
+
+    datasets.disable_progress_bars()
+
+    if (path / "dataset_info.json").exists() or (path / "state.json").exists():
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            if cfg.split not in ds:
+                raise UserError(
+                    f"split: '{cfg.split}' not in saved dataset {path} (has {', '.join(ds)})"
+                )
+            ds = ds[cfg.split]
+        return ds
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    kinds = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+    texts = [p for p in files if p.suffix in TEXT_SUFFIXES]
+    if texts and len(texts) == len(files):
+        return {"text": [p.read_text(encoding="utf-8", errors="replace") for p in texts]}
+    builders = {kinds.get(p.suffix) for p in files} - {None}
+    if len(builders) != 1:
+        raise UserError(
+            f"dataset_name: {path} holds no single supported file type "
+            "(.txt/.md files, .jsonl, .parquet, .csv, or a dataset saved with save_to_disk)"
+        )
+    (builder,) = builders
+    data_files = [str(p) for p in files if kinds.get(p.suffix) == builder]
+    return datasets.load_dataset(builder, data_files=data_files, split="train")
+
+
+def _load_rows(cfg: DatasetConfig, streaming: bool) -> Any:
+    """Rows of the requested split as a `datasets` object or a {column: list} dict."""
+    from e2e_sae.data.corpora import get_builtin_corpus
+
+    corpus = get_builtin_corpus(cfg.dataset_name)
+    if corpus is not None:
+        return {"text": corpus(cfg.split)}
+    path = Path(cfg.dataset_name).expanduser()
+    if path.exists():
+        return _read_local_dataset(path, cfg)
+    if cfg.dataset_name.startswith((".", "/", "~")) or cfg.dataset_name.endswith(
+        (".txt", ".jsonl", ".parquet")
+    ):
+        raise UserError(f"dataset_name: path '{cfg.dataset_name}' does not exist")
+    import datasets
+
+    try:
+        return datasets.load_dataset(
+            cfg.dataset_name, split=cfg.split, streaming=streaming, data_files=cfg.data_files
+        )
+    except Exception as err:  # noqa: BLE001 - any hub failure is a user-facing one-liner
+        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        raise UserError(
+            f"dataset_name: cannot load '{cfg.dataset_name}' (split {cfg.split}) from the "
+            f"Hugging Face Hub or a local path: {first}. Offline: use 'shakespeare' or a local "
+            "folder of .txt/.jsonl/.parquet files"
+        ) from None
+
+
+def _column(cfg: DatasetConfig, columns: list[str]) -> str:
+    if cfg.column_name is not None:
+        if cfg.column_name not in columns:
+            raise UserError(
+                f"column_name: '{cfg.column_name}' not in dataset columns ({', '.join(columns)})"
+            )
+        return cfg.column_name
+    options = TOKEN_COLUMNS if cfg.is_tokenized else ("text",)
+    for c in options:
+        if c in columns:
+            return c
+    want = " or ".join(options)
+    raise UserError(
+        f"dataset {cfg.dataset_name}: no {want} column (has {', '.join(columns)}); "
+        f"set column_name{'' if cfg.is_tokenized else ' or is_tokenized'}"
+    )
+
+
+def _columns_of(rows: Any) -> list[str]:
+    if isinstance(rows, dict):
+        return list(rows)
+    names = getattr(rows, "column_names", None)
+    return list(names) if names else []
+
+
+def _windows_from_token_rows(rows: list[list[int]], n_ctx: int) -> Tensor:
+    flat = [t for r in rows for t in r]
+    return _cut(torch.tensor(flat, dtype=torch.int64), n_ctx)
+
+
+def _cut(stream: Tensor, n_ctx: int) -> Tensor:
+    n = stream.numel() // n_ctx
+    return stream[: n * n_ctx].reshape(n, n_ctx)
+
+
+def tokenize_documents(texts: list[str], tokenizer: Any) -> Tensor:
+    """Concatenate tokenized documents, each followed by the end-of-text token (int64 stream)."""
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for enc in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        ids.extend(enc)
+        if eos is not None:
+            ids.append(eos)
+    return torch.tensor(ids, dtype=torch.int64)
+
+
+def _cache_key(cfg: DatasetConfig) -> str:
+    keys = cfg.model_dump(include={"dataset_name", "split", "tokenizer_name", "column_name"})
+    keys["n_documents"] = cfg.n_documents
+    path = Path(cfg.dataset_name).expanduser()
+    if path.exists():
+        keys["mtime"] = path.stat().st_mtime_ns
+        keys["dataset_name"] = str(path.resolve())
+    return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def load_windows(cfg: DatasetConfig) -> TokenWindows:
+    """Materialise all `n_ctx` windows of a non-streaming split (tokenized stream cached on disk)."""
+    cache_file = cache_dir() / "tokens" / f"{_cache_key(cfg)}.safetensors"
+    if not cfg.is_tokenized and cache_file.exists():
+        return TokenWindows(_windows_checked(load_file(cache_file)["tokens"], cfg))
+    rows = _load_rows(cfg, streaming=False)
+    col = _column(cfg, _columns_of(rows))
+    data = rows[col]
+    if cfg.n_documents is not None:
+        data = data[: cfg.n_documents]
+    if cfg.is_tokenized:
+        return TokenWindows(_windows_checked(_windows_from_token_rows(list(data), cfg.n_ctx), cfg))
+    from e2e_sae.data.tokenizer import load_tokenizer
+
+    assert cfg.tokenizer_name is not None
+    texts = [t for t in data if isinstance(t, str) and t]
+    stream = tokenize_documents(texts, load_tokenizer(cfg.tokenizer_name))
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
+    save_file({"tokens": stream.to(torch.int32)}, str(tmp))
+    os.replace(tmp, cache_file)
+    return TokenWindows(_windows_checked(stream, cfg))
+
+
+def _windows_checked(stream: Tensor, cfg: DatasetConfig) -> Tensor:
+    stream = stream.to(torch.int64)
+    if stream.dim() == 2:
+        stream = stream.reshape(-1)
+    windows = _cut(stream, cfg.n_ctx)
+    if windows.shape[0] == 0:
+        raise UserError(
+            f"dataset {cfg.dataset_name} (split {cfg.split}): {stream.numel()} tokens, fewer "
+            f"than one window of n_ctx={cfg.n_ctx}"
+        )
+    return TokenWindows(windows).tokens
+
+
+def stream_batches(
+    cfg: DatasetConfig,
+    batch_size: int,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    start_batch: int = 0,
+    buffer_size: int = 1000,
+) -> Iterator[Tensor]:
+    """Batches from a streaming hub dataset (seeded buffer shuffle; rank r takes every r-th row)."""
+    from e2e_sae.data.tokenizer import load_tokenizer
+
+    ds = _load_rows(cfg, streaming=True).shuffle(seed=seed, buffer_size=buffer_size)
+    tokenizer = None if cfg.is_tokenized else load_tokenizer(cfg.tokenizer_name or "")
+    col: str | None = None
+    buf: list[int] = []
+    batch: list[Tensor] = []
+    idx = 0
+    skip = start_batch * batch_size * world_size
+    for row in ds:
+        if col is None:
+            col = _column(cfg, list(row))
+        if tokenizer is not None:
+            buf.extend(tokenize_documents([row[col]], tokenizer).tolist())
+        else:
+            buf.extend(row[col])
+        while len(buf) >= cfg.n_ctx:
+            window, buf = buf[: cfg.n_ctx], buf[cfg.n_ctx :]
+            mine = idx % world_size == rank
+            idx += 1
+            if idx <= skip or not mine:
+                continue
+            batch.append(torch.tensor(window, dtype=torch.int64))
+            if len(batch) == batch_size:
+                yield torch.stack(batch)
+                batch = []
+
+
+def create_data_loader(
+    dataset_config: DatasetConfig,
+    batch_size: int,
+    global_seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    start_batch: int = 0,
+) -> Iterator[Tensor]:
+    """Endless (non-streaming) or single-pass (streaming) iterator of [batch, n_ctx] token batches.
+
+    The seed is the dataset's own `seed` if set, else `global_seed`.
+    """
+    seed = dataset_config.seed if dataset_config.seed is not None else global_seed
+    local = Path(dataset_config.dataset_name).expanduser().exists()
+    from e2e_sae.data.corpora import get_builtin_corpus
+
+    if dataset_config.streaming and not local and get_builtin_corpus(dataset_config.dataset_name) is None:
+        return stream_batches(dataset_config, batch_size, seed, rank, world_size, start_batch)
+    windows = load_windows(dataset_config)
+    return windows.batches(batch_size, seed, rank, world_size, start_batch)

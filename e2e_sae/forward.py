@@ -1,0 +1,107 @@
+"""The forward half of a training/eval step: which passes run, and what the loss terms get.
+
+Two ways to compute the same numbers:
+- `reference=True`: what the original library does — a clean pass and an SAE-spliced pass, each
+  from the tokens.
+- default: the layers before the first SAE run once; the clean and the spliced pass both start from
+  that residual (`start_at_layer`). Same ops on the same inputs, so the same values.
+Local-only runs (no KL / downstream terms) stop the LM right after the last hook they need and run
+the SAEs on the cached clean activations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from e2e_sae.config import LossConfigs
+from e2e_sae.losses import LossInputs
+from e2e_sae.saes import CacheActs, SAEActs
+from e2e_sae.splice import SAETransformer, filter_names, hook_layer
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    sae_positions: list[str]
+    orig_cache: list[str]
+    """Clean-run hooks to cache: SAE inputs, replaced hooks, downstream hooks."""
+    new_cache: list[str] = field(default_factory=list)
+    """Spliced-run hooks to cache (downstream `in_to_orig` hooks)."""
+    e2e: bool = False
+    transcoder_targets: dict[str, str] = field(default_factory=dict)
+
+
+def make_plan(
+    model: SAETransformer, loss_cfg: LossConfigs, force_full_pass: bool = False
+) -> StepPlan:
+    """What to run for these loss terms. `force_full_pass` (eval) always computes both logits."""
+    downstream: list[str] = []
+    if loss_cfg.in_to_orig is not None:
+        downstream = filter_names(
+            model.all_hook_names, loss_cfg.in_to_orig.hook_positions, "loss.in_to_orig.hook_positions"
+        )
+    orig: list[str] = []
+    for pos, site in model.sites.items():
+        for h in (site.input_hook, pos):
+            if h not in orig:
+                orig.append(h)
+    orig += [h for h in downstream if h not in orig]
+    return StepPlan(
+        sae_positions=list(model.sae_positions),
+        orig_cache=orig,
+        new_cache=downstream,
+        e2e=loss_cfg.needs_clean_run_past_saes or force_full_pass,
+        transcoder_targets={p: p for p, s in model.sites.items() if s.is_transcoder},
+    )
+
+
+def first_sae_layer(model: SAETransformer, plan: StepPlan) -> int:
+    """Block index where both passes can start from a shared residual (0 = no shared prefix)."""
+    hooks = [model.sites[p].input_hook for p in plan.sae_positions] + plan.orig_cache
+    return max(0, min(hook_layer(h, model.n_layers) for h in hooks))
+
+
+def run_forward(
+    model: SAETransformer, tokens: Tensor, plan: StepPlan, reference: bool = False
+) -> LossInputs:
+    """Run the passes the plan needs; gradients flow only into the SAEs."""
+    if not plan.e2e:
+        with torch.no_grad():
+            _, orig_acts = model.forward_raw(
+                tokens, run_entire_model=False, cache_positions=plan.orig_cache
+            )
+        _, acts = model.forward(tokens, plan.sae_positions, orig_acts=orig_acts)
+        return LossInputs(
+            sae_acts=_sae_acts(acts), orig_acts=orig_acts, transcoder_targets=plan.transcoder_targets
+        )
+    start = 0 if reference else first_sae_layer(model, plan)
+    if start == 0:
+        with torch.no_grad():
+            orig_logits, orig_acts = model.forward_raw(tokens, cache_positions=plan.orig_cache)
+        new_logits, acts = model.forward(tokens, plan.sae_positions, plan.new_cache)
+    else:
+        tl = model.tlens_model
+        with torch.no_grad():
+            resid = tl(tokens, stop_at_layer=start)
+            orig_logits, cached = model.forward_with_hooks(
+                resid, [], plan.orig_cache, start_at_layer=start
+            )
+            orig_acts = {k: v.input for k, v in cached.items()}
+        new_logits, acts = model.forward_with_hooks(
+            resid, plan.sae_positions, plan.new_cache, start_at_layer=start
+        )
+    new_acts = {k: v.input for k, v in acts.items() if isinstance(v, CacheActs)}
+    return LossInputs(
+        sae_acts=_sae_acts(acts),
+        orig_acts=orig_acts,
+        new_acts=new_acts,
+        orig_logits=orig_logits,
+        new_logits=new_logits,
+        transcoder_targets=plan.transcoder_targets,
+    )
+
+
+def _sae_acts(acts: dict[str, SAEActs | CacheActs]) -> dict[str, SAEActs]:
+    return {k: v for k, v in acts.items() if isinstance(v, SAEActs)}

@@ -1,0 +1,139 @@
+"""Where the frozen LM comes from: a hub name, a GGUF (SmolLM2), a local checkpoint, or a config."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from e2e_sae.errors import ConfigError, UserError
+
+logger = logging.getLogger(__name__)
+
+MODEL_WEIGHTS = "model.safetensors"
+MODEL_CONFIG = "tlens_config.json"
+OFFLINE_MODELS_HINT = (
+    "offline models: smollm2-135m, shakespeare-lm, a tlens_model_path, or a tlens_config"
+)
+
+
+def build_random_model(tlens_config: dict[str, Any], device: str | None = None) -> HookedTransformer:
+    """A random-weight HookedTransformer from HookedTransformerConfig fields (+ `seed`)."""
+    fields = dict(tlens_config)
+    fields.setdefault("seed", 0)
+    tokenizer_name = fields.pop("tokenizer_name", None)
+    try:
+        cfg = HookedTransformerConfig(**fields, device=device or fields.pop("device", "cpu"))
+    except (TypeError, ValueError, AssertionError) as err:
+        raise ConfigError(f"tlens_config: {str(err).splitlines()[0]}") from None
+    model = HookedTransformer(cfg)
+    if tokenizer_name:
+        cfg.tokenizer_name = tokenizer_name
+    return model
+
+
+def save_tlens_model(model: HookedTransformer, out_dir: Path, extra: dict[str, Any] | None = None):
+    """Weights as safetensors + the HookedTransformerConfig as JSON (atomic writes)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = out_dir / (MODEL_WEIGHTS + ".tmp")
+    save_file(state, str(tmp))
+    os.replace(tmp, out_dir / MODEL_WEIGHTS)
+    cfg = _serialisable_cfg(model.cfg)
+    cfg.update(extra or {})
+    tmp = out_dir / (MODEL_CONFIG + ".tmp")
+    tmp.write_text(json.dumps(cfg, indent=2))
+    os.replace(tmp, out_dir / MODEL_CONFIG)
+
+
+_CFG_KEYS = (
+    "d_model", "d_head", "n_heads", "d_mlp", "n_layers", "n_ctx", "d_vocab", "d_vocab_out",
+    "act_fn", "normalization_type", "positional_embedding_type", "attn_only", "eps",
+    "tokenizer_name", "original_architecture", "rotary_dim", "rotary_base", "gated_mlp",
+    "final_rms", "n_key_value_heads", "default_prepend_bos", "parallel_attn_mlp", "seed",
+    "tokenizer_prepends_bos", "rotary_adjacent_pairs", "use_attn_result", "init_weights",
+)  # fmt: skip
+
+
+def _serialisable_cfg(cfg: HookedTransformerConfig) -> dict[str, Any]:
+    out = {}
+    for k in _CFG_KEYS:
+        v = getattr(cfg, k, None)
+        if v is None:
+            continue
+        out[k] = v if isinstance(v, str | int | float | bool) else str(v)
+    return out
+
+
+def load_tlens_model_from_path(path: Path, device: str | None = None) -> HookedTransformer:
+    """Load a model saved by `save_tlens_model` (a folder, or its model.safetensors file)."""
+    path = Path(path).expanduser()
+    folder = path.parent if path.is_file() else path
+    weights = path if path.is_file() else folder / MODEL_WEIGHTS
+    if not weights.exists() or not (folder / MODEL_CONFIG).exists():
+        raise UserError(
+            f"tlens_model_path: {path} is not a saved model (expected {MODEL_WEIGHTS} and "
+            f"{MODEL_CONFIG}, as written by `e2e-sae train-lm`)"
+        )
+    fields = json.loads((folder / MODEL_CONFIG).read_text())
+    fields = {k: v for k, v in fields.items() if k in _CFG_KEYS}
+    fields["init_weights"] = False
+    model = build_random_model(fields, device=device)
+    try:
+        state = load_file(str(weights), device=str(model.cfg.device))
+        model.load_state_dict(state, strict=True)
+    except Exception as err:  # noqa: BLE001
+        raise UserError(f"tlens_model_path: cannot load {weights}: {str(err).splitlines()[0]}") from None
+    return model
+
+
+def builtin_model_dir(name: str) -> Path | None:
+    """Folder of a model shipped with the package (e.g. `shakespeare-lm`), if any."""
+    folder = Path(__file__).resolve().parent.parent / "assets" / "models" / name
+    return folder if (folder / MODEL_CONFIG).exists() else None
+
+
+def load_pretrained(name: str, device: str | None = None) -> HookedTransformer:
+    from e2e_sae.models.gguf import GGUF_MODELS, is_gguf_model_name
+
+    if is_gguf_model_name(name):
+        return GGUF_MODELS[name.lower()](device=device or "cpu")
+    folder = builtin_model_dir(name)
+    if folder is not None:
+        return load_tlens_model_from_path(folder, device=device)
+    try:
+        return HookedTransformer.from_pretrained(name, device=device)
+    except Exception as err:  # noqa: BLE001 - any hub/network failure becomes one line
+        msg = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        raise UserError(
+            f"tlens_model_name: cannot load '{name}' from the Hugging Face Hub ({msg}); "
+            f"{OFFLINE_MODELS_HINT}"
+        ) from None
+
+
+def load_tlens_model(
+    tlens_model_name: str | None = None,
+    tlens_model_path: Path | None = None,
+    tlens_config: dict[str, Any] | None = None,
+    device: str | None = None,
+) -> HookedTransformer:
+    """Exactly one source must be given (the config validator guarantees it)."""
+    if tlens_config is not None:
+        model = build_random_model(tlens_config, device=device)
+    elif tlens_model_path is not None:
+        model = load_tlens_model_from_path(tlens_model_path, device=device)
+    else:
+        assert tlens_model_name is not None
+        model = load_pretrained(tlens_model_name, device=device)
+    model.eval()
+    return model
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"

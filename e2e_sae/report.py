@@ -1,0 +1,37 @@
+"""Plain-text tables for the CLI (the library itself returns values and never prints)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from e2e_sae.evaluate import EvalResult
+
+
+def fmt(v: Any) -> str:
+    if isinstance(v, float):
+        if v != v:
+            return "nan"
+        return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
+    return str(v)
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[fmt(c) for c in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))
+    sep = "  ".join("-" * w for w in widths)
+    body = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
+    return "\n".join([line, sep, *body])
+
+
+def eval_table(result: EvalResult) -> str:
+    """Model-level metrics, then one row per SAE."""
+    m = result.metrics
+    keys = [k for k in ("ce_loss_clean", "ce_loss_with_saes", "ce_loss_increase", "kl",
+                        "ce_loss_recovered", "top1_agreement", "tvd", "n_tokens") if k in m]  # fmt: skip
+    top = table(["metric", "value"], [[k, m[k]] for k in keys])
+    cols = ["l0", "alive_dict_elements", "dead_dict_elements", "explained_variance", "mse"]
+    cols = [c for c in cols if any(c in d for d in result.per_sae.values())]
+    rows = [[pos, *(d.get(c, "") for c in cols)] for pos, d in result.per_sae.items()]
+    return top + "\n\n" + table(["sae_position", *cols], rows)

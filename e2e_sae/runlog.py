@@ -1,0 +1,63 @@
+"""Metrics sinks: `metrics.jsonl` in the run directory (always) and W&B (when configured)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from e2e_sae.config import Config
+
+
+def _clean(v: Any) -> Any:
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v
+
+
+class RunLogger:
+    """Appends one JSON object per call to metrics.jsonl (flushed and fsynced: a killed run keeps
+    every complete line) and mirrors it to W&B when `wandb_project` is set."""
+
+    def __init__(self, run_dir: Path, config: Config | None = None, enabled: bool = True) -> None:
+        self.path = run_dir / "metrics.jsonl"
+        self.enabled = enabled
+        self.wandb_run: Any = None
+        if enabled and config is not None and config.wandb_project:
+            from e2e_sae.wandb_utils import init_wandb
+
+            self.wandb_run = init_wandb(config, run_dir)
+
+    def log(self, record: dict[str, Any], step: int | None = None) -> None:
+        if not self.enabled:
+            return
+        line = json.dumps({k: _clean(v) for k, v in record.items()}) + "\n"
+        with open(self.path, "a") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+        if self.wandb_run is not None:
+            self.wandb_run.log({k: _clean(v) for k, v in record.items()}, step=step)
+
+    def finish(self) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+            self.wandb_run = None
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """All complete records of a run's metrics.jsonl (a torn last line is ignored)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    out: list[dict[str, Any]] = []
+    if not path.exists():
+        return out
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out

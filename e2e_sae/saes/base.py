@@ -1,0 +1,106 @@
+"""The interface every SAE architecture implements (see `relu.py` for the paper's SAE)."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import Tensor, nn
+
+
+class SAEActs(NamedTuple):
+    """What a spliced SAE saw and produced at one position (as in the original library)."""
+
+    input: Float[Tensor, "... d_in"]
+    c: Float[Tensor, "... d_sae"]
+    output: Float[Tensor, "... d_out"]
+
+
+class CacheActs(NamedTuple):
+    """An activation cached (not modified) during a forward pass."""
+
+    input: Float[Tensor, "... d"]
+
+
+class SAEBase(nn.Module):
+    """Encoder/decoder pair. Subclasses set `architecture` and implement `encode`.
+
+    Parameter names follow the original library (`encoder.0.weight` [d_sae, d_in], `encoder.0.bias`,
+    `decoder.weight` [d_out, d_sae], `decoder.bias`) so checkpoints stay interchangeable. The decoder
+    columns (dictionary elements) are renormalised to unit norm at every forward pass.
+    """
+
+    architecture: ClassVar[str] = "base"
+
+    def __init__(
+        self,
+        input_size: int,
+        n_dict_components: int,
+        init_decoder_orthogonal: bool = True,
+        output_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.input_size = input_size
+        self.output_size = output_size or input_size
+        self.n_dict_components = n_dict_components
+        self.encoder = nn.Sequential(nn.Linear(input_size, n_dict_components, bias=True))
+        self.decoder = nn.Linear(n_dict_components, self.output_size, bias=True)
+        if init_decoder_orthogonal:
+            self.decoder.weight.data = nn.init.orthogonal_(self.decoder.weight.data.T).T
+        # Tokens since each latent last fired (training statistic, reported as dead counts).
+        self.register_buffer("tokens_since_fired", torch.zeros(n_dict_components, dtype=torch.long))
+
+    # --- the interface -------------------------------------------------------------------------
+    def pre_acts(self, x: Tensor) -> Tensor:
+        return self.encoder[0](x)
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Sparse code c [..., d_sae] for input x [..., d_in]."""
+        raise NotImplementedError
+
+    def decode(self, c: Tensor) -> Tensor:
+        return F.linear(c, self.dict_elements, self.decoder.bias)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Returns (output, c) like the original SAE."""
+        self.normalize_decoder_()
+        c = self.encode(x)
+        return self.decoder(c), c
+
+    def aux_losses(self, acts: SAEActs) -> dict[str, Tensor]:
+        """Architecture-specific training losses, already multiplied by their coefficients."""
+        return {}
+
+    def sparsity_metric(self, c: Tensor) -> Tensor:
+        """What the `sparsity` loss term penalises, if the architecture overrides it (else None)."""
+        raise NotImplementedError
+
+    def init_kwargs(self) -> dict[str, Any]:
+        """Constructor arguments beyond sizes, stored with checkpoints."""
+        return {}
+
+    # --- shared helpers --------------------------------------------------------------------------
+    @torch.no_grad()
+    def normalize_decoder_(self) -> None:
+        self.decoder.weight.data = F.normalize(self.decoder.weight.data, dim=0)
+
+    @property
+    def dict_elements(self) -> Tensor:
+        """Unit-norm dictionary directions, [d_out, d_sae] (columns)."""
+        return F.normalize(self.decoder.weight, dim=0)
+
+    @property
+    def device(self) -> torch.device:
+        return self.decoder.weight.device
+
+    @torch.no_grad()
+    def update_firing_stats(self, c: Tensor) -> None:
+        fired = (c.reshape(-1, c.shape[-1]) != 0).any(dim=0)
+        n_tokens = c.numel() // c.shape[-1]
+        self.tokens_since_fired += n_tokens
+        self.tokens_since_fired[fired] = 0
+
+    def n_dead(self, dead_after_tokens: int) -> int:
+        return int((self.tokens_since_fired >= dead_after_tokens).sum())

@@ -1,0 +1,17 @@
+"""The paper's SAE: ReLU encoder with bias, unit-norm decoder columns, decoder bias."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from e2e_sae.saes.base import SAEBase
+from e2e_sae.saes.registry import register_architecture
+
+
+@register_architecture
+class SAE(SAEBase):
+    architecture = "relu"
+
+    def encode(self, x: Tensor) -> Tensor:
+        return F.relu(self.pre_acts(x))
