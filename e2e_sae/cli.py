@@ -54,17 +54,24 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("config", nargs="?", type=Path, help="YAML config")
     t.add_argument("--dry-run", action="store_true", help="validate and print the resolved config")
     t.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: auto)")
-    t.add_argument("--reference", action="store_true",
-                   help="use the straightforward two-pass e2e step (as the original library)")
+    t.add_argument(
+        "--reference",
+        action="store_true",
+        help="use the straightforward two-pass e2e step (as the original library)",
+    )
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="evaluate a trained run on held-out data")
     e.add_argument("run_dir", type=Path)
-    e.add_argument("--data", default=None, help="dataset name or path (default: the run's eval_data)")
+    e.add_argument(
+        "--data", default=None, help="dataset name or path (default: the run's eval_data)"
+    )
     e.add_argument("--split", default=None, help="dataset split (default: the run's)")
     e.add_argument("--n-tokens", type=int, default=None, help="evaluate on about this many tokens")
     e.add_argument("--batch-size", type=int, default=None)
-    e.add_argument("--out", type=Path, default=None, help="write JSON here (default RUN_DIR/eval.json)")
+    e.add_argument(
+        "--out", type=Path, default=None, help="write JSON here (default RUN_DIR/eval.json)"
+    )
     e.add_argument("--device", default=None)
     e.set_defaults(func=cmd_eval)
     for register in EXTRA_COMMANDS:

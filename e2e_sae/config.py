@@ -1,7 +1,7 @@
 """Frozen pydantic configs in the original e2e_sae schema (extra keys rejected).
 
 A YAML config written for e2e_sae 2.1.1 loads unchanged. Additions are optional keys with defaults:
-`tlens_config` (random-weight model), `saes.architecture` and friends, `run_name`, precision options.
+`tlens_config` (random-weight model), `saes.architecture` and friends, `run_name`, ...
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ class SparsityLossConfig(LossConfig):
 
 
 class InToOrigLossConfig(_Frozen):
-    """MSE between the SAE-spliced run and the clean run at later hooks; `total_coeff` split evenly."""
+    """MSE of the spliced vs the clean run at later hooks; `total_coeff` is split evenly."""
 
     hook_positions: StrList
     total_coeff: NonNegativeFloat
@@ -114,7 +114,7 @@ class TranscoderConfig(_Frozen):
 
 
 class SAEsConfig(_Frozen):
-    """Which SAEs to splice in and how to build them. `sae_positions` are hook names or substrings."""
+    """Which SAEs to splice in and how. `sae_positions` are hook names or substrings."""
 
     sae_positions: StrList = Field(default_factory=list)
     dict_size_to_input_ratio: PositiveFloat = 1.0
@@ -124,7 +124,7 @@ class SAEsConfig(_Frozen):
     type_of_sparsifier: Literal["sae"] | None = "sae"
     init_decoder_orthogonal: bool = True
     architecture: str = "relu"
-    """Any registered architecture (`e2e_sae.saes.ARCHITECTURES`): relu, topk, batchtopk, jumprelu."""
+    """A registered architecture (`e2e_sae.saes.ARCHITECTURES`): relu, topk, jumprelu, ..."""
     k: PositiveInt | None = None
     """Active latents per token for the TopK family."""
     architecture_kwargs: dict[str, Any] = Field(default_factory=dict)

@@ -1,5 +1,5 @@
-"""Library exceptions. A `UserError` is a mistake the user can fix; the CLI prints it on one line and
-exits with status 2. Anything else is a bug and keeps its traceback."""
+"""Library exceptions. A `UserError` is a mistake the user can fix; the CLI prints it on one
+line and exits with status 2. Anything else is a bug and keeps its traceback."""
 
 
 class UserError(Exception):

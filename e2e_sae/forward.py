@@ -40,7 +40,9 @@ def make_plan(
     downstream: list[str] = []
     if loss_cfg.in_to_orig is not None:
         downstream = filter_names(
-            model.all_hook_names, loss_cfg.in_to_orig.hook_positions, "loss.in_to_orig.hook_positions"
+            model.all_hook_names,
+            loss_cfg.in_to_orig.hook_positions,
+            "loss.in_to_orig.hook_positions",
         )
     orig: list[str] = []
     for pos, site in model.sites.items():
@@ -74,7 +76,10 @@ def run_forward(
             )
         _, acts = model.forward(tokens, plan.sae_positions, orig_acts=orig_acts)
         return LossInputs(
-            sae_acts=_sae_acts(acts), orig_acts=orig_acts, transcoder_targets=plan.transcoder_targets
+            sae_acts=_sae_acts(acts),
+            orig_acts=orig_acts,
+            transcoder_targets=plan.transcoder_targets,
+            saes={p: model.sae(p) for p in plan.sae_positions},
         )
     start = 0 if reference else first_sae_layer(model, plan)
     if start == 0:
@@ -100,6 +105,7 @@ def run_forward(
         orig_logits=orig_logits,
         new_logits=new_logits,
         transcoder_targets=plan.transcoder_targets,
+        saes={p: model.sae(p) for p in plan.sae_positions},
     )
 
 

@@ -1,4 +1,4 @@
-"""One small class per loss term. Each returns an unweighted scalar; `coeff` weights it in the total.
+"""One small class per loss term. Each returns an unweighted scalar; `coeff` weights it.
 
 A coefficient of 0 still computes (and logs) the term without optimising it, as in the original.
 """
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from e2e_sae.config import LossConfigs
-from e2e_sae.saes import SAEActs
+from e2e_sae.saes import SAEActs, SAEBase
 
 
 @dataclass
@@ -34,6 +34,14 @@ class LossInputs:
     new_logits: Tensor | None = None
     transcoder_targets: Mapping[str, str] = field(default_factory=dict)
     """position -> hook whose clean activation a transcoder's output should match."""
+    saes: Mapping[str, SAEBase] = field(default_factory=dict)
+    """position -> the SAE module (for architecture-specific penalties such as JumpReLU's L0)."""
+
+    def target(self, pos: str) -> Tensor:
+        """What the SAE at `pos` reconstructs: its input, or a transcoder's clean target."""
+        if pos in self.transcoder_targets:
+            return self.orig_acts[self.transcoder_targets[pos]]
+        return self.sae_acts[pos].input
 
 
 def kl_clean_to_new(
@@ -82,8 +90,13 @@ class SparsityLoss(LossTerm):
 
     def __call__(self, inputs: LossInputs) -> Tensor:
         total = torch.zeros(())
-        for acts in inputs.sae_acts.values():
-            total = total + torch.norm(acts.c, p=self.p_norm, dim=-1).mean() / acts.input.shape[-1]
+        for pos, acts in inputs.sae_acts.items():
+            sae = inputs.saes.get(pos)
+            if sae is not None:
+                penalty = sae.sparsity_penalty(acts, self.p_norm)
+            else:
+                penalty = torch.norm(acts.c, p=self.p_norm, dim=-1)
+            total = total + penalty.mean() / acts.input.shape[-1]
         return total
 
 

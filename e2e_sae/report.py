@@ -28,10 +28,18 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 def eval_table(result: EvalResult) -> str:
     """Model-level metrics, then one row per SAE."""
     m = result.metrics
-    keys = [k for k in ("ce_loss_clean", "ce_loss_with_saes", "ce_loss_increase", "kl",
-                        "ce_loss_recovered", "top1_agreement", "tvd", "n_tokens") if k in m]  # fmt: skip
+    order = ("ce_loss_clean", "ce_loss_with_saes", "ce_loss_increase", "ce_loss_zero_abl",
+             "ce_loss_score", "kl", "kl_div_score", "top1_agreement", "tvd", "n_tokens")  # fmt: skip
+    keys = [k for k in order if k in m]
     top = table(["metric", "value"], [[k, m[k]] for k in keys])
-    cols = ["l0", "alive_dict_elements", "dead_dict_elements", "explained_variance", "mse"]
+    cols = ["l0", "alive_dict_elements", "dead_dict_elements", "explained_variance",
+            "explained_variance_ln", "mse"]  # fmt: skip
     cols = [c for c in cols if any(c in d for d in result.per_sae.values())]
     rows = [[pos, *(d.get(c, "") for c in cols)] for pos, d in result.per_sae.items()]
     return top + "\n\n" + table(["sae_position", *cols], rows)
+
+
+def downstream_table(result: EvalResult) -> str:
+    """One row per residual-stream hook after the first SAE (spliced vs clean run)."""
+    rows = [[h, d["explained_variance"], d["mse"]] for h, d in result.downstream.items()]
+    return table(["hook", "explained_variance", "mse"], rows)

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from jaxtyping import Float, Int
 from torch import Tensor, nn
 from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
@@ -22,6 +21,8 @@ from e2e_sae.errors import ConfigError
 from e2e_sae.saes import CacheActs, SAEActs, SAEBase, build_sae
 
 _LAYER_RE = re.compile(r"^blocks\.(\d+)\.")
+# TransformerLens types fwd_hooks as list[tuple[str | Callable, Callable]] (invariant).
+_Hooks = list[tuple[str | Callable[..., Any], Callable[..., Any]]]
 
 
 def sae_key(hook_name: str) -> str:
@@ -43,7 +44,9 @@ def filter_names(all_names: Sequence[str], patterns: Sequence[str], field: str) 
     for pat in patterns:
         matches = [pat] if pat in all_names else [n for n in all_names if pat in n]
         if not matches:
-            raise ConfigError(f"{field}: '{pat}' matches no hook of the model (e.g. {all_names[1]})")
+            raise ConfigError(
+                f"{field}: '{pat}' matches no hook of the model (e.g. {all_names[1]})"
+            )
         out.extend(m for m in matches if m not in out)
     order = {n: i for i, n in enumerate(all_names)}
     return sorted(out, key=order.__getitem__)
@@ -106,7 +109,9 @@ class SAETransformer(nn.Module):
         order = {n: i for i, n in enumerate(self.all_hook_names)}
         self.sae_positions = sorted(sites, key=order.__getitem__)
         self.sites = {p: sites[p] for p in self.sae_positions}
-        shapes = self.hook_shapes([h for s in self.sites.values() for h in (s.input_hook, s.output_hook)])
+        shapes = self.hook_shapes(
+            [h for s in self.sites.values() for h in (s.input_hook, s.output_hook)]
+        )
         self.saes = nn.ModuleDict()
         self.architecture = architecture
         for pos, site in self.sites.items():
@@ -142,7 +147,7 @@ class SAETransformer(nn.Module):
 
     # --- forward passes -------------------------------------------------------------------------
     def run_until(
-        self, tokens: Int[Tensor, "batch pos"], hook_names: Sequence[str]
+        self, tokens: Tensor, hook_names: Sequence[str]
     ) -> tuple[None, dict[str, Tensor]]:
         """Run the clean model only as far as needed to cache `hook_names` (nothing past them)."""
         cache: dict[str, Tensor] = {}
@@ -155,7 +160,7 @@ class SAETransformer(nn.Module):
                 raise _StopForward
             return x
 
-        hooks = [(h, cache_hook) for h in wanted]
+        hooks: _Hooks = [(h, cache_hook) for h in wanted]
         try:
             with self.tlens_model.hooks(fwd_hooks=hooks):
                 self.tlens_model(tokens, return_type=None)
@@ -165,11 +170,11 @@ class SAETransformer(nn.Module):
 
     def forward_raw(
         self,
-        tokens: Int[Tensor, "batch pos"],
+        tokens: Tensor,
         run_entire_model: bool = True,
         final_layer: int | None = None,
         cache_positions: Sequence[str] | None = None,
-    ) -> tuple[Float[Tensor, "batch pos d_vocab"] | None, dict[str, Tensor]]:
+    ) -> tuple[Tensor | None, dict[str, Tensor]]:
         """The clean model (no SAEs). Returns (logits or None, {hook: activation}).
 
         With `run_entire_model=False` the pass stops right after the last cached hook (or before
@@ -182,18 +187,18 @@ class SAETransformer(nn.Module):
                 return None, {f"blocks.{final_layer}.hook_resid_pre": resid}
             return self.run_until(tokens, cache_positions)
         cache: dict[str, Tensor] = {}
-        hooks = [(h, _cache_into(cache)) for h in cache_positions]
+        hooks: _Hooks = [(h, _cache_into(cache)) for h in cache_positions]
         with self.tlens_model.hooks(fwd_hooks=hooks):
             logits = self.tlens_model(tokens)
         return logits, cache
 
     def forward(
         self,
-        tokens: Int[Tensor, "batch pos"],
+        tokens: Tensor,
         sae_positions: Sequence[str] | None = None,
         cache_positions: Sequence[str] | None = None,
         orig_acts: dict[str, Tensor] | None = None,
-    ) -> tuple[Float[Tensor, "batch pos d_vocab"] | None, dict[str, SAEActs | CacheActs]]:
+    ) -> tuple[Tensor | None, dict[str, SAEActs | CacheActs]]:
         """The model with SAEs spliced in at `sae_positions` (default: all).
 
         Returns (logits, {position: SAEActs, cache_position: CacheActs}). When `orig_acts` holds
@@ -220,7 +225,7 @@ class SAETransformer(nn.Module):
         """Run the LM (from tokens, or from a residual with `start_at_layer=`) with SAE hooks."""
         acts: dict[str, SAEActs | CacheActs] = {}
         pending: dict[str, Tensor] = {}
-        hooks: list[tuple[str, Callable[..., Tensor]]] = []
+        hooks: _Hooks = []
         for pos in sae_positions:
             site = self.sites[pos]
             sae = self.sae(pos)
@@ -243,10 +248,10 @@ class SAETransformer(nn.Module):
         sae_positions: Sequence[str] | None = None,
         max_new_tokens: int = 20,
         **generate_kwargs: Any,
-    ) -> str | Tensor:
+    ) -> Any:
         """Sample from the model with SAEs spliced in (`sae_positions=[]` for the clean model)."""
         positions = self.sae_positions if sae_positions is None else list(sae_positions)
-        hooks: list[tuple[str, Callable[..., Tensor]]] = []
+        hooks: _Hooks = []
         scratch: dict[str, SAEActs | CacheActs] = {}
         pending: dict[str, Tensor] = {}
         for pos in positions:

@@ -1,4 +1,4 @@
-"""The training loop: batch -> forward -> losses -> backward -> step, plus log / eval / save triggers."""
+"""The training loop: batch -> forward -> losses -> backward -> step; log / eval / save triggers."""
 
 from __future__ import annotations
 
@@ -115,7 +115,7 @@ class Trainer:
                 f"{name}/{pos}": v
                 for pos, acts in inputs.sae_acts.items()
                 if pos in self.trainable
-                for name, v in self.model.sae(pos).aux_losses(acts).items()
+                for name, v in self.model.sae(pos).aux_losses(acts, inputs.target(pos)).items()
             }
             loss, values = compute_losses(self.loss_terms, inputs, aux)
             check_finite(loss, values, state.step)
@@ -151,7 +151,9 @@ def check_finite(loss: Tensor, values: dict[str, Tensor], step: int) -> None:
     if torch.isfinite(loss):
         return
     bad = next((k for k, v in values.items() if not torch.isfinite(v)), "loss")
-    raise NumericalError(f"non-finite loss at step {step}: term '{bad}' is {float(values.get(bad, loss))}")
+    raise NumericalError(
+        f"non-finite loss at step {step}: term '{bad}' is {float(values.get(bad, loss))}"
+    )
 
 
 class NumericalError(UserError):
@@ -164,7 +166,9 @@ def setup(config: Config, device: str | None = None, reference: bool = False) ->
     model = build_model(config, device=device)
     frozen: set[str] = set()
     if config.saes.pretrained_sae_paths:
-        frozen = load_pretrained_saes(model, config.saes.pretrained_sae_paths, config.saes.retrain_saes)
+        frozen = load_pretrained_saes(
+            model, config.saes.pretrained_sae_paths, config.saes.retrain_saes
+        )
     for pos in frozen:
         model.sae(pos).requires_grad_(False)
     trainable = [p for p in model.sae_positions if p not in frozen]
@@ -204,6 +208,7 @@ def train(
     first = next(batches)
     check_vocab(t.model, first, "train_data")
     batches = _prepend(first, batches)
+    n_ctx = first.shape[1]
     run_dir = make_run_dir(config, run_dir)
     write_config(run_dir, config)
     log = RunLogger(run_dir, config)
@@ -214,13 +219,16 @@ def train(
     try:
         while state.step < config.n_grad_steps:
             t.model.train()
+            for pos in set(t.model.sae_positions) - set(t.trainable):
+                t.model.sae(pos).eval()  # frozen SAEs behave as at inference (BatchTopK threshold)
             values = t.train_step(batches, state)
             bar.update(1)
             bar.set_postfix(loss=f"{values['loss']:.4g}")
             if state.step % config.log_every_n_grad_steps == 0 or state.step == 1:
                 rec = {"samples": state.n_samples, "step": state.step,
                        "lr": t.scheduler.get_last_lr()[0], **values,
-                       "tokens_per_s": state.n_samples * first.shape[1] / (time.perf_counter() - t0)}  # fmt: skip
+                       "tokens_per_s": state.n_samples * n_ctx / (time.perf_counter() - t0),
+                       }  # fmt: skip
                 rec.update(_dead_counts(t.model, config.act_frequency_n_tokens))
                 log.log(rec, step=state.n_samples)
             if eval_every and _crossed(state.n_samples, bs, eval_every):

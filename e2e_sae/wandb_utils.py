@@ -14,7 +14,9 @@ def _import_wandb() -> Any:
     try:
         import wandb
     except ImportError:
-        raise UserError("wandb_project is set but wandb is not installed: pip install wandb") from None
+        raise UserError(
+            "wandb_project is set but wandb is not installed: pip install wandb"
+        ) from None
     return wandb
 
 

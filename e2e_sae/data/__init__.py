@@ -3,7 +3,7 @@
 Raw text is tokenized, documents are joined with the end-of-text token and cut into `n_ctx`
 windows. Non-streaming sources are materialised once (and cached on disk) as an int tensor
 [n_windows, n_ctx]; batches are drawn in a seeded permutation per epoch, so a run is deterministic
-and can resume at any batch. Streaming hub datasets are read in order through a seeded buffer shuffle.
+and can resume at any batch. Streaming hub datasets go through a seeded buffer shuffle.
 """
 
 from __future__ import annotations
@@ -85,9 +85,8 @@ def _read_local_dataset(path: Path, cfg: DatasetConfig) -> Any:
         ds = datasets.load_from_disk(str(path))
         if isinstance(ds, datasets.DatasetDict):
             if cfg.split not in ds:
-                raise UserError(
-                    f"split: '{cfg.split}' not in saved dataset {path} (has {', '.join(ds)})"
-                )
+                have = ", ".join(map(str, ds.keys()))
+                raise UserError(f"split: '{cfg.split}' not in saved dataset {path} (has {have})")
             ds = ds[cfg.split]
         return ds
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
@@ -101,7 +100,7 @@ def _read_local_dataset(path: Path, cfg: DatasetConfig) -> Any:
             f"dataset_name: {path} holds no single supported file type "
             "(.txt/.md files, .jsonl, .parquet, .csv, or a dataset saved with save_to_disk)"
         )
-    (builder,) = builders
+    builder = str(next(iter(builders)))
     data_files = [str(p) for p in files if kinds.get(p.suffix) == builder]
     return datasets.load_dataset(builder, data_files=data_files, split="train")
 
@@ -123,9 +122,10 @@ def _load_rows(cfg: DatasetConfig, streaming: bool) -> Any:
     import datasets
 
     try:
-        return datasets.load_dataset(
-            cfg.dataset_name, split=cfg.split, streaming=streaming, data_files=cfg.data_files
-        )
+        kwargs: dict[str, Any] = {"split": cfg.split, "streaming": streaming}
+        if cfg.data_files is not None:
+            kwargs["data_files"] = cfg.data_files
+        return datasets.load_dataset(cfg.dataset_name, **kwargs)
     except Exception as err:  # noqa: BLE001 - any hub failure is a user-facing one-liner
         first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
         raise UserError(
@@ -192,7 +192,7 @@ def _cache_key(cfg: DatasetConfig) -> str:
 
 
 def load_windows(cfg: DatasetConfig) -> TokenWindows:
-    """Materialise all `n_ctx` windows of a non-streaming split (tokenized stream cached on disk)."""
+    """All `n_ctx` windows of a non-streaming split (the tokenized stream is cached on disk)."""
     cache_file = cache_dir() / "tokens" / f"{_cache_key(cfg)}.safetensors"
     if not cfg.is_tokenized and cache_file.exists():
         return TokenWindows(_windows_checked(load_file(cache_file)["tokens"], cfg))
@@ -282,7 +282,11 @@ def create_data_loader(
     local = Path(dataset_config.dataset_name).expanduser().exists()
     from e2e_sae.data.corpora import get_builtin_corpus
 
-    if dataset_config.streaming and not local and get_builtin_corpus(dataset_config.dataset_name) is None:
+    if (
+        dataset_config.streaming
+        and not local
+        and get_builtin_corpus(dataset_config.dataset_name) is None
+    ):
         return stream_batches(dataset_config, batch_size, seed, rank, world_size, start_batch)
     windows = load_windows(dataset_config)
     return windows.batches(batch_size, seed, rank, world_size, start_batch)

@@ -23,7 +23,9 @@ OFFLINE_MODELS_HINT = (
 )
 
 
-def build_random_model(tlens_config: dict[str, Any], device: str | None = None) -> HookedTransformer:
+def build_random_model(
+    tlens_config: dict[str, Any], device: str | None = None
+) -> HookedTransformer:
     """A random-weight HookedTransformer from HookedTransformerConfig fields (+ `seed`)."""
     fields = dict(tlens_config)
     fields.setdefault("seed", 0)
@@ -89,7 +91,9 @@ def load_tlens_model_from_path(path: Path, device: str | None = None) -> HookedT
         state = load_file(str(weights), device=str(model.cfg.device))
         model.load_state_dict(state, strict=True)
     except Exception as err:  # noqa: BLE001
-        raise UserError(f"tlens_model_path: cannot load {weights}: {str(err).splitlines()[0]}") from None
+        raise UserError(
+            f"tlens_model_path: cannot load {weights}: {str(err).splitlines()[0]}"
+        ) from None
     return model
 
 

@@ -6,33 +6,33 @@ from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float
 from torch import Tensor, nn
 
 
 class SAEActs(NamedTuple):
     """What a spliced SAE saw and produced at one position (as in the original library)."""
 
-    input: Float[Tensor, "... d_in"]
-    c: Float[Tensor, "... d_sae"]
-    output: Float[Tensor, "... d_out"]
+    input: Tensor
+    c: Tensor
+    output: Tensor
 
 
 class CacheActs(NamedTuple):
     """An activation cached (not modified) during a forward pass."""
 
-    input: Float[Tensor, "... d"]
+    input: Tensor
 
 
 class SAEBase(nn.Module):
     """Encoder/decoder pair. Subclasses set `architecture` and implement `encode`.
 
     Parameter names follow the original library (`encoder.0.weight` [d_sae, d_in], `encoder.0.bias`,
-    `decoder.weight` [d_out, d_sae], `decoder.bias`) so checkpoints stay interchangeable. The decoder
-    columns (dictionary elements) are renormalised to unit norm at every forward pass.
+    `decoder.weight` [d_out, d_sae], `decoder.bias`) so checkpoints stay interchangeable. The
+    decoder columns (dictionary elements) are renormalised to unit norm at every forward pass.
     """
 
     architecture: ClassVar[str] = "base"
+    tokens_since_fired: Tensor
 
     def __init__(
         self,
@@ -69,13 +69,20 @@ class SAEBase(nn.Module):
         c = self.encode(x)
         return self.decoder(c), c
 
-    def aux_losses(self, acts: SAEActs) -> dict[str, Tensor]:
-        """Architecture-specific training losses, already multiplied by their coefficients."""
+    def aux_losses(self, acts: SAEActs, target: Tensor | None = None) -> dict[str, Tensor]:
+        """Architecture-specific training losses, already multiplied by their coefficients.
+
+        `target` is what `acts.output` should reconstruct (default `acts.input`; for a transcoder,
+        the clean activation at the hook it replaces).
+        """
         return {}
 
-    def sparsity_metric(self, c: Tensor) -> Tensor:
-        """What the `sparsity` loss term penalises, if the architecture overrides it (else None)."""
-        raise NotImplementedError
+    def sparsity_penalty(self, acts: SAEActs, p_norm: float) -> Tensor:
+        """Per-token penalty [...] that the `sparsity` loss term averages: ||c||_p by default.
+
+        Architectures with their own penalty (JumpReLU's L0) override this.
+        """
+        return torch.norm(acts.c, p=p_norm, dim=-1)
 
     def init_kwargs(self) -> dict[str, Any]:
         """Constructor arguments beyond sizes, stored with checkpoints."""

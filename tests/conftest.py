@@ -1,0 +1,84 @@
+"""Shared fixtures: a tiny random-weight HookedTransformer and a small local token dataset.
+
+Everything is CPU-only and offline; caches go to a per-session temp folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+TINY_TLENS: dict[str, Any] = {
+    "d_model": 32,
+    "n_layers": 3,
+    "n_ctx": 16,
+    "d_head": 8,
+    "n_heads": 4,
+    "d_mlp": 64,
+    "d_vocab": 97,
+    "act_fn": "gelu",
+    "normalization_type": "LN",
+    "seed": 0,
+}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    os.environ["E2E_SAE_CACHE"] = str(tmp_path_factory.mktemp("e2e_sae_cache"))
+
+
+def write_token_jsonl(
+    path: Path, n_rows: int = 64, n_ctx: int = 16, vocab: int = 97, seed: int = 0
+):
+    """Pre-tokenized rows with some structure (repeated bigrams), so an LM has something to fit."""
+    rng = random.Random(seed)
+    with path.open("w") as f:
+        for _ in range(n_rows):
+            row = [rng.randrange(vocab)]
+            while len(row) < n_ctx:
+                row.append(
+                    (row[-1] * 7 + 3) % vocab if rng.random() < 0.7 else rng.randrange(vocab)
+                )
+            f.write(json.dumps({"input_ids": row}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def token_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_token_jsonl(tmp_path_factory.mktemp("data") / "tokens.jsonl")
+
+
+def make_config_dict(data_path: Path, save_dir: Path, **overrides: Any) -> dict[str, Any]:
+    """A complete config for the tiny model; `loss`/`saes` etc. can be overridden."""
+    cfg: dict[str, Any] = {
+        "tlens_config": dict(TINY_TLENS),
+        "n_samples": 32,
+        "batch_size": 4,
+        "lr": 1e-3,
+        "save_dir": str(save_dir),
+        "eval_n_samples": 8,
+        "log_every_n_grad_steps": 1,
+        "loss": {"sparsity": {"coeff": 0.1}, "out_to_in": {"coeff": 1.0}},
+        "train_data": {"dataset_name": str(data_path), "n_ctx": 16, "streaming": False},
+        "eval_data": {"dataset_name": str(data_path), "n_ctx": 16, "streaming": False},
+        "saes": {"sae_positions": ["blocks.1.hook_resid_pre"], "dict_size_to_input_ratio": 2.0},
+    }
+    cfg.update(overrides)
+    return cfg
+
+
+@pytest.fixture
+def config_dict(token_data: Path, tmp_path: Path):
+    def make(**overrides: Any) -> dict[str, Any]:
+        return make_config_dict(token_data, tmp_path / "runs", **overrides)
+
+    return make
