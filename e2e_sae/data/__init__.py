@@ -174,6 +174,8 @@ def tokenize_documents(texts: list[str], tokenizer: Any) -> Tensor:
     """Concatenate tokenized documents, each followed by the end-of-text token (int64 stream)."""
     eos = tokenizer.eos_token_id
     ids: list[int] = []
+    if not texts:
+        return torch.zeros(0, dtype=torch.int64)
     for enc in tokenizer(texts, add_special_tokens=False)["input_ids"]:
         ids.extend(enc)
         if eos is not None:
