@@ -3,7 +3,17 @@ models (Braun et al. 2024), with modern architectures and an offline default job
 
 from e2e_sae.config import Config, DatasetConfig, LossConfigs, load_config
 from e2e_sae.errors import ConfigError, UserError
-from e2e_sae.saes import ARCHITECTURES, SAE, CacheActs, SAEActs, SAEBase, build_sae
+from e2e_sae.saes import (
+    ARCHITECTURES,
+    SAE,
+    BatchTopKSAE,
+    CacheActs,
+    JumpReLUSAE,
+    SAEActs,
+    SAEBase,
+    TopKSAE,
+    build_sae,
+)
 from e2e_sae.splice import SAETransformer
 
 __version__ = "3.0.0"
@@ -11,14 +21,17 @@ __version__ = "3.0.0"
 __all__ = [
     "ARCHITECTURES",
     "SAE",
+    "BatchTopKSAE",
     "CacheActs",
     "Config",
     "ConfigError",
     "DatasetConfig",
+    "JumpReLUSAE",
     "LossConfigs",
     "SAEActs",
     "SAEBase",
     "SAETransformer",
+    "TopKSAE",
     "UserError",
     "build_sae",
     "load_config",

@@ -8,6 +8,8 @@ Layout of a run directory:
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import json
 import os
 import re
@@ -53,11 +55,26 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
+DIGEST_KEY = "e2e_sae.sha256"
+
+
+def tensor_digest(tensors: Mapping[str, Tensor]) -> str:
+    """SHA-256 over the names, dtypes, shapes and bytes of `tensors` (detects corrupted files)."""
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].detach().contiguous().cpu()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()
+
+
 def atomic_save_tensors(
     tensors: Mapping[str, Tensor], path: Path, metadata: dict[str, str] | None = None
 ) -> None:
+    """Temp file + fsync + rename; the metadata gets a checksum that `read_tensors` verifies."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata)
+    cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    save_file(cpu, str(tmp), {**(metadata or {}), DIGEST_KEY: tensor_digest(cpu)})
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -76,6 +93,8 @@ def sae_state(model: SAETransformer) -> dict[str, Tensor]:
 def save_checkpoint(run_dir: Path, model: SAETransformer, n_samples: int) -> Path:
     path = run_dir / f"samples_{n_samples}.safetensors"
     meta = {"architecture": model.architecture, "sae_positions": json.dumps(model.sae_positions)}
+    # constructor options per SAE (k, thresholds' bandwidth, ...), for readers without the config
+    meta["init_kwargs"] = json.dumps({p: model.sae(p).init_kwargs() for p in model.sae_positions})
     atomic_save_tensors(sae_state(model), path, meta)
     return path
 
@@ -91,10 +110,14 @@ def read_tensors(path: Path, what: str = "checkpoint") -> dict[str, Tensor]:
     if not path.is_file():
         raise UserError(f"{what}: file not found: {path}")
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
+        digest = tensor_metadata(path).get(DIGEST_KEY)
     except (SafetensorError, OSError, ValueError) as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise UserError(f"{what}: {path} is not a readable safetensors file ({first})") from None
+    if digest is not None and digest != tensor_digest(tensors):
+        raise UserError(f"{what}: {path} is corrupted or was modified (checksum mismatch)")
+    return tensors
 
 
 def load_sae_weights(
@@ -136,6 +159,9 @@ def build_model(config: Config, device: str | None = None) -> SAETransformer:
     tlens = load_tlens_model(
         config.tlens_model_name, config.tlens_model_path, config.tlens_config, device=device
     )
+    # HookedTransformer re-seeds torch with its cfg.seed; without this every run's SAE init
+    # would be the same whatever `seed` the run config sets.
+    torch.manual_seed(config.seed)
     s = config.saes
     kwargs: dict[str, Any] = dict(s.architecture_kwargs)
     if s.k is not None:
@@ -182,10 +208,16 @@ def load_run(
 def load_pretrained_saes(
     model: SAETransformer, paths: list[Path], retrain: bool | list[str]
 ) -> set[str]:
-    """Load SAEs from checkpoints (files or run dirs); returns the positions that stay frozen."""
+    """Load SAEs from checkpoints (files or run dirs, local or hf://, or SAELens folders); returns
+    the positions that stay frozen."""
     loaded: list[str] = []
     for p in paths:
-        p = Path(p).expanduser()
+        from e2e_sae.interop import is_saelens_dir, load_saelens_into, resolve_path
+
+        p = resolve_path(newest_match(p))  # local path, or hf://user/repo[/path] downloaded
+        if is_saelens_dir(p):  # a SAELens SAE folder (cfg.json + sae_weights.safetensors)
+            loaded += load_saelens_into(model, p)
+            continue
         if p.is_dir():
             ckpts = list_checkpoints(p)
             if not ckpts:
@@ -205,6 +237,18 @@ def load_pretrained_saes(
         return set(loaded)
     trainable = set(filter_names_safe(model, retrain))
     return {p for p in loaded if p not in trainable}
+
+
+def newest_match(path: str | os.PathLike[str]) -> str | os.PathLike[str]:
+    """A local path with glob characters (`runs/local_*`) -> its newest match by modification time,
+    so a fine-tuning config can name an earlier run whose timestamp it does not know."""
+    text = os.path.expanduser(str(path))
+    if not any(ch in text for ch in "*?[") or os.path.exists(text):
+        return path
+    matches = glob.glob(text)
+    if not matches:
+        raise UserError(f"saes.pretrained_sae_paths: nothing matches {path}")
+    return Path(max(matches, key=os.path.getmtime))
 
 
 def filter_names_safe(model: SAETransformer, patterns: list[str]) -> list[str]:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import yaml
 
-from e2e_sae.errors import UserError
+from e2e_sae.errors import TrainingInterrupted, UserError
 
 Command = Callable[[argparse.Namespace], int | None]
 
@@ -19,6 +20,12 @@ Command = Callable[[argparse.Namespace], int | None]
 def cmd_train(args: argparse.Namespace) -> int:
     from e2e_sae.config import Config, config_to_yaml_dict, load_config
 
+    if args.config is None and args.resume not in (None, "latest"):
+        args.config = Path(args.resume) / "final_config.yaml"  # resume a run with its own config
+        if not args.config.is_file():
+            raise UserError(
+                f"--resume: {args.resume} is not a run directory (no {args.config.name})"
+            )
     if args.config is None:
         from e2e_sae.cli_demo import cmd_demo
 
@@ -32,10 +39,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from e2e_sae.train import train
 
     results = []
-    run_dir = train(config, device=args.device, reference=args.reference, on_eval=results.append)
+    run_dir = train(config, device=args.device, reference=args.reference,
+                    on_eval=results.append, resume=args.resume)  # fmt: skip
     if results:
         print(eval_table(results[-1]))
-    print(f"\nrun directory: {run_dir}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
+        print(f"\nrun directory: {run_dir}")
     return 0
 
 
@@ -45,8 +54,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return run_eval_command(args)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes become one-line UserErrors (exit 2) instead of a usage dump."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UserError(f"{self.prog}: {message} (see --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="e2e-sae", description=__doc__)
+    p = _Parser(prog="e2e-sae", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -59,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="use the straightforward two-pass e2e step (as the original library)",
     )
+    t.add_argument("--resume", nargs="?", const="latest", default=None, metavar="RUN_DIR",
+                   help="continue RUN_DIR (alone: the newest run of CONFIG under save_dir) from "
+                   "its last checkpoint; the result equals an uninterrupted run")  # fmt: skip
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="evaluate a trained run on held-out data")
@@ -84,7 +103,12 @@ EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
 
 
 # Modules that define `register(subparsers)` to add their subcommands.
-COMMAND_MODULES = ["e2e_sae.cli_demo", "e2e_sae.cli_more"]
+COMMAND_MODULES = [
+    "e2e_sae.cli_demo",
+    "e2e_sae.cli_more",
+    "e2e_sae.cli_analysis",
+    "e2e_sae.cli_interop",
+]
 
 
 def _register_extras() -> None:
@@ -101,7 +125,11 @@ def _register_extras() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     _register_extras()
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
@@ -111,6 +139,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as err:  # a checkpoint was written: exit 128 + signal number
+        print(f"interrupted: {err}", file=sys.stderr)
+        return err.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -128,7 +128,9 @@ class SAEsConfig(_Frozen):
     k: PositiveInt | None = None
     """Active latents per token for the TopK family."""
     architecture_kwargs: dict[str, Any] = Field(default_factory=dict)
-    """Extra architecture options (e.g. `{k_aux: 512, aux_coeff: 0.03125, bandwidth: 0.001}`)."""
+    """Extra architecture options (see `e2e_sae.saes`). topk / batchtopk: `k_aux`, `aux_coeff`
+    (AuxK), `dead_tokens_threshold`; batchtopk: `threshold_momentum`; jumprelu: `bandwidth`,
+    `init_threshold`."""
     transcoders: list[TranscoderConfig] = Field(default_factory=list)
     init_b_dec: Literal["zeros", "mean", "geometric_median"] = "zeros"
     tied_init: bool = False
@@ -155,6 +157,8 @@ class Config(_Frozen):
     run_name: str | None = None
     n_samples: PositiveInt | None = None
     save_every_n_samples: PositiveInt | None = None
+    keep_last_n_checkpoints: PositiveInt | None = 3
+    """Keep this many newest checkpoints (+ the final one); null keeps all."""
     eval_every_n_samples: PositiveInt | None = None
     eval_n_samples: PositiveInt | None = None
     log_every_n_grad_steps: PositiveInt = 20
@@ -173,6 +177,14 @@ class Config(_Frozen):
     saes: SAEsConfig
     device: str | None = None
     """`cpu`, `cuda`, ... (default: cuda when available)."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """Training forward/backward precision. `bf16`: the LM's matmuls and attention and the SAEs
+    under bf16 autocast (residual stream, norms, softmax and KL stay fp32). Evaluation is fp32."""
+    compile: bool = False
+    """`torch.compile` the SAEs (off by default: on CPU the compile time outweighs the gain)."""
+    kl_chunk_tokens: PositiveInt | None = None
+    """Tokens per chunk of the `logits_kl` term's [tokens, d_vocab] temporaries (null: ~4M
+    elements per chunk). Only memory changes, not the value."""
 
     @model_validator(mode="after")
     def _check(self) -> Config:

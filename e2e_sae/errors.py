@@ -11,3 +11,19 @@ class UserError(Exception):
 
 class ConfigError(UserError):
     """A config file or config value is invalid."""
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT / SIGTERM stopped training after a resume checkpoint was written.
+
+    The CLI prints the one-line message and exits 128 + the signal number (130 for SIGINT, 143 for
+    SIGTERM), the shell convention for a process ended by that signal.
+    """
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum

@@ -7,17 +7,25 @@ Two ways to compute the same numbers:
   that residual (`start_at_layer`). Same ops on the same inputs, so the same values.
 Local-only runs (no KL / downstream terms) stop the LM right after the last hook they need and run
 the SAEs on the cached clean activations.
+
+Where `e2e_sae.fastlm` supports the model and hooks, the fast path runs the LM through its lean
+forward (weights laid out once, fused attention; optionally bf16 matmuls) and hands the KL term the
+final residuals instead of logits, so it never holds [tokens, d_vocab] for either run
+(`losses.kl_from_final`). Otherwise it uses TransformerLens with `start_at_layer`.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from e2e_sae.config import LossConfigs
-from e2e_sae.losses import LossInputs
+from e2e_sae.fastlm import LeanLM, get_lean_lm
+from e2e_sae.losses import LossInputs, Unembedding
 from e2e_sae.saes import CacheActs, SAEActs
 from e2e_sae.splice import SAETransformer, filter_names, hook_layer
 
@@ -31,10 +39,17 @@ class StepPlan:
     """Spliced-run hooks to cache (downstream `in_to_orig` hooks)."""
     e2e: bool = False
     transcoder_targets: dict[str, str] = field(default_factory=dict)
+    logits: bool = False
+    """Return both runs' logits (evaluation). Training's KL reads the final residuals instead."""
+    precision: str = "fp32"
+    """"bf16": the fast path's LM matmuls and attention run in bf16 (`fastlm`)."""
 
 
 def make_plan(
-    model: SAETransformer, loss_cfg: LossConfigs, force_full_pass: bool = False
+    model: SAETransformer,
+    loss_cfg: LossConfigs,
+    force_full_pass: bool = False,
+    precision: str = "fp32",
 ) -> StepPlan:
     """What to run for these loss terms. `force_full_pass` (eval) always computes both logits."""
     downstream: list[str] = []
@@ -56,6 +71,8 @@ def make_plan(
         new_cache=downstream,
         e2e=loss_cfg.needs_clean_run_past_saes or force_full_pass,
         transcoder_targets={p: p for p, s in model.sites.items() if s.is_transcoder},
+        logits=force_full_pass,
+        precision=precision,
     )
 
 
@@ -69,6 +86,10 @@ def run_forward(
     model: SAETransformer, tokens: Tensor, plan: StepPlan, reference: bool = False
 ) -> LossInputs:
     """Run the passes the plan needs; gradients flow only into the SAEs."""
+    if not reference:
+        lean = get_lean_lm(model.tlens_model, plan.precision)
+        if lean is not None and lean.supports(_hooks_used(model, plan)):
+            return _run_lean(model, lean, tokens, plan)
     if not plan.e2e:
         with torch.no_grad():
             _, orig_acts = model.forward_raw(
@@ -111,3 +132,67 @@ def run_forward(
 
 def _sae_acts(acts: dict[str, SAEActs | CacheActs]) -> dict[str, SAEActs]:
     return {k: v for k, v in acts.items() if isinstance(v, SAEActs)}
+
+
+def _hooks_used(model: SAETransformer, plan: StepPlan) -> list[str]:
+    inputs = [model.sites[p].input_hook for p in plan.sae_positions]
+    return list(dict.fromkeys(plan.sae_positions + inputs + plan.orig_cache + plan.new_cache))
+
+
+def _run_lean(model: SAETransformer, lean: LeanLM, tokens: Tensor, plan: StepPlan) -> LossInputs:
+    """The fast path through `fastlm` (same values as the reference within float rounding)."""
+    orig_acts: dict[str, Tensor] = {}
+    clean_hooks = [(h, _store(orig_acts, h)) for h in plan.orig_cache]
+    if not plan.e2e:
+        with torch.no_grad():
+            lean.run(tokens, 0, clean_hooks, until=lean.last_hook(plan.orig_cache))
+        _, acts = model.forward(tokens, plan.sae_positions, orig_acts=orig_acts)
+        return LossInputs(
+            sae_acts=_sae_acts(acts),
+            orig_acts=orig_acts,
+            transcoder_targets=plan.transcoder_targets,
+            saes={p: model.sae(p) for p in plan.sae_positions},
+        )
+    start = first_sae_layer(model, plan)
+    with torch.no_grad():
+        resid = lean.run(tokens, 0, stop_at_layer=start) if start > 0 else lean.embed(tokens)
+        assert resid is not None
+        orig_final = lean.run(resid, start, clean_hooks)
+    hooks, acts = model.splice_hooks(plan.sae_positions, plan.new_cache)
+    new_final = lean.run(resid, start, hooks)
+    assert orig_final is not None and new_final is not None
+    unembed = Unembedding(lean.w_u, lean.b_u)
+    return LossInputs(
+        sae_acts=_sae_acts(acts),
+        orig_acts=orig_acts,
+        new_acts={k: v.input for k, v in acts.items() if isinstance(v, CacheActs)},
+        orig_logits=unembed(orig_final) if plan.logits else None,
+        new_logits=unembed(new_final) if plan.logits else None,
+        orig_final=orig_final,
+        new_final=new_final,
+        unembed=unembed,
+        transcoder_targets=plan.transcoder_targets,
+        saes={p: model.sae(p) for p in plan.sae_positions},
+    )
+
+
+def _store(store: dict[str, Tensor], name: str) -> Callable[..., Tensor]:
+    def hook(x: Tensor, hook: object = None) -> Tensor:
+        store[name] = x
+        return x
+
+    return hook
+
+
+def autocast(precision: str, device: torch.device | str) -> contextlib.AbstractContextManager:
+    """bf16 autocast for the SAEs (and a TransformerLens fallback); a no-op for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dev = torch.device(device).type
+    return torch.autocast(dev, dtype=torch.bfloat16)
+
+
+def compile_saes(model: SAETransformer) -> None:
+    """`torch.compile` every SAE's forward in place (the LM runs through `fastlm`)."""
+    for sae in model.saes.values():
+        sae.compile(dynamic=False)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,11 @@ class LossInputs:
     new_acts: Mapping[str, Tensor] = field(default_factory=dict)
     orig_logits: Tensor | None = None
     new_logits: Tensor | None = None
+    orig_final: Tensor | None = None
+    new_final: Tensor | None = None
+    """Final normalised residuals [batch, pos, d_model] (the unembedding's input). The fast path
+    passes these and `unembed` instead of logits; `logits_kl` then never holds full logits."""
+    unembed: Unembedding | None = None
     transcoder_targets: Mapping[str, str] = field(default_factory=dict)
     """position -> hook whose clean activation a transcoder's output should match."""
     saes: Mapping[str, SAEBase] = field(default_factory=dict)
@@ -63,6 +69,95 @@ def kl_clean_to_new(
         w = F.log_softmax(new[s : s + step].float(), dim=-1)
         total = total + (o.exp() * (o - w)).sum()
     return total / n
+
+
+@dataclass(frozen=True)
+class Unembedding:
+    """The frozen LM's unembedding: logits = (final @ weight.T in weight's dtype), fp32, + bias."""
+
+    weight: Tensor  # [d_vocab, d_model]
+    bias: Tensor | None = None
+
+    def __call__(self, final: Tensor) -> Tensor:
+        out = F.linear(final.to(self.weight.dtype), self.weight).float()
+        return out if self.bias is None else out + self.bias
+
+
+DEFAULT_KL_CHUNK_ELEMENTS = 1 << 22
+"""Default chunk for `kl_from_final`: ~4M logits (16 MB fp32) per [chunk, d_vocab] temporary."""
+
+
+class KLTarget(Protocol):
+    """The clean side of a chunked KL: for token rows [s, e) and the new run's log-probs
+    [e - s, d_vocab], returns (sum over the rows of the KL term, the target distribution P~ whose
+    difference softmax(new) - P~ is the gradient w.r.t. the new logits)."""
+
+    def __call__(self, s: int, e: int, logp_new: Tensor) -> tuple[Tensor, Tensor]: ...
+
+
+class _ChunkedUnembedKL(torch.autograd.Function):
+    """sum_t KL_t from the new run's final residual, one token chunk at a time.
+
+    For KL(P || softmax(z)) the gradient w.r.t. the logits z is softmax(z) - P per token, so each
+    chunk's gradient w.r.t. `new_final` is computed right away ([chunk, d_model], small) and no
+    [tokens, d_vocab] tensor outlives its chunk: no logits copies and no recomputation.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, new_final: Tensor, target: KLTarget, unembed: Unembedding, chunk: int
+    ) -> Tensor:
+        new = new_final.reshape(-1, new_final.shape[-1])
+        need_grad = ctx.needs_input_grad[0]
+        grad = torch.empty(new.shape, dtype=torch.float32, device=new.device) if need_grad else None
+        total = torch.zeros((), dtype=torch.float64, device=new.device)
+        for s in range(0, new.shape[0], chunk):
+            e = min(s + chunk, new.shape[0])
+            logp_n = F.log_softmax(unembed(new[s:e]), dim=-1)
+            kl_sum, p_target = target(s, e, logp_n)
+            total += kl_sum
+            if grad is not None:
+                g = logp_n.exp_().sub_(p_target)  # d(sum_t KL_t) / d new_logits, in place
+                w = unembed.weight
+                grad[s:e] = (g.to(w.dtype) @ w).float()
+        ctx.save_for_backward(grad if grad is not None else torch.empty(0))
+        ctx.shape, ctx.dtype = new_final.shape, new_final.dtype
+        return total.float()
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, None, None, None]:  # type: ignore[override]
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_out).reshape(ctx.shape).to(ctx.dtype), None, None, None
+
+
+def chunked_unembed_kl(
+    new_final: Tensor, target: KLTarget, unembed: Unembedding, chunk_tokens: int | None = None
+) -> Tensor:
+    """mean_t of the KL term `target` defines, against softmax(unembed(new_final)), computed in
+    token chunks (see `_ChunkedUnembedKL`); gradients flow into `new_final` only."""
+    n = new_final.numel() // new_final.shape[-1]
+    chunk = chunk_tokens or max(1, DEFAULT_KL_CHUNK_ELEMENTS // unembed.weight.shape[0])
+    total = _ChunkedUnembedKL.apply(new_final, target, unembed, chunk)
+    assert isinstance(total, Tensor)
+    return total / n
+
+
+def kl_from_final(
+    orig_final: Tensor, new_final: Tensor, unembed: Unembedding, chunk_tokens: int | None = None
+) -> Tensor:
+    """`kl_clean_to_new` of the logits `unembed` gives for the two final residuals (same value,
+    same gradient w.r.t. `new_final`), without materialising [tokens, d_vocab] for either run.
+
+    `orig_final` gets no gradient (the clean run is the fixed target).
+    """
+    orig = orig_final.detach().reshape(-1, orig_final.shape[-1])
+
+    def exact(s: int, e: int, logp_new: Tensor) -> tuple[Tensor, Tensor]:
+        logp_o = F.log_softmax(unembed(orig[s:e]), dim=-1)
+        p_o = logp_o.exp()
+        return (p_o * (logp_o - logp_new)).sum(dtype=torch.float64), p_o
+
+    return chunked_unembed_kl(new_final, exact, unembed, chunk_tokens)
 
 
 class LossTerm(ABC):
@@ -158,12 +253,18 @@ class LogitsKLLoss(LossTerm):
         self.chunk_tokens = chunk_tokens
 
     def __call__(self, inputs: LossInputs) -> Tensor:
-        assert inputs.orig_logits is not None and inputs.new_logits is not None
-        return kl_clean_to_new(inputs.orig_logits, inputs.new_logits, self.chunk_tokens)
+        if inputs.orig_logits is not None and inputs.new_logits is not None:
+            return kl_clean_to_new(inputs.orig_logits, inputs.new_logits, self.chunk_tokens)
+        assert inputs.orig_final is not None and inputs.new_final is not None
+        assert inputs.unembed is not None
+        return kl_from_final(inputs.orig_final, inputs.new_final, inputs.unembed, self.chunk_tokens)
 
 
-def build_loss_terms(cfg: LossConfigs, in_to_orig_hooks: list[str] | None = None) -> list[LossTerm]:
-    """Loss terms in a fixed order; `in_to_orig_hooks` are the resolved downstream hook names."""
+def build_loss_terms(
+    cfg: LossConfigs, in_to_orig_hooks: list[str] | None = None, kl_chunk_tokens: int | None = None
+) -> list[LossTerm]:
+    """Loss terms in a fixed order; `in_to_orig_hooks` are the resolved downstream hook names;
+    `kl_chunk_tokens` bounds the KL's [tokens, d_vocab] temporaries (None: automatic)."""
     terms: list[LossTerm] = []
     if cfg.sparsity is not None:
         terms.append(SparsityLoss(cfg.sparsity.coeff, cfg.sparsity.p_norm))
@@ -175,7 +276,7 @@ def build_loss_terms(cfg: LossConfigs, in_to_orig_hooks: list[str] | None = None
         hooks = in_to_orig_hooks or list(cfg.in_to_orig.hook_positions)
         terms.append(InToOrigLoss(cfg.in_to_orig.total_coeff, hooks))
     if cfg.logits_kl is not None:
-        terms.append(LogitsKLLoss(cfg.logits_kl.coeff))
+        terms.append(LogitsKLLoss(cfg.logits_kl.coeff, kl_chunk_tokens))
     return terms
 
 

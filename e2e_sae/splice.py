@@ -101,8 +101,8 @@ class SAETransformer(nn.Module):
             ):
                 sites[name] = SpliceSite(name, name)
         for inp, outp in transcoders:
-            (i,) = filter_names(self.all_hook_names, [inp], "saes.transcoders.input")[:1]
-            (o,) = filter_names(self.all_hook_names, [outp], "saes.transcoders.output")[:1]
+            i = self._one_hook(inp, "saes.transcoders.input")
+            o = self._one_hook(outp, "saes.transcoders.output")
             if sites.get(o) is not None:
                 raise ConfigError(f"saes.transcoders.output: '{o}' already has an SAE")
             sites[o] = SpliceSite(i, o)
@@ -112,6 +112,12 @@ class SAETransformer(nn.Module):
         shapes = self.hook_shapes(
             [h for s in self.sites.values() for h in (s.input_hook, s.output_hook)]
         )
+        run_order = list(shapes)  # hook_shapes caches in execution order
+        for pos, site in self.sites.items():
+            if site.is_transcoder and run_order.index(site.input_hook) > run_order.index(pos):
+                raise ConfigError(
+                    f"saes.transcoders: input '{site.input_hook}' runs after output '{pos}'"
+                )
         self.saes = nn.ModuleDict()
         self.architecture = architecture
         for pos, site in self.sites.items():
@@ -127,6 +133,13 @@ class SAETransformer(nn.Module):
             )
 
     # --- shapes and bookkeeping ----------------------------------------------------------------
+    def _one_hook(self, pattern: str, field: str) -> str:
+        """A hook name, or a substring that matches exactly one hook."""
+        names = filter_names(self.all_hook_names, [pattern], field)
+        if len(names) > 1:
+            raise ConfigError(f"{field}: '{pattern}' matches {len(names)} hooks; name one hook")
+        return names[0]
+
     @property
     def n_layers(self) -> int:
         return self.tlens_model.cfg.n_layers
@@ -223,6 +236,16 @@ class SAETransformer(nn.Module):
         **model_kwargs: Any,
     ) -> tuple[Tensor | None, dict[str, SAEActs | CacheActs]]:
         """Run the LM (from tokens, or from a residual with `start_at_layer=`) with SAE hooks."""
+        hooks, acts = self.splice_hooks(sae_positions, cache_positions)
+        with self.tlens_model.hooks(fwd_hooks=hooks):
+            logits = self.tlens_model(model_input, **model_kwargs)
+        return logits, acts
+
+    def splice_hooks(
+        self, sae_positions: Sequence[str], cache_positions: Sequence[str] | None = None
+    ) -> tuple[_Hooks, dict[str, SAEActs | CacheActs]]:
+        """Forward hooks that splice the SAEs in at `sae_positions` and cache `cache_positions`,
+        and the dict they fill during the pass (for any runner that calls TL-style hooks)."""
         acts: dict[str, SAEActs | CacheActs] = {}
         pending: dict[str, Tensor] = {}
         hooks: _Hooks = []
@@ -236,9 +259,7 @@ class SAETransformer(nn.Module):
                 hooks.append((pos, _transcoder_write_hook(pos, pending)))
         for h in cache_positions or []:
             hooks.append((h, _cache_into(acts, wrap=CacheActs)))
-        with self.tlens_model.hooks(fwd_hooks=hooks):
-            logits = self.tlens_model(model_input, **model_kwargs)
-        return logits, acts
+        return hooks, acts
 
     # --- generation ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -283,6 +304,20 @@ class SAETransformer(nn.Module):
         from e2e_sae.wandb_utils import download_wandb_run
 
         return cls.from_local_path(download_wandb_run(wandb_project_run_id), device=device)
+
+    @classmethod
+    def from_saelens(
+        cls,
+        tlens_model: HookedTransformer,
+        paths: Sequence[str | Path],
+        device: str | None = None,
+        allow_inexact: bool = False,
+    ) -> SAETransformer:
+        """Splice SAELens-format SAEs (folders or hf://user/repo/folder) into `tlens_model` at the
+        hooks their cfg.json names; see `e2e_sae.interop.saelens`."""
+        from e2e_sae.interop.saelens import saelens_transformer
+
+        return saelens_transformer(tlens_model, paths, device=device, allow_inexact=allow_inexact)
 
 
 def _cache_into(store: dict, wrap: Callable[[Tensor], Any] = lambda x: x) -> Callable[..., Tensor]:

@@ -6,7 +6,8 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -17,14 +18,27 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from e2e_sae.checkpoint import build_model, load_pretrained_saes, save_checkpoint, write_config
+from e2e_sae.checkpoint import build_model, load_pretrained_saes
 from e2e_sae.config import Config, DatasetConfig
 from e2e_sae.data import create_data_loader
+from e2e_sae.distributed import (
+    SINGLE,
+    Dist,
+    average_gradients,
+    broadcast_state,
+    init_distributed,
+    max_over_ranks,
+    reduce_mean,
+    shutdown,
+    sync_firing_stats,
+)
 from e2e_sae.errors import UserError
 from e2e_sae.evaluate import EvalResult, evaluate
-from e2e_sae.forward import StepPlan, make_plan, run_forward
+from e2e_sae.forward import StepPlan, autocast, compile_saes, make_plan, run_forward
 from e2e_sae.losses import LossTerm, build_loss_terms, compute_losses
+from e2e_sae.resume import StopOnSignal, find_resume, prepare_run_dir, restore_point, save_point
 from e2e_sae.runlog import RunLogger
+from e2e_sae.saes.init import initialize_saes
 from e2e_sae.splice import SAETransformer
 
 logger = logging.getLogger(__name__)
@@ -36,11 +50,11 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def lr_lambda(step: int, config: Config) -> float:
+def lr_lambda(step: int, config: Config, world_size: int = 1) -> float:
     """Linear warmup over `warmup_samples`, then linear/cosine decay to `min_lr_factor`."""
-    bs = config.effective_batch_size or config.batch_size
+    bs = (config.effective_batch_size or config.batch_size) * world_size
     warmup = config.warmup_samples // bs
-    total = config.n_grad_steps
+    total = n_grad_steps(config, world_size)
     if step < warmup:
         return (step + 1) / warmup
     if config.lr_schedule == "constant":
@@ -50,6 +64,11 @@ def lr_lambda(step: int, config: Config) -> float:
     if config.lr_schedule == "linear":
         return 1 - (1 - lo) * progress
     return lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def n_grad_steps(config: Config, world_size: int = 1) -> int:
+    """Optimizer steps of the run: `n_samples` counts samples over all ranks."""
+    return max(1, config.n_grad_steps // world_size)
 
 
 def get_run_name(config: Config) -> str:
@@ -81,7 +100,10 @@ def make_run_dir(config: Config, run_dir: Path | None) -> Path:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         assert config.save_dir is not None
         run_dir = Path(config.save_dir) / f"{get_run_name(config)}_{stamp}"
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"save_dir: cannot create {run_dir} ({err.strerror})") from None
     return run_dir
 
 
@@ -99,9 +121,19 @@ class Trainer:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     device: torch.device
     reference: bool = False
+    dist: Dist = SINGLE
 
-    def batches(self, data: DatasetConfig, seed: int, start: int = 0) -> Iterator[Tensor]:
-        return create_data_loader(data, self.config.batch_size, seed, start_batch=start)
+    @property
+    def global_batch(self) -> int:
+        """Samples per optimizer step over all ranks."""
+        return (self.config.effective_batch_size or self.config.batch_size) * self.dist.world_size
+
+    def batches(
+        self, data: DatasetConfig, seed: int, start: int = 0, shard: bool = False
+    ) -> Iterator[Tensor]:
+        """Endless batches from global batch `start` on (`shard`: this rank's slice of each)."""
+        rank, world = (self.dist.rank, self.dist.world_size) if shard else (0, 1)
+        return create_data_loader(data, self.config.batch_size, seed, rank, world, start)
 
     def train_step(self, batches: Iterator[Tensor], state: TrainState) -> dict[str, float]:
         """One optimizer step over `grad_accum_steps` micro-batches; returns logged values."""
@@ -110,7 +142,8 @@ class Trainer:
         for _ in range(accum):
             tokens = next(batches).to(self.device)
             state.batches += 1
-            inputs = run_forward(self.model, tokens, self.plan, reference=self.reference)
+            with autocast(self.plan.precision, self.device):
+                inputs = run_forward(self.model, tokens, self.plan, reference=self.reference)
             aux = {
                 f"{name}/{pos}": v
                 for pos, acts in inputs.sae_acts.items()
@@ -118,23 +151,29 @@ class Trainer:
                 for name, v in self.model.sae(pos).aux_losses(acts, inputs.target(pos)).items()
             }
             loss, values = compute_losses(self.loss_terms, inputs, aux)
-            check_finite(loss, values, state.step)
+            check_finite(loss, values, state.step + 1, self.dist)
             (loss / accum).backward()
             for pos, acts in inputs.sae_acts.items():
                 self.model.sae(pos).update_firing_stats(acts.c)
+            sync_firing_stats(self.model.saes, self.dist, tokens.numel())
             values["loss"] = loss
             for k, v in values.items():
                 logged[k] = logged.get(k, 0.0) + float(v.detach()) / accum
-        params = [p for p in self.model.saes.parameters() if p.requires_grad]
+        named = [(n, p) for n, p in self.model.saes.named_parameters() if p.requires_grad]
+        params = [p for _, p in named]
+        average_gradients(params, self.dist)
+        check_tensors_finite(((n, p.grad) for n, p in named), "gradient", state.step + 1)
         if self.config.max_grad_norm is not None:
             gn = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
             logged["grad_norm"] = float(gn)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
+        check_tensors_finite(named, "weight", state.step + 1)
+        broadcast_state(self.model.saes, self.dist, buffers_only=True)
         state.step += 1
-        state.n_samples += self.config.effective_batch_size or self.config.batch_size
-        return logged
+        state.n_samples += self.global_batch
+        return reduce_mean(logged, self.dist)
 
     def run_eval(self, progress: bool = False) -> EvalResult | None:
         cfg = self.config
@@ -146,24 +185,54 @@ class Trainer:
         self.model.eval()
         return evaluate(self.model, batches, n_batches, self.eval_plan, self.loss_terms, progress)
 
+    def check_eval_data(self) -> None:
+        """Load the first eval batch now, so a bad eval dataset fails before anything is written."""
+        cfg = self.config
+        if cfg.eval_data is not None and cfg.eval_n_samples:
+            with data_errors("eval_data"):
+                first = next(self.batches(cfg.eval_data, cfg.seed + 42))
+            check_vocab(self.model, first, "eval_data")
 
-def check_finite(loss: Tensor, values: dict[str, Tensor], step: int) -> None:
-    if torch.isfinite(loss):
+
+def check_finite(loss: Tensor, values: dict[str, Tensor], step: int, d: Dist = SINGLE) -> None:
+    """Stop (on every rank alike) when the loss is NaN / inf, naming the term that is."""
+    here = not bool(torch.isfinite(loss))
+    if not max_over_ranks(int(here), d):
         return
+    if not here:
+        raise NumericalError(f"non-finite loss at step {step} on another rank")
     bad = next((k for k, v in values.items() if not torch.isfinite(v)), "loss")
     raise NumericalError(
-        f"non-finite loss at step {step}: term '{bad}' is {float(values.get(bad, loss))}"
+        f"non-finite loss at step {step}: term '{bad}' is {float(values.get(bad, loss).detach())}"
     )
+
+
+def check_tensors_finite(named: Iterable[tuple[str, Tensor | None]], what: str, step: int) -> None:
+    """Stop when a gradient / weight holds NaN / inf, naming the parameter (one sync per call)."""
+    pairs = [(n, t) for n, t in named if t is not None]
+    if not pairs or bool(torch.stack([t.isfinite().all() for _, t in pairs]).all()):
+        return
+    name = next(n for n, t in pairs if not bool(t.isfinite().all()))
+    raise NumericalError(f"non-finite {what} at step {step}: saes.{name}")
 
 
 class NumericalError(UserError):
     """NaN / inf in a loss, gradient or weight."""
 
 
-def setup(config: Config, device: str | None = None, reference: bool = False) -> Trainer:
+def setup(
+    config: Config, device: str | None = None, reference: bool = False, dist: Dist = SINGLE
+) -> Trainer:
     """Load the LM, build the SAEs, and prepare optimizer and schedule (no files written)."""
     set_seed(config.seed)
     model = build_model(config, device=device)
+    s = config.saes
+    if s.tied_init or s.init_b_dec != "zeros":  # before pretrained weights, which then win
+        sample = None
+        if s.init_b_dec != "zeros":  # a small data sample: the first training batch
+            sample = next(create_data_loader(config.train_data, config.batch_size, config.seed))
+            check_vocab(model, sample, "train_data")
+        initialize_saes(model, sample, tied=s.tied_init, b_dec=s.init_b_dec)
     frozen: set[str] = set()
     if config.saes.pretrained_sae_paths:
         frozen = load_pretrained_saes(
@@ -174,17 +243,37 @@ def setup(config: Config, device: str | None = None, reference: bool = False) ->
     trainable = [p for p in model.sae_positions if p not in frozen]
     if not trainable:
         raise UserError("saes.retrain_saes: every SAE is frozen, so nothing would train")
-    plan = make_plan(model, config.loss)
-    loss_terms = build_loss_terms(config.loss, plan.new_cache)
+    broadcast_state(model.saes, dist)  # every rank starts from rank 0's SAEs, as DDP does
+    plan = make_plan(model, config.loss, precision=config.precision)
+    loss_terms = build_loss_terms(config.loss, plan.new_cache, config.kl_chunk_tokens)
+    if config.compile:
+        compile_saes(model)
     params = [p for p in model.saes.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=config.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, config))
+    world = dist.world_size
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, config, world))
     dev = next(model.saes.parameters()).device
     return Trainer(config, model, plan, make_plan(model, config.loss, force_full_pass=True),
-                   loss_terms, trainable, optimizer, scheduler, dev, reference)  # fmt: skip
+                   loss_terms, trainable, optimizer, scheduler, dev, reference, dist)  # fmt: skip
+
+
+@contextmanager
+def data_errors(field: str) -> Iterator[None]:
+    """Prefix data loading errors with the config section (train_data / eval_data) they are in."""
+    try:
+        yield
+    except UserError as err:
+        if str(err).startswith(field):
+            raise
+        raise type(err)(f"{field}: {err}") from None
 
 
 def check_vocab(model: SAETransformer, tokens: Tensor, field: str) -> None:
+    """Token ids and window length must fit the model (a wrong tokenizer or n_ctx otherwise
+    fails deep inside the forward pass)."""
+    if tokens.shape[-1] > model.tlens_model.cfg.n_ctx:
+        raise UserError(f"{field}.n_ctx: {tokens.shape[-1]} is longer than the model's context "
+                        f"n_ctx={model.tlens_model.cfg.n_ctx}")  # fmt: skip
     top = int(tokens.max())
     if top >= model.tlens_model.cfg.d_vocab:
         raise UserError(
@@ -200,24 +289,39 @@ def train(
     progress: bool = True,
     reference: bool = False,
     on_eval: Callable[[EvalResult], Any] | None = None,
+    resume: str | Path | None = None,
 ) -> Path:
-    """Train the SAEs of `config`; returns the run directory."""
-    t = setup(config, device=device, reference=reference)
+    """Train the SAEs of `config`; returns the run directory. `resume`: a run directory (or
+    "latest": the newest run of this config) to continue exactly from its last checkpoint. Under
+    torchrun every rank calls this; see `e2e_sae.distributed`. Nothing is written before the
+    inputs are checked."""
+    d, device = init_distributed(device or config.device)
+    t = setup(config, device=device, reference=reference, dist=d)
     state = TrainState()
-    batches = t.batches(config.train_data, config.seed)
-    first = next(batches)
+    point = None
+    if resume is not None:
+        run_dir, point = find_resume(resume, config)
+        if point is not None:
+            restore_point(t, point, state, d)
+    with data_errors("train_data"):
+        batches = t.batches(config.train_data, config.seed, start=state.batches, shard=True)
+        first = next(batches)
     check_vocab(t.model, first, "train_data")
+    t.check_eval_data()
     batches = _prepend(first, batches)
     n_ctx = first.shape[1]
-    run_dir = make_run_dir(config, run_dir)
-    write_config(run_dir, config)
-    log = RunLogger(run_dir, config)
-    bs = config.effective_batch_size or config.batch_size
+    if resume is None and d.is_main:
+        run_dir = make_run_dir(config, run_dir)
+    run_dir = prepare_run_dir(config, run_dir, point, resume is not None, d)
+    log = RunLogger(run_dir, config, enabled=d.is_main)
+    bs, n_steps = t.global_batch, n_grad_steps(config, d.world_size)
     save_every, eval_every = config.save_every_n_samples, config.eval_every_n_samples
-    bar = tqdm(total=config.n_grad_steps, desc="train", unit="step", disable=not progress)
-    t0 = time.perf_counter()
+    bar = tqdm(total=n_steps, initial=state.step, desc="train", unit="step",
+               disable=not progress or not d.is_main)  # fmt: skip
+    t0, n0 = time.perf_counter(), state.n_samples
+    stop = StopOnSignal().install()
     try:
-        while state.step < config.n_grad_steps:
+        while state.step < n_steps:
             t.model.train()
             for pos in set(t.model.sae_positions) - set(t.trainable):
                 t.model.sae(pos).eval()  # frozen SAEs behave as at inference (BatchTopK threshold)
@@ -227,20 +331,26 @@ def train(
             if state.step % config.log_every_n_grad_steps == 0 or state.step == 1:
                 rec = {"samples": state.n_samples, "step": state.step,
                        "lr": t.scheduler.get_last_lr()[0], **values,
-                       "tokens_per_s": state.n_samples * n_ctx / (time.perf_counter() - t0),
+                       "tokens_per_s": (state.n_samples - n0) * n_ctx / (time.perf_counter() - t0),
                        }  # fmt: skip
                 rec.update(_dead_counts(t.model, config.act_frequency_n_tokens))
                 log.log(rec, step=state.n_samples)
             if eval_every and _crossed(state.n_samples, bs, eval_every):
                 _log_eval(t, log, state, on_eval)
-            if save_every and _crossed(state.n_samples, bs, save_every):
-                save_checkpoint(run_dir, t.model, state.n_samples)
+            signum = stop.requested(d)  # SIGINT / SIGTERM: save, then stop
+            due = save_every and _crossed(state.n_samples, bs, save_every) and state.step < n_steps
+            if due or signum:  # (the last step is saved below, as the final checkpoint)
+                log.save_file(save_point(run_dir, t, state, d))
+            if signum:
+                raise stop.interrupted(run_dir, state.step, signum)
     finally:
+        stop.restore()
         bar.close()
-    save_checkpoint(run_dir, t.model, state.n_samples)
+    log.save_file(save_point(run_dir, t, state, d, final=True))
     if not (eval_every and state.n_samples % eval_every == 0):
         _log_eval(t, log, state, on_eval)
     log.finish()
+    shutdown(d)
     return run_dir
 
 
@@ -261,9 +371,13 @@ def _dead_counts(model: SAETransformer, window: int) -> dict[str, float]:
 def _log_eval(
     t: Trainer, log: RunLogger, state: TrainState, on_eval: Callable[[EvalResult], Any] | None
 ) -> None:
+    if not t.dist.is_main:  # evaluation runs on rank 0 only; the others wait at the next step
+        return
     result = t.run_eval()
     if result is None:
         return
     log.log({"samples": state.n_samples, "step": state.step, **result.flat()}, step=state.n_samples)
+    freqs = {p: result.feature_frequency(p) for p in result.feature_counts}
+    log.log_feature_frequencies(freqs, step=state.n_samples)
     if on_eval is not None:
         on_eval(result)

@@ -102,7 +102,13 @@ def _read_local_dataset(path: Path, cfg: DatasetConfig) -> Any:
         )
     builder = str(next(iter(builders)))
     data_files = [str(p) for p in files if kinds.get(p.suffix) == builder]
-    return datasets.load_dataset(builder, data_files=data_files, split="train")
+    if all(Path(f).stat().st_size == 0 for f in data_files):
+        raise UserError(f"dataset_name: {path} is empty (no rows)")
+    try:
+        return datasets.load_dataset(builder, data_files=data_files, split="train")
+    except Exception as err:  # noqa: BLE001 - a malformed user file is a one-line error
+        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        raise UserError(f"dataset_name: cannot read {path} as {builder} ({first})") from None
 
 
 def _load_rows(cfg: DatasetConfig, streaming: bool) -> Any:
@@ -160,9 +166,15 @@ def _columns_of(rows: Any) -> list[str]:
     return list(names) if names else []
 
 
-def _windows_from_token_rows(rows: list[list[int]], n_ctx: int) -> Tensor:
-    flat = [t for r in rows for t in r]
-    return _cut(torch.tensor(flat, dtype=torch.int64), n_ctx)
+def _token_stream(rows: list[list[int]], cfg: DatasetConfig, column: str) -> Tensor:
+    """Pre-tokenized rows joined into one int64 stream (a text column is a one-line error)."""
+    try:
+        return torch.tensor([t for r in rows for t in r], dtype=torch.int64)
+    except (TypeError, ValueError, RuntimeError):
+        raise UserError(
+            f"dataset {cfg.dataset_name}: column '{column}' does not hold lists of token ids "
+            "(for text set is_tokenized: false and tokenizer_name)"
+        ) from None
 
 
 def _cut(stream: Tensor, n_ctx: int) -> Tensor:
@@ -204,7 +216,7 @@ def load_windows(cfg: DatasetConfig) -> TokenWindows:
     if cfg.n_documents is not None:
         data = data[: cfg.n_documents]
     if cfg.is_tokenized:
-        return TokenWindows(_windows_checked(_windows_from_token_rows(list(data), cfg.n_ctx), cfg))
+        return TokenWindows(_windows_checked(_token_stream(list(data), cfg, col), cfg))
     from e2e_sae.data.tokenizer import load_tokenizer
 
     assert cfg.tokenizer_name is not None

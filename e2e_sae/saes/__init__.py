@@ -1,16 +1,25 @@
-"""SAE architectures behind one interface (`SAEBase`), looked up by name in `ARCHITECTURES`."""
+"""SAE architectures behind one interface (`SAEBase`), looked up by name in `ARCHITECTURES`.
+
+Importing a module registers its architecture: relu (the paper's), topk, batchtopk, jumprelu.
+"""
 
 from e2e_sae.saes import relu as _relu  # noqa: F401  (registers "relu")
 from e2e_sae.saes.base import CacheActs, SAEActs, SAEBase
+from e2e_sae.saes.batchtopk import BatchTopKSAE
+from e2e_sae.saes.jumprelu import JumpReLUSAE
 from e2e_sae.saes.registry import ARCHITECTURES, build_sae, register_architecture
 from e2e_sae.saes.relu import SAE
+from e2e_sae.saes.topk import TopKSAE
 
 __all__ = [
     "ARCHITECTURES",
     "SAE",
+    "BatchTopKSAE",
     "CacheActs",
+    "JumpReLUSAE",
     "SAEActs",
     "SAEBase",
+    "TopKSAE",
     "build_sae",
     "register_architecture",
 ]

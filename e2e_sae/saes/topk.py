@@ -1,0 +1,124 @@
+"""TopK SAE (Gao et al. 2024): exactly `k` active latents per token, plus the AuxK dead-latent loss.
+
+Latents are chosen with `torch.topk` on the pre-activations, so ties never select more than k.
+The chosen values are ReLU'd as usual, except that a chosen latent whose pre-activation is <= 0
+keeps the smallest positive normal float instead of 0: the code then has exactly k non-zeros
+(L0 == k; the latent counts as fired, as in selection-based TopK bookkeeping) while it adds
+nothing measurable to the output and, as under a ReLU, receives no gradient.
+
+Sparsity is set by `k`, so the `sparsity` loss term is usually absent for this family.
+"""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from e2e_sae.errors import ConfigError
+from e2e_sae.saes.base import SAEActs, SAEBase
+from e2e_sae.saes.registry import register_architecture
+
+
+def positive_values(values: Tensor) -> Tensor:
+    """ReLU, but never exactly 0: selected latents stay non-zero (gradient as for ReLU)."""
+    return F.relu(values).clamp_min(torch.finfo(values.dtype).tiny)
+
+
+def topk_code(pre: Tensor, k: int) -> Tensor:
+    """Keep the k largest pre-activations of each token [..., d_sae]; all others are 0."""
+    values, idx = pre.topk(k, dim=-1, sorted=False)
+    return torch.zeros_like(pre).scatter(-1, idx, positive_values(values))
+
+
+def check_option(cond: bool, field: str, what: str) -> None:
+    """Raise a one-line ConfigError naming `field` unless `cond` holds."""
+    if not cond:
+        raise ConfigError(f"{field}: {what}")
+
+
+@register_architecture
+class TopKSAE(SAEBase):
+    """ReLU SAE whose code keeps only each token's k largest pre-activations.
+
+    architecture_kwargs:
+      k_aux: dead latents used by AuxK per token (default output size // 2).
+      aux_coeff: weight of the AuxK loss (default 1/32, as in Gao et al.; 0 turns it off).
+      dead_tokens_threshold: a latent is dead after this many training tokens without firing
+        (default 10M, as in Gao et al.; shorten it for small runs).
+    """
+
+    architecture = "topk"
+
+    def __init__(
+        self,
+        input_size: int,
+        n_dict_components: int,
+        init_decoder_orthogonal: bool = True,
+        output_size: int | None = None,
+        *,
+        k: int | None = None,
+        k_aux: int | None = None,
+        aux_coeff: float = 1 / 32,
+        dead_tokens_threshold: int = 10_000_000,
+    ) -> None:
+        super().__init__(input_size, n_dict_components, init_decoder_orthogonal, output_size)
+        check_option(k is not None, "saes.k", f"required for architecture '{self.architecture}'")
+        assert k is not None
+        check_option(
+            0 < k <= n_dict_components,
+            "saes.k",
+            f"must be in 1..{n_dict_components} (the dictionary size), got {k}",
+        )
+        k_aux = k_aux if k_aux is not None else max(1, self.output_size // 2)
+        kw = "saes.architecture_kwargs"
+        check_option(k_aux > 0, f"{kw}.k_aux", f"must be positive, got {k_aux}")
+        check_option(aux_coeff >= 0, f"{kw}.aux_coeff", f"must be >= 0, got {aux_coeff}")
+        check_option(
+            dead_tokens_threshold > 0,
+            f"{kw}.dead_tokens_threshold",
+            f"must be positive, got {dead_tokens_threshold}",
+        )
+        self.k = int(k)
+        self.k_aux = int(k_aux)
+        self.aux_coeff = float(aux_coeff)
+        self.dead_tokens_threshold = int(dead_tokens_threshold)
+
+    def encode(self, x: Tensor) -> Tensor:
+        return topk_code(self.pre_acts(x), self.k)
+
+    def dead_mask(self) -> Tensor:
+        """[d_sae] bool: latents that have not fired for `dead_tokens_threshold` tokens."""
+        return self.tokens_since_fired >= self.dead_tokens_threshold
+
+    def aux_losses(self, acts: SAEActs, target: Tensor | None = None) -> dict[str, Tensor]:
+        """AuxK: the top-k_aux dead latents reconstruct the detached residual error.
+
+        MSE between W_dec[:, dead] z_aux (no decoder bias) and (target - output).detach(), where
+        z_aux keeps each token's k_aux largest dead pre-activations (ReLU'd), computed from the
+        detached input. Gradients reach only the dead latents' encoder rows, encoder biases and
+        decoder columns: nothing upstream (the LM, earlier SAEs) and no live latent.
+        """
+        zero = acts.output.new_zeros(())
+        dead = self.dead_mask().nonzero().squeeze(-1)
+        n_dead = dead.numel()
+        if n_dead == 0 or self.aux_coeff == 0:
+            return {"auxk": zero}
+        target = acts.input if target is None else target
+        residual = (target - acts.output).detach()
+        enc = cast(nn.Linear, self.encoder[0])
+        pre = F.linear(acts.input.detach(), enc.weight[dead], enc.bias[dead])
+        values, idx = pre.topk(min(self.k_aux, n_dead), dim=-1, sorted=False)
+        z = torch.zeros_like(pre).scatter(-1, idx, F.relu(values))
+        recon = F.linear(z, F.normalize(self.decoder.weight[:, dead], dim=0))
+        return {"auxk": self.aux_coeff * F.mse_loss(recon, residual)}
+
+    def init_kwargs(self) -> dict[str, Any]:
+        return {
+            "k": self.k,
+            "k_aux": self.k_aux,
+            "aux_coeff": self.aux_coeff,
+            "dead_tokens_threshold": self.dead_tokens_threshold,
+        }
