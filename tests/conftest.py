@@ -12,6 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+
+# The tests use tiny tensors: one thread avoids thread-pool overhead (~4x faster on 2 cores).
+torch.set_num_threads(1)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
