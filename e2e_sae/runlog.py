@@ -31,6 +31,7 @@ class RunLogger:
             from e2e_sae.wandb_utils import init_wandb
 
             self.wandb_run = init_wandb(config, run_dir)
+            self.save_file(run_dir / "final_config.yaml")
 
     def log(self, record: dict[str, Any], step: int | None = None) -> None:
         if not self.enabled:
@@ -42,6 +43,20 @@ class RunLogger:
             os.fsync(f.fileno())
         if self.wandb_run is not None:
             self.wandb_run.log({k: _clean(v) for k, v in record.items()}, step=step)
+
+    def save_file(self, path: Path | None) -> None:
+        """Upload a checkpoint or the config to W&B now (no-op without W&B)."""
+        if self.wandb_run is not None and path is not None and path.exists():
+            from e2e_sae.wandb_utils import save_file_to_wandb
+
+            save_file_to_wandb(self.wandb_run, path)
+
+    def log_feature_frequencies(self, freqs: dict[str, Any], step: int | None = None) -> None:
+        """W&B histograms of log10 firing frequency per SAE ({position: [d_sae] fractions})."""
+        if self.wandb_run is not None:
+            from e2e_sae.wandb_utils import log_feature_frequencies
+
+            log_feature_frequencies(self.wandb_run, freqs, step)
 
     def finish(self) -> None:
         if self.wandb_run is not None:
