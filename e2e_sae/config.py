@@ -180,11 +180,13 @@ class Config(_Frozen):
     precision: Literal["fp32", "bf16"] = "fp32"
     """Training forward/backward precision. `bf16`: the LM's matmuls and attention and the SAEs
     under bf16 autocast (residual stream, norms, softmax and KL stay fp32). Evaluation is fp32."""
-    compile: bool = False
-    """`torch.compile` the SAEs (off by default: on CPU the compile time outweighs the gain)."""
     kl_chunk_tokens: PositiveInt | None = None
-    """Tokens per chunk of the `logits_kl` term's [tokens, d_vocab] temporaries (null: ~4M
+    """Tokens per chunk of the `logits_kl` term's [tokens, d_vocab] temporaries (null: ~8M
     elements per chunk). Only memory changes, not the value."""
+    teacher_cache: Path | None = None
+    """A teacher cache folder (`e2e_sae.teacher_cache`): `logits_kl` against the cached top-k
+    clean distributions (an approximation, see there) instead of a clean pass past the SAEs.
+    Every training window must be in the cache; not with `in_to_orig`."""
 
     @model_validator(mode="after")
     def _check(self) -> Config:

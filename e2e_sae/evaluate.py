@@ -6,8 +6,8 @@ in, and the model with every replaced activation zero-ablated. Reported (`EvalRe
 Model level. CE losses are over next-token predictions (positions 0..T-2); the distribution metrics
 compare the next-token distributions at every position.
 - `ce_loss_clean`, `ce_loss_with_saes`, `ce_loss_zero_abl` (nats/token), `ce_loss_increase`.
-- `ce_loss_score` (SAELens name; also `ce_loss_recovered`): (CE_zero - CE_sae) / (CE_zero - CE_clean),
-  1 = no loss, 0 = as bad as zero-ablating the hooked activations.
+- `ce_loss_score` (SAELens' name; also `ce_loss_recovered`):
+  (CE_zero - CE_sae) / (CE_zero - CE_clean); 1 = no loss, 0 = as bad as zero-ablating the hooks.
 - `kl` = KL(P_clean || P_sae) per token (the training `logits_kl` direction), `kl_zero_abl`, and
   `kl_div_score` (SAELens) = 1 - kl / kl_zero_abl.
 - `top1_agreement`: fraction of positions where the argmax tokens agree.
@@ -15,15 +15,16 @@ compare the next-token distributions at every position.
 
 Per SAE (`per_sae[position]`): `l0` (non-zero latents per token), `alive_dict_elements` /
 `dead_dict_elements` (latents that fired / never fired on any eval token), `explained_variance`
-(1 - SSE / total variance of the target, pooled over tokens), `explained_variance_ln` (the same after
-normalising target and reconstruction each by a layer norm without affine parameters: zero mean and
-unit variance over d_model per token, eps 1e-5; it ignores the scale of the reconstruction, which the
-next block's layer norm removes anyway), `mse`. The target is the SAE's input (for a transcoder, the
-clean activation at the hook it replaces).
+(1 - SSE / total variance of the target, pooled over tokens), `explained_variance_ln` (the same
+after normalising target and reconstruction each by a layer norm without affine parameters: zero
+mean and unit variance over d_model per token, eps 1e-5; it ignores the scale of the
+reconstruction, which the next block's layer norm removes anyway), `mse`. The target is the SAE's
+input (for a transcoder, the clean activation at the hook it replaces).
 
 Downstream (`downstream[hook]`): MSE and explained variance of the SAE-spliced run's activation vs
-the clean run's at every residual-stream hook after the first SAE (`hook_resid_pre` of later blocks and
-the last block's `hook_resid_post`). With several SAEs every one before the hook contributes.
+the clean run's at every residual-stream hook after the first SAE (`hook_resid_pre` of later blocks
+and the last block's `hook_resid_post`). With several SAEs every one before the hook contributes.
+`layer` is the residual index: `blocks.i.hook_resid_pre` is i, the last `hook_resid_post` n_layers.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ EVAL_JSON = "eval.json"
 CHUNK_TOKENS = 2048  # bounds the [tokens, d_vocab] temporaries of the distribution metrics
 
 
-# --- metrics on one batch (each a direct formula; the accumulators below pool them) -----------------
+# --- metrics on one batch (each a direct formula; the accumulators below pool them) ---------------
 def next_token_ce(logits: Tensor, tokens: Tensor) -> Tensor:
     """Mean CE (nats) of predicting tokens[:, 1:] from logits[:, :-1]."""
     logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
@@ -115,7 +116,7 @@ def kl_div_score(kl_sae: float, kl_zero_abl: float) -> float:
 
 
 def downstream_hooks(model: SAETransformer, positions: list[str]) -> list[str]:
-    """Residual-stream hooks after the first SAE: later `hook_resid_pre`s + the last `hook_resid_post`.
+    """Residual hooks after the first SAE: later `hook_resid_pre`s + the last `hook_resid_post`.
 
     SAE positions themselves are left out (there the spliced run's value is the SAE output, which
     the per-SAE metrics already cover)."""
@@ -127,7 +128,7 @@ def downstream_hooks(model: SAETransformer, positions: list[str]) -> list[str]:
     return [h for h in hooks if h in names and h not in positions]
 
 
-# --- accumulators over batches -------------------------------------------------------------------------
+# --- accumulators over batches --------------------------------------------------------------------
 @dataclass
 class _EVStats:
     """Pooled explained variance / MSE of a reconstruction over many batches (float64 sums)."""
@@ -213,7 +214,7 @@ class EvalResult:
         return self.feature_counts[position].double() / self.metrics["n_tokens"]
 
     def to_json(self) -> dict[str, Any]:
-        """What `eval.json` holds: the model-level metrics at the top, then `per_sae`, `downstream`."""
+        """What `eval.json` holds: model-level metrics at the top, then `per_sae`, `downstream`."""
         return {**self.metrics, "per_sae": self.per_sae, "downstream": self.downstream}
 
 
@@ -300,14 +301,18 @@ def evaluate(
     return EvalResult(
         metrics,
         {p: s.result() for p, s in stats.items()},
-        {h: {**s.result(), "layer": hook_layer(h, n_layers) + ("resid_post" in h)}
-         for h, s in down.items()},  # fmt: skip
+        {
+            h: {**s.result(), "layer": hook_layer(h, n_layers) + ("resid_post" in h)}
+            for h, s in down.items()
+        },  # fmt: skip
         {p: s.counts for p, s in stats.items() if s.counts is not None},
     )
 
 
-# --- evaluating a run directory ------------------------------------------------------------------------
-def eval_dataset(config: Config, data: str | None = None, split: str | None = None) -> DatasetConfig:
+# --- evaluating a run directory -------------------------------------------------------------------
+def eval_dataset(
+    config: Config, data: str | None = None, split: str | None = None
+) -> DatasetConfig:
     """The run's eval data, with `data` (dataset name or path) / `split` overriding it."""
     base = config.eval_data or config.train_data
     updates: dict[str, object] = {}

@@ -19,13 +19,15 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
 from e2e_sae.config import LossConfigs
+from e2e_sae.errors import UserError
 from e2e_sae.fastlm import LeanLM, get_lean_lm
-from e2e_sae.losses import LossInputs, Unembedding
+from e2e_sae.losses import KLTarget, LossInputs, Unembedding
 from e2e_sae.saes import CacheActs, SAEActs
 from e2e_sae.splice import SAETransformer, filter_names, hook_layer
 
@@ -43,6 +45,15 @@ class StepPlan:
     """Return both runs' logits (evaluation). Training's KL reads the final residuals instead."""
     precision: str = "fp32"
     """"bf16": the fast path's LM matmuls and attention run in bf16 (`fastlm`)."""
+    teacher: Teacher | None = None
+    """Cached clean next-token distributions (`teacher_cache`): the clean pass stops after the
+    hooks in `orig_cache` and the KL is taken against the cache (top-k approximation)."""
+
+
+class Teacher(Protocol):
+    def kl_target(self, tokens: Tensor) -> KLTarget:
+        """The KL term's clean side for these token windows (flattened over tokens)."""
+        ...
 
 
 def make_plan(
@@ -90,6 +101,10 @@ def run_forward(
         lean = get_lean_lm(model.tlens_model, plan.precision)
         if lean is not None and lean.supports(_hooks_used(model, plan)):
             return _run_lean(model, lean, tokens, plan)
+    if plan.teacher is not None:
+        raise UserError(
+            "teacher_cache: needs the fast path (fastlm) for this model and these hooks"
+        )
     if not plan.e2e:
         with torch.no_grad():
             _, orig_acts = model.forward_raw(
@@ -157,20 +172,27 @@ def _run_lean(model: SAETransformer, lean: LeanLM, tokens: Tensor, plan: StepPla
     with torch.no_grad():
         resid = lean.run(tokens, 0, stop_at_layer=start) if start > 0 else lean.embed(tokens)
         assert resid is not None
-        orig_final = lean.run(resid, start, clean_hooks)
+        if plan.teacher is None:
+            orig_final = lean.run(resid, start, clean_hooks)
+            assert orig_final is not None
+        else:  # the cache stands in for the clean run's distributions: stop after its hooks
+            orig_final = None
+            if clean_hooks:
+                lean.run(resid, start, clean_hooks, until=lean.last_hook(plan.orig_cache))
     hooks, acts = model.splice_hooks(plan.sae_positions, plan.new_cache)
     new_final = lean.run(resid, start, hooks)
-    assert orig_final is not None and new_final is not None
+    assert new_final is not None
     unembed = Unembedding(lean.w_u, lean.b_u)
     return LossInputs(
         sae_acts=_sae_acts(acts),
         orig_acts=orig_acts,
         new_acts={k: v.input for k, v in acts.items() if isinstance(v, CacheActs)},
-        orig_logits=unembed(orig_final) if plan.logits else None,
+        orig_logits=unembed(orig_final) if plan.logits and orig_final is not None else None,
         new_logits=unembed(new_final) if plan.logits else None,
         orig_final=orig_final,
         new_final=new_final,
         unembed=unembed,
+        kl_target=plan.teacher.kl_target(tokens) if plan.teacher is not None else None,
         transcoder_targets=plan.transcoder_targets,
         saes={p: model.sae(p) for p in plan.sae_positions},
     )
@@ -190,9 +212,3 @@ def autocast(precision: str, device: torch.device | str) -> contextlib.AbstractC
         return contextlib.nullcontext()
     dev = torch.device(device).type
     return torch.autocast(dev, dtype=torch.bfloat16)
-
-
-def compile_saes(model: SAETransformer) -> None:
-    """`torch.compile` every SAE's forward in place (the LM runs through `fastlm`)."""
-    for sae in model.saes.values():
-        sae.compile(dynamic=False)

@@ -38,6 +38,8 @@ class LossInputs:
     """Final normalised residuals [batch, pos, d_model] (the unembedding's input). The fast path
     passes these and `unembed` instead of logits; `logits_kl` then never holds full logits."""
     unembed: Unembedding | None = None
+    kl_target: KLTarget | None = None
+    """The clean side of `logits_kl` when it comes from a teacher cache instead of a clean run."""
     transcoder_targets: Mapping[str, str] = field(default_factory=dict)
     """position -> hook whose clean activation a transcoder's output should match."""
     saes: Mapping[str, SAEBase] = field(default_factory=dict)
@@ -83,8 +85,8 @@ class Unembedding:
         return out if self.bias is None else out + self.bias
 
 
-DEFAULT_KL_CHUNK_ELEMENTS = 1 << 22
-"""Default chunk for `kl_from_final`: ~4M logits (16 MB fp32) per [chunk, d_vocab] temporary."""
+DEFAULT_KL_CHUNK_ELEMENTS = 1 << 23
+"""Default KL chunk: ~8M logits (32 MB fp32) per [chunk, d_vocab] temporary."""
 
 
 class KLTarget(Protocol):
@@ -253,6 +255,11 @@ class LogitsKLLoss(LossTerm):
         self.chunk_tokens = chunk_tokens
 
     def __call__(self, inputs: LossInputs) -> Tensor:
+        if inputs.kl_target is not None:
+            assert inputs.new_final is not None and inputs.unembed is not None
+            return chunked_unembed_kl(
+                inputs.new_final, inputs.kl_target, inputs.unembed, self.chunk_tokens
+            )
         if inputs.orig_logits is not None and inputs.new_logits is not None:
             return kl_clean_to_new(inputs.orig_logits, inputs.new_logits, self.chunk_tokens)
         assert inputs.orig_final is not None and inputs.new_final is not None

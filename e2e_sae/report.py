@@ -29,7 +29,8 @@ def eval_table(result: EvalResult) -> str:
     """Model-level metrics, then one row per SAE."""
     m = result.metrics
     order = ("ce_loss_clean", "ce_loss_with_saes", "ce_loss_increase", "ce_loss_zero_abl",
-             "ce_loss_score", "kl", "kl_div_score", "top1_agreement", "tvd", "n_tokens")  # fmt: skip
+             "ce_loss_score", "kl", "kl_div_score", "top1_agreement", "tvd",
+             "n_tokens")  # fmt: skip
     keys = [k for k in order if k in m]
     top = table(["metric", "value"], [[k, m[k]] for k in keys])
     cols = ["l0", "alive_dict_elements", "dead_dict_elements", "explained_variance",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
@@ -32,9 +33,9 @@ from e2e_sae.distributed import (
     shutdown,
     sync_firing_stats,
 )
-from e2e_sae.errors import UserError
+from e2e_sae.errors import ConfigError, UserError
 from e2e_sae.evaluate import EvalResult, evaluate
-from e2e_sae.forward import StepPlan, autocast, compile_saes, make_plan, run_forward
+from e2e_sae.forward import StepPlan, autocast, make_plan, run_forward
 from e2e_sae.losses import LossTerm, build_loss_terms, compute_losses
 from e2e_sae.resume import StopOnSignal, find_resume, prepare_run_dir, restore_point, save_point
 from e2e_sae.runlog import RunLogger
@@ -220,6 +221,14 @@ class NumericalError(UserError):
     """NaN / inf in a loss, gradient or weight."""
 
 
+def open_teacher_cache(config: Config) -> Any:
+    from e2e_sae.teacher_cache import TeacherCache
+
+    if config.loss.in_to_orig is not None or config.loss.logits_kl is None:
+        raise ConfigError("teacher_cache: only for logits_kl runs without in_to_orig")
+    return TeacherCache(config.teacher_cache or "")
+
+
 def setup(
     config: Config, device: str | None = None, reference: bool = False, dist: Dist = SINGLE
 ) -> Trainer:
@@ -245,9 +254,9 @@ def setup(
         raise UserError("saes.retrain_saes: every SAE is frozen, so nothing would train")
     broadcast_state(model.saes, dist)  # every rank starts from rank 0's SAEs, as DDP does
     plan = make_plan(model, config.loss, precision=config.precision)
+    if config.teacher_cache is not None:
+        plan = dataclasses.replace(plan, teacher=open_teacher_cache(config))
     loss_terms = build_loss_terms(config.loss, plan.new_cache, config.kl_chunk_tokens)
-    if config.compile:
-        compile_saes(model)
     params = [p for p in model.saes.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=config.lr)
     world = dist.world_size

@@ -173,7 +173,8 @@ def test_local_run_never_executes_layers_past_its_sae() -> None:
     calls_unembed = []
     model.tlens_model.unembed.register_forward_pre_hook(lambda m, a: calls_unembed.append(1))
     plan = make_plan(model, LossConfigs.model_validate({"out_to_in": {"coeff": 1.0}}))
-    run_forward(model, torch.randint(0, 97, (2, 16)), plan)
+    # the TransformerLens path (the fastlm path's early stop: tests/test_perf_paths.py)
+    run_forward(model, torch.randint(0, 97, (2, 16)), plan, reference=True)
     # block 1 starts (its hook_resid_pre lives inside it) but stops at that hook
     assert calls[2] == 0 and not calls_unembed
     assert calls[0] == 1

@@ -1,0 +1,1 @@
+"""Analysis of trained SAEs: plots, dictionary geometry, feature browser."""

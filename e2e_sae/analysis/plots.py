@@ -1,0 +1,399 @@
+"""Plots over a set of run directories (PNG + SVG, matplotlib without a display).
+
+Each run is summarised from its `final_config.yaml`, its `eval.json` (written by `e2e-sae eval`,
+run here for runs that lack it) and its per-latent firing frequencies. The SAE type comes from the
+loss config: `e2e+ds` when an `in_to_orig` (downstream) term is set, `e2e` when `logits_kl` is set,
+`local` otherwise.
+
+Also here: the Pareto front of (L0, CE-loss increase) points and interpolation along it, for
+comparisons at matched L0 / matched CE increase (the paper's Tables 2-3).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from torch import Tensor
+
+from e2e_sae.config import Config, load_config
+from e2e_sae.errors import UserError
+
+TYPE_ORDER = ("local", "e2e", "e2e+ds")
+TYPE_COLORS = {"local": "tab:blue", "e2e": "tab:orange", "e2e+ds": "tab:green"}
+# Config keys that do not change what is learned (left out when grouping runs by seed).
+_NAME_KEYS = ("seed", "run_name", "wandb_run_name", "wandb_run_name_prefix", "save_dir",
+              "wandb_project")  # fmt: skip
+
+
+def sae_type(config: Config) -> str:
+    """`local`, `e2e` or `e2e+ds`, from which loss terms the run optimised (coefficient > 0)."""
+    loss = config.loss
+    if loss.in_to_orig is not None and loss.in_to_orig.total_coeff > 0:
+        return "e2e+ds"
+    if loss.logits_kl is not None and loss.logits_kl.coeff > 0:
+        return "e2e"
+    return "local"
+
+
+@dataclass
+class RunInfo:
+    """What the plots need from one run directory."""
+
+    run_dir: Path
+    config: Config
+    eval: dict[str, Any]
+    frequencies: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.run_dir.name
+
+    @property
+    def label(self) -> str:
+        """Type, run directory name and (when not 0) seed, for legends."""
+        seed = f" seed {self.config.seed}" if self.config.seed else ""
+        return f"{self.sae_type}: {self.name[:28]}{seed}"
+
+    @property
+    def sae_type(self) -> str:
+        return sae_type(self.config)
+
+    @property
+    def positions(self) -> list[str]:
+        return list(self.eval.get("per_sae", {}))
+
+    def sae(self, position: str) -> dict[str, float]:
+        return self.eval["per_sae"][position]
+
+    def n_layers(self) -> int:
+        """The LM's layer count, from the eval's downstream hooks (no model is loaded)."""
+        down = self.eval.get("downstream") or {}
+        return max((int(d["layer"]) for d in down.values()), default=0)
+
+    def learning_key(self) -> str:
+        """The config without seed and names: runs that share it differ only by seed."""
+        import json
+
+        d = self.config.model_dump(mode="json", exclude=set(_NAME_KEYS))
+        return json.dumps(d, sort_keys=True)
+
+
+def load_runs(
+    run_dirs: Sequence[str | Path],
+    *,
+    evaluate_missing: bool = True,
+    n_tokens: int | None = None,
+    device: str | None = None,
+    progress: bool = False,
+) -> list[RunInfo]:
+    """Summaries of the runs; a run without `eval.json` is evaluated (and the file written)."""
+    from e2e_sae.checkpoint import CONFIG_FILE
+    from e2e_sae.evaluate import (
+        EVAL_JSON,
+        evaluate_run,
+        read_eval,
+        read_feature_frequency,
+        write_eval,
+    )
+
+    runs = []
+    for d in run_dirs:
+        d = Path(d)
+        if not (d / CONFIG_FILE).is_file():
+            raise UserError(f"run directory {d}: no {CONFIG_FILE} (is it a training run?)")
+        config = load_config(d / CONFIG_FILE)
+        assert isinstance(config, Config)
+        ev = read_eval(d)
+        freqs = read_feature_frequency(d)
+        if ev is None or not freqs:
+            if not evaluate_missing:
+                raise UserError(f"run directory {d}: no {EVAL_JSON}; run `e2e-sae eval {d}`")
+            result = evaluate_run(d, n_tokens=n_tokens, device=device, progress=progress)
+            write_eval(result, d / EVAL_JSON)
+            ev, freqs = read_eval(d), read_feature_frequency(d)
+            assert ev is not None
+        runs.append(RunInfo(d, config, ev, freqs))
+    return runs
+
+
+# --- Pareto fronts and matched comparisons --------------------------------------------------------
+def pareto_front(x: Sequence[float], y: Sequence[float]) -> list[int]:
+    """Indices of the points no other point beats in both x and y (lower is better), by x."""
+    order = sorted(range(len(x)), key=lambda i: (x[i], y[i]))
+    front: list[int] = []
+    best = math.inf
+    for i in order:
+        if y[i] < best:
+            front.append(i)
+            best = y[i]
+    return front
+
+
+def interpolate_y_at_x(
+    x: Sequence[float], y: Sequence[float], at: float, log_x: bool = True
+) -> float:
+    """y on the Pareto front of (x, y) at x = `at`, linear in log x; nan outside the front."""
+    front = pareto_front(x, y)
+    xs = np.array([x[i] for i in front], dtype=float)
+    ys = np.array([y[i] for i in front], dtype=float)
+    if log_x:
+        xs, at = np.log(xs), math.log(at)
+    if len(xs) == 0 or at < xs[0] - 1e-12 or at > xs[-1] + 1e-12:
+        return math.nan
+    return float(np.interp(at, xs, ys))
+
+
+def interpolate_x_at_y(
+    x: Sequence[float], y: Sequence[float], at: float, log_x: bool = True
+) -> float:
+    """x on the Pareto front of (x, y) where y = `at` (y falls as x grows); nan outside it."""
+    front = pareto_front(x, y)
+    xs = np.array([x[i] for i in front], dtype=float)
+    ys = np.array([y[i] for i in front], dtype=float)
+    if log_x:
+        xs = np.log(xs)
+    if len(ys) == 0 or at < ys[-1] - 1e-12 or at > ys[0] + 1e-12:
+        return math.nan
+    v = float(np.interp(at, ys[::-1], xs[::-1]))
+    return math.exp(v) if log_x else v
+
+
+# --- figures --------------------------------------------------------------------------------------
+def _save(fig: Figure, out_dir: Path, stem: str) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / f"{stem}.png", out_dir / f"{stem}.svg"]
+    for p in paths:
+        fig.savefig(p, dpi=130, bbox_inches="tight")
+    return paths
+
+
+def _positions(runs: Sequence[RunInfo]) -> list[str]:
+    seen: list[str] = []
+    for r in runs:
+        seen += [p for p in r.positions if p not in seen]
+    return seen
+
+
+def _types(runs: Sequence[RunInfo]) -> list[str]:
+    present = {r.sae_type for r in runs}
+    return [t for t in TYPE_ORDER if t in present]
+
+
+def _grid(n: int, width: float = 4.8, height: float = 3.8) -> tuple[Figure, list[Axes]]:
+    fig = Figure(figsize=(width * n, height))
+    axes = [fig.add_subplot(1, n, i + 1) for i in range(n)]
+    return fig, axes
+
+
+def _short(position: str) -> str:
+    return position.replace("blocks.", "L").replace(".hook_", " ")
+
+
+def plot_tradeoff(
+    runs: Sequence[RunInfo], out_dir: Path, x_key: str, stem: str, x_label: str
+) -> list[Path]:
+    """CE-loss increase vs a per-SAE metric, one panel per SAE position, one series per type
+    (points joined in order of x; the Pareto front drawn solid)."""
+    positions = _positions(runs)
+    fig, axes = _grid(len(positions))
+    for ax, pos in zip(axes, positions, strict=True):
+        for t in _types(runs):
+            pts = [(r.sae(pos)[x_key], r.eval["ce_loss_increase"]) for r in runs
+                   if r.sae_type == t and pos in r.positions]  # fmt: skip
+            if not pts:
+                continue
+            xs, ys = zip(*sorted(pts), strict=True)
+            ax.plot(xs, ys, "o", color=TYPE_COLORS[t], alpha=0.6)
+            front = pareto_front(xs, ys)
+            ax.plot([xs[i] for i in front], [ys[i] for i in front], "-", color=TYPE_COLORS[t],
+                    label=f"{t} ({len(pts)} runs)")  # fmt: skip
+        ax.set_xlabel(x_label)
+        ax.set_ylabel("CE loss increase (nats)")
+        ax.set_title(_short(pos))
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    return _save(fig, out_dir, stem)
+
+
+def plot_pareto(runs: Sequence[RunInfo], out_dir: Path) -> list[Path]:
+    """L0 vs CE-loss increase per SAE type (the paper's Figure 1)."""
+    return plot_tradeoff(
+        runs, out_dir, "l0", "pareto_l0_ce_increase", "L0 (active latents / token)"
+    )
+
+
+def plot_alive_vs_ce(runs: Sequence[RunInfo], out_dir: Path) -> list[Path]:
+    """Alive dictionary elements vs CE-loss increase per SAE type."""
+    return plot_tradeoff(
+        runs, out_dir, "alive_dict_elements", "alive_vs_ce_increase", "alive dictionary elements"
+    )
+
+
+def plot_feature_density(runs: Sequence[RunInfo], out_dir: Path, bins: int = 40) -> list[Path]:
+    """Histograms of log10 firing frequency per latent over the eval tokens: one row of panels per
+    SAE position, one panel per type, runs coloured from sparse (dark) to dense (light) by L0.
+    Dead latents are counted in the legend, not drawn (their log frequency is -inf)."""
+    from matplotlib import colormaps
+
+    positions, types = _positions(runs), _types(runs)
+    fig = Figure(figsize=(4.8 * len(types), 3.8 * len(positions)))
+    for i, pos in enumerate(positions):
+        series = [(r, r.frequencies[pos]) for r in runs if pos in r.frequencies]
+        alive = [np.log10(f[f > 0].double().numpy()) for _, f in series]
+        lo = min((float(v.min()) for v in alive if v.size), default=-6.0)
+        edges = np.linspace(math.floor(lo), 0.0, bins + 1).tolist()
+        for j, t in enumerate(types):
+            ax = fig.add_subplot(len(positions), len(types), i * len(types) + j + 1)
+            mine = sorted(((r, f, a) for (r, f), a in zip(series, alive, strict=True)
+                           if r.sae_type == t), key=lambda x: x[0].sae(pos)["l0"])  # fmt: skip
+            cmap = colormaps[{"local": "Blues_r", "e2e": "Oranges_r", "e2e+ds": "Greens_r"}[t]]
+            for k, (r, f, logs) in enumerate(mine):
+                color = cmap(0.1 + 0.6 * k / max(1, len(mine) - 1))
+                ax.hist(logs, bins=edges, histtype="step", color=color,
+                        label=f"{r.label}: L0 {r.sae(pos)['l0']:.3g}, "
+                              f"dead {int((f == 0).sum())}")  # fmt: skip
+            ax.set_xlabel("log10 firing frequency")
+            ax.set_ylabel("latents")
+            ax.set_title(f"{t}, {_short(pos)}")
+            ax.legend(fontsize=6)
+    fig.tight_layout()
+    return _save(fig, out_dir, "feature_density")
+
+
+def plot_downstream(runs: Sequence[RunInfo], out_dir: Path) -> list[Path]:
+    """Explained variance and MSE of the SAE-spliced run vs the clean run at each later
+    residual-stream position (x: residual index; `hook_resid_pre` of block i is i). For one-SAE
+    runs the first point is the SAE's own reconstruction at its position."""
+    from matplotlib.ticker import MaxNLocator
+
+    from e2e_sae.splice import hook_layer
+
+    fig, (ax_ev, ax_mse) = _grid(2)
+    for r in runs:
+        down = r.eval.get("downstream") or {}
+        if not down:
+            continue
+        pts = sorted((d["layer"], d["explained_variance"], d["mse"]) for d in down.values())
+        if len(r.positions) == 1:
+            (pos,) = r.positions
+            layer = hook_layer(pos, r.n_layers()) + ("resid_post" in pos)
+            pts.insert(0, (layer, r.sae(pos)["explained_variance"], r.sae(pos)["mse"]))
+        layers, ev, mse = zip(*pts, strict=True)
+        kw = {"color": TYPE_COLORS[r.sae_type], "marker": "o", "alpha": 0.7}
+        ax_ev.plot(layers, ev, label=r.label, **kw)
+        ax_mse.plot(layers, mse, **kw)
+    ax_ev.set_ylabel("explained variance (spliced vs clean)")
+    ax_mse.set_ylabel("MSE (spliced vs clean)")
+    ax_mse.set_yscale("log")
+    for ax in (ax_ev, ax_mse):
+        ax.set_xlabel("residual stream position (layer)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    ax_ev.legend(fontsize=6)
+    fig.tight_layout()
+    return _save(fig, out_dir, "downstream_reconstruction")
+
+
+# --- dictionary geometry --------------------------------------------------------------------------
+def geometry_pairs(runs: Sequence[RunInfo]) -> list[tuple[str, str, RunInfo, RunInfo]]:
+    """(kind, position, A, B) comparisons to draw: `within` (one run per type), `cross-type` (for
+    each pair of types, the two runs with the closest CE increase, preferring runs with different
+    seeds: same-seed SAEs start from the same dictionary, which short runs never leave far) and
+    `cross-seed` (runs whose configs differ only by seed)."""
+    pairs: list[tuple[str, str, RunInfo, RunInfo]] = []
+    for pos in _positions(runs):
+        at = [r for r in runs if pos in r.positions]
+        by_type = {t: [r for r in at if r.sae_type == t] for t in _types(at)}
+        for rs in by_type.values():
+            mid = sorted(rs, key=lambda r: r.eval["ce_loss_increase"])[len(rs) // 2]
+            pairs.append(("within", pos, mid, mid))
+        types = list(by_type)
+        for i, ta in enumerate(types):
+            for tb in types[i + 1 :]:
+                a, b = min(((a, b) for a in by_type[ta] for b in by_type[tb]),
+                           key=lambda p: (p[0].config.seed == p[1].config.seed,
+                                          abs(p[0].eval["ce_loss_increase"]
+                                              - p[1].eval["ce_loss_increase"])))  # fmt: skip
+                pairs.append(("cross-type", pos, a, b))
+        groups: dict[str, list[RunInfo]] = {}
+        for r in at:
+            groups.setdefault(r.learning_key(), []).append(r)
+        for rs in groups.values():
+            seeds = sorted(rs, key=lambda r: r.config.seed)
+            if len(seeds) >= 2 and seeds[0].config.seed != seeds[1].config.seed:
+                pairs.append(("cross-seed", pos, seeds[0], seeds[1]))
+    return pairs
+
+
+def geometry_similarities(
+    pairs: Sequence[tuple[str, str, RunInfo, RunInfo]], alive_only: bool = True
+) -> list[tuple[str, str, RunInfo, RunInfo, Tensor]]:
+    """Max cosine similarity of each (alive) direction of A to the (alive) directions of B."""
+    from e2e_sae.analysis.geometry import load_dictionary, max_cosine_similarity
+
+    out = []
+    for kind, pos, a, b in pairs:
+        _, da = load_dictionary(a.run_dir, pos)
+        _, db = load_dictionary(b.run_dir, pos)
+        if alive_only and pos in a.frequencies and pos in b.frequencies:
+            keep_a, keep_b = a.frequencies[pos] > 0, b.frequencies[pos] > 0
+            if kind == "within":
+                keep_b = keep_a
+            da, db = da[:, keep_a], db[:, keep_b]
+        if da.shape[1] == 0 or db.shape[1] < (2 if kind == "within" else 1):
+            continue
+        sims = max_cosine_similarity(da, db, exclude_self=kind == "within")
+        out.append((kind, pos, a, b, sims))
+    return out
+
+
+def plot_geometry(runs: Sequence[RunInfo], out_dir: Path) -> list[Path]:
+    """Histograms of the max cosine similarity between dictionaries: within one dictionary,
+    across SAE types, and across seeds (one panel per kind present)."""
+    sims = geometry_similarities(geometry_pairs(runs))
+    if not sims:
+        return []
+    kinds = [k for k in ("within", "cross-type", "cross-seed") if any(s[0] == k for s in sims)]
+    fig, axes = _grid(len(kinds))
+    edges = np.linspace(-0.1, 1.0, 45).tolist()
+    for ax, kind in zip(axes, kinds, strict=True):
+        for _, pos, a, b, s in (x for x in sims if x[0] == kind):
+            if kind == "within":
+                label = f"{a.sae_type} {_short(pos)}"
+            elif kind == "cross-type":
+                label = f"{a.sae_type} vs {b.sae_type} {_short(pos)}"
+            else:
+                label = f"{a.sae_type} seed {a.config.seed} vs {b.config.seed} {_short(pos)}"
+            color = TYPE_COLORS[a.sae_type] if kind != "cross-type" else None
+            ax.hist(s.numpy(), bins=edges, histtype="step", density=True, color=color,
+                    label=f"{label} (mean {float(s.mean()):.2f})")  # fmt: skip
+        ax.set_xlabel("max cosine similarity")
+        ax.set_ylabel("density")
+        ax.set_title({"within": "nearest other direction, same dictionary",
+                      "cross-type": "nearest direction in another type's dictionary",
+                      "cross-seed": "nearest direction, other seed"}[kind])  # fmt: skip
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    return _save(fig, out_dir, "dictionary_geometry")
+
+
+def make_plots(runs: Sequence[RunInfo], out_dir: str | Path) -> list[Path]:
+    """All plots for these runs into `out_dir`; returns the files written."""
+    out = Path(out_dir)
+    if not runs:
+        raise UserError("plot: no run directories given")
+    paths: list[Path] = []
+    paths += plot_pareto(runs, out)
+    paths += plot_alive_vs_ce(runs, out)
+    paths += plot_feature_density(runs, out)
+    paths += plot_downstream(runs, out)
+    paths += plot_geometry(runs, out)
+    return paths

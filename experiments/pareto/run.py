@@ -1,0 +1,285 @@
+"""Local vs e2e vs e2e+ds SAEs on the built-in `shakespeare-lm`: Pareto plots and the paper's
+matched-L0 / matched-CE comparisons (Braun et al. 2024, Tables 2-3).
+
+Exact command (repository root; 6 min on an idle 2-core CPU, 22 min on a busy one):
+
+    .venv/bin/python experiments/pareto/run.py
+
+It trains the three sweeps in configs/ (one SAE at blocks.2.hook_resid_pre; 3-4 sparsity
+coefficients per type, plus a second seed of one local and one e2e run for the cross-seed geometry),
+evaluates each run on the validation split, and writes into results/: the plots of `e2e-sae plot`
+(PNG + SVG), pareto.md (per-run table, matched-L0 and matched-CE tables) and results.json. Run
+directories go to runs/ (gitignored); finished runs are skipped when the script is started again.
+
+`--quick` runs the same pipeline on a random-weight model of the same shape with a few samples, into
+a scratch folder, to check the script in a minute or two.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from e2e_sae.analysis.plots import (
+    TYPE_ORDER,
+    RunInfo,
+    interpolate_x_at_y,
+    interpolate_y_at_x,
+    load_runs,
+    make_plots,
+    pareto_front,
+)
+from e2e_sae.report import table
+from e2e_sae.sweep import Sweep, load_sweep, run_sweep
+
+HERE = Path(__file__).resolve().parent
+SWEEPS = {"local": "local.yaml", "e2e": "e2e.yaml", "e2e+ds": "e2e_ds.yaml"}
+SEED_TYPES = ("local", "e2e")  # types that also get runs with other seeds (cross-seed geometry)
+POSITION = "blocks.2.hook_resid_pre"
+# The architecture of shakespeare-lm (experiments/small_lm/shakespeare_lm.yaml), random weights.
+QUICK_MODEL = {"n_layers": 4, "d_model": 128, "n_heads": 4, "d_head": 32, "d_mlp": 512,
+               "n_ctx": 128, "d_vocab": 4096, "act_fn": "gelu", "normalization_type": "LN",
+               "seed": 0}  # fmt: skip
+QUICK = {"tlens_model_name": None, "tlens_config": QUICK_MODEL, "n_samples": 32, "batch_size": 8,
+         "warmup_samples": 0, "eval_n_samples": 8}  # fmt: skip
+
+
+def build_sweeps(runs_root: Path, overrides: dict[str, Any], seeds: int) -> list[Sweep]:
+    sweeps = []
+    for kind, file in SWEEPS.items():
+        sweep = load_sweep(HERE / "configs" / file, out_dir=runs_root / file.removesuffix(".yaml"),
+                           overrides=overrides)  # fmt: skip
+        for seed in range(1, seeds if kind in SEED_TYPES else 1):  # at a middle coefficient
+            extra = load_sweep(
+                HERE / "configs" / file,
+                out_dir=runs_root / f"{file.removesuffix('.yaml')}_seed{seed}",
+                overrides={**overrides, "seed": seed},
+            )
+            mid = extra.runs[(len(extra.runs) - 1) // 2]
+            sweep.runs.append(dataclasses.replace(mid, index=len(sweep.runs)))
+        sweeps.append(sweep)
+    return sweeps
+
+
+# --- matched comparisons -------------------------------------------------------------------------
+def points(runs: list[RunInfo], kind: str) -> tuple[list[float], list[float], list[float]]:
+    """(L0, CE increase, alive) of the seed-0 runs of one type."""
+    rs = [r for r in runs if r.sae_type == kind and r.config.seed == 0 and POSITION in r.positions]
+    return ([r.sae(POSITION)["l0"] for r in rs], [r.eval["ce_loss_increase"] for r in rs],
+            [r.sae(POSITION)["alive_dict_elements"] for r in rs])  # fmt: skip
+
+
+def alive_at_ce(l0: list[float], ce: list[float], alive: list[float], at: float) -> float:
+    """Alive elements on the (L0, CE) Pareto front at CE increase `at` (linear in CE)."""
+    front = pareto_front(l0, ce)
+    ces = [ce[i] for i in front][::-1]
+    if not ces or at < ces[0] - 1e-12 or at > ces[-1] + 1e-12:
+        return math.nan
+    return float(np.interp(at, ces, [alive[i] for i in front][::-1]))
+
+
+def overlap(ranges: list[tuple[float, float]]) -> tuple[float, float] | None:
+    lo, hi = max(r[0] for r in ranges), min(r[1] for r in ranges)
+    return (lo, hi) if lo < hi else None
+
+
+def front_range(xs: list[float], ys: list[float], which: str) -> tuple[float, float]:
+    front = pareto_front(xs, ys)
+    vals = [xs[i] if which == "x" else ys[i] for i in front]
+    return min(vals), max(vals)
+
+
+def matched_tables(runs: list[RunInfo], n_ref: int = 3) -> dict[str, Any]:
+    """Interpolated comparisons on each type's Pareto front, at reference points spread over the
+    range every type covers (L0 geometric, CE increase linear)."""
+    kinds = [k for k in TYPE_ORDER if points(runs, k)[0]]
+    pts = {k: points(runs, k) for k in kinds}
+    out: dict[str, Any] = {"types": kinds, "same_l0": [], "same_ce": []}
+    l0_range = overlap([front_range(p[0], p[1], "x") for p in pts.values()])
+    if l0_range:
+        for l0 in np.geomspace(*l0_range, n_ref + 2)[1:-1]:
+            row = {"l0": float(l0)}
+            for k in kinds:
+                row[k] = interpolate_y_at_x(pts[k][0], pts[k][1], float(l0))
+            out["same_l0"].append(row)
+    ce_range = overlap([front_range(p[0], p[1], "y") for p in pts.values()])
+    if ce_range:
+        for ce in np.linspace(*ce_range, n_ref + 2)[1:-1]:
+            row = {"ce_loss_increase": float(ce)}
+            for k in kinds:
+                row[k] = interpolate_x_at_y(pts[k][0], pts[k][1], float(ce))
+                row[f"{k}_alive"] = alive_at_ce(*pts[k], float(ce))
+            out["same_ce"].append(row)
+    return out
+
+
+def _f(v: float, digits: int = 3) -> str:
+    return "n/a" if v != v else f"{v:.{digits}g}"
+
+
+def markdown(
+    runs: list[RunInfo], matched: dict[str, Any], wall_s: float, meta: dict[str, Any]
+) -> str:
+    def md_table(headers: list[str], rows: list[list[str]]) -> str:
+        lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+    clean = runs[0].eval["ce_loss_clean"]
+    lines = [
+        "# Local vs e2e vs e2e+ds SAEs on shakespeare-lm",
+        "",
+        f"Command: `.venv/bin/python experiments/pareto/run.py{meta['args']}` — wall time "
+        f"{wall_s / 60:.1f} min on {meta['cpus']} CPU cores ({meta['device']}), shared with "
+        f"other jobs (15-min load average {meta['timing']['load_average_15min']:.1f} at the "
+        f"end, {meta['timing']['finished']}).",
+        f"SAE at `{POSITION}`, {meta['d_sae']} latents, {meta['n_samples']} training windows of "
+        f"{meta['n_ctx']} tokens; eval on {int(runs[0].eval['n_tokens'])} validation tokens. "
+        f"Clean CE loss {clean:.3f} nats.",
+        "",
+        "## Runs",
+        "",
+    ]
+    rows = []
+    for r in sorted(runs, key=lambda r: (TYPE_ORDER.index(r.sae_type), r.config.seed,
+                                         r.sae(POSITION)["l0"])):  # fmt: skip
+        s = r.sae(POSITION)
+        down = r.eval.get("downstream", {})
+        last = (
+            down[max(down, key=lambda h: down[h]["layer"])]["explained_variance"]
+            if down
+            else math.nan
+        )
+        sp = r.config.loss.sparsity
+        rows.append([r.sae_type, str(r.config.seed), _f(sp.coeff if sp else math.nan),
+                     _f(s["l0"]), str(int(s["alive_dict_elements"])),
+                     _f(r.eval["ce_loss_increase"]), _f(r.eval["kl"]),
+                     _f(r.eval.get("ce_loss_score", math.nan)), _f(s["explained_variance"]),
+                     _f(s["explained_variance_ln"]), _f(last),
+                     _f(r.eval.get("train_minutes", math.nan), 2)])  # fmt: skip
+    headers = ["type", "seed", "sparsity coeff", "L0", "alive", "CE increase", "KL",
+               "CE recovered", "EV", "EV (LN)", "EV last layer", "train+eval min"]  # fmt: skip
+    lines.append(md_table(headers, rows))
+    kinds = matched["types"]
+    lines += ["", "## Same L0: CE-loss increase (interpolated on each type's Pareto front)", ""]
+    if matched["same_l0"]:
+        rows = []
+        for row in matched["same_l0"]:
+            r = [_f(row["l0"])] + [_f(row[k]) for k in kinds]
+            r += [_f(row[k] / row["local"], 2) for k in kinds if k != "local" and "local" in row]
+            rows.append(r)
+        ratios = [f"{k} / local" for k in kinds if k != "local" and "local" in kinds]
+        lines.append(md_table(["L0", *kinds, *ratios], rows))
+    else:
+        lines.append("The types' L0 ranges do not overlap.")
+    lines += ["", "## Same CE-loss increase: L0 (alive elements), interpolated", ""]
+    if matched["same_ce"]:
+        rows = []
+        for row in matched["same_ce"]:
+            r = [_f(row["ce_loss_increase"])]
+            r += [f"{_f(row[k])} ({row[f'{k}_alive']:.0f})" for k in kinds]
+            r += [_f(row["local"] / row[k], 2) for k in kinds if k != "local" and "local" in row]
+            rows.append(r)
+        ratios = [f"local / {k} L0" for k in kinds if k != "local" and "local" in kinds]
+        lines.append(md_table(["CE increase", *kinds, *ratios], rows))
+    else:
+        lines.append("The types' CE-increase ranges do not overlap.")
+    lines += ["", "Plots: " + ", ".join(f"`{p}`" for p in meta["plots"] if p.endswith(".png")), ""]
+    return "\n".join(lines)
+
+
+def train_minutes(run_dir: Path) -> float:
+    """From the config written at the start to the eval written at the end."""
+    start, end = run_dir / "final_config.yaml", run_dir / "eval.json"
+    if not (start.exists() and end.exists()):
+        return math.nan
+    return (end.stat().st_mtime - start.stat().st_mtime) / 60
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="random tiny-budget check of the script")
+    p.add_argument("--out-root", type=Path, default=None,
+                   help="folder for runs/ and results/ (default: here; --quick: /tmp)")  # fmt: skip
+    p.add_argument("--n-samples", type=int, default=None, help="training windows per run")
+    p.add_argument("--seeds", type=int, default=2, help="seeds of a middle local / e2e run")
+    p.add_argument("--parallel", type=int, default=1, help="runs trained at a time")
+    args = p.parse_args(argv)
+    import os
+
+    import torch
+
+    root = args.out_root or (Path("/tmp/e2e_sae_pareto_quick") if args.quick else HERE)
+    overrides: dict[str, Any] = dict(QUICK) if args.quick else {}
+    if args.n_samples:
+        overrides["n_samples"] = args.n_samples
+    t0 = time.perf_counter()
+    sweeps = build_sweeps(root / "runs", overrides, args.seeds)
+    n = sum(len(s.runs) for s in sweeps)
+    print(f"{n} runs; {torch.get_num_threads()} torch threads", flush=True)
+    done = trained = 0
+    for sweep in sweeps:
+
+        def report(run, rec) -> None:  # noqa: ANN001
+            nonlocal done
+            done += 1
+            err = f" {rec.get('error')}" if rec.get("error") else ""
+            print(f"[{done}/{n}] {time.perf_counter() - t0:7.0f}s {run.run_dir.name}: "
+                  f"{rec['status']}{err}", flush=True)  # fmt: skip
+
+        records = run_sweep(sweep, parallel=args.parallel, progress=False, on_done=report)
+        done += sum(r["status"] == "skipped" for r in records)
+        trained += sum(r["status"] == "ok" for r in records)
+        failed = [r for r in records if r["status"] == "failed"]
+        if failed:
+            print(f"failed: {failed[0]['run_dir']}: {failed[0]['error']}", file=sys.stderr)
+            return 1
+    runs = load_runs([r.run_dir for s in sweeps for r in s.runs])
+    for r in runs:
+        r.eval["train_minutes"] = train_minutes(r.run_dir)
+    results = root / "results"
+    plots = [str(p.relative_to(root)) for p in make_plots(runs, results)]
+    matched = matched_tables(runs)
+    wall = time.perf_counter() - t0
+    # The wall time of an invocation that trained every run; a later one that reuses the runs
+    # (e.g. to redraw the plots) reports that measurement.
+    timing_file = results / "timing.json"
+    if trained == n:
+        timing = {"wall_s": wall, "load_average_15min": os.getloadavg()[2],
+                  "finished": time.strftime("%Y-%m-%d %H:%M")}  # fmt: skip
+        timing_file.write_text(json.dumps(timing, indent=2))
+    elif timing_file.exists():
+        timing = json.loads(timing_file.read_text())
+    else:
+        timing = {"wall_s": math.nan, "load_average_15min": math.nan, "finished": "?"}
+    cfg = runs[0].config
+    meta = {
+        "args": (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip(),
+        "cpus": os.cpu_count(), "device": str(runs[0].config.device or "cpu"),
+        "d_sae": int(cfg.saes.dict_size_to_input_ratio * 128), "n_samples": cfg.n_samples,
+        "n_ctx": cfg.train_data.n_ctx, "plots": plots, "timing": timing,
+    }  # fmt: skip
+    (results / "pareto.md").write_text(markdown(runs, matched, timing["wall_s"], meta))
+    summary = {"meta": meta, "matched": matched,
+               "runs": [{"run": r.name, "type": r.sae_type, "seed": r.config.seed,
+                         "sparsity_coeff": r.config.loss.sparsity.coeff if r.config.loss.sparsity
+                         else None, "eval": r.eval} for r in runs]}  # fmt: skip
+    (results / "results.json").write_text(json.dumps(summary, indent=2, default=str))
+    headers = ["type", "seed", "L0", "alive", "CE increase", "KL"]
+    rows = [[r.sae_type, r.config.seed, r.sae(POSITION)["l0"],
+             r.sae(POSITION)["alive_dict_elements"], r.eval["ce_loss_increase"], r.eval["kl"]]
+            for r in runs]  # fmt: skip
+    print(table(headers, rows))
+    print(f"\nwrote {results / 'pareto.md'} ({wall / 60:.1f} min)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

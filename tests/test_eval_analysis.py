@@ -1,0 +1,583 @@
+"""Eval metrics vs direct computations; sweeps, plots, dictionary geometry, feature browser."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import sys
+import types
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from conftest import make_config_dict
+
+from e2e_sae.analysis.browser import (
+    collect_feature_data,
+    parse_features,
+    promoted_tokens,
+    top_windows_update,
+    write_browser,
+)
+from e2e_sae.analysis.geometry import load_dictionary, max_cosine_similarity
+from e2e_sae.analysis.plots import (
+    interpolate_x_at_y,
+    interpolate_y_at_x,
+    load_runs,
+    pareto_front,
+    sae_type,
+)
+from e2e_sae.checkpoint import build_model
+from e2e_sae.cli import main
+from e2e_sae.config import Config, load_config
+from e2e_sae.evaluate import (
+    _SAEStats,
+    evaluate,
+    evaluate_run,
+    firing_counts,
+    layer_normalize,
+    next_token_ce,
+    read_eval,
+    read_feature_frequency,
+    top1_agreement,
+    total_variation,
+)
+from e2e_sae.forward import make_plan
+from e2e_sae.losses import build_loss_terms
+from e2e_sae.saes import SAEActs
+from e2e_sae.splice import SAETransformer
+from e2e_sae.sweep import flatten_parameters, load_sweep, set_dotted, wandb_sweep_config
+from e2e_sae.train import train
+
+# The shape of the original library's W&B sweep files (gpt2_e2e_recon_sweep.yaml, shortened).
+WANDB_SWEEP = """
+program: e2e_sae/scripts/train_tlens_saes/run_train_tlens_saes.py
+name: gpt2-e2e
+method: grid
+metric: {name: val_loss, goal: minimize}
+parameters:
+  seed: {values: [0]}
+  n_samples: {values: [400_000]}
+  lr: {values: [5e-4]}
+  loss:
+    parameters:
+      sparsity:
+        parameters:
+          coeff: {values: [0.8, 2.5, 5]}
+      in_to_orig:
+        parameters:
+          hook_positions: {values: [[blocks.11.hook_resid_pre]]}
+          total_coeff: {values: [0.05, 0.1]}
+      out_to_orig: {values: [null]}
+      logits_kl:
+        parameters:
+          coeff: {values: [0.5]}
+  saes:
+    parameters:
+      sae_positions:
+        values:
+          - blocks.10.hook_resid_pre
+command:
+- ${env}
+- ${interpreter}
+- ${program}
+- e2e_sae/scripts/train_tlens_saes/gpt2_e2e_recon.yaml
+"""
+E2E_LOSS = {"sparsity": {"coeff": 0.1}, "logits_kl": {"coeff": 1.0}}
+DS_LOSS = {
+    **E2E_LOSS,
+    "in_to_orig": {"hook_positions": ["blocks.2.hook_resid_pre"], "total_coeff": 1},
+}
+
+
+def _config(data: Path, save: Path, **kw: Any) -> Config:
+    cfg = load_config(make_config_dict(data, save, **kw))
+    assert isinstance(cfg, Config)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def runs(token_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny trained runs: local (seeds 0 and 1), e2e and e2e+ds."""
+    root = tmp_path_factory.mktemp("runs")
+    specs = {"local0": {}, "local1": {"seed": 1}, "e2e": {"loss": E2E_LOSS},
+             "ds": {"loss": DS_LOSS}}  # fmt: skip
+    return {
+        name: train(_config(token_data, root, **kw), root / name, progress=False)
+        for name, kw in specs.items()
+    }
+
+
+@pytest.fixture
+def model(token_data: Path, tmp_path: Path) -> SAETransformer:
+    cfg = _config(token_data, tmp_path, saes={"sae_positions": ["blocks.1.hook_resid_pre"],
+                                              "dict_size_to_input_ratio": 2.0})  # fmt: skip
+    m = build_model(cfg, device="cpu")
+    m.run_config = cfg  # type: ignore[attr-defined]
+    return m
+
+
+def _batches(n: int = 2, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 97, (4, 16), generator=g) for _ in range(n)]
+
+
+def _eval(model: SAETransformer, batches: list[torch.Tensor]):
+    cfg: Config = model.run_config  # type: ignore[attr-defined]
+    plan = make_plan(model, cfg.loss, force_full_pass=True)
+    return evaluate(model, iter(batches), len(batches), plan, build_loss_terms(cfg.loss))
+
+
+# --- metric formulas ------------------------------------------------------------------------------
+def test_metric_formulas_match_direct_computation() -> None:
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3, 5, 11, generator=g), torch.randn(3, 5, 11, generator=g)
+    tokens = torch.randint(0, 11, (3, 5), generator=g)
+    ce = F.cross_entropy(a[:, :-1].reshape(-1, 11), tokens[:, 1:].reshape(-1))
+    assert next_token_ce(a, tokens) == pytest.approx(float(ce), rel=1e-6)
+    p, q = a.softmax(-1).reshape(-1, 11), b.softmax(-1).reshape(-1, 11)
+    tvd = sum(0.5 * sum(abs(float(p[i, v] - q[i, v])) for v in range(11)) for i in range(15)) / 15
+    assert float(total_variation(a, b, chunk_tokens=4)) == pytest.approx(tvd, rel=1e-5)
+    assert float(total_variation(a, a)) == pytest.approx(0.0, abs=1e-7)
+    agree = sum(
+        int(a.reshape(-1, 11)[i].argmax() == b.reshape(-1, 11)[i].argmax()) for i in range(15)
+    )
+    assert float(top1_agreement(a, b)) == pytest.approx(agree / 15)
+    x = torch.randn(4, 7, generator=g) * 3 + 1
+    assert torch.allclose(layer_normalize(x), F.layer_norm(x, (7,), eps=1e-5), atol=1e-6)
+
+
+def test_l0_and_alive_counts_on_a_known_code_matrix() -> None:
+    # 4 tokens x 5 latents; latent 3 never fires, latent 4 fires once with a negative value.
+    c = torch.tensor([[1.0, 0, 2, 0, 0], [0, 0, 3, 0, -1], [5, 0, 0, 0, 0], [1, 1, 1, 0, 0]])
+    assert firing_counts(c).tolist() == [3, 1, 3, 0, 1]
+    stats = _SAEStats()
+    x = torch.randn(4, 3)
+    stats.update(x[:2], c[:2], x[:2])
+    stats.update(x[2:], c[2:], x[2:])  # the counts accumulate over batches
+    r = stats.result()
+    assert r["l0"] == pytest.approx((2 + 2 + 1 + 3) / 4)
+    assert (r["alive_dict_elements"], r["dead_dict_elements"]) == (4, 1)
+    assert stats.counts is not None and stats.counts.tolist() == [3, 1, 3, 0, 1]
+
+
+# --- evaluate() with special SAEs -----------------------------------------------------------------
+def test_identity_sae_loses_nothing(model: SAETransformer, monkeypatch) -> None:
+    sae = model.sae("blocks.1.hook_resid_pre")
+    code = torch.zeros(sae.n_dict_components)
+    code[[0, 5]] = 1.0  # two latents always on, the rest dead
+
+    monkeypatch.setattr(sae, "forward", lambda x: (x, code.expand(*x.shape[:-1], -1)))
+    r = _eval(model, _batches())
+    m = r.metrics
+    assert m["ce_loss_increase"] == pytest.approx(0.0, abs=1e-6)
+    assert m["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert m["tvd"] == pytest.approx(0.0, abs=1e-6)
+    assert m["top1_agreement"] == 1.0
+    assert m["ce_loss_score"] == pytest.approx(1.0, abs=1e-5)
+    assert m["kl_div_score"] == pytest.approx(1.0, abs=1e-5)
+    s = r.per_sae["blocks.1.hook_resid_pre"]
+    assert s["explained_variance"] == pytest.approx(1.0, abs=1e-9)
+    assert s["explained_variance_ln"] == pytest.approx(1.0, abs=1e-9)
+    assert (s["l0"], s["alive_dict_elements"], s["dead_dict_elements"]) == (2, 2, 62)
+    assert set(r.downstream) == {"blocks.2.hook_resid_pre", "blocks.2.hook_resid_post"}
+    assert all(d["explained_variance"] == pytest.approx(1.0) for d in r.downstream.values())
+    assert r.feature_frequency("blocks.1.hook_resid_pre")[[0, 5]].tolist() == [1.0, 1.0]
+
+
+def test_zero_output_sae_recovers_nothing(model: SAETransformer, monkeypatch) -> None:
+    sae = model.sae("blocks.1.hook_resid_pre")
+    monkeypatch.setattr(
+        sae, "forward", lambda x: (torch.zeros_like(x), torch.zeros(*x.shape[:-1], 64))
+    )
+    m = _eval(model, _batches()).metrics
+    assert m["ce_loss_with_saes"] == pytest.approx(m["ce_loss_zero_abl"], rel=1e-6)
+    assert m["ce_loss_score"] == pytest.approx(0.0, abs=1e-5)
+    assert m["kl_div_score"] == pytest.approx(0.0, abs=1e-5)
+    assert m["kl"] > 0
+
+
+def test_evaluate_matches_direct_computation(model: SAETransformer) -> None:
+    pos = "blocks.1.hook_resid_pre"
+    later = ["blocks.2.hook_resid_pre", "blocks.2.hook_resid_post"]
+    batches = _batches(3)
+    r = _eval(model, batches)
+    tl = model.tlens_model
+    tokens = torch.cat(batches)
+    with torch.no_grad():
+        out_clean, cache = tl.run_with_cache(tokens)
+        new, acts = model.forward(tokens, cache_positions=later)
+        with tl.hooks(fwd_hooks=[(pos, lambda x, hook: torch.zeros_like(x))]):
+            zero = tl(tokens)
+    clean = cast(torch.Tensor, out_clean)
+    assert new is not None and isinstance(zero, torch.Tensor)
+    v = clean.shape[-1]
+
+    def ce(logits: torch.Tensor) -> float:
+        return float(F.cross_entropy(logits[:, :-1].reshape(-1, v), tokens[:, 1:].reshape(-1)))
+
+    def kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
+        lp, lq = p_logits.log_softmax(-1).reshape(-1, v), q_logits.log_softmax(-1).reshape(-1, v)
+        return float(F.kl_div(lq, lp, log_target=True, reduction="batchmean"))
+
+    def ev(t: torch.Tensor, x: torch.Tensor) -> float:
+        t, x = t.reshape(-1, t.shape[-1]).double(), x.reshape(-1, x.shape[-1]).double()
+        return float(1 - ((t - x) ** 2).sum() / ((t - t.mean(0)) ** 2).sum())
+
+    m = r.metrics
+    assert m["ce_loss_clean"] == pytest.approx(ce(clean), rel=1e-5)
+    assert m["ce_loss_with_saes"] == pytest.approx(ce(new), rel=1e-5)
+    assert m["ce_loss_zero_abl"] == pytest.approx(ce(zero), rel=1e-5)
+    assert m["ce_loss_score"] == pytest.approx(
+        (ce(zero) - ce(new)) / (ce(zero) - ce(clean)), rel=1e-4
+    )
+    assert m["kl"] == pytest.approx(kl(clean, new), rel=1e-4)
+    assert m["kl_div_score"] == pytest.approx(1 - kl(clean, new) / kl(clean, zero), rel=1e-4)
+    p, q = clean.softmax(-1), new.softmax(-1)
+    assert m["tvd"] == pytest.approx(float(0.5 * (p - q).abs().sum(-1).mean()), rel=1e-4)
+    assert m["top1_agreement"] == pytest.approx(
+        float((clean.argmax(-1) == new.argmax(-1)).float().mean())
+    )
+    assert m["n_tokens"] == tokens.numel()
+    sae_acts = acts[pos]
+    assert isinstance(sae_acts, SAEActs)
+    sae_in, c, out = sae_acts
+    s = r.per_sae[pos]
+    assert s["explained_variance"] == pytest.approx(ev(sae_in, out), rel=1e-5)
+    ln = (F.layer_norm(sae_in, (32,), eps=1e-5), F.layer_norm(out, (32,), eps=1e-5))
+    assert s["explained_variance_ln"] == pytest.approx(ev(*ln), rel=1e-5)
+    assert s["mse"] == pytest.approx(float(F.mse_loss(out, sae_in)), rel=1e-5)
+    assert s["l0"] == pytest.approx(float((c != 0).sum(-1).float().mean()), rel=1e-6)
+    assert s["alive_dict_elements"] == int((c != 0).reshape(-1, 64).any(0).sum())
+    for h in later:
+        assert r.downstream[h]["explained_variance"] == pytest.approx(
+            ev(cache[h], acts[h].input), rel=1e-5
+        )
+        assert r.downstream[h]["mse"] == pytest.approx(
+            float(F.mse_loss(acts[h].input, cache[h])), rel=1e-5
+        )
+    assert [r.downstream[h]["layer"] for h in later] == [2, 3]
+
+
+def test_eval_cli_writes_eval_json(runs: dict[str, Path], tmp_path: Path, capsys) -> None:
+    run = runs["e2e"]
+    out = tmp_path / "e.json"
+    assert main(["eval", str(run), "--n-tokens", "64", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "ce_loss_score" in text and "downstream" in text
+    ev = json.loads(out.read_text())
+    for key in ("ce_loss_clean", "ce_loss_with_saes", "ce_loss_increase", "kl", "kl_div_score",
+                "ce_loss_score", "top1_agreement", "tvd"):  # fmt: skip
+        assert isinstance(ev[key], float), key
+    sae = ev["per_sae"]["blocks.1.hook_resid_pre"]
+    assert {"l0", "alive_dict_elements", "explained_variance", "explained_variance_ln"} <= set(sae)
+    assert ev["n_tokens"] == 64  # 64 tokens = one batch of 4 x 16
+    # The same call through the library gives the same numbers.
+    again = evaluate_run(run, n_tokens=64)
+    assert again.metrics["kl"] == pytest.approx(ev["kl"], rel=1e-6)
+    assert main(["eval", str(tmp_path / "nope")]) == 2
+
+
+# --- sweeps ---------------------------------------------------------------------------------------
+def test_sweep_formats_expand_to_the_same_grid(token_data: Path, tmp_path: Path) -> None:
+    params = {"a": {"b": 1}, "c": None}
+    set_dotted(params, "a.d.e", [1, 2])
+    set_dotted(params, "c.x", 3)
+    assert params == {"a": {"b": 1, "d": {"e": [1, 2]}}, "c": {"x": 3}}
+    ours = {"loss.sparsity.coeff": [0.1, 1.0], "seed": {"values": [0, 1]}, "lr": 0.01}
+    coeff = {"coeff": {"values": [0.1, 1.0]}}
+    nested = {"loss": {"parameters": {"sparsity": {"parameters": coeff}}},
+              "seed": {"values": [0, 1]}, "lr": {"value": 0.01}}  # fmt: skip
+    assert flatten_parameters(ours, "s") == flatten_parameters(nested, "s")
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump(make_config_dict(token_data, tmp_path / "runs")))
+    sweep_file = tmp_path / "s.yaml"
+    sweep_file.write_text(yaml.safe_dump({"base_config": "base.yaml", "parameters": ours}))
+    sweep = load_sweep(sweep_file)
+    assert len(sweep.runs) == 4 and sweep.varied == ["loss.sparsity.coeff", "seed"]
+    got = [
+        (r.config.loss.sparsity.coeff, r.config.seed) for r in sweep.runs if r.config.loss.sparsity
+    ]
+    assert got == [
+        (0.1, 0), (0.1, 1), (1.0, 0), (1.0, 1)]  # fmt: skip
+    assert all(r.config.lr == 0.01 for r in sweep.runs)
+    assert sweep.runs[1].run_dir == tmp_path / "runs" / "s" / "01_coeff-0.1_seed-1"
+    # The original W&B sweep file: method grid, nested parameters, command naming a config.
+    seed_sweep = tmp_path / "gpt2_e2e_recon_sweep.yaml"
+    seed_sweep.write_text(WANDB_SWEEP)
+    wb = load_sweep(seed_sweep, config=base)
+    assert wb.wandb_format and len(wb.runs) == 6
+    c = wb.runs[-1].config
+    assert c.loss.sparsity is not None and c.loss.sparsity.coeff == 5
+    assert c.loss.in_to_orig is not None and c.loss.in_to_orig.total_coeff == 0.1
+    assert c.loss.out_to_orig is None and c.n_samples == 400_000 and c.lr == 5e-4
+    assert c.saes.sae_positions == ["blocks.10.hook_resid_pre"]
+    cfg = wandb_sweep_config(wb)
+    assert cfg["method"] == "grid" and cfg["metric"]["name"] == "val_loss"
+    loss = cfg["parameters"]["loss"]["parameters"]
+    assert loss["sparsity"]["parameters"]["coeff"]["values"] == [0.8, 2.5, 5]
+    with pytest.raises(Exception, match="base config"):
+        load_sweep(seed_sweep)  # its command names a config that does not exist here
+
+
+def test_sweep_cli_trains_summarises_and_skips_done_runs(
+    token_data: Path, tmp_path: Path, capsys
+) -> None:
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump(make_config_dict(token_data, tmp_path / "runs", n_samples=8)))
+    sweep_file = tmp_path / "s.yaml"
+    params = {"loss.sparsity.coeff": [0.01, 10.0]}
+    sweep_file.write_text(yaml.safe_dump({"base_config": "base.yaml", "parameters": params}))
+    out = tmp_path / "out"
+    assert main(["sweep", str(sweep_file), "--out-dir", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "ce_loss_increase" in text and "coeff-10_" not in text
+    records = json.loads((out / "sweep_summary.json").read_text())
+    assert [r["status"] for r in records] == ["ok", "ok"]
+    l0 = [r["eval"]["per_sae"]["blocks.1.hook_resid_pre"]["l0"] for r in records]
+    assert all(read_eval(r["run_dir"]) is not None for r in records)
+    assert main(["sweep", str(sweep_file), "--out-dir", str(out)]) == 0
+    assert [r["status"] for r in json.loads((out / "sweep_summary.json").read_text())] == [
+        "skipped", "skipped"]  # fmt: skip
+    assert len(l0) == 2
+
+
+def test_wandb_sweep_hands_the_grid_to_wandb(token_data: Path, tmp_path: Path, monkeypatch) -> None:
+    calls: dict[str, Any] = {"logged": []}
+
+    class FakeRun:
+        id = "abc123"
+        summary: dict[str, Any] = {}
+
+        def __init__(self, config: dict[str, Any]) -> None:
+            self.config = config
+
+        def log(self, rec: dict[str, Any], step: int | None = None) -> None:
+            calls["logged"].append(rec)
+
+        def finish(self) -> None:
+            calls["finished"] = True
+
+    fake = types.ModuleType("wandb")
+    fake.login = lambda **kw: True  # type: ignore[attr-defined]
+    fake.sweep = lambda cfg, project=None, entity=None: calls.update(sweep=cfg) or "sweep-1"  # type: ignore[attr-defined]
+    fake.init = lambda: FakeRun({"loss": {"sparsity": {"coeff": 0.5}}, "seed": 3})  # type: ignore[attr-defined]
+    fake.agent = lambda sweep_id, function, **kw: function()  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump(make_config_dict(token_data, tmp_path / "runs", n_samples=8)))
+    sweep_file = tmp_path / "s.yaml"
+    params = {"loss": {"parameters": {"sparsity": {"parameters": {"coeff": {"values": [0.5, 1]}}}}},
+              "seed": {"values": [3]}}  # fmt: skip
+    sweep_file.write_text(yaml.safe_dump({"method": "grid", "parameters": params}))
+    assert (
+        main(
+            [
+                "sweep",
+                str(sweep_file),
+                "--config",
+                str(base),
+                "--wandb",
+                "--out-dir",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 0
+    )
+    assert calls["sweep"]["parameters"] == params
+    run_dir = tmp_path / "o" / "abc123"
+    cfg = load_config(run_dir / "final_config.yaml")
+    assert cfg.seed == 3 and cfg.loss.sparsity.coeff == 0.5 and cfg.wandb_project is None
+    assert calls["finished"] and any("loss" in r for r in calls["logged"])
+
+
+# --- Pareto fronts, geometry, plots ---------------------------------------------------------------
+def test_pareto_front_and_interpolation() -> None:
+    x = [10.0, 20.0, 40.0, 15.0, 30.0]
+    y = [0.5, 0.3, 0.1, 0.6, 0.35]  # (15, 0.6) and (30, 0.35) are dominated
+    assert pareto_front(x, y) == [0, 1, 2]
+    # Linear in log x between (20, 0.3) and (40, 0.1): halfway in log space is sqrt(800).
+    assert interpolate_y_at_x(x, y, math.sqrt(800)) == pytest.approx(0.2)
+    assert interpolate_y_at_x(x, y, 20.0) == pytest.approx(0.3)
+    assert math.isnan(interpolate_y_at_x(x, y, 50.0))
+    assert interpolate_x_at_y(x, y, 0.2) == pytest.approx(math.sqrt(800))
+    assert interpolate_x_at_y(x, y, 0.4) == pytest.approx(math.sqrt(200))
+    assert math.isnan(interpolate_x_at_y(x, y, 0.05))
+
+
+def test_max_cosine_similarity_matches_brute_force() -> None:
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(6, 9, generator=g), torch.randn(6, 5, generator=g)
+    an, bn = F.normalize(a, dim=0), F.normalize(b, dim=0)
+    want = [max(float(an[:, i] @ bn[:, j]) for j in range(5)) for i in range(9)]
+    assert max_cosine_similarity(a, b, chunk=4).tolist() == pytest.approx(want, abs=1e-6)
+    within = [max(float(an[:, i] @ an[:, j]) for j in range(9) if j != i) for i in range(9)]
+    assert max_cosine_similarity(a, a, exclude_self=True, chunk=4).tolist() == pytest.approx(
+        within, abs=1e-6
+    )
+    perm = a[:, torch.randperm(9, generator=g)] * 3  # same directions, other order and scale
+    assert max_cosine_similarity(a, perm).tolist() == pytest.approx([1.0] * 9, abs=1e-6)
+
+
+def test_plots_from_run_dirs(runs: dict[str, Path], tmp_path: Path) -> None:
+    assert sae_type(load_config(runs["local0"] / "final_config.yaml")) == "local"
+    assert sae_type(load_config(runs["e2e"] / "final_config.yaml")) == "e2e"
+    assert sae_type(load_config(runs["ds"] / "final_config.yaml")) == "e2e+ds"
+    dirs = [tmp_path / n for n in runs]
+    for n, d in runs.items():
+        shutil.copytree(d, tmp_path / n)
+    infos = load_runs(dirs)  # evaluates the runs (none has eval.json yet)
+    assert all(read_eval(d) is not None and read_feature_frequency(d) for d in dirs)
+    pos, dictionary = load_dictionary(dirs[0])
+    assert pos == "blocks.1.hook_resid_pre" and dictionary.shape == (32, 64)
+    assert torch.allclose(dictionary.norm(dim=0), torch.ones(64), atol=1e-5)
+    # Different seeds give different dictionaries.
+    assert not torch.allclose(dictionary, load_dictionary(dirs[1])[1])
+    out = tmp_path / "plots"
+    paths = main(["plot", *map(str, dirs), "--out", str(out)])
+    assert paths == 0
+    stems = {"pareto_l0_ce_increase", "alive_vs_ce_increase", "feature_density",
+             "downstream_reconstruction", "dictionary_geometry"}  # fmt: skip
+    for stem in stems:
+        assert (out / f"{stem}.png").read_bytes()[:4] == b"\x89PNG"
+        assert "<svg" in (out / f"{stem}.svg").read_text()[:2000]
+    # The SVGs carry their text as comments: the types and the panels are named.
+    pareto = (out / "pareto_l0_ce_increase.svg").read_text()
+    for t in ("local (2 runs)", "e2e (1 runs)", "e2e+ds (1 runs)"):
+        assert t in pareto
+    geometry = (out / "dictionary_geometry.svg").read_text()
+    assert "other seed" in geometry and "local vs e2e" in geometry
+    assert [i.sae_type for i in infos] == ["local", "local", "e2e", "e2e+ds"]
+
+
+# --- feature browser ------------------------------------------------------------------------------
+def test_top_windows_update_matches_brute_force() -> None:
+    g = torch.Generator().manual_seed(2)
+    c = torch.relu(torch.randn(10, 12, 6, generator=g))
+    state: dict[str, torch.Tensor] = {}
+    for s in range(0, 10, 3):  # batches of 3, 3, 3, 1 sequences
+        top_windows_update(c[s : s + 3], s, state, k=4, before=2, after=1)
+    per_seq_max = c.max(dim=1).values  # [seq, feature]
+    for f in range(6):
+        want = per_seq_max[:, f].topk(4)
+        assert state["values"][:, f].tolist() == pytest.approx(want.values.tolist())
+        assert state["sequences"][:, f].tolist() == want.indices.tolist()
+        for j in range(4):
+            seq, start = int(state["sequences"][j, f]), int(state["starts"][j, f])
+            assert state["windows"][j, :, f].tolist() == c[seq, start : start + 4, f].tolist()
+            assert c[seq, start : start + 4, f].max() == want.values[j]
+
+
+def test_browser_page_shows_the_features(runs: dict[str, Path], tmp_path: Path) -> None:
+    run = runs["local0"]
+    from e2e_sae.checkpoint import load_run
+
+    model = load_run(run)
+    out = tmp_path / "page.html"
+    assert main(["browse", str(run), "--out", str(out), "--n-tokens", "128", "--features", "6",
+                 "--top-k", "3"]) == 0  # fmt: skip
+    page = out.read_text()
+    assert "<script src" not in page and "<link" not in page  # self-contained
+    # Direct computation over the same 128 tokens (2 batches of the eval loader).
+    from e2e_sae.data import create_data_loader
+
+    cfg = cast(Config, model.run_config)
+    assert cfg.eval_data is not None
+    loader = create_data_loader(cfg.eval_data, cfg.batch_size, cfg.seed + 42)
+    tokens = torch.cat([next(loader) for _ in range(2)])
+    hook = "blocks.1.hook_resid_pre"
+    with torch.no_grad():
+        _, cache = model.forward_raw(tokens, run_entire_model=False, cache_positions=[hook])
+        c = model.sae(hook).encode(cache[hook])[..., :6]
+    fd = collect_feature_data(model, hook, iter([tokens]), 1, range(6), top_k=3)
+    assert fd.counts.tolist() == (c != 0).sum((0, 1)).tolist()
+    for f in range(6):
+        if fd.counts[f] == 0:
+            assert f"id=f{f} " not in page
+            continue
+        section = re.search(rf"<section id=f{f} .*?</section>", page, re.S)
+        assert section is not None
+        assert f"fires on {int((c[..., f] != 0).sum())} tokens" in section.group(0)
+        assert f"max activation {float(c[..., f].max()):.3g}" in section.group(0)
+        assert section.group(0).count("<div class=ex>") == min(
+            3, int((c[..., f].amax(1) > 0).sum())
+        )
+        assert "promotes:" in section.group(0)
+    assert "id=f6 " not in page
+    # Promoted tokens: top tokens of (w_ln * centered direction) @ W_U.
+    tl = model.tlens_model
+    d = model.sae(hook).dict_elements[:, :6]
+    w_ln = tl.ln_final.w
+    assert isinstance(w_ln, torch.Tensor)
+    d = (d - d.mean(0)) * w_ln[:, None]
+    ids, _ = promoted_tokens(model, hook, torch.arange(6), n=5)  # type: ignore[misc]
+    assert ids.tolist() == (d.T @ tl.W_U).topk(5, dim=1).indices.tolist()
+    assert parse_features("3") == [0, 1, 2] and parse_features("4,9") == [4, 9]
+
+
+def test_browser_with_feature_list_and_model_object(runs: dict[str, Path], tmp_path: Path) -> None:
+    from e2e_sae.checkpoint import load_run
+
+    out = write_browser(load_run(runs["e2e"]), tmp_path / "p.html", n_tokens=64, features=[3, 10])
+    page = out.read_text()
+    assert len(re.findall(r"<section id=f(\d+) ", page)) <= 2
+    assert set(re.findall(r"<section id=f(\d+) ", page)) <= {"3", "10"}
+    assert (
+        main(["browse", str(runs["e2e"]), "--out", str(tmp_path / "x.html"), "--features", "999"])
+        == 2
+    )
+
+
+def test_pareto_experiment_matched_tables(token_data: Path, tmp_path: Path) -> None:
+    import importlib.util
+
+    from e2e_sae.analysis.plots import RunInfo
+
+    path = Path(__file__).resolve().parent.parent / "experiments" / "pareto" / "run.py"
+    spec = importlib.util.spec_from_file_location("pareto_run", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    pos = mod.POSITION
+    e2e_loss = {"sparsity": {"coeff": 1.0}, "logits_kl": {"coeff": 1.0}}
+
+    def info(loss: dict[str, Any] | None, l0: float, ce: float, alive: int) -> RunInfo:
+        kw = {"loss": loss} if loss else {}
+        cfg = _config(token_data, tmp_path, saes={"sae_positions": [pos]}, **kw)
+        ev = {"ce_loss_increase": ce, "per_sae": {pos: {"l0": l0, "alive_dict_elements": alive}}}
+        return RunInfo(tmp_path, cfg, ev)
+
+    # local: CE increase 0.4 at L0 10, 0.2 at L0 40; e2e: 0.3 at L0 5, 0.1 at L0 40.
+    runs = [info(None, 10, 0.4, 100), info(None, 40, 0.2, 200),
+            info(e2e_loss, 5, 0.3, 50), info(e2e_loss, 40, 0.1, 150)]  # fmt: skip
+    m = mod.matched_tables(runs, n_ref=1)
+    assert m["types"] == ["local", "e2e"]
+    (row,) = m["same_l0"]  # L0 20: the geometric middle of the common range [10, 40]
+    assert row["l0"] == pytest.approx(20) and row["local"] == pytest.approx(0.3)
+    assert row["e2e"] == pytest.approx(0.3 - 0.2 * math.log(4) / math.log(8))
+    (row,) = m["same_ce"]  # CE increase 0.25: the middle of the common range [0.2, 0.3]
+    assert row["ce_loss_increase"] == pytest.approx(0.25)
+    assert row["local"] == pytest.approx(10 * 4**0.75) and row["e2e"] == pytest.approx(5 * 8**0.25)
+    assert row["local_alive"] == pytest.approx(175) and row["e2e_alive"] == pytest.approx(75)
+
+
+@pytest.mark.slow
+def test_pareto_experiment_quick_mode_end_to_end(tmp_path: Path) -> None:
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "experiments" / "pareto" / "run.py"
+    spec = importlib.util.spec_from_file_location("pareto_run_quick", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--quick", "--out-root", str(tmp_path)]) == 0
+    md = (tmp_path / "results" / "pareto.md").read_text()
+    assert "| local | 1 |" in md and "| e2e | 1 |" in md and "| e2e+ds | 0 |" in md
+    assert (tmp_path / "results" / "pareto_l0_ce_increase.svg").exists()
+    summary = json.loads((tmp_path / "results" / "results.json").read_text())
+    assert len(summary["runs"]) == 12 and summary["meta"]["timing"]["wall_s"] > 0
