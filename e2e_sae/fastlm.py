@@ -3,9 +3,10 @@
 It computes the same function as TransformerLens' forward (checked numerically when it is built),
 but cheaper on a CPU: TransformerLens re-lays out every weight matrix on every call
 (`W.T.contiguous()`, einops rearranges: a copy of the whole model per pass), adds all-zero biases,
-and runs attention as a dozen separate ops. Here the attention weights are laid out once (Q, K, V
-fused), zero biases are skipped (adding 0.0 is exact), attention is one fused
-`scaled_dot_product_attention` call, and only the hook points a step asks for exist.
+and runs attention as a dozen separate ops. Here Q, K and V are laid out once as one fused matrix
+(the other weights are used in place, as views), zero biases are skipped (adding 0.0 is exact),
+attention is one fused `scaled_dot_product_attention` call, and only the hook points a step asks
+for exist.
 
 `precision="bf16"` keeps a bf16 copy of the weights and runs the matmuls and attention in bf16,
 while the residual stream, the norms and everything after the unembedding stay fp32 (what
@@ -214,7 +215,8 @@ class LeanLM:
             b_qkv = _nonzero(
                 torch.cat([attn.b_Q.reshape(-1), b_k.reshape(-1), b_v.reshape(-1)]), dt
             )
-            w_o = attn.W_O.detach().reshape(n_heads * d_head, cfg.d_model).T.contiguous().to(dt)
+            # [heads, d_head, d_model] -> [(heads d_head), d_model] is a view; F.linear takes its .T
+            w_o = cast(attn.W_O.reshape(n_heads * d_head, cfg.d_model).T)
             mlp = None
             if not cfg.attn_only:
                 m: Any = blk.mlp
