@@ -158,7 +158,7 @@ def _wait_for_progress(proc: subprocess.Popen[str], save_dir: Path, past_step: i
     while time.monotonic() < deadline and proc.poll() is None:
         if _last_step(save_dir) > past_step:
             return
-        time.sleep(0.05)
+        time.sleep(0.002)
 
 
 def _check_consistent(run: Path) -> int:
@@ -173,17 +173,21 @@ def _check_consistent(run: Path) -> int:
 
 
 def test_sigterm_and_sigkill_at_random_moments_then_resume(config_dict, tmp_path: Path) -> None:
-    cfg = config_dict(n_samples=320, save_every_n_samples=8, keep_last_n_checkpoints=2,
+    cfg = config_dict(n_samples=640, save_every_n_samples=8, keep_last_n_checkpoints=2,
                       eval_n_samples=None, log_every_n_grad_steps=1, **LOCAL)  # fmt: skip
     path = _write(tmp_path / "cfg.yaml", cfg)
     save_dir = Path(cfg["save_dir"])
     rng = random.Random(1234)
 
-    # SIGTERM: finish the step, write a checkpoint, exit 143
+    # SIGTERM: finish the step, write a checkpoint, exit 143. These tiny steps take a few ms each,
+    # so a sleep before the signal could outlast the run on a busy machine: freeze the child as soon
+    # as it has logged a step, queue SIGTERM, and let it go on; the signal lands mid-run.
     proc = _start([str(path)])
     _wait_for_progress(proc, save_dir, 0)
-    time.sleep(rng.uniform(0.0, 0.3))
+    proc.send_signal(signal.SIGSTOP)
+    assert proc.poll() is None, "the run ended before it could be stopped"
     proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGCONT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
     run = _only_run(save_dir)
