@@ -1,5 +1,5 @@
-"""SAE architectures (relu, topk, batchtopk, jumprelu), AuxK, init options, transcoders and KL
-fine-tuning, each checked against a direct computation on small data."""
+"""SAE architectures (relu, topk, batchtopk, jumprelu, gated), AuxK, init options, transcoders and
+KL fine-tuning, each checked against a direct computation on small data."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from e2e_sae.runlog import read_metrics
 from e2e_sae.saes import (
     ARCHITECTURES,
     BatchTopKSAE,
+    GatedSAE,
     JumpReLUSAE,
     SAEActs,
     SAEBase,
@@ -46,6 +47,7 @@ ARCH_SAES: dict[str, dict[str, Any]] = {
     "topk": {"k": 4, "architecture_kwargs": {"dead_tokens_threshold": 16, "k_aux": 8}},
     "batchtopk": {"k": 4, "architecture_kwargs": {"dead_tokens_threshold": 16, "k_aux": 8}},
     "jumprelu": {"architecture_kwargs": {"bandwidth": 0.1, "init_threshold": 0.1}},
+    "gated": {"architecture_kwargs": {"aux_coeff": 0.5}},
 }
 TOPK_FAMILY = ("topk", "batchtopk")
 
@@ -246,6 +248,143 @@ def test_sparsity_term_is_the_l0_count_on_every_forward_path(path: str) -> None:
     torch.testing.assert_close(SparsityLoss(1.0)(inputs), want)
 
 
+# --- gated ----------------------------------------------------------------------------------------
+def gated_sae(aux_coeff: float = 0.5, d_in: int = 6, d_sae: int = 12, seed: int = 0) -> GatedSAE:
+    """A gated SAE with non-trivial magnitude parameters and decoder columns far from unit norm."""
+    torch.manual_seed(seed)
+    sae = build_sae("gated", d_in, d_sae, aux_coeff=aux_coeff)
+    assert isinstance(sae, GatedSAE)
+    with torch.no_grad():
+        sae.r_mag.normal_(0, 0.5)
+        sae.b_mag.normal_(0.5, 0.5)  # mostly positive: many latents with pi_mag > 0 get gated off
+        sae.decoder.weight.mul_(3.0)
+        sae.decoder.bias.normal_()
+    return sae
+
+
+def gated_direct(sae: GatedSAE, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(pi_gate, pi_mag, c, output) written out from detached copies of the parameters."""
+    w, b = enc(sae).weight.detach(), enc(sae).bias.detach()
+    w_dec, b_dec = sae.decoder.weight.detach(), sae.decoder.bias.detach()
+    pi_gate = x @ w.T + b
+    pi_mag = (x @ (w * sae.r_mag.detach().exp()[:, None]).T) + sae.b_mag.detach()
+    c = (pi_gate > 0).float() * F.relu(pi_mag)
+    return pi_gate, pi_mag, c, c @ (w_dec / w_dec.norm(dim=0, keepdim=True)).T + b_dec
+
+
+def test_gated_encode_matches_the_formula_and_the_gate_zeroes_c() -> None:
+    sae = gated_sae()
+    x = torch.randn(3, 5, 6)
+    pi_gate, pi_mag, c_want, out_want = gated_direct(sae, x)
+    out, c = sae(x)
+    torch.testing.assert_close(c, c_want)
+    torch.testing.assert_close(out, out_want)
+    torch.testing.assert_close(sae.decode(c), out_want)
+    assert torch.equal(c == 0, (pi_gate <= 0) | (pi_mag <= 0))
+    assert (c[pi_gate <= 0] == 0).all()
+    assert ((pi_gate <= 0) & (pi_mag > 0)).any()  # the gate, not the magnitude, zeroed these
+    assert ((pi_gate > 0) & (pi_mag > 0)).any()
+    # the step passes no gradient to the gate; the magnitude path learns from c
+    c.sum().backward()
+    assert enc(sae).bias.grad is None
+    assert sae.r_mag.grad is not None and sae.b_mag.grad is not None
+    active = (c > 0).any(dim=(0, 1))
+    assert (sae.b_mag.grad[active] != 0).all() and (sae.b_mag.grad[~active] == 0).all()
+
+
+@pytest.mark.parametrize("p_norm", [1.0, 2.0])
+def test_gated_sparsity_penalty_is_the_norm_of_relu_gate_and_trains_the_gate(p_norm: float) -> None:
+    sae = gated_sae()
+    x = torch.randn(3, 5, 6)
+    out, c = sae(x)
+    acts = SAEActs(x, c, out)
+    w = enc(sae).weight.detach().clone().requires_grad_(True)
+    b = enc(sae).bias.detach().clone().requires_grad_(True)
+    relu_gate = F.relu(x @ w.T + b)
+    want = relu_gate.pow(p_norm).sum(-1).pow(1 / p_norm)
+    penalty = sae.sparsity_penalty(acts, p_norm)
+    torch.testing.assert_close(penalty, want)
+    assert not torch.allclose(penalty, torch.norm(c, p=p_norm, dim=-1))  # not ||c||_p
+    loss = SparsityLoss(1.0, p_norm)(LossInputs(sae_acts={"p": acts}, saes={"p": sae}))
+    torch.testing.assert_close(loss, want.mean() / 6)
+    loss.backward()
+    (want.mean() / 6).backward()
+    assert enc(sae).weight.grad is not None and enc(sae).bias.grad is not None
+    torch.testing.assert_close(enc(sae).weight.grad, w.grad)
+    torch.testing.assert_close(enc(sae).bias.grad, b.grad)
+    assert (enc(sae).bias.grad != 0).any()
+    assert sae.r_mag.grad is None and sae.b_mag.grad is None
+    assert sae.decoder.weight.grad is None and sae.decoder.bias.grad is None
+
+
+def test_gated_aux_loss_matches_direct_computation_and_trains_only_the_gate() -> None:
+    sae = gated_sae(aux_coeff=0.5)
+    x = torch.randn(3, 5, 6, requires_grad=True)  # stands in for upstream activations
+    target = torch.randn(3, 5, 6)
+    out, c = sae(x)
+    aux = sae.aux_losses(SAEActs(x, c, out), target)
+    assert list(aux) == ["gated_aux"]
+
+    w = enc(sae).weight.detach().clone().requires_grad_(True)
+    b = enc(sae).bias.detach().clone().requires_grad_(True)
+    w_dec, b_dec = sae.decoder.weight.detach(), sae.decoder.bias.detach()
+    recon = F.relu(x.detach() @ w.T + b) @ (w_dec / w_dec.norm(dim=0, keepdim=True)).T + b_dec
+    want = 0.5 * ((recon - target) ** 2).mean()  # mean over elements, like out_to_in's MSE
+    torch.testing.assert_close(aux["gated_aux"], want)
+    # without a target the SAE reconstructs its input
+    no_target = sae.aux_losses(SAEActs(x, c, out))["gated_aux"]
+    torch.testing.assert_close(no_target, 0.5 * F.mse_loss(recon, x.detach()))
+
+    aux["gated_aux"].backward()
+    want.backward()
+    assert x.grad is None  # nothing flows upstream
+    torch.testing.assert_close(enc(sae).weight.grad, w.grad)
+    torch.testing.assert_close(enc(sae).bias.grad, b.grad)
+    assert enc(sae).bias.grad is not None and (enc(sae).bias.grad != 0).any()
+    for p in (sae.decoder.weight, sae.decoder.bias, sae.r_mag, sae.b_mag):
+        assert p.grad is None
+
+    off = gated_sae(aux_coeff=0.0)
+    out_off, c_off = off(x)
+    assert off.aux_losses(SAEActs(x, c_off, out_off), target) == {}
+
+
+def test_gated_options_and_errors() -> None:
+    sae = build_sae("gated", 4, 8)
+    assert isinstance(sae, GatedSAE) and sae.init_kwargs() == {"aux_coeff": 1.0}
+    assert torch.equal(sae.r_mag, torch.zeros(8)) and torch.equal(sae.b_mag, torch.zeros(8))
+    assert {"r_mag", "b_mag"} <= set(sae.state_dict())
+    assert build_sae("gated", 4, 8, aux_coeff=0).init_kwargs() == {"aux_coeff": 0.0}
+    for bad in (-0.1, float("nan"), "1", True):
+        with pytest.raises(ConfigError, match=r"saes\.architecture_kwargs\.aux_coeff"):
+            build_sae("gated", 4, 8, aux_coeff=bad)
+    with pytest.raises(ConfigError, match="saes.architecture_kwargs"):
+        build_sae("gated", 4, 8, k=3)
+
+
+@pytest.mark.parametrize("path", ["local", "e2e", "e2e_reference"])
+def test_gated_penalty_reads_the_input_that_made_the_code_on_every_forward_path(path: str) -> None:
+    torch.manual_seed(0)
+    model = SAETransformer(
+        tiny_model(), [SAE_POS], 2.0, architecture="gated", transcoders=[(TC_IN, TC_OUT)],
+    )  # fmt: skip
+    loss = {
+        "sparsity": {"coeff": 1.0},
+        "out_to_in" if path == "local" else "logits_kl": {"coeff": 1.0},
+    }
+    plan = make_plan(model, LossConfigs.model_validate(loss))
+    tokens = torch.randint(0, TINY_TLENS["d_vocab"], (2, 8))
+    inputs = run_forward(model, tokens, plan, reference=path == "e2e_reference")
+    assert len(inputs.sae_acts) == 2
+    want = torch.zeros(())
+    for pos, a in inputs.sae_acts.items():
+        sae = model.sae(pos)
+        relu_gate = F.relu(sae.pre_acts(a.input.detach())).detach()
+        assert (a.c[relu_gate == 0] == 0).all() and (a.c != 0).any()
+        want = want + relu_gate.sum(-1).mean() / a.input.shape[-1]
+    torch.testing.assert_close(SparsityLoss(1.0)(inputs).detach(), want)
+
+
 # --- AuxK -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", TOPK_FAMILY)
 def test_auxk_matches_direct_computation_and_touches_only_dead_latents(arch: str) -> None:
@@ -384,6 +523,10 @@ def test_trains_under_each_loss_and_round_trips(
             assert values[f"auxk/{pos}"] > 0  # latents went dead after 16 tokens; AuxK acts
         if arch == "jumprelu":
             assert not torch.equal(before[f"{key}.log_threshold"], after[f"{key}.log_threshold"])
+        if arch == "gated":
+            assert values[f"gated_aux/{pos}"] > 0
+            for name in ("r_mag", "b_mag", "encoder.0.bias"):
+                assert not torch.equal(before[f"{key}.{name}"], after[f"{key}.{name}"]), name
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -534,3 +677,19 @@ def test_example_configs_validate() -> None:
     assert stage2.saes.pretrained_sae_paths and stage1.run_name
     assert str(stage2.saes.pretrained_sae_paths[0]).endswith(f"{stage1.run_name}_*")
     assert stage2.n_samples and stage1.n_samples and stage2.n_samples < stage1.n_samples
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_center_input_makes_the_encoder_see_centred_inputs(arch: str) -> None:
+    """After `center_input_(m)`, every architecture encodes x as it encoded x - m before."""
+    torch.manual_seed(0)
+    kwargs = {"k": 3} if arch in TOPK_FAMILY else {}
+    sae = build_sae(arch, 6, 12, **kwargs)
+    with torch.no_grad():
+        for p in sae.parameters():  # non-trivial biases and magnitude scales
+            p.add_(0.1 * torch.randn_like(p))
+    sae.eval()
+    x, m = torch.randn(5, 6), torch.randn(6)
+    want = sae.encode(x - m).detach()
+    sae.center_input_(m)
+    torch.testing.assert_close(sae.encode(x).detach(), want)

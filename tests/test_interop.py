@@ -36,8 +36,10 @@ from e2e_sae.train import train
 HOOK = "blocks.1.hook_resid_pre"
 ARCHS = [("relu", {}), ("topk", {"k": 5}), ("batchtopk", {"k": 5}),
          ("jumprelu", {"init_threshold": 0.2})]  # fmt: skip
+# SAELens round trips also cover gated (the SAEBench adapter has no gated encoder)
+SAELENS_ARCHS = [*ARCHS, ("gated", {})]
 EXPECTED_SAELENS_ARCH = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu",
-                         "jumprelu": "jumprelu"}  # fmt: skip
+                         "jumprelu": "jumprelu", "gated": "gated"}  # fmt: skip
 
 
 def make_sae(arch: str, kwargs: dict[str, Any], d_in: int = 16, d_sae: int = 48,
@@ -49,6 +51,10 @@ def make_sae(arch: str, kwargs: dict[str, Any], d_in: int = 16, d_sae: int = 48,
         sae.decoder.weight.mul_(torch.rand(1, d_sae) * 3 + 0.2)
         encoder_linear(sae).bias.normal_(0, 0.3)
         sae.decoder.bias.normal_()
+        for name in ("r_mag", "b_mag"):  # gated: a magnitude path unlike the gate path
+            param = getattr(sae, name, None)
+            if isinstance(param, torch.Tensor):
+                param.normal_(0, 0.5)
     if arch == "batchtopk":  # one training batch sets its inference threshold
         sae.train()
         sae(torch.randn(32, d_in))
@@ -58,8 +64,11 @@ def make_sae(arch: str, kwargs: dict[str, Any], d_in: int = 16, d_sae: int = 48,
 def direct_forward(t: dict[str, torch.Tensor], cfg: dict[str, Any], x: torch.Tensor):
     """SAELens' inference computation from its tensors, written out (codes, reconstruction)."""
     sae_in = x - t["b_dec"] if cfg.get("apply_b_dec_to_input") else x
-    pre = sae_in @ t["W_enc"] + t["b_enc"]
     arch = cfg["architecture"]
+    pre = sae_in @ t["W_enc"] + t["b_gate" if arch == "gated" else "b_enc"]
+    if arch == "gated":
+        c = (pre > 0) * (sae_in @ (t["W_enc"] * t["r_mag"].exp()) + t["b_mag"]).relu()
+        return c, c @ t["W_dec"] + t["b_dec"]
     if arch == "topk":
         if cfg.get("rescale_acts_by_decoder_norm"):
             pre = pre * t["W_dec"].norm(dim=1)
@@ -76,7 +85,7 @@ def direct_forward(t: dict[str, torch.Tensor], cfg: dict[str, Any], x: torch.Ten
 
 
 # --- SAELens format: export -> import -----------------------------------------------------------
-@pytest.mark.parametrize("arch,kwargs", ARCHS, ids=[a for a, _ in ARCHS])
+@pytest.mark.parametrize("arch,kwargs", SAELENS_ARCHS, ids=[a for a, _ in SAELENS_ARCHS])
 def test_export_import_roundtrip(arch: str, kwargs: dict[str, Any], tmp_path: Path) -> None:
     sae = make_sae(arch, kwargs)
     freq = torch.rand(48) * (torch.rand(48) > 0.2)
@@ -96,6 +105,9 @@ def test_export_import_roundtrip(arch: str, kwargs: dict[str, Any], tmp_path: Pa
         assert cfg["k"] == 5
     if arch in ("jumprelu", "batchtopk"):
         assert tensors["threshold"].shape == (48,)
+    if arch == "gated":  # SAELens' gated SAE has b_gate instead of b_enc
+        assert sorted(tensors) == ["W_dec", "W_enc", "b_dec", "b_gate", "b_mag", "r_mag"]
+        assert all(tensors[k].shape == (48,) for k in ("b_gate", "b_mag", "r_mag"))
 
     x = torch.randn(3, 7, 16)
     with torch.no_grad():
@@ -122,17 +134,23 @@ def write_saelens_folder(path: Path, cfg: dict[str, Any], tensors: dict[str, tor
     return path
 
 
-def saelens_tensors(d_in: int = 12, d_sae: int = 40, d_out: int | None = None, seed: int = 1):
+def saelens_tensors(d_in: int = 12, d_sae: int = 40, d_out: int | None = None, seed: int = 1,
+                    gated: bool = False):  # fmt: skip
     g = torch.Generator().manual_seed(seed)
     d_out = d_out or d_in
     w_dec = torch.randn(d_sae, d_out, generator=g) * (torch.rand(d_sae, 1, generator=g) * 4 + 0.1)
-    return {
+    t = {
         "W_enc": torch.randn(d_in, d_sae, generator=g) * 0.5,
         "b_enc": torch.randn(d_sae, generator=g) * 0.2,
         "W_dec": w_dec,
         "b_dec": torch.randn(d_out, generator=g),
         "threshold": torch.rand(d_sae, generator=g) * 0.5,
     }
+    if gated:
+        t["b_gate"] = t.pop("b_enc")
+        t["r_mag"] = torch.randn(d_sae, generator=g) * 0.5
+        t["b_mag"] = torch.randn(d_sae, generator=g) * 0.5
+    return t
 
 
 @pytest.mark.parametrize(
@@ -149,14 +167,15 @@ def saelens_tensors(d_in: int = 12, d_sae: int = 40, d_out: int | None = None, s
             "hook_point": HOOK,
         },
         {"architecture": "transcoder", "d_out": 20, "apply_b_dec_to_input": False},
+        {"architecture": "gated", "apply_b_dec_to_input": True},
     ],  # fmt: skip
-    ids=["standard", "jumprelu", "topk", "pre6-topk", "transcoder"],
+    ids=["standard", "jumprelu", "topk", "pre6-topk", "transcoder", "gated"],
 )
 def test_import_folds_decoder_norms(cfg: dict[str, Any], tmp_path: Path) -> None:
     """A SAELens SAE with non-unit decoder rows gives the same reconstruction after loading;
     the codes come out scaled by the decoder norms."""
     d_out = cfg.get("d_out")
-    t = saelens_tensors(d_out=d_out)
+    t = saelens_tensors(d_out=d_out, gated=cfg.get("architecture") == "gated")
     full = {"d_in": 12, "d_sae": 40, "dtype": "float32", "normalize_activations": "none", **cfg}
     if "hook_point" not in cfg:
         out_hook = "blocks.1.hook_mlp_out" if d_out else None
@@ -178,7 +197,7 @@ def test_import_folds_decoder_norms(cfg: dict[str, Any], tmp_path: Path) -> None
         norms = torch.ones_like(norms)
     assert torch.allclose(c, ref_c * norms, atol=1e-5, rtol=1e-5)
     assert torch.allclose(sae.dict_elements.norm(dim=0), torch.ones(40), atol=1e-6)
-    assert info.hook_name == HOOK and (ref_c != 0).any()
+    assert info.hook_name == HOOK and (ref_c != 0).any() and (ref_c == 0).any()
     if d_out:
         assert sae.output_size == 20 and info.position == "blocks.1.hook_mlp_out"
 
@@ -200,10 +219,18 @@ def test_import_refuses_inexact_topk_and_bad_configs(tmp_path: Path) -> None:
         assert "\n" not in str(err.value)
     with pytest.raises(UserError, match="cfg.json"):
         load_saelens_sae(tmp_path)
+    # a gated SAE needs its magnitude path; SAELens has no gated transcoder to export to
+    gated = saelens_tensors(gated=True)
+    del gated["r_mag"]
+    folder = write_saelens_folder(tmp_path / "e", {**base, "architecture": "gated"}, gated)
+    with pytest.raises(UserError, match="r_mag"):
+        load_saelens_sae(folder)
+    with pytest.raises(UserError, match="no 'gated' transcoder"):
+        save_saelens(make_sae("gated", {}, d_out=24), tmp_path / "f", HOOK, hook_name_out="x")
 
 
 # --- SAELens itself (optional extra) -------------------------------------------------------------
-@pytest.mark.parametrize("arch,kwargs", ARCHS, ids=[a for a, _ in ARCHS])
+@pytest.mark.parametrize("arch,kwargs", SAELENS_ARCHS, ids=[a for a, _ in SAELENS_ARCHS])
 def test_saelens_loads_our_export(arch: str, kwargs: dict[str, Any], tmp_path: Path) -> None:
     sae_lens = pytest.importorskip("sae_lens")
     sae = make_sae(arch, kwargs)
@@ -227,6 +254,7 @@ def test_saelens_transcoder_export_and_their_saes_import(tmp_path: Path) -> None
     with torch.no_grad():
         assert torch.allclose(theirs(x), tc(x)[0], atol=1e-5)
     # the reverse: SAEs saved by SAELens itself (non-unit decoder rows, b_dec applied to input)
+    from sae_lens.saes.gated_sae import GatedSAE, GatedSAEConfig
     from sae_lens.saes.jumprelu_sae import JumpReLUSAE, JumpReLUSAEConfig
     from sae_lens.saes.sae import SAEMetadata
     from sae_lens.saes.standard_sae import StandardSAE, StandardSAEConfig
@@ -235,6 +263,7 @@ def test_saelens_transcoder_export_and_their_saes_import(tmp_path: Path) -> None
     pairs: list[tuple[Any, Any]] = [
         (StandardSAE, StandardSAEConfig),
         (JumpReLUSAE, JumpReLUSAEConfig),
+        (GatedSAE, GatedSAEConfig),
     ]
     for cls, cfg_cls in pairs:
         cfg = cfg_cls(d_in=16, d_sae=32, metadata=SAEMetadata(hook_name=HOOK, model_name="tiny"))

@@ -77,6 +77,8 @@ class SAEBenchSAE(nn.Module):
         if sae.output_size != sae.input_size:
             raise UserError("SAEBench: transcoders are not supported (d_out != d_in)")
         arch, tensors, extra = saelens_state(sae)
+        if "b_enc" not in tensors:  # gated: two encoder paths, not SAEBench's W_enc / b_enc
+            raise UserError(f"SAEBench: architecture '{sae.architecture}' is not supported")
         self.architecture = arch
         self.W_enc = nn.Parameter(tensors["W_enc"].clone())
         self.b_enc = nn.Parameter(tensors["b_enc"].clone())

@@ -14,6 +14,12 @@ pre-activations, so scaling them changes which latents win unless the SAE was tr
 `rescale_acts_by_decoder_norm` (then SAELens selects on n_i-scaled values itself) or the norms
 are already 1; otherwise import refuses unless `allow_inexact=True`. `apply_b_dec_to_input`
 is folded into b_enc (b_enc - b_dec @ W_enc). Folding is done in float64.
+
+Gated SAEs compute the same function in both libraries (gate W_enc, b_gate; magnitude
+W_enc * exp(r_mag), b_mag; c = 1[gate > 0] * relu(magnitude)); SAELens stores the gate bias as
+`b_gate` instead of `b_enc`. Scaling latent i's W_enc column, b_gate and b_mag by n_i (r_mag
+unchanged) scales its code by n_i; b_mag absorbs `apply_b_dec_to_input` as
+b_mag - (b_dec @ W_enc) * exp(r_mag).
 """
 
 from __future__ import annotations
@@ -115,12 +121,21 @@ def _batchtopk_export(sae: SAEBase) -> tuple[str, dict[str, Tensor], dict[str, A
     return "jumprelu", {"threshold": threshold.detach().expand(sae.n_dict_components)}, {}
 
 
+def _gated_export(sae: SAEBase) -> tuple[str, dict[str, Tensor], dict[str, Any]]:
+    r_mag, b_mag = getattr(sae, "r_mag", None), getattr(sae, "b_mag", None)
+    assert isinstance(r_mag, Tensor) and isinstance(b_mag, Tensor)
+    return "gated", {"r_mag": r_mag.detach(), "b_mag": b_mag.detach()}, {}
+
+
 _EXPORTS: dict[str, _Export] = {
     "relu": _relu_export,
     "topk": _topk_export,
     "jumprelu": _jumprelu_export,
     "batchtopk": _batchtopk_export,
+    "gated": _gated_export,
 }
+# SAELens' name for our encoder bias, where it is not `b_enc` (gated: the gate path's bias).
+_ENCODER_BIAS = {"gated": "b_gate"}
 
 
 @dataclass(frozen=True)
@@ -133,6 +148,9 @@ class _Import:
     """(cfg, decoder norms) -> does folding the norms into the encoder keep outputs identical?"""
     extras: Callable[[SAEBase, dict[str, Tensor], Tensor], None] = lambda sae, t, norms: None
     """(our new SAE, SAELens tensors, decoder norms) -> set architecture-specific state."""
+    prepare: Callable[[dict[str, Any], dict[str, Tensor]], dict[str, Tensor]] = lambda cfg, t: t
+    """(cfg, SAELens tensors in float64) -> the tensors with architecture-specific folds done,
+    before the shared ones (decoder norms, `apply_b_dec_to_input` into the encoder bias)."""
 
 
 def _topk_kwargs(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -167,12 +185,36 @@ def _jumprelu_kwargs(cfg: dict[str, Any]) -> dict[str, Any]:
     return {"bandwidth": float(bw)} if isinstance(bw, (int, float)) and bw > 0 else {}
 
 
+def _gated_prepare(cfg: dict[str, Any], tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    W_enc, b_dec = tensors["W_enc"], tensors["b_dec"]
+    for key in ("r_mag", "b_mag"):
+        if key not in tensors:
+            raise UserError(f"SAELens weights: gated SAE without '{key}'")
+        if tensors[key].shape != W_enc.shape[1:]:
+            raise UserError(
+                f"SAELens weights: gated '{key}' has shape {tuple(tensors[key].shape)}, "
+                f"expected ({W_enc.shape[-1]},)"
+            )
+    b_mag = tensors["b_mag"]
+    if cfg.get("apply_b_dec_to_input") and b_dec.shape[0] == W_enc.shape[0]:
+        b_mag = b_mag - (b_dec @ W_enc) * tensors["r_mag"].exp()
+    return {**tensors, "b_mag": b_mag}
+
+
+def _gated_extras(sae: SAEBase, tensors: dict[str, Tensor], norms: Tensor) -> None:
+    r_mag, b_mag = getattr(sae, "r_mag", None), getattr(sae, "b_mag", None)
+    assert isinstance(r_mag, Tensor) and isinstance(b_mag, Tensor)
+    r_mag.data.copy_(tensors["r_mag"].to(r_mag.dtype))
+    b_mag.data.copy_((tensors["b_mag"] * norms).to(b_mag.dtype))
+
+
 _IMPORTS: dict[str, _Import] = {
     "standard": _Import("relu"),
     "transcoder": _Import("relu"),
     "topk": _Import("topk", _topk_kwargs, _topk_exact),
     "jumprelu": _Import("jumprelu", _jumprelu_kwargs, extras=_jumprelu_extras),
     "jumprelu_transcoder": _Import("jumprelu", _jumprelu_kwargs, extras=_jumprelu_extras),
+    "gated": _Import("gated", extras=_gated_extras, prepare=_gated_prepare),
 }
 
 
@@ -180,7 +222,8 @@ _IMPORTS: dict[str, _Import] = {
 def saelens_state(sae: SAEBase) -> tuple[str, dict[str, Tensor], dict[str, Any]]:
     """(SAELens architecture, tensors, architecture cfg fields) of one of our SAEs.
 
-    W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_out] (unit-norm rows), b_dec [d_out].
+    W_enc [d_in, d_sae], b_enc [d_sae] (gated: b_gate), W_dec [d_sae, d_out] (unit-norm rows),
+    b_dec [d_out].
     """
     export = _EXPORTS.get(sae.architecture)
     if export is None:
@@ -191,7 +234,7 @@ def saelens_state(sae: SAEBase) -> tuple[str, dict[str, Tensor], dict[str, Any]]
     name, extra_tensors, extra_cfg = export(sae)
     tensors = {
         "W_enc": encoder_linear(sae).weight.detach().T,
-        "b_enc": encoder_linear(sae).bias.detach(),
+        _ENCODER_BIAS.get(name, "b_enc"): encoder_linear(sae).bias.detach(),
         "W_dec": sae.dict_elements.detach().T,
         "b_dec": sae.decoder.bias.detach(),
         **extra_tensors,
@@ -456,11 +499,14 @@ def sae_from_saelens_tensors(
         raise UserError(
             f"{where}: SAELens architecture '{cfg['architecture']}' is not supported ({known})"
         )
-    for key in ("W_enc", "b_enc", "W_dec", "b_dec"):
+    bias = _ENCODER_BIAS.get(str(cfg["architecture"]), "b_enc")
+    for key in ("W_enc", bias, "W_dec", "b_dec"):
         if key not in tensors:
             raise UserError(f"{where}: weights lack '{key}'")
-    W_enc, b_enc = tensors["W_enc"].double(), tensors["b_enc"].double()
-    W_dec, b_dec = tensors["W_dec"].double(), tensors["b_dec"].double()
+    tensors = {k: v.double() if v.is_floating_point() else v for k, v in tensors.items()}
+    tensors = arch.prepare(cfg, tensors)
+    W_enc, b_enc = tensors["W_enc"], tensors[bias]
+    W_dec, b_dec = tensors["W_dec"], tensors["b_dec"]
     d_in, d_sae = W_enc.shape
     d_out = W_dec.shape[1]
     if W_dec.shape[0] != d_sae or b_enc.shape != (d_sae,) or b_dec.shape != (d_out,):

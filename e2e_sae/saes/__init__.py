@@ -1,11 +1,12 @@
 """SAE architectures behind one interface (`SAEBase`), looked up by name in `ARCHITECTURES`.
 
-Importing a module registers its architecture: relu (the paper's), topk, batchtopk, jumprelu.
+Importing a module registers its architecture: relu (the paper's), topk, batchtopk, jumprelu, gated.
 """
 
 from e2e_sae.saes import relu as _relu  # noqa: F401  (registers "relu")
 from e2e_sae.saes.base import CacheActs, SAEActs, SAEBase
 from e2e_sae.saes.batchtopk import BatchTopKSAE
+from e2e_sae.saes.gated import GatedSAE
 from e2e_sae.saes.jumprelu import JumpReLUSAE
 from e2e_sae.saes.registry import ARCHITECTURES, build_sae, register_architecture
 from e2e_sae.saes.relu import SAE
@@ -16,6 +17,7 @@ __all__ = [
     "SAE",
     "BatchTopKSAE",
     "CacheActs",
+    "GatedSAE",
     "JumpReLUSAE",
     "SAEActs",
     "SAEBase",

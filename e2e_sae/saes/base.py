@@ -88,6 +88,13 @@ class SAEBase(nn.Module):
         """Constructor arguments beyond sizes, stored with checkpoints."""
         return {}
 
+    @torch.no_grad()
+    def center_input_(self, center: Tensor) -> None:
+        """Shift the encoder's biases so that it sees x - center [d_in] (data-centred init)."""
+        enc = self.encoder[0]
+        assert isinstance(enc, nn.Linear)
+        enc.bias.sub_(enc.weight @ center.to(enc.weight.dtype))
+
     # --- shared helpers --------------------------------------------------------------------------
     @torch.no_grad()
     def normalize_decoder_(self) -> None:

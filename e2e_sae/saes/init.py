@@ -66,10 +66,9 @@ def tie_encoder_(sae: SAEBase, position: str = "") -> None:
 
 @torch.no_grad()
 def init_decoder_bias_(sae: SAEBase, out_center: Tensor, in_center: Tensor) -> None:
-    """b_dec <- out_center [d_out]; b_enc -= W_enc @ in_center [d_in] (encoder sees x - center)."""
-    enc = cast(nn.Linear, sae.encoder[0])
+    """b_dec <- out_center [d_out]; the encoder's biases shift so that it sees x - in_center."""
     sae.decoder.bias.copy_(out_center)
-    enc.bias.sub_(enc.weight @ in_center.to(enc.weight.dtype))
+    sae.center_input_(in_center)
 
 
 @torch.no_grad()
