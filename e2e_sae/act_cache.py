@@ -8,6 +8,12 @@ no-disk variant: one LM pass per batch feeding several `CachedTrainer`s (all tra
 batches). One `CachedTrainer.step` does what `Trainer.train_step` does for a local run, on the
 given activations instead of running the LM.
 
+From configs (what `e2e-sae cache-acts` / `train-cached` run): `build_for_config` caches the windows
+a config's training reads, in its training order; `train_from_cache` trains several configs' SAEs
+on the same cached batches and writes a normal run directory for each (config, metrics.jsonl,
+final `samples_<N>.safetensors`, evaluation with the LM). When the cache holds a config's training
+windows (built from it), the weights equal those of `e2e_sae.train.train` for that config.
+
 Layout of a cache folder (written to `<name>.tmp` and renamed when complete):
   meta.json       hooks, shapes, dtype, the LM's hook names, where the tokens came from
   tokens.npy      int32 [n_windows, n_ctx]: the token windows
@@ -18,14 +24,16 @@ Layout of a cache folder (written to `<name>.tmp` and renamed when complete):
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
 import shutil
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -39,10 +47,18 @@ from e2e_sae.losses import LossInputs, LossTerm, build_loss_terms, compute_losse
 from e2e_sae.saes import SAEActs, SAEBase, build_sae
 from e2e_sae.splice import SAETransformer, SpliceSite, filter_names, sae_key
 
+if TYPE_CHECKING:
+    from e2e_sae.evaluate import EvalResult
+    from e2e_sae.runlog import RunLogger
+    from e2e_sae.train import Trainer
+
 META = "meta.json"
 TOKENS = "tokens.npy"
 FORMAT_VERSION = 1
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16}
+LOCAL_TERMS = ("sparsity", "out_to_in", "out_to_orig")
+"""Loss terms that only need the clean activations at the SAE hooks (what a cache holds)."""
+MODEL_KEYS = ("tlens_model_name", "tlens_model_path", "tlens_config")
 
 
 def _file_name(hook: str) -> str:
@@ -53,19 +69,22 @@ class ActivationCache:
     """A cache folder opened read-only; arrays are memory-mapped, batches come as torch tensors."""
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
+        self.path = Path(path).expanduser()
         meta_file = self.path / META
+        if not self.path.is_dir():
+            raise UserError(f"activation cache {self.path}: no such folder")
         if not meta_file.is_file():
             raise UserError(f"activation cache {self.path}: no {META} (not a finished cache)")
-        self.meta: dict[str, Any] = json.loads(meta_file.read_text())
-        if self.meta.get("format_version") != FORMAT_VERSION:
-            raise UserError(f"activation cache {self.path}: unsupported format version")
-        self.hooks: list[str] = list(self.meta["hooks"])
-        self.arrays = {
-            h: np.load(self.path / _file_name(h), mmap_mode="r", allow_pickle=False)
-            for h in self.hooks
-        }
-        self.token_array = np.load(self.path / TOKENS, mmap_mode="r", allow_pickle=False)
+        try:
+            self.meta: dict[str, Any] = json.loads(meta_file.read_text())
+            if self.meta.get("format_version") != FORMAT_VERSION:
+                raise UserError(f"activation cache {self.path}: unsupported format version")
+            self.hooks: list[str] = list(self.meta["hooks"])
+            self.arrays = {h: _load(self.path / _file_name(h)) for h in self.hooks}
+            self.token_array = _load(self.path / TOKENS)
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            what = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise UserError(f"activation cache {self.path}: unreadable ({what})") from None
 
     # --- building ---------------------------------------------------------------------------------
     @classmethod
@@ -79,9 +98,11 @@ class ActivationCache:
         dtype: str = "float32",
         progress: bool = True,
         source: str = "",
+        info: Mapping[str, Any] | None = None,
     ) -> ActivationCache:
         """Run the clean LM over `n_batches` token batches [batch, n_ctx] and store the activations
         at `hooks` (default: what the model's SAEs read, and for transcoders also their targets).
+        `info` is added to meta.json (e.g. which config's model and data it came from).
 
         Uses the fast local path (`run_forward`): the LM stops after the last hook.
         """
@@ -95,39 +116,18 @@ class ActivationCache:
                 h for s in model.sites.values() for h in (s.input_hook, s.output_hook)
             ))  # fmt: skip
         hooks = filter_names(model.all_hook_names, list(hooks), "activation cache hooks")
-        plan = StepPlan(sae_positions=[], orig_cache=list(hooks))  # clean run only, stops early
         tmp = path.with_name(path.name + ".tmp")
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-        arrays: dict[str, np.memmap] = {}
-        tokens_out: np.memmap | None = None
-        row = 0
-        it = iter(batches)
-        device = next(model.saes.parameters()).device
-        with torch.no_grad():
-            for i in tqdm(range(n_batches), desc="cache", unit="batch", disable=not progress):
-                tokens = next(it).to(device)
-                acts = run_forward(model, tokens, plan).orig_acts
-                b, n_ctx = tokens.shape
-                if tokens_out is None:
-                    n_rows = n_batches * b
-                    tokens_out = np.lib.format.open_memmap(
-                        tmp / TOKENS, mode="w+", dtype=np.int32, shape=(n_rows, n_ctx)
-                    )
-                    for h in hooks:
-                        shape = (n_rows, *acts[h].shape[1:])
-                        arrays[h] = np.lib.format.open_memmap(
-                            tmp / _file_name(h), mode="w+", dtype=_NP_DTYPES[dtype], shape=shape
-                        )
-                if tokens.shape[0] * (i + 1) > tokens_out.shape[0]:
-                    raise UserError("activation cache: batches must all have the same size")
-                tokens_out[row : row + b] = tokens.cpu().numpy()
-                for h in hooks:
-                    arrays[h][row : row + b] = acts[h].float().cpu().numpy()
-                row += b
-        if tokens_out is None:
-            raise UserError("activation cache: got no batches")
+        start = time.perf_counter()
+        try:
+            tokens_out, arrays = _write_arrays(
+                model, batches, n_batches, tmp, hooks, dtype, progress
+            )
+        except BaseException:  # no half-written cache is left behind
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         for a in [tokens_out, *arrays.values()]:
             a.flush()
         meta = {
@@ -140,6 +140,8 @@ class ActivationCache:
             "all_hook_names": model.all_hook_names,
             "model": _model_name(model),
             "source": source,
+            "build_seconds": time.perf_counter() - start,
+            **(info or {}),
         }
         (tmp / META).write_text(json.dumps(meta, indent=1))
         del arrays, tokens_out
@@ -154,7 +156,11 @@ class ActivationCache:
         return int(self.meta["shapes"][hook][-1])
 
     def tokens(self) -> Tensor:
-        return torch.from_numpy(np.ascontiguousarray(self.token_array))
+        return torch.from_numpy(np.array(self.token_array))  # a writable copy
+
+    def nbytes(self) -> int:
+        """Size of the cache folder's files on disk."""
+        return sum(f.stat().st_size for f in self.path.iterdir() if f.is_file())
 
     def rows(self, index: Tensor | np.ndarray | slice) -> dict[str, Tensor]:
         """Activations of the given windows, {hook: fp32 tensor [rows, n_ctx, d]}."""
@@ -169,15 +175,17 @@ class ActivationCache:
                 for h, a in self.arrays.items()
             }
         return {
-            h: torch.from_numpy(np.asarray(a[idx], dtype=np.float32))
+            h: torch.from_numpy(np.array(a[idx], dtype=np.float32))  # a writable copy
             for h, a in self.arrays.items()
         }
 
     def batches(
-        self, batch_size: int, seed: int | None = 0, start_batch: int = 0
+        self, batch_size: int, seed: int | None = 0, start_batch: int = 0, in_order_epochs: int = 0
     ) -> Iterator[dict[str, Tensor]]:
         """Endless batches of windows; each epoch is a seeded permutation (`seed=None`: in order).
-        Batch i of an epoch holds windows perm[i*B:(i+1)*B] (a partial last batch is dropped)."""
+        Batch i of an epoch holds windows perm[i*B:(i+1)*B] (a partial last batch is dropped).
+        The first `in_order_epochs` epochs read the windows in stored order: a cache built from a
+        config's loader stores them in its training order, so epoch 0 then replays training."""
         n = len(self)
         per_epoch = n // batch_size
         if per_epoch == 0:
@@ -185,7 +193,7 @@ class ActivationCache:
         i = start_batch
         while True:
             epoch, j = divmod(i, per_epoch)
-            if seed is None:
+            if seed is None or epoch < in_order_epochs:
                 perm = torch.arange(n)
             else:
                 perm = torch.randperm(
@@ -193,6 +201,57 @@ class ActivationCache:
                 )
             yield self.rows(perm[j * batch_size : (j + 1) * batch_size])
             i += 1
+
+
+def _write_arrays(
+    model: SAETransformer,
+    batches: Iterable[Tensor],
+    n_batches: int,
+    folder: Path,
+    hooks: Sequence[str],
+    dtype: str,
+    progress: bool,
+) -> tuple[np.memmap, dict[str, np.memmap]]:
+    """The clean LM's activations at `hooks` (and the tokens) into .npy files in `folder`."""
+    plan = StepPlan(sae_positions=[], orig_cache=list(hooks))  # clean run only, stops early
+    arrays: dict[str, np.memmap] = {}
+    tokens_out: np.memmap | None = None
+    row = 0
+    it = iter(batches)
+    device = next(model.saes.parameters()).device
+    with torch.no_grad():
+        for i in tqdm(range(n_batches), desc="cache", unit="batch", disable=not progress):
+            tokens = next(it, None)
+            if tokens is None:
+                raise UserError(
+                    f"activation cache: the data ran out after {i} of {n_batches} batches"
+                )
+            tokens = tokens.to(device)
+            acts = run_forward(model, tokens, plan).orig_acts
+            b, n_ctx = tokens.shape
+            if tokens_out is None:
+                n_rows = n_batches * b
+                tokens_out = np.lib.format.open_memmap(
+                    folder / TOKENS, mode="w+", dtype=np.int32, shape=(n_rows, n_ctx)
+                )
+                for h in hooks:
+                    shape = (n_rows, *acts[h].shape[1:])
+                    arrays[h] = np.lib.format.open_memmap(
+                        folder / _file_name(h), mode="w+", dtype=_NP_DTYPES[dtype], shape=shape
+                    )
+            if tokens.shape[0] * (i + 1) > tokens_out.shape[0]:
+                raise UserError("activation cache: batches must all have the same size")
+            tokens_out[row : row + b] = tokens.cpu().numpy()
+            for h in hooks:
+                arrays[h][row : row + b] = acts[h].float().cpu().numpy()
+            row += b
+    if tokens_out is None:
+        raise UserError("activation cache: got no batches")
+    return tokens_out, arrays
+
+
+def _load(path: Path) -> np.ndarray:
+    return np.load(path, mmap_mode="r", allow_pickle=False)
 
 
 def _model_name(model: SAETransformer) -> str:
@@ -248,13 +307,7 @@ class CachedTrainer:
         cls, config: Config, all_hook_names: Sequence[str], dims: Mapping[str, int]
     ) -> CachedTrainer:
         """Fresh SAEs for `config` (a local run) with input/output sizes `dims[hook]`."""
-        from e2e_sae.train import lr_lambda
-
-        if config.loss.needs_clean_run_past_saes:
-            raise ConfigError(
-                "loss: logits_kl / in_to_orig need the LM past the SAEs; cached activations only "
-                "serve local runs"
-            )
+        check_cacheable(config)
         sites = resolve_sites(config, all_hook_names)
         s = config.saes
         kwargs: dict[str, Any] = dict(s.architecture_kwargs)
@@ -264,7 +317,7 @@ class CachedTrainer:
         for pos, site in sites.items():
             for h in (site.input_hook, site.output_hook):
                 if h not in dims:
-                    raise UserError(f"saes: no cached activations at '{h}'")
+                    raise UserError(f"{_field(site, h)}: no cached activations at '{h}'")
             d_in = dims[site.input_hook]
             saes[sae_key(pos)] = build_sae(
                 s.architecture,
@@ -274,14 +327,31 @@ class CachedTrainer:
                 output_size=dims[site.output_hook],
                 **kwargs,
             )
+        return cls._assemble(config, sites, saes)
+
+    @classmethod
+    def _assemble(
+        cls, config: Config, sites: dict[str, SpliceSite], saes: nn.ModuleDict
+    ) -> CachedTrainer:
+        """Loss terms, Adam over the trainable parameters and the schedule, as `train.setup`."""
+        from e2e_sae.train import lr_lambda
+
         terms = build_loss_terms(config.loss)
-        optimizer = torch.optim.Adam(saes.parameters(), lr=config.lr)
+        params = [p for p in saes.parameters() if p.requires_grad]
+        optimizer = torch.optim.Adam(params, lr=config.lr)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_lambda(i, config))
         return cls(config, sites, saes, terms, optimizer, scheduler)
 
     @classmethod
-    def from_model(cls, config: Config, model: SAETransformer) -> CachedTrainer:
-        """Like `from_config`, starting from (a copy of) the SAE weights in `model`."""
+    def from_model(
+        cls, config: Config, model: SAETransformer, share: bool = False
+    ) -> CachedTrainer:
+        """Like `from_config`, starting from (a copy of) the SAE weights in `model`. `share`:
+        train `model`'s own SAE modules instead (frozen ones stay frozen), so that `model` then
+        holds the trained SAEs for saving and evaluation."""
+        if share:
+            check_cacheable(config)
+            return cls._assemble(config, dict(model.sites), model.saes)
         dims = {h: int(d[-1]) for h, d in model.hook_shapes(
             [h for s in model.sites.values() for h in (s.input_hook, s.output_hook)]
         ).items()}  # fmt: skip
@@ -306,11 +376,14 @@ class CachedTrainer:
 
     def step(self, micro_batches: Iterator[Mapping[str, Tensor]]) -> dict[str, float]:
         """One optimizer step over `grad_accum_steps` micro-batches of activations."""
+        from e2e_sae.evaluate import l0
         from e2e_sae.train import check_finite, check_tensors_finite
 
         accum = self.config.grad_accum_steps
         logged: dict[str, float] = {}
         device = next(self.saes.parameters()).device
+        for sae in self.saes.values():  # frozen SAEs behave as at inference, as in `train`
+            sae.train(any(p.requires_grad for p in sae.parameters()))
         for _ in range(accum):
             acts = {h: v.to(device) for h, v in next(micro_batches).items()}
             inputs = self.forward(acts)
@@ -324,6 +397,7 @@ class CachedTrainer:
             (loss / accum).backward()
             for pos, a in inputs.sae_acts.items():
                 self.sae(pos).update_firing_stats(a.c)
+                values[f"l0/{pos}"] = l0(a.c)
             values["loss"] = loss
             for k, v in values.items():
                 logged[k] = logged.get(k, 0.0) + float(v.detach()) / accum
@@ -337,6 +411,7 @@ class CachedTrainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
+        check_tensors_finite(named, "weight", self.step_count + 1)
         self.step_count += 1
         self.history.append(logged)
         return logged
@@ -347,27 +422,295 @@ def train_together(
     act_batches: Iterator[Mapping[str, Tensor]],
     n_steps: int | None = None,
     progress: bool = True,
+    on_step: Callable[[int], Any] | None = None,
 ) -> list[list[dict[str, float]]]:
     """Train several configs' SAEs (e.g. a sparsity sweep) on the same activation batches: each
     micro-batch is read (or computed by the LM) once and used by every trainer.
 
-    The configs must share `batch_size` and `grad_accum_steps`; `n_steps` defaults to the first
-    config's number of optimizer steps. Returns each trainer's logged values per step.
+    The configs must share `batch_size` and `effective_batch_size`. `n_steps` optimizer steps for
+    every trainer (default: each config's own number of steps; one that is done sits out the
+    rest). `on_step(i)` runs after the i-th (1-based) round. Returns each trainer's logged values
+    per step.
     """
     if not trainers:
         return []
+    check_same_batches([t.config for t in trainers])
     accum = trainers[0].config.grad_accum_steps
-    if any(t.config.grad_accum_steps != accum for t in trainers):
-        raise ConfigError("effective_batch_size: every config in a sweep needs the same value")
-    steps = n_steps if n_steps is not None else trainers[0].config.n_grad_steps
-    for _ in tqdm(range(steps), desc="train", unit="step", disable=not progress):
+    todo = [n_steps if n_steps is not None else t.config.n_grad_steps for t in trainers]
+    for i in tqdm(range(max(todo)), desc="train", unit="step", disable=not progress):
         micro = [next(act_batches) for _ in range(accum)]
-        for t in trainers:
-            t.step(iter(micro))
+        for t, n in zip(trainers, todo, strict=True):
+            if i < n:
+                t.step(iter(micro))
+        if on_step is not None:
+            on_step(i + 1)
     return [t.history for t in trainers]
 
 
-def n_cache_batches(config: Config) -> int:
-    """Micro-batches one epoch of `config`'s training needs (what a cache should hold)."""
+def n_cache_batches(config: Config, n_windows: int | None = None) -> int:
+    """Micro-batches one epoch of `config`'s training needs (what a cache should hold), or the
+    batches that hold `n_windows` windows."""
     assert config.n_samples is not None
-    return math.ceil(config.n_samples / config.batch_size)
+    return math.ceil((n_windows or config.n_samples) / config.batch_size)
+
+
+# --- from configs: checks -------------------------------------------------------------------------
+def check_cacheable(config: Config) -> None:
+    """Cached activations serve local runs only: a one-line ConfigError naming the field if not."""
+    for name in config.loss.enabled:
+        if name not in LOCAL_TERMS:
+            raise ConfigError(
+                f"loss.{name}: needs the LM past the SAEs; training from cached activations "
+                f"supports only {', '.join(LOCAL_TERMS)}"
+            )
+    if config.precision != "fp32":
+        raise ConfigError("precision: training from cached activations runs in fp32; set fp32")
+    if config.saes.resample_every_n_samples is not None:
+        raise ConfigError("saes.resample_every_n_samples: not supported with cached activations")
+
+
+def check_same_batches(configs: Sequence[Config]) -> None:
+    """Configs trained on the same micro-batches need the same batch layout."""
+    for name in ("batch_size", "effective_batch_size"):
+        got = sorted({getattr(c, name) or c.batch_size for c in configs})
+        if len(got) > 1:
+            raise ConfigError(f"{name}: configs trained on the same batches need the same value "
+                              f"(got {', '.join(map(str, got))})")  # fmt: skip
+
+
+def _field(site: SpliceSite, hook: str) -> str:
+    """The config field that made `hook` necessary (for error messages)."""
+    if not site.is_transcoder:
+        return "saes.sae_positions"
+    return "saes.transcoders.input" if hook == site.input_hook else "saes.transcoders.output"
+
+
+def model_source(config: Config) -> dict[str, Any]:
+    """What identifies `config`'s LM; a cache records it and every config trained from it must
+    give the same (paths compared resolved)."""
+    out: dict[str, Any] = {}
+    for key in MODEL_KEYS:
+        value = getattr(config, key)
+        if isinstance(value, Path):
+            value = str(value.expanduser().resolve())
+        if value is not None:
+            out[key] = value
+    return json.loads(json.dumps(out))  # as it reads back from meta.json
+
+
+def check_against_cache(config: Config, cache: ActivationCache) -> None:
+    """Before anything is loaded or written: local losses, window length, the same LM (as the
+    cache recorded it) and every hook the config's SAEs read or replace in the cache."""
+    check_cacheable(config)
+    n_ctx = int(cache.meta["n_ctx"])
+    if config.train_data.n_ctx != n_ctx:
+        raise ConfigError(f"train_data.n_ctx: {config.train_data.n_ctx}, but the activation "
+                          f"cache {cache.path} holds windows of {n_ctx} tokens")  # fmt: skip
+    if len(cache) < config.batch_size:
+        raise ConfigError(f"batch_size: {config.batch_size} is more than the {len(cache)} windows "
+                          f"of the activation cache {cache.path}")  # fmt: skip
+    recorded = cache.meta.get("model_source")
+    mine = model_source(config)
+    if recorded is not None and recorded != mine:
+        key = next(k for k in MODEL_KEYS if recorded.get(k) != mine.get(k))
+        built = ", ".join(f"{k}={_short(v)}" for k, v in recorded.items())
+        raise ConfigError(f"{key}: the activation cache {cache.path} was built from another "
+                          f"model ({built})")  # fmt: skip
+    for site in resolve_sites(config, cache.meta["all_hook_names"]).values():
+        for h in (site.input_hook, site.output_hook):
+            if h not in cache.hooks:
+                raise ConfigError(f"{_field(site, h)}: '{h}' is not in the activation cache "
+                                  f"{cache.path} (it holds {', '.join(cache.hooks)})")  # fmt: skip
+
+
+def _short(value: Any, n: int = 60) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def check_model_against_cache(model: SAETransformer, cache: ActivationCache) -> None:
+    """The loaded LM is the one the cache was built with: name, hook names, activation sizes."""
+    name, recorded = _model_name(model), cache.meta.get("model")
+    if recorded is not None and name != recorded:
+        raise ConfigError(f"model: '{name}', but the activation cache {cache.path} was built "
+                          f"with '{recorded}'")  # fmt: skip
+    if model.all_hook_names != cache.meta["all_hook_names"]:
+        raise ConfigError(f"model: its hook names differ from those of the model the activation "
+                          f"cache {cache.path} was built with")  # fmt: skip
+    hooks = list(dict.fromkeys(h for s in model.sites.values()
+                               for h in (s.input_hook, s.output_hook)))  # fmt: skip
+    for h, shape in model.hook_shapes(hooks).items():
+        if shape[-1] != cache.d(h):
+            raise ConfigError(f"model: activations at '{h}' have size {shape[-1]}, the "
+                              f"activation cache's {cache.d(h)} (another model)")  # fmt: skip
+
+
+# --- from configs: building a cache ---------------------------------------------------------------
+def build_for_config(
+    config: Config,
+    path: str | Path,
+    n_windows: int | None = None,
+    device: str | None = None,
+    dtype: str = "float32",
+    progress: bool = True,
+) -> ActivationCache:
+    """Cache the activations `config`'s SAEs read, over the windows its training reads, in its
+    training order: one epoch of the run (`n_cache_batches`), or `n_windows` windows rounded up to
+    whole batches. meta.json records the config's model and data. Nothing is written until the
+    model and the first batch have loaded."""
+    from e2e_sae.checkpoint import build_model
+    from e2e_sae.data import create_data_loader
+    from e2e_sae.distributed import check_device
+    from e2e_sae.train import check_vocab, data_errors
+
+    check_cacheable(config)
+    if dtype not in _NP_DTYPES:
+        raise ConfigError(f"activation cache dtype: expected one of {list(_NP_DTYPES)}")
+    path = Path(path).expanduser()
+    if path.exists():
+        raise UserError(f"activation cache {path}: already exists")
+    check_device(device or config.device)
+    model = build_model(config, device=device)
+    with data_errors("train_data"):
+        loader = create_data_loader(config.train_data, config.batch_size, config.seed)
+        first = next(loader, None)
+    if first is None:
+        raise UserError("train_data: the dataset yields no windows")
+    check_vocab(model, first, "train_data")
+    info = {"model_source": model_source(config), "seed": config.seed,
+            "batch_size": config.batch_size,
+            "train_data": config.train_data.model_dump(mode="json")}  # fmt: skip
+    n_batches = n_cache_batches(config, n_windows)
+    batches = itertools.chain([first], loader)
+    return ActivationCache.build(model, batches, n_batches, path, dtype=dtype, progress=progress,
+                                 source=config.train_data.dataset_name, info=info)  # fmt: skip
+
+
+# --- from configs: training into run directories --------------------------------------------------
+@dataclass
+class CachedRun:
+    """One config trained from a cache: its run directory, the trainer (with its final values in
+    `trainer.history[-1]`), the `train.setup` Trainer whose model holds the trained SAEs, and the
+    final evaluation (None without eval_data / eval_n_samples)."""
+
+    config: Config
+    setup: Trainer
+    trainer: CachedTrainer
+    run_dir: Path | None = None
+    log: RunLogger | None = None
+    eval: EvalResult | None = None
+
+    @property
+    def n_samples(self) -> int:
+        bs = self.config.effective_batch_size or self.config.batch_size
+        return self.trainer.step_count * bs
+
+    def final_values(self) -> dict[str, float]:
+        """The last step's logged values (loss terms, L0 per SAE, ...) and dead latents now."""
+        from e2e_sae.train import _dead_counts
+
+        last, window = self.trainer.history[-1], self.config.act_frequency_n_tokens
+        return {"loss": last["loss"], **last, **_dead_counts(self.setup.model, window)}
+
+
+def prepare_runs(
+    configs: Sequence[Config], cache: ActivationCache, device: str | None = None
+) -> list[CachedRun]:
+    """Check everything and set each config up as `train` does (LM, seeded SAE init, pretrained
+    SAEs, eval data); nothing is written."""
+    from e2e_sae.distributed import check_device, dist_from_env
+    from e2e_sae.train import setup
+
+    if not configs:
+        raise UserError("train-cached: no configs given")
+    if dist_from_env().enabled:
+        raise UserError("train-cached: runs in one process (no torchrun)")
+    check_same_batches(configs)
+    for c in configs:
+        check_against_cache(c, cache)
+    runs = []
+    for c in configs:
+        check_device(device or c.device)
+        t = setup(c, device=device)
+        check_model_against_cache(t.model, cache)
+        t.check_eval_data()
+        runs.append(CachedRun(c, t, CachedTrainer.from_model(c, t.model, share=True)))
+    return runs
+
+
+def _new_run_dirs(runs: Sequence[CachedRun]) -> None:
+    """A fresh `<save_dir>/<run name>_<time>` per run (suffixed when two would collide), holding
+    final_config.yaml, and its metrics logger."""
+    from e2e_sae.checkpoint import write_config
+    from e2e_sae.runlog import RunLogger
+    from e2e_sae.train import get_run_name, make_run_dir
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    taken: set[Path] = set()
+    for r in runs:
+        base = Path(r.config.save_dir or ".").expanduser() / f"{get_run_name(r.config)}_{stamp}"
+        run_dir = base
+        for k in itertools.count(2):
+            if run_dir not in taken and not run_dir.exists():
+                break
+            run_dir = base.with_name(f"{base.name}-{k}")
+        taken.add(run_dir)
+        r.run_dir = make_run_dir(r.config, run_dir)
+        write_config(r.run_dir, r.config)
+        r.log = RunLogger(r.run_dir, r.config)
+
+
+def _step_logger(runs: Sequence[CachedRun], n_ctx: int) -> Callable[[int], None]:
+    """What `train` logs every `log_every_n_grad_steps` steps (and after step 1), per run."""
+    from e2e_sae.train import _dead_counts
+
+    start = time.perf_counter()
+
+    def on_step(step: int) -> None:
+        elapsed = time.perf_counter() - start
+        for r in runs:
+            cfg, t = r.config, r.trainer
+            if t.step_count != step or not (step % cfg.log_every_n_grad_steps == 0 or step == 1):
+                continue
+            rec = {"samples": r.n_samples, "step": step, "lr": t.scheduler.get_last_lr()[0],
+                   **t.history[-1], "tokens_per_s": r.n_samples * n_ctx / elapsed}  # fmt: skip
+            rec.update(_dead_counts(r.setup.model, cfg.act_frequency_n_tokens))
+            assert r.log is not None
+            r.log.log(rec, step=r.n_samples)
+
+    return on_step
+
+
+def _finish(run: CachedRun) -> None:
+    """Final checkpoint (the format `train` writes), then `train`'s final evaluation."""
+    from e2e_sae.checkpoint import save_checkpoint
+    from e2e_sae.train import TrainState, _log_eval
+
+    assert run.run_dir is not None and run.log is not None
+    steps = run.trainer.step_count
+    run.log.save_file(save_checkpoint(run.run_dir, run.setup.model, run.n_samples))
+    state = TrainState(steps, run.n_samples, steps * run.config.grad_accum_steps)
+    _log_eval(run.setup, run.log, state, lambda result: setattr(run, "eval", result))
+    run.log.finish()
+
+
+def train_from_cache(
+    configs: Sequence[Config],
+    cache: ActivationCache | str | Path,
+    device: str | None = None,
+    progress: bool = True,
+) -> list[CachedRun]:
+    """Train each config's SAEs from `cache`, all on the same micro-batches (the cache's windows
+    in stored order, then reshuffled epochs if a run needs more), and write a run directory per
+    config as `train` does: final_config.yaml, metrics.jsonl, the final samples_<N>.safetensors
+    and the final evaluation with the LM. No periodic checkpoints or evaluations, no resume, one
+    process. Every input is checked before anything is written."""
+    cache = cache if isinstance(cache, ActivationCache) else ActivationCache(cache)
+    runs = prepare_runs(configs, cache, device)
+    _new_run_dirs(runs)
+    batches = cache.batches(configs[0].batch_size, seed=configs[0].seed, in_order_epochs=1)
+    on_step = _step_logger(runs, int(cache.meta["n_ctx"]))
+    train_together([r.trainer for r in runs], batches, progress=progress, on_step=on_step)
+    for r in runs:
+        _finish(r)
+    return runs

@@ -108,6 +108,7 @@ COMMAND_MODULES = [
     "e2e_sae.cli_more",
     "e2e_sae.cli_analysis",
     "e2e_sae.cli_interop",
+    "e2e_sae.cli_cache",
 ]
 
 

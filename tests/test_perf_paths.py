@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -241,6 +242,44 @@ def test_sweep_from_one_lm_pass_equals_separate_runs(config_dict: Any) -> None:
     assert not torch.equal(
         w0, sweep[1].saes.state_dict()["blocks-1-hook_resid_pre.encoder.0.weight"]
     )
+
+
+def test_cache_batches_replay_stored_order_then_reshuffle(config_dict: Any, tmp_path: Path) -> None:
+    cfg = _local_config(config_dict)
+    t = setup(cfg, device="cpu")
+    token_batches = [next(t.batches(cfg.train_data, cfg.seed, start=i)) for i in range(3)]
+    cache = ActivationCache.build(t.model, token_batches, 3, tmp_path / "acts", progress=False)
+    stored = cache.rows(slice(None))[TWO_SAES[0]]
+    it = cache.batches(4, seed=0, in_order_epochs=1)
+    first, second = (torch.cat([next(it)[TWO_SAES[0]] for _ in range(3)]) for _ in range(2))
+    assert torch.equal(first, stored)  # epoch 0: the order the windows were cached in
+    assert not torch.equal(second, stored)  # epoch 1: a permutation of the same windows
+    assert sorted(second[:, 0, 0].tolist()) == sorted(stored[:, 0, 0].tolist())
+    shuffled = torch.cat([b[TWO_SAES[0]] for b in itertools.islice(cache.batches(4, seed=0), 3)])
+    assert not torch.equal(shuffled, stored)  # the default order is shuffled from epoch 0
+
+
+def test_cache_build_that_runs_out_of_data_leaves_nothing(tmp_path: Path) -> None:
+    model = _model(TINY_TLENS, ["blocks.1.hook_resid_pre"])
+    batches = [torch.randint(0, 97, (2, 16)) for _ in range(2)]
+    with pytest.raises(UserError, match="ran out after 2 of 3"):
+        ActivationCache.build(model, batches, 3, tmp_path / "acts", progress=False)
+    assert list(tmp_path.iterdir()) == []  # neither the cache nor its temp folder
+
+
+def test_train_together_runs_each_config_for_its_own_steps(config_dict: Any) -> None:
+    short, long = (_local_config(config_dict).model_copy(update={"n_samples": n}) for n in (8, 16))
+    t = setup(short, device="cpu")
+    token_batches = [next(t.batches(short.train_data, 0, start=i)) for i in range(4)]
+    both = [CachedTrainer.from_model(c, t.model) for c in (short, long)]
+    rounds: list[int] = []
+    acts = lm_activation_batches(t.model, token_batches, TWO_SAES)
+    train_together(both, acts, progress=False, on_step=rounds.append)
+    assert [b.step_count for b in both] == [2, 4] and rounds == [1, 2, 3, 4]
+    alone = CachedTrainer.from_model(short, t.model)
+    train_together([alone], lm_activation_batches(t.model, token_batches, TWO_SAES), None, False)
+    for name, p in alone.saes.state_dict().items():
+        assert torch.equal(both[0].saes.state_dict()[name], p), name
 
 
 # --- teacher cache --------------------------------------------------------------------------------

@@ -1,0 +1,146 @@
+"""`e2e-sae cache-acts CONFIG` and `e2e-sae train-cached CONFIG... --cache DIR`: run the LM once,
+then train many local SAEs (e.g. a sparsity sweep) from the stored activations
+(`e2e_sae.act_cache`).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from e2e_sae.errors import UserError
+
+if TYPE_CHECKING:
+    from e2e_sae.act_cache import ActivationCache, CachedRun
+    from e2e_sae.config import Config
+
+TRAIN_CACHED_HELP = """\
+Train each CONFIG's SAEs from the activation cache DIR (built by `e2e-sae cache-acts`), all on the
+same batches, and write a run directory per config as `e2e-sae train` does (final_config.yaml,
+metrics.jsonl, the final samples_<N>.safetensors; `e2e-sae eval` / `export` / from_local_path
+work on it), then evaluate each with the LM if it has eval_data and eval_n_samples. Only local
+losses (sparsity, out_to_in, out_to_orig); the configs need the same batch_size and
+effective_batch_size, and the cache's train_data.n_ctx, model and hooks. Not supported: --resume
+(no resume checkpoints are written), several processes (torchrun), periodic checkpoints or
+evaluations."""
+
+
+def _load(path: Path) -> Config:
+    from e2e_sae.config import Config, load_config
+
+    config = load_config(path)
+    assert isinstance(config, Config)
+    return config
+
+
+def _mib(n_bytes: int) -> str:
+    return f"{n_bytes / 2**20:.1f} MiB"
+
+
+# --- cache-acts -----------------------------------------------------------------------------------
+def default_cache_dir(config_path: Path, config: Config, n_windows: int) -> Path:
+    """`<save_dir>/act_cache/<config name>-<windows>w`."""
+    return (
+        Path(config.save_dir or ".").expanduser() / "act_cache" / f"{config_path.stem}-{n_windows}w"
+    )
+
+
+def cache_summary(cache: ActivationCache) -> str:
+    from e2e_sae.report import table
+
+    m = cache.meta
+    rows = [[h, "x".join(map(str, m["shapes"][h])), m["dtype"]] for h in cache.hooks]
+    n_tokens = len(cache) * int(m["n_ctx"])
+    seconds = float(m.get("build_seconds", 0.0)) or float("nan")
+    src = m.get("model_source", {})
+    model = src.get("tlens_model_name") or src.get("tlens_model_path") or m["model"]
+    return "\n".join([
+        table(["hook", "shape", "dtype"], rows),
+        f"\n{len(cache)} windows x {m['n_ctx']} tokens of {model}, {_mib(cache.nbytes())} on "
+        f"disk, {n_tokens / seconds:.0f} tokens/s",
+        f"activation cache: {cache.path}",
+    ])  # fmt: skip
+
+
+def cmd_cache_acts(args: argparse.Namespace) -> int:
+    from e2e_sae.act_cache import build_for_config, n_cache_batches
+
+    if args.n_samples is not None and args.n_samples < 1:
+        raise UserError(f"--n-samples: expected a positive number, got {args.n_samples}")
+    config = _load(args.config)
+    n_windows = n_cache_batches(config, args.n_samples) * config.batch_size
+    out = args.out or default_cache_dir(args.config, config, n_windows)
+    if out.exists():
+        raise UserError(f"--out: {out} already exists (delete it or pass another --out)")
+    cache = build_for_config(config, out, args.n_samples, args.device, args.dtype)
+    print(cache_summary(cache))
+    print(f"\ntrain from it: e2e-sae train-cached {args.config} [CONFIG ...] --cache {out}")
+    return 0
+
+
+# --- train-cached ---------------------------------------------------------------------------------
+def open_checked(paths: Sequence[Path], cache_dir: Path) -> tuple[list[Config], ActivationCache]:
+    """Load every config and the cache and check them against each other (nothing written)."""
+    from e2e_sae.act_cache import ActivationCache, check_against_cache, check_same_batches
+    from e2e_sae.train import data_errors  # prefixes a user error with the config file here
+
+    configs = [_load(p) for p in paths]
+    cache = ActivationCache(cache_dir)
+    check_same_batches(configs)
+    for path, config in zip(paths, configs, strict=True):
+        with data_errors(str(path)):
+            check_against_cache(config, cache)
+    return configs, cache
+
+
+def run_table(run: CachedRun) -> str:
+    from e2e_sae.report import table
+
+    return table(["metric", "value"], [[k, v] for k, v in run.final_values().items()])
+
+
+def cmd_train_cached(args: argparse.Namespace) -> int:
+    from e2e_sae.act_cache import train_from_cache
+    from e2e_sae.report import eval_table
+
+    configs, cache = open_checked(args.configs, args.cache)
+    needed = max(c.n_grad_steps * (c.effective_batch_size or c.batch_size) for c in configs)
+    if needed > len(cache):
+        print(f"note: the cache holds {len(cache)} windows and the runs need {needed}: later "
+              "passes over it are reshuffled", flush=True)  # fmt: skip
+    runs = train_from_cache(configs, cache, device=args.device)
+    for path, run in zip(args.configs, runs, strict=True):
+        print(f"\n== {path}: {run.trainer.step_count} steps, {run.n_samples} samples")
+        print(run_table(run))
+        if run.eval is not None:
+            print(f"\nevaluation ({run.eval.metrics.get('n_tokens', 0):g} tokens, with the LM)")
+            print(eval_table(run.eval))
+    print("\nrun directories:")
+    for run in runs:
+        print(f"  {run.run_dir}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    c = sub.add_parser("cache-acts", help="run the LM once and store the activations that "
+                       "CONFIG's (local) SAEs read, for train-cached")  # fmt: skip
+    c.add_argument("config", type=Path, help="YAML config (its model, train_data, SAE hooks)")
+    c.add_argument("--out", type=Path, default=None,
+                   help="cache folder (default: <save_dir>/act_cache/<config>-<N>w)")  # fmt: skip
+    c.add_argument("--n-samples", type=int, default=None,
+                   help="windows to cache, in whole batches (default: n_samples)")  # fmt: skip
+    c.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: auto)")
+    c.add_argument("--dtype", default="float32", choices=["float32", "float16"],
+                   help="storage type of the activations (float16 halves the size)")  # fmt: skip
+    c.set_defaults(func=cmd_cache_acts)
+
+    t = sub.add_parser("train-cached", description=TRAIN_CACHED_HELP,
+                       help="train the local SAEs of one or more configs from an activation "
+                       "cache (a run directory each)")  # fmt: skip
+    t.add_argument("configs", nargs="+", type=Path, metavar="CONFIG", help="YAML config(s)")
+    t.add_argument("--cache", type=Path, required=True, metavar="DIR",
+                   help="folder written by cache-acts")  # fmt: skip
+    t.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: auto)")
+    t.set_defaults(func=cmd_train_cached)
