@@ -130,15 +130,23 @@ class SAEsConfig(_Frozen):
     architecture_kwargs: dict[str, Any] = Field(default_factory=dict)
     """Extra architecture options (see `e2e_sae.saes`). topk / batchtopk: `k_aux`, `aux_coeff`
     (AuxK), `dead_tokens_threshold`; batchtopk: `threshold_momentum`; jumprelu: `bandwidth`,
-    `init_threshold`."""
+    `init_threshold`; gated: `aux_coeff`."""
     transcoders: list[TranscoderConfig] = Field(default_factory=list)
     init_b_dec: Literal["zeros", "mean", "geometric_median"] = "zeros"
     tied_init: bool = False
+    resample_every_n_samples: PositiveInt | None = None
+    """relu only, off by default: every this many training samples, re-initialise the latents
+    that have not fired for `act_frequency_n_tokens` tokens from high-loss inputs
+    (`e2e_sae.resample`)."""
 
     @model_validator(mode="after")
     def _some_position(self) -> SAEsConfig:
         if not self.sae_positions and not self.transcoders:
             raise ValueError("sae_positions (or transcoders) must name at least one hook")
+        if self.resample_every_n_samples is not None and self.architecture != "relu":
+            raise ValueError(
+                "resample_every_n_samples: only for architecture relu (the TopK family has AuxK)"
+            )
         return self
 
 

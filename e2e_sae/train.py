@@ -36,7 +36,8 @@ from e2e_sae.distributed import (
 from e2e_sae.errors import ConfigError, UserError
 from e2e_sae.evaluate import EvalResult, evaluate
 from e2e_sae.forward import StepPlan, autocast, make_plan, run_forward
-from e2e_sae.losses import LossTerm, build_loss_terms, compute_losses
+from e2e_sae.losses import LossInputs, LossTerm, build_loss_terms, compute_losses
+from e2e_sae.resample import resample_dead_latents
 from e2e_sae.resume import StopOnSignal, find_resume, prepare_run_dir, restore_point, save_point
 from e2e_sae.runlog import RunLogger
 from e2e_sae.saes.init import initialize_saes
@@ -171,10 +172,28 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         check_tensors_finite(named, "weight", state.step + 1)
+        logged.update(self.maybe_resample(inputs, state.n_samples + self.global_batch, state.step))
         broadcast_state(self.model.saes, self.dist, buffers_only=True)
         state.step += 1
         state.n_samples += self.global_batch
         return reduce_mean(logged, self.dist)
+
+    def maybe_resample(self, inputs: LossInputs, n_samples: int, step: int) -> dict[str, float]:
+        """Re-initialise dead latents when this step crossed `resample_every_n_samples`."""
+        every, total = self.config.saes.resample_every_n_samples, self.config.n_samples or 0
+        if not every or not _crossed(n_samples, self.global_batch, every) or 2 * n_samples > total:
+            return {}  # (only in the first half: the second lets resampled latents settle)
+        window = self.config.act_frequency_n_tokens
+        gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + step)
+        counts = {}
+        for pos in self.trainable:
+            sae, acts = self.model.sae(pos), inputs.sae_acts[pos]
+            dead, tc = sae.tokens_since_fired >= window, pos in inputs.transcoder_targets
+            n = resample_dead_latents(sae, acts.input, inputs.target(pos), acts.output, dead,
+                                      self.optimizer, gen, tc)  # fmt: skip
+            counts[f"resampled/{pos}"] = float(n)
+        broadcast_state(self.model.saes, self.dist)  # rank 0's choice on every rank
+        return counts
 
     def run_eval(self, progress: bool = False) -> EvalResult | None:
         cfg = self.config
