@@ -283,12 +283,8 @@ def bench_eval(args: argparse.Namespace) -> list[dict[str, Any]]:
 def bench_cache(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Local training from an activation cache vs with the LM; a 4-config sparsity sweep from one
     LM pass per batch vs 4 separate fast local runs."""
-    from e2e_sae.act_cache import (
-        ActivationCache,
-        CachedTrainer,
-        lm_activation_batches,
-        train_together,
-    )
+    from e2e_sae.act_cache import ActivationCache, lm_activation_batches
+    from e2e_sae.cached_train import CachedTrainer, train_together
 
     n = args.warmup + args.steps
     batches = token_batches(args, n)

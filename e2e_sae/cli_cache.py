@@ -1,6 +1,6 @@
 """`e2e-sae cache-acts CONFIG` and `e2e-sae train-cached CONFIG... --cache DIR`: run the LM once,
 then train many local SAEs (e.g. a sparsity sweep) from the stored activations
-(`e2e_sae.act_cache`).
+(`e2e_sae.act_cache`, `e2e_sae.cached_train`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING
 from e2e_sae.errors import UserError
 
 if TYPE_CHECKING:
-    from e2e_sae.act_cache import ActivationCache, CachedRun
+    from e2e_sae.act_cache import ActivationCache
+    from e2e_sae.cached_train import CachedRun
     from e2e_sae.config import Config
 
 TRAIN_CACHED_HELP = """\
@@ -83,7 +84,8 @@ def cmd_cache_acts(args: argparse.Namespace) -> int:
 # --- train-cached ---------------------------------------------------------------------------------
 def open_checked(paths: Sequence[Path], cache_dir: Path) -> tuple[list[Config], ActivationCache]:
     """Load every config and the cache and check them against each other (nothing written)."""
-    from e2e_sae.act_cache import ActivationCache, check_against_cache, check_same_batches
+    from e2e_sae.act_cache import ActivationCache, check_against_cache
+    from e2e_sae.cached_train import check_same_batches
     from e2e_sae.train import data_errors  # prefixes a user error with the config file here
 
     configs = [_load(p) for p in paths]
@@ -102,7 +104,7 @@ def run_table(run: CachedRun) -> str:
 
 
 def cmd_train_cached(args: argparse.Namespace) -> int:
-    from e2e_sae.act_cache import train_from_cache
+    from e2e_sae.cached_train import train_from_cache
     from e2e_sae.report import eval_table
 
     configs, cache = open_checked(args.configs, args.cache)

@@ -361,10 +361,10 @@ def train(
                        "lr": t.scheduler.get_last_lr()[0], **values,
                        "tokens_per_s": (state.n_samples - n0) * n_ctx / (time.perf_counter() - t0),
                        }  # fmt: skip
-                rec.update(_dead_counts(t.model, config.act_frequency_n_tokens))
+                rec.update(dead_counts(t.model, config.act_frequency_n_tokens))
                 log.log(rec, step=state.n_samples)
             if eval_every and _crossed(state.n_samples, bs, eval_every):
-                _log_eval(t, log, state, on_eval)
+                log_eval(t, log, state, on_eval)
             signum = stop.requested(d)  # SIGINT / SIGTERM: save, then stop
             due = save_every and _crossed(state.n_samples, bs, save_every) and state.step < n_steps
             if due or signum:  # (the last step is saved below, as the final checkpoint)
@@ -376,7 +376,7 @@ def train(
         bar.close()
     log.save_file(save_point(run_dir, t, state, d, final=True))
     if not (eval_every and state.n_samples % eval_every == 0):
-        _log_eval(t, log, state, on_eval)
+        log_eval(t, log, state, on_eval)
     log.finish()
     shutdown(d)
     return run_dir
@@ -392,11 +392,11 @@ def _crossed(n_samples: int, bs: int, every: int) -> bool:
     return (n_samples // every) > ((n_samples - bs) // every)
 
 
-def _dead_counts(model: SAETransformer, window: int) -> dict[str, float]:
+def dead_counts(model: SAETransformer, window: int) -> dict[str, float]:
     return {f"dead_dict_elements/{p}": model.sae(p).n_dead(window) for p in model.sae_positions}
 
 
-def _log_eval(
+def log_eval(
     t: Trainer, log: RunLogger, state: TrainState, on_eval: Callable[[EvalResult], Any] | None
 ) -> None:
     if not t.dist.is_main:  # evaluation runs on rank 0 only; the others wait at the next step

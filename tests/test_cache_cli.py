@@ -13,13 +13,8 @@ import yaml
 from conftest import TINY_TLENS, make_config_dict
 
 from e2e_sae import SAETransformer
-from e2e_sae.act_cache import (
-    ActivationCache,
-    CachedTrainer,
-    build_for_config,
-    n_cache_batches,
-    train_together,
-)
+from e2e_sae.act_cache import ActivationCache, build_for_config, n_cache_batches
+from e2e_sae.cached_train import CachedTrainer, train_together
 from e2e_sae.checkpoint import CONFIG_FILE, list_checkpoints, read_tensors
 from e2e_sae.cli import main
 from e2e_sae.config import Config, load_config

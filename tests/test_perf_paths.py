@@ -15,7 +15,8 @@ from conftest import TINY_TLENS
 from transformer_lens import HookedTransformer
 
 from e2e_sae import SAETransformer, load_config
-from e2e_sae.act_cache import ActivationCache, CachedTrainer, lm_activation_batches, train_together
+from e2e_sae.act_cache import ActivationCache, lm_activation_batches
+from e2e_sae.cached_train import CachedTrainer, train_together
 from e2e_sae.config import Config, LossConfigs
 from e2e_sae.errors import UserError
 from e2e_sae.fastlm import LeanLM, get_lean_lm
