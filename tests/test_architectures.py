@@ -69,6 +69,17 @@ def tiny_model() -> HookedTransformer:
     return HookedTransformer(HookedTransformerConfig(**{**TINY_TLENS, "device": "cpu"}))
 
 
+def forward_on_path(model: SAETransformer, path: str) -> LossInputs:
+    """One forward pass with a sparsity term, on the local, fast e2e or reference e2e path."""
+    loss = {
+        "sparsity": {"coeff": 1.0},
+        "out_to_in" if path == "local" else "logits_kl": {"coeff": 1.0},
+    }
+    plan = make_plan(model, LossConfigs.model_validate(loss))
+    tokens = torch.randint(0, TINY_TLENS["d_vocab"], (2, 8))
+    return run_forward(model, tokens, plan, reference=path == "e2e_reference")
+
+
 def read_tokens(path: Path) -> torch.Tensor:
     return torch.tensor([json.loads(line)["input_ids"] for line in path.read_text().splitlines()])
 
@@ -234,13 +245,7 @@ def test_sparsity_term_is_the_l0_count_on_every_forward_path(path: str) -> None:
         tiny_model(), [SAE_POS], 2.0, architecture="jumprelu",
         transcoders=[(TC_IN, TC_OUT)], architecture_kwargs={"init_threshold": 0.1},
     )  # fmt: skip
-    loss = {
-        "sparsity": {"coeff": 1.0},
-        "out_to_in" if path == "local" else "logits_kl": {"coeff": 1.0},
-    }
-    plan = make_plan(model, LossConfigs.model_validate(loss))
-    tokens = torch.randint(0, TINY_TLENS["d_vocab"], (2, 8))
-    inputs = run_forward(model, tokens, plan, reference=path == "e2e_reference")
+    inputs = forward_on_path(model, path)
     want = sum(
         (a.c != 0).sum(-1).float().mean() / a.input.shape[-1] for a in inputs.sae_acts.values()
     )
@@ -368,13 +373,7 @@ def test_gated_penalty_reads_the_input_that_made_the_code_on_every_forward_path(
     model = SAETransformer(
         tiny_model(), [SAE_POS], 2.0, architecture="gated", transcoders=[(TC_IN, TC_OUT)],
     )  # fmt: skip
-    loss = {
-        "sparsity": {"coeff": 1.0},
-        "out_to_in" if path == "local" else "logits_kl": {"coeff": 1.0},
-    }
-    plan = make_plan(model, LossConfigs.model_validate(loss))
-    tokens = torch.randint(0, TINY_TLENS["d_vocab"], (2, 8))
-    inputs = run_forward(model, tokens, plan, reference=path == "e2e_reference")
+    inputs = forward_on_path(model, path)
     assert len(inputs.sae_acts) == 2
     want = torch.zeros(())
     for pos, a in inputs.sae_acts.items():
@@ -683,7 +682,7 @@ def test_example_configs_validate() -> None:
 def test_center_input_makes_the_encoder_see_centred_inputs(arch: str) -> None:
     """After `center_input_(m)`, every architecture encodes x as it encoded x - m before."""
     torch.manual_seed(0)
-    kwargs = {"k": 3} if arch in TOPK_FAMILY else {}
+    kwargs: dict[str, Any] = {"k": 3} if arch in TOPK_FAMILY else {}
     sae = build_sae(arch, 6, 12, **kwargs)
     with torch.no_grad():
         for p in sae.parameters():  # non-trivial biases and magnitude scales
