@@ -378,9 +378,7 @@ def build_for_config(
     whole batches. meta.json records the config's model and data. Nothing is written until the
     model and the first batch have loaded."""
     from e2e_sae.checkpoint import build_model
-    from e2e_sae.data import create_data_loader
     from e2e_sae.distributed import check_device
-    from e2e_sae.train import check_vocab, data_errors
 
     check_cacheable(config)
     if dtype not in _NP_DTYPES:
@@ -390,16 +388,25 @@ def build_for_config(
         raise UserError(f"activation cache {path}: already exists")
     check_device(device or config.device)
     model = build_model(config, device=device)
+    batches = training_batches(config, model)
+    info = {"model_source": model_source(config), "seed": config.seed,
+            "batch_size": config.batch_size,
+            "train_data": config.train_data.model_dump(mode="json")}  # fmt: skip
+    n_batches = n_cache_batches(config, n_windows)
+    return ActivationCache.build(model, batches, n_batches, path, dtype=dtype, progress=progress,
+                                 source=config.train_data.dataset_name, info=info)  # fmt: skip
+
+
+def training_batches(config: Config, model: SAETransformer) -> Iterator[Tensor]:
+    """The token batches `config`'s training reads, in its order (the first one loaded and
+    checked against the model now, so a bad dataset fails before anything is written)."""
+    from e2e_sae.data import create_data_loader
+    from e2e_sae.train import check_vocab, data_errors
+
     with data_errors("train_data"):
         loader = create_data_loader(config.train_data, config.batch_size, config.seed)
         first = next(loader, None)
     if first is None:
         raise UserError("train_data: the dataset yields no windows")
     check_vocab(model, first, "train_data")
-    info = {"model_source": model_source(config), "seed": config.seed,
-            "batch_size": config.batch_size,
-            "train_data": config.train_data.model_dump(mode="json")}  # fmt: skip
-    n_batches = n_cache_batches(config, n_windows)
-    batches = itertools.chain([first], loader)
-    return ActivationCache.build(model, batches, n_batches, path, dtype=dtype, progress=progress,
-                                 source=config.train_data.dataset_name, info=info)  # fmt: skip
+    return itertools.chain([first], loader)

@@ -1,5 +1,6 @@
 """`e2e-sae cache-acts CONFIG` and `e2e-sae train-cached CONFIG... --cache DIR`: run the LM once,
-then train many local SAEs (e.g. a sparsity sweep) from the stored activations
+then train many local SAEs (e.g. a sparsity sweep) from the stored activations. `e2e-sae
+cache-teacher CONFIG`: the clean model's top-k distributions for e2e runs (`teacher_cache`)
 (`e2e_sae.act_cache`, `e2e_sae.cached_train`).
 """
 
@@ -81,6 +82,27 @@ def cmd_cache_acts(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- cache-teacher --------------------------------------------------------------------------------
+def cmd_cache_teacher(args: argparse.Namespace) -> int:
+    from e2e_sae.act_cache import n_cache_batches
+    from e2e_sae.teacher_cache import build_for_config
+
+    if args.n_samples is not None and args.n_samples < 1:
+        raise UserError(f"--n-samples: expected a positive number, got {args.n_samples}")
+    config = _load(args.config)
+    n_windows = n_cache_batches(config, args.n_samples) * config.batch_size
+    out = args.out or Path(config.save_dir or ".").expanduser() / "teacher_cache" / (
+        f"{args.config.stem}-k{args.k}-{n_windows}w"
+    )
+    cache = build_for_config(config, out, args.k, args.n_samples, args.device)
+    size = sum(f.stat().st_size for f in cache.path.iterdir())
+    print(f"{cache.meta['n_windows']} windows, top {cache.k} of {cache.meta['d_vocab']} tokens, "
+          f"{_mib(size)} on disk: {cache.path}")  # fmt: skip
+    print(f"\ntrain with it: add `teacher_cache: {cache.path}` to {args.config} "
+          "(an approximate KL, see e2e_sae/teacher_cache.py)")  # fmt: skip
+    return 0
+
+
 # --- train-cached ---------------------------------------------------------------------------------
 def open_checked(paths: Sequence[Path], cache_dir: Path) -> tuple[list[Config], ActivationCache]:
     """Load every config and the cache and check them against each other (nothing written)."""
@@ -137,6 +159,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--dtype", default="float32", choices=["float32", "float16"],
                    help="storage type of the activations (float16 halves the size)")  # fmt: skip
     c.set_defaults(func=cmd_cache_acts)
+
+    h = sub.add_parser("cache-teacher", help="store the clean model's top-k next-token "
+                       "distributions of CONFIG's windows (for teacher_cache)")  # fmt: skip
+    h.add_argument("config", type=Path, help="YAML config of a logits_kl run (no in_to_orig)")
+    h.add_argument("--k", type=int, default=64, help="tokens kept per position (default 64)")
+    h.add_argument("--out", type=Path, default=None,
+                   help="cache folder (default: <save_dir>/teacher_cache/<config>-k<K>-<N>w)",
+                   )  # fmt: skip
+    h.add_argument("--n-samples", type=int, default=None,
+                   help="windows to cache, in whole batches (default: n_samples)")  # fmt: skip
+    h.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: auto)")
+    h.set_defaults(func=cmd_cache_teacher)
 
     t = sub.add_parser("train-cached", description=TRAIN_CACHED_HELP,
                        help="train the local SAEs of one or more configs from an activation "

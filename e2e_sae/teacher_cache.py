@@ -39,7 +39,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from e2e_sae.errors import UserError
+from e2e_sae.config import Config
+from e2e_sae.errors import ConfigError, UserError
 from e2e_sae.fastlm import get_lean_lm
 from e2e_sae.losses import KLTarget, Unembedding, chunked_unembed_kl
 from e2e_sae.splice import SAETransformer
@@ -200,3 +201,36 @@ class TeacherCache:
             logp=torch.from_numpy(np.asarray(self.logp[sel], dtype=np.float32)).reshape(-1, k),
             tail=torch.from_numpy(np.asarray(self.tail[sel], dtype=np.float32)).reshape(-1),
         )
+
+
+def check_teacher_config(config: Config) -> None:
+    """A teacher cache replaces the clean pass of `logits_kl`-only e2e runs."""
+    if config.loss.logits_kl is None or config.loss.in_to_orig is not None:
+        raise ConfigError("teacher_cache: only for logits_kl runs without in_to_orig")
+
+
+def build_for_config(
+    config: Config,
+    path: str | Path,
+    k: int = 64,
+    n_windows: int | None = None,
+    device: str | None = None,
+    progress: bool = True,
+) -> TeacherCache:
+    """Cache the clean distributions of the windows `config` trains on: one epoch of the run
+    (or `n_windows`, rounded up to whole batches), read as its training reads them. Nothing is
+    written until the model and the first batch have loaded."""
+    from e2e_sae.act_cache import n_cache_batches, training_batches
+    from e2e_sae.checkpoint import build_model
+    from e2e_sae.distributed import check_device
+
+    check_teacher_config(config)
+    if Path(path).exists():
+        raise UserError(f"teacher cache {path}: already exists")
+    check_device(device or config.device)
+    model = build_model(config, device=device)
+    d_vocab = model.tlens_model.cfg.d_vocab
+    if not 0 < k < d_vocab:
+        raise UserError(f"--k: expected 1 to {d_vocab - 1} (the model's d_vocab - 1), got {k}")
+    batches = training_batches(config, model)
+    return TeacherCache.build(model, batches, n_cache_batches(config, n_windows), path, k, progress)

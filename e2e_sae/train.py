@@ -33,7 +33,7 @@ from e2e_sae.distributed import (
     shutdown,
     sync_firing_stats,
 )
-from e2e_sae.errors import ConfigError, UserError
+from e2e_sae.errors import UserError
 from e2e_sae.evaluate import EvalResult, evaluate
 from e2e_sae.forward import StepPlan, autocast, make_plan, run_forward
 from e2e_sae.losses import LossInputs, LossTerm, build_loss_terms, compute_losses
@@ -241,10 +241,9 @@ class NumericalError(UserError):
 
 
 def open_teacher_cache(config: Config) -> Any:
-    from e2e_sae.teacher_cache import TeacherCache
+    from e2e_sae.teacher_cache import TeacherCache, check_teacher_config
 
-    if config.loss.in_to_orig is not None or config.loss.logits_kl is None:
-        raise ConfigError("teacher_cache: only for logits_kl runs without in_to_orig")
+    check_teacher_config(config)
     return TeacherCache(config.teacher_cache or "")
 
 

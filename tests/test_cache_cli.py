@@ -234,3 +234,55 @@ def test_cache_without_recorded_model_checks_the_loaded_model(
     )
     assert rc == 2 and err.count("\n") == 1 and "model:" in err, err
     assert not (tmp_path / "runs").exists()
+
+
+# --- cache-teacher --------------------------------------------------------------------------------
+E2E_LOSS = {"sparsity": {"coeff": 0.1}, "logits_kl": {"coeff": 1.0}}
+
+
+def test_cache_teacher_then_train_with_it(
+    config_dict: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from e2e_sae.teacher_cache import TeacherCache, clean_logits, topk_distribution
+
+    cfg = config_dict(loss=E2E_LOSS, n_samples=16)
+    path = _write(tmp_path, "e2e.yaml", cfg)
+    out_dir = tmp_path / "teacher"
+    rc, out, _ = _cli(["cache-teacher", path, "--k", "8", "--out", str(out_dir)], capsys)
+    assert rc == 0 and "16 windows, top 8 of 97 tokens" in out and str(out_dir) in out
+
+    # the cache holds the clean model's top-8 distributions of the training windows, in order
+    config = load_config(cfg)
+    t = setup(config, device="cpu")
+    first = next(create_data_loader(config.train_data, config.batch_size, config.seed))
+    cache = TeacherCache(out_dir)
+    want = topk_distribution(clean_logits(t.model, first), 8)
+    got = cache.lookup(first)
+    torch.testing.assert_close(got.logp.sort(-1).values, want.logp.sort(-1).values)
+    torch.testing.assert_close(got.tail, want.tail)
+    assert torch.equal(torch.from_numpy(cache.tokens[: len(first)].astype("int64")), first)
+
+    taught = _write(tmp_path, "taught.yaml", {**cfg, "teacher_cache": str(out_dir)})
+    rc, out, err = _cli(["train", taught], capsys)
+    assert rc == 0, err
+    (run,) = _run_dirs(Path(cfg["save_dir"]))
+    assert [r["step"] for r in read_metrics(run) if "loss" in r] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize(
+    "loss, args, message",
+    [
+        (_loss(0.1), [], "teacher_cache: only for logits_kl runs without in_to_orig"),
+        (E2E_LOSS, ["--k", "0"], "--k: expected 1 to 96"),
+        (E2E_LOSS, ["--n-samples", "0"], "--n-samples: expected a positive number"),
+    ],
+    ids=["local-config", "k-zero", "no-samples"],
+)
+def test_cache_teacher_bad_inputs(
+    config_dict: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    loss: dict[str, Any], args: list[str], message: str,
+) -> None:  # fmt: skip
+    path = _write(tmp_path, "c.yaml", config_dict(loss=loss))
+    rc, _, err = _cli(["cache-teacher", path, "--out", str(tmp_path / "t"), *args], capsys)
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and message in err
+    assert not (tmp_path / "t").exists() and not (tmp_path / "t.tmp").exists()
