@@ -3,6 +3,9 @@
     .venv/bin/python benchmarks/bench_train.py --model smollm2-135m \
         --modes local,e2e,e2e_ds,eval,cache --precision fp32,bf16 --steps 3 --memory
 
+`--architecture topk --k 32` trains a TopK SAE instead of the ReLU one (no sparsity term; the
+cache mode's sweep then varies the learning rate); `--topk-path dense|sparse` forces its forward.
+
 The reference path does what the original library does: a clean and an SAE-spliced pass through
 TransformerLens, each from the tokens, fp32, logits materialised, no reuse (`--reference` on by
 default; `run_forward(..., reference=True)`). Variants of one mode share the LM and start from the
@@ -40,6 +43,7 @@ import numpy as np
 import torch
 
 from e2e_sae.config import Config, load_config
+from e2e_sae.saes import TopKSAE
 from e2e_sae.train import Trainer, TrainState, setup
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -85,6 +89,13 @@ def make_config(args: argparse.Namespace, mode: str, precision: str = "fp32") ->
             },
         },
     }[mode]
+    saes: dict[str, Any] = {
+        "sae_positions": [f"blocks.{layer}.hook_resid_pre"],
+        "dict_size_to_input_ratio": args.ratio,
+    }
+    if args.architecture == "topk":  # k sets the sparsity: no sparsity term
+        saes.update(architecture="topk", k=args.k)
+        loss.pop("sparsity")
     data = {"dataset_name": "shakespeare", "is_tokenized": False, "tokenizer_name": tokenizer,
             "streaming": False, "split": "train", "n_ctx": args.n_ctx}  # fmt: skip
     cfg = {
@@ -96,10 +107,7 @@ def make_config(args: argparse.Namespace, mode: str, precision: str = "fp32") ->
         "max_grad_norm": 1.0,
         "loss": loss,
         "train_data": data if tokenizer else {"dataset_name": "unused", "n_ctx": args.n_ctx},
-        "saes": {
-            "sae_positions": [f"blocks.{layer}.hook_resid_pre"],
-            "dict_size_to_input_ratio": args.ratio,
-        },  # fmt: skip
+        "saes": saes,
         "precision": precision,
         "save_dir": None,
     }
@@ -317,11 +325,14 @@ def bench_cache(args: argparse.Namespace) -> list[dict[str, Any]]:
         )
         rows.append({"mode": "cache", "variant": "cache-build (LM pass + write)",
                      "tokens_per_s": n * args.batch_size * args.n_ctx / build_s})  # fmt: skip
-    # sweep: K configs on the same batches from one LM pass
+    # sweep: K configs on the same batches from one LM pass (sparsity coeffs; lrs for TopK)
     k = 4
-    sweep_cfgs = [cfg.model_copy(update={"loss": cfg.loss.model_copy(update={
-        "sparsity": cfg.loss.sparsity.model_copy(update={"coeff": c})})})  # type: ignore[union-attr]
-        for c in (0.5, 1.0, 2.0, 4.0)]  # fmt: skip
+    if cfg.loss.sparsity is None:
+        sweep_cfgs = [cfg.model_copy(update={"lr": cfg.lr * f}) for f in (0.5, 1.0, 2.0, 4.0)]
+    else:
+        sweep_cfgs = [cfg.model_copy(update={"loss": cfg.loss.model_copy(update={
+            "sparsity": cfg.loss.sparsity.model_copy(update={"coeff": c})})})
+            for c in (0.5, 1.0, 2.0, 4.0)]  # fmt: skip
     members = [CachedTrainer.from_model(c, model) for c in sweep_cfgs]
     acts = lm_activation_batches(model, iter(batches * 2), hooks)
     train_together(members, acts, n_steps=args.warmup, progress=False)
@@ -438,7 +449,9 @@ def bench_memory(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         for v in variants:
             cmd = [sys.executable, __file__, "--model", args.model, "--modes", mode,
                    "--batch-size", str(args.batch_size), "--n-ctx", str(args.n_ctx),
-                   "--ratio", str(args.ratio), "--memory-variant", v]  # fmt: skip
+                   "--ratio", str(args.ratio), "--memory-variant", v,
+                   "--architecture", args.architecture, "--k", str(args.k),
+                   "--topk-path", args.topk_path]  # fmt: skip
             if args.threads:
                 cmd += ["--threads", str(args.threads)]
             proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -481,6 +494,9 @@ def write_report(args: argparse.Namespace, result: dict[str, Any], profiles: lis
     base = RESULTS / f"{args.model}-{stamp}"
     base.with_suffix(".json").write_text(json.dumps(result, indent=1))
     m = result["machine"]
+    sae_desc = "ReLU SAE"
+    if args.architecture == "topk":
+        sae_desc = f"TopK SAE (k {args.k}, {args.topk_path} path)"
     lines = [
         f"# bench_train: {args.model} ({stamp})",
         "",
@@ -491,8 +507,9 @@ def write_report(args: argparse.Namespace, result: dict[str, Any], profiles: lis
         f"{m['load_avg_start'][0]:.1f} at start, {m['load_avg_end'][0]:.1f} at end "
         "(shared machine: compare ratios within one run).",
         "",
-        f"Batch {args.batch_size} x {args.n_ctx} tokens, dict ratio {args.ratio}, SAE at layer "
-        f"{MODELS[args.model][1]}, {args.warmup} warmup + {args.steps} timed steps per variant "
+        f"Batch {args.batch_size} x {args.n_ctx} tokens, dict ratio {args.ratio}, {sae_desc}, "
+        f"SAE at layer {MODELS[args.model][1]}, {args.warmup} warmup + {args.steps} timed steps "
+        "per variant "
         "(interleaved; `x ref` is the median over rounds of the within-round time ratio). "
         "Variants: `ref` = reference path (TransformerLens, two passes from the "
         "tokens, fp32); `fast` = fastlm + shared prefix + chunked KL, fp32; `bf16` = fast, "
@@ -565,6 +582,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--n-ctx", type=int, default=128)
     p.add_argument("--ratio", type=float, default=8.0, help="dictionary size / d_model")
+    p.add_argument("--architecture", choices=("relu", "topk"), default="relu")
+    p.add_argument("--k", type=int, default=32, help="latents per token for --architecture topk")
+    p.add_argument(
+        "--topk-path",
+        choices=("auto", "sparse", "dense"),
+        default="auto",
+        help="TopK forward: by k / d_sae (auto), or forced (saes/sparse_ops.py)",
+    )
     p.add_argument("--eval-batches", type=int, default=2)
     p.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
@@ -582,6 +607,8 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--modes: unknown {bad} (choose from {', '.join(MODES)})")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.topk_path != "auto":
+        TopKSAE.sparse_max_density = 1.0 if args.topk_path == "sparse" else 0.0
     if args.memory_variant:
         memory_child(args)
         return

@@ -7,6 +7,23 @@ keeps the smallest positive normal float instead of 0: the code then has exactly
 nothing measurable to the output and, as under a ReLU, receives no gradient.
 
 Sparsity is set by `k`, so the `sparsity` loss term is usually absent for this family.
+
+Sparse training path. Only the encoder's pre-activations need a dense GEMM (to pick the top k);
+when k <= SPARSE_MAX_DENSITY * d_sae, `TopKSAE.forward` does everything else on the k selected
+latents per token (`sparse_ops`: decode, and the gradients of the code values, W_dec, b_dec,
+W_enc, b_enc and the input) instead of four more [tokens, d_sae]-sized GEMMs. Same values and
+gradients as the dense path up to float summation order; `forward` still returns the dense code
+c, built by scattering the selected values, so a loss on c (a sparsity term) reaches them too.
+The decoder is renormalised in place first, as in `SAEBase.forward`, and differentiated as is.
+The sparse products cost far more per flop than a GEMM, so the dense path wins for larger k:
+`benchmarks/bench_topk.py` (SAE step with Adam, d_in 576, d_sae 4608, 512 tokens, 2-core Xeon)
+put the crossover near k / d_sae = 0.03 in fp32 with 2 threads (0.04 with 1 thread, about 0.06
+under bf16 autocast), hence SPARSE_MAX_DENSITY = 0.03 (not measured on CUDA). At k = 32
+(k / d_sae = 0.007) the step took 58 ms instead of 85 with 2 threads, 114 instead of 154 with 1
+(`benchmarks/results/topk-20261127-003254.txt`).
+Subclasses that change `encode` (BatchTopK: a variable number per token in training) keep the
+dense path, and so does AuxK: its k_aux (default d_out / 2) is far above the crossover against
+the dead set it selects from.
 """
 
 from __future__ import annotations
@@ -20,6 +37,10 @@ from torch import Tensor, nn
 from e2e_sae.errors import ConfigError
 from e2e_sae.saes.base import SAEActs, SAEBase
 from e2e_sae.saes.registry import register_architecture
+from e2e_sae.saes.sparse_ops import sparse_topk_forward
+
+SPARSE_MAX_DENSITY = 0.03
+"""`forward` takes the sparse path when k <= SPARSE_MAX_DENSITY * d_sae (module docstring)."""
 
 
 def positive_values(values: Tensor) -> Tensor:
@@ -48,9 +69,14 @@ class TopKSAE(SAEBase):
       aux_coeff: weight of the AuxK loss (default 1/32, as in Gao et al.; 0 turns it off).
       dead_tokens_threshold: a latent is dead after this many training tokens without firing
         (default 10M, as in Gao et al.; shorten it for small runs).
+
+    `sparse_max_density` (class attribute, default SPARSE_MAX_DENSITY) picks the forward: the
+    sparse path when k <= sparse_max_density * d_sae. Set it on an instance to force one path
+    (1.0: sparse, 0.0: dense), as the tests and benchmarks do.
     """
 
     architecture = "topk"
+    sparse_max_density: float = SPARSE_MAX_DENSITY
 
     def __init__(
         self,
@@ -88,6 +114,24 @@ class TopKSAE(SAEBase):
 
     def encode(self, x: Tensor) -> Tensor:
         return topk_code(self.pre_acts(x), self.k)
+
+    def uses_sparse_path(self) -> bool:
+        """Whether `forward` runs on the k selected latents only (see the module docstring).
+
+        Subclasses that change `encode` or `pre_acts` (BatchTopK) keep the dense path.
+        """
+        same_code = type(self).encode is TopKSAE.encode and type(self).pre_acts is SAEBase.pre_acts
+        return same_code and self.k <= self.sparse_max_density * self.n_dict_components
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        if not self.uses_sparse_path() or x.numel() == 0:
+            return super().forward(x)
+        self.normalize_decoder_()
+        enc = cast(nn.Linear, self.encoder[0])
+        dec = self.decoder
+        return sparse_topk_forward(
+            x, enc.weight, enc.bias, dec.weight, dec.bias, self.k, positive_values
+        )
 
     def dead_mask(self) -> Tensor:
         """[d_sae] bool: latents that have not fired for `dead_tokens_threshold` tokens."""
