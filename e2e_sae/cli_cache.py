@@ -42,11 +42,17 @@ def _mib(n_bytes: int) -> str:
 
 
 # --- cache-acts -----------------------------------------------------------------------------------
-def default_cache_dir(config_path: Path, config: Config, n_windows: int) -> Path:
-    """`<save_dir>/act_cache/<config name>-<windows>w`."""
-    return (
-        Path(config.save_dir or ".").expanduser() / "act_cache" / f"{config_path.stem}-{n_windows}w"
-    )
+def default_cache_dir(
+    config_path: Path, config: Config, n_windows: int, kind: str = "act_cache", tag: str = ""
+) -> Path:
+    """`<save_dir>/<kind>/<config name>-<tag><windows>w`."""
+    name = f"{config_path.stem}-{tag}{n_windows}w"
+    return Path(config.save_dir or ".").expanduser() / kind / name
+
+
+def check_n_samples(args: argparse.Namespace) -> None:
+    if args.n_samples is not None and args.n_samples < 1:
+        raise UserError(f"--n-samples: expected a positive number, got {args.n_samples}")
 
 
 def cache_summary(cache: ActivationCache) -> str:
@@ -69,8 +75,7 @@ def cache_summary(cache: ActivationCache) -> str:
 def cmd_cache_acts(args: argparse.Namespace) -> int:
     from e2e_sae.act_cache import build_for_config, n_cache_batches
 
-    if args.n_samples is not None and args.n_samples < 1:
-        raise UserError(f"--n-samples: expected a positive number, got {args.n_samples}")
+    check_n_samples(args)
     config = _load(args.config)
     n_windows = n_cache_batches(config, args.n_samples) * config.batch_size
     out = args.out or default_cache_dir(args.config, config, n_windows)
@@ -87,12 +92,11 @@ def cmd_cache_teacher(args: argparse.Namespace) -> int:
     from e2e_sae.act_cache import n_cache_batches
     from e2e_sae.teacher_cache import build_for_config
 
-    if args.n_samples is not None and args.n_samples < 1:
-        raise UserError(f"--n-samples: expected a positive number, got {args.n_samples}")
+    check_n_samples(args)
     config = _load(args.config)
     n_windows = n_cache_batches(config, args.n_samples) * config.batch_size
-    out = args.out or Path(config.save_dir or ".").expanduser() / "teacher_cache" / (
-        f"{args.config.stem}-k{args.k}-{n_windows}w"
+    out = args.out or default_cache_dir(
+        args.config, config, n_windows, "teacher_cache", f"k{args.k}-"
     )
     cache = build_for_config(config, out, args.k, args.n_samples, args.device)
     size = sum(f.stat().st_size for f in cache.path.iterdir())
