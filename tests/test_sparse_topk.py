@@ -1,5 +1,5 @@
 """TopK SAE sparse path (`saes/sparse_ops.py`): values and gradients against a dense computation
-written out here (pre-activations, topk, scatter, decode with the unit-norm decoder)."""
+written out here (pre-activations, topk, scatter, decode with the normalised decoder)."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from e2e_sae.saes.topk import SPARSE_MAX_DENSITY
 
 
 def make_sae(d_in: int, d_sae: int, k: int, d_out: int | None = None, seed: int = 0) -> TopKSAE:
-    """A TopK SAE on the sparse path, with a decoder that is not unit norm yet and non-zero
-    biases (forward must renormalise the columns; every parameter gets a gradient)."""
+    """A TopK SAE on the sparse path, with decoder columns far from unit norm and non-zero
+    biases (decoding must normalise the columns in the graph; every parameter gets a gradient)."""
     torch.manual_seed(seed)
     sae = TopKSAE(d_in, d_sae, output_size=d_out, k=k)
     sae.sparse_max_density = 1.0
@@ -37,16 +37,15 @@ def dense_reference(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(output, c, loss) of the dense TopK computation on leaf tensors `params`.
 
-    As `SAEBase.forward`: the decoder columns are renormalised in place first and the decoder
-    weight is then differentiated as it is.
+    As the original library: the dictionary is W_dec / ||W_dec column||, inside the graph, so
+    the raw weight's gradient has no radial part.
     """
-    with torch.no_grad():
-        params["dec_w"].div_(params["dec_w"].norm(dim=0, keepdim=True))
     pre = x @ params["enc_w"].T + params["enc_b"]
     vals, idx = pre.topk(k, dim=-1)
     kept = F.relu(vals).clamp_min(torch.finfo(vals.dtype).tiny)
     c = torch.zeros_like(pre).scatter(-1, idx, kept)
-    out = c @ params["dec_w"].T + params["dec_b"]
+    dict_elements = params["dec_w"] / params["dec_w"].norm(dim=0, keepdim=True)
+    out = c @ dict_elements.T + params["dec_b"]
     return out, c, loss_of(out, c, sparsity, proj)
 
 
@@ -117,8 +116,8 @@ def test_sparse_path_matches_dense_values_and_gradients(
     torch.testing.assert_close(out, out_want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(c, c_want, rtol=1e-5, atol=0)
     assert int((c != 0).sum(-1).min()) == k == int((c != 0).sum(-1).max())
-    # the decoder was renormalised in place, as the dense path does
-    torch.testing.assert_close(sae.decoder.weight.detach(), params["dec_w"].detach())
+    # forward wrote no parameter (the raw decoder columns keep their norms)
+    assert torch.equal(sae.decoder.weight.detach(), params["dec_w"].detach())
     for name, got in sae_grads(sae).items():
         assert_grad_close(got, params[name].grad)
     if x_grad:

@@ -27,8 +27,13 @@ class SAEBase(nn.Module):
     """Encoder/decoder pair. Subclasses set `architecture` and implement `encode`.
 
     Parameter names follow the original library (`encoder.0.weight` [d_sae, d_in], `encoder.0.bias`,
-    `decoder.weight` [d_out, d_sae], `decoder.bias`) so checkpoints stay interchangeable. The
-    decoder columns (dictionary elements) are renormalised to unit norm at every forward pass.
+    `decoder.weight` [d_out, d_sae], `decoder.bias`) so checkpoints stay interchangeable.
+
+    Decoder parameterisation (the original's): `decoder.weight` holds raw, unconstrained columns;
+    the dictionary elements are `F.normalize(decoder.weight, dim=0)`, computed inside the autograd
+    graph at every decode. So the gradient that reaches a raw column has its radial part projected
+    out (and is scaled by 1 / its norm), Adam's moments live on the raw weights, and forward never
+    writes a parameter: two identical calls give bit-identical outputs.
     """
 
     architecture: ClassVar[str] = "base"
@@ -48,7 +53,9 @@ class SAEBase(nn.Module):
         self.encoder = nn.Sequential(nn.Linear(input_size, n_dict_components, bias=True))
         self.decoder = nn.Linear(n_dict_components, self.output_size, bias=True)
         if init_decoder_orthogonal:
-            self.decoder.weight.data = nn.init.orthogonal_(self.decoder.weight.data.T).T
+            # orthonormal rows, as the original (its columns then have norm sqrt(d_out / d_sae))
+            w = nn.init.orthogonal_(self.decoder.weight.data.T).T
+            self.decoder.weight.data = w.contiguous()
         # Tokens since each latent last fired (training statistic, reported as dead counts).
         self.register_buffer("tokens_since_fired", torch.zeros(n_dict_components, dtype=torch.long))
 
@@ -61,13 +68,13 @@ class SAEBase(nn.Module):
         raise NotImplementedError
 
     def decode(self, c: Tensor) -> Tensor:
+        """Output [..., d_out] = c @ dict_elements^T + b_dec."""
         return F.linear(c, self.dict_elements, self.decoder.bias)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Returns (output, c) like the original SAE."""
-        self.normalize_decoder_()
+        """Returns (output, c) like the original SAE. Pure: no parameter or buffer is written."""
         c = self.encode(x)
-        return self.decoder(c), c
+        return self.decode(c), c
 
     def aux_losses(self, acts: SAEActs, target: Tensor | None = None) -> dict[str, Tensor]:
         """Architecture-specific training losses, already multiplied by their coefficients.
@@ -98,7 +105,9 @@ class SAEBase(nn.Module):
     # --- shared helpers --------------------------------------------------------------------------
     @torch.no_grad()
     def normalize_decoder_(self) -> None:
-        self.decoder.weight.data = F.normalize(self.decoder.weight.data, dim=0)
+        """Rescale the raw decoder columns to unit norm in place (init only: tied init); the
+        outputs do not change, as decoding normalises anyway."""
+        self.decoder.weight.copy_(F.normalize(self.decoder.weight, dim=0))
 
     @property
     def dict_elements(self) -> Tensor:

@@ -1,4 +1,5 @@
-"""The paper's SAE: ReLU encoder with bias, unit-norm decoder columns, decoder bias."""
+"""The paper's SAE: ReLU encoder with bias, decoder columns normalised to unit norm inside the graph
+(`SAEBase.dict_elements`, as in the original library), decoder bias."""
 
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ latents per token (`sparse_ops`: decode, and the gradients of the code values, W
 W_enc, b_enc and the input) instead of four more [tokens, d_sae]-sized GEMMs. Same values and
 gradients as the dense path up to float summation order; `forward` still returns the dense code
 c, built by scattering the selected values, so a loss on c (a sparsity term) reaches them too.
-The decoder is renormalised in place first, as in `SAEBase.forward`, and differentiated as is.
+The dictionary elements are F.normalize(W_dec) inside the graph, as in `SAEBase.decode`.
 The sparse products cost far more per flop than a GEMM, so the dense path wins for larger k:
 `benchmarks/bench_topk.py` (SAE step with Adam, d_in 576, d_sae 4608, 512 tokens, 2-core Xeon)
 put the crossover near k / d_sae = 0.03 in fp32 with 2 threads (0.04 with 1 thread, about 0.06
@@ -126,11 +126,9 @@ class TopKSAE(SAEBase):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         if not self.uses_sparse_path() or x.numel() == 0:
             return super().forward(x)
-        self.normalize_decoder_()
         enc = cast(nn.Linear, self.encoder[0])
-        dec = self.decoder
         return sparse_topk_forward(
-            x, enc.weight, enc.bias, dec.weight, dec.bias, self.k, positive_values
+            x, enc.weight, enc.bias, self.dict_elements, self.decoder.bias, self.k, positive_values
         )
 
     def dead_mask(self) -> Tensor:
