@@ -1,5 +1,5 @@
-"""Training math of the original e2e_sae 2.1.1, reproduced: three Adam steps of our trainer (fast and
-reference paths) against a direct implementation of the original's parameterisation and losses.
+"""Training math of the original e2e_sae 2.1.1, reproduced: three Adam steps of our trainer (fast
+and reference paths) against a direct implementation of the original's parameterisation and losses.
 
 The original SAE keeps raw decoder weights and decodes with `F.normalize(W_dec, dim=0)` inside the
 graph; its losses are MSE(input, output), ||c||_1 mean over tokens / d_in, KL(clean || spliced)
@@ -173,3 +173,23 @@ def test_raw_decoder_weights_keep_their_norms_and_get_tangential_gradients() -> 
     radial = (grad * sae.decoder.weight.detach()).sum(0)
     assert float(radial.abs().max()) < 1e-6 * float(grad.abs().max())
     assert torch.equal(sae.decoder.weight.detach().norm(dim=0), norms)
+
+
+def test_unit_columns_matches_f_normalize_values_and_gradients() -> None:
+    from e2e_sae.saes.base import inverse_column_norms, unit_columns
+
+    torch.manual_seed(0)
+    w = (torch.randn(7, 11, dtype=torch.float64) * torch.linspace(0.1, 5, 11)).requires_grad_()
+    w_ref = w.detach().clone().requires_grad_()
+    g = torch.randn(7, 11, dtype=torch.float64)
+    unit_columns(w).backward(g)
+    F.normalize(w_ref, dim=0).backward(g)
+    assert torch.equal(unit_columns(w.detach()), F.normalize(w.detach(), dim=0))
+    assert w.grad is not None and w_ref.grad is not None
+    torch.testing.assert_close(w.grad, w_ref.grad, rtol=1e-12, atol=1e-14)
+    assert torch.autograd.gradcheck(unit_columns, (w.detach().clone().requires_grad_(),))
+    # decoding scaled codes with raw columns = decoding codes with unit columns
+    c = torch.rand(3, 11, dtype=torch.float64)
+    torch.testing.assert_close(
+        (c * inverse_column_norms(w.detach())) @ w.detach().T, c @ unit_columns(w.detach()).T
+    )

@@ -156,11 +156,15 @@ def sparse_topk_forward(
     dec_bias: Tensor,
     k: int,
     activation: Callable[[Tensor], Tensor],
+    dec_scale: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """TopK SAE forward on x [..., d_in] -> (output [..., d_out], dense code c [..., d_sae]).
 
     `activation` maps the selected pre-activations [N, k] to code values (TopK's ReLU variant);
     c is built by scattering them, so a loss on c sends its gradient to the same values.
+    `dec_scale` [d_sae] multiplies each latent's value before decoding (only the N*k selected
+    entries): with 1 / the decoder's column norms it decodes with unit-norm columns without a
+    dense normalised copy of the decoder.
     """
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
@@ -169,5 +173,6 @@ def sparse_topk_forward(
     c = torch.zeros(
         x2.shape[0], enc_weight.shape[0], dtype=vals.dtype, device=vals.device
     ).scatter_(-1, idx, vals)  # in place: no copy of the zeros
-    out = SparseDecode.apply(vals, idx, dec_weight, dec_bias)
+    dec_vals = vals if dec_scale is None else vals * dec_scale[idx].to(vals.dtype)
+    out = SparseDecode.apply(dec_vals, idx, dec_weight, dec_bias)
     return out.reshape(*lead, dec_weight.shape[0]), c.reshape(*lead, enc_weight.shape[0])
