@@ -50,8 +50,10 @@ def write_original_lm(folder: Path, dtype: str = "float32", epochs: int = 1) -> 
     for epoch in range(1, epochs + 1):
         torch.manual_seed(100 + epoch)
         cfg = HookedTransformerConfig(**LM_FIELDS, dtype=torch_dtype, seed=100 + epoch)
-        lm = HookedTransformer(cfg)
-        torch.save(lm.state_dict(), folder / f"epoch_{epoch}.pt")
+        state = HookedTransformer(cfg).state_dict()
+        for i in range(cfg.n_layers):  # the TransformerLens 2 it ran on stored the full mask
+            state[f"blocks.{i}.attn.mask"] = torch.tril(torch.ones(16, 16, dtype=torch.bool))
+        torch.save(state, folder / f"epoch_{epoch}.pt")
     tlens_config = {**LM_FIELDS, "dtype": dtype, "tokenizer_name": UNAVAILABLE_TOKENIZER}
     config = {
         "name": "tiny-lm",
@@ -158,7 +160,11 @@ def original_run(tmp_path: Path, lm_path: Path, token_data: Path):
 # --- the original's model computed by hand --------------------------------------------------------
 def hand_lm(pt: Path) -> HookedTransformer:
     lm = HookedTransformer(HookedTransformerConfig(**LM_FIELDS, dtype=torch.float32))
-    lm.load_state_dict(torch.load(pt, weights_only=True))
+    state = torch.load(pt, weights_only=True)
+    missing, unexpected = lm.load_state_dict(
+        {k: v for k, v in state.items() if not k.endswith(".attn.mask")}, strict=False
+    )
+    assert all(k.endswith(".attn.mask") for k in missing) and not unexpected
     return lm.eval()
 
 
@@ -332,8 +338,9 @@ def test_tlens_model_path_to_an_epoch_pt(tmp_path: Path, lm_path: Path) -> None:
     saved = torch.load(lm_path, weights_only=True)
     for path in (lm_path, lm_path.parent):  # the file, or the folder (its newest epoch)
         lm = load_tlens_model_from_path(path, device="cpu")
-        own = lm.state_dict()
-        assert all(torch.equal(own[k], v) for k, v in saved.items())
+        params = dict(lm.named_parameters())
+        assert len(params) == 6 + 2 * 16  # W_E, W_pos, ln_final w/b, W_U/b_U; 16 per block
+        assert all(torch.equal(saved[k], v) for k, v in params.items())
         assert lm.cfg.tokenizer_name == UNAVAILABLE_TOKENIZER and lm.tokenizer is None
         assert lm.cfg.n_heads == 4 and lm.cfg.d_mlp == 4 * D_MODEL and lm.cfg.dtype == torch.float32
     newest = write_original_lm(tmp_path / "three", epochs=3)

@@ -54,7 +54,7 @@ _DTYPES = {
 }
 # Parameters of one of the original's SAEs (its only sparsifier in 2.1.1).
 SAE_PARAMS = ("encoder.0.weight", "encoder.0.bias", "decoder.weight", "decoder.bias")
-# HookedTransformer buffers that TransformerLens versions may or may not persist.
+# HookedTransformer buffers derived from the config, not learned.
 _OPTIONAL_LM_BUFFERS = ("mask", "IGNORE", "rotary_sin", "rotary_cos")
 
 
@@ -241,14 +241,13 @@ def load_original_lm(path: str | os.PathLike[str], device: str | None = None) ->
     except ConfigError as err:
         raise ConfigError(f"{pt.parent / CONFIG_FILE}: {err}") from None
     state = read_pt_state_dict(pt, "tlens_model_path")
+    # derived buffers (causal mask, ...): TransformerLens versions store them differently (TL 3
+    # keeps an empty mask and builds it on use), so the model's own are kept
+    state = {k: v for k, v in state.items() if k.rsplit(".", 1)[-1] not in _OPTIONAL_LM_BUFFERS}
     own = model.state_dict()
     params = dict(model.named_parameters())
     problem = next((f"lacks '{k}'" for k in params if k not in state), None)
-    problem = problem or next(
-        (f"has an unexpected '{k}'" for k in state
-         if k not in own and k.rsplit(".", 1)[-1] not in _OPTIONAL_LM_BUFFERS),
-        None,
-    )  # fmt: skip
+    problem = problem or next((f"has an unexpected '{k}'" for k in state if k not in own), None)
     problem = problem or next(
         (f"'{k}' is {tuple(v.shape)}, the config builds {tuple(own[k].shape)}"
          for k, v in state.items() if k in own and own[k].shape != v.shape),
@@ -256,7 +255,7 @@ def load_original_lm(path: str | os.PathLike[str], device: str | None = None) ->
     )  # fmt: skip
     if problem is not None:
         raise UserError(f"tlens_model_path: {pt} does not fit its tlens_config ({problem})")
-    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    model.load_state_dict(state, strict=False)
     return model.eval()
 
 
