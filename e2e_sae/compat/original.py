@@ -128,7 +128,7 @@ def _model_in(annotation: Any) -> type[BaseModel] | None:
     if inspect.isclass(annotation) and issubclass(annotation, BaseModel):
         return annotation
     for arg in typing.get_args(annotation):
-        found = _model_in(arg) if not isinstance(arg, type) or inspect.isclass(arg) else None
+        found = _model_in(arg)
         if found is not None:
             return found
     return None
