@@ -4,6 +4,9 @@ Layout of a run directory:
   final_config.yaml          the resolved config
   samples_<N>.safetensors    SAE weights after N training samples (keys `<sae_key>.<param>`)
   metrics.jsonl              one JSON object per log / eval step
+
+Loading also reads run directories of the original e2e_sae 2.1.1 (`samples_<N>.pt`, its
+`final_config.yaml`), through `e2e_sae.compat.original`.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import logging
 import os
 import re
 from collections.abc import Mapping
@@ -23,12 +27,18 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from e2e_sae.config import Config, config_to_yaml_dict, load_config
-from e2e_sae.errors import UserError
+from e2e_sae.config import Config, config_to_yaml_dict
+from e2e_sae.errors import DamagedFileError, UserError
 from e2e_sae.splice import SAETransformer
+
+logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "final_config.yaml"
 _CKPT_RE = re.compile(r"^samples_(\d+)\.safetensors$")
+_ANY_CKPT_RE = re.compile(r"^samples_(\d+)\.(safetensors|pt)$")
+# Buffers that count what happened in training; a checkpoint without them (the original's) starts
+# them at zero. Other missing buffers (e.g. batchtopk's threshold) keep their initial value.
+TRAINING_STAT_BUFFERS = ("tokens_since_fired",)
 
 
 def fsync_dir(path: Path) -> None:
@@ -106,7 +116,22 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def list_sae_checkpoints(run_dir: Path) -> list[Path]:
+    """SAE checkpoints of a run, ours and the original's (`samples_<N>.pt`), oldest first; at equal
+    N the safetensors file counts as the newer."""
+    found = [(int(m.group(1)), m.group(2) == "safetensors", p) for p in run_dir.glob("samples_*")
+             if (m := _ANY_CKPT_RE.match(p.name))]  # fmt: skip
+    return [p for *_, p in sorted(found)]
+
+
 def read_tensors(path: Path, what: str = "checkpoint") -> dict[str, Tensor]:
+    """Tensors of a safetensors file (checksum verified when it has one) or of the original's `.pt`
+    state dict (`weights_only=True`). A file that exists but is damaged raises DamagedFileError."""
+    path = Path(path)
+    if path.suffix == ".pt":
+        from e2e_sae.compat.original import read_pt_state_dict
+
+        return read_pt_state_dict(path, what)
     if not path.is_file():
         raise UserError(f"{what}: file not found: {path}")
     try:
@@ -114,17 +139,43 @@ def read_tensors(path: Path, what: str = "checkpoint") -> dict[str, Tensor]:
         digest = tensor_metadata(path).get(DIGEST_KEY)
     except (SafetensorError, OSError, ValueError) as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise UserError(f"{what}: {path} is not a readable safetensors file ({first})") from None
+        raise DamagedFileError(
+            f"{what}: {path} is not a readable safetensors file ({first})"
+        ) from None
     if digest is not None and digest != tensor_digest(tensors):
-        raise UserError(f"{what}: {path} is corrupted or was modified (checksum mismatch)")
+        raise DamagedFileError(f"{what}: {path} is corrupted or was modified (checksum mismatch)")
     return tensors
 
 
+def newest_intact(ckpts: list[Path], what: str) -> tuple[Path, dict[str, Tensor]]:
+    """(path, tensors) of the newest checkpoint in `ckpts` (oldest first) that reads back intact.
+    Damaged newer ones are skipped with one warning naming them; none intact is a UserError."""
+    assert ckpts, what
+    damaged: list[DamagedFileError] = []
+    for path in reversed(ckpts):
+        try:
+            state = read_tensors(path, what)
+        except DamagedFileError as err:
+            damaged.append(err)
+            continue
+        if damaged:
+            logger.warning("%s; loaded %s instead", "; ".join(map(str, damaged)), path.name)
+        return path, state
+    older = f" (and the {len(damaged) - 1} older ones are damaged too)" if len(damaged) > 1 else ""
+    raise UserError(f"{damaged[0]}{older}")
+
+
 def load_sae_weights(
-    model: SAETransformer, path: Path, positions: list[str] | None = None, strict: bool = True
+    model: SAETransformer,
+    path: Path,
+    positions: list[str] | None = None,
+    strict: bool = True,
+    state: Mapping[str, Tensor] | None = None,
 ) -> list[str]:
-    """Load SAE weights into `model` (only `positions` if given). Returns the positions loaded."""
-    state = read_tensors(path)
+    """Load SAE weights into `model` (only `positions` if given; `state`: the tensors of `path`,
+    already read). Every parameter must be there; missing buffers are allowed (see
+    TRAINING_STAT_BUFFERS). Returns the positions loaded."""
+    state = read_tensors(path) if state is None else state
     loaded: list[str] = []
     from e2e_sae.splice import sae_key
 
@@ -144,10 +195,13 @@ def load_sae_weights(
                     f"checkpoint {path}: '{key}.{k}' has shape {tuple(v.shape)} but the config "
                     f"builds {tuple(own[k].shape)}"
                 )
-        missing = set(own) - set(sub)
+        params = {n for n, _ in target.named_parameters()}
+        missing = sorted((set(own) - set(sub)) & params)
         if missing and strict:
-            raise UserError(f"checkpoint {path}: SAE '{pos}' lacks {sorted(missing)[0]}")
-        target.load_state_dict({**own, **sub}, strict=False)
+            raise UserError(f"checkpoint {path}: SAE '{pos}' lacks {key}.{missing[0]}")
+        stats = {b: torch.zeros_like(own[b]) for b in TRAINING_STAT_BUFFERS
+                 if b in own and b not in sub}  # fmt: skip
+        target.load_state_dict({**own, **stats, **sub}, strict=False)
         loaded.append(pos)
     return loaded
 
@@ -179,30 +233,67 @@ def build_model(config: Config, device: str | None = None) -> SAETransformer:
 
 
 def load_run(
-    path: str | Path, checkpoint: str | Path | None = None, device: str | None = None
+    path: str | Path | None = None,
+    checkpoint: str | Path | None = None,
+    device: str | None = None,
+    *,
+    config_file: str | Path | None = None,
 ) -> SAETransformer:
-    """Rebuild an `SAETransformer` from a run directory (or one of its checkpoint files)."""
-    path = Path(path).expanduser()
-    if path.is_file():
-        run_dir, ckpt = path.parent, path
+    """Rebuild an `SAETransformer` (in eval mode) from a run directory or one of its checkpoint
+    files, ours or the original e2e_sae's.
+
+    `checkpoint`: a file (relative to the run directory, else as given); default: the newest
+    intact one, skipping damaged newer files with a warning. `config_file`: instead of the run
+    directory's `final_config.yaml`. A relative `tlens_model_path` is looked up in the config's
+    folder first."""
+    from e2e_sae.compat.original import load_run_config, samples_of
+
+    ckpt: Path | None = None
+    if path is None:
+        if checkpoint is None and config_file is None:
+            raise UserError("load: give a run directory, a checkpoint file or a config file")
+        run_dir = Path(checkpoint or config_file or "").expanduser().parent
     else:
-        run_dir = path
-        if not (run_dir / CONFIG_FILE).exists():
-            raise UserError(f"run directory {run_dir}: no {CONFIG_FILE} (is it a training run?)")
-        ckpts = list_checkpoints(run_dir)
-        if checkpoint is not None:
-            ckpt = Path(checkpoint)
-            ckpt = ckpt if ckpt.is_absolute() else run_dir / ckpt
-        elif ckpts:
-            ckpt = ckpts[-1]
-        else:
-            raise UserError(f"run directory {run_dir}: no samples_<N>.safetensors checkpoint")
-    config = load_config(run_dir / CONFIG_FILE)
-    assert isinstance(config, Config)
+        run_dir = Path(path).expanduser()
+        if run_dir.is_file():
+            if checkpoint is not None:
+                raise UserError(f"load: {run_dir} is a checkpoint file; do not also give one")
+            run_dir, ckpt = run_dir.parent, run_dir
+    if checkpoint is not None:
+        ckpt = Path(checkpoint).expanduser()
+        ckpt = run_dir / ckpt if not ckpt.is_absolute() and (run_dir / ckpt).exists() else ckpt
+    cfg_path = Path(config_file).expanduser() if config_file is not None else run_dir / CONFIG_FILE
+    if not cfg_path.is_file():
+        if config_file is not None:
+            raise UserError(f"config_file: file not found: {cfg_path}")
+        if not run_dir.is_dir():
+            raise UserError(f"run directory {run_dir}: not found")
+        raise UserError(f"run directory {run_dir}: no {CONFIG_FILE} (is it a training run?)")
+    ckpts = [ckpt] if ckpt is not None else list_sae_checkpoints(run_dir)
+    if not ckpts:
+        raise UserError(
+            f"run directory {run_dir}: no samples_<N>.safetensors (or original samples_<N>.pt) "
+            "checkpoint"
+        )
+    config = _local_model_path(load_run_config(cfg_path, samples_of(ckpts[-1])), cfg_path.parent)
+    if ckpt is not None:
+        state = read_tensors(ckpt)
+    else:
+        ckpt, state = newest_intact(ckpts, f"run directory {run_dir}")
     model = build_model(config, device=device)
-    load_sae_weights(model, ckpt)
+    load_sae_weights(model, ckpt, state=state)
     model.run_config = config  # type: ignore[attr-defined]
-    return model
+    # eval mode: e.g. a BatchTopK SAE applies its learned threshold only outside training mode
+    return model.eval()
+
+
+def _local_model_path(config: Config, folder: Path) -> Config:
+    """A relative `tlens_model_path` that exists under the config's folder (as `e2e-sae convert`
+    writes it) is taken from there; otherwise it stays relative to the working directory."""
+    p = config.tlens_model_path
+    if p is None or p.is_absolute() or not (folder / p).exists():
+        return config
+    return config.model_copy(update={"tlens_model_path": folder / p})
 
 
 def load_pretrained_saes(
@@ -219,18 +310,19 @@ def load_pretrained_saes(
             loaded += load_saelens_into(model, p)
             continue
         if p.is_dir():
-            ckpts = list_checkpoints(p)
+            ckpts = list_sae_checkpoints(p)
             if not ckpts:
                 raise UserError(f"saes.pretrained_sae_paths: {p} holds no checkpoint")
-            p = ckpts[-1]
-        have = read_tensors(p, "saes.pretrained_sae_paths")
+            p, have = newest_intact(ckpts, "saes.pretrained_sae_paths")
+        else:
+            have = read_tensors(p, "saes.pretrained_sae_paths")
         from e2e_sae.splice import sae_key
 
         positions = [pos for pos in model.sae_positions
                      if any(k.startswith(sae_key(pos) + ".") for k in have)]  # fmt: skip
         if not positions:
             raise UserError(f"saes.pretrained_sae_paths: {p} has no SAE at {model.sae_positions}")
-        loaded += load_sae_weights(model, p, positions)
+        loaded += load_sae_weights(model, p, positions, state=have)
     if retrain is True:
         return set()
     if retrain is False:
@@ -270,9 +362,12 @@ __all__ = [
     "atomic_write_bytes",
     "build_model",
     "list_checkpoints",
+    "list_sae_checkpoints",
     "load_pretrained_saes",
     "load_run",
     "load_sae_weights",
+    "newest_intact",
+    "read_tensors",
     "save_checkpoint",
     "torch",
     "write_config",

@@ -109,6 +109,7 @@ COMMAND_MODULES = [
     "e2e_sae.cli_analysis",
     "e2e_sae.cli_interop",
     "e2e_sae.cli_cache",
+    "e2e_sae.cli_compat",
 ]
 
 

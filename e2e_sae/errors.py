@@ -13,6 +13,14 @@ class ConfigError(UserError):
     """A config file or config value is invalid."""
 
 
+class DamagedFileError(UserError):
+    """A checkpoint file that exists but does not read back intact (truncated, emptied, corrupted).
+
+    Loaders that have older checkpoints to fall back on catch this one; other UserErrors (a
+    missing file, a file that would need a full unpickle) are not damage and are not skipped.
+    """
+
+
 class TrainingInterrupted(Exception):
     """SIGINT / SIGTERM stopped training after a resume checkpoint was written.
 

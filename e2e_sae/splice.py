@@ -291,16 +291,40 @@ class SAETransformer(nn.Module):
     # --- persistence -----------------------------------------------------------------------------
     @classmethod
     def from_local_path(
-        cls, path: str | Path, checkpoint: str | Path | None = None, device: str | None = None
+        cls,
+        path: str | Path | None = None,
+        checkpoint: str | Path | None = None,
+        *,
+        checkpoint_dir: str | Path | None = None,
+        checkpoint_file: str | Path | None = None,
+        config_file: str | Path | None = None,
+        device: str | None = None,
     ) -> SAETransformer:
-        """Rebuild the LM and SAEs of a run directory (newest checkpoint unless given)."""
-        from e2e_sae.checkpoint import load_run
+        """Rebuild the LM and SAEs of a run (ours or the original e2e_sae's), in eval mode.
 
-        return load_run(path, checkpoint=checkpoint, device=device)
+        `path` (or, as in the original, `checkpoint_dir`): a run directory (its newest intact
+        checkpoint) or one checkpoint file. `checkpoint_file` (alias `checkpoint`): that file
+        (relative to the run directory, else as given); `config_file`: the config to use instead
+        of the `final_config.yaml` beside the checkpoint.
+        """
+        from e2e_sae.checkpoint import load_run
+        from e2e_sae.errors import UserError
+
+        if path is not None and checkpoint_dir is not None:
+            raise UserError("from_local_path: give path or checkpoint_dir, not both")
+        if checkpoint is not None and checkpoint_file is not None:
+            raise UserError("from_local_path: give checkpoint or checkpoint_file, not both")
+        return load_run(
+            path if path is not None else checkpoint_dir,
+            checkpoint=checkpoint if checkpoint is not None else checkpoint_file,
+            device=device,
+            config_file=config_file,
+        )
 
     @classmethod
     def from_wandb(cls, wandb_project_run_id: str, device: str | None = None) -> SAETransformer:
-        """Download the newest checkpoint and config of a W&B run ("entity/project/run_id")."""
+        """Download the newest checkpoint (`samples_<N>.safetensors`, or the original's
+        `samples_<N>.pt`) and config of a W&B run ("entity/project/run_id"), and load it."""
         from e2e_sae.wandb_utils import download_wandb_run
 
         return cls.from_local_path(download_wandb_run(wandb_project_run_id), device=device)
@@ -317,7 +341,8 @@ class SAETransformer(nn.Module):
         hooks their cfg.json names; see `e2e_sae.interop.saelens`."""
         from e2e_sae.interop.saelens import saelens_transformer
 
-        return saelens_transformer(tlens_model, paths, device=device, allow_inexact=allow_inexact)
+        model = saelens_transformer(tlens_model, paths, device=device, allow_inexact=allow_inexact)
+        return model.eval()
 
 
 def _cache_into(store: dict, wrap: Callable[[Tensor], Any] = lambda x: x) -> Callable[..., Tensor]:

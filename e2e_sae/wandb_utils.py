@@ -104,15 +104,21 @@ def save_file_to_wandb(run: Any, path: Path) -> None:
 
 
 def _checkpoint_samples(name: str) -> int | None:
-    stem = name.removeprefix("samples_").removesuffix(".safetensors")
-    if not name.startswith("samples_") or not name.endswith(".safetensors") or not stem.isdigit():
-        return None
-    return int(stem)
+    """N of `samples_<N>.safetensors` or the original's `samples_<N>.pt`, else None."""
+    from e2e_sae.compat.original import samples_of
+
+    return samples_of(Path(name)) if "/" not in name else None
+
+
+def _age_key(name: str) -> tuple[int, bool]:
+    """Sort key, newest last: by N; at equal N our safetensors file after the original's `.pt`."""
+    return (_checkpoint_samples(name) or 0, name.endswith(".safetensors"))
 
 
 def download_wandb_run(run_path: str, out_root: Path | None = None) -> Path:
-    """Fetch `final_config.yaml` and the newest `samples_<N>.safetensors` of a W&B run
-    ("entity/project/run_id") into a local folder, and return it (a run directory)."""
+    """Fetch `final_config.yaml` and the newest `samples_<N>.safetensors` (or, for runs of the
+    original e2e_sae, `samples_<N>.pt`) of a W&B run ("entity/project/run_id") into a local
+    folder, and return it (a run directory)."""
     from e2e_sae.data import cache_dir
 
     load_dotenv_file()
@@ -130,16 +136,13 @@ def download_wandb_run(run_path: str, out_root: Path | None = None) -> Path:
     names = {f.name: f for f in files}
     if "final_config.yaml" not in names:
         raise UserError(f"W&B run '{run_path}': no final_config.yaml among its files")
-    ckpts = sorted(
-        (n for n in names if _checkpoint_samples(n) is not None),
-        key=lambda n: _checkpoint_samples(n) or 0,
-    )
+    ckpts = sorted((n for n in names if _checkpoint_samples(n) is not None), key=_age_key)
     if not ckpts:
-        raise UserError(f"W&B run '{run_path}': no samples_<N>.safetensors checkpoint")
+        raise UserError(f"W&B run '{run_path}': no samples_<N>.safetensors or samples_<N>.pt file")
     out.mkdir(parents=True, exist_ok=True)
     # Older downloads of this run would otherwise be picked as "newest" by load_run.
-    for stale in out.glob("samples_*.safetensors"):
-        if stale.name != ckpts[-1]:
+    for stale in out.glob("samples_*"):
+        if stale.name != ckpts[-1] and _checkpoint_samples(stale.name) is not None:
             stale.unlink()
     for n in ("final_config.yaml", ckpts[-1]):
         names[n].download(root=str(out), replace=True)

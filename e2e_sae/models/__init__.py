@@ -74,14 +74,19 @@ def _serialisable_cfg(cfg: HookedTransformerConfig) -> dict[str, Any]:
 
 
 def load_tlens_model_from_path(path: Path, device: str | None = None) -> HookedTransformer:
-    """Load a model saved by `save_tlens_model` (a folder, or its model.safetensors file)."""
+    """Load a model saved by `save_tlens_model` (a folder, or its model.safetensors file), or one
+    of the original e2e_sae's `epoch_<N>.pt` files (with its `final_config.yaml` beside it)."""
+    from e2e_sae.compat.original import load_original_lm, original_lm_file
+
     path = Path(path).expanduser()
+    if original_lm_file(path) is not None and not (path / MODEL_CONFIG).exists():
+        return load_original_lm(path, device=device)
     folder = path.parent if path.is_file() else path
     weights = path if path.is_file() else folder / MODEL_WEIGHTS
     if not weights.exists() or not (folder / MODEL_CONFIG).exists():
         raise UserError(
             f"tlens_model_path: {path} is not a saved model (expected {MODEL_WEIGHTS} and "
-            f"{MODEL_CONFIG}, as written by `e2e-sae train-lm`)"
+            f"{MODEL_CONFIG}, as written by `e2e-sae train-lm`, or an original epoch_<N>.pt)"
         )
     fields = json.loads((folder / MODEL_CONFIG).read_text())
     fields = {k: v for k, v in fields.items() if k in _CFG_KEYS}

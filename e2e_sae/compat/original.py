@@ -1,0 +1,367 @@
+"""The original e2e_sae 2.1.1's files, read without a full unpickle.
+
+What it writes:
+  * an SAE run directory: `final_config.yaml` (its whole Config, `model_dump(mode="json")`) and
+    `samples_<N>.pt`, a `torch.save` of `model.saes.state_dict()`: keys `<sae_key>.encoder.0.weight`
+    [d_sae, d_in], `.encoder.0.bias`, `.decoder.weight` [d_in, d_sae] (raw, not unit norm),
+    `.decoder.bias`; no firing statistics;
+  * a custom LM (its `train_tlens` script): `epoch_<N>.pt`, a `torch.save` of the
+    HookedTransformer's state dict, with a `final_config.yaml` beside it whose `tlens_config`
+    holds the HookedTransformerConfig fields (`dtype` as a string, `tokenizer_name`).
+
+`.pt` files are read with `torch.load(..., weights_only=True)` only. A zip-format file is first
+checked against the CRC32 of every member, so a truncated or bit-flipped file is told apart from
+one that genuinely needs a full unpickle (which is refused).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import logging
+import os
+import pickle
+import re
+import shutil
+import typing
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel
+from torch import Tensor
+
+from e2e_sae.config import Config, parse_model, read_yaml
+from e2e_sae.errors import ConfigError, DamagedFileError, UserError
+
+if typing.TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "final_config.yaml"
+_EPOCH_RE = re.compile(r"^epoch_(\d+)\.pt$")
+_UNSAFE_GLOBAL_RE = re.compile(r"Unsupported global: GLOBAL (\S+)")
+# The original's TorchDtype strings (plus float16, which HookedTransformerConfig also takes).
+_DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+# Parameters of one of the original's SAEs (its only sparsifier in 2.1.1).
+SAE_PARAMS = ("encoder.0.weight", "encoder.0.bias", "decoder.weight", "decoder.bias")
+# HookedTransformer buffers derived from the config, not learned.
+_OPTIONAL_LM_BUFFERS = ("mask", "IGNORE", "rotary_sin", "rotary_cos")
+
+
+# --- .pt state dicts -----------------------------------------------------------------------------
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:160] if text else type(err).__name__
+
+
+def _zip_damage(path: Path) -> str | None:
+    """Why a zip-format `torch.save` file is damaged (a member failing its CRC32, a broken
+    directory), or None. Non-zip files (legacy format, or truncated past recognition) are left to
+    `torch.load` to judge."""
+    if not zipfile.is_zipfile(path):
+        return None
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError) as err:
+        return _first_line(err)
+    return f"CRC mismatch in {bad}" if bad is not None else None
+
+
+def read_pt_state_dict(path: str | os.PathLike[str], what: str = "checkpoint") -> dict[str, Tensor]:
+    """A `torch.save`d {name: tensor} dict, loaded with `weights_only=True` (never a full unpickle).
+
+    Raises `DamagedFileError` for a truncated / emptied / corrupted file and a one-line
+    `UserError` for a file that would need a full unpickle or is not a flat state dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what}: file not found: {path}")
+    damage = _zip_damage(path)
+    if damage is not None:
+        raise DamagedFileError(f"{what}: {path} is damaged ({damage})")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        m = _UNSAFE_GLOBAL_RE.search(str(err))
+        needs = f" (it references {m.group(1)})" if m else ""
+        maybe = "" if zipfile.is_zipfile(path) else " or is damaged"
+        raise UserError(
+            f"{what}: {path} needs a full unpickle to load{needs}{maybe}; refused: only plain "
+            "tensor state dicts are read (torch.load weights_only=True)"
+        ) from None
+    except Exception as err:  # noqa: BLE001 - EOFError, OSError, RuntimeError from a broken file
+        raise DamagedFileError(f"{what}: {path} is damaged ({_first_line(err)})") from None
+    if not isinstance(obj, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()
+    ):
+        got = type(obj).__name__
+        raise UserError(f"{what}: {path} is not a state dict of tensors (got a {got})")
+    return dict(obj)
+
+
+def samples_of(path: Path) -> int | None:
+    """N of a `samples_<N>.safetensors` / `samples_<N>.pt` name, else None."""
+    m = re.match(r"^samples_(\d+)\.(?:safetensors|pt)$", path.name)
+    return int(m.group(1)) if m else None
+
+
+# --- final_config.yaml ---------------------------------------------------------------------------
+def is_original_config(raw: Mapping[str, Any]) -> bool:
+    """True for a config this library did not write: ours always records `precision` and
+    `saes.architecture`, which the original's schema never had."""
+    saes = raw.get("saes")
+    return "precision" not in raw and not (isinstance(saes, Mapping) and "architecture" in saes)
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model a field holds directly (`X`, `X | None`, `Annotated[X, ...]`)."""
+    if inspect.isclass(annotation) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _drop_unknown(model: type[BaseModel], data: dict[str, Any], prefix: str = "") -> list[str]:
+    dropped: list[str] = []
+    for key in list(data):
+        field = model.model_fields.get(key)
+        if field is None:
+            dropped.append(prefix + key)
+            del data[key]
+            continue
+        sub = _model_in(field.annotation)
+        if sub is not None and isinstance(data[key], dict):
+            dropped += _drop_unknown(sub, data[key], f"{prefix}{key}.")
+    return dropped
+
+
+def adapt_original_config(
+    raw: Mapping[str, Any], source: str = "config", n_samples: int | None = None
+) -> dict[str, Any]:
+    """The original's config dict as one of ours: keys we do not use (`cooldown_samples`, keys of
+    older versions, ...) are dropped with one log line; `n_samples: null` (the original's "the
+    whole dataset") becomes `n_samples` (the checkpoint's sample count)."""
+    data = copy.deepcopy(dict(raw))
+    dropped = _drop_unknown(Config, data)
+    saes = data.get("saes")
+    if isinstance(saes, dict):
+        kind = saes.get("type_of_sparsifier")
+        if kind not in (None, "sae"):
+            raise ConfigError(f"{source}: saes.type_of_sparsifier: '{kind}' is not supported "
+                              "(only the original's 'sae')")  # fmt: skip
+        if "k" in saes:  # the original's `k` sized its codebook sparsifier, never an SAE
+            del saes["k"]
+            dropped.append("saes.k")
+    if dropped:
+        logger.info(
+            "%s: ignoring keys of the original e2e_sae that this library does not use: %s",
+            source,
+            ", ".join(dropped),
+        )
+    if data.get("n_samples") is None:
+        data["n_samples"] = max(1, n_samples or 1)
+    return data
+
+
+def load_run_config(path: Path, n_samples: int | None = None) -> Config:
+    """A run's `final_config.yaml`, ours or the original's (adapted, see above)."""
+    raw = read_yaml(path)
+    if isinstance(raw, dict) and is_original_config(raw):
+        raw = adapt_original_config(raw, str(path), n_samples)
+    config = parse_model(Config, raw, source=str(path))
+    assert isinstance(config, Config)
+    return config
+
+
+# --- epoch_<N>.pt language models ----------------------------------------------------------------
+def original_lm_file(path: str | os.PathLike[str]) -> Path | None:
+    """The `epoch_<N>.pt` a `tlens_model_path` names when it is in the original's format: a `.pt`
+    file, or a folder of `epoch_<N>.pt` files (the newest). None for anything else."""
+    path = Path(path).expanduser()
+    if path.suffix == ".pt":
+        return path
+    if path.is_dir():
+        epochs = [(int(m.group(1)), p) for p in path.glob("epoch_*.pt")
+                  if (m := _EPOCH_RE.match(p.name))]  # fmt: skip
+        if epochs:
+            return max(epochs)[1]
+    return None
+
+
+def original_lm_fields(pt: Path) -> dict[str, Any]:
+    """HookedTransformerConfig fields from the `tlens_config` of the `final_config.yaml` beside
+    `pt`; `dtype` becomes a torch dtype."""
+    cfg_path = pt.parent / CONFIG_FILE
+    if not cfg_path.is_file():
+        raise UserError(
+            f"tlens_model_path: {pt} has no {CONFIG_FILE} beside it (the original's train_tlens "
+            "writes one holding tlens_config)"
+        )
+    raw = read_yaml(cfg_path)
+    tlens = raw.get("tlens_config") if isinstance(raw, dict) else None
+    if not isinstance(tlens, dict):
+        raise ConfigError(f"{cfg_path}: tlens_config: required mapping is missing")
+    fields = dict(tlens)
+    dtype = fields.pop("dtype", None)
+    if dtype is not None:
+        if dtype not in _DTYPES:
+            raise ConfigError(
+                f"{cfg_path}: tlens_config.dtype: unknown '{dtype}' ({', '.join(_DTYPES)})"
+            )
+        fields["dtype"] = _DTYPES[dtype]
+    return fields
+
+
+def load_original_lm(path: str | os.PathLike[str], device: str | None = None) -> HookedTransformer:
+    """A HookedTransformer from the original's `epoch_<N>.pt` (or a folder of them). Offline: the
+    `tokenizer_name` of its config is recorded on `cfg` but not loaded."""
+    from e2e_sae.models import build_random_model
+
+    pt = original_lm_file(path)
+    assert pt is not None, path
+    if not pt.is_file():
+        raise UserError(f"tlens_model_path: file not found: {pt}")
+    fields = original_lm_fields(pt)
+    fields["init_weights"] = False  # every weight is overwritten below
+    try:
+        model = build_random_model(fields, device=device)
+    except ConfigError as err:
+        raise ConfigError(f"{pt.parent / CONFIG_FILE}: {err}") from None
+    state = read_pt_state_dict(pt, "tlens_model_path")
+    # derived buffers (causal mask, ...): TransformerLens versions store them differently (TL 3
+    # keeps an empty mask and builds it on use), so the model's own are kept
+    state = {k: v for k, v in state.items() if k.rsplit(".", 1)[-1] not in _OPTIONAL_LM_BUFFERS}
+    own = model.state_dict()
+    params = dict(model.named_parameters())
+    problem = next((f"lacks '{k}'" for k in params if k not in state), None)
+    problem = problem or next((f"has an unexpected '{k}'" for k in state if k not in own), None)
+    problem = problem or next(
+        (f"'{k}' is {tuple(v.shape)}, the config builds {tuple(own[k].shape)}"
+         for k, v in state.items() if k in own and own[k].shape != v.shape),
+        None,
+    )  # fmt: skip
+    if problem is not None:
+        raise UserError(f"tlens_model_path: {pt} does not fit its tlens_config ({problem})")
+    model.load_state_dict(state, strict=False)
+    return model.eval()
+
+
+# --- converting a run ----------------------------------------------------------------------------
+def _sae_groups(state: Mapping[str, Tensor], source: Path) -> dict[str, dict[str, Tensor]]:
+    """{sae_key: {param: tensor}} of an original SAE state dict, checked to be its ReLU SAE."""
+    groups: dict[str, dict[str, Tensor]] = {}
+    for name, t in state.items():
+        param = next((p for p in SAE_PARAMS if name.endswith("." + p)), None)
+        if param is None:
+            raise UserError(f"convert: {source}: '{name}' is not a parameter of the original's SAE")
+        groups.setdefault(name[: -len(param) - 1], {})[param] = t
+    for key, g in groups.items():
+        missing = [p for p in SAE_PARAMS if p not in g]
+        if missing:
+            raise UserError(f"convert: {source}: SAE '{key}' lacks {missing[0]}")
+        d_sae, d_in = g["encoder.0.weight"].shape
+        if tuple(g["decoder.weight"].shape) != (d_in, d_sae):
+            raise UserError(
+                f"convert: {source}: '{key}.decoder.weight' is {tuple(g['decoder.weight'].shape)},"
+                f" expected {(d_in, d_sae)}"
+            )
+    if not groups:
+        raise UserError(f"convert: {source}: no SAE weights")
+    return groups
+
+
+def convert_original_run(
+    run_dir: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    checkpoint: str | os.PathLike[str] | None = None,
+) -> Path:
+    """Rewrite an original run directory as one of ours in `out`: `samples_<N>.safetensors` (the
+    same tensors, plus zeroed firing statistics) and our `final_config.yaml`. A custom float32 LM
+    (`tlens_model_path` to an `epoch_<N>.pt`) is rewritten too, as `out/tlens_model/`.
+
+    No language model from the Hub is needed. `out` appears complete or not at all."""
+    from e2e_sae.checkpoint import (
+        atomic_save_tensors,
+        list_sae_checkpoints,
+        newest_intact,
+        read_tensors,
+        write_config,
+    )
+    from e2e_sae.models import save_tlens_model
+
+    run_dir, out = Path(run_dir).expanduser(), Path(out).expanduser()
+    if run_dir.is_file():
+        run_dir, checkpoint = run_dir.parent, checkpoint or run_dir
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise UserError(f"convert: {run_dir} has no {CONFIG_FILE} (is it a training run?)")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"convert: output {out} already exists and is not empty")
+    if checkpoint is not None:
+        ckpt = Path(checkpoint)
+        ckpt = run_dir / ckpt if not ckpt.is_absolute() and (run_dir / ckpt).exists() else ckpt
+        state = read_tensors(ckpt, "convert")
+    else:
+        ckpts = list_sae_checkpoints(run_dir)
+        if not ckpts:
+            raise UserError(f"convert: {run_dir} has no samples_<N>.pt checkpoint")
+        ckpt, state = newest_intact(ckpts, f"convert: {run_dir}")
+    n = samples_of(ckpt)
+    config = load_run_config(run_dir / CONFIG_FILE, n)
+    n = n if n is not None else config.n_samples or 0
+    groups = _sae_groups(state, ckpt)
+    positions = [k.replace("-", ".") for k in groups]  # hook names never contain '-'
+    ratio = config.saes.dict_size_to_input_ratio
+    for key, g in groups.items():
+        d_sae, d_in = g["encoder.0.weight"].shape
+        if int(d_in * ratio) != d_sae:
+            raise UserError(f"convert: {ckpt}: SAE '{key}' has {d_sae} latents for d_in {d_in}, "
+                            f"but saes.dict_size_to_input_ratio is {ratio}")  # fmt: skip
+    patterns = config.saes.sae_positions
+    stray = [p for p in positions if not any(pat in p for pat in patterns)]
+    unused = [pat for pat in patterns if not any(pat in p for p in positions)]
+    if stray or unused:
+        what = f"an SAE at '{stray[0]}'" if stray else f"no SAE for '{unused[0]}'"
+        raise UserError(f"convert: {ckpt} has {what}, which saes.sae_positions does not match")
+
+    tmp = out.parent / f".{out.name}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        lm = original_lm_file(config.tlens_model_path) if config.tlens_model_path else None
+        if lm is not None:
+            if original_lm_fields(lm).get("dtype", torch.float32) == torch.float32:
+                save_tlens_model(load_original_lm(lm, device="cpu"), tmp / "tlens_model")
+                config = config.model_copy(update={"tlens_model_path": Path("tlens_model")})
+            else:  # our model files record no dtype: keep reading the original's file
+                logger.info("convert: %s is not float32; tlens_model_path still names it", lm)
+        tensors = {k: v for k, v in state.items()}
+        for key, g in groups.items():
+            tensors[f"{key}.tokens_since_fired"] = torch.zeros(
+                g["encoder.0.weight"].shape[0], dtype=torch.long
+            )
+        meta = {
+            "architecture": "relu",
+            "sae_positions": json.dumps(positions),
+            "init_kwargs": json.dumps({p: {} for p in positions}),
+            "converted_from": str(ckpt),
+        }
+        atomic_save_tensors(tensors, tmp / f"samples_{n}.safetensors", meta)
+        write_config(tmp, config)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
