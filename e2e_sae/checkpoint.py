@@ -202,6 +202,8 @@ def load_run(
     model = build_model(config, device=device)
     load_sae_weights(model, ckpt)
     model.run_config = config  # type: ignore[attr-defined]
+    model.run_dir = run_dir  # type: ignore[attr-defined]  # e.g. for its eval's feature frequencies
+    model.checkpoint_path = ckpt  # type: ignore[attr-defined]
     return model
 
 

@@ -48,6 +48,7 @@ logger = logging.getLogger(__name__)
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
 SPARSITY_FILE = "sparsity.safetensors"
+SPARSITY_EPS = 1e-10  # SAELens' eps in log10(feature density + eps)
 # The cfg.json layout we write is SAELens 6's (fields at the top, model/hook info in `metadata`).
 # SAELens reads `metadata.sae_lens_version` to decide between that and its pre-6 flat layout.
 FORMAT_VERSION = "6.0.0"
@@ -305,9 +306,20 @@ def save_saelens(
     atomic_save_tensors(tensors, out / WEIGHTS_FILE)
     atomic_write_bytes(out / CFG_FILE, (json.dumps(cfg, indent=2, default=str) + "\n").encode())
     if feature_frequency is not None:
-        log_freq = torch.log10(feature_frequency.double().clamp_min(1e-10)).float()
-        atomic_save_tensors({"sparsity": log_freq}, out / SPARSITY_FILE)
+        if feature_frequency.shape != (sae.n_dict_components,):
+            raise UserError(
+                f"SAELens export: feature_frequency has shape {tuple(feature_frequency.shape)}, "
+                f"expected ({sae.n_dict_components},)"
+            )
+        atomic_save_tensors({"sparsity": log_feature_density(feature_frequency)},
+                            out / SPARSITY_FILE)  # fmt: skip
     return out
+
+
+def log_feature_density(frequency: Tensor) -> Tensor:
+    """SAELens' `sparsity` tensor: log10(firing frequency + 1e-10), float32 (a latent that never
+    fired gets -10, as SAELens' trainer writes it)."""
+    return torch.log10(frequency.double() + SPARSITY_EPS).float()
 
 
 def _saes_of_run(
@@ -377,16 +389,20 @@ def export_run_saelens(
     saes: list[tuple[str, str, SAEBase]] | None = None
     if isinstance(run, (str, Path)):
         run_dir = Path(run).expanduser()
+        if run_dir.is_file():
+            run_dir, checkpoint = run_dir.parent, run_dir
         found = _saes_of_run(run_dir, checkpoint)
         if found is not None:
             config, saes = found
         else:
             run = load_run(run_dir, checkpoint=checkpoint, device="cpu")
-        run_dir = run_dir.parent if run_dir.is_file() else run_dir
     if saes is None:
         assert not isinstance(run, (str, Path))
         config = getattr(run, "run_config", None)
         saes = [(p, run.sites[p].input_hook, run.sae(p)) for p in run.sae_positions]
+        if run_dir is None:  # a model from `load_run` knows its run directory and checkpoint
+            run_dir = getattr(run, "run_dir", None)
+            checkpoint = getattr(run, "checkpoint_path", None)
     meta: dict[str, Any] = {}
     if config is not None:
         model_name = (
@@ -399,11 +415,7 @@ def export_run_saelens(
             "dataset_path": config.train_data.dataset_name,
             "e2e_sae_config": config_to_yaml_dict(config),
         }
-    freqs: dict[str, Tensor] = {}
-    if run_dir is not None:
-        from e2e_sae.evaluate import read_feature_frequency
-
-        freqs = read_feature_frequency(run_dir)
+    freqs = _eval_feature_frequency(run_dir, checkpoint)
     out = Path(out_dir).expanduser()
     return [
         save_saelens(
@@ -417,6 +429,27 @@ def export_run_saelens(
         )
         for pos, input_hook, sae in saes
     ]
+
+
+def _eval_feature_frequency(
+    run_dir: Path | None, checkpoint: str | Path | None
+) -> dict[str, Tensor]:
+    """The firing frequencies of the run's `eval.json`, {} without one. `e2e-sae eval` measures the
+    newest checkpoint, so exporting an older one gets no `sparsity.safetensors`."""
+    from e2e_sae.checkpoint import list_checkpoints
+    from e2e_sae.evaluate import read_feature_frequency
+
+    if run_dir is None:
+        return {}
+    freqs = read_feature_frequency(run_dir)
+    if freqs and checkpoint is not None:
+        ckpts = list_checkpoints(run_dir)
+        ckpt = Path(checkpoint)
+        ckpt = ckpt if ckpt.is_absolute() or ckpt.exists() else run_dir / ckpt
+        if not ckpts or ckpt.resolve() != ckpts[-1].resolve():
+            logger.info("export: %s is not the evaluated (newest) checkpoint: no sparsity", ckpt)
+            return {}
+    return freqs
 
 
 # --- import ---------------------------------------------------------------------------------------
