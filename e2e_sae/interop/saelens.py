@@ -20,6 +20,10 @@ W_enc * exp(r_mag), b_mag; c = 1[gate > 0] * relu(magnitude)); SAELens stores th
 `b_gate` instead of `b_enc`. Scaling latent i's W_enc column, b_gate and b_mag by n_i (r_mag
 unchanged) scales its code by n_i; b_mag absorbs `apply_b_dec_to_input` as
 b_mag - (b_dec @ W_enc) * exp(r_mag).
+
+Skip transcoders are SAELens' `skip_transcoder` (ReLU transcoder + `W_skip` [d_out, d_in] applied
+to the raw input), written with `d_out` and `metadata.hook_name_out` also when the SAE sits at a
+single hook (then hook_name_out = hook_name). W_skip is copied as is both ways.
 """
 
 from __future__ import annotations
@@ -128,13 +132,22 @@ def _gated_export(sae: SAEBase) -> tuple[str, dict[str, Tensor], dict[str, Any]]
     return "gated", {"r_mag": r_mag.detach(), "b_mag": b_mag.detach()}, {}
 
 
+def _skip_transcoder_export(sae: SAEBase) -> tuple[str, dict[str, Tensor], dict[str, Any]]:
+    w_skip = getattr(sae, "W_skip", None)
+    assert isinstance(w_skip, Tensor)
+    return "skip_transcoder", {"W_skip": w_skip.detach()}, {}
+
+
 _EXPORTS: dict[str, _Export] = {
     "relu": _relu_export,
     "topk": _topk_export,
     "jumprelu": _jumprelu_export,
     "batchtopk": _batchtopk_export,
     "gated": _gated_export,
+    "skip_transcoder": _skip_transcoder_export,
 }
+# SAELens architectures that are transcoders (d_out, hook_name_out) even at a single hook.
+_ALWAYS_TRANSCODER = {"skip_transcoder"}
 # SAELens' name for our encoder bias, where it is not `b_enc` (gated: the gate path's bias).
 _ENCODER_BIAS = {"gated": "b_gate"}
 
@@ -209,6 +222,20 @@ def _gated_extras(sae: SAEBase, tensors: dict[str, Tensor], norms: Tensor) -> No
     b_mag.data.copy_((tensors["b_mag"] * norms).to(b_mag.dtype))
 
 
+def _skip_transcoder_extras(sae: SAEBase, tensors: dict[str, Tensor], norms: Tensor) -> None:
+    w_skip = getattr(sae, "W_skip", None)
+    assert isinstance(w_skip, Tensor)
+    if "W_skip" not in tensors:
+        raise UserError("SAELens weights: skip_transcoder without 'W_skip'")
+    if tensors["W_skip"].shape != w_skip.shape:
+        raise UserError(
+            f"SAELens weights: W_skip has shape {tuple(tensors['W_skip'].shape)}, expected "
+            f"(d_out, d_in) = {tuple(w_skip.shape)}"
+        )
+    # the skip path reads the raw input in SAELens too, so no decoder-norm or b_dec fold applies
+    w_skip.data.copy_(tensors["W_skip"].to(w_skip.dtype))
+
+
 _IMPORTS: dict[str, _Import] = {
     "standard": _Import("relu"),
     "transcoder": _Import("relu"),
@@ -216,6 +243,7 @@ _IMPORTS: dict[str, _Import] = {
     "jumprelu": _Import("jumprelu", _jumprelu_kwargs, extras=_jumprelu_extras),
     "jumprelu_transcoder": _Import("jumprelu", _jumprelu_kwargs, extras=_jumprelu_extras),
     "gated": _Import("gated", extras=_gated_extras, prepare=_gated_prepare),
+    "skip_transcoder": _Import("skip_transcoder", extras=_skip_transcoder_extras),
 }
 
 
@@ -224,7 +252,7 @@ def saelens_state(sae: SAEBase) -> tuple[str, dict[str, Tensor], dict[str, Any]]
     """(SAELens architecture, tensors, architecture cfg fields) of one of our SAEs.
 
     W_enc [d_in, d_sae], b_enc [d_sae] (gated: b_gate), W_dec [d_sae, d_out] (unit-norm rows),
-    b_dec [d_out].
+    b_dec [d_out] (+ threshold, r_mag / b_mag, W_skip [d_out, d_in] per architecture).
     """
     export = _EXPORTS.get(sae.architecture)
     if export is None:
@@ -266,7 +294,9 @@ def save_saelens(
     transcoder = sae.output_size != sae.input_size or (
         hook_name_out is not None and hook_name_out != hook_name
     )
-    if transcoder:
+    if name in _ALWAYS_TRANSCODER:
+        transcoder = True
+    elif transcoder:
         if name not in _TRANSCODER_NAMES:
             raise UserError(
                 f"SAELens export: SAELens has no '{name}' transcoder (only standard, jumprelu)"
@@ -283,7 +313,7 @@ def save_saelens(
         "model_class_name": "HookedTransformer",
         "hook_name": hook_name,
         "hook_head_index": None,
-        **({"hook_name_out": hook_name_out} if transcoder else {}),
+        **({"hook_name_out": hook_name_out or hook_name} if transcoder else {}),
         **(metadata or {}),
     }
     cfg: dict[str, Any] = {
@@ -459,7 +489,8 @@ class SAELensInfo:
 
     path: Path
     architecture: str
-    """SAELens' name (standard, topk, jumprelu, transcoder, jumprelu_transcoder)."""
+    """SAELens' name (standard, topk, jumprelu, gated, transcoder, jumprelu_transcoder,
+    skip_transcoder)."""
     hook_name: str | None
     """The hook the SAE reads."""
     hook_name_out: str | None
