@@ -21,6 +21,7 @@ from e2e_sae.errors import UserError
 from e2e_sae.interop.saebench import to_saebench
 from e2e_sae.interop.saelens import (
     encoder_linear,
+    export_run_saelens,
     load_saelens_sae,
     sae_from_saelens_tensors,
     save_saelens,
@@ -138,6 +139,13 @@ def test_trains_under_each_loss_and_w_skip_learns(
     assert logits_a is not None and logits_b is not None and torch.equal(logits_a, logits_b)
     a, b = acts_a[pos], acts_b[pos]
     assert isinstance(a, SAEActs) and isinstance(b, SAEActs) and torch.equal(a.output, b.output)
+    # `e2e-sae export` of the run directory, read back: the same SAE
+    (folder,) = export_run_saelens(run_dir, tmp_path / "export")
+    assert json.loads((folder / "cfg.json").read_text())["architecture"] == "skip_transcoder"
+    imported, info = load_saelens_sae(folder)
+    assert info.position == pos and info.hook_name == (TC_IN if site == "transcoder" else pos)
+    with torch.no_grad():
+        torch.testing.assert_close(imported(a.input)[0], a.output)
 
 
 @pytest.mark.parametrize("d_out,hook_out", [(20, TC_OUT), (12, None)], ids=["tc", "single"])
