@@ -10,11 +10,11 @@ both libraries). The skip term carries the part of the map that is linear in x, 
 need to explain the rest.
 
 Meant as a transcoder (`saes.transcoders: [{input, output}]`, e.g. an MLP's input -> its output).
-It is also allowed at a single hook, where it computes the same function, but there
-W_skip = identity reconstructs the input with no latent active: under a local (reconstruction)
-loss, and to a lesser degree under e2e losses, training can drift to that trivial solution unless
-the sparsity term and the dictionary do better. Every loss and forward path works with it, since
-they all call `forward`.
+It is also allowed at a single hook (it computes the same function there, and SAELens folders with
+hook_name_out == hook_name load as such), but there W_skip = identity with no latent active
+reproduces the activation exactly: zero reconstruction error, zero KL, zero sparsity penalty, a
+global minimum of every loss here, which training drifts towards. Every loss and forward path
+works with it, since they all call `forward`.
 """
 
 from __future__ import annotations
