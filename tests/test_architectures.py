@@ -48,6 +48,7 @@ ARCH_SAES: dict[str, dict[str, Any]] = {
     "batchtopk": {"k": 4, "architecture_kwargs": {"dead_tokens_threshold": 16, "k_aux": 8}},
     "jumprelu": {"architecture_kwargs": {"bandwidth": 0.1, "init_threshold": 0.1}},
     "gated": {"architecture_kwargs": {"aux_coeff": 0.5}},
+    "skip_transcoder": {},
 }
 TOPK_FAMILY = ("topk", "batchtopk")
 

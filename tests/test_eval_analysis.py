@@ -166,6 +166,51 @@ def test_l0_and_alive_counts_on_a_known_code_matrix() -> None:
     assert stats.counts is not None and stats.counts.tolist() == [3, 1, 3, 0, 1]
 
 
+def saebench_core(x: torch.Tensor, x_hat: torch.Tensor, c: torch.Tensor) -> dict[str, float]:
+    """SAEBench's core-eval formulas (get_sparsity_and_variance_metrics), written out on one batch
+    holding every token; l1 with abs (equal for the non-negative codes SAEBench assumes)."""
+    l2_in, l2_out = x.norm(dim=-1), x_hat.norm(dim=-1)
+    l2_in_for_div = l2_in.clone()
+    l2_in_for_div[l2_in_for_div.abs() < 0.0001] = 1
+    cos = [float(x[i] @ x_hat[i] / (x[i].norm() * x_hat[i].norm())) for i in range(len(x))]
+    return {
+        "l2_ratio": float((l2_out / l2_in_for_div).mean()),
+        "relative_reconstruction_bias": float((l2_out**2).mean() / (x * x_hat).sum(-1).mean()),
+        "cossim": sum(cos) / len(cos),
+        "l1": float(c.abs().sum(-1).mean()),
+    }
+
+
+def test_saebench_core_metrics_pool_all_tokens() -> None:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(10, 6, generator=g, dtype=torch.float64)
+    x[3] = 1e-6  # below SAEBench's 1e-4: its l2_ratio divides by 1 there
+    x_hat = 0.7 * x + 0.3 * torch.randn(10, 6, generator=g, dtype=torch.float64)
+    x_hat[7:] *= 4  # the batches differ, so a mean of per-batch ratios would not match
+    c = torch.randn(10, 9, generator=g, dtype=torch.float64).relu()
+    stats = _SAEStats()
+    stats.update(x[:7], c[:7], x_hat[:7])
+    stats.update(x[7:], c[7:], x_hat[7:])
+    r, want = stats.result(), saebench_core(x, x_hat, c)
+    for key, value in want.items():
+        assert r[key] == pytest.approx(value, rel=1e-12), key
+    assert r["l2_ratio"] == pytest.approx(
+        float(sum(x_hat[i].norm() / (1 if i == 3 else x[i].norm()) for i in range(10)) / 10)
+    )
+    per_batch = [saebench_core(x[s], x_hat[s], c[s])["relative_reconstruction_bias"]
+                 for s in (slice(0, 7), slice(7, 10))]  # fmt: skip
+    assert abs(sum(per_batch) / 2 - r["relative_reconstruction_bias"]) > 0.01
+    # perfect reconstruction: every ratio is 1; a zero reconstruction has cossim 0 (not NaN)
+    exact = _SAEStats()
+    exact.update(x[4:], c[4:], x[4:])  # (not row 3, whose l2_ratio divides by 1)
+    assert [exact.result()[k] for k in ("l2_ratio", "relative_reconstruction_bias", "cossim")] == [
+        pytest.approx(1.0, rel=1e-12)
+    ] * 3
+    zero = _SAEStats()
+    zero.update(x, c, torch.zeros_like(x))
+    assert (zero.result()["cossim"], zero.result()["l2_ratio"]) == (0.0, 0.0)
+
+
 # --- evaluate() with special SAEs -----------------------------------------------------------------
 def test_identity_sae_loses_nothing(model: SAETransformer, monkeypatch) -> None:
     sae = model.sae("blocks.1.hook_resid_pre")
@@ -185,6 +230,9 @@ def test_identity_sae_loses_nothing(model: SAETransformer, monkeypatch) -> None:
     assert s["explained_variance"] == pytest.approx(1.0, abs=1e-9)
     assert s["explained_variance_ln"] == pytest.approx(1.0, abs=1e-9)
     assert (s["l0"], s["alive_dict_elements"], s["dead_dict_elements"]) == (2, 2, 62)
+    assert s["l1"] == 2.0
+    for key in ("l2_ratio", "relative_reconstruction_bias", "cossim"):
+        assert s[key] == pytest.approx(1.0, abs=1e-6), key
     assert set(r.downstream) == {"blocks.2.hook_resid_pre", "blocks.2.hook_resid_post"}
     assert all(d["explained_variance"] == pytest.approx(1.0) for d in r.downstream.values())
     assert r.feature_frequency("blocks.1.hook_resid_pre")[[0, 5]].tolist() == [1.0, 1.0]
@@ -254,6 +302,9 @@ def test_evaluate_matches_direct_computation(model: SAETransformer) -> None:
     assert s["mse"] == pytest.approx(float(F.mse_loss(out, sae_in)), rel=1e-5)
     assert s["l0"] == pytest.approx(float((c != 0).sum(-1).float().mean()), rel=1e-6)
     assert s["alive_dict_elements"] == int((c != 0).reshape(-1, 64).any(0).sum())
+    flat = [t.reshape(-1, t.shape[-1]).double() for t in (sae_in, out, c)]
+    for key, value in saebench_core(*flat).items():
+        assert s[key] == pytest.approx(value, rel=1e-5), key
     for h in later:
         assert r.downstream[h]["explained_variance"] == pytest.approx(
             ev(cache[h], acts[h].input), rel=1e-5
@@ -270,12 +321,14 @@ def test_eval_cli_writes_eval_json(runs: dict[str, Path], tmp_path: Path, capsys
     assert main(["eval", str(run), "--n-tokens", "64", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "ce_loss_score" in text and "downstream" in text
+    assert "relative_reconstruction_bias" in text and "cossim" in text
     ev = json.loads(out.read_text())
     for key in ("ce_loss_clean", "ce_loss_with_saes", "ce_loss_increase", "kl", "kl_div_score",
                 "ce_loss_score", "top1_agreement", "tvd"):  # fmt: skip
         assert isinstance(ev[key], float), key
     sae = ev["per_sae"]["blocks.1.hook_resid_pre"]
-    assert {"l0", "alive_dict_elements", "explained_variance", "explained_variance_ln"} <= set(sae)
+    assert {"l0", "alive_dict_elements", "explained_variance", "explained_variance_ln", "mse",
+            "l1", "l2_ratio", "relative_reconstruction_bias", "cossim"} <= set(sae)  # fmt: skip
     assert ev["n_tokens"] == 64  # 64 tokens = one batch of 4 x 16
     # The same call through the library gives the same numbers.
     again = evaluate_run(run, n_tokens=64)

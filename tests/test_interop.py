@@ -91,7 +91,8 @@ def test_export_import_roundtrip(arch: str, kwargs: dict[str, Any], tmp_path: Pa
     freq = torch.rand(48) * (torch.rand(48) > 0.2)
     folder = save_saelens(sae, tmp_path / arch, HOOK, model_name="tiny", feature_frequency=freq)
     sparsity = load_file(str(folder / "sparsity.safetensors"))["sparsity"]
-    assert torch.allclose(sparsity, freq.clamp_min(1e-10).log10())
+    assert torch.equal(sparsity, torch.log10(freq.double() + 1e-10).float())
+    assert sparsity[freq == 0].tolist() == [-10.0] * int((freq == 0).sum())
     cfg = json.loads((folder / "cfg.json").read_text())
     assert cfg["architecture"] == EXPECTED_SAELENS_ARCH[arch]
     assert (cfg["d_in"], cfg["d_sae"], cfg["dtype"]) == (16, 48, "float32")
@@ -344,6 +345,36 @@ def test_export_cli_and_from_saelens(trained_run: Path, token_data: Path, tmp_pa
     wrong = build_random_model(dict(TINY_TLENS, d_model=48, d_head=12))
     with pytest.raises(UserError, match="SAE maps 32"):
         SAETransformer.from_saelens(wrong, [folders[0]])
+
+
+def test_export_writes_sparsity_from_the_runs_eval(trained_run: Path, tmp_path: Path) -> None:
+    from e2e_sae.evaluate import read_feature_frequency
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    assert main(["export", str(run), str(tmp_path / "before")]) == 0
+    assert not list((tmp_path / "before").rglob("sparsity.safetensors"))  # no eval yet
+    assert main(["eval", str(run), "--n-tokens", "128"]) == 0
+    freqs = read_feature_frequency(run)
+    counts = json.loads((run / "eval.json").read_text())["n_tokens"]
+    assert counts == 128 and set(freqs) == {HOOK, "blocks.2.hook_resid_pre"}
+    out = tmp_path / "export"
+    assert main(["export", str(run), str(out)]) == 0
+    for pos, freq in freqs.items():
+        sparsity = load_file(str(out / pos / "sparsity.safetensors"))["sparsity"]
+        assert torch.equal(sparsity, torch.log10(freq.double() + 1e-10).float())
+    # the same from the loaded model, which remembers its run directory
+    again = export_run_saelens(load_run(run, device="cpu"), tmp_path / "again")
+    assert torch.equal(
+        load_file(str(again[0] / "sparsity.safetensors"))["sparsity"],
+        load_file(str(out / HOOK / "sparsity.safetensors"))["sparsity"],
+    )
+    # an older checkpoint than the evaluated (newest) one gets none
+    older = list_checkpoints(run)[0]
+    assert older != list_checkpoints(run)[-1]
+    export_run_saelens(run, tmp_path / "older", checkpoint=older.name)
+    assert (tmp_path / "older" / HOOK / "cfg.json").is_file()
+    assert not list((tmp_path / "older").rglob("sparsity.safetensors"))
 
 
 # --- Hugging Face Hub against a local folder -----------------------------------------------------

@@ -77,7 +77,9 @@ class SAEBenchSAE(nn.Module):
         if sae.output_size != sae.input_size:
             raise UserError("SAEBench: transcoders are not supported (d_out != d_in)")
         arch, tensors, extra = saelens_state(sae)
-        if "b_enc" not in tensors:  # gated: two encoder paths, not SAEBench's W_enc / b_enc
+        # gated: two encoder paths, not SAEBench's W_enc / b_enc; skip_transcoder: its W_skip term
+        # is not part of SAEBench's SAE interface
+        if "b_enc" not in tensors or "W_skip" in tensors:
             raise UserError(f"SAEBench: architecture '{sae.architecture}' is not supported")
         self.architecture = arch
         self.W_enc = nn.Parameter(tensors["W_enc"].clone())

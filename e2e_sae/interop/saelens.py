@@ -20,6 +20,10 @@ W_enc * exp(r_mag), b_mag; c = 1[gate > 0] * relu(magnitude)); SAELens stores th
 `b_gate` instead of `b_enc`. Scaling latent i's W_enc column, b_gate and b_mag by n_i (r_mag
 unchanged) scales its code by n_i; b_mag absorbs `apply_b_dec_to_input` as
 b_mag - (b_dec @ W_enc) * exp(r_mag).
+
+Skip transcoders are SAELens' `skip_transcoder` (ReLU transcoder + `W_skip` [d_out, d_in] applied
+to the raw input), written with `d_out` and `metadata.hook_name_out` also when the SAE sits at a
+single hook (then hook_name_out = hook_name). W_skip is copied as is both ways.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ logger = logging.getLogger(__name__)
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
 SPARSITY_FILE = "sparsity.safetensors"
+SPARSITY_EPS = 1e-10  # SAELens' eps in log10(feature density + eps)
 # The cfg.json layout we write is SAELens 6's (fields at the top, model/hook info in `metadata`).
 # SAELens reads `metadata.sae_lens_version` to decide between that and its pre-6 flat layout.
 FORMAT_VERSION = "6.0.0"
@@ -127,13 +132,22 @@ def _gated_export(sae: SAEBase) -> tuple[str, dict[str, Tensor], dict[str, Any]]
     return "gated", {"r_mag": r_mag.detach(), "b_mag": b_mag.detach()}, {}
 
 
+def _skip_transcoder_export(sae: SAEBase) -> tuple[str, dict[str, Tensor], dict[str, Any]]:
+    w_skip = getattr(sae, "W_skip", None)
+    assert isinstance(w_skip, Tensor)
+    return "skip_transcoder", {"W_skip": w_skip.detach()}, {}
+
+
 _EXPORTS: dict[str, _Export] = {
     "relu": _relu_export,
     "topk": _topk_export,
     "jumprelu": _jumprelu_export,
     "batchtopk": _batchtopk_export,
     "gated": _gated_export,
+    "skip_transcoder": _skip_transcoder_export,
 }
+# SAELens architectures that are transcoders (d_out, hook_name_out) even at a single hook.
+_ALWAYS_TRANSCODER = {"skip_transcoder"}
 # SAELens' name for our encoder bias, where it is not `b_enc` (gated: the gate path's bias).
 _ENCODER_BIAS = {"gated": "b_gate"}
 
@@ -208,6 +222,20 @@ def _gated_extras(sae: SAEBase, tensors: dict[str, Tensor], norms: Tensor) -> No
     b_mag.data.copy_((tensors["b_mag"] * norms).to(b_mag.dtype))
 
 
+def _skip_transcoder_extras(sae: SAEBase, tensors: dict[str, Tensor], norms: Tensor) -> None:
+    w_skip = getattr(sae, "W_skip", None)
+    assert isinstance(w_skip, Tensor)
+    if "W_skip" not in tensors:
+        raise UserError("SAELens weights: skip_transcoder without 'W_skip'")
+    if tensors["W_skip"].shape != w_skip.shape:
+        raise UserError(
+            f"SAELens weights: W_skip has shape {tuple(tensors['W_skip'].shape)}, expected "
+            f"(d_out, d_in) = {tuple(w_skip.shape)}"
+        )
+    # the skip path reads the raw input in SAELens too, so no decoder-norm or b_dec fold applies
+    w_skip.data.copy_(tensors["W_skip"].to(w_skip.dtype))
+
+
 _IMPORTS: dict[str, _Import] = {
     "standard": _Import("relu"),
     "transcoder": _Import("relu"),
@@ -215,6 +243,7 @@ _IMPORTS: dict[str, _Import] = {
     "jumprelu": _Import("jumprelu", _jumprelu_kwargs, extras=_jumprelu_extras),
     "jumprelu_transcoder": _Import("jumprelu", _jumprelu_kwargs, extras=_jumprelu_extras),
     "gated": _Import("gated", extras=_gated_extras, prepare=_gated_prepare),
+    "skip_transcoder": _Import("skip_transcoder", extras=_skip_transcoder_extras),
 }
 
 
@@ -223,7 +252,7 @@ def saelens_state(sae: SAEBase) -> tuple[str, dict[str, Tensor], dict[str, Any]]
     """(SAELens architecture, tensors, architecture cfg fields) of one of our SAEs.
 
     W_enc [d_in, d_sae], b_enc [d_sae] (gated: b_gate), W_dec [d_sae, d_out] (unit-norm rows),
-    b_dec [d_out].
+    b_dec [d_out] (+ threshold, r_mag / b_mag, W_skip [d_out, d_in] per architecture).
     """
     export = _EXPORTS.get(sae.architecture)
     if export is None:
@@ -265,7 +294,9 @@ def save_saelens(
     transcoder = sae.output_size != sae.input_size or (
         hook_name_out is not None and hook_name_out != hook_name
     )
-    if transcoder:
+    if name in _ALWAYS_TRANSCODER:
+        transcoder = True
+    elif transcoder:
         if name not in _TRANSCODER_NAMES:
             raise UserError(
                 f"SAELens export: SAELens has no '{name}' transcoder (only standard, jumprelu)"
@@ -282,7 +313,7 @@ def save_saelens(
         "model_class_name": "HookedTransformer",
         "hook_name": hook_name,
         "hook_head_index": None,
-        **({"hook_name_out": hook_name_out} if transcoder else {}),
+        **({"hook_name_out": hook_name_out or hook_name} if transcoder else {}),
         **(metadata or {}),
     }
     cfg: dict[str, Any] = {
@@ -305,9 +336,20 @@ def save_saelens(
     atomic_save_tensors(tensors, out / WEIGHTS_FILE)
     atomic_write_bytes(out / CFG_FILE, (json.dumps(cfg, indent=2, default=str) + "\n").encode())
     if feature_frequency is not None:
-        log_freq = torch.log10(feature_frequency.double().clamp_min(1e-10)).float()
-        atomic_save_tensors({"sparsity": log_freq}, out / SPARSITY_FILE)
+        if feature_frequency.shape != (sae.n_dict_components,):
+            raise UserError(
+                f"SAELens export: feature_frequency has shape {tuple(feature_frequency.shape)}, "
+                f"expected ({sae.n_dict_components},)"
+            )
+        atomic_save_tensors({"sparsity": log_feature_density(feature_frequency)},
+                            out / SPARSITY_FILE)  # fmt: skip
     return out
+
+
+def log_feature_density(frequency: Tensor) -> Tensor:
+    """SAELens' `sparsity` tensor: log10(firing frequency + 1e-10), float32 (a latent that never
+    fired gets -10, as SAELens' trainer writes it)."""
+    return torch.log10(frequency.double() + SPARSITY_EPS).float()
 
 
 def _saes_of_run(
@@ -377,16 +419,20 @@ def export_run_saelens(
     saes: list[tuple[str, str, SAEBase]] | None = None
     if isinstance(run, (str, Path)):
         run_dir = Path(run).expanduser()
+        if run_dir.is_file():
+            run_dir, checkpoint = run_dir.parent, run_dir
         found = _saes_of_run(run_dir, checkpoint)
         if found is not None:
             config, saes = found
         else:
             run = load_run(run_dir, checkpoint=checkpoint, device="cpu")
-        run_dir = run_dir.parent if run_dir.is_file() else run_dir
     if saes is None:
         assert not isinstance(run, (str, Path))
         config = getattr(run, "run_config", None)
         saes = [(p, run.sites[p].input_hook, run.sae(p)) for p in run.sae_positions]
+        if run_dir is None:  # a model from `load_run` knows its run directory and checkpoint
+            run_dir = getattr(run, "run_dir", None)
+            checkpoint = getattr(run, "checkpoint_path", None)
     meta: dict[str, Any] = {}
     if config is not None:
         model_name = (
@@ -399,11 +445,7 @@ def export_run_saelens(
             "dataset_path": config.train_data.dataset_name,
             "e2e_sae_config": config_to_yaml_dict(config),
         }
-    freqs: dict[str, Tensor] = {}
-    if run_dir is not None:
-        from e2e_sae.evaluate import read_feature_frequency
-
-        freqs = read_feature_frequency(run_dir)
+    freqs = _eval_feature_frequency(run_dir, checkpoint)
     out = Path(out_dir).expanduser()
     return [
         save_saelens(
@@ -419,6 +461,27 @@ def export_run_saelens(
     ]
 
 
+def _eval_feature_frequency(
+    run_dir: Path | None, checkpoint: str | Path | None
+) -> dict[str, Tensor]:
+    """The firing frequencies of the run's `eval.json`, {} without one. `e2e-sae eval` measures the
+    newest checkpoint, so exporting an older one gets no `sparsity.safetensors`."""
+    from e2e_sae.checkpoint import list_checkpoints
+    from e2e_sae.evaluate import read_feature_frequency
+
+    if run_dir is None:
+        return {}
+    freqs = read_feature_frequency(run_dir)
+    if freqs and checkpoint is not None:
+        ckpts = list_checkpoints(run_dir)
+        ckpt = Path(checkpoint)
+        ckpt = ckpt if ckpt.is_absolute() or ckpt.exists() else run_dir / ckpt
+        if not ckpts or ckpt.resolve() != ckpts[-1].resolve():
+            logger.info("export: %s is not the evaluated (newest) checkpoint: no sparsity", ckpt)
+            return {}
+    return freqs
+
+
 # --- import ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SAELensInfo:
@@ -426,7 +489,8 @@ class SAELensInfo:
 
     path: Path
     architecture: str
-    """SAELens' name (standard, topk, jumprelu, transcoder, jumprelu_transcoder)."""
+    """SAELens' name (standard, topk, jumprelu, gated, transcoder, jumprelu_transcoder,
+    skip_transcoder)."""
     hook_name: str | None
     """The hook the SAE reads."""
     hook_name_out: str | None

@@ -1,6 +1,7 @@
 """SAE architectures behind one interface (`SAEBase`), looked up by name in `ARCHITECTURES`.
 
-Importing a module registers its architecture: relu (the paper's), topk, batchtopk, jumprelu, gated.
+Importing a module registers its architecture: relu (the paper's), topk, batchtopk, jumprelu, gated,
+skip_transcoder.
 """
 
 from e2e_sae.saes import relu as _relu  # noqa: F401  (registers "relu")
@@ -10,6 +11,7 @@ from e2e_sae.saes.gated import GatedSAE
 from e2e_sae.saes.jumprelu import JumpReLUSAE
 from e2e_sae.saes.registry import ARCHITECTURES, build_sae, register_architecture
 from e2e_sae.saes.relu import SAE
+from e2e_sae.saes.skip_transcoder import SkipTranscoder
 from e2e_sae.saes.topk import TopKSAE
 
 __all__ = [
@@ -21,6 +23,7 @@ __all__ = [
     "JumpReLUSAE",
     "SAEActs",
     "SAEBase",
+    "SkipTranscoder",
     "TopKSAE",
     "build_sae",
     "register_architecture",
