@@ -288,8 +288,7 @@ class SAETransformer(nn.Module):
     ) -> tuple[Tensor | None, dict[str, SAEActs | CacheActs]]:
         """The model with SAEs spliced in at `sae_positions` (default, or "all": every SAE).
 
-        Returns (logits, {position: SAEActs, cache_position: CacheActs}); a cache position that is
-        also a spliced SAE position keeps its SAEActs (as in the original). When `orig_acts` holds
+        Returns (logits, {position: SAEActs, cache_position: CacheActs}). When `orig_acts` holds
         the clean activations at the SAEs' input hooks (e.g. `forward_raw`'s cache), the SAEs run
         on those directly and no LM pass happens (local training); logits are then None.
         """
@@ -306,8 +305,7 @@ class SAETransformer(nn.Module):
                 output, c = self.sae(pos)(x)
                 acts[pos] = SAEActs(x, c, output)
             return None, acts
-        cache = [h for h in cache_positions or [] if h not in positions]
-        return self.forward_with_hooks(tokens, positions, cache)
+        return self.forward_with_hooks(tokens, positions, cache_positions)
 
     def forward_with_hooks(
         self,

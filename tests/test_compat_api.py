@@ -245,14 +245,17 @@ def test_forward_as_the_original_calls_it(model) -> None:
     toks = tokens()
     tl = model.tlens_model
     expected = tl.run_with_hooks(toks, fwd_hooks=sae_hooks(model, POSITIONS))
-    cache_pos = ["blocks.2.hook_resid_pre", POSITIONS[1]]
+    cache_pos = ["blocks.2.hook_resid_pre"]
     logits, acts = model.forward(
         toks, sae_positions=model.raw_sae_positions, cache_positions=cache_pos
     )
     assert logits is not None and torch.allclose(logits, expected, atol=1e-5)
-    # a cache position that is an SAE position keeps its SAEActs, as in the original
-    assert isinstance(acts[POSITIONS[1]], SAEActs)
+    assert all(isinstance(acts[p], SAEActs) for p in POSITIONS)
     assert isinstance(acts["blocks.2.hook_resid_pre"], CacheActs)
+    seen = {}
+    with tl.hooks(fwd_hooks=sae_hooks(model, POSITIONS)):
+        tl.run_with_hooks(toks, fwd_hooks=[(cache_pos[0], lambda x, hook: seen.setdefault("x", x))])
+    torch.testing.assert_close(acts[cache_pos[0]].input, seen["x"])  # the spliced run's value
     # local: orig_acts from forward_raw go straight through the SAEs, no logits
     _, orig = model.forward_raw(toks, run_entire_model=False)
     none, local = model.forward(toks, sae_positions=POSITIONS, orig_acts=orig)
