@@ -7,17 +7,19 @@ An SAE at hook `h` replaces the activation at `h` by its reconstruction. A trans
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
+from transformer_lens.utilities import LocallyOverridenDefaults, sample_logits
 
-from e2e_sae.errors import ConfigError
+from e2e_sae.errors import ConfigError, UserError
 from e2e_sae.saes import CacheActs, SAEActs, SAEBase, build_sae
 
 _LAYER_RE = re.compile(r"^blocks\.(\d+)\.")
@@ -68,11 +70,29 @@ class _StopForward(Exception):
     """Raised from a hook to end a forward pass once every needed activation is cached."""
 
 
+class HookShapes(dict[str, tuple[int, ...]]):
+    """Activation shapes at the SAEs' hooks, as the original's `hook_shapes` dict; calling it
+    with hook names measures those hooks instead (one short clean pass)."""
+
+    def __init__(
+        self,
+        known: dict[str, tuple[int, ...]],
+        measure: Callable[[Sequence[str]], dict[str, tuple[int, ...]]],
+    ) -> None:
+        super().__init__(known)
+        self._measure = measure
+
+    def __call__(self, hook_names: Sequence[str]) -> dict[str, tuple[int, ...]]:
+        return self._measure(hook_names)
+
+
 class SAETransformer(nn.Module):
     """A frozen HookedTransformer plus a ModuleDict of SAEs keyed by `sae_key(position)`.
 
     `sae_positions` lists the hooks whose activations the SAEs replace (for transcoders, the output
-    hook); `sites[pos]` says where each SAE reads.
+    hook); `sites[pos]` says where each SAE reads. As in the original library, `raw_sae_positions`
+    holds those hook names and `all_sae_positions` the matching keys of `saes` ('.' -> '-');
+    unlike it, the constructor also accepts substrings (`"hook_resid_pre"`: every layer).
     """
 
     def __init__(
@@ -90,15 +110,11 @@ class SAETransformer(nn.Module):
         self.tlens_model = tlens_model.eval()
         for p in self.tlens_model.parameters():
             p.requires_grad_(False)
-        if isinstance(raw_sae_positions, str):
-            raw_sae_positions = [raw_sae_positions]
-        self.raw_sae_positions = list(raw_sae_positions)
+        patterns = [raw_sae_positions] if isinstance(raw_sae_positions, str) else raw_sae_positions
         self.all_hook_names = list(self.tlens_model.hook_dict.keys())
         sites: dict[str, SpliceSite] = {}
-        if self.raw_sae_positions:
-            for name in filter_names(
-                self.all_hook_names, self.raw_sae_positions, "saes.sae_positions"
-            ):
+        if patterns:
+            for name in filter_names(self.all_hook_names, list(patterns), "saes.sae_positions"):
                 sites[name] = SpliceSite(name, name)
         for inp, outp in transcoders:
             i = self._one_hook(inp, "saes.transcoders.input")
@@ -108,10 +124,11 @@ class SAETransformer(nn.Module):
             sites[o] = SpliceSite(i, o)
         order = {n: i for i, n in enumerate(self.all_hook_names)}
         self.sae_positions = sorted(sites, key=order.__getitem__)
+        # The original's name for the resolved hook names (its callers pass them to forward()).
+        self.raw_sae_positions = list(self.sae_positions)
         self.sites = {p: sites[p] for p in self.sae_positions}
-        shapes = self.hook_shapes(
-            [h for s in self.sites.values() for h in (s.input_hook, s.output_hook)]
-        )
+        shapes = self._measure_shapes(self.sae_hook_names())
+        self._sae_hook_shapes = dict(shapes)
         run_order = list(shapes)  # hook_shapes caches in execution order
         for pos, site in self.sites.items():
             if site.is_transcoder and run_order.index(site.input_hook) > run_order.index(pos):
@@ -149,11 +166,59 @@ class SAETransformer(nn.Module):
         assert isinstance(sae, SAEBase)
         return sae
 
+    @property
+    def all_sae_positions(self) -> list[str]:
+        """Keys of `saes`, in the order of `raw_sae_positions` (the original's attribute)."""
+        return [sae_key(p) for p in self.sae_positions]
+
+    @property
+    def hook_shapes(self) -> HookShapes:
+        """`model.hook_shapes[hook]` for the SAEs' hooks; `model.hook_shapes(names)` for others."""
+        return HookShapes(self._sae_hook_shapes, self._measure_shapes)
+
+    def sae_hook_names(self) -> list[str]:
+        """Every hook an SAE reads or replaces, in execution order of their first listing."""
+        return list(
+            dict.fromkeys(h for s in self.sites.values() for h in (s.input_hook, s.output_hook))
+        )
+
     @torch.no_grad()
-    def hook_shapes(self, hook_names: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    def _measure_shapes(self, hook_names: Sequence[str]) -> dict[str, tuple[int, ...]]:
         tokens = torch.zeros(1, 2, dtype=torch.long, device=self.tlens_model.cfg.device)
         _, cache = self.run_until(tokens, hook_names)
         return {k: tuple(v.shape) for k, v in cache.items()}
+
+    def resolve_sae_positions(
+        self, sae_positions: Sequence[str] | str | None, field: str = "sae_positions"
+    ) -> list[str]:
+        """None or "all" -> every SAE position; otherwise SAE positions named exactly or by
+        substring (`UserError` for a name that matches no SAE)."""
+        if sae_positions is None or sae_positions == "all":
+            return list(self.sae_positions)
+        wanted = [sae_positions] if isinstance(sae_positions, str) else list(sae_positions)
+        if all(p in self.sites for p in wanted):
+            return wanted
+        for p in wanted:
+            if not any(p in q for q in self.sae_positions):
+                raise UserError(
+                    f"{field}: '{p}' is not an SAE position of this model "
+                    f"(SAEs at: {', '.join(self.sae_positions) or 'none'})"
+                )
+        return filter_names(self.sae_positions, wanted, field)
+
+    def to(self, *args: Any, **kwargs: Any) -> SAETransformer:
+        """`nn.Module.to`, also updating the LM's cfg.device / cfg.dtype as TransformerLens'
+        own `to` does (it creates new tensors, e.g. tokens, on cfg.device)."""
+        w = self.tlens_model.embed.W_E
+        before = (w.device, w.dtype)
+        super().to(*args, **kwargs)
+        w = self.tlens_model.embed.W_E
+        cfg = self.tlens_model.cfg
+        if w.device != before[0]:
+            cfg.device = str(w.device)
+        if w.dtype != before[1]:
+            cfg.dtype = w.dtype
+        return self
 
     def last_layer_needed(self, hook_names: Sequence[str]) -> int:
         return max(hook_layer(h, self.n_layers) for h in hook_names)
@@ -165,6 +230,8 @@ class SAETransformer(nn.Module):
         """Run the clean model only as far as needed to cache `hook_names` (nothing past them)."""
         cache: dict[str, Tensor] = {}
         wanted = set(hook_names)
+        if not wanted:
+            return None, cache
 
         def cache_hook(x: Tensor, hook: HookPoint) -> Tensor:
             assert hook.name is not None
@@ -187,42 +254,54 @@ class SAETransformer(nn.Module):
         run_entire_model: bool = True,
         final_layer: int | None = None,
         cache_positions: Sequence[str] | None = None,
+        *,
+        cache_sae_positions: bool = True,
     ) -> tuple[Tensor | None, dict[str, Tensor]]:
-        """The clean model (no SAEs). Returns (logits or None, {hook: activation}).
+        """The clean model (no SAEs). Returns (output, {hook: activation}).
 
-        With `run_entire_model=False` the pass stops right after the last cached hook (or before
-        block `final_layer` when given), and logits are None.
+        As in the original library the cache holds the SAE positions (and the hooks transcoders
+        read) plus `cache_positions`, and `run_entire_model=False, final_layer=k` returns the
+        residual stream before block k (TransformerLens' `stop_at_layer`), caching only the
+        hooks before it. Ours on top: `run_entire_model=False` without `final_layer` stops right
+        after the last cached hook and returns None as output (the original ran the whole model);
+        `cache_sae_positions=False` caches `cache_positions` only.
         """
-        cache_positions = list(cache_positions or [])
-        if not run_entire_model:
-            if final_layer is not None and not cache_positions:
-                resid = self.tlens_model(tokens, stop_at_layer=final_layer)
-                return None, {f"blocks.{final_layer}.hook_resid_pre": resid}
-            return self.run_until(tokens, cache_positions)
+        if run_entire_model and final_layer is not None:
+            raise UserError("forward_raw: final_layer needs run_entire_model=False")
+        first: list[str] = self.sae_hook_names() if cache_sae_positions else []
+        extra: Sequence[str] = cache_positions or []
+        names: list[str] = list(dict.fromkeys([*first, *extra]))
+        if not run_entire_model and final_layer is None:
+            return self.run_until(tokens, names)
         cache: dict[str, Tensor] = {}
-        hooks: _Hooks = [(h, _cache_into(cache)) for h in cache_positions]
+        hooks: _Hooks = [(h, _cache_into(cache)) for h in names]
         with self.tlens_model.hooks(fwd_hooks=hooks):
-            logits = self.tlens_model(tokens)
-        return logits, cache
+            out = self.tlens_model(tokens, stop_at_layer=final_layer)
+        return out, cache
 
     def forward(
         self,
         tokens: Tensor,
-        sae_positions: Sequence[str] | None = None,
+        sae_positions: Sequence[str] | str | None = None,
         cache_positions: Sequence[str] | None = None,
         orig_acts: dict[str, Tensor] | None = None,
     ) -> tuple[Tensor | None, dict[str, SAEActs | CacheActs]]:
-        """The model with SAEs spliced in at `sae_positions` (default: all).
+        """The model with SAEs spliced in at `sae_positions` (default, or "all": every SAE).
 
         Returns (logits, {position: SAEActs, cache_position: CacheActs}). When `orig_acts` holds
-        the clean activations at the SAEs' input hooks, the SAEs run on those directly and no LM
-        pass happens (local training); logits are then None.
+        the clean activations at the SAEs' input hooks (e.g. `forward_raw`'s cache), the SAEs run
+        on those directly and no LM pass happens (local training); logits are then None.
         """
-        positions = list(sae_positions) if sae_positions is not None else self.sae_positions
+        positions = self.resolve_sae_positions(sae_positions)
         if orig_acts is not None:
             acts: dict[str, SAEActs | CacheActs] = {}
             for pos in positions:
-                x = orig_acts[self.sites[pos].input_hook]
+                x = orig_acts.get(self.sites[pos].input_hook)
+                if x is None:
+                    raise UserError(
+                        f"forward: orig_acts has no activation at '{self.sites[pos].input_hook}' "
+                        "(forward_raw caches it)"
+                    )
                 output, c = self.sae(pos)(x)
                 acts[pos] = SAEActs(x, c, output)
             return None, acts
@@ -265,28 +344,134 @@ class SAETransformer(nn.Module):
     @torch.no_grad()
     def generate(
         self,
-        input: str | Tensor,
-        sae_positions: Sequence[str] | None = None,
-        max_new_tokens: int = 20,
-        **generate_kwargs: Any,
-    ) -> Any:
-        """Sample from the model with SAEs spliced in (`sae_positions=[]` for the clean model)."""
-        positions = self.sae_positions if sae_positions is None else list(sae_positions)
-        hooks: _Hooks = []
-        scratch: dict[str, SAEActs | CacheActs] = {}
-        pending: dict[str, Tensor] = {}
-        for pos in positions:
-            site, sae = self.sites[pos], self.sae(pos)
-            if site.is_transcoder:
-                hooks.append((site.input_hook, _transcoder_read_hook(sae, pos, scratch, pending)))
-                hooks.append((pos, _transcoder_write_hook(pos, pending)))
-            else:
-                hooks.append((pos, _replace_hook(sae, pos, scratch)))
-        generate_kwargs.setdefault("verbose", False)
-        with self.tlens_model.hooks(fwd_hooks=hooks):
-            return self.tlens_model.generate(
-                input, max_new_tokens=max_new_tokens, use_past_kv_cache=False, **generate_kwargs
+        input: str | Tensor = "",
+        sae_positions: Sequence[str] | str | None = "all",
+        max_new_tokens: int = 10,
+        stop_at_eos: bool = True,
+        eos_token_id: int | Sequence[int] | None = None,
+        do_sample: bool = True,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        temperature: float = 1.0,
+        freq_penalty: float = 0.0,
+        prepend_bos: bool | None = None,
+        padding_side: Literal["left", "right"] | None = None,
+        return_type: str | None = "input",
+        verbose: bool = False,
+    ) -> Tensor | str:
+        """Sample up to `max_new_tokens` tokens, one full forward pass per token (no KV cache).
+
+        The original library's signature and meaning: `sae_positions="all"` (default) splices
+        every SAE in, a list splices those, None runs the clean model; `input` is a string (needs
+        the model's tokenizer) or a [batch, pos] token tensor; `return_type` "input" returns the
+        input's type, "str" the decoded first sequence (without a prepended BOS), "tensor" /
+        "tokens" the token ids. `do_sample=False` (or temperature 0) is greedy. A sequence ends
+        at `eos_token_id` (default: the tokenizer's EOS) when `stop_at_eos`; ours differs in
+        that a model with no known EOS generates `max_new_tokens` instead of failing, and
+        `verbose` (a progress bar) defaults to False.
+        """
+        tl = self.tlens_model
+        positions = None if sae_positions is None else self.resolve_sae_positions(sae_positions)
+        if return_type not in ("input", "str", "tensor", "tokens", None):
+            raise UserError(
+                f"generate: return_type '{return_type}' must be 'input', 'str' or 'tensor'"
             )
+        if isinstance(input, str):
+            if tl.tokenizer is None:
+                raise UserError(
+                    "generate: a string prompt needs a tokenizer (model.tlens_model.tokenizer is "
+                    "None); pass token ids [batch, pos] instead"
+                )
+            want_str = return_type in ("input", "str")
+        elif isinstance(input, Tensor) and input.ndim == 2:
+            want_str = return_type == "str"
+        else:
+            raise UserError("generate: input must be a string or a [batch, pos] token tensor")
+        if want_str and tl.tokenizer is None:
+            raise UserError("generate: return_type 'str' needs the model's tokenizer")
+        with LocallyOverridenDefaults(tl, prepend_bos=prepend_bos, padding_side=padding_side):
+            if isinstance(input, str):
+                tokens = tl.to_tokens(input, prepend_bos=prepend_bos, padding_side=padding_side)
+            else:
+                tokens = input.to(tl.cfg.device)
+            if tokens.shape[1] + max_new_tokens > tl.cfg.n_ctx:
+                raise UserError(
+                    f"generate: {tokens.shape[1]} prompt tokens + max_new_tokens={max_new_tokens} "
+                    f"exceed the model's context of {tl.cfg.n_ctx} tokens"
+                )
+            stop_tokens = self._stop_tokens(stop_at_eos, eos_token_id)
+            hooks = self.splice_hooks(positions)[0] if positions is not None else []
+            with self._eval_mode(), tl.hooks(fwd_hooks=hooks):
+                tokens = self._sample_loop(
+                    tokens, max_new_tokens, stop_tokens, do_sample,
+                    top_k, top_p, temperature, freq_penalty, verbose,
+                )  # fmt: skip
+            if not want_str:
+                return tokens
+            assert tl.tokenizer is not None
+            first = tokens[0, 1:] if tl.cfg.default_prepend_bos else tokens[0]
+            text = tl.tokenizer.decode(first)
+            assert isinstance(text, str)
+            return text
+
+    def _stop_tokens(
+        self, stop_at_eos: bool, eos_token_id: int | Sequence[int] | None
+    ) -> list[int]:
+        if not stop_at_eos:
+            return []
+        if eos_token_id is None:
+            tok = self.tlens_model.tokenizer
+            eos_token_id = getattr(tok, "eos_token_id", None) if tok is not None else None
+        if eos_token_id is None:
+            return []
+        return [eos_token_id] if isinstance(eos_token_id, int) else [int(t) for t in eos_token_id]
+
+    def _sample_loop(
+        self,
+        tokens: Tensor,
+        max_new_tokens: int,
+        stop_tokens: list[int],
+        do_sample: bool,
+        top_k: int | None,
+        top_p: float | None,
+        temperature: float,
+        freq_penalty: float,
+        verbose: bool,
+    ) -> Tensor:
+        from tqdm.auto import tqdm
+
+        finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+        stops = torch.tensor(stop_tokens, dtype=tokens.dtype, device=tokens.device)
+        for _ in tqdm(range(max_new_tokens), disable=not verbose, leave=False):
+            final_logits = self.tlens_model(tokens)[:, -1, :]
+            if do_sample:
+                new = sample_logits(
+                    final_logits, top_k=top_k, top_p=top_p, temperature=temperature,
+                    freq_penalty=freq_penalty, tokens=tokens,
+                )  # fmt: skip
+            else:
+                new = final_logits.argmax(-1)
+            new = new.to(tokens.device)
+            if stop_tokens:
+                # A finished sequence is padded with the (first) EOS token.
+                new[finished] = stop_tokens[0]
+                finished |= torch.isin(new, stops)
+            tokens = torch.cat([tokens, new.unsqueeze(-1)], dim=-1)
+            if stop_tokens and bool(finished.all()):
+                break
+        return tokens
+
+    @contextmanager
+    def _eval_mode(self) -> Iterator[None]:
+        """Eval mode for the duration (e.g. BatchTopK uses its threshold), then each module's
+        previous mode back."""
+        modes = [(m, m.training) for m in self.modules()]
+        self.eval()
+        try:
+            yield
+        finally:
+            for m, training in modes:
+                m.training = training
 
     # --- persistence -----------------------------------------------------------------------------
     @classmethod

@@ -115,7 +115,9 @@ def collect_feature_data(
     bar = tqdm(batches, total=n_batches, desc="scan", disable=not progress, leave=False)
     for _, tokens in zip(range(n_batches), bar, strict=False):
         tokens = tokens.to(device)
-        _, cache = model.forward_raw(tokens, run_entire_model=False, cache_positions=[hook])
+        _, cache = model.forward_raw(
+            tokens, run_entire_model=False, cache_positions=[hook], cache_sae_positions=False
+        )
         c = sae.encode(cache[hook])
         if features is not None:
             c = c.index_select(-1, dev_idx)

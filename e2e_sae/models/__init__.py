@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -99,7 +100,28 @@ def load_tlens_model_from_path(path: Path, device: str | None = None) -> HookedT
         raise UserError(
             f"tlens_model_path: cannot load {weights}: {str(err).splitlines()[0]}"
         ) from None
+    if fields.get("tokenizer_name"):
+        attach_tokenizer(model, str(fields["tokenizer_name"]))
     return model
+
+
+def attach_tokenizer(model: HookedTransformer, tokenizer_name: str) -> None:
+    """Give `model` its tokenizer (for `to_tokens`, `to_string`, `generate` on text), loaded
+    offline where `load_tokenizer` can; if it cannot be loaded the model stays without one."""
+    from e2e_sae.data.tokenizer import load_tokenizer
+
+    try:
+        shared = load_tokenizer(tokenizer_name)
+    except Exception as err:  # noqa: BLE001 - the model works without one (token ids only)
+        logger.info("model loaded without a tokenizer: %s", err)
+        return
+    # load_tokenizer's objects are shared; TransformerLens changes padding settings on its own.
+    tokenizer = copy.deepcopy(shared)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token  # to_tokens pads, even a single prompt
+    # Not set_tokenizer: it reloads the tokenizer by name with add_bos_token=True (hub access).
+    model.tokenizer = tokenizer
+    model.cfg.tokenizer_prepends_bos = len(tokenizer.encode("")) > 0
 
 
 def builtin_model_dir(name: str) -> Path | None:
