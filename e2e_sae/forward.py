@@ -133,11 +133,10 @@ def run_forward(
         new_logits, acts = model.forward_with_hooks(
             resid, plan.sae_positions, plan.new_cache, start_at_layer=start
         )
-    new_acts = {k: v.input for k, v in acts.items() if isinstance(v, CacheActs)}
     return LossInputs(
         sae_acts=_sae_acts(acts),
         orig_acts=orig_acts,
-        new_acts=new_acts,
+        new_acts=_new_acts(model, acts, plan),
         orig_logits=orig_logits,
         new_logits=new_logits,
         transcoder_targets=plan.transcoder_targets,
@@ -147,6 +146,13 @@ def run_forward(
 
 def _sae_acts(acts: dict[str, SAEActs | CacheActs]) -> dict[str, SAEActs]:
     return {k: v for k, v in acts.items() if isinstance(v, SAEActs)}
+
+
+def _new_acts(
+    model: SAETransformer, acts: dict[str, SAEActs | CacheActs], plan: StepPlan
+) -> dict[str, Tensor]:
+    """The spliced pass's activations at the downstream-loss hooks (`plan.new_cache`)."""
+    return {h: model.spliced_activation(h, acts[h]) for h in plan.new_cache if h in acts}
 
 
 def _hooks_used(model: SAETransformer, plan: StepPlan) -> list[str]:
@@ -186,7 +192,7 @@ def _run_lean(model: SAETransformer, lean: LeanLM, tokens: Tensor, plan: StepPla
     return LossInputs(
         sae_acts=_sae_acts(acts),
         orig_acts=orig_acts,
-        new_acts={k: v.input for k, v in acts.items() if isinstance(v, CacheActs)},
+        new_acts=_new_acts(model, acts, plan),
         orig_logits=unembed(orig_final) if plan.logits and orig_final is not None else None,
         new_logits=unembed(new_final) if plan.logits else None,
         orig_final=orig_final,

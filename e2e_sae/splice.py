@@ -324,7 +324,10 @@ class SAETransformer(nn.Module):
         self, sae_positions: Sequence[str], cache_positions: Sequence[str] | None = None
     ) -> tuple[_Hooks, dict[str, SAEActs | CacheActs]]:
         """Forward hooks that splice the SAEs in at `sae_positions` and cache `cache_positions`,
-        and the dict they fill during the pass (for any runner that calls TL-style hooks)."""
+        and the dict they fill during the pass (for any runner that calls TL-style hooks).
+
+        A cache position that is also a spliced SAE position keeps its `SAEActs` (as in the
+        original); `spliced_activation` gives the value there that a downstream loss compares."""
         acts: dict[str, SAEActs | CacheActs] = {}
         pending: dict[str, Tensor] = {}
         hooks: _Hooks = []
@@ -337,8 +340,17 @@ class SAETransformer(nn.Module):
                 hooks.append((site.input_hook, _transcoder_read_hook(sae, pos, acts, pending)))
                 hooks.append((pos, _transcoder_write_hook(pos, pending)))
         for h in cache_positions or []:
-            hooks.append((h, _cache_into(acts, wrap=CacheActs)))
+            if h not in sae_positions:
+                hooks.append((h, _cache_into(acts, wrap=CacheActs)))
         return hooks, acts
+
+    def spliced_activation(self, hook: str, act: SAEActs | CacheActs) -> Tensor:
+        """The activation at `hook` in the SAE-spliced pass that `in_to_orig` compares with the
+        clean one: a cached value; at an SAE position the SAE's input (the original's choice:
+        what earlier SAEs made of it), at a transcoder's output hook what the transcoder wrote."""
+        if isinstance(act, CacheActs):
+            return act.input
+        return act.output if self.sites[hook].is_transcoder else act.input
 
     # --- generation ------------------------------------------------------------------------------
     @torch.no_grad()

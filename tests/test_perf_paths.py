@@ -156,6 +156,28 @@ def test_fast_step_equals_reference_losses_and_grads(tlens: dict, loss: dict) ->
     assert all(p.grad is None for p in model.tlens_model.parameters())
 
 
+@pytest.mark.parametrize("reference", [True, False], ids=["reference", "fast"])
+def test_in_to_orig_at_an_sae_position_keeps_that_saes_acts(reference: bool) -> None:
+    """E2E_DS compares blocks.2.hook_resid_pre, where the second SAE sits: that SAE keeps its
+    SAEActs (sparsity, L0, firing stats) and the spliced value compared there is its input, as in
+    the original (what the first SAE made of the residual)."""
+    model = _model(TINY_TLENS, TWO_SAES)
+    loss_cfg = LossConfigs.model_validate(E2E_DS)
+    plan = make_plan(model, loss_cfg)
+    tokens = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(2))
+    inputs = run_forward(model, tokens, plan, reference=reference)
+    assert set(inputs.sae_acts) == set(TWO_SAES)
+    pos = TWO_SAES[1]
+    assert torch.equal(inputs.new_acts[pos], inputs.sae_acts[pos].input)
+    terms = build_loss_terms(loss_cfg, plan.new_cache)
+    _, values = compute_losses(terms, inputs)
+    # the sparsity term counts both SAEs: ||c||_1 mean over tokens / d_in, summed
+    want = sum(a.c.norm(p=1, dim=-1).mean() / a.input.shape[-1] for a in inputs.sae_acts.values())
+    torch.testing.assert_close(values["sparsity"], want)
+    # the second SAE's input differs from the clean activation: the first SAE changed it
+    assert not torch.allclose(inputs.new_acts[pos], inputs.orig_acts[pos])
+
+
 def test_bf16_step_runs_and_is_close_to_fp32(config_dict: Any) -> None:
     cfg = load_config(config_dict(loss=E2E, saes={"sae_positions": TWO_SAES,
                                                   "dict_size_to_input_ratio": 2.0}))  # fmt: skip
