@@ -268,16 +268,16 @@ def _inf_weight(monkeypatch: pytest.MonkeyPatch, at_call: int) -> None:
 
 
 @pytest.mark.parametrize(
-    "inject, expected",
-    [
-        (_nan_loss, "non-finite loss at step 5: term 'sparsity'"),
-        (_nan_gradient, f"non-finite gradient at step 5: saes.{SAE_KEY}.encoder.0.bias"),
-        (_inf_weight, f"non-finite weight at step 5: saes.{SAE_KEY}.decoder.weight"),
+    "inject, expected, kept",
+    [  # a loss / gradient at step 5 comes from the weights after step 4 (samples_16): set aside
+        (_nan_loss, "non-finite loss at step 5: term 'sparsity'", [8]),
+        (_nan_gradient, f"non-finite gradient at step 5: saes.{SAE_KEY}.encoder.0.bias", [8]),
+        (_inf_weight, f"non-finite weight at step 5: saes.{SAE_KEY}.decoder.weight", [8, 16]),
     ],
     ids=["loss", "gradient", "weight"],
 )
 def test_numerical_fault_stops_and_keeps_last_good_checkpoint(
-    config_dict, tmp_path: Path, monkeypatch, capsys, inject: Any, expected: str
+    config_dict, tmp_path: Path, monkeypatch, capsys, inject: Any, expected: str, kept: list[int]
 ) -> None:
     cfg = config_dict(n_samples=40, save_every_n_samples=8, keep_last_n_checkpoints=None, **LOCAL)
     path = _write(tmp_path / "cfg.yaml", cfg)
@@ -287,7 +287,11 @@ def test_numerical_fault_stops_and_keeps_last_good_checkpoint(
     assert err.count("error:") == 1 and "\n" not in err[err.index("error:") :], err  # one line
     assert expected in err, err
     run = _only_run(Path(cfg["save_dir"]))
-    assert [p.n_samples for p in resume_points(run)] == [8, 16]  # steps 2 and 4; none after
+    assert [p.n_samples for p in resume_points(run)] == kept  # steps 2 (and 4); none after
+    assert f"last checkpoint before it: samples_{kept[-1]}.safetensors" in err or kept == [8, 16]
+    aside = sorted(p.name for p in run.glob("*.diverged"))
+    assert aside == ([] if 16 in kept else ["resume_16.safetensors.diverged",
+                                           "samples_16.safetensors.diverged"])  # fmt: skip
     assert all(torch.isfinite(t).all() for t in _newest_weights(run).values())
     monkeypatch.undo()
     assert main(["train", str(path), "--resume", str(run)]) == 0  # and it continues from there
