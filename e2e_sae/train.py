@@ -121,7 +121,6 @@ def _stamp() -> str:
 def make_run_dir(config: Config, run_dir: Path | None = None) -> Path:
     """A new run directory: `run_dir`, or `<save_dir>/<run name>_<time>`, created exclusively
     (`-2`, `-3`, ... appended when another run took the name, e.g. started in the same second)."""
-    field = "save_dir"
     try:
         if run_dir is not None:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -137,8 +136,8 @@ def make_run_dir(config: Config, run_dir: Path | None = None) -> Path:
             except FileExistsError:
                 continue
     except OSError as err:
-        raise UserError(f"{field}: cannot create {run_dir or config.save_dir} "
-                        f"({err.strerror})") from None  # fmt: skip
+        where = run_dir or config.save_dir
+        raise UserError(f"save_dir: cannot create {where} ({err.strerror})") from None
     raise AssertionError("unreachable")
 
 
@@ -297,7 +296,7 @@ def check_divergence(values: dict[str, float], state: TrainState, factor: float 
 
             def growth(k: str) -> float:
                 m = statistics.median(hist[k]) if hist.get(k) else 0.0
-                return values[k] / m if m > 0 else math.inf
+                return values[k] / m if m > 0 else (math.inf if values[k] > 0 else 0.0)
 
             term = max((k for k in terms if k in values), key=growth, default="loss")
             raise NumericalError(
@@ -478,7 +477,8 @@ def _train(
                 t.model.sae(pos).eval()  # frozen SAEs behave as at inference (BatchTopK threshold)
             try:
                 values = t.train_step(batches, state)
-                terms = [term.name for term in t.loss_terms]
+                terms = [term.name for term in t.loss_terms]  # + the architectures' aux losses:
+                terms += [k for k in values if "/" in k and not k.startswith("resampled/")]
                 check_divergence(values, state, config.divergence_factor, terms)
             except NumericalError as err:
                 raise set_aside_bad_point(err, run_dir, bs, d) from None
