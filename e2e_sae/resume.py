@@ -303,7 +303,7 @@ def newest_intact_point(run_dir: Path) -> tuple[int | None, list[Path]]:
         bad = damaged_file(point)
         if bad is None:
             for _, reason in damaged:
-                logger.warning("--resume: %s; resuming from an older checkpoint", reason)
+                logger.warning("--resume: %s; resuming from %s", reason, point.samples_path.name)
             return point.n_samples, [p for p, _ in damaged]
         damaged.append(bad)
     if damaged:
