@@ -14,7 +14,6 @@ windows (built from it), the weights equal those of `e2e_sae.train.train` for th
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,10 +36,11 @@ from e2e_sae.config import Config
 from e2e_sae.errors import ConfigError, UserError
 from e2e_sae.losses import LossInputs, LossTerm, build_loss_terms, compute_losses
 from e2e_sae.saes import SAEActs, SAEBase, build_sae
-from e2e_sae.splice import SAETransformer, SpliceSite, sae_key
+from e2e_sae.splice import SAETransformer, SpliceSite, dict_size, sae_key
 
 if TYPE_CHECKING:
     from e2e_sae.evaluate import EvalResult
+    from e2e_sae.resume import RunLock
     from e2e_sae.runlog import RunLogger
     from e2e_sae.train import Trainer
 
@@ -80,7 +80,7 @@ class CachedTrainer:
             saes[sae_key(pos)] = build_sae(
                 s.architecture,
                 d_in,
-                int(d_in * s.dict_size_to_input_ratio),
+                dict_size(d_in, s.dict_size_to_input_ratio, pos),
                 init_decoder_orthogonal=s.init_decoder_orthogonal,
                 output_size=dims[site.output_hook],
                 **kwargs,
@@ -227,6 +227,7 @@ class CachedRun:
     run_dir: Path | None = None
     log: RunLogger | None = None
     eval: EvalResult | None = None
+    lock: RunLock | None = None
 
     @property
     def n_samples(self) -> int:
@@ -267,23 +268,15 @@ def prepare_runs(
 
 
 def _new_run_dirs(runs: Sequence[CachedRun]) -> None:
-    """A fresh `<save_dir>/<run name>_<time>` per run (suffixed when two would collide), holding
-    final_config.yaml, and its metrics logger."""
+    """A fresh `<save_dir>/<run name>_<time>` per run, created exclusively (suffixed when another
+    run took the name) and locked while it trains, holding final_config.yaml, and its metrics
+    logger."""
     from e2e_sae.checkpoint import write_config
     from e2e_sae.runlog import RunLogger
-    from e2e_sae.train import get_run_name, make_run_dir
+    from e2e_sae.train import create_locked_run_dir
 
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    taken: set[Path] = set()
     for r in runs:
-        base = Path(r.config.save_dir or ".").expanduser() / f"{get_run_name(r.config)}_{stamp}"
-        run_dir = base
-        for k in itertools.count(2):
-            if run_dir not in taken and not run_dir.exists():
-                break
-            run_dir = base.with_name(f"{base.name}-{k}")
-        taken.add(run_dir)
-        r.run_dir = make_run_dir(r.config, run_dir)
+        r.run_dir, r.lock = create_locked_run_dir(r.config)
         write_config(r.run_dir, r.config)
         r.log = RunLogger(r.run_dir, r.config)
 
@@ -335,10 +328,15 @@ def train_from_cache(
     process. Every input is checked before anything is written."""
     cache = cache if isinstance(cache, ActivationCache) else ActivationCache(cache)
     runs = prepare_runs(configs, cache, device)
-    _new_run_dirs(runs)
-    batches = cache.batches(configs[0].batch_size, seed=configs[0].seed, in_order_epochs=1)
-    on_step = _step_logger(runs, int(cache.meta["n_ctx"]))
-    train_together([r.trainer for r in runs], batches, progress=progress, on_step=on_step)
-    for r in runs:
-        _finish(r)
+    try:
+        _new_run_dirs(runs)
+        batches = cache.batches(configs[0].batch_size, seed=configs[0].seed, in_order_epochs=1)
+        on_step = _step_logger(runs, int(cache.meta["n_ctx"]))
+        train_together([r.trainer for r in runs], batches, progress=progress, on_step=on_step)
+        for r in runs:
+            _finish(r)
+    finally:
+        for r in runs:
+            if r.lock is not None:
+                r.lock.release()
     return runs

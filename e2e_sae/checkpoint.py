@@ -66,29 +66,53 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 DIGEST_KEY = "e2e_sae.sha256"
+_FULL_DIGEST = "v2:"  # this prefix: the digest covers the metadata too (older files: tensors only)
 
 
-def tensor_digest(tensors: Mapping[str, Tensor]) -> str:
-    """SHA-256 over the names, dtypes, shapes and bytes of `tensors` (detects corrupted files)."""
+def tensor_digest(tensors: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None) -> str:
+    """SHA-256 over the names, dtypes, shapes and bytes of `tensors` and, when given, the
+    metadata strings (detects corrupted or edited files)."""
     h = hashlib.sha256()
     for k in sorted(tensors):
         t = tensors[k].detach().contiguous().cpu()
         h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().data)
-    return h.hexdigest()
+    if metadata is None:
+        return h.hexdigest()
+    h.update(json.dumps(sorted(metadata.items())).encode())
+    return _FULL_DIGEST + h.hexdigest()
 
 
 def atomic_save_tensors(
     tensors: Mapping[str, Tensor], path: Path, metadata: dict[str, str] | None = None
 ) -> None:
-    """Temp file + fsync + rename; the metadata gets a checksum that `read_tensors` verifies."""
+    """Temp file + fsync + rename; the metadata gets a checksum over tensors and metadata that
+    `read_tensors` verifies. Equal contents give byte-identical files."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    save_file(cpu, str(tmp), {**(metadata or {}), DIGEST_KEY: tensor_digest(cpu)})
+    meta = {k: v for k, v in (metadata or {}).items() if k != DIGEST_KEY}
+    save_file(cpu, str(tmp), {**meta, DIGEST_KEY: tensor_digest(cpu, meta)})
+    _sort_header_metadata(tmp)
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def _sort_header_metadata(path: Path) -> None:
+    """safetensors writes the metadata in hash-map order, different in every process: rewrite the
+    header with sorted metadata keys (the data offsets do not change), so that `sha256sum` can
+    compare the files of two runs."""
+    with open(path, "rb+") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        if "__metadata__" in header:
+            header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > n:  # (escapes differ from the writer's): keep the file as written
+            return
+        f.seek(8)
+        f.write(text + b" " * (n - len(text)))  # trailing spaces are valid header padding
 
 
 def write_config(run_dir: Path, config: Config) -> None:
@@ -136,13 +160,15 @@ def read_tensors(path: Path, what: str = "checkpoint") -> dict[str, Tensor]:
         raise UserError(f"{what}: file not found: {path}")
     try:
         tensors = load_file(str(path))
-        digest = tensor_metadata(path).get(DIGEST_KEY)
+        meta = tensor_metadata(path)
     except (SafetensorError, OSError, ValueError) as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise DamagedFileError(
             f"{what}: {path} is not a readable safetensors file ({first})"
         ) from None
-    if digest is not None and digest != tensor_digest(tensors):
+    digest = meta.pop(DIGEST_KEY, None)
+    full = digest is not None and digest.startswith(_FULL_DIGEST)
+    if digest is not None and digest != tensor_digest(tensors, meta if full else None):
         raise DamagedFileError(f"{what}: {path} is corrupted or was modified (checksum mismatch)")
     return tensors
 
@@ -324,7 +350,10 @@ def load_pretrained_saes(
                      if any(k.startswith(sae_key(pos) + ".") for k in have)]  # fmt: skip
         if not positions:
             raise UserError(f"saes.pretrained_sae_paths: {p} has no SAE at {model.sae_positions}")
-        loaded += load_sae_weights(model, p, positions, state=have)
+        try:
+            loaded += load_sae_weights(model, p, positions, state=have)
+        except UserError as err:  # (a shape that does not fit the config, ...)
+            raise UserError(f"saes.pretrained_sae_paths: {err}") from None
     if retrain is True:
         return set()
     if retrain is False:
@@ -348,7 +377,11 @@ def newest_match(path: str | os.PathLike[str]) -> str | os.PathLike[str]:
 def filter_names_safe(model: SAETransformer, patterns: list[str]) -> list[str]:
     from e2e_sae.splice import filter_names
 
-    return filter_names(model.sae_positions, patterns, "saes.retrain_saes")
+    have = model.sae_positions
+    for pat in patterns:
+        if not any(pat == p or pat in p for p in have):
+            raise UserError(f"saes.retrain_saes: '{pat}' names no SAE (SAEs at {', '.join(have)})")
+    return filter_names(have, patterns, "saes.retrain_saes")
 
 
 def tensor_metadata(path: Path) -> dict[str, Any]:

@@ -126,6 +126,31 @@ def _register_extras() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; `argv` None: this process's own command line (then signals that arrive
+    after the command ended, e.g. a second Ctrl-C during shutdown, are ignored)."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # a second Ctrl-C while the first one was being handled
+        if argv is None:
+            _ignore_signals()
+        print("interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if argv is None:
+            _ignore_signals()
+
+
+def _ignore_signals() -> None:
+    """The command is over: a late SIGINT / SIGTERM would otherwise raise inside an interpreter
+    exit handler (an 'Exception ignored in atexit callback' traceback) or kill the process
+    with another exit status than the one reported."""
+    import signal
+
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     _register_extras()
     try:
         args = build_parser().parse_args(argv)

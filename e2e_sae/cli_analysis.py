@@ -49,7 +49,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def cmd_plot(args: argparse.Namespace) -> int:
     from e2e_sae.analysis.plots import load_runs, make_plots
+    from e2e_sae.errors import check_output_folder
 
+    check_output_folder(args.out, "--out")  # before evaluating any run
     runs = load_runs(args.run_dirs, n_tokens=args.n_tokens, device=args.device, progress=True)
     paths = make_plots(runs, args.out)
     for p in paths:

@@ -13,9 +13,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if args.format != "saelens":
         raise UserError(f"--format: unknown '{args.format}' (saelens)")
-    folders = export_run_saelens(
-        args.run_dir, args.out, checkpoint=args.checkpoint, model_name=args.model_name
-    )
+    folders = export_run_saelens(args.run_dir, args.out, checkpoint=args.checkpoint,
+                                 model_name=args.model_name, overwrite=args.overwrite)  # fmt: skip
     for f in folders:
         print(f"wrote {f}")
     print(f'\nload with SAELens: SAE.load_from_disk("{folders[0]}")')
@@ -57,6 +56,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--format", default="saelens", choices=["saelens"])
     e.add_argument("--checkpoint", default=None, help="samples_<N>.safetensors (default: newest)")
     e.add_argument("--model-name", default=None, help="model name for cfg.json (default: config)")
+    e.add_argument(
+        "--overwrite", action="store_true", help="write into a non-empty OUT (replaces SAE folders)"
+    )
     e.set_defaults(func=cmd_export)
 
     p = sub.add_parser("push", help="upload a run directory or an export to the Hugging Face Hub")

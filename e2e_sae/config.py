@@ -58,6 +58,9 @@ class DatasetConfig(_Frozen):
     """Passed to `datasets.load_dataset` for hub datasets with several file sets."""
     n_documents: PositiveInt | None = None
     """Only read this many documents/rows (useful for quick runs on large local datasets)."""
+    decode_errors: Literal["strict", "replace"] = "strict"
+    """Local .txt/.md files: `strict` refuses a file that is not UTF-8 text (or is binary);
+    `replace` reads bad bytes as U+FFFD, with a warning."""
 
     @model_validator(mode="after")
     def _tokenizer_for_text(self) -> DatasetConfig:
@@ -179,6 +182,10 @@ class Config(_Frozen):
     min_lr_factor: NonNegativeFloat = 0.1
     warmup_samples: NonNegativeInt = 0
     max_grad_norm: PositiveFloat | None = None
+    divergence_factor: PositiveFloat | None = 1000.0
+    """Stop training when a step's loss is over this many times the median loss of the last 100
+    steps, naming the step and the loss term (the checkpoint of the weights that gave it is set
+    aside, the one before is kept). null: off."""
     loss: LossConfigs
     train_data: DatasetConfig
     eval_data: DatasetConfig | None = None
@@ -214,6 +221,11 @@ class Config(_Frozen):
             )
         if self.n_samples is None:
             raise ValueError("n_samples is required")
+        batch = self.effective_batch_size or self.batch_size
+        if self.n_samples < batch:
+            name = "effective_batch_size" if self.effective_batch_size else "batch_size"
+            raise ValueError(f"n_samples: {self.n_samples} is less than one optimizer step "
+                             f"({name} {batch})")  # fmt: skip
         return self
 
     @property

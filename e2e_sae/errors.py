@@ -9,6 +9,17 @@ class UserError(Exception):
     """
 
 
+def check_output_folder(path: object, field: str) -> None:
+    """`path` may be written as a folder: it does not exist yet or is a directory."""
+    from pathlib import Path
+
+    p = Path(str(path)).expanduser()
+    if p.exists() and not p.is_dir():
+        raise UserError(f"{field}: {p} is a file, not a folder")
+    if not p.exists() and any(q.exists() and not q.is_dir() for q in p.parents):
+        raise UserError(f"{field}: {p} is inside a file, not a folder")
+
+
 class ConfigError(UserError):
     """A config file or config value is invalid."""
 

@@ -410,9 +410,19 @@ def evaluate_run(
     n_batches = max(1, math.ceil(n_tokens / (bs * ds.n_ctx)))
     plan = make_plan(model, config.loss, force_full_pass=True)
     terms = build_loss_terms(config.loss, plan.new_cache)
+    where = run_dir if not isinstance(run_dir, SAETransformer) else "model"
+    for name, t in model.saes.state_dict().items():
+        if t.is_floating_point() and not bool(t.isfinite().all()):
+            raise UserError(f"{where}: the checkpoint holds non-finite weights (saes.{name}); "
+                            "the run diverged")  # fmt: skip
     batches = create_data_loader(ds, bs, config.seed + 42)
     model.eval()
-    return evaluate(model, batches, n_batches, plan, terms, progress=progress)
+    result = evaluate(model, batches, n_batches, plan, terms, progress=progress)
+    bad = next(((k, v) for k, v in result.flat("").items() if not math.isfinite(v)), None)
+    if bad is not None:
+        raise UserError(f"{where}: evaluation metric '{bad[0]}' is {bad[1]} (non-finite: the "
+                        "SAE weights are too large or the run diverged)")  # fmt: skip
+    return result
 
 
 def feature_frequency_path(eval_json: Path) -> Path:

@@ -7,7 +7,15 @@ A resume point N is two files in the run directory, written in this order (each 
                            counters (the batch counter is the data position) and the batch layout
   samples_<N>.safetensors  SAE weights and buffers (what `load_run` and evaluation read)
 A point counts only when both files exist, so a run killed at any moment (SIGKILL) resumes from its
-last complete point. Only safetensors and JSON are read back: no pickle.
+last complete point. Each file's checksum covers its tensors and its metadata, and the resume file
+holds the checksum of the SAE weights, so a damaged or mismatched file is found before anything is
+loaded; `--resume` then falls back to the newest intact point (one warning line per damaged file,
+which is renamed `*.damaged` once the run goes on). Only safetensors and JSON are read back: no
+pickle.
+
+A run holds an exclusive lock (`RunLock`, an flock on RUN_DIR/.lock) for its lifetime: a second
+process cannot `--resume` (or otherwise train into) a directory a live run writes. The OS drops the
+lock when its process ends in any way, SIGKILL included.
 
 SIGINT / SIGTERM do not kill a training run: the current step finishes, a resume point is written,
 and `TrainingInterrupted` ends the run (the CLI exits 128 + signal number: 130 / 143).
@@ -17,11 +25,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import re
 import signal
 import threading
-from dataclasses import dataclass, fields
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -37,12 +47,19 @@ from e2e_sae.checkpoint import (
     atomic_write_bytes,
     load_sae_weights,
     read_tensors,
+    sae_state,
     save_checkpoint,
+    tensor_digest,
     write_config,
 )
 from e2e_sae.config import Config, config_to_yaml_dict, load_config
-from e2e_sae.distributed import Dist, broadcast_str, max_over_ranks
+from e2e_sae.distributed import SINGLE, Dist, broadcast_str, max_over_ranks
 from e2e_sae.errors import ConfigError, TrainingInterrupted, UserError
+
+try:
+    import fcntl
+except ImportError:  # (Windows: no advisory locks; runs are then not protected from each other)
+    fcntl = None  # type: ignore[assignment]
 
 if TYPE_CHECKING:
     from e2e_sae.train import Trainer
@@ -55,6 +72,8 @@ LATEST = "latest"
 _SAMPLES_RE = re.compile(r"^samples_(\d+)\.safetensors$")
 _RESUME_RE = re.compile(r"^resume_(\d+)\.safetensors$")
 _TMP_RE = re.compile(r"^\..+\.tmp\d+$")
+LOCK_FILE = ".lock"
+DAMAGED_SUFFIX = ".damaged"
 
 # Config keys that may change between the interrupted run and its continuation: they steer logging,
 # saving, evaluation, length, or where / how memory-frugally the same step runs. (`batch_size` /
@@ -66,7 +85,7 @@ RESUMABLE_CHANGES = frozenset({
     "eval_n_samples", "eval_data", "log_every_n_grad_steps", "act_frequency_n_tokens",
     "collect_act_frequency_every_n_samples", "wandb_project", "wandb_run_name",
     "wandb_run_name_prefix", "run_name", "save_dir", "device", "compile", "kl_chunk_tokens",
-    "batch_size", "effective_batch_size",
+    "batch_size", "effective_batch_size", "divergence_factor",
 })  # fmt: skip
 
 
@@ -94,6 +113,64 @@ def resume_points(run_dir: Path) -> list[ResumePoint]:
         return []
     both = _indices(run_dir, _SAMPLES_RE) & _indices(run_dir, _RESUME_RE)
     return [ResumePoint(run_dir, n) for n in sorted(both)]
+
+
+# --- one process per run directory ---------------------------------------------------------------
+class RunLock:
+    """An exclusive flock on RUN_DIR/.lock, held from creation (or `--resume`) to the end of the
+    run. The file holds the holder's pid, for the message a second process gets."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self._fd: int | None = None
+
+    def acquire(self, field: str) -> RunLock:
+        """Take the lock or raise a one-line UserError (`field`: what the user gave)."""
+        try:
+            fd = os.open(self.run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise UserError(f"{field}: cannot write in {self.run_dir} ({err.strerror})") from None
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise UserError(
+                    f"{field}: {self.run_dir} is in use by a running training (pid {holder}); "
+                    "let it finish or stop it first"
+                ) from None
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return self
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+
+def on_main(fn: Callable[[], Any], d: Dist) -> Any:
+    """`fn()` on rank 0 only (None elsewhere). A UserError there is raised on every rank, so the
+    other ranks do not wait forever at the next collective."""
+    if not d.enabled:
+        return fn()
+    result, message = None, None
+    if d.is_main:
+        try:
+            result = fn()
+        except UserError as err:
+            message = str(err)
+    message = broadcast_str(message, d)
+    if message is not None:
+        raise UserError(message)
+    return result
 
 
 # --- which run to continue -----------------------------------------------------------------------
@@ -167,24 +244,86 @@ def find_run_dir(resume: str | Path, config: Config) -> Path:
     return max(found)[1]
 
 
-def find_resume(resume: str | Path, config: Config) -> tuple[Path, ResumePoint | None]:
-    """The run directory to continue and its newest complete point (None: start it over at step
-    0, e.g. a run killed before its first checkpoint). Reads only; nothing is written."""
+@dataclass
+class Resume:
+    """What `--resume` continues: the run directory (locked by rank 0), the point to restore
+    (None: start over at step 0, e.g. a run killed before its first checkpoint) and the damaged
+    files of newer points that were skipped."""
+
+    run_dir: Path
+    point: ResumePoint | None
+    damaged: list[Path] = field(default_factory=list)
+    lock: RunLock | None = None
+
+
+def find_resume(resume: str | Path, config: Config, d: Dist = SINGLE) -> Resume:
+    """Find the run directory, lock it (rank 0) and pick its newest intact point. Writes nothing
+    but the lock file; the caller releases `lock`."""
     run_dir = find_run_dir(resume, config)
+    lock = on_main(lambda: RunLock(run_dir).acquire("--resume"), d)
+    try:
+        choice = on_main(lambda: newest_intact_point(run_dir), d)
+        n = broadcast_str(None if choice is None or choice[0] is None else str(choice[0]), d)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    point = ResumePoint(run_dir, int(n)) if n is not None else None
+    return Resume(run_dir, point, choice[1] if choice is not None else [], lock)
+
+
+def damaged_file(point: ResumePoint) -> tuple[Path, str] | None:
+    """(file, one-line reason) when a file of `point` is unreadable, fails its checksum, or the
+    weights are not the ones its resume file was written with; None when the point is intact."""
+    try:
+        samples = read_tensors(point.samples_path, "checkpoint")
+    except UserError as err:
+        return point.samples_path, str(err)
+    try:
+        meta = _read_meta(point.resume_path)
+        read_tensors(point.resume_path, "resume file")
+    except UserError as err:
+        return point.resume_path, str(err)
+    want = meta.get("samples_sha256")
+    if want is not None and want != tensor_digest(samples):
+        return point.samples_path, (
+            f"checkpoint: {point.samples_path} does not hold the weights "
+            f"{point.resume_path.name} was saved with (checksum mismatch)"
+        )
+    return None
+
+
+def newest_intact_point(run_dir: Path) -> tuple[int | None, list[Path]]:
+    """(n_samples of the newest intact point or None if the run has no point yet, the damaged
+    files of newer points). One warning line per damaged file; a UserError when points exist
+    but none is intact."""
+    damaged: list[tuple[Path, str]] = []
     points = resume_points(run_dir)
-    return run_dir, points[-1] if points else None
+    for point in reversed(points):
+        bad = damaged_file(point)
+        if bad is None:
+            for _, reason in damaged:
+                logger.warning("--resume: %s; resuming from %s", reason, point.samples_path.name)
+            return point.n_samples, [p for p, _ in damaged]
+        damaged.append(bad)
+    if damaged:
+        raise UserError(f"{damaged[0][1]}; no older intact checkpoint to resume from")
+    return None, []
 
 
-def prepare_run_dir(
-    config: Config, run_dir: Path | None, point: ResumePoint | None, resuming: bool, d: Dist
-) -> Path:
-    """Rank 0 writes the config (and, when resuming, drops metric records past the checkpoint and
-    stale temp files); every rank learns the directory's path."""
+def prepare_run_dir(config: Config, run_dir: Path | None, resume: Resume | None, d: Dist) -> Path:
+    """Rank 0 writes the config (and, when resuming, drops metric records past the checkpoint,
+    stale temp files, and renames the damaged files it skipped); every rank learns the
+    directory's path."""
     if d.is_main:
         assert run_dir is not None
         write_config(run_dir, config)
-        if resuming:
+        if resume is not None:
             clean_stale_temp_files(run_dir)
+            for path in resume.damaged:
+                if path.exists():
+                    os.replace(path, path.with_name(path.name + DAMAGED_SUFFIX))
+            point = resume.point
             truncate_metrics(run_dir, point_step(point) if point is not None else 0)
     path = broadcast_str(str(run_dir) if run_dir is not None else None, d)
     assert path is not None
@@ -264,12 +403,13 @@ def save_point(run_dir: Path, t: Trainer, state: Any, d: Dist, final: bool = Fal
         "scheduler": t.scheduler.state_dict(),
         "rng": rng_meta,
         "layout": _layout(t, d),
+        "samples_sha256": tensor_digest(sae_state(t.model)),  # ties the two files together
     }
     atomic_save_tensors(tensors, run_dir / f"resume_{n}.safetensors", {META_KEY: json.dumps(meta)})
     path = save_checkpoint(run_dir, t.model, n)
     keep = t.config.keep_last_n_checkpoints
     if keep is not None:
-        prune_points(run_dir, keep + (1 if final else 0))
+        prune_points(run_dir, keep + (1 if final else 0), upto=n)
     return path
 
 
@@ -282,10 +422,12 @@ def _layout(t: Trainer, d: Dist) -> dict[str, int]:
     }
 
 
-def prune_points(run_dir: Path, keep: int) -> None:
-    """Delete all but the newest `keep` checkpoints (samples first: a samples file always has its
-    resume file)."""
+def prune_points(run_dir: Path, keep: int, upto: int | None = None) -> None:
+    """Delete all but the newest `keep` checkpoints up to `upto` samples (samples first: a samples
+    file always has its resume file). Later files are left from before a resume (the run will
+    write them again): they must not count as newest."""
     found = sorted(_indices(run_dir, _SAMPLES_RE) | _indices(run_dir, _RESUME_RE))
+    found = [n for n in found if upto is None or n <= upto]
     for n in found[: max(0, len(found) - keep)]:
         (run_dir / f"samples_{n}.safetensors").unlink(missing_ok=True)
         (run_dir / f"resume_{n}.safetensors").unlink(missing_ok=True)

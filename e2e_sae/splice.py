@@ -40,6 +40,15 @@ def hook_layer(hook_name: str, n_layers: int) -> int:
     return -1 if hook_name.startswith(("hook_embed", "hook_pos_embed", "hook_tokens")) else n_layers
 
 
+def dict_size(d_in: int, ratio: float, position: str) -> int:
+    """Latents of an SAE reading `d_in` dims (at least one)."""
+    n = int(d_in * ratio)
+    if n < 1:
+        raise ConfigError(f"saes.dict_size_to_input_ratio: {ratio:g} x d_in {d_in} at "
+                          f"'{position}' gives {n} latents (need at least 1)")  # fmt: skip
+    return n
+
+
 def filter_names(all_names: Sequence[str], patterns: Sequence[str], field: str) -> list[str]:
     """Resolve hook names or substrings (`hook_resid_pre` matches every layer), in model order."""
     out: list[str] = []
@@ -143,7 +152,7 @@ class SAETransformer(nn.Module):
             self.saes[sae_key(pos)] = build_sae(
                 architecture,
                 d_in,
-                int(d_in * dict_size_to_input_ratio),
+                dict_size(d_in, dict_size_to_input_ratio, pos),
                 init_decoder_orthogonal=init_decoder_orthogonal,
                 output_size=d_out,
                 **(architecture_kwargs or {}),

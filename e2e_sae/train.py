@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import math
 import random
+import statistics
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -38,7 +40,17 @@ from e2e_sae.evaluate import EvalResult, evaluate
 from e2e_sae.forward import StepPlan, autocast, make_plan, run_forward
 from e2e_sae.losses import LossInputs, LossTerm, build_loss_terms, compute_losses
 from e2e_sae.resample import resample_dead_latents
-from e2e_sae.resume import StopOnSignal, find_resume, prepare_run_dir, restore_point, save_point
+from e2e_sae.resume import (
+    Resume,
+    RunLock,
+    StopOnSignal,
+    find_resume,
+    on_main,
+    prepare_run_dir,
+    restore_point,
+    resume_points,
+    save_point,
+)
 from e2e_sae.runlog import RunLogger
 from e2e_sae.saes.init import initialize_saes
 from e2e_sae.splice import SAETransformer
@@ -88,6 +100,9 @@ def get_run_name(config: Config) -> str:
     return config.wandb_run_name_prefix + "_".join(parts)
 
 
+DIVERGENCE_WINDOW = 100  # steps whose median loss the divergence guard compares against
+
+
 @dataclass
 class TrainState:
     """Counters that define where a run is (also what a resume restores)."""
@@ -95,18 +110,41 @@ class TrainState:
     step: int = 0  # optimizer steps taken
     n_samples: int = 0  # training samples consumed
     batches: int = 0  # micro-batches drawn from the loader
+    recent_losses: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+    """The last DIVERGENCE_WINDOW steps' loss and loss terms (for the divergence guard)."""
 
 
-def make_run_dir(config: Config, run_dir: Path | None) -> Path:
-    if run_dir is None:
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        assert config.save_dir is not None
-        run_dir = Path(config.save_dir) / f"{get_run_name(config)}_{stamp}"
+def _stamp() -> str:
+    return datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def make_run_dir(config: Config, run_dir: Path | None = None) -> Path:
+    """A new run directory: `run_dir`, or `<save_dir>/<run name>_<time>`, created exclusively
+    (`-2`, `-3`, ... appended when another run took the name, e.g. started in the same second)."""
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        if run_dir is not None:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            return run_dir
+        assert config.save_dir is not None
+        base = Path(config.save_dir).expanduser() / f"{get_run_name(config)}_{_stamp()}"
+        base.parent.mkdir(parents=True, exist_ok=True)
+        for k in itertools.count(1):
+            run_dir = base if k == 1 else base.with_name(f"{base.name}-{k}")
+            try:
+                run_dir.mkdir()
+                return run_dir
+            except FileExistsError:
+                continue
     except OSError as err:
-        raise UserError(f"save_dir: cannot create {run_dir} ({err.strerror})") from None
-    return run_dir
+        where = run_dir or config.save_dir
+        raise UserError(f"save_dir: cannot create {where} ({err.strerror})") from None
+    raise AssertionError("unreachable")
+
+
+def create_locked_run_dir(config: Config, run_dir: Path | None = None) -> tuple[Path, RunLock]:
+    """`make_run_dir`, then its lock (a given `run_dir` that a live run holds is refused)."""
+    run_dir = make_run_dir(config, run_dir)
+    return run_dir, RunLock(run_dir).acquire("save_dir")
 
 
 @dataclass
@@ -220,11 +258,10 @@ def check_finite(loss: Tensor, values: dict[str, Tensor], step: int, d: Dist = S
     if not max_over_ranks(int(here), d):
         return
     if not here:
-        raise NumericalError(f"non-finite loss at step {step} on another rank")
+        raise NumericalError(f"non-finite loss at step {step} on another rank", step - 1)
     bad = next((k for k, v in values.items() if not torch.isfinite(v)), "loss")
-    raise NumericalError(
-        f"non-finite loss at step {step}: term '{bad}' is {float(values.get(bad, loss).detach())}"
-    )
+    value = float(values.get(bad, loss).detach())
+    raise NumericalError(f"non-finite loss at step {step}: term '{bad}' is {value}", step - 1)
 
 
 def check_tensors_finite(named: Iterable[tuple[str, Tensor | None]], what: str, step: int) -> None:
@@ -233,11 +270,46 @@ def check_tensors_finite(named: Iterable[tuple[str, Tensor | None]], what: str, 
     if not pairs or bool(torch.stack([t.isfinite().all() for _, t in pairs]).all()):
         return
     name = next(n for n, t in pairs if not bool(t.isfinite().all()))
-    raise NumericalError(f"non-finite {what} at step {step}: saes.{name}")
+    # a gradient comes from the weights before this step; a weight is this step's result
+    weights_step = step - 1 if what == "gradient" else step
+    raise NumericalError(f"non-finite {what} at step {step}: saes.{name}", weights_step)
 
 
 class NumericalError(UserError):
-    """NaN / inf in a loss, gradient or weight."""
+    """NaN / inf in a loss, gradient or weight, or a diverging loss. `weights_step`: the step
+    after which the weights that caused it were in place (their checkpoint is not to be kept)."""
+
+    def __init__(self, message: str, weights_step: int | None = None) -> None:
+        super().__init__(message)
+        self.weights_step = weights_step
+
+
+def check_divergence(values: dict[str, float], state: TrainState, factor: float | None,
+                     terms: list[str]) -> None:  # fmt: skip
+    """Stop when this step's loss is over `factor` times the median of the last
+    DIVERGENCE_WINDOW steps' losses (`divergence_factor`; None: off), naming the term that grew
+    most; else add the step to the window. `state.step` is this step (already counted)."""
+    hist = state.recent_losses
+    if factor is not None and hist.get("loss"):
+        median = statistics.median(hist["loss"])
+        if median > 0 and values["loss"] > factor * median:
+
+            def growth(k: str) -> float:
+                m = statistics.median(hist[k]) if hist.get(k) else 0.0
+                return values[k] / m if m > 0 else (math.inf if values[k] > 0 else 0.0)
+
+            term = max((k for k in terms if k in values), key=growth, default="loss")
+            raise NumericalError(
+                f"loss diverged at step {state.step}: {values['loss']:.4g} is over {factor:g}x "
+                f"the median {median:.4g} of the last {len(hist['loss'])} steps; term "
+                f"'{term}' is {values[term]:.4g} (divergence_factor tunes this, null disables)",
+                state.step - 1,
+            )
+    for k in ["loss", *terms]:
+        if k in values:
+            window = hist.setdefault(k, [])
+            window.append(float(values[k]))
+            del window[:-DIVERGENCE_WINDOW]
 
 
 def open_teacher_cache(config: Config) -> Any:
@@ -253,6 +325,12 @@ def setup(
     """Load the LM, build the SAEs, and prepare optimizer and schedule (no files written)."""
     set_seed(config.seed)
     model = build_model(config, device=device)
+    check_in_to_orig(model, config)
+    if config.n_samples is not None and config.n_samples < (
+        global_batch := (config.effective_batch_size or config.batch_size) * dist.world_size
+    ):
+        raise UserError(f"n_samples: {config.n_samples} is less than one optimizer step over "
+                        f"{dist.world_size} processes ({global_batch} samples)")  # fmt: skip
     s = config.saes
     if s.tied_init or s.init_b_dec != "zeros":  # before pretrained weights, which then win
         sample = None
@@ -284,6 +362,25 @@ def setup(
                    loss_terms, trainable, optimizer, scheduler, dev, reference, dist)  # fmt: skip
 
 
+def check_in_to_orig(model: SAETransformer, config: Config) -> None:
+    """`in_to_orig` hooks must run after the first SAE's output: before it (or at it) the spliced
+    run equals the clean one, and the term would be 0 at every step."""
+    term = config.loss.in_to_orig
+    if term is None:
+        return
+    from e2e_sae.splice import filter_names
+
+    field = "loss.in_to_orig.hook_positions"
+    hooks = filter_names(model.all_hook_names, term.hook_positions, field)
+    outputs = [model.sites[p].output_hook for p in model.sae_positions]
+    order = list(model.hook_shapes([*outputs, *hooks]))  # in the order the forward pass runs
+    first = min(outputs, key=order.index)
+    early = [h for h in hooks if order.index(h) <= order.index(first)]
+    if early:
+        raise UserError(f"{field}: '{early[0]}' is not after the first SAE ('{first}'), where the "
+                        "spliced run equals the clean run (the term would be 0)")  # fmt: skip
+
+
 @contextmanager
 def data_errors(field: str) -> Iterator[None]:
     """Prefix data loading errors with the config section (train_data / eval_data) they are in."""
@@ -301,7 +398,9 @@ def check_vocab(model: SAETransformer, tokens: Tensor, field: str) -> None:
     if tokens.shape[-1] > model.tlens_model.cfg.n_ctx:
         raise UserError(f"{field}.n_ctx: {tokens.shape[-1]} is longer than the model's context "
                         f"n_ctx={model.tlens_model.cfg.n_ctx}")  # fmt: skip
-    top = int(tokens.max())
+    low, top = int(tokens.min()), int(tokens.max())
+    if low < 0:
+        raise UserError(f"{field}: token id {low} is negative (token ids are 0 .. d_vocab - 1)")
     if top >= model.tlens_model.cfg.d_vocab:
         raise UserError(
             f"{field}: token id {top} >= the model's d_vocab {model.tlens_model.cfg.d_vocab} "
@@ -319,17 +418,38 @@ def train(
     resume: str | Path | None = None,
 ) -> Path:
     """Train the SAEs of `config`; returns the run directory. `resume`: a run directory (or
-    "latest": the newest run of this config) to continue exactly from its last checkpoint. Under
-    torchrun every rank calls this; see `e2e_sae.distributed`. Nothing is written before the
-    inputs are checked."""
+    "latest": the newest run of this config) to continue exactly from its last intact
+    checkpoint. Under torchrun every rank calls this; see `e2e_sae.distributed`. Nothing is
+    written before the inputs are checked. The run directory is locked while the run lasts."""
     d, device = init_distributed(device or config.device)
     t = setup(config, device=device, reference=reference, dist=d)
+    locks: list[RunLock] = []
+    try:
+        return _train(t, d, run_dir, resume, progress, on_eval, locks)
+    finally:
+        for lock in locks:
+            lock.release()
+
+
+def _train(
+    t: Trainer,
+    d: Dist,
+    run_dir: Path | None,
+    resume: str | Path | None,
+    progress: bool,
+    on_eval: Callable[[EvalResult], Any] | None,
+    locks: list[RunLock],
+) -> Path:
+    config = t.config
     state = TrainState()
-    point = None
+    found: Resume | None = None
     if resume is not None:
-        run_dir, point = find_resume(resume, config)
-        if point is not None:
-            restore_point(t, point, state, d)
+        found = find_resume(resume, config, d)
+        run_dir = found.run_dir
+        if found.lock is not None:
+            locks.append(found.lock)
+        if found.point is not None:
+            restore_point(t, found.point, state, d)
     with data_errors("train_data"):
         batches = t.batches(config.train_data, config.seed, start=state.batches, shard=True)
         first = next(batches)
@@ -337,9 +457,12 @@ def train(
     t.check_eval_data()
     batches = _prepend(first, batches)
     n_ctx = first.shape[1]
-    if resume is None and d.is_main:
-        run_dir = make_run_dir(config, run_dir)
-    run_dir = prepare_run_dir(config, run_dir, point, resume is not None, d)
+    if found is None:
+        made = on_main(lambda: create_locked_run_dir(config, run_dir), d)
+        if made is not None:
+            run_dir = made[0]
+            locks.append(made[1])
+    run_dir = prepare_run_dir(config, run_dir, found, d)
     log = RunLogger(run_dir, config, enabled=d.is_main)
     bs, n_steps = t.global_batch, n_grad_steps(config, d.world_size)
     save_every, eval_every = config.save_every_n_samples, config.eval_every_n_samples
@@ -352,7 +475,13 @@ def train(
             t.model.train()
             for pos in set(t.model.sae_positions) - set(t.trainable):
                 t.model.sae(pos).eval()  # frozen SAEs behave as at inference (BatchTopK threshold)
-            values = t.train_step(batches, state)
+            try:
+                values = t.train_step(batches, state)
+                terms = [term.name for term in t.loss_terms]  # + the architectures' aux losses:
+                terms += [k for k in values if "/" in k and not k.startswith("resampled/")]
+                check_divergence(values, state, config.divergence_factor, terms)
+            except NumericalError as err:
+                raise set_aside_bad_point(err, run_dir, bs, d) from None
             bar.update(1)
             bar.set_postfix(loss=f"{values['loss']:.4g}")
             if state.step % config.log_every_n_grad_steps == 0 or state.step == 1:
@@ -371,14 +500,33 @@ def train(
             if signum:
                 raise stop.interrupted(run_dir, state.step, signum)
     finally:
-        stop.restore()
         bar.close()
+        stop.restore()
     log.save_file(save_point(run_dir, t, state, d, final=True))
     if not (eval_every and state.n_samples % eval_every == 0):
         log_eval(t, log, state, on_eval)
     log.finish()
     shutdown(d)
     return run_dir
+
+
+def set_aside_bad_point(err: NumericalError, run_dir: Path, bs: int, d: Dist) -> NumericalError:
+    """Rename the checkpoint holding the weights that caused `err` to `*.diverged` (so that
+    evaluation, export and `--resume` use the one before) and say which one is kept."""
+    if not d.is_main or err.weights_step is None:
+        return err
+    points = resume_points(run_dir)
+    bad = [p for p in points if p.n_samples >= err.weights_step * bs and p.n_samples > 0]
+    if not bad:
+        return err
+    for p in bad:
+        for path in (p.samples_path, p.resume_path):
+            path.replace(path.with_name(path.name + ".diverged"))
+    kept = [p for p in points if p not in bad]
+    names = ", ".join(p.samples_path.name for p in bad)
+    last = kept[-1].samples_path.name if kept else "none"
+    return NumericalError(f"{err}; last checkpoint before it: {last} ({names} renamed "
+                          "*.diverged)", err.weights_step)  # fmt: skip
 
 
 def _prepend(first: Tensor, rest: Iterator[Tensor]) -> Iterator[Tensor]:

@@ -13,10 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 from conftest import TINY_TLENS, make_config_dict, write_token_jsonl
 
+from e2e_sae.checkpoint import build_model, save_checkpoint
 from e2e_sae.cli import main
+from e2e_sae.config import Config, load_config
 
 
 @dataclass
@@ -58,8 +61,55 @@ def _no_batch_size(e: Env) -> list[str]:
     return ["train", e.write(cfg)]
 
 
+def _text_file(e: Env, data: bytes) -> dict[str, Any]:
+    (e.root / "text").mkdir()
+    (e.root / "text" / "a.txt").write_bytes(data)
+    return {"dataset_name": str(e.root / "text"), "n_ctx": 16, "streaming": False,
+            "is_tokenized": False, "tokenizer_name": "gpt2"}  # fmt: skip
+
+
+def _sae_file(e: Env, ratio: float = 2.0) -> str:
+    """A checkpoint of the config's SAE (random weights), with `ratio` latents per input dim."""
+    config = load_config(e.config(saes={"sae_positions": SAE, "dict_size_to_input_ratio": ratio}))
+    assert isinstance(config, Config)
+    return str(save_checkpoint(e.root, build_model(config, device="cpu"), 0))
+
+
+def _pretrained(e: Env, **extra: Any) -> list[str]:
+    return e.train(saes={"sae_positions": SAE, "dict_size_to_input_ratio": 2.0,
+                         "pretrained_sae_paths": _sae_file(e), **extra})  # fmt: skip
+
+
+def _run(e: Env, scale: float = 1.0) -> str:
+    """A run directory outside save_dir (config + one checkpoint, weights `scale`d)."""
+    run = e.root / "run"
+    run.mkdir()
+    config = load_config(e.config(eval_n_samples=4))
+    assert isinstance(config, Config)
+    (run / "final_config.yaml").write_text(yaml.safe_dump(e.config(eval_n_samples=4)))
+    model = build_model(config, device="cpu")
+    with torch.no_grad():
+        for name, p in model.saes.named_parameters():
+            if "encoder" in name:
+                p.mul_(scale)
+    save_checkpoint(run, model, 8)
+    return str(run)
+
+
+def _file(e: Env) -> str:
+    (e.root / "a_file").write_text("mine")
+    return str(e.root / "a_file")
+
+
+def _used_folder(e: Env) -> str:
+    (e.root / "export").mkdir()
+    (e.root / "export" / "notes.txt").write_text("an earlier export")
+    return str(e.root / "export")
+
+
 TEXT_ROWS = [{"text": "hello world"}] * 4
 SAE = "blocks.1.hook_resid_pre"
+LOCAL_SPARSITY = {"sparsity": {"coeff": 0.1}}
 
 # (id, argv builder, text the one-line message must contain)
 # fmt: off
@@ -116,6 +166,34 @@ CASES: list[tuple[str, Callable[[Env], list[str]], str]] = [
     ("tokenizer-name", lambda e: e.train(train_data=_text_dir(e)), "tokenizer_name"),
     ("eval-data-empty", lambda e: e.train(eval_data=e.data_file("e.jsonl", [])),
      "eval_data: dataset_name"),
+    ("data-negative-token-id", lambda e: e.train(train_data=e.data_file("n.jsonl",
+     [{"input_ids": [5, -1, *range(40)]}])), "token id -1"),
+    ("text-not-utf8", lambda e: e.train(train_data=_text_file(e, b"caf\xe9 \xff\xfe words")),
+     "not UTF-8"),
+    ("text-binary", lambda e: e.train(train_data=_text_file(e, b"ELF\x00\x01\x02 words")),
+     "binary"),
+    # --- config values that only the model can check ---
+    ("in-to-orig-before-sae", lambda e: e.train(loss={**LOCAL_SPARSITY, "in_to_orig": {
+     "hook_positions": "blocks.0.hook_resid_post", "total_coeff": 1.0}}),
+     "loss.in_to_orig.hook_positions"),
+    ("in-to-orig-at-sae", lambda e: e.train(loss={**LOCAL_SPARSITY, "in_to_orig": {
+     "hook_positions": SAE, "total_coeff": 1.0}}), "loss.in_to_orig.hook_positions"),
+    ("n-samples-below-batch", lambda e: e.train(n_samples=3), "n_samples"),
+    ("n-samples-below-effective-batch", lambda e: e.train(n_samples=6, effective_batch_size=8),
+     "n_samples"),
+    ("zero-latents", lambda e: e.train(saes={"sae_positions": SAE,
+     "dict_size_to_input_ratio": 0.01}), "saes.dict_size_to_input_ratio"),
+    ("retrain-saes-no-such-sae", lambda e: _pretrained(e, retrain_saes=["blocks.2.hook_resid_pre"]),
+     "saes.retrain_saes"),
+    ("pretrained-wrong-shape", lambda e: e.train(saes={"sae_positions": SAE,
+     "dict_size_to_input_ratio": 2.0, "pretrained_sae_paths": _sae_file(e, ratio=3.0)}),
+     "saes.pretrained_sae_paths"),
+    # --- other commands ---
+    ("export-onto-a-file", lambda e: ["export", _run(e), _file(e)], "is a file"),
+    ("export-onto-an-export", lambda e: ["export", _run(e), _used_folder(e)], "--overwrite"),
+    ("plot-onto-a-file", lambda e: ["plot", _run(e), "--out", _file(e)], "--out"),
+    ("eval-huge-weights", lambda e: ["eval", _run(e, scale=1e30)], "non-finite"),
+    ("eval-inf-weights", lambda e: ["eval", _run(e, scale=float("inf"))], "non-finite weights"),
 ]
 # fmt: on
 
@@ -128,8 +206,22 @@ def test_bad_input_is_one_line_exit_2_nothing_written(
     argv = build(env)
     capsys.readouterr()
     rc = main(argv)
-    err = capsys.readouterr().err.strip()
+    err = capsys.readouterr().err.rsplit("\r", 1)[-1].strip()  # after an erased progress bar
     assert rc == 2, err
     assert len(err.splitlines()) == 1, err
     assert err.startswith("error: ") and expected in err, err
     assert not env.save_dir.exists() or not any(env.save_dir.iterdir())
+
+
+def test_export_overwrite_replaces_only_the_sae_folders(tmp_path: Path, capsys) -> None:
+    env = Env(tmp_path, write_token_jsonl(tmp_path / "tokens.jsonl"))
+    run, out = _run(env), _used_folder(env)
+    stale = Path(out) / SAE / "sparsity.safetensors"  # from an export with frequencies
+    stale.parent.mkdir()
+    stale.write_text("old")
+    assert main(["export", run, out]) == 2
+    assert stale.read_text() == "old"  # refused: nothing touched
+    assert main(["export", run, out, "--overwrite"]) == 0
+    assert sorted(p.name for p in (Path(out) / SAE).iterdir()) == [
+        "cfg.json", "sae_weights.safetensors"]  # fmt: skip
+    assert (Path(out) / "notes.txt").read_text() == "an earlier export"

@@ -1,10 +1,15 @@
-"""Long-run reliability: exact resume, SIGTERM / SIGKILL at random moments, NaN faults, damaged
-checkpoints, and torchrun DDP (2 CPU processes) against one process with the double batch."""
+"""Long-run reliability: exact resume, SIGTERM / SIGKILL at random moments, NaN faults and
+divergence, damaged checkpoints, concurrent runs, and torchrun DDP (2 CPU processes) against one
+process with the double batch."""
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 import random
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +27,7 @@ from e2e_sae.checkpoint import atomic_save_tensors, list_checkpoints, load_run, 
 from e2e_sae.cli import main
 from e2e_sae.config import Config, load_config
 from e2e_sae.errors import TrainingInterrupted
-from e2e_sae.resume import resume_points
+from e2e_sae.resume import RunLock, resume_points
 from e2e_sae.runlog import read_metrics
 
 LOCAL = {"loss": {"sparsity": {"coeff": 0.1}, "out_to_in": {"coeff": 1.0}}}
@@ -62,6 +67,10 @@ def _assert_bit_exact(a: dict[str, Tensor], b: dict[str, Tensor]) -> None:
 def _only_run(save_dir: Path) -> Path:
     (run,) = [p for p in save_dir.iterdir() if p.is_dir()]
     return run
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _records(run_dir: Path) -> list[dict[str, Any]]:
@@ -114,6 +123,8 @@ def test_signal_then_resume_is_bit_exact(
     # optimizer moments, scheduler and RNG states too
     _assert_bit_exact(read_tensors(ref / "resume_64.safetensors"),
                       read_tensors(run / "resume_64.safetensors"))  # fmt: skip
+    for name in ("samples_64.safetensors", "resume_64.safetensors"):  # the files, byte for byte
+        assert _sha(ref / name) == _sha(run / name), name
     assert _records(ref) == _records(run)  # metrics past the checkpoint were not duplicated
     # keep_last_n_checkpoints=2 (+ the final one)
     assert [p.name for p in list_checkpoints(run)] == [
@@ -140,9 +151,15 @@ def test_resume_rejects_a_different_global_batch(config_dict, tmp_path: Path, ca
 
 
 # --- crash safety --------------------------------------------------------------------------------
-def _start(args: list[str]) -> subprocess.Popen[str]:
+# `e2e-sae train ARGS` with the run directories' time stamp frozen (as if started in one second)
+_FROZEN_CLOCK = ("import sys, e2e_sae.train as t; t._stamp = lambda: '20250101-000000'; "
+                 "from e2e_sae.cli import main; sys.exit(main())")  # fmt: skip
+
+
+def _start(args: list[str], frozen_clock: bool = False) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "e2e_sae", "train", *args]
+    run = ["-c", _FROZEN_CLOCK] if frozen_clock else ["-m", "e2e_sae"]
+    cmd = [sys.executable, *run, "train", *args]
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)  # fmt: skip
 
@@ -268,16 +285,16 @@ def _inf_weight(monkeypatch: pytest.MonkeyPatch, at_call: int) -> None:
 
 
 @pytest.mark.parametrize(
-    "inject, expected",
-    [
-        (_nan_loss, "non-finite loss at step 5: term 'sparsity'"),
-        (_nan_gradient, f"non-finite gradient at step 5: saes.{SAE_KEY}.encoder.0.bias"),
-        (_inf_weight, f"non-finite weight at step 5: saes.{SAE_KEY}.decoder.weight"),
+    "inject, expected, kept",
+    [  # a loss / gradient at step 5 comes from the weights after step 4 (samples_16): set aside
+        (_nan_loss, "non-finite loss at step 5: term 'sparsity'", [8]),
+        (_nan_gradient, f"non-finite gradient at step 5: saes.{SAE_KEY}.encoder.0.bias", [8]),
+        (_inf_weight, f"non-finite weight at step 5: saes.{SAE_KEY}.decoder.weight", [8, 16]),
     ],
     ids=["loss", "gradient", "weight"],
 )
 def test_numerical_fault_stops_and_keeps_last_good_checkpoint(
-    config_dict, tmp_path: Path, monkeypatch, capsys, inject: Any, expected: str
+    config_dict, tmp_path: Path, monkeypatch, capsys, inject: Any, expected: str, kept: list[int]
 ) -> None:
     cfg = config_dict(n_samples=40, save_every_n_samples=8, keep_last_n_checkpoints=None, **LOCAL)
     path = _write(tmp_path / "cfg.yaml", cfg)
@@ -287,7 +304,11 @@ def test_numerical_fault_stops_and_keeps_last_good_checkpoint(
     assert err.count("error:") == 1 and "\n" not in err[err.index("error:") :], err  # one line
     assert expected in err, err
     run = _only_run(Path(cfg["save_dir"]))
-    assert [p.n_samples for p in resume_points(run)] == [8, 16]  # steps 2 and 4; none after
+    assert [p.n_samples for p in resume_points(run)] == kept  # steps 2 (and 4); none after
+    assert f"last checkpoint before it: samples_{kept[-1]}.safetensors" in err or kept == [8, 16]
+    aside = sorted(p.name for p in run.glob("*.diverged"))
+    assert aside == ([] if 16 in kept else ["resume_16.safetensors.diverged",
+                                           "samples_16.safetensors.diverged"])  # fmt: skip
     assert all(torch.isfinite(t).all() for t in _newest_weights(run).values())
     monkeypatch.undo()
     assert main(["train", str(path), "--resume", str(run)]) == 0  # and it continues from there
@@ -334,6 +355,7 @@ def _resize_config(run: Path) -> None:
         (_resize_config, "eval", "shape"),
         (lambda r: _truncate(r / "resume_16.safetensors"), "resume", "resume_16.safetensors"),
         (lambda r: _flip_data_byte(r / "resume_16.safetensors"), "resume", "checksum"),
+        (lambda r: _edit_samples_metadata(r / "samples_16.safetensors"), "eval", "checksum"),
     ],
     ids=[
         "truncated",
@@ -342,6 +364,7 @@ def _resize_config(run: Path) -> None:
         "shape-vs-config",
         "resume-truncated",
         "resume-bit-flip",
+        "metadata-edit",
     ],  # fmt: skip
 )
 def test_damaged_checkpoint_is_a_one_line_error(
@@ -359,6 +382,191 @@ def test_damaged_checkpoint_is_a_one_line_error(
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and expected in err, err
+
+
+def _edit_step_counter(p: Path) -> None:
+    """A digit of the step counter in the resume file metadata (the header still parses)."""
+    data = p.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = re.sub(rb'(\\"step\\": )8', rb"\g<1>3", data[8 : 8 + n], count=1)
+    assert header != data[8 : 8 + n]
+    p.write_bytes(data[:8] + header + data[8 + n :])
+
+
+def _edit_samples_metadata(p: Path) -> None:
+    data = p.read_bytes()
+    assert b'"architecture":"relu"' in data
+    p.write_bytes(data.replace(b'"architecture":"relu"', b'"architecture":"topk"', 1))
+
+
+@pytest.fixture(scope="module")
+def pointed_run(tmp_path_factory: pytest.TempPathFactory, token_data: Path) -> Path:
+    """A finished run with resume points at 8, 16, 24 and 32 samples (steps 2, 4, 6, 8)."""
+    from conftest import make_config_dict
+
+    root = tmp_path_factory.mktemp("pointed")
+    cfg = make_config_dict(token_data, root / "runs", n_samples=32, save_every_n_samples=8,
+                           keep_last_n_checkpoints=None, eval_n_samples=None, **LOCAL)  # fmt: skip
+    return train_mod.train(_config(cfg), progress=False)
+
+
+@pytest.mark.parametrize(
+    "damage, damaged",
+    [
+        (lambda r: _truncate(r / "samples_32.safetensors"), "samples_32.safetensors"),
+        (lambda r: (r / "samples_32.safetensors").write_bytes(b""), "samples_32.safetensors"),
+        (lambda r: (r / "resume_32.safetensors").write_bytes(b""), "resume_32.safetensors"),
+        (lambda r: _flip_data_byte(r / "resume_32.safetensors"), "resume_32.safetensors"),
+        (lambda r: _edit_step_counter(r / "resume_32.safetensors"), "resume_32.safetensors"),
+        (lambda r: shutil.copy(r / "samples_24.safetensors", r / "samples_32.safetensors"),
+         "samples_32.safetensors"),
+    ],
+    ids=["samples-truncated", "samples-emptied", "resume-emptied", "resume-bit-flip",
+         "resume-step-digit", "samples-of-another-point"],
+)  # fmt: skip
+def test_resume_falls_back_to_the_newest_intact_point(
+    pointed_run: Path, tmp_path: Path, caplog, damage: Any, damaged: str
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(pointed_run, run)
+    original = {n: _sha(run / n) for n in ("samples_32.safetensors", "resume_32.safetensors")}
+    records = _records(run)
+    damage(run)
+    with caplog.at_level(logging.WARNING):
+        assert main(["train", str(run / "final_config.yaml"), "--resume", str(run)]) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and damaged in warnings[0], warnings
+    assert (run / f"{damaged}.damaged").exists()
+    # continued from samples_24: the redone steps write the same files, byte for byte
+    assert {n: _sha(run / n) for n in original} == original
+    assert _records(run) == records
+
+
+def test_make_run_dir_never_reuses_a_directory(config_dict, monkeypatch) -> None:
+    monkeypatch.setattr(train_mod, "_stamp", lambda: "20250101-000000")
+    config = _config(config_dict(run_name="same"))
+    a, b, c = (train_mod.make_run_dir(config) for _ in range(3))
+    assert [a.name, b.name, c.name] == [f"same_20250101-000000{s}" for s in ("", "-2", "-3")]
+
+
+def test_runs_started_together_get_their_own_directories(config_dict, tmp_path: Path) -> None:
+    """Same run_name and save_dir, started at once: two directories, neither touched by the other,
+    and (same config and seed) byte-identical checkpoint files."""
+    cfg = config_dict(run_name="same", n_samples=64, save_every_n_samples=8,
+                      keep_last_n_checkpoints=1, eval_n_samples=None, **LOCAL)  # fmt: skip
+    path = _write(tmp_path / "cfg.yaml", cfg)
+    procs = [_start([str(path)], frozen_clock=True) for _ in range(2)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+    runs = sorted(p for p in Path(cfg["save_dir"]).iterdir() if p.is_dir())
+    assert [r.name for r in runs] == ["same_20250101-000000", "same_20250101-000000-2"]
+    for run in runs:
+        assert [r["step"] for r in read_metrics(run)] == list(range(1, 17))
+        assert [p.name for p in list_checkpoints(run)] == [
+            "samples_56.safetensors", "samples_64.safetensors"]  # fmt: skip
+        RunLock(run).acquire("test").release()  # released when the process ended
+    for name in ("samples_64.safetensors", "resume_64.safetensors"):
+        assert _sha(runs[0] / name) == _sha(runs[1] / name), name
+
+
+def test_resume_refuses_a_directory_a_live_run_holds(
+    finished_run: Path, tmp_path: Path, capsys
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    argv = ["train", str(run / "final_config.yaml"), "--resume", str(run)]
+    lock = RunLock(run).acquire("test")  # (flock: a second open file conflicts, same process too)
+    try:
+        assert main(argv) == 2
+    finally:
+        lock.release()
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "in use by a running training" in err, err
+    assert f"pid {os.getpid()}" in err
+    assert main(argv) == 0  # free again
+
+
+# --- divergence ----------------------------------------------------------------------------------
+def _spike_loss(monkeypatch: pytest.MonkeyPatch, at_call: int, factor: float = 1e7) -> None:
+    from e2e_sae.losses import SparsityLoss
+
+    orig, calls = SparsityLoss.__call__, [0]
+
+    def call(self: Any, inputs: Any) -> Tensor:
+        calls[0] += 1
+        value = orig(self, inputs)
+        return value * factor if calls[0] == at_call else value
+
+    monkeypatch.setattr(SparsityLoss, "__call__", call)
+
+
+def test_divergence_guard_stops_and_keeps_the_checkpoint_before(
+    config_dict, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    cfg = config_dict(n_samples=40, save_every_n_samples=8, keep_last_n_checkpoints=None,
+                      eval_n_samples=None, **LOCAL)  # fmt: skip
+    path = _write(tmp_path / "cfg.yaml", cfg)
+    with monkeypatch.context() as m:
+        _spike_loss(m, 5)
+        assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("error:") == 1, err
+    head = err[err.index("error:") :]
+    assert re.match(r"error: loss diverged at step 5: \S+ is over 1000x the median \S+ of the "
+                    r"last 4 steps; term 'sparsity'", head), head  # fmt: skip
+    assert "last checkpoint before it: samples_8.safetensors" in head, head
+    run = _only_run(Path(cfg["save_dir"]))
+    assert [p.n_samples for p in resume_points(run)] == [8]
+    assert (run / "samples_16.safetensors.diverged").exists()
+
+    # the guard's window is part of a resume point: stopped after step 3 and resumed, the same
+    # spike gives the same verdict
+    other = _write(tmp_path / "other.yaml", {**cfg, "save_dir": str(tmp_path / "other")})
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 3, signal.SIGTERM)
+        assert main(["train", str(other)]) == 143
+    with monkeypatch.context() as m:
+        _spike_loss(m, 2)  # step 5 is the resumed run's second step
+        assert main(["train", str(other), "--resume"]) == 2
+    err2 = capsys.readouterr().err
+    again = err2[err2.index("error:") :].strip()
+    assert again.split(" (divergence_factor")[0] == head.split(" (divergence_factor")[0]
+
+    # off: the same spike trains through
+    off = _write(tmp_path / "off.yaml", {**cfg, "divergence_factor": None,
+                                         "save_dir": str(tmp_path / "off")})  # fmt: skip
+    with monkeypatch.context() as m:
+        _spike_loss(m, 5)
+        assert main(["train", str(off)]) == 0
+
+
+def test_a_huge_learning_rate_is_stopped_at_the_spike(config_dict, tmp_path: Path, capsys) -> None:
+    """lr 1e10: the loss jumps from ~0.7 to ~1e22 at step 2 (it used to train on silently)."""
+    cfg = config_dict(n_samples=64, lr=1e10, eval_n_samples=None, **LOCAL)
+    assert main(["train", str(_write(tmp_path / "cfg.yaml", cfg))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "error: loss diverged at step 2:" in err and "term 'out_to_in'" in err, err
+
+
+def test_second_ctrl_c_ends_quietly(config_dict, tmp_path: Path) -> None:
+    """SIGINT, then SIGINT again every 10 ms until the process is gone: whichever moment the
+    second one hits (the step, the save, the exit handlers), exit 130 and no traceback."""
+    cfg = config_dict(n_samples=100_000, eval_n_samples=None, save_every_n_samples=400, **LOCAL)
+    path = _write(tmp_path / "cfg.yaml", cfg)
+    proc = _start([str(path)])
+    _wait_for_progress(proc, Path(cfg["save_dir"]), 0)
+    proc.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+        try:
+            proc.send_signal(signal.SIGINT)
+        except ProcessLookupError:
+            break
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "Exception ignored" not in err, err
 
 
 # --- torchrun DDP --------------------------------------------------------------------------------

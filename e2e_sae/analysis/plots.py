@@ -23,7 +23,7 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from e2e_sae.config import Config, load_config
-from e2e_sae.errors import UserError
+from e2e_sae.errors import UserError, check_output_folder
 
 TYPE_ORDER = ("local", "e2e", "e2e+ds")
 TYPE_COLORS = {"local": "tab:blue", "e2e": "tab:orange", "e2e+ds": "tab:green"}
@@ -390,6 +390,7 @@ def make_plots(runs: Sequence[RunInfo], out_dir: str | Path) -> list[Path]:
     out = Path(out_dir)
     if not runs:
         raise UserError("plot: no run directories given")
+    check_output_folder(out, "--out")
     paths: list[Path] = []
     paths += plot_pareto(runs, out)
     paths += plot_alive_vs_ce(runs, out)

@@ -93,7 +93,7 @@ def _read_local_dataset(path: Path, cfg: DatasetConfig) -> Any:
     kinds = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
     texts = [p for p in files if p.suffix in TEXT_SUFFIXES]
     if texts and len(texts) == len(files):
-        return {"text": [p.read_text(encoding="utf-8", errors="replace") for p in texts]}
+        return {"text": [read_text_file(p, cfg.decode_errors) for p in texts]}
     builders = {kinds.get(p.suffix) for p in files} - {None}
     if len(builders) != 1:
         raise UserError(
@@ -109,6 +109,28 @@ def _read_local_dataset(path: Path, cfg: DatasetConfig) -> Any:
     except Exception as err:  # noqa: BLE001 - a malformed user file is a one-line error
         first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
         raise UserError(f"dataset_name: cannot read {path} as {builder} ({first})") from None
+
+
+def read_text_file(path: Path, errors: str = "strict") -> str:
+    """A text file as UTF-8. `errors="strict"`: a file that is not UTF-8 or is binary (NUL
+    bytes) is a one-line error; "replace": bad bytes become U+FFFD (with a warning)."""
+    data = path.read_bytes()
+    if errors == "replace":
+        text = data.decode("utf-8", errors="replace")
+        n_bad = text.count("\ufffd") - data.decode("utf-8", errors="ignore").count("\ufffd")
+        if n_bad:
+            logger.warning("%s: %d invalid UTF-8 sequences read as U+FFFD", path, n_bad)
+        return text
+    hint = "(decode_errors: replace reads it anyway)"
+    nul = data.find(b"\0")
+    if nul >= 0:
+        raise UserError(f"dataset_name: {path} is binary, not text (NUL byte at offset {nul}) "
+                        f"{hint}")  # fmt: skip
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"dataset_name: {path} is not UTF-8 text (byte {data[err.start]:#04x} "
+                        f"at offset {err.start}) {hint}") from None  # fmt: skip
 
 
 def _load_rows(cfg: DatasetConfig, streaming: bool) -> Any:
@@ -167,14 +189,26 @@ def _columns_of(rows: Any) -> list[str]:
 
 
 def _token_stream(rows: list[list[int]], cfg: DatasetConfig, column: str) -> Tensor:
-    """Pre-tokenized rows joined into one int64 stream (a text column is a one-line error)."""
+    """Pre-tokenized rows joined into one int64 stream (a text column or a negative id is a
+    one-line error)."""
     try:
-        return torch.tensor([t for r in rows for t in r], dtype=torch.int64)
+        stream = torch.tensor([t for r in rows for t in r], dtype=torch.int64)
     except (TypeError, ValueError, RuntimeError):
         raise UserError(
             f"dataset {cfg.dataset_name}: column '{column}' does not hold lists of token ids "
             "(for text set is_tokenized: false and tokenizer_name)"
         ) from None
+    check_token_ids(stream, cfg, column)
+    return stream
+
+
+def check_token_ids(tokens: Tensor, cfg: DatasetConfig, column: str) -> None:
+    """Token ids are >= 0 (a negative one would silently index the embedding from the end)."""
+    if tokens.numel() and int(tokens.min()) < 0:
+        raise UserError(
+            f"dataset {cfg.dataset_name}: column '{column}' holds token id {int(tokens.min())}; "
+            "token ids are 0 .. d_vocab - 1"
+        )
 
 
 def _cut(stream: Tensor, n_ctx: int) -> Tensor:
@@ -198,6 +232,8 @@ def tokenize_documents(texts: list[str], tokenizer: Any) -> Tensor:
 def _cache_key(cfg: DatasetConfig) -> str:
     keys = cfg.model_dump(include={"dataset_name", "split", "tokenizer_name", "column_name"})
     keys["n_documents"] = cfg.n_documents
+    if cfg.decode_errors != "strict":  # (absent by default: earlier caches stay valid)
+        keys["decode_errors"] = cfg.decode_errors
     path = Path(cfg.dataset_name).expanduser()
     if path.exists():
         keys["mtime"] = path.stat().st_mtime_ns
@@ -267,7 +303,10 @@ def stream_batches(
         if tokenizer is not None:
             buf.extend(tokenize_documents([row[col]], tokenizer).tolist())
         else:
-            buf.extend(row[col])
+            ids = list(row[col])
+            if ids and min(ids) < 0:
+                check_token_ids(torch.tensor(ids, dtype=torch.int64), cfg, col)
+            buf.extend(ids)
         while len(buf) >= cfg.n_ctx:
             window, buf = buf[: cfg.n_ctx], buf[cfg.n_ctx :]
             mine = idx % world_size == rank

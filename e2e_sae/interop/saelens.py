@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from e2e_sae.errors import UserError
+from e2e_sae.errors import UserError, check_output_folder
 from e2e_sae.saes import SAEBase, build_sae
 
 if TYPE_CHECKING:
@@ -406,13 +407,21 @@ def export_run_saelens(
     out_dir: str | Path,
     checkpoint: str | Path | None = None,
     model_name: str | None = None,
+    overwrite: bool = False,
 ) -> list[Path]:
     """Write every SAE of a run (directory, or an `SAETransformer`) as a SAELens folder named
-    after the hook it replaces, under `out_dir`. Returns the folders.
+    after the hook it replaces, under `out_dir`. Returns the folders. An `out_dir` that is not
+    empty (an earlier export?) is refused unless `overwrite`, which replaces the SAE folders.
 
     A run directory is read without loading its language model when possible."""
     from e2e_sae.checkpoint import load_run
     from e2e_sae.config import config_to_yaml_dict
+
+    out = Path(out_dir).expanduser()
+    check_output_folder(out, "export: out")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"export: out {out} is not empty (an earlier export?); pass --overwrite "
+                        "to replace its SAE folders")  # fmt: skip
 
     run_dir: Path | None = None
     config: Any = None
@@ -446,7 +455,12 @@ def export_run_saelens(
             "e2e_sae_config": config_to_yaml_dict(config),
         }
     freqs = _eval_feature_frequency(run_dir, checkpoint)
-    out = Path(out_dir).expanduser()
+    for pos, _, _ in saes:
+        old = out / pos
+        if old.is_dir():
+            shutil.rmtree(old)  # (only with overwrite: otherwise `out` is empty)
+        elif old.exists():
+            old.unlink()
     return [
         save_saelens(
             sae,
