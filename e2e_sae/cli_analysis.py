@@ -48,6 +48,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
+    if args.curves:
+        from e2e_sae.analysis.curves import plot_curves_overlay
+
+        for p in plot_curves_overlay(args.run_dirs, args.out).paths:
+            print(p)
+        return 0
     from e2e_sae.analysis.plots import load_runs, make_plots
 
     runs = load_runs(args.run_dirs, n_tokens=args.n_tokens, device=args.device, progress=True)
@@ -100,6 +106,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="folder for the PNG/SVG files")
     p.add_argument("--n-tokens", type=int, default=None,
                    help="tokens for runs still to evaluate (default: the run's)")  # fmt: skip
+    p.add_argument("--curves", action="store_true",
+                   help="overlay the runs' training curves instead (loss terms, L0, dead latents, "
+                   "CE increase at eval points; read from metrics.jsonl)")  # fmt: skip
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_plot)
 
