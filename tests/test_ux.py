@@ -8,8 +8,16 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import make_config_dict
 
 from e2e_sae.analysis.curves import CURVES_FILE, panel_title, plot_curves_overlay
+from e2e_sae.analysis.plots import (
+    RunInfo,
+    downstream_figure,
+    geometry_pairs,
+    geometry_panels,
+    tradeoff_figure,
+)
 from e2e_sae.cli import main
 from e2e_sae.config import Config, load_config, yaml_load
 from e2e_sae.errors import ConfigError
@@ -131,8 +139,6 @@ def test_token_rate_is_current_not_cumulative() -> None:
 # --- a training run: curves, progress, dead window ------------------------------------------------
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory: pytest.TempPathFactory, token_data: Path) -> list[Path]:
-    from conftest import make_config_dict
-
     root = tmp_path_factory.mktemp("ux_runs")
     dirs = []
     for i, coeff in enumerate((0.1, 1.0)):
@@ -193,3 +199,84 @@ def test_plot_curves_cli(two_runs: list[Path], tmp_path: Path, capsys) -> None:
     assert main(argv) == 0
     assert (tmp_path / "p" / "training_curves_overlay.png").is_file()
     assert "training_curves_overlay.png" in capsys.readouterr().out
+
+
+# --- plot: colours, Pareto front, labels, legends, log axes, geometry per run ---------------------
+POS = "blocks.1.hook_resid_pre"
+LONG = "a-run-directory-name-much-longer-than-twenty-eight-characters"
+
+
+def _info(token_data: Path, root: Path, name: str, loss: dict, l0: float, ce: float,
+          mse: float = 0.1, seed: int = 0) -> RunInfo:  # fmt: skip
+    config = load_config(make_config_dict(token_data, root, loss=loss, seed=seed))
+    assert isinstance(config, Config)
+    per_sae = {POS: {"l0": l0, "alive_dict_elements": 10, "explained_variance": 0.9, "mse": mse}}
+    down = {
+        "blocks.2.hook_resid_pre": {"layer": 2, "explained_variance": 0.8, "mse": mse * 1.1},
+        "blocks.2.hook_resid_post": {"layer": 3, "explained_variance": 0.7, "mse": mse * 1.2},
+    }
+    ev = {"ce_loss_increase": ce, "n_tokens": 128, "per_sae": per_sae, "downstream": down}
+    return RunInfo(root / name, config, ev)
+
+
+def _local(coeff: float) -> dict:
+    return {"sparsity": {"coeff": coeff}, "out_to_in": {"coeff": 1.0}}
+
+
+def _e2e(coeff: float) -> dict:
+    return {"sparsity": {"coeff": coeff}, "logits_kl": {"coeff": 1.0}}
+
+
+def test_downstream_one_colour_per_run_and_full_names(token_data: Path, tmp_path: Path) -> None:
+    runs = [_info(token_data, tmp_path, f"{LONG}-{i}", _e2e(c), 10, 0.1, mse=4.6 + 0.2 * i)
+            for i, c in enumerate((0.5, 1.0, 2.0))]  # fmt: skip
+    fig = downstream_figure(runs)
+    ax_ev, ax_mse = fig.axes
+    colors = [line.get_color() for line in ax_ev.get_lines()]
+    assert len(colors) == 3 and len(set(colors)) == 3
+    legend = ax_ev.get_legend()
+    assert legend is not None
+    texts = [t.get_text() for t in legend.get_texts()]
+    assert texts == [f"e2e: {LONG}-{i} (λ={c:g})" for i, c in enumerate((0.5, 1.0, 2.0))]
+    # The MSE axis is logarithmic over less than a decade: its labels are plain numbers.
+    fig.canvas.draw()
+    labels = [t.get_text() for t in ax_mse.get_yticklabels(which="both") if t.get_text()]
+    assert ax_mse.get_yscale() == "log" and labels
+    for label in labels:
+        float(label)  # no '4.8×10⁰' mathtext
+
+
+def test_tradeoff_draws_the_front_and_labels_points(token_data: Path, tmp_path: Path) -> None:
+    # (L0, CE increase): (10, 0.4) and (40, 0.2) are the front; (20, 0.5) is beaten by (10, 0.4).
+    runs = [_info(token_data, tmp_path, "a", _local(0.1), 40, 0.2),
+            _info(token_data, tmp_path, "b", _local(0.5), 20, 0.5),
+            _info(token_data, tmp_path, "c", _local(2.0), 10, 0.4)]  # fmt: skip
+    fig = tradeoff_figure(runs, "l0", "L0")
+    (ax,) = fig.axes
+    front, rest = ax.get_lines()
+    assert list(front.get_xdata()) == [10, 40] and list(front.get_ydata()) == [0.4, 0.2]
+    assert front.get_linestyle() == "-" and front.get_marker() == "o"
+    assert list(rest.get_xdata()) == [20] and rest.get_linestyle() == "None"
+    assert [t.get_text() for t in ax.texts] == ["λ=2", "λ=0.5", "λ=0.1"]  # sorted by L0
+    legend = ax.get_legend()
+    assert legend is not None
+    assert [t.get_text() for t in legend.get_texts()] == [
+        "local (3 runs): Pareto front, 2 points", "local: other runs"]  # fmt: skip
+
+
+def test_geometry_has_a_within_histogram_per_run(token_data: Path, tmp_path: Path) -> None:
+    import torch
+
+    runs = [_info(token_data, tmp_path, f"r{i}", _e2e(c), 10, 0.1 * i, seed=i % 2)
+            for i, c in enumerate((0.5, 1.0, 2.0))]  # fmt: skip
+    runs.append(_info(token_data, tmp_path, "loc", _local(1.0), 10, 0.15))
+    pairs = geometry_pairs(runs)
+    within = [(a.name, b.name) for kind, _, a, b in pairs if kind == "within"]
+    assert within == [("r0", "r0"), ("r1", "r1"), ("r2", "r2"), ("loc", "loc")]
+    sims = [(kind, pos, a, b, torch.full((4,), 0.25 * (j + 1)))
+            for j, (kind, pos, a, b) in enumerate(pairs)]  # fmt: skip
+    panels = geometry_panels(sims)
+    assert len(panels) == 4 + 1  # one per run, then the cross-type comparisons
+    assert [len(series) for _, series in panels[:4]] == [1, 1, 1, 1]
+    assert "r0" in panels[0][0] and "mean 0.25" in panels[0][0]
+    assert panels[4][0] == "nearest direction in another type's dictionary"
