@@ -116,7 +116,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("run_dir", type=Path)
     b.add_argument("--out", type=Path, required=True, help="the HTML file to write")
     b.add_argument("--sae", default=None, help="SAE position (needed when the run has several)")
-    b.add_argument("--n-tokens", type=int, default=20_000, help="tokens to scan")
+    b.add_argument("--n-tokens", type=int, default=None,
+                   help="tokens to scan (default: as many as `e2e-sae eval` uses, so both count "
+                   "the same dead latents)")  # fmt: skip
     b.add_argument("--features", default=None, help="K (the first K) or a comma list of indices")
     b.add_argument("--top-k", type=int, default=8, help="snippets per feature")
     b.add_argument("--batch-size", type=int, default=None)

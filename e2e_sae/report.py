@@ -37,7 +37,10 @@ def eval_table(result: EvalResult) -> str:
             "explained_variance_ln", "mse"]  # fmt: skip
     cols = [c for c in cols if any(c in d for d in result.per_sae.values())]
     rows = [[pos, *(d.get(c, "") for c in cols)] for pos, d in result.per_sae.items()]
-    return top + "\n\n" + table(["sae_position", *cols], rows)
+    out = top + "\n\n" + table(["sae_position", *cols], rows)
+    if "dead_dict_elements" in cols and "n_tokens" in m:
+        out += f"\n(dead: fired on none of the {int(m['n_tokens']):,} eval tokens)"
+    return out
 
 
 def downstream_table(result: EvalResult) -> str:

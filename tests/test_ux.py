@@ -280,3 +280,24 @@ def test_geometry_has_a_within_histogram_per_run(token_data: Path, tmp_path: Pat
     assert [len(series) for _, series in panels[:4]] == [1, 1, 1, 1]
     assert "r0" in panels[0][0] and "mean 0.25" in panels[0][0]
     assert panels[4][0] == "nearest direction in another type's dictionary"
+
+
+def test_eval_and_browse_count_dead_over_the_same_tokens(two_runs: list[Path], tmp_path) -> None:
+    import re
+
+    from e2e_sae.analysis.browser import write_browser
+    from e2e_sae.evaluate import evaluate_run
+    from e2e_sae.report import eval_table
+
+    run = two_runs[1]
+    result = evaluate_run(run, device="cpu")
+    n = int(result.metrics["n_tokens"])
+    dead = int(result.per_sae[POS]["dead_dict_elements"])
+    assert f"(dead: fired on none of the {n:,} eval tokens)" in eval_table(result)
+    page = write_browser(run, tmp_path / "b.html", device="cpu").read_text()
+    m = re.search(r"(\d+) tokens scanned; \d+ features shown; (\d+) dead \(fired on none of the "
+                  r"(\d+) tokens scanned\)", page)  # fmt: skip
+    assert m is not None
+    assert (int(m.group(1)), int(m.group(2)), int(m.group(3))) == (n, dead, n)
+    counts = result.feature_counts[POS]
+    assert dead == int((counts == 0).sum())
