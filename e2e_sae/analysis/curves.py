@@ -138,7 +138,7 @@ def plot_training_curves(run_dir: Path, out: Path | None = None) -> Path:
 # --- several runs ---------------------------------------------------------------------------------
 OVERLAY_FILE = "training_curves_overlay"
 _LOSS_TERMS = ("loss", "sparsity", "logits_kl", "in_to_orig", "out_to_orig", "out_to_in")
-_OVERLAY_PANELS = ("eval/l0", "dead_dict_elements", "eval/dead_dict_elements",
+_OVERLAY_PANELS = ("l0", "eval/l0", "dead_dict_elements", "eval/dead_dict_elements",
                    "eval/ce_loss_increase")  # fmt: skip
 _LINESTYLES = ("-", "--", ":", "-.")
 
