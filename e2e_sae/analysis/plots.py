@@ -241,7 +241,8 @@ def tradeoff_figure(runs: Sequence[RunInfo], x_key: str, x_label: str) -> Figure
             front = pareto_front(xs, ys)
             rest = [i for i in range(len(xs)) if i not in front]
             ax.plot([xs[i] for i in front], [ys[i] for i in front], "o-", color=color, ms=6,
-                    label=f"{t} ({len(pts)} runs): Pareto front, {len(front)} points")  # fmt: skip
+                    label=f"{t} ({len(pts)} runs): Pareto front, {len(front)} "
+                    f"point{'s' if len(front) > 1 else ''}")  # fmt: skip
             if rest:
                 ax.plot([xs[i] for i in rest], [ys[i] for i in rest], "o", mfc="none",
                         color=color, ms=6, label=f"{t}: other runs")  # fmt: skip
