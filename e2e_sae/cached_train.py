@@ -305,7 +305,7 @@ def _step_logger(runs: Sequence[CachedRun], n_ctx: int) -> Callable[[int], None]
 def _finish(run: CachedRun) -> None:
     """Final checkpoint (the format `train` writes), then `train`'s final evaluation."""
     from e2e_sae.checkpoint import save_checkpoint
-    from e2e_sae.train import TrainState, log_eval
+    from e2e_sae.train import TrainState, log_eval, write_curves
 
     assert run.run_dir is not None and run.log is not None
     steps = run.trainer.step_count
@@ -313,6 +313,7 @@ def _finish(run: CachedRun) -> None:
     state = TrainState(steps, run.n_samples, steps * run.config.grad_accum_steps)
     log_eval(run.setup, run.log, state, lambda result: setattr(run, "eval", result))
     run.log.finish()
+    write_curves(run.run_dir)
 
 
 def train_from_cache(

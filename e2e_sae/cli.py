@@ -33,7 +33,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     assert isinstance(config, Config)
     if args.dry_run:
+        from e2e_sae.dry_run import check_hooks
+
+        hooks = check_hooks(config)  # a hook matching nothing fails here, as in the real run
         print(yaml.safe_dump(config_to_yaml_dict(config), sort_keys=False), end="")
+        print(f"# {hooks}", file=sys.stderr)
         return 0
     from e2e_sae.report import eval_table
     from e2e_sae.train import train
@@ -44,7 +48,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if results:
         print(eval_table(results[-1]))
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
+        from e2e_sae.analysis.curves import CURVES_FILE
+
         print(f"\nrun directory: {run_dir}")
+        if (run_dir / CURVES_FILE).is_file():
+            print(f"training curves: {run_dir / CURVES_FILE}")
     return 0
 
 
@@ -52,6 +60,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from e2e_sae.cli_eval import run_eval_command
 
     return run_eval_command(args)
+
+
+def _version() -> str:
+    from e2e_sae import __version__
+
+    return __version__
 
 
 class _Parser(argparse.ArgumentParser):
@@ -64,6 +78,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="e2e-sae", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train SAEs from a YAML config (no config: the demo)")
@@ -157,6 +172,8 @@ def _main(argv: Sequence[str] | None) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except SystemExit as done:  # --help, --version
+        return int(done.code or 0)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",

@@ -48,6 +48,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
+    if args.curves:
+        from e2e_sae.analysis.curves import plot_curves_overlay
+
+        for p in plot_curves_overlay(args.run_dirs, args.out).paths:
+            print(p)
+        return 0
     from e2e_sae.analysis.plots import load_runs, make_plots
     from e2e_sae.errors import check_output_folder
 
@@ -102,6 +108,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="folder for the PNG/SVG files")
     p.add_argument("--n-tokens", type=int, default=None,
                    help="tokens for runs still to evaluate (default: the run's)")  # fmt: skip
+    p.add_argument("--curves", action="store_true",
+                   help="overlay the runs' training curves instead (loss terms, L0, dead latents, "
+                   "CE increase at eval points; read from metrics.jsonl)")  # fmt: skip
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_plot)
 
@@ -109,7 +118,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("run_dir", type=Path)
     b.add_argument("--out", type=Path, required=True, help="the HTML file to write")
     b.add_argument("--sae", default=None, help="SAE position (needed when the run has several)")
-    b.add_argument("--n-tokens", type=int, default=20_000, help="tokens to scan")
+    b.add_argument("--n-tokens", type=int, default=None,
+                   help="tokens to scan (default: as many as `e2e-sae eval` uses, so both count "
+                   "the same dead latents)")  # fmt: skip
     b.add_argument("--features", default=None, help="K (the first K) or a comma list of indices")
     b.add_argument("--top-k", type=int, default=8, help="snippets per feature")
     b.add_argument("--batch-size", type=int, default=None)

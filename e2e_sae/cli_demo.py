@@ -40,7 +40,7 @@ def demo_config_dict(
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from e2e_sae.analysis.curves import plot_training_curves
+    from e2e_sae.analysis.curves import CURVES_FILE, plot_training_curves
     from e2e_sae.config import Config, load_config
     from e2e_sae.evaluate import EvalResult
     from e2e_sae.report import eval_table
@@ -62,7 +62,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     results: list[EvalResult] = []
     run_dir = train(config, device=getattr(args, "device", None), on_eval=results.append)
-    plot = plot_training_curves(run_dir)
+    plot = run_dir / CURVES_FILE  # train writes it
+    if not plot.is_file():
+        plot = plot_training_curves(run_dir)
     if results:
         print()
         print(eval_table(results[-1]))

@@ -6,6 +6,10 @@ A YAML config written for e2e_sae 2.1.1 loads unchanged. Additions are optional 
 
 from __future__ import annotations
 
+import difflib
+import re
+import types
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -238,18 +242,59 @@ class Config(_Frozen):
         return max(1, self.n_samples // (self.effective_batch_size or self.batch_size))
 
 
-def format_validation_error(err: ValidationError, source: str = "config") -> str:
-    """One line naming the first failing field and what was expected."""
-    e = err.errors()[0]
-    loc = ".".join(str(p) for p in e["loc"])
-    msg = e["msg"].removeprefix("Value error, ")
-    if e["type"] == "extra_forbidden":
-        msg = "unknown key"
-    elif e["type"] == "missing":
-        msg = "required field is missing"
-    extra = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
-    where = f"{source}: {loc}" if loc else source
-    return f"{where}: {msg}{extra}"
+def _model_at(cls: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model that holds the field at `loc` (for 'did you mean' suggestions)."""
+    for part in loc:
+        field = cls.model_fields.get(str(part))
+        if field is None:
+            return None
+        annotation: Any = field.annotation
+        while typing.get_origin(annotation) is Annotated:
+            annotation = typing.get_args(annotation)[0]
+        options = (
+            typing.get_args(annotation)
+            if isinstance(annotation, types.UnionType)
+            or (typing.get_origin(annotation) is typing.Union)
+            else (annotation,)
+        )
+        models = [a for a in options if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not models:
+            return None
+        cls = models[0]
+    return cls
+
+
+def format_validation_error(
+    err: ValidationError, source: str = "config", model: type[BaseModel] | None = None
+) -> str:
+    """One line: every unknown key (with 'did you mean' for near misses among `model`'s fields)
+    and every missing required field; otherwise the first failing field and what was expected."""
+    errors = err.errors()
+    unknown = [e for e in errors if e["type"] == "extra_forbidden"]
+    missing = [e for e in errors if e["type"] == "missing"]
+    parts = []
+    for e in unknown:
+        loc = ".".join(str(p) for p in e["loc"])
+        holder = _model_at(model, e["loc"][:-1]) if model is not None else None
+        known = list(holder.model_fields) if holder is not None else []
+        close = difflib.get_close_matches(str(e["loc"][-1]), known, 1, 0.75)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        parts.append(f"{loc}: unknown key{hint}")
+    if len(missing) == 1:
+        parts.append(f"{'.'.join(str(p) for p in missing[0]['loc'])}: required field is missing")
+    elif missing:
+        names = ", ".join(".".join(str(p) for p in e["loc"]) for e in missing)
+        parts.append(f"required fields are missing: {names}")
+    if not parts:
+        e = errors[0]
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
+        shown = 1
+    else:
+        shown = len(unknown) + len(missing)
+    extra = f" (and {len(errors) - shown} more)" if len(errors) > shown else ""
+    return f"{source}: {'; '.join(parts)}{extra}"
 
 
 def parse_model(cls: type[BaseModel], data: Any, source: str = "config") -> Any:
@@ -259,7 +304,28 @@ def parse_model(cls: type[BaseModel], data: Any, source: str = "config") -> Any:
     try:
         return cls.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(format_validation_error(err, source)) from None
+        raise ConfigError(format_validation_error(err, source, cls)) from None
+
+
+class YAMLLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that also reads `5e-3` / `1.0e5` as floats: YAML 1.1 (PyYAML) needs a dot
+    and a signed exponent, so a config's `lr: 5e-3` would otherwise be the string '5e-3'."""
+
+
+YAMLLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def yaml_load(stream: Any) -> Any:
+    """Parse YAML text or a file object safely (`YAMLLoader`: no Python objects, `5e-3` a float)."""
+    loader = YAMLLoader(stream)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def read_yaml(path: str | Path) -> Any:
@@ -268,7 +334,7 @@ def read_yaml(path: str | Path) -> Any:
         raise ConfigError(f"config file not found: {path}")
     try:
         with path.open() as f:
-            return yaml.safe_load(f)
+            return yaml_load(f)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""

@@ -37,6 +37,8 @@ def eval_table(result: EvalResult) -> str:
             "explained_variance_ln", "mse"]  # fmt: skip
     cols = [c for c in cols if any(c in d for d in result.per_sae.values())]
     out = top + "\n\n" + _per_sae_table(result, cols)
+    if "dead_dict_elements" in cols and "n_tokens" in m:
+        out += f"\n(dead: fired on none of the {int(m['n_tokens']):,} eval tokens)"
     saebench = ["l1", "l2_ratio", "relative_reconstruction_bias", "cossim"]
     saebench = [c for c in saebench if any(c in d for d in result.per_sae.values())]
     if saebench:  # a second table: one row of all ten columns would not fit a terminal

@@ -124,13 +124,15 @@ def parse_set(items: Iterable[str]) -> dict[str, Any]:
     """`--set key.sub=value` items -> {dotted key: YAML-parsed value}."""
     import yaml
 
+    from e2e_sae.config import yaml_load
+
     out: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise UserError(f"--set: expected KEY=VALUE (e.g. n_samples=1000), got '{item}'")
         try:
-            out[key.strip()] = yaml.safe_load(value)
+            out[key.strip()] = yaml_load(value)
         except yaml.YAMLError:
             raise UserError(f"--set {key}: '{value}' is not a YAML value") from None
     return out

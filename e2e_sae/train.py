@@ -9,6 +9,7 @@ import math
 import random
 import statistics
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -233,7 +234,7 @@ class Trainer:
         broadcast_state(self.model.saes, self.dist)  # rank 0's choice on every rank
         return counts
 
-    def run_eval(self, progress: bool = False) -> EvalResult | None:
+    def run_eval(self, progress: bool = False, desc: str = "eval") -> EvalResult | None:
         cfg = self.config
         if cfg.eval_data is None or not cfg.eval_n_samples:
             return None
@@ -241,7 +242,10 @@ class Trainer:
         seed = cfg.seed + 42  # a different order from training, as in the original
         batches = self.batches(cfg.eval_data, seed)
         self.model.eval()
-        return evaluate(self.model, batches, n_batches, self.eval_plan, self.loss_terms, progress)
+        with tqdm(total=n_batches, desc=desc, unit="batch", leave=False,
+                  disable=not progress) as bar:  # fmt: skip
+            return evaluate(self.model, _counted(batches, bar), n_batches, self.eval_plan,
+                            self.loss_terms)  # fmt: skip
 
     def check_eval_data(self) -> None:
         """Load the first eval batch now, so a bad eval dataset fails before anything is written."""
@@ -469,6 +473,7 @@ def _train(
     bar = tqdm(total=n_steps, initial=state.step, desc="train", unit="step",
                disable=not progress or not d.is_main)  # fmt: skip
     t0, n0 = time.perf_counter(), state.n_samples
+    rate = TokenRate(now=t0)
     stop = StopOnSignal().install()
     try:
         while state.step < n_steps:
@@ -482,8 +487,9 @@ def _train(
                 check_divergence(values, state, config.divergence_factor, terms)
             except NumericalError as err:
                 raise set_aside_bad_point(err, run_dir, bs, d) from None
+            speed = format_rate(rate.update(bs * n_ctx))
+            bar.set_postfix_str(f"loss={values['loss']:.4g}, {speed}", refresh=False)
             bar.update(1)
-            bar.set_postfix(loss=f"{values['loss']:.4g}")
             if state.step % config.log_every_n_grad_steps == 0 or state.step == 1:
                 rec = {"samples": state.n_samples, "step": state.step,
                        "lr": t.scheduler.get_last_lr()[0], **values,
@@ -492,7 +498,7 @@ def _train(
                 rec.update(dead_counts(t.model, config.act_frequency_n_tokens))
                 log.log(rec, step=state.n_samples)
             if eval_every and _crossed(state.n_samples, bs, eval_every):
-                log_eval(t, log, state, on_eval)
+                log_eval(t, log, state, on_eval, progress=progress)
             signum = stop.requested(d)  # SIGINT / SIGTERM: save, then stop
             due = save_every and _crossed(state.n_samples, bs, save_every) and state.step < n_steps
             if due or signum:  # (the last step is saved below, as the final checkpoint)
@@ -504,8 +510,10 @@ def _train(
         stop.restore()
     log.save_file(save_point(run_dir, t, state, d, final=True))
     if not (eval_every and state.n_samples % eval_every == 0):
-        log_eval(t, log, state, on_eval)
+        log_eval(t, log, state, on_eval, progress=progress, desc="final eval")
     log.finish()
+    if d.is_main:
+        write_curves(run_dir)
     shutdown(d)
     return run_dir
 
@@ -529,6 +537,51 @@ def set_aside_bad_point(err: NumericalError, run_dir: Path, bs: int, d: Dist) ->
                           "*.diverged)", err.weights_step)  # fmt: skip
 
 
+class TokenRate:
+    """Tokens per second over the last `window_s` seconds (the progress bar's current speed; the
+    cumulative rate would hide a slowdown and include start-up)."""
+
+    def __init__(self, window_s: float = 20.0, now: float | None = None) -> None:
+        self.window_s = window_s
+        self.marks: deque[tuple[float, int]] = deque(
+            [(time.perf_counter() if now is None else now, 0)]
+        )
+
+    def update(self, n_tokens: int, now: float | None = None) -> float:
+        """Add `n_tokens` just processed; returns the current rate (tokens/s)."""
+        now = time.perf_counter() if now is None else now
+        self.marks.append((now, self.marks[-1][1] + n_tokens))
+        while len(self.marks) > 2 and now - self.marks[1][0] >= self.window_s:
+            self.marks.popleft()  # keep one mark at or before the window's start
+        (t0, n0), (t1, n1) = self.marks[0], self.marks[-1]
+        return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
+
+
+def format_rate(tokens_per_s: float) -> str:
+    """'12.3k tok/s' style."""
+    for div, unit in ((1e6, "M"), (1e3, "k")):
+        if tokens_per_s >= div:
+            return f"{tokens_per_s / div:.3g}{unit} tok/s"
+    return f"{tokens_per_s:.3g} tok/s"
+
+
+def write_curves(run_dir: Path) -> Path | None:
+    """training_curves.png of a finished run (a plotting failure never fails the run)."""
+    from e2e_sae.analysis.curves import plot_training_curves
+
+    try:
+        return plot_training_curves(run_dir)
+    except Exception as err:  # noqa: BLE001
+        logger.warning("could not write the training curves of %s: %s", run_dir, err)
+        return None
+
+
+def _counted(batches: Iterator[Tensor], bar: Any) -> Iterator[Tensor]:
+    for b in batches:
+        yield b
+        bar.update(1)
+
+
 def _prepend(first: Tensor, rest: Iterator[Tensor]) -> Iterator[Tensor]:
     yield first
     yield from rest
@@ -540,15 +593,23 @@ def _crossed(n_samples: int, bs: int, every: int) -> bool:
 
 
 def dead_counts(model: SAETransformer, window: int) -> dict[str, float]:
-    return {f"dead_dict_elements/{p}": model.sae(p).n_dead(window) for p in model.sae_positions}
+    """Training's dead latents: those that fired on none of the last `window` training tokens
+    (`act_frequency_n_tokens`); the window is logged with them as `dead_window_tokens`."""
+    counts = {f"dead_dict_elements/{p}": model.sae(p).n_dead(window) for p in model.sae_positions}
+    return {**counts, "dead_window_tokens": window}
 
 
 def log_eval(
-    t: Trainer, log: RunLogger, state: TrainState, on_eval: Callable[[EvalResult], Any] | None
+    t: Trainer,
+    log: RunLogger,
+    state: TrainState,
+    on_eval: Callable[[EvalResult], Any] | None,
+    progress: bool = False,
+    desc: str = "eval",
 ) -> None:
     if not t.dist.is_main:  # evaluation runs on rank 0 only; the others wait at the next step
         return
-    result = t.run_eval()
+    result = t.run_eval(progress=progress, desc=desc)
     if result is None:
         return
     log.log({"samples": state.n_samples, "step": state.step, **result.flat()}, step=state.n_samples)

@@ -87,6 +87,7 @@ def test_cache_acts_then_train_cached_two_configs(
         assert [r["loss"] for r in steps] == pytest.approx([h["loss"] for h in want.history])
         assert all(f"l0/{HOOK}" in r and f"dead_dict_elements/{HOOK}" in r for r in steps)
         assert any(f"eval/l0/{HOOK}" in r for r in records)  # the final evaluation ran
+        assert (run_dir / "training_curves.png").read_bytes()[:4] == b"\x89PNG"
         # the normal tools read it
         assert _cli(["eval", str(run_dir)], capsys)[0] == 0
         assert json.loads((run_dir / "eval.json").read_text())["per_sae"][HOOK]["l0"] > 0

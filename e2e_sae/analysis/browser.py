@@ -218,7 +218,8 @@ def render_html(
         f"</head><body><h1>{html.escape(title)}</h1>",
         f"<p class=meta>SAE at <b>{html.escape(data.position)}</b>; "
         f"{data.n_tokens} tokens scanned; "
-        f"{len(freq)} features shown; {sum(1 for f in freq if f == 0)} never fired. "
+        f"{len(freq)} features shown; {sum(1 for f in freq if f == 0)} dead (fired on none of "
+        f"the {data.n_tokens} tokens scanned). "
         "Snippets: the feature's top-activating sequences, tokens shaded by its activation "
         "(hover for the value). Promoted tokens: the dictionary element times the unembedding "
         "(final layer norm linearised, later layers skipped).</p>",
@@ -253,7 +254,8 @@ def render_html(
         out.append("</section>")
         parts.append("".join(out))
     if dead:
-        parts.append(f"<p class=meta>never fired: {', '.join(dead)}</p>")
+        parts.append(f"<p class=meta>dead (fired on none of the {data.n_tokens} tokens scanned): "
+                     f"{', '.join(dead)}</p>")  # fmt: skip
     parts.append("</body></html>")
     return "\n".join(parts)
 
@@ -277,7 +279,7 @@ def write_browser(
     out: str | Path,
     *,
     position: str | None = None,
-    n_tokens: int = 20_000,
+    n_tokens: int | None = None,
     features: Sequence[int] | None = None,
     top_k: int = 8,
     batch_size: int | None = None,
@@ -286,7 +288,10 @@ def write_browser(
     device: str | None = None,
     progress: bool = False,
 ) -> Path:
-    """Scan about `n_tokens` eval tokens of a run (directory or loaded model) and write the page."""
+    """Scan about `n_tokens` eval tokens of a run (directory or loaded model) and write the page.
+
+    `n_tokens` defaults to what `e2e-sae eval` uses (the run's `eval_n_samples`, else 50, windows),
+    and the batches come in the same order, so both count the same dead latents."""
     from e2e_sae.checkpoint import load_run
     from e2e_sae.config import Config
     from e2e_sae.data import create_data_loader
@@ -304,6 +309,7 @@ def write_browser(
         else config.train_data
     )
     bs = batch_size or config.batch_size
+    n_tokens = n_tokens or (config.eval_n_samples or 50) * ds.n_ctx  # as evaluate_run
     n_batches = max(1, math.ceil(n_tokens / (bs * ds.n_ctx)))
     batches = create_data_loader(ds, bs, config.seed + 42)
     model.eval()

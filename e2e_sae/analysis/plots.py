@@ -57,9 +57,17 @@ class RunInfo:
 
     @property
     def label(self) -> str:
-        """Type, run directory name and (when not 0) seed, for legends."""
+        """Type, the full run directory name and (when not 0) seed, for legends."""
         seed = f" seed {self.config.seed}" if self.config.seed else ""
-        return f"{self.sae_type}: {self.name[:28]}{seed}"
+        return f"{self.sae_type}: {self.name}{seed}"
+
+    @property
+    def sparsity_label(self) -> str:
+        """What sets the run's sparsity: `k=32` (TopK family) or `λ=0.5` (the sparsity coeff)."""
+        if self.config.saes.k is not None:
+            return f"k={self.config.saes.k}"
+        sp = self.config.loss.sparsity
+        return f"λ={sp.coeff:g}" if sp is not None else ""
 
     @property
     def sae_type(self) -> str:
@@ -192,35 +200,63 @@ def _grid(n: int, width: float = 4.8, height: float = 3.8) -> tuple[Figure, list
     return fig, axes
 
 
+def _run_color(i: int, n: int) -> Any:
+    """Distinct colours for n runs (tab10, then tab20)."""
+    from matplotlib import colormaps
+
+    return colormaps["tab10" if n <= 10 else "tab20"](i % 20)
+
+
 def _short(position: str) -> str:
     return position.replace("blocks.", "L").replace(".hook_", " ")
+
+
+def _legend_below(ax: Axes, **kw: Any) -> None:
+    """A legend under the axes (saved with bbox_inches='tight', so long run names are not cut)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="upper left", bbox_to_anchor=(0.0, -0.24), fontsize=7, frameon=False, **kw)
 
 
 def plot_tradeoff(
     runs: Sequence[RunInfo], out_dir: Path, x_key: str, stem: str, x_label: str
 ) -> list[Path]:
-    """CE-loss increase vs a per-SAE metric, one panel per SAE position, one series per type
-    (points joined in order of x; the Pareto front drawn solid)."""
+    """`tradeoff_figure` saved as OUT_DIR/STEM.png and .svg."""
+    return _save(tradeoff_figure(runs, x_key, x_label), out_dir, stem)
+
+
+def tradeoff_figure(runs: Sequence[RunInfo], x_key: str, x_label: str) -> Figure:
+    """CE-loss increase vs a per-SAE metric, one panel per SAE position, one colour per type:
+    every run a point labelled by its sparsity coefficient, the Pareto front (lower is better in
+    both) as filled points joined by a line, the other points hollow."""
     positions = _positions(runs)
     fig, axes = _grid(len(positions))
     for ax, pos in zip(axes, positions, strict=True):
         for t in _types(runs):
-            pts = [(r.sae(pos)[x_key], r.eval["ce_loss_increase"]) for r in runs
-                   if r.sae_type == t and pos in r.positions]  # fmt: skip
+            pts = sorted((r.sae(pos)[x_key], r.eval["ce_loss_increase"], r.sparsity_label)
+                         for r in runs if r.sae_type == t and pos in r.positions)  # fmt: skip
             if not pts:
                 continue
-            xs, ys = zip(*sorted(pts), strict=True)
-            ax.plot(xs, ys, "o", color=TYPE_COLORS[t], alpha=0.6)
+            xs, ys, labels = zip(*pts, strict=True)
+            color = TYPE_COLORS[t]
             front = pareto_front(xs, ys)
-            ax.plot([xs[i] for i in front], [ys[i] for i in front], "-", color=TYPE_COLORS[t],
-                    label=f"{t} ({len(pts)} runs)")  # fmt: skip
+            rest = [i for i in range(len(xs)) if i not in front]
+            ax.plot([xs[i] for i in front], [ys[i] for i in front], "o-", color=color, ms=6,
+                    label=f"{t} ({len(pts)} runs): Pareto front, {len(front)} "
+                    f"point{'s' if len(front) > 1 else ''}")  # fmt: skip
+            if rest:
+                ax.plot([xs[i] for i in rest], [ys[i] for i in rest], "o", mfc="none",
+                        color=color, ms=6, label=f"{t}: other runs")  # fmt: skip
+            for x, y, lbl in pts:
+                ax.annotate(lbl, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                            color=color)  # fmt: skip
+        ax.margins(x=0.08, y=0.12)  # room for the point labels
         ax.set_xlabel(x_label)
         ax.set_ylabel("CE loss increase (nats)")
         ax.set_title(_short(pos))
         ax.grid(alpha=0.3)
-        ax.legend()
+        _legend_below(ax)
     fig.tight_layout()
-    return _save(fig, out_dir, stem)
+    return fig
 
 
 def plot_pareto(runs: Sequence[RunInfo], out_dir: Path) -> list[Path]:
@@ -258,26 +294,33 @@ def plot_feature_density(runs: Sequence[RunInfo], out_dir: Path, bins: int = 40)
             for k, (r, f, logs) in enumerate(mine):
                 color = cmap(0.1 + 0.6 * k / max(1, len(mine) - 1))
                 ax.hist(logs, bins=edges, histtype="step", color=color,
-                        label=f"{r.label}: L0 {r.sae(pos)['l0']:.3g}, "
-                              f"dead {int((f == 0).sum())}")  # fmt: skip
+                        label=f"{r.label}: L0 {r.sae(pos)['l0']:.3g}, dead {int((f == 0).sum())} "
+                              f"(of {int(r.eval.get('n_tokens', 0)):,} eval tokens)")  # fmt: skip
             ax.set_xlabel("log10 firing frequency")
             ax.set_ylabel("latents")
             ax.set_title(f"{t}, {_short(pos)}")
-            ax.legend(fontsize=6)
+            _legend_below(ax)
     fig.tight_layout()
     return _save(fig, out_dir, "feature_density")
 
 
 def plot_downstream(runs: Sequence[RunInfo], out_dir: Path) -> list[Path]:
+    """`downstream_figure` saved as OUT_DIR/downstream_reconstruction.png and .svg."""
+    return _save(downstream_figure(runs), out_dir, "downstream_reconstruction")
+
+
+def downstream_figure(runs: Sequence[RunInfo]) -> Figure:
     """Explained variance and MSE of the SAE-spliced run vs the clean run at each later
     residual-stream position (x: residual index; `hook_resid_pre` of block i is i). For one-SAE
     runs the first point is the SAE's own reconstruction at its position."""
     from matplotlib.ticker import MaxNLocator
 
+    from e2e_sae.analysis.curves import plain_log_axis
     from e2e_sae.splice import hook_layer
 
     fig, (ax_ev, ax_mse) = _grid(2)
-    for r in runs:
+    styles = {"local": "-", "e2e": "--", "e2e+ds": ":"}
+    for i, r in enumerate(runs):
         down = r.eval.get("downstream") or {}
         if not down:
             continue
@@ -287,24 +330,26 @@ def plot_downstream(runs: Sequence[RunInfo], out_dir: Path) -> list[Path]:
             layer = hook_layer(pos, r.n_layers()) + ("resid_post" in pos)
             pts.insert(0, (layer, r.sae(pos)["explained_variance"], r.sae(pos)["mse"]))
         layers, ev, mse = zip(*pts, strict=True)
-        kw = {"color": TYPE_COLORS[r.sae_type], "marker": "o", "alpha": 0.7}
-        ax_ev.plot(layers, ev, label=r.label, **kw)
+        # One colour per run (the type is the line style), so runs of one type stay apart.
+        kw = {"color": _run_color(i, len(runs)), "ls": styles[r.sae_type], "marker": "o",
+              "alpha": 0.8}  # fmt: skip
+        ax_ev.plot(layers, ev, label=f"{r.label} ({r.sparsity_label})", **kw)
         ax_mse.plot(layers, mse, **kw)
     ax_ev.set_ylabel("explained variance (spliced vs clean)")
     ax_mse.set_ylabel("MSE (spliced vs clean)")
-    ax_mse.set_yscale("log")
+    plain_log_axis(ax_mse)
     for ax in (ax_ev, ax_mse):
         ax.set_xlabel("residual stream position (layer)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    ax_ev.legend(fontsize=6)
+    _legend_below(ax_ev)
     fig.tight_layout()
-    return _save(fig, out_dir, "downstream_reconstruction")
+    return fig
 
 
 # --- dictionary geometry --------------------------------------------------------------------------
 def geometry_pairs(runs: Sequence[RunInfo]) -> list[tuple[str, str, RunInfo, RunInfo]]:
-    """(kind, position, A, B) comparisons to draw: `within` (one run per type), `cross-type` (for
+    """(kind, position, A, B) comparisons to draw: `within` (every run), `cross-type` (for
     each pair of types, the two runs with the closest CE increase, preferring runs with different
     seeds: same-seed SAEs start from the same dictionary, which short runs never leave far) and
     `cross-seed` (runs whose configs differ only by seed)."""
@@ -312,9 +357,7 @@ def geometry_pairs(runs: Sequence[RunInfo]) -> list[tuple[str, str, RunInfo, Run
     for pos in _positions(runs):
         at = [r for r in runs if pos in r.positions]
         by_type = {t: [r for r in at if r.sae_type == t] for t in _types(at)}
-        for rs in by_type.values():
-            mid = sorted(rs, key=lambda r: r.eval["ce_loss_increase"])[len(rs) // 2]
-            pairs.append(("within", pos, mid, mid))
+        pairs += [("within", pos, r, r) for r in at]
         types = list(by_type)
         for i, ta in enumerate(types):
             for tb in types[i + 1 :]:
@@ -355,34 +398,64 @@ def geometry_similarities(
     return out
 
 
-def plot_geometry(runs: Sequence[RunInfo], out_dir: Path) -> list[Path]:
-    """Histograms of the max cosine similarity between dictionaries: within one dictionary,
-    across SAE types, and across seeds (one panel per kind present)."""
-    sims = geometry_similarities(geometry_pairs(runs))
-    if not sims:
-        return []
-    kinds = [k for k in ("within", "cross-type", "cross-seed") if any(s[0] == k for s in sims)]
-    fig, axes = _grid(len(kinds))
-    edges = np.linspace(-0.1, 1.0, 45).tolist()
-    for ax, kind in zip(axes, kinds, strict=True):
+def geometry_panels(
+    sims: Sequence[tuple[str, str, RunInfo, RunInfo, Tensor]],
+) -> list[tuple[str, list[tuple[str, Tensor, Any]]]]:
+    """(title, [(label, similarities, colour)]) per panel: one panel per run's own dictionary
+    (`within`), then one for the cross-type and one for the cross-seed comparisons."""
+    import textwrap
+
+    panels: list[tuple[str, list[tuple[str, Tensor, Any]]]] = []
+    for _, pos, a, _, s in (x for x in sims if x[0] == "within"):
+        title = (f"{a.label} ({a.sparsity_label}), {_short(pos)}: nearest other direction, "
+                 f"mean {float(s.mean()):.2f}")  # fmt: skip
+        panels.append((title, [("", s, TYPE_COLORS[a.sae_type])]))
+    for kind, title in (("cross-type", "nearest direction in another type's dictionary"),
+                        ("cross-seed", "nearest direction, other seed")):  # fmt: skip
+        series = []
         for _, pos, a, b, s in (x for x in sims if x[0] == kind):
-            if kind == "within":
-                label = f"{a.sae_type} {_short(pos)}"
-            elif kind == "cross-type":
-                label = f"{a.sae_type} vs {b.sae_type} {_short(pos)}"
-            else:
-                label = f"{a.sae_type} seed {a.config.seed} vs {b.config.seed} {_short(pos)}"
-            color = TYPE_COLORS[a.sae_type] if kind != "cross-type" else None
+            label = (f"{a.sae_type} vs {b.sae_type}" if kind == "cross-type" else
+                     f"{a.sae_type} seed {a.config.seed} vs {b.config.seed}")  # fmt: skip
+            label = f"{label}, {_short(pos)}, mean {float(s.mean()):.2f}: {a.name} vs {b.name}"
+            series.append(
+                (textwrap.fill(label, 60, subsequent_indent="  ", break_on_hyphens=False), s, None)
+            )
+        if series:
+            panels.append((title, series))
+    return panels
+
+
+def plot_geometry(runs: Sequence[RunInfo], out_dir: Path) -> list[Path]:
+    """`geometry_figure` saved as OUT_DIR/dictionary_geometry.png and .svg (none: nothing to
+    compare)."""
+    fig = geometry_figure(runs)
+    return _save(fig, out_dir, "dictionary_geometry") if fig is not None else []
+
+
+def geometry_figure(runs: Sequence[RunInfo]) -> Figure | None:
+    """Histograms of the max cosine similarity between dictionaries: one panel per run (each
+    direction's nearest other direction in the same dictionary), then across SAE types and across
+    seeds."""
+    import textwrap
+
+    panels = geometry_panels(geometry_similarities(geometry_pairs(runs)))
+    if not panels:
+        return None
+    ncols = min(4, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig = Figure(figsize=(4.6 * ncols, 3.9 * nrows))
+    edges = np.linspace(-0.1, 1.0, 45).tolist()
+    for i, (title, series) in enumerate(panels):
+        ax = fig.add_subplot(nrows, ncols, i + 1)
+        for label, s, color in series:
             ax.hist(s.numpy(), bins=edges, histtype="step", density=True, color=color,
-                    label=f"{label} (mean {float(s.mean()):.2f})")  # fmt: skip
+                    label=label or None)  # fmt: skip
         ax.set_xlabel("max cosine similarity")
         ax.set_ylabel("density")
-        ax.set_title({"within": "nearest other direction, same dictionary",
-                      "cross-type": "nearest direction in another type's dictionary",
-                      "cross-seed": "nearest direction, other seed"}[kind])  # fmt: skip
-        ax.legend(fontsize=6)
+        ax.set_title(textwrap.fill(title, 52, break_on_hyphens=False), fontsize=8)
+        _legend_below(ax)
     fig.tight_layout()
-    return _save(fig, out_dir, "dictionary_geometry")
+    return fig
 
 
 def make_plots(runs: Sequence[RunInfo], out_dir: str | Path) -> list[Path]:

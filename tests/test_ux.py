@@ -1,0 +1,303 @@
+"""What a researcher sees: curves after every run, the overlay plot, the progress bar's speed, dead
+counts that name their window, dry-run hook checks, config error messages, `5e-3` as a number."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import make_config_dict
+
+from e2e_sae.analysis.curves import CURVES_FILE, panel_title, plot_curves_overlay
+from e2e_sae.analysis.plots import (
+    RunInfo,
+    downstream_figure,
+    geometry_pairs,
+    geometry_panels,
+    tradeoff_figure,
+)
+from e2e_sae.cli import main
+from e2e_sae.config import Config, load_config, yaml_load
+from e2e_sae.errors import ConfigError
+from e2e_sae.sweep import load_sweep, parse_set
+from e2e_sae.train import TokenRate, format_rate, train
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+# --- YAML numbers ---------------------------------------------------------------------------------
+def test_exponent_numbers_are_floats() -> None:
+    got = yaml_load("a: 5e-3\nb: 1.0e5\nc: -2E+3\nd: .5e-2\ne: 7\nf: 5e\ng: e5\nh: 0.25\n")
+    assert got == {"a": 0.005, "b": 1e5, "c": -2000.0, "d": 0.005, "e": 7, "f": "5e", "g": "e5",
+                   "h": 0.25}  # fmt: skip
+    assert all(type(got[k]) is float for k in "abcdh") and type(got["e"]) is int
+
+
+def test_config_and_sweep_read_5e_3_as_a_float(config_dict, tmp_path: Path) -> None:
+    cfg = config_dict()
+    text = yaml.safe_dump(cfg).replace("lr: 0.001", "lr: 5e-3")
+    assert "lr: 5e-3" in text
+    (tmp_path / "base.yaml").write_text(text)
+    config = load_config(tmp_path / "base.yaml")
+    assert isinstance(config, Config) and config.lr == 0.005
+    (tmp_path / "sweep.yaml").write_text(
+        "base_config: base.yaml\nparameters:\n  lr: [5e-3, 1e-2]\n  loss.sparsity.coeff: [2e-1]\n"
+    )
+    sweep = load_sweep(tmp_path / "sweep.yaml", overrides=parse_set(["eval_n_samples=4"]))
+    assert [r.overrides["lr"] for r in sweep.runs] == [0.005, 0.01]
+    assert all(type(r.overrides["lr"]) is float for r in sweep.runs)
+    assert [r.config.lr for r in sweep.runs] == [0.005, 0.01]
+    assert sweep.runs[0].config.loss.sparsity is not None
+    assert sweep.runs[0].config.loss.sparsity.coeff == 0.2
+    assert parse_set(["lr=5e-3"]) == {"lr": 0.005}
+
+
+def test_example_sweep_file_expands() -> None:
+    repo = Path(__file__).resolve().parents[1]
+    sweep = load_sweep(repo / "configs" / "sweep_demo_sparsity.yaml")
+    coeffs = [r.config.loss.sparsity.coeff for r in sweep.runs]  # type: ignore[union-attr]
+    assert coeffs == [0.5, 1.0, 2.0, 4.0] and all(type(c) is float for c in coeffs)
+    assert sweep.varied == ["loss.sparsity.coeff"]
+
+
+# --- config error messages ------------------------------------------------------------------------
+def test_every_missing_field_is_named(config_dict) -> None:
+    cfg = config_dict()
+    for k in ("batch_size", "lr", "train_data"):
+        del cfg[k]
+    with pytest.raises(ConfigError) as err:
+        load_config(cfg)
+    assert str(err.value) == "config: required fields are missing: batch_size, lr, train_data"
+
+
+def test_near_miss_keys_get_did_you_mean(config_dict) -> None:
+    cfg = config_dict()
+    cfg["batch_sise"] = cfg.pop("batch_size")
+    cfg["saes"]["sae_positons"] = cfg["saes"].pop("sae_positions")
+    cfg["whatever_else"] = 1
+    with pytest.raises(ConfigError) as err:
+        load_config(cfg)
+    msg = str(err.value)
+    assert len(msg.splitlines()) == 1
+    assert "saes.sae_positons: unknown key (did you mean 'sae_positions'?)" in msg
+    assert "batch_sise: unknown key (did you mean 'batch_size'?)" in msg
+    assert "whatever_else: unknown key;" in msg or msg.endswith("whatever_else: unknown key")
+    assert "batch_size: required field is missing" in msg
+
+
+def test_version(capsys) -> None:
+    from e2e_sae import __version__
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"e2e-sae {__version__}"
+
+
+# --- dry run --------------------------------------------------------------------------------------
+def test_dry_run_checks_hooks_against_the_model(config_dict, tmp_path: Path, capsys) -> None:
+    cfg = config_dict(saes={"sae_positions": ["blocks.7.hook_resid_pre"]})  # 3-layer model
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "saes.sae_positions" in err and "blocks.7" in err
+    cfg["saes"]["sae_positions"] = ["hook_resid_pre"]  # a substring: every layer
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(path), "--dry-run"]) == 0
+    captured = capsys.readouterr()
+    positions = ", ".join(f"blocks.{i}.hook_resid_pre" for i in range(3))
+    assert f"SAE positions: {positions}" in captured.err
+    assert yaml.safe_load(captured.out)["saes"]["sae_positions"] == ["hook_resid_pre"]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_dry_run_checks_in_to_orig_hooks_of_a_builtin_model(tmp_path: Path, capsys) -> None:
+    from e2e_sae.cli_demo import demo_config_dict
+
+    cfg = demo_config_dict(save_dir=tmp_path / "runs")
+    cfg["loss"]["in_to_orig"] = {"hook_positions": ["blocks.99.hook_resid_pre"], "total_coeff": 1.0}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(path), "--dry-run"]) == 2
+    assert "loss.in_to_orig.hook_positions" in capsys.readouterr().err
+
+
+# --- progress bar speed ---------------------------------------------------------------------------
+def test_token_rate_is_current_not_cumulative() -> None:
+    r = TokenRate(window_s=10.0, now=0.0)
+    assert r.update(1000, now=1.0) == 1000.0
+    for t in range(2, 21):  # 1000 tokens/s for 20 s
+        r.update(1000, now=float(t))
+    for t in range(21, 31):  # then 100 tokens/s: the last 10 s show only that
+        rate = r.update(100, now=float(t))
+    assert rate == pytest.approx(100.0)
+    assert format_rate(1234.0) == "1.23k tok/s" and format_rate(12.0) == "12 tok/s"
+    assert format_rate(2.5e6) == "2.5M tok/s"
+
+
+# --- a training run: curves, progress, dead window ------------------------------------------------
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory: pytest.TempPathFactory, token_data: Path) -> list[Path]:
+    root = tmp_path_factory.mktemp("ux_runs")
+    dirs = []
+    for i, coeff in enumerate((0.1, 1.0)):
+        loss = {"sparsity": {"coeff": coeff}, "out_to_in": {"coeff": 1.0}}
+        cfg = make_config_dict(token_data, root, n_samples=16, eval_every_n_samples=8,
+                               run_name=f"run-{i}", act_frequency_n_tokens=48,
+                               loss=loss)  # fmt: skip
+        config = load_config(cfg)
+        assert isinstance(config, Config)
+        dirs.append(train(config, device="cpu", progress=False))
+    return dirs
+
+
+def test_train_writes_training_curves(two_runs: list[Path]) -> None:
+    for d in two_runs:
+        assert (d / CURVES_FILE).read_bytes()[:8] == PNG_MAGIC
+
+
+def test_train_progress_bar_shows_speed_and_final_eval(config_dict, capsys) -> None:
+    config = load_config(config_dict(n_samples=8))
+    assert isinstance(config, Config)
+    train(config, device="cpu", progress=True)
+    err = capsys.readouterr().err
+    assert "tok/s" in err and "final eval" in err
+    assert "<" in err  # tqdm's remaining-time estimate (elapsed<remaining)
+
+
+def test_dead_counts_name_their_window(two_runs: list[Path]) -> None:
+    lines = (two_runs[0] / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    train_recs = [r for r in records if "loss" in r]
+    assert train_recs and all(r["dead_window_tokens"] == 48 for r in train_recs)
+    assert panel_title("dead_dict_elements", records) == (
+        "dead latents (none of the last 48 train tokens)"
+    )
+    n_eval = next(r["eval/n_tokens"] for r in records if "eval/n_tokens" in r)
+    assert panel_title("eval/dead_dict_elements", records) == (
+        f"eval dead latents (none of {int(n_eval)} eval tokens)"
+    )
+
+
+def test_curves_overlay_has_one_line_per_run(two_runs: list[Path], tmp_path: Path) -> None:
+    out = plot_curves_overlay(two_runs, tmp_path)
+    assert [p.name for p in out.paths] == ["training_curves_overlay.png",
+                                           "training_curves_overlay.svg"]  # fmt: skip
+    assert out.paths[0].read_bytes()[:8] == PNG_MAGIC
+    names = [d.name for d in two_runs]
+    pos = "blocks.1.hook_resid_pre"
+    assert out.lines["loss"] == [(n, "") for n in names]
+    assert out.lines["sparsity"] == [(n, "") for n in names]
+    for panel in ("eval/l0", "dead_dict_elements", "eval/dead_dict_elements"):
+        assert out.lines[panel] == [(n, pos) for n in names], panel
+    assert out.lines["eval/ce_loss_increase"] == [(n, "") for n in names]
+
+
+def test_plot_curves_cli(two_runs: list[Path], tmp_path: Path, capsys) -> None:
+    argv = ["plot", "--curves", *map(str, two_runs), "--out", str(tmp_path / "p")]
+    assert main(argv) == 0
+    assert (tmp_path / "p" / "training_curves_overlay.png").is_file()
+    assert "training_curves_overlay.png" in capsys.readouterr().out
+
+
+# --- plot: colours, Pareto front, labels, legends, log axes, geometry per run ---------------------
+POS = "blocks.1.hook_resid_pre"
+LONG = "a-run-directory-name-much-longer-than-twenty-eight-characters"
+
+
+def _info(token_data: Path, root: Path, name: str, loss: dict, l0: float, ce: float,
+          mse: float = 0.1, seed: int = 0) -> RunInfo:  # fmt: skip
+    config = load_config(make_config_dict(token_data, root, loss=loss, seed=seed))
+    assert isinstance(config, Config)
+    per_sae = {POS: {"l0": l0, "alive_dict_elements": 10, "explained_variance": 0.9, "mse": mse}}
+    down = {
+        "blocks.2.hook_resid_pre": {"layer": 2, "explained_variance": 0.8, "mse": mse * 1.1},
+        "blocks.2.hook_resid_post": {"layer": 3, "explained_variance": 0.7, "mse": mse * 1.2},
+    }
+    ev = {"ce_loss_increase": ce, "n_tokens": 128, "per_sae": per_sae, "downstream": down}
+    return RunInfo(root / name, config, ev)
+
+
+def _local(coeff: float) -> dict:
+    return {"sparsity": {"coeff": coeff}, "out_to_in": {"coeff": 1.0}}
+
+
+def _e2e(coeff: float) -> dict:
+    return {"sparsity": {"coeff": coeff}, "logits_kl": {"coeff": 1.0}}
+
+
+def test_downstream_one_colour_per_run_and_full_names(token_data: Path, tmp_path: Path) -> None:
+    runs = [_info(token_data, tmp_path, f"{LONG}-{i}", _e2e(c), 10, 0.1, mse=4.6 + 0.2 * i)
+            for i, c in enumerate((0.5, 1.0, 2.0))]  # fmt: skip
+    fig = downstream_figure(runs)
+    ax_ev, ax_mse = fig.axes
+    colors = [line.get_color() for line in ax_ev.get_lines()]
+    assert len(colors) == 3 and len(set(colors)) == 3
+    legend = ax_ev.get_legend()
+    assert legend is not None
+    texts = [t.get_text() for t in legend.get_texts()]
+    assert texts == [f"e2e: {LONG}-{i} (λ={c:g})" for i, c in enumerate((0.5, 1.0, 2.0))]
+    # The MSE axis is logarithmic over less than a decade: its labels are plain numbers.
+    fig.canvas.draw()
+    labels = [t.get_text() for t in ax_mse.get_yticklabels(which="both") if t.get_text()]
+    assert ax_mse.get_yscale() == "log" and labels
+    for label in labels:
+        float(label)  # no '4.8×10⁰' mathtext
+
+
+def test_tradeoff_draws_the_front_and_labels_points(token_data: Path, tmp_path: Path) -> None:
+    # (L0, CE increase): (10, 0.4) and (40, 0.2) are the front; (20, 0.5) is beaten by (10, 0.4).
+    runs = [_info(token_data, tmp_path, "a", _local(0.1), 40, 0.2),
+            _info(token_data, tmp_path, "b", _local(0.5), 20, 0.5),
+            _info(token_data, tmp_path, "c", _local(2.0), 10, 0.4)]  # fmt: skip
+    fig = tradeoff_figure(runs, "l0", "L0")
+    (ax,) = fig.axes
+    front, rest = ax.get_lines()
+    assert list(front.get_xdata()) == [10, 40] and list(front.get_ydata()) == [0.4, 0.2]
+    assert front.get_linestyle() == "-" and front.get_marker() == "o"
+    assert list(rest.get_xdata()) == [20] and rest.get_linestyle() == "None"
+    assert [t.get_text() for t in ax.texts] == ["λ=2", "λ=0.5", "λ=0.1"]  # sorted by L0
+    legend = ax.get_legend()
+    assert legend is not None
+    assert [t.get_text() for t in legend.get_texts()] == [
+        "local (3 runs): Pareto front, 2 points", "local: other runs"]  # fmt: skip
+
+
+def test_geometry_has_a_within_histogram_per_run(token_data: Path, tmp_path: Path) -> None:
+    import torch
+
+    runs = [_info(token_data, tmp_path, f"r{i}", _e2e(c), 10, 0.1 * i, seed=i % 2)
+            for i, c in enumerate((0.5, 1.0, 2.0))]  # fmt: skip
+    runs.append(_info(token_data, tmp_path, "loc", _local(1.0), 10, 0.15))
+    pairs = geometry_pairs(runs)
+    within = [(a.name, b.name) for kind, _, a, b in pairs if kind == "within"]
+    assert within == [("r0", "r0"), ("r1", "r1"), ("r2", "r2"), ("loc", "loc")]
+    sims = [(kind, pos, a, b, torch.full((4,), 0.25 * (j + 1)))
+            for j, (kind, pos, a, b) in enumerate(pairs)]  # fmt: skip
+    panels = geometry_panels(sims)
+    assert len(panels) == 4 + 1  # one per run, then the cross-type comparisons
+    assert [len(series) for _, series in panels[:4]] == [1, 1, 1, 1]
+    assert "r0" in panels[0][0] and "mean 0.25" in panels[0][0]
+    assert panels[4][0] == "nearest direction in another type's dictionary"
+
+
+def test_eval_and_browse_count_dead_over_the_same_tokens(two_runs: list[Path], tmp_path) -> None:
+    import re
+
+    from e2e_sae.analysis.browser import write_browser
+    from e2e_sae.evaluate import evaluate_run
+    from e2e_sae.report import eval_table
+
+    run = two_runs[1]
+    result = evaluate_run(run, device="cpu")
+    n = int(result.metrics["n_tokens"])
+    dead = int(result.per_sae[POS]["dead_dict_elements"])
+    assert f"(dead: fired on none of the {n:,} eval tokens)" in eval_table(result)
+    page = write_browser(run, tmp_path / "b.html", device="cpu").read_text()
+    m = re.search(r"(\d+) tokens scanned; \d+ features shown; (\d+) dead \(fired on none of the "
+                  r"(\d+) tokens scanned\)", page)  # fmt: skip
+    assert m is not None
+    assert (int(m.group(1)), int(m.group(2)), int(m.group(3))) == (n, dead, n)
+    counts = result.feature_counts[POS]
+    assert dead == int((counts == 0).sum())
