@@ -692,11 +692,13 @@ def test_browser_folder_matches_direct_computation(runs: dict[str, Path], tmp_pa
         assert page["top"][0][0] == pytest.approx(float(cf.max()), rel=1e-2)
         # Each quantile example is a real token of that feature inside its bin.
         assert 1 <= len(page["q"]) <= 5
-        for _, value, toks, acts in page["q"]:
+        for _, value, toks, acts, mark in page["q"]:
             b = int(torch.bucketize(torch.tensor(value), edges))
             assert page["hist"][b] > 0
             assert (nz - value).abs().min() <= 1e-3 * max(1.0, value)
-            assert max(acts) > 0 and len(toks) == len(acts)
+            assert acts[mark] == value and len(toks) == len(acts)
+        for value, _, acts, mark in page["top"]:
+            assert acts[mark] == value == max(acts)
         # Promoted / suppressed: extremes of (w_ln * centred direction) @ W_U.
         d = d_all[:, f]
         logit = ((d - d.mean()) * w_ln) @ tl.W_U

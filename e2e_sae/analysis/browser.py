@@ -1,9 +1,15 @@
-"""A static, self-contained HTML feature browser for one SAE (opens from disk; inline CSS and a few
-lines of inline JS for the search box; no server, nothing fetched).
+"""A static feature browser for one SAE that opens from disk (no server, nothing fetched).
+
+`write_browser(run, DIR)` writes DIR/index.html (the app, assets/browser/app.js and app.css
+inlined), DIR/data/index.js (one row per live feature: the sortable columns) and
+DIR/data/page_<n>.js (`page_size` features each: snippets, histogram, quantile examples,
+promoted/suppressed tokens, neighbours, token texts), each a `registerPage(n, {...})` call loaded
+through a script tag when one of its features is opened (fetch() of file:// URLs is blocked).
+`write_browser(run, "page.html")` writes the older single self-contained page instead.
 
 Per feature (dictionary element): its firing frequency over the scanned tokens, its top-activating
 snippets with every token shaded by the feature's activation, and the tokens its decoder direction
-promotes most through the unembedding.
+promotes (and suppresses) most through the unembedding.
 
 Activations are the SAE's code on the clean model's activations at the SAE's input hook (the
 other SAEs of the run are not spliced in). The top-k snippets are kept with a vectorised running
@@ -53,8 +59,9 @@ class FeatureData:
     `windows` is [k, window, n_features]; `sequences` indexes `tokens` [n_seqs, n_ctx].
     `hist` [n_features, n_bins] counts the feature's nonzero activations per HIST_EDGES bin over
     the example tokens (all tokens but the skipped ones); `sample_*` hold, per feature and bin, one
-    uniformly drawn example token from that bin (sequence, window start, window [.., W], its
-    activation; sequence -1 where the bin is empty), flattened to [n_features * n_bins, ..]."""
+    uniformly drawn example token from that bin (sequence, window start, the token's position,
+    window [.., W], its activation; sequence -1 where the bin is empty), flattened to
+    [n_features * n_bins, ..]."""
 
     position: str
     indices: Tensor
@@ -71,6 +78,7 @@ class FeatureData:
     hist: Tensor | None = None
     sample_seqs: Tensor | None = None
     sample_starts: Tensor | None = None
+    sample_positions: Tensor | None = None
     sample_windows: Tensor | None = None
     sample_values: Tensor | None = None
     skip_first: bool = False
@@ -144,6 +152,7 @@ def sample_update(
         state["key"] = torch.full((f * nb,), -1.0, dtype=torch.float64, device=dev)
         state["seq"] = torch.full((f * nb,), -1, dtype=torch.long, device=dev)
         state["start"] = torch.zeros(f * nb, dtype=torch.long, device=dev)
+        state["pos"] = torch.zeros(f * nb, dtype=torch.long, device=dev)
         state["value"] = torch.zeros(f * nb, dtype=c.dtype, device=dev)
         state["window"] = torch.zeros(f * nb, w, dtype=c.dtype, device=dev)
     bi, ti, fi = (c > 0).nonzero().unbind(1)
@@ -164,6 +173,7 @@ def sample_update(
     state["key"][cells] = key[win]
     state["seq"][cells] = bw + seq_offset
     state["start"][cells] = starts
+    state["pos"][cells] = tw
     state["value"][cells] = v[win]
     state["window"][cells] = c[bw[:, None], offs, fw[:, None]]
 
@@ -265,6 +275,7 @@ def collect_feature_data(
         state["sequences"].cpu(), state["starts"].cpu(), state["windows"].cpu(), all_tokens,
         sums=sums.cpu(), hist=samples["hist"].view(-1, nb).cpu(),
         sample_seqs=samples["seq"].cpu(), sample_starts=samples["start"].cpu(),
+        sample_positions=samples["pos"].cpu(),
         sample_windows=samples["window"].cpu(), sample_values=samples["value"].cpu(),
         skip_first=bool(skip_first), skip_reason=reason, n_example_tokens=n_example,
     )  # fmt: skip
@@ -587,6 +598,8 @@ def write_folder(
     qbins = quantile_bins(data.hist)
     s_seq = data.sample_seqs.tolist()
     s_start = data.sample_starts.tolist()
+    assert data.sample_positions is not None
+    s_pos = data.sample_positions.tolist()
     s_val = data.sample_values.tolist()
     hist = data.hist.tolist()
     top_tok = [snip_ids[j][0][int(torch.tensor(snip_acts[j][0]).argmax())] for j in range(n_feat)]
@@ -613,7 +626,10 @@ def write_folder(
             for r in range(k):
                 if top_vals[j][r] <= 0:
                     break
-                top.append([_r3(top_vals[j][r]), snip_ids[j][r], [_r3(a) for a in snip_acts[j][r]]])
+                # mark the token the value belongs to (a skipped position may be larger)
+                mark = snip_acts[j][r].index(top_vals[j][r])
+                acts = [_r3(a) for a in snip_acts[j][r]]
+                top.append([_r3(top_vals[j][r]), snip_ids[j][r], acts, mark])
                 used.update(snip_ids[j][r])
             qex = []
             for b in qbins[j]:
@@ -624,7 +640,8 @@ def write_folder(
                 acts = [_r3(a) for a in data.sample_windows[cell].tolist()]
                 lo = "0" if b == 0 else f"{HIST_EDGES[b - 1]:.3g}"
                 hi = f"{HIST_EDGES[b]:.3g}" if b < len(HIST_EDGES) else "∞"
-                qex.append([f"{lo}–{hi}", _r3(s_val[cell]), toks, acts])
+                mark = s_pos[cell] - s_start[cell]
+                qex.append([f"{lo}–{hi}", _r3(s_val[cell]), toks, acts, mark])
                 used.update(toks)
             f: dict[str, Any] = {"hist": hist[j], "top": top, "q": qex}
             if effects is not None:

@@ -123,14 +123,14 @@ function openFeature(id) {
     (e) => { det.textContent = String(e); throw e; });
 }
 function snippet(ex, toks, peak, cls) {
-  // ex: [activation, token ids, activations of the window]
+  // ex: [activation, token ids, activations of the window, index of the token it belongs to]
   const div = el("div", {class: cls}, el("b", {text: fmt(ex[0])}));
-  const top = ex[2].indexOf(Math.max(...ex[2]));
+  const top = ex[3];
   ex[1].forEach((t, i) => {
     const a = ex[2][i];
     const s = el("span", {text: toks[t] ?? `<${t}>`, title: `token ${t}: ${fmt(a)}`});
     if (a > 0) s.style.background = `rgba(255,90,0,${Math.min(1, a / peak).toFixed(2)})`;
-    if (i === top && a > 0) s.className = "pk";
+    if (i === top) s.className = "pk";
     div.append(s);
   });
   return div;
@@ -213,7 +213,7 @@ async function selftest() {
     setQuery("#" + id0);
     let rows = [...document.querySelectorAll("#rows tr")];
     r.search_id = rows.length === 1 && +rows[0].dataset.id === id0;
-    const tt = d.top_token[j0].toLowerCase();
+    const tt = d.top_token[j0].trim().toLowerCase();
     setQuery(d.top_token[j0]);
     rows = [...document.querySelectorAll("#rows tr")];
     r.search_token = rows.length >= 1 && rows.some((tr) => +tr.dataset.id === id0) &&
