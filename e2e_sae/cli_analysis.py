@@ -84,6 +84,7 @@ def cmd_browse(args: argparse.Namespace) -> int:
         skip_first=args.skip_first,
         compare=args.compare,
         page_size=args.page_size,
+        ablate=args.ablate,
     )
     single = args.out.suffix.lower() in (".html", ".htm")
     files = [out] if single else [p for p in out.parent.rglob("*") if p.is_file()]
@@ -141,5 +142,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a second run: list each feature's nearest decoder directions in its SAE "
                    "at the same position")  # fmt: skip
     b.add_argument("--page-size", type=int, default=256, help="features per lazily loaded file")
+    b.add_argument("--ablate", type=int, default=64,
+                   help="true ablation KL for this many of the most frequent features, over the "
+                   "first 512 scanned tokens (one forward pass each; 0: none)")  # fmt: skip
     b.add_argument("--device", default=None)
     b.set_defaults(func=cmd_browse)

@@ -712,6 +712,8 @@ def test_browser_folder_matches_direct_computation(runs: dict[str, Path], tmp_pa
         assert [i for i, _ in page["near"]] == cos.topk(8).indices.tolist()
         cos_o = F.normalize(d_other, dim=0).T @ F.normalize(d, dim=0)
         assert [i for i, _ in page["far"]] == cos_o.topk(8).indices.tolist()
+    # Ablation KL for every live feature (fewer than the default 64), nonnegative.
+    assert all(v is not None and v >= 0 for v in index["ablation"])
     # Writing again replaces the folder; a folder that is not a browser's is refused.
     assert main(["browse", str(run), "--out", str(out), "--n-tokens", "64", "--features", "3"]) == 0
     assert not (out / "data" / "page_1.js").exists()
@@ -792,3 +794,31 @@ def test_token_text_decodes_byte_level_tokens() -> None:
             return "<0xE2>"
 
     assert token_text(ByteFallback(), 7) == "⟨0xE2⟩"
+
+
+def test_ablation_kl_matches_a_model_without_that_feature(model: SAETransformer) -> None:
+    import copy
+
+    from e2e_sae.analysis.browser import ablation_kl
+
+    pos = "blocks.1.hook_resid_pre"
+    tokens = torch.cat(_batches(1))
+    with torch.no_grad():
+        _, cache = model.forward_raw(tokens, run_entire_model=False, cache_positions=[pos])
+        c = model.sae(pos).encode(cache[pos])
+        logits, _ = model.forward(tokens, [pos])
+        assert logits is not None
+        fires = [f for f in range(c.shape[-1]) if (c[..., f] > 0).any()][:3]
+        never = [f for f in range(c.shape[-1]) if not (c[..., f] > 0).any()][:1]
+        assert len(fires) == 3
+        vals, n = ablation_kl(model, pos, tokens, fires + never)
+        assert n == tokens.numel()
+        for f, v in zip(fires, vals, strict=False):
+            other = copy.deepcopy(model)
+            other.sae(pos).decoder.weight[:, f] = 0.0  # its direction no longer reaches the output
+            ab, _ = other.forward(tokens, [pos])
+            assert ab is not None
+            logp, logq = logits.log_softmax(-1), ab.log_softmax(-1)
+            kl = (logp.exp() * (logp - logq)).sum(-1)[c[..., f] > 0].mean()
+            assert v == pytest.approx(float(kl), rel=1e-3, abs=1e-7)
+        assert vals[len(fires) :] == [None] * len(never)

@@ -361,6 +361,47 @@ def nearest_features(
     return torch.cat(ids), torch.cat(vals)
 
 
+@torch.no_grad()
+def ablation_kl(
+    model: SAETransformer, position: str, tokens: Tensor, features: Sequence[int]
+) -> tuple[list[float | None], int]:
+    """Per feature (indices into the SAE), the mean over the tokens of `tokens` [B, T] where it
+    fires of KL(spliced || spliced with that feature's c_f * d_f removed from the SAE output), in
+    nats; None where it does not fire there. Only this SAE is spliced in. Returns (values, the
+    number of tokens used). One forward pass per feature: meant for a few dozen features."""
+    sae = model.sae(position)
+    site = model.sites[position]
+    tl = model.tlens_model
+    tokens = tokens.to(sae.device)
+    _, cache = model.forward_raw(
+        tokens, run_entire_model=False, cache_positions=[site.input_hook], cache_sae_positions=False
+    )
+    c = sae.encode(cache[site.input_hook])
+    out = sae.decode(c)
+
+    def logprobs(act: Tensor) -> Tensor:
+        def put(a: Tensor, hook: Any) -> Tensor:
+            return act.to(a.dtype)
+
+        logits = tl.run_with_hooks(tokens, fwd_hooks=[(site.output_hook, put)])
+        return torch.log_softmax(logits.float(), dim=-1)
+
+    logp = logprobs(out)
+    p = logp.exp()
+    dirs = sae.dict_elements
+    values: list[float | None] = []
+    for f in features:
+        cf = c[..., f]
+        fires = cf > 0
+        if not bool(fires.any()):
+            values.append(None)
+            continue
+        logq = logprobs(out - cf[..., None] * dirs[:, f])
+        kl = (p * (logp - logq)).sum(-1)
+        values.append(float(kl[fires].mean()))
+    return values, tokens.numel()
+
+
 # --- rendering ------------------------------------------------------------------------------------
 _CSS = """
 body{font-family:system-ui,sans-serif;margin:1.5em;color:#222;max-width:70em}
@@ -568,6 +609,7 @@ def write_folder(
     other_label: str = "",
     page_size: int = 256,
     notes: Sequence[str] = (),
+    ablation: Sequence[float | None] | None = None,
 ) -> Path:
     """Write the browser folder `out`: index.html, data/index.js (one row per feature: the
     sortable columns) and data/page_<n>.js (features n*page_size .. of the index, with their
@@ -674,6 +716,10 @@ def write_folder(
         columns.append({"key": "effect", "label": "logit effect", "sort": True,
                         "title": "mean act x RMS over the vocabulary of the direct logit change "
                         "per unit activation (a proxy for the effect of ablating it)"})  # fmt: skip
+    if ablation is not None:
+        columns.append({"key": "ablation", "label": "ablation KL", "sort": True,
+                        "title": "mean KL(spliced || spliced without this feature) over the "
+                        "tokens where it fires; only for the most frequent features"})  # fmt: skip
     columns.append({"key": "top_token", "label": "top token"})
     if effects is not None:
         columns.append({"key": "promoted", "label": "promotes"})
@@ -684,6 +730,8 @@ def write_folder(
         "max": [_r3(v[0]) for v in top_vals], "mean": [_r3(x) for x in mean_act],
         "top_token": [readable(index_text[t]) for t in top_tok],
     }  # fmt: skip
+    if ablation is not None:
+        index["ablation"] = list(ablation)
     if effect is not None:
         index["effect"] = effect
         index["promoted"] = [" ".join(readable(index_text[t]) for t in row[:3]) for row in up_ids]
@@ -692,7 +740,7 @@ def write_folder(
         **index,
         **{
             c: [index[c][j] for j in alive]
-            for c in ("ids", "freq", "max", "mean", "top_token", "effect", "promoted")
+            for c in ("ids", "freq", "max", "mean", "top_token", "effect", "promoted", "ablation")
             if c in index
         },
     }
@@ -740,6 +788,8 @@ def write_browser(
     skip_first: bool | None = None,
     compare: str | Path | SAETransformer | None = None,
     page_size: int = 256,
+    ablate: int = 64,
+    ablate_tokens: int = 512,
 ) -> Path:
     """Scan about `n_tokens` eval tokens of a run (directory or loaded model) and write the
     browser: a folder (index.html + data/) unless `out` ends in .html, which writes the older
@@ -748,7 +798,9 @@ def write_browser(
     `n_tokens` defaults to what `e2e-sae eval` uses (the run's `eval_n_samples`, else 50, windows),
     and the batches come in the same order, so both count the same dead latents. `skip_first`:
     see `collect_feature_data` (None: decide from the data). `compare`: a second run whose SAE at
-    the same position supplies each feature's nearest decoder directions across runs."""
+    the same position supplies each feature's nearest decoder directions across runs. `ablate`:
+    for this many of the most frequent features, the true ablation effect (`ablation_kl`) over
+    the first `ablate_tokens` scanned tokens (whole sequences)."""
     from e2e_sae.checkpoint import load_run
     from e2e_sae.config import Config
     from e2e_sae.data import create_data_loader
@@ -757,6 +809,8 @@ def write_browser(
     out = Path(out)
     if page_size < 1:
         raise UserError(f"--page-size: must be >= 1, got {page_size}")
+    if ablate < 0:
+        raise UserError(f"--ablate: must be >= 0, got {ablate}")
     model = run if isinstance(run, SAETransformer) else load_run(run, device=device)
     config: Config = model.run_config  # type: ignore[attr-defined]
     if position is None:
@@ -807,6 +861,17 @@ def write_browser(
             )
         far = nearest_features(dirs[:, fd.indices], other_dirs, 8)
     n_dead = int((fd.counts == 0).sum())
+    ablation: list[float | None] = [None] * len(fd.indices)
+    n_ablate = min(ablate, len(fd.indices) - n_dead)
+    n_abl_tok = 0
+    if n_ablate > 0:
+        order = fd.counts.argsort(descending=True, stable=True)[:n_ablate].tolist()
+        n_seq = max(1, math.ceil(ablate_tokens / fd.tokens.shape[1]))
+        vals, n_abl_tok = ablation_kl(
+            model, position, fd.tokens[:n_seq], fd.indices[order].tolist()
+        )
+        for j, v in zip(order, vals, strict=True):
+            ablation[j] = None if v is None else _r3(v)
     notes = [
         f"SAE at {position}; {fd.n_tokens} tokens scanned; {len(fd.indices)} features, "
         f"{n_dead} dead (fired on none of the {fd.n_tokens} tokens scanned; not listed).",
@@ -817,12 +882,16 @@ def write_browser(
         "through the final layer norm, linearised, and the unembedding; later layers skipped).",
         "Promoted / suppressed tokens: the largest / smallest entries of that direct logit "
         "change. Nearest features: cosine of the decoder directions.",
+        f"Ablation KL (nats): for the {n_ablate} most frequent features only, the mean over "
+        f"the first {n_abl_tok} scanned tokens where the feature fires of KL(SAE spliced in || "
+        "SAE spliced in with this feature's contribution removed); only this SAE is spliced.",
     ]
     if effects is None:
         notes[2] = "Logit effect: not available (the SAE does not write to the residual size)."
     return write_folder(
         fd, texts, out, title=title, effects=effects, near=near, far=far,
         other_label=other_label, page_size=page_size, notes=notes,
+        ablation=ablation if n_ablate > 0 else None,
     )  # fmt: skip
 
 

@@ -93,7 +93,8 @@ function refresh() {
   const d = S.idx, v = d[S.key], sgn = S.desc ? -1 : 1;
   S.order = [];
   for (let j = 0; j < d.ids.length; j++) if (matches(j, S.q)) S.order.push(j);
-  S.order.sort((a, b) => (v[a] - v[b]) * sgn || d.ids[a] - d.ids[b]);
+  // Missing values (features without an ablation) go last in both directions.
+  S.order.sort((a, b) => (v[a] == null) - (v[b] == null) || (v[a] - v[b]) * sgn || d.ids[a] - d.ids[b]);
   renderRows();
 }
 function renderRows() {
@@ -202,8 +203,9 @@ async function selftest() {
     for (const c of d.columns.filter((c) => c.sort)) {
       for (const desc of [true, false]) {
         setSort(c.key, desc);
-        const v = [...document.querySelectorAll("#rows tr")].map((tr) => d[c.key][+tr.dataset.j]);
-        let mono = v.length > 0;
+        const all = [...document.querySelectorAll("#rows tr")].map((tr) => d[c.key][+tr.dataset.j]);
+        const v = all.filter((x) => x != null);
+        let mono = v.length > 0 && all.slice(0, v.length).every((x) => x != null);
         for (let i = 1; i < v.length; i++) if (desc ? v[i - 1] < v[i] : v[i - 1] > v[i]) mono = false;
         r.sorted[c.key + (desc ? "_desc" : "_asc")] = mono;
       }
