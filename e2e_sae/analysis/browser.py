@@ -597,6 +597,13 @@ def quantile_bins(hist: Tensor, qs: Sequence[float] = (0.1, 0.3, 0.5, 0.7, 0.9))
     return out
 
 
+def check_out_folder(out: Path) -> None:
+    """Refuse an `out` that exists and is neither empty nor an earlier browser folder."""
+    if out.exists() and not ((out / "index.html").is_file() and (out / "data").is_dir()):
+        if out.is_file() or any(out.iterdir()):
+            raise UserError(f"--out: '{out}' exists and is not a browser folder (or a .html file)")
+
+
 def write_folder(
     data: FeatureData,
     token_text_fn: Callable[[set[int]], dict[int, str]],
@@ -618,12 +625,7 @@ def write_folder(
     Written to a sibling temporary folder and renamed into place; an existing `out` is replaced
     only when it is an earlier browser folder (index.html + data/)."""
     out = Path(out)
-    if (
-        out.exists()
-        and not ((out / "index.html").is_file() and (out / "data").is_dir())
-        and (out.is_file() or any(out.iterdir()))
-    ):
-        raise UserError(f"--out: '{out}' exists and is not a browser folder (or a .html file)")
+    check_out_folder(out)
     k, w, n_feat = data.windows.shape
     assert data.hist is not None and data.sample_seqs is not None and data.sums is not None
     assert data.sample_starts is not None and data.sample_windows is not None
@@ -811,6 +813,8 @@ def write_browser(
         raise UserError(f"--page-size: must be >= 1, got {page_size}")
     if ablate < 0:
         raise UserError(f"--ablate: must be >= 0, got {ablate}")
+    if out.suffix.lower() not in (".html", ".htm"):
+        check_out_folder(out)  # before the scan
     model = run if isinstance(run, SAETransformer) else load_run(run, device=device)
     config: Config = model.run_config  # type: ignore[attr-defined]
     if position is None:
