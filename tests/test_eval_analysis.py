@@ -533,7 +533,7 @@ def test_browser_page_shows_the_features(runs: dict[str, Path], tmp_path: Path) 
     model = load_run(run)
     out = tmp_path / "page.html"
     assert main(["browse", str(run), "--out", str(out), "--n-tokens", "128", "--features", "6",
-                 "--top-k", "3"]) == 0  # fmt: skip
+                 "--top-k", "3", "--no-skip-first"]) == 0  # fmt: skip
     page = out.read_text()
     assert "<script src" not in page and "<link" not in page  # self-contained
     # Direct computation over the same 128 tokens (2 batches of the eval loader).
@@ -634,3 +634,191 @@ def test_pareto_experiment_quick_mode_end_to_end(tmp_path: Path) -> None:
     assert (tmp_path / "results" / "pareto_l0_ce_increase.svg").exists()
     summary = json.loads((tmp_path / "results" / "results.json").read_text())
     assert len(summary["runs"]) == 12 and summary["meta"]["timing"]["wall_s"] > 0
+
+
+def _read_js(path: Path, fn: str) -> Any:
+    text = path.read_text(encoding="utf-8")
+    assert text.startswith(fn + "(") and text.endswith(");\n")
+    args = json.loads("[" + text[len(fn) + 1 : -3] + "]")
+    return args[0] if len(args) == 1 else args
+
+
+def test_browser_folder_matches_direct_computation(runs: dict[str, Path], tmp_path: Path) -> None:
+    from e2e_sae.analysis.browser import HIST_EDGES
+    from e2e_sae.checkpoint import load_run
+    from e2e_sae.data import create_data_loader
+
+    run, other_run = runs["e2e"], runs["local0"]
+    out = tmp_path / "browser"
+    assert main(["browse", str(run), "--out", str(out), "--n-tokens", "128", "--features", "10",
+                 "--top-k", "3", "--no-skip-first", "--page-size", "4",
+                 "--compare", str(other_run)]) == 0  # fmt: skip
+    assert (out / "index.html").is_file()
+    names = sorted(p.name for p in (out / "data").iterdir())
+    assert names == ["index.js", "page_0.js", "page_1.js", "page_2.js"]  # 10 features, 4 a page
+    index = _read_js(out / "data" / "index.js", "registerIndex")
+    pages = [_read_js(out / "data" / f"page_{n}.js", "registerPage") for n in range(3)]
+    assert [p[0] for p in pages] == [0, 1, 2]
+    feats = [f for p in pages for f in p[1]["features"]]
+    assert len(feats) == 10
+    # Direct computation over the same 128 tokens (2 batches of the eval loader).
+    model = load_run(run)
+    cfg = cast(Config, model.run_config)
+    assert cfg.eval_data is not None
+    loader = create_data_loader(cfg.eval_data, cfg.batch_size, cfg.seed + 42)
+    tokens = torch.cat([next(loader) for _ in range(2)])
+    hook = "blocks.1.hook_resid_pre"
+    with torch.no_grad():
+        _, cache = model.forward_raw(tokens, run_entire_model=False, cache_positions=[hook])
+        c = model.sae(hook).encode(cache[hook])[..., :10]
+    alive = [f for f in range(10) if (c[..., f] != 0).any()]
+    assert index["ids"] == alive and index["slot"] == alive
+    edges = torch.tensor(HIST_EDGES)
+    d_all = model.sae(hook).dict_elements.detach()
+    d_other = load_run(other_run).sae(hook).dict_elements.detach()
+    tl = model.tlens_model
+    w_ln = tl.ln_final.w
+    assert isinstance(w_ln, torch.Tensor)
+    for row, f in enumerate(alive):
+        cf = c[..., f]
+        nz = cf[cf > 0]
+        assert index["freq"][row] == pytest.approx(float((cf != 0).float().mean()), rel=1e-2)
+        assert index["max"][row] == pytest.approx(float(cf.max()), rel=1e-2)
+        assert index["mean"][row] == pytest.approx(float(nz.mean()), rel=1e-2)
+        page = feats[f]
+        # Histogram: counts of the nonzero activations per bin.
+        assert page["hist"] == torch.bincount(torch.bucketize(nz, edges), minlength=26).tolist()
+        assert len(page["top"]) == min(3, int((cf.amax(1) > 0).sum()))
+        assert page["top"][0][0] == pytest.approx(float(cf.max()), rel=1e-2)
+        # Each quantile example is a real token of that feature inside its bin.
+        assert 1 <= len(page["q"]) <= 5
+        for _, value, toks, acts, mark in page["q"]:
+            b = int(torch.bucketize(torch.tensor(value), edges))
+            assert page["hist"][b] > 0
+            assert (nz - value).abs().min() <= 1e-3 * max(1.0, value)
+            assert acts[mark] == value and len(toks) == len(acts)
+        for value, _, acts, mark in page["top"]:
+            assert acts[mark] == value == max(acts)
+        # Promoted / suppressed: extremes of (w_ln * centred direction) @ W_U.
+        d = d_all[:, f]
+        logit = ((d - d.mean()) * w_ln) @ tl.W_U
+        assert [t for t, _ in page["up"]] == logit.topk(10).indices.tolist()
+        assert [t for t, _ in page["down"]] == logit.topk(10, largest=False).indices.tolist()
+        rms = float((logit - logit.mean()).pow(2).mean().sqrt())
+        assert index["effect"][row] == pytest.approx(float(nz.mean()) * rms, rel=2e-2)
+        # Nearest features within the dictionary (itself excluded) and in the other run.
+        cos = F.normalize(d_all, dim=0).T @ F.normalize(d, dim=0)
+        cos[f] = -2
+        assert [i for i, _ in page["near"]] == cos.topk(8).indices.tolist()
+        cos_o = F.normalize(d_other, dim=0).T @ F.normalize(d, dim=0)
+        assert [i for i, _ in page["far"]] == cos_o.topk(8).indices.tolist()
+    # Ablation KL for every live feature (fewer than the default 64), nonnegative.
+    assert all(v is not None and v >= 0 for v in index["ablation"])
+    # Writing again replaces the folder; a folder that is not a browser's is refused.
+    assert main(["browse", str(run), "--out", str(out), "--n-tokens", "64", "--features", "3"]) == 0
+    assert not (out / "data" / "page_1.js").exists()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "x.txt").write_text("keep")
+    assert main(["browse", str(run), "--out", str(tmp_path / "other"), "--n-tokens", "64"]) == 2
+    assert (tmp_path / "other" / "x.txt").read_text() == "keep"
+
+
+def test_browser_skip_first_position(model: SAETransformer) -> None:
+    from e2e_sae.analysis.browser import first_position_outlier
+
+    pos = "blocks.1.hook_resid_pre"
+    batches = _batches(2)
+    tokens = torch.cat(batches)
+    with torch.no_grad():
+        _, cache = model.forward_raw(tokens, run_entire_model=False, cache_positions=[pos])
+        c = model.sae(pos).encode(cache[pos])
+    keep = torch.ones_like(tokens, dtype=torch.bool)
+    keep[:, 0] = False
+    keep &= tokens != 5  # a "special" token
+    kept = c * keep[..., None]
+    fd = collect_feature_data(model, pos, iter(batches), 2, top_k=2, skip_first=True,
+                              special_ids=[5])  # fmt: skip
+    assert fd.skip_first and fd.n_example_tokens == int(keep.sum())
+    assert fd.counts.tolist() == (c != 0).sum((0, 1)).tolist()  # counts use every token
+    torch.testing.assert_close(fd.top_values[0], kept.amax((0, 1)))
+    assert fd.hist is not None
+    assert fd.hist.sum(1).tolist() == (kept > 0).sum((0, 1)).tolist()
+    off = collect_feature_data(model, pos, iter(batches), 2, top_k=2, skip_first=False)
+    torch.testing.assert_close(off.top_values[0], c.amax((0, 1)))
+    # Auto rule: first-position mean norm > 3x the others', or every sequence starts with BOS.
+    x = torch.ones(2, 5, 4)
+    x[:, 0] *= 3.5
+    assert first_position_outlier(x) == (True, pytest.approx(3.5))
+    x[:, 0] = 2.0
+    assert first_position_outlier(x)[0] is False
+    bos = [torch.cat([torch.zeros(4, 1, dtype=torch.long), b[:, 1:]], 1) for b in batches]
+    auto = collect_feature_data(model, pos, iter(bos), 2, skip_first=None, bos_id=0)
+    assert auto.skip_first and "every sequence starts with BOS: True" in auto.skip_reason
+
+
+def test_js_data_and_html_are_escaped() -> None:
+    from e2e_sae.analysis.browser import _visible, js_call, readable
+
+    evil = "</script><img src=x onerror=alert(1)>\u2028"
+    js = js_call("registerPage", 0, {"tokens": {"1": evil}})
+    assert "</" not in js and "\u2028" not in js
+    assert json.loads(js[len("registerPage(0,") : -3]) == {"tokens": {"1": evil}}
+    assert _visible("<b>&") == "&lt;b&gt;&amp;"
+    assert readable("a\nb\tc\x1b\u200b") == "a⏎b⇥c⟨0x1B⟩⟨U+200B⟩"
+    app = (Path(__file__).resolve().parent.parent / "e2e_sae/assets/browser/app.js").read_text()
+    assert "innerHTML" not in app  # data reaches the DOM only as textContent
+
+
+def test_token_text_decodes_byte_level_tokens() -> None:
+    from e2e_sae.analysis.browser import token_text
+    from e2e_sae.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer("shakespeare-bpe")  # byte-level BPE
+    text = "naïve — ✓ déjà"
+    ids = tok.encode(text, add_special_tokens=False)
+    pieces = [token_text(tok, i) for i in ids]
+    assert all("\ufffd" not in p for p in pieces)
+    # Joined, the pieces are the text with each split multi-byte character as its bytes.
+    joined = "".join(pieces)
+    want = re.sub(r"⟨0x([0-9A-F]{2})⟩", lambda m: chr(int(m.group(1), 16) + 0xDC00), joined)
+    assert want.encode("utf-8", errors="surrogateescape") == text.encode("utf-8")
+    split = [i for i in ids if "\ufffd" in tok.decode([i])]
+    for i in split:
+        assert re.fullmatch(r"(⟨0x[89A-F][0-9A-F]⟩|[^\ufffd])+", token_text(tok, i))
+
+    class ByteFallback:  # SentencePiece-style byte tokens
+        def decode(self, ids: list[int]) -> str:
+            return "\ufffd"
+
+        def convert_ids_to_tokens(self, i: int) -> str:
+            return "<0xE2>"
+
+    assert token_text(ByteFallback(), 7) == "⟨0xE2⟩"
+
+
+def test_ablation_kl_matches_a_model_without_that_feature(model: SAETransformer) -> None:
+    import copy
+
+    from e2e_sae.analysis.browser import ablation_kl
+
+    pos = "blocks.1.hook_resid_pre"
+    tokens = torch.cat(_batches(1))
+    with torch.no_grad():
+        _, cache = model.forward_raw(tokens, run_entire_model=False, cache_positions=[pos])
+        c = model.sae(pos).encode(cache[pos])
+        logits, _ = model.forward(tokens, [pos])
+        assert logits is not None
+        fires = [f for f in range(c.shape[-1]) if (c[..., f] > 0).any()][:3]
+        never = [f for f in range(c.shape[-1]) if not (c[..., f] > 0).any()][:1]
+        assert len(fires) == 3
+        vals, n = ablation_kl(model, pos, tokens, fires + never)
+        assert n == tokens.numel()
+        for f, v in zip(fires, vals, strict=False):
+            other = copy.deepcopy(model)
+            other.sae(pos).decoder.weight[:, f] = 0.0  # its direction no longer reaches the output
+            ab, _ = other.forward(tokens, [pos])
+            assert ab is not None
+            logp, logq = logits.log_softmax(-1), ab.log_softmax(-1)
+            kl = (logp.exp() * (logp - logq)).sum(-1)[c[..., f] > 0].mean()
+            assert v == pytest.approx(float(kl), rel=1e-3, abs=1e-7)
+        assert vals[len(fires) :] == [None] * len(never)

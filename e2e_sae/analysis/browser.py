@@ -1,9 +1,15 @@
-"""A static, self-contained HTML feature browser for one SAE (opens from disk; inline CSS and a few
-lines of inline JS for the search box; no server, nothing fetched).
+"""A static feature browser for one SAE that opens from disk (no server, nothing fetched).
+
+`write_browser(run, DIR)` writes DIR/index.html (the app, assets/browser/app.js and app.css
+inlined), DIR/data/index.js (one row per live feature: the sortable columns) and
+DIR/data/page_<n>.js (`page_size` features each: snippets, histogram, quantile examples,
+promoted/suppressed tokens, neighbours, token texts), each a `registerPage(n, {...})` call loaded
+through a script tag when one of its features is opened (fetch() of file:// URLs is blocked).
+`write_browser(run, "page.html")` writes the older single self-contained page instead.
 
 Per feature (dictionary element): its firing frequency over the scanned tokens, its top-activating
 snippets with every token shaded by the feature's activation, and the tokens its decoder direction
-promotes most through the unembedding.
+promotes (and suppresses) most through the unembedding.
 
 Activations are the SAE's code on the clean model's activations at the SAE's input hook (the
 other SAEs of the run are not spliced in). The top-k snippets are kept with a vectorised running
@@ -22,7 +28,12 @@ not depend on d.
 from __future__ import annotations
 
 import html
+import json
 import math
+import os
+import re
+import shutil
+import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,13 +46,22 @@ from tqdm.auto import tqdm
 from e2e_sae.errors import UserError
 from e2e_sae.splice import SAETransformer
 
+# Histogram / quantile-sample bins of a feature's nonzero activations: 4 per decade over
+# [1e-2, 1e4]; bin 0 takes everything <= 1e-2, the last everything above 1e4.
+HIST_EDGES = [10 ** (e / 4) for e in range(-8, 17)]
+
 
 @dataclass
 class FeatureData:
     """Everything the page shows, for features `indices` of the SAE at `position`.
 
     Top-k arrays are [k, n_features] (entry [j, f]: the j-th strongest sequence for feature f);
-    `windows` is [k, window, n_features]; `sequences` indexes `tokens` [n_seqs, n_ctx]."""
+    `windows` is [k, window, n_features]; `sequences` indexes `tokens` [n_seqs, n_ctx].
+    `hist` [n_features, n_bins] counts the feature's nonzero activations per HIST_EDGES bin over
+    the example tokens (all tokens but the skipped ones); `sample_*` hold, per feature and bin, one
+    uniformly drawn example token from that bin (sequence, window start, the token's position,
+    window [.., W], its activation; sequence -1 where the bin is empty), flattened to
+    [n_features * n_bins, ..]."""
 
     position: str
     indices: Tensor
@@ -54,22 +74,46 @@ class FeatureData:
     tokens: Tensor
     promoted: Tensor | None = None
     promoted_logits: Tensor | None = None
+    sums: Tensor | None = None
+    hist: Tensor | None = None
+    sample_seqs: Tensor | None = None
+    sample_starts: Tensor | None = None
+    sample_positions: Tensor | None = None
+    sample_windows: Tensor | None = None
+    sample_values: Tensor | None = None
+    skip_first: bool = False
+    skip_reason: str = ""
+    n_example_tokens: int = 0
 
     @property
     def frequency(self) -> Tensor:
         return self.counts.double() / self.n_tokens
 
+    @property
+    def mean_activation(self) -> Tensor:
+        """Mean activation over the tokens where the feature fires (0 where it never does)."""
+        assert self.sums is not None
+        return self.sums / self.counts.clamp(min=1)
+
 
 def top_windows_update(
-    c: Tensor, seq_offset: int, state: dict[str, Tensor], k: int, before: int, after: int
+    c: Tensor,
+    seq_offset: int,
+    state: dict[str, Tensor],
+    k: int,
+    before: int,
+    after: int,
+    rank: Tensor | None = None,
 ) -> None:
     """Merge one batch of codes c [B, T, F] into the running top-k `state` (in place).
 
     Per sequence and feature the max activation is a candidate; its window of activations
-    (`before` tokens before it, `after` after, shifted to stay inside the sequence) comes along."""
+    (`before` tokens before it, `after` after, shifted to stay inside the sequence) comes along.
+    `rank` (default c): the values the maximum is taken over, e.g. c with skipped positions
+    zeroed; the windows always show c."""
     b, t, f = c.shape
     w = min(before + after + 1, t)
-    values, argmax = c.max(dim=1)  # [B, F]
+    values, argmax = (c if rank is None else rank).max(dim=1)  # [B, F]
     starts = (argmax - before).clamp(0, t - w)
     idx = starts[:, None, :] + torch.arange(w, device=c.device)[None, :, None]  # [B, W, F]
     windows = c.gather(1, idx)
@@ -86,6 +130,75 @@ def top_windows_update(
     state["windows"] = windows.gather(0, pick[:, None, :].expand(-1, w, -1))
 
 
+def sample_update(
+    c: Tensor,
+    seq_offset: int,
+    state: dict[str, Tensor],
+    before: int,
+    after: int,
+    generator: torch.Generator,
+) -> None:
+    """Histogram one batch of codes c [B, T, F] (zeros are not counted) into `state["hist"]`
+    [F, n_bins] and keep, per feature and bin, one uniformly drawn example: every nonzero entry
+    gets a random key and a cell keeps the entry with the largest key seen so far (the maximum of
+    i.i.d. keys falls on each entry with equal probability). Keys are float64 so ties do not occur
+    in practice."""
+    b, t, f = c.shape
+    w = min(before + after + 1, t)
+    nb = len(HIST_EDGES) + 1
+    dev = c.device
+    if not state:
+        state["hist"] = torch.zeros(f * nb, dtype=torch.long, device=dev)
+        state["key"] = torch.full((f * nb,), -1.0, dtype=torch.float64, device=dev)
+        state["seq"] = torch.full((f * nb,), -1, dtype=torch.long, device=dev)
+        state["start"] = torch.zeros(f * nb, dtype=torch.long, device=dev)
+        state["pos"] = torch.zeros(f * nb, dtype=torch.long, device=dev)
+        state["value"] = torch.zeros(f * nb, dtype=c.dtype, device=dev)
+        state["window"] = torch.zeros(f * nb, w, dtype=c.dtype, device=dev)
+    bi, ti, fi = (c > 0).nonzero().unbind(1)
+    if bi.numel() == 0:
+        return
+    v = c[bi, ti, fi]
+    edges = torch.tensor(HIST_EDGES, dtype=v.dtype, device=dev)
+    cell = fi * nb + torch.bucketize(v, edges)
+    state["hist"] += torch.bincount(cell, minlength=f * nb)
+    key = torch.rand(v.shape, generator=generator, dtype=torch.float64, device=generator.device)
+    key = key.to(dev)
+    best = torch.full((f * nb,), -1.0, dtype=torch.float64, device=dev)
+    best = best.scatter_reduce(0, cell, key, "amax")
+    win = (key == best[cell]) & (key > state["key"][cell])
+    cells, bw, tw, fw = cell[win], bi[win], ti[win], fi[win]
+    starts = (tw - before).clamp(0, t - w)
+    offs = starts[:, None] + torch.arange(w, device=dev)[None, :]
+    state["key"][cells] = key[win]
+    state["seq"][cells] = bw + seq_offset
+    state["start"][cells] = starts
+    state["pos"][cells] = tw
+    state["value"][cells] = v[win]
+    state["window"][cells] = c[bw[:, None], offs, fw[:, None]]
+
+
+def skip_mask(tokens: Tensor, skip_first: bool, special_ids: Sequence[int] = ()) -> Tensor | None:
+    """[B, T] bool, True where a token may serve as an example (None: all may)."""
+    if not skip_first:
+        return None
+    keep = torch.ones_like(tokens, dtype=torch.bool)
+    keep[:, 0] = False
+    if special_ids:
+        keep &= ~torch.isin(tokens, torch.tensor(list(special_ids), device=tokens.device))
+    return keep
+
+
+def first_position_outlier(x: Tensor, factor: float = 3.0) -> tuple[bool, float]:
+    """Whether the first position's mean activation norm exceeds `factor` times the mean norm of
+    the other positions (x [B, T, d]); returns (decision, the ratio)."""
+    norms = x.float().norm(dim=-1)
+    if norms.shape[1] < 2:
+        return False, 1.0
+    ratio = float(norms[:, 0].mean() / norms[:, 1:].mean().clamp(min=1e-12))
+    return ratio > factor, ratio
+
+
 @torch.no_grad()
 def collect_feature_data(
     model: SAETransformer,
@@ -97,8 +210,18 @@ def collect_feature_data(
     before: int = 12,
     after: int = 4,
     progress: bool = False,
+    skip_first: bool | None = False,
+    special_ids: Sequence[int] = (),
+    bos_id: int | None = None,
 ) -> FeatureData:
-    """Scan `n_batches` batches of tokens and keep, per feature, the top-k snippets and counts."""
+    """Scan `n_batches` batches of tokens and keep, per feature, the top-k snippets, counts, the
+    activation histogram and one example per histogram bin.
+
+    Counts (frequency, dead) are over all tokens, as `e2e-sae eval` counts them. With
+    `skip_first` the examples and the histogram leave out every sequence's first position and
+    the `special_ids` tokens; None decides from the first batch: on when every sequence starts
+    with `bos_id` or when the first position's mean activation norm at the SAE input exceeds 3x
+    the other positions' (see `first_position_outlier`)."""
     if position not in model.sites:
         raise UserError(f"--sae: no SAE at '{position}' (has {', '.join(model.sae_positions)})")
     sae = model.sae(position)
@@ -109,28 +232,52 @@ def collect_feature_data(
     device = sae.device
     dev_idx = idx.to(device)
     state: dict[str, Tensor] = {}
+    samples: dict[str, Tensor] = {}
+    gen = torch.Generator(device="cpu").manual_seed(0)
     counts = torch.zeros(idx.numel(), dtype=torch.long, device=device)
+    sums = torch.zeros(idx.numel(), dtype=torch.float64, device=device)
     kept: list[Tensor] = []
-    n_seq = 0
+    n_seq = n_example = 0
+    reason = "off (--no-skip-first)" if skip_first is False else "on (--skip-first)"
     bar = tqdm(batches, total=n_batches, desc="scan", disable=not progress, leave=False)
     for _, tokens in zip(range(n_batches), bar, strict=False):
         tokens = tokens.to(device)
         _, cache = model.forward_raw(
             tokens, run_entire_model=False, cache_positions=[hook], cache_sae_positions=False
         )
-        c = sae.encode(cache[hook])
+        x = cache[hook]
+        if skip_first is None:
+            outlier, ratio = first_position_outlier(x)
+            bos = bos_id is not None and bool((tokens[:, 0] == bos_id).all())
+            skip_first = outlier or bos
+            reason = (
+                f"{'on' if skip_first else 'off'} (auto: first-position / other-position mean "
+                f"activation norm {ratio:.2f}, rule > 3; every sequence starts with BOS: {bos})"
+            )
+        c = sae.encode(x)
         if features is not None:
             c = c.index_select(-1, dev_idx)
         counts += (c != 0).sum((0, 1))
-        top_windows_update(c, n_seq, state, top_k, before, after)
+        sums += c.double().sum((0, 1))
+        keep = skip_mask(tokens, skip_first, special_ids)
+        ranked = c if keep is None else c * keep[:, :, None]
+        n_example += tokens.numel() if keep is None else int(keep.sum())
+        top_windows_update(c, n_seq, state, top_k, before, after, rank=ranked)
+        sample_update(ranked, n_seq, samples, before, after, gen)
         kept.append(tokens.cpu())
         n_seq += tokens.shape[0]
     if not kept:
         raise UserError("browse: the dataset gave no batches")
     all_tokens = torch.cat(kept)
+    nb = len(HIST_EDGES) + 1
     data = FeatureData(
         position, idx, all_tokens.numel(), counts.cpu(), state["values"].cpu(),
         state["sequences"].cpu(), state["starts"].cpu(), state["windows"].cpu(), all_tokens,
+        sums=sums.cpu(), hist=samples["hist"].view(-1, nb).cpu(),
+        sample_seqs=samples["seq"].cpu(), sample_starts=samples["start"].cpu(),
+        sample_positions=samples["pos"].cpu(),
+        sample_windows=samples["window"].cpu(), sample_values=samples["value"].cpu(),
+        skip_first=bool(skip_first), skip_reason=reason, n_example_tokens=n_example,
     )  # fmt: skip
     promoted = promoted_tokens(model, position, idx)
     if promoted is not None:
@@ -145,6 +292,30 @@ def promoted_tokens(
     """Per feature, the `n` tokens whose logits its dictionary element raises most (see the module
     docstring for the approximation): ([F, n] token ids, [F, n] logit contributions), or None when
     the SAE does not write to a d_model-sized activation."""
+    eff = logit_effects(model, position, features, n, chunk)
+    return None if eff is None else (eff.top_ids, eff.top_logits)
+
+
+@dataclass
+class LogitEffects:
+    """Direct logit effect of each dictionary element (module docstring): the `n` most promoted
+    and most suppressed tokens with their logit contributions ([F, n] each), and `rms` [F], the
+    root-mean-square over the vocabulary of the effect after subtracting its vocabulary mean (a
+    shift of every logit changes no probability)."""
+
+    top_ids: Tensor
+    top_logits: Tensor
+    bottom_ids: Tensor
+    bottom_logits: Tensor
+    rms: Tensor
+
+
+@torch.no_grad()
+def logit_effects(
+    model: SAETransformer, position: str, features: Tensor, n: int = 10, chunk: int = 512
+) -> LogitEffects | None:
+    """Promoted and suppressed tokens per feature (None when the SAE does not write to a
+    d_model-sized activation)."""
     tl = model.tlens_model
     dirs = model.sae(position).dict_elements[:, features.to(model.sae(position).device)]
     w_u = tl.W_U
@@ -156,13 +327,79 @@ def promoted_tokens(
     w_ln = getattr(tl.ln_final, "w", None)
     if isinstance(w_ln, Tensor):
         dirs = dirs * w_ln[:, None]
-    ids, vals = [], []
+    out: list[list[Tensor]] = [[], [], [], [], []]
+    k = min(n, w_u.shape[1])
     for s in range(0, dirs.shape[1], chunk):
         logits = dirs[:, s : s + chunk].T @ w_u.float()  # [chunk, d_vocab]
-        v, i = logits.topk(min(n, logits.shape[1]), dim=1)
+        v, i = logits.topk(k, dim=1)
+        bv, bi = logits.topk(k, dim=1, largest=False)
+        rms = (logits - logits.mean(1, keepdim=True)).pow(2).mean(1).sqrt()
+        for lst, t in zip(out, (i, v, bi, bv, rms), strict=True):
+            lst.append(t.cpu())
+    return LogitEffects(*(torch.cat(t) for t in out))
+
+
+@torch.no_grad()
+def nearest_features(
+    dirs: Tensor, others: Tensor, k: int = 8, exclude: Tensor | None = None, chunk: int = 1024
+) -> tuple[Tensor, Tensor]:
+    """Per column of `dirs` [d, F], the `k` columns of `others` [d, G] with the largest cosine
+    ([F, k] indices into others, [F, k] cosines). `exclude` [F]: per column of dirs, a column of
+    others to leave out (its own index when both come from one dictionary)."""
+    a = dirs.float() / dirs.float().norm(dim=0, keepdim=True).clamp(min=1e-12)
+    b = others.float() / others.float().norm(dim=0, keepdim=True).clamp(min=1e-12)
+    kk = max(0, min(k, b.shape[1] - (1 if exclude is not None else 0)))
+    ids, vals = [], []
+    for s in range(0, a.shape[1], chunk):
+        cos = a[:, s : s + chunk].T @ b  # [chunk, G]
+        if exclude is not None:
+            r = torch.arange(cos.shape[0], device=cos.device)
+            cos[r, exclude[s : s + chunk].to(cos.device)] = -2.0
+        v, i = cos.topk(kk, dim=1)
         ids.append(i.cpu())
         vals.append(v.cpu())
     return torch.cat(ids), torch.cat(vals)
+
+
+@torch.no_grad()
+def ablation_kl(
+    model: SAETransformer, position: str, tokens: Tensor, features: Sequence[int]
+) -> tuple[list[float | None], int]:
+    """Per feature (indices into the SAE), the mean over the tokens of `tokens` [B, T] where it
+    fires of KL(spliced || spliced with that feature's c_f * d_f removed from the SAE output), in
+    nats; None where it does not fire there. Only this SAE is spliced in. Returns (values, the
+    number of tokens used). One forward pass per feature: meant for a few dozen features."""
+    sae = model.sae(position)
+    site = model.sites[position]
+    tl = model.tlens_model
+    tokens = tokens.to(sae.device)
+    _, cache = model.forward_raw(
+        tokens, run_entire_model=False, cache_positions=[site.input_hook], cache_sae_positions=False
+    )
+    c = sae.encode(cache[site.input_hook])
+    out = sae.decode(c)
+
+    def logprobs(act: Tensor) -> Tensor:
+        def put(a: Tensor, hook: Any) -> Tensor:
+            return act.to(a.dtype)
+
+        logits = tl.run_with_hooks(tokens, fwd_hooks=[(site.output_hook, put)])
+        return torch.log_softmax(logits.float(), dim=-1)
+
+    logp = logprobs(out)
+    p = logp.exp()
+    dirs = sae.dict_elements
+    values: list[float | None] = []
+    for f in features:
+        cf = c[..., f]
+        fires = cf > 0
+        if not bool(fires.any()):
+            values.append(None)
+            continue
+        logq = logprobs(out - cf[..., None] * dirs[:, f])
+        kl = (p * (logp - logq)).sum(-1)
+        values.append(float(kl[fires].mean()))
+    return values, tokens.numel()
 
 
 # --- rendering ------------------------------------------------------------------------------------
@@ -182,16 +419,73 @@ s.style.display=(!q||s.dataset.k.includes(q)||s.textContent.toLowerCase().includ
 """
 
 
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2-style byte-level BPE writes each byte as one printable character: the printable
+    Latin-1 bytes as themselves and the other 68 bytes as code points 256, 257, ... in byte
+    order. Inverse map: character -> byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    chars = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in chars:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return {c: b for b, c in chars.items()}
+
+
+_BYTE_OF = _byte_level_alphabet()
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _bytes_text(raw: bytes) -> str:
+    """UTF-8 text of `raw`, each byte that is not part of a valid character shown as ⟨0xNN⟩."""
+    text = raw.decode("utf-8", errors="surrogateescape")
+    return "".join(
+        f"⟨0x{ord(ch) - 0xDC00:02X}⟩" if 0xDC80 <= ord(ch) <= 0xDCFF else ch for ch in text
+    )
+
+
+def token_text(tokenizer: Any, token_id: int) -> str:
+    """Readable text of one token: its decoding, or, where that has a replacement character
+    (a token holding part of a multi-byte character), its bytes with the undecodable ones shown
+    as ⟨0xNN⟩ (byte-level BPE and SentencePiece byte-fallback tokens)."""
+    text = tokenizer.decode([token_id])
+    if "\ufffd" not in text:
+        return text
+    piece = tokenizer.convert_ids_to_tokens(token_id)
+    if isinstance(piece, str):
+        m = _BYTE_FALLBACK.fullmatch(piece)
+        if m:
+            return _bytes_text(bytes([int(m.group(1), 16)]))
+        if piece and all(ch in _BYTE_OF for ch in piece):
+            return _bytes_text(bytes(_BYTE_OF[ch] for ch in piece))
+    return text.replace("\ufffd", "⟨?⟩")
+
+
 def _token_strings(ids: set[int], tokenizer: Any) -> dict[int, str]:
     if tokenizer is None:
         return {i: f"<{i}>" for i in ids}
-    order = sorted(ids)
-    texts = tokenizer.batch_decode([[i] for i in order])
-    return {i: t for i, t in zip(order, texts, strict=True)}
+    return {i: token_text(tokenizer, i) for i in sorted(ids)}
+
+
+def readable(text: str) -> str:
+    """Newlines and tabs as ⏎ and ⇥, other control bytes as ⟨0xNN⟩ and invisible format or
+    unassigned characters as ⟨U+NNNN⟩ (so no token renders as nothing or as an empty box)."""
+    out = []
+    for ch in text:
+        if ch == "\n":
+            out.append("⏎")
+        elif ch == "\t":
+            out.append("⇥")
+        elif unicodedata.category(ch) in ("Cc", "Cf", "Co", "Cs", "Cn"):
+            out.append(f"⟨0x{ord(ch):02X}⟩" if ord(ch) < 0x100 else f"⟨U+{ord(ch):04X}⟩")
+        else:
+            out.append(ch)
+    return "".join(out)
 
 
 def _visible(text: str) -> str:
-    return html.escape(text.replace("\n", "⏎").replace("\t", "⇥"), quote=False)
+    return html.escape(readable(text), quote=False)
 
 
 def render_html(
@@ -260,6 +554,212 @@ def render_html(
     return "\n".join(parts)
 
 
+# --- the folder browser (index + lazily loaded pages) ----------------------------------------
+# The page's script and style live in e2e_sae/assets/browser/ (inlined into index.html).
+_ASSETS = Path(__file__).resolve().parent.parent / "assets" / "browser"
+
+_APP_HTML = """<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>feature browser</title><style>{css}</style></head>
+<body><header><h1 id="title">feature browser</h1><ul id="meta"></ul>
+<div id="bar"><input id="q" placeholder="search: #id, or token text (top token, promoted)">
+sort <select id="sort"></select> <button id="dir"></button> <span id="count"></span></div></header>
+<main><div id="left"><table><thead><tr id="head"></tr></thead><tbody id="rows"></tbody></table>
+<button id="more">show more</button></div><div id="detail"></div></main>
+<noscript>This page needs JavaScript (it loads its data from data/*.js).</noscript>
+<script>{js}</script>
+<script src="data/index.js" charset="utf-8"></script>
+</body></html>
+"""
+
+
+def js_call(fn: str, *args: Any) -> str:
+    """`fn(arg, ...)` with JSON arguments, safe inside a <script> element or a .js file: no
+    `</` (cannot close the element), no raw U+2028/U+2029."""
+    body = ", ".join(json.dumps(a, ensure_ascii=False, separators=(",", ":")) for a in args)
+    body = body.replace("</", "<\\/").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+    return f"{fn}({body});\n"
+
+
+def _r3(x: float) -> float:
+    return float(f"{x:.3g}")
+
+
+def quantile_bins(hist: Tensor, qs: Sequence[float] = (0.1, 0.3, 0.5, 0.7, 0.9)) -> list[list[int]]:
+    """Per feature (row of hist [F, n_bins]), the distinct bins holding its q-quantiles."""
+    total = hist.sum(1, keepdim=True)
+    cum = hist.cumsum(1)
+    out: list[list[int]] = []
+    q = torch.tensor(qs, dtype=torch.float64)
+    # bin of quantile q: the first bin whose cumulative count reaches q * total
+    b = torch.searchsorted(cum.double(), (q[None, :] * total.double()).contiguous())
+    for row, tot in zip(b.tolist(), total[:, 0].tolist(), strict=True):
+        out.append([] if tot == 0 else sorted(set(row)))
+    return out
+
+
+def check_out_folder(out: Path) -> None:
+    """Refuse an `out` that exists and is neither empty nor an earlier browser folder."""
+    if out.exists() and not ((out / "index.html").is_file() and (out / "data").is_dir()):
+        if out.is_file() or any(out.iterdir()):
+            raise UserError(f"--out: '{out}' exists and is not a browser folder (or a .html file)")
+
+
+def write_folder(
+    data: FeatureData,
+    token_text_fn: Callable[[set[int]], dict[int, str]],
+    out: str | Path,
+    *,
+    title: str = "",
+    effects: LogitEffects | None = None,
+    near: tuple[Tensor, Tensor] | None = None,
+    far: tuple[Tensor, Tensor] | None = None,
+    other_label: str = "",
+    page_size: int = 256,
+    notes: Sequence[str] = (),
+    ablation: Sequence[float | None] | None = None,
+) -> Path:
+    """Write the browser folder `out`: index.html, data/index.js (one row per feature: the
+    sortable columns) and data/page_<n>.js (features n*page_size .. of the index, with their
+    snippets, histogram, tokens and neighbours), loaded when a feature on that page is opened.
+
+    Written to a sibling temporary folder and renamed into place; an existing `out` is replaced
+    only when it is an earlier browser folder (index.html + data/)."""
+    out = Path(out)
+    check_out_folder(out)
+    k, w, n_feat = data.windows.shape
+    assert data.hist is not None and data.sample_seqs is not None and data.sums is not None
+    assert data.sample_starts is not None and data.sample_windows is not None
+    assert data.sample_values is not None
+    nb = data.hist.shape[1]
+    ids = data.indices.tolist()
+    freq = data.frequency.tolist()
+    top_vals = data.top_values.T.tolist()  # [F, k]
+    seq_rows = data.sequences.clamp(min=0)
+    offs = data.starts[:, None, :] + torch.arange(w)[None, :, None]
+    snip_ids = data.tokens[seq_rows[:, None, :].expand(-1, w, -1), offs].permute(2, 0, 1).tolist()
+    snip_acts = data.windows.permute(2, 0, 1).tolist()  # [F, k, W]
+    mean_act = data.mean_activation.tolist()
+    qbins = quantile_bins(data.hist)
+    s_seq = data.sample_seqs.tolist()
+    s_start = data.sample_starts.tolist()
+    assert data.sample_positions is not None
+    s_pos = data.sample_positions.tolist()
+    s_val = data.sample_values.tolist()
+    hist = data.hist.tolist()
+    top_tok = [snip_ids[j][0][int(torch.tensor(snip_acts[j][0]).argmax())] for j in range(n_feat)]
+    effect = None
+    if effects is not None:
+        effect = [_r3(m * float(r)) for m, r in zip(mean_act, effects.rms.tolist(), strict=True)]
+        up_ids, up_v = effects.top_ids.tolist(), effects.top_logits.tolist()
+        dn_ids, dn_v = effects.bottom_ids.tolist(), effects.bottom_logits.tolist()
+    index_ids = set(top_tok)
+    if effects is not None:
+        index_ids.update(t for row in up_ids for t in row[:3])
+    index_text = token_text_fn(index_ids)
+
+    tmp = out.parent / f".{out.name}.tmp{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    (tmp / "data").mkdir(parents=True)
+    n_pages = max(1, math.ceil(n_feat / page_size))
+    for n in range(n_pages):
+        feats: list[dict[str, Any]] = []
+        used: set[int] = set()
+        for j in range(n * page_size, min(n_feat, (n + 1) * page_size)):
+            top = []
+            for r in range(k):
+                if top_vals[j][r] <= 0:
+                    break
+                # mark the token the value belongs to (a skipped position may be larger)
+                mark = snip_acts[j][r].index(top_vals[j][r])
+                acts = [_r3(a) for a in snip_acts[j][r]]
+                top.append([_r3(top_vals[j][r]), snip_ids[j][r], acts, mark])
+                used.update(snip_ids[j][r])
+            qex = []
+            for b in qbins[j]:
+                cell = j * nb + b
+                if s_seq[cell] < 0:
+                    continue
+                toks = data.tokens[s_seq[cell], s_start[cell] : s_start[cell] + w].tolist()
+                acts = [_r3(a) for a in data.sample_windows[cell].tolist()]
+                lo = "0" if b == 0 else f"{HIST_EDGES[b - 1]:.3g}"
+                hi = f"{HIST_EDGES[b]:.3g}" if b < len(HIST_EDGES) else "∞"
+                mark = s_pos[cell] - s_start[cell]
+                qex.append([f"{lo}–{hi}", _r3(s_val[cell]), toks, acts, mark])
+                used.update(toks)
+            f: dict[str, Any] = {"hist": hist[j], "top": top, "q": qex}
+            if effects is not None:
+                f["up"] = [[t, _r3(v)] for t, v in zip(up_ids[j], up_v[j], strict=True)]
+                f["down"] = [[t, _r3(v)] for t, v in zip(dn_ids[j], dn_v[j], strict=True)]
+                used.update(up_ids[j])
+                used.update(dn_ids[j])
+            if near is not None:
+                f["near"] = [
+                    [int(i), _r3(c)] for i, c in zip(*(t[j].tolist() for t in near), strict=True)
+                ]
+            if far is not None:
+                f["far"] = [
+                    [int(i), _r3(c)] for i, c in zip(*(t[j].tolist() for t in far), strict=True)
+                ]
+            feats.append(f)
+        texts = {str(t): readable(s) for t, s in token_text_fn(used).items()}
+        (tmp / "data" / f"page_{n}.js").write_text(
+            js_call("registerPage", n, {"features": feats, "tokens": texts}), encoding="utf-8"
+        )
+    columns = [
+        {"key": "ids", "label": "feature", "sort": True},
+        {"key": "freq", "label": "frequency", "sort": True,
+         "title": "fraction of the scanned tokens on which the feature fires"},
+        {"key": "max", "label": "max act", "sort": True, "title": "largest activation seen"},
+        {"key": "mean", "label": "mean act", "sort": True,
+         "title": "mean activation over the tokens where it fires"},
+    ]  # fmt: skip
+    if effect is not None:
+        columns.append({"key": "effect", "label": "logit effect", "sort": True,
+                        "title": "mean act x RMS over the vocabulary of the direct logit change "
+                        "per unit activation (a proxy for the effect of ablating it)"})  # fmt: skip
+    if ablation is not None:
+        columns.append({"key": "ablation", "label": "ablation KL", "sort": True,
+                        "title": "mean KL(spliced || spliced without this feature) over the "
+                        "tokens where it fires; only for the most frequent features"})  # fmt: skip
+    columns.append({"key": "top_token", "label": "top token"})
+    if effects is not None:
+        columns.append({"key": "promoted", "label": "promotes"})
+    index: dict[str, Any] = {
+        "title": title, "notes": list(notes), "page_size": page_size, "columns": columns,
+        "hist_edges": [_r3(e) for e in HIST_EDGES], "hist_bins_per_decade": 4,
+        "other_label": other_label, "ids": ids, "freq": [_r3(x) for x in freq],
+        "max": [_r3(v[0]) for v in top_vals], "mean": [_r3(x) for x in mean_act],
+        "top_token": [readable(index_text[t]) for t in top_tok],
+    }  # fmt: skip
+    if ablation is not None:
+        index["ablation"] = list(ablation)
+    if effect is not None:
+        index["effect"] = effect
+        index["promoted"] = [" ".join(readable(index_text[t]) for t in row[:3]) for row in up_ids]
+    alive = [j for j in range(n_feat) if freq[j] > 0]
+    index = {
+        **index,
+        **{
+            c: [index[c][j] for j in alive]
+            for c in ("ids", "freq", "max", "mean", "top_token", "effect", "promoted", "ablation")
+            if c in index
+        },
+    }
+    # The index lists live features only; `slot` is each one's position in the pages, which hold
+    # every requested feature (page n: positions n*page_size ...).
+    index["slot"] = alive
+    (tmp / "data" / "index.js").write_text(js_call("registerIndex", index), encoding="utf-8")
+    css = (_ASSETS / "app.css").read_text(encoding="utf-8")
+    js = (_ASSETS / "app.js").read_text(encoding="utf-8")
+    page = _APP_HTML.replace("{css}", css).replace("{js}", js)
+    (tmp / "index.html").write_text(page, encoding="utf-8")
+    if out.exists():
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    tmp.rename(out)
+    return out / "index.html"
+
+
 def parse_features(spec: str | None) -> list[int] | None:
     """`--features`: None (all), `K` (the first K features) or a comma list `3,17,40`."""
     if spec is None:
@@ -287,22 +787,48 @@ def write_browser(
     split: str | None = None,
     device: str | None = None,
     progress: bool = False,
+    skip_first: bool | None = None,
+    compare: str | Path | SAETransformer | None = None,
+    page_size: int = 256,
+    ablate: int = 64,
+    ablate_tokens: int = 512,
 ) -> Path:
-    """Scan about `n_tokens` eval tokens of a run (directory or loaded model) and write the page.
+    """Scan about `n_tokens` eval tokens of a run (directory or loaded model) and write the
+    browser: a folder (index.html + data/) unless `out` ends in .html, which writes the older
+    single self-contained page (top snippets, frequency, promoted tokens). Returns the HTML file.
 
     `n_tokens` defaults to what `e2e-sae eval` uses (the run's `eval_n_samples`, else 50, windows),
-    and the batches come in the same order, so both count the same dead latents."""
+    and the batches come in the same order, so both count the same dead latents. `skip_first`:
+    see `collect_feature_data` (None: decide from the data). `compare`: a second run whose SAE at
+    the same position supplies each feature's nearest decoder directions across runs. `ablate`:
+    for this many of the most frequent features, the true ablation effect (`ablation_kl`) over
+    the first `ablate_tokens` scanned tokens (whole sequences)."""
     from e2e_sae.checkpoint import load_run
     from e2e_sae.config import Config
     from e2e_sae.data import create_data_loader
     from e2e_sae.evaluate import eval_dataset
 
+    out = Path(out)
+    if page_size < 1:
+        raise UserError(f"--page-size: must be >= 1, got {page_size}")
+    if ablate < 0:
+        raise UserError(f"--ablate: must be >= 0, got {ablate}")
+    if out.suffix.lower() not in (".html", ".htm"):
+        check_out_folder(out)  # before the scan
     model = run if isinstance(run, SAETransformer) else load_run(run, device=device)
     config: Config = model.run_config  # type: ignore[attr-defined]
     if position is None:
         if len(model.sae_positions) != 1:
             raise UserError(f"--sae: the run has several SAEs ({', '.join(model.sae_positions)})")
         position = model.sae_positions[0]
+    other_dirs = None
+    other_label = ""
+    if compare is not None:
+        other = compare if isinstance(compare, SAETransformer) else load_run(compare, device="cpu")
+        if position not in other.sites:
+            raise UserError(f"--compare: that run has no SAE at '{position}'")
+        other_dirs = other.sae(position).dict_elements.detach().cpu()
+        other_label = "other run" if isinstance(compare, SAETransformer) else Path(compare).name
     ds = (
         eval_dataset(config, data, split)
         if (config.eval_data or data or split)
@@ -313,16 +839,64 @@ def write_browser(
     n_batches = max(1, math.ceil(n_tokens / (bs * ds.n_ctx)))
     batches = create_data_loader(ds, bs, config.seed + 42)
     model.eval()
-    fd = collect_feature_data(
-        model, position, batches, n_batches, features, top_k, progress=progress
-    )
     tokenizer = _tokenizer_for(model, ds.tokenizer_name)
+    special = list(getattr(tokenizer, "all_special_ids", None) or [])
+    bos = getattr(tokenizer, "bos_token_id", None)
+    fd = collect_feature_data(
+        model, position, batches, n_batches, features, top_k, progress=progress,
+        skip_first=skip_first, special_ids=special, bos_id=bos,
+    )  # fmt: skip
     name = Path(run).name if not isinstance(run, SAETransformer) else "SAE"
-    page = render_html(fd, lambda ids: _token_strings(ids, tokenizer), f"{name}: {position}")
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(page, encoding="utf-8")
-    return out
+    title = f"{name}: {position}"
+    texts: Callable[[set[int]], dict[int, str]] = lambda ids: _token_strings(ids, tokenizer)
+    if out.suffix.lower() in (".html", ".htm"):
+        page = render_html(fd, texts, title)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(page, encoding="utf-8")
+        return out
+    effects = logit_effects(model, position, fd.indices)
+    dirs = model.sae(position).dict_elements.detach().cpu()
+    near = nearest_features(dirs[:, fd.indices], dirs, 8, exclude=fd.indices)
+    far = None if other_dirs is None else None
+    if other_dirs is not None:
+        if other_dirs.shape[0] != dirs.shape[0]:
+            raise UserError(
+                f"--compare: its SAE writes {other_dirs.shape[0]} dims, not {dirs.shape[0]}"
+            )
+        far = nearest_features(dirs[:, fd.indices], other_dirs, 8)
+    n_dead = int((fd.counts == 0).sum())
+    ablation: list[float | None] = [None] * len(fd.indices)
+    n_ablate = min(ablate, len(fd.indices) - n_dead)
+    n_abl_tok = 0
+    if n_ablate > 0:
+        order = fd.counts.argsort(descending=True, stable=True)[:n_ablate].tolist()
+        n_seq = max(1, math.ceil(ablate_tokens / fd.tokens.shape[1]))
+        vals, n_abl_tok = ablation_kl(
+            model, position, fd.tokens[:n_seq], fd.indices[order].tolist()
+        )
+        for j, v in zip(order, vals, strict=True):
+            ablation[j] = None if v is None else _r3(v)
+    notes = [
+        f"SAE at {position}; {fd.n_tokens} tokens scanned; {len(fd.indices)} features, "
+        f"{n_dead} dead (fired on none of the {fd.n_tokens} tokens scanned; not listed).",
+        f"Skip first position and special tokens in examples and histograms: {fd.skip_reason}; "
+        f"{fd.n_example_tokens} example tokens. Frequency and dead counts use every token.",
+        "Logit effect (proxy, not an ablation): mean activation when firing × RMS over the "
+        "vocabulary of the feature's direct logit change per unit activation (decoder direction "
+        "through the final layer norm, linearised, and the unembedding; later layers skipped).",
+        "Promoted / suppressed tokens: the largest / smallest entries of that direct logit "
+        "change. Nearest features: cosine of the decoder directions.",
+        f"Ablation KL (nats): for the {n_ablate} most frequent features only, the mean over "
+        f"the first {n_abl_tok} scanned tokens where the feature fires of KL(SAE spliced in || "
+        "SAE spliced in with this feature's contribution removed); only this SAE is spliced.",
+    ]
+    if effects is None:
+        notes[2] = "Logit effect: not available (the SAE does not write to the residual size)."
+    return write_folder(
+        fd, texts, out, title=title, effects=effects, near=near, far=far,
+        other_label=other_label, page_size=page_size, notes=notes,
+        ablation=ablation if n_ablate > 0 else None,
+    )  # fmt: skip
 
 
 def _tokenizer_for(model: SAETransformer, name: str | None) -> Any:
