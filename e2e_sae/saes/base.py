@@ -33,7 +33,7 @@ class _UnitColumns(torch.autograd.Function):
     def backward(ctx: Any, g: Tensor) -> Tensor:
         d, norms = ctx.saved_tensors
         radial = (g * d).sum(0, keepdim=True)
-        return torch.addcmul(g, d, radial, value=-1).div_(norms)
+        return torch.addcmul(g, d, radial, value=-1).div_(norms)  # (never write g: the caller's)
 
 
 def unit_columns(w: Tensor) -> Tensor:
@@ -41,12 +41,6 @@ def unit_columns(w: Tensor) -> Tensor:
     out = _UnitColumns.apply(w)
     assert isinstance(out, Tensor)
     return out
-
-
-def inverse_column_norms(w: Tensor) -> Tensor:
-    """[n] 1 / ||w[:, j]|| (floored as `unit_columns`), differentiable: decoding the code c with
-    raw columns after scaling c by this equals decoding with `unit_columns(w)`."""
-    return torch.linalg.vector_norm(w, dim=0).clamp_min(NORM_EPS).reciprocal()
 
 
 class SAEActs(NamedTuple):

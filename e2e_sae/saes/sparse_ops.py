@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
+from e2e_sae.saes.base import NORM_EPS
+
 
 def _no_autocast(t: Tensor) -> torch.autocast:
     return torch.autocast(t.device.type, enabled=False)
@@ -119,33 +121,58 @@ class TopKSelect(torch.autograd.Function):
 
 
 class SparseDecode(torch.autograd.Function):
-    """(vals [N, k], idx [N, k], W_dec [d_out, d_sae], b_dec [d_out]) -> out [N, d_out]
-    = sum_j vals[t, j] W_dec[:, idx[t, j]] + b_dec: the dense decode of the code that holds
-    `vals` at `idx` and zeros elsewhere."""
+    """(vals [N, k], idx [N, k], W_dec [d_out, d_sae], b_dec [d_out], unit) -> out [N, d_out]
+    = sum_j vals[t, j] D[:, idx[t, j]] + b_dec: the dense decode of the code that holds `vals`
+    at `idx` and zeros elsewhere, with D = W_dec, or with `unit` its columns normalised to unit
+    norm (the original's parameterisation), D = W_dec * s, s_j = 1 / ||W_dec[:, j]||.
+
+    With `unit` no normalised copy of W_dec is formed: the selected values are scaled by s[idx].
+    Backward: grad W_j = sum_t g_t vals_tj s_j (the scatter, with scaled values) - s_j^3 W_j
+    sum_t vals_tj <g_t, W_j> (through s_j), the second term one in-place pass over the gradient.
+    """
 
     @staticmethod
-    def forward(ctx: Any, vals: Tensor, idx: Tensor, weight: Tensor, bias: Tensor) -> Any:
+    def forward(
+        ctx: Any, vals: Tensor, idx: Tensor, weight: Tensor, bias: Tensor, unit: bool
+    ) -> Any:
         with _no_autocast(vals):
-            w_t = weight.t().contiguous()  # dictionary elements as rows: [d_sae, d_out]
-            out = gather_sum(idx, vals, w_t) + bias
-        ctx.save_for_backward(vals, idx, w_t)
+            w_t = weight.t().contiguous()  # raw dictionary elements as rows: [d_sae, d_out]
+            scale = None
+            v = vals.to(w_t.dtype)
+            if unit:
+                scale = torch.linalg.vector_norm(w_t, dim=1).clamp_min(NORM_EPS).reciprocal()
+                v = v * scale[idx]
+            out = gather_sum(idx, v, w_t) + bias
+        ctx.save_for_backward(vals, idx, w_t, scale, weight if unit else None)
         ctx.d_sae = weight.shape[1]
         return out.to(vals.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, g_out: Tensor) -> Any:
-        vals, idx, w_t = ctx.saved_tensors
+        vals, idx, w_t, scale, weight = ctx.saved_tensors
         g = g_out.to(w_t.dtype)
         g_vals = gw = gb = None
         with _no_autocast(g):
+            dots = None  # <g_t, W_idx> of the raw columns, [N, k]
+            if ctx.needs_input_grad[0] or (ctx.needs_input_grad[2] and scale is not None):
+                dots = gathered_dots(idx, g, w_t)
             if ctx.needs_input_grad[0]:
-                g_vals = gathered_dots(idx, g, w_t).to(vals.dtype)
+                assert dots is not None
+                g_vals = (dots if scale is None else dots * scale[idx]).to(vals.dtype)
             if ctx.needs_input_grad[2]:
-                gw = scatter_outer_t(idx, vals, g, ctx.d_sae)
+                v = vals.to(w_t.dtype)
+                if scale is None:
+                    gw = scatter_outer_t(idx, v, g, ctx.d_sae)
+                else:
+                    assert dots is not None
+                    gw = scatter_outer_t(idx, v * scale[idx], g, ctx.d_sae)
+                    flat_idx, flat_vd = idx.reshape(-1), (v * dots).reshape(-1)
+                    d_scale = torch.zeros_like(scale).index_add_(0, flat_idx, flat_vd)
+                    gw.addcmul_(weight.to(gw.dtype), (-d_scale * scale.pow(3))[None, :])
             if ctx.needs_input_grad[3]:
                 gb = g.sum(0)
-        return g_vals, None, gw, gb
+        return g_vals, None, gw, gb, None
 
 
 def sparse_topk_forward(
@@ -156,15 +183,13 @@ def sparse_topk_forward(
     dec_bias: Tensor,
     k: int,
     activation: Callable[[Tensor], Tensor],
-    dec_scale: Tensor | None = None,
+    unit_columns: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """TopK SAE forward on x [..., d_in] -> (output [..., d_out], dense code c [..., d_sae]).
 
     `activation` maps the selected pre-activations [N, k] to code values (TopK's ReLU variant);
     c is built by scattering them, so a loss on c sends its gradient to the same values.
-    `dec_scale` [d_sae] multiplies each latent's value before decoding (only the N*k selected
-    entries): with 1 / the decoder's column norms it decodes with unit-norm columns without a
-    dense normalised copy of the decoder.
+    `unit_columns`: decode with W_dec's columns normalised to unit norm (see `SparseDecode`).
     """
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
@@ -173,6 +198,5 @@ def sparse_topk_forward(
     c = torch.zeros(
         x2.shape[0], enc_weight.shape[0], dtype=vals.dtype, device=vals.device
     ).scatter_(-1, idx, vals)  # in place: no copy of the zeros
-    dec_vals = vals if dec_scale is None else vals * dec_scale[idx].to(vals.dtype)
-    out = SparseDecode.apply(dec_vals, idx, dec_weight, dec_bias)
+    out = SparseDecode.apply(vals, idx, dec_weight, dec_bias, unit_columns)
     return out.reshape(*lead, dec_weight.shape[0]), c.reshape(*lead, enc_weight.shape[0])

@@ -15,7 +15,8 @@ W_enc, b_enc and the input) instead of four more [tokens, d_sae]-sized GEMMs. Sa
 gradients as the dense path up to float summation order; `forward` still returns the dense code
 c, built by scattering the selected values, so a loss on c (a sparsity term) reaches them too.
 The dictionary elements are W_dec's columns normalised inside the graph, as in `SAEBase.decode`;
-here by scaling the k selected values by 1 / their columns' norms (no dense normalised copy).
+here by scaling the k selected values by 1 / their columns' norms (no dense normalised copy;
+`SparseDecode` forms the gradient's radial correction in one in-place pass).
 The sparse products cost far more per flop than a GEMM, so the dense path wins for larger k:
 `benchmarks/bench_topk.py` (SAE step with Adam, d_in 576, d_sae 4608, 512 tokens, 2-core Xeon)
 put the crossover near k / d_sae = 0.03 in fp32 with 2 threads (0.04 with 1 thread, about 0.06
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from e2e_sae.errors import ConfigError
-from e2e_sae.saes.base import SAEActs, SAEBase, inverse_column_norms
+from e2e_sae.saes.base import SAEActs, SAEBase
 from e2e_sae.saes.registry import register_architecture
 from e2e_sae.saes.sparse_ops import sparse_topk_forward
 
@@ -128,10 +129,9 @@ class TopKSAE(SAEBase):
         if not self.uses_sparse_path() or x.numel() == 0:
             return super().forward(x)
         enc = cast(nn.Linear, self.encoder[0])
-        w_dec = self.decoder.weight
         return sparse_topk_forward(
-            x, enc.weight, enc.bias, w_dec, self.decoder.bias, self.k, positive_values,
-            dec_scale=inverse_column_norms(w_dec),
+            x, enc.weight, enc.bias, self.decoder.weight, self.decoder.bias, self.k,
+            positive_values, unit_columns=True,
         )  # fmt: skip
 
     def dead_mask(self) -> Tensor:
