@@ -261,6 +261,8 @@ def test_plans_one_pass_for_eval_local_and_the_cheap_variant() -> None:
     assert make_plan(model, e2e).prefix_passes == 3
     assert make_plan(model, e2e, force_full_pass=True).prefix_passes == 1
     assert make_plan(model, local).prefix_passes == 1
+    model.saes.requires_grad_(False)  # frozen (pretrained) SAEs decode their full dictionary
+    assert make_plan(model, e2e).prefix_passes == 1
     cheap = spliced_model(False, matryoshka_e2e="full_kl_inner_mse")
     plan = make_plan(cheap, e2e)
     assert plan.prefix_passes == 1

@@ -219,10 +219,16 @@ def _check_widths(widths: Sequence[int] | None, d_sae: int) -> list[int]:
     return out
 
 
+def _trains_prefixes(sae: SAEBase) -> bool:
+    """A Matryoshka SAE that trains (a frozen one decodes its full dictionary in every copy)."""
+    return isinstance(sae, MatryoshkaSAE) and any(p.requires_grad for p in sae.parameters())
+
+
 def prefix_passes(saes: Iterable[SAEBase]) -> int:
-    """Spliced passes an e2e training step needs for these SAEs (1 unless some Matryoshka SAE
-    trains every prefix end-to-end); they must agree."""
-    counts = {s.e2e_prefix_passes for s in saes if isinstance(s, MatryoshkaSAE)}
+    """Spliced passes an e2e training step needs for these SAEs (1 unless some trainable
+    Matryoshka SAE trains every prefix end-to-end); they must agree."""
+    counts = {s.e2e_prefix_passes for s in saes if isinstance(s, MatryoshkaSAE)
+              and _trains_prefixes(s)}  # fmt: skip
     counts.discard(1)
     check_option(
         len(counts) <= 1,
@@ -234,9 +240,10 @@ def prefix_passes(saes: Iterable[SAEBase]) -> int:
 
 @contextmanager
 def batched_prefix_passes(saes: Iterable[SAEBase], n: int) -> Iterator[None]:
-    """Inside: each Matryoshka SAE reads inputs holding `n` prefix-major copies of a batch and
-    writes prefix p's reconstruction into copy p (see the module doc)."""
-    mats = [s for s in saes if isinstance(s, MatryoshkaSAE)]
+    """Inside: each trainable Matryoshka SAE reads inputs holding `n` prefix-major copies of a
+    batch and writes prefix p's reconstruction into copy p (see the module doc); other SAEs
+    process every copy alike."""
+    mats = [s for s in saes if isinstance(s, MatryoshkaSAE) and _trains_prefixes(s)]
     for s in mats:
         s._prefix_passes = n
     try:
