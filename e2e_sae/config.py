@@ -137,7 +137,8 @@ class SAEsConfig(_Frozen):
     architecture_kwargs: dict[str, Any] = Field(default_factory=dict)
     """Extra architecture options (see `e2e_sae.saes`). topk / batchtopk: `k_aux`, `aux_coeff`
     (AuxK), `dead_tokens_threshold`; batchtopk: `threshold_momentum`; jumprelu: `bandwidth`,
-    `init_threshold`; gated: `aux_coeff`."""
+    `init_threshold`; gated: `aux_coeff`; matryoshka (batchtopk's and): `matryoshka_widths`,
+    `matryoshka_e2e`, `prefix_weights`, `inner_mse_coeff`."""
     transcoders: list[TranscoderConfig] = Field(default_factory=list)
     init_b_dec: Literal["zeros", "mean", "geometric_median"] = "zeros"
     tied_init: bool = False

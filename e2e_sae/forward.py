@@ -29,6 +29,7 @@ from e2e_sae.errors import UserError
 from e2e_sae.fastlm import LeanLM, get_lean_lm
 from e2e_sae.losses import KLTarget, LossInputs, Unembedding
 from e2e_sae.saes import CacheActs, SAEActs
+from e2e_sae.saes.matryoshka import batched_prefix_passes, full_copy, prefix_passes
 from e2e_sae.splice import SAETransformer, filter_names, hook_layer
 
 
@@ -48,6 +49,9 @@ class StepPlan:
     teacher: Teacher | None = None
     """Cached clean next-token distributions (`teacher_cache`): the clean pass stops after the
     hooks in `orig_cache` and the KL is taken against the cache (top-k approximation)."""
+    prefix_passes: int = 1
+    """> 1: e2e training of Matryoshka SAEs on every prefix: the spliced pass runs this many
+    prefix-major copies of the batch at once (`saes.matryoshka`); the clean pass runs once."""
 
 
 class Teacher(Protocol):
@@ -76,14 +80,19 @@ def make_plan(
             if h not in orig:
                 orig.append(h)
     orig += [h for h in downstream if h not in orig]
+    e2e = loss_cfg.needs_clean_run_past_saes or force_full_pass
+    passes = 1
+    if e2e and not force_full_pass:  # evaluation measures the full dictionary only
+        passes = prefix_passes(model.sae(p) for p in model.sae_positions)
     return StepPlan(
         sae_positions=list(model.sae_positions),
         orig_cache=orig,
         new_cache=downstream,
-        e2e=loss_cfg.needs_clean_run_past_saes or force_full_pass,
+        e2e=e2e,
         transcoder_targets={p: p for p, s in model.sites.items() if s.is_transcoder},
         logits=force_full_pass,
         precision=precision,
+        prefix_passes=passes,
     )
 
 
@@ -118,10 +127,12 @@ def run_forward(
             saes={p: model.sae(p) for p in plan.sae_positions},
         )
     start = 0 if reference else first_sae_layer(model, plan)
+    n = plan.prefix_passes
     if start == 0:
         with torch.no_grad():
             orig_logits, orig_acts = model.forward_raw(tokens, cache_positions=plan.orig_cache)
-        new_logits, acts = model.forward(tokens, plan.sae_positions, plan.new_cache)
+        with _prefix_copies(model, plan):
+            new_logits, acts = model.forward(_tile(tokens, n), plan.sae_positions, plan.new_cache)
     else:
         tl = model.tlens_model
         with torch.no_grad():
@@ -130,11 +141,12 @@ def run_forward(
                 resid, [], plan.orig_cache, start_at_layer=start
             )
             orig_acts = {k: v.input for k, v in cached.items()}
-        new_logits, acts = model.forward_with_hooks(
-            resid, plan.sae_positions, plan.new_cache, start_at_layer=start
-        )
+        with _prefix_copies(model, plan):
+            new_logits, acts = model.forward_with_hooks(
+                _tile(resid, n), plan.sae_positions, plan.new_cache, start_at_layer=start
+            )
     return LossInputs(
-        sae_acts=_sae_acts(acts),
+        sae_acts=_sae_acts(acts, n),
         orig_acts=orig_acts,
         new_acts=_new_acts(model, acts, plan),
         orig_logits=orig_logits,
@@ -144,8 +156,22 @@ def run_forward(
     )
 
 
-def _sae_acts(acts: dict[str, SAEActs | CacheActs]) -> dict[str, SAEActs]:
-    return {k: v for k, v in acts.items() if isinstance(v, SAEActs)}
+def _sae_acts(acts: dict[str, SAEActs | CacheActs], n: int = 1) -> dict[str, SAEActs]:
+    """The SAEs' activations; of a batched prefix pass (n > 1), the full dictionary's copy."""
+    out = {k: v for k, v in acts.items() if isinstance(v, SAEActs)}
+    return out if n == 1 else {k: full_copy(v, n) for k, v in out.items()}
+
+
+def _tile(x: Tensor, n: int) -> Tensor:
+    """n prefix-major copies of a batch along dim 0 (x itself for n == 1)."""
+    return x if n == 1 else x.repeat(n, *([1] * (x.dim() - 1)))
+
+
+def _prefix_copies(model: SAETransformer, plan: StepPlan) -> contextlib.AbstractContextManager:
+    if plan.prefix_passes == 1:
+        return contextlib.nullcontext()
+    saes = [model.sae(p) for p in plan.sae_positions]
+    return batched_prefix_passes(saes, plan.prefix_passes)
 
 
 def _new_acts(
@@ -186,11 +212,14 @@ def _run_lean(model: SAETransformer, lean: LeanLM, tokens: Tensor, plan: StepPla
             if clean_hooks:
                 lean.run(resid, start, clean_hooks, until=lean.last_hook(plan.orig_cache))
     hooks, acts = model.splice_hooks(plan.sae_positions, plan.new_cache)
-    new_final = lean.run(resid, start, hooks)
+    n = plan.prefix_passes
+    with _prefix_copies(model, plan):
+        new_final = lean.run(_tile(resid, n), start, hooks)
     assert new_final is not None
     unembed = Unembedding(lean.w_u, lean.b_u)
+    teacher_tokens = _tile(tokens, n)
     return LossInputs(
-        sae_acts=_sae_acts(acts),
+        sae_acts=_sae_acts(acts, n),
         orig_acts=orig_acts,
         new_acts=_new_acts(model, acts, plan),
         orig_logits=unembed(orig_final) if plan.logits and orig_final is not None else None,
@@ -198,7 +227,7 @@ def _run_lean(model: SAETransformer, lean: LeanLM, tokens: Tensor, plan: StepPla
         orig_final=orig_final,
         new_final=new_final,
         unembed=unembed,
-        kl_target=plan.teacher.kl_target(tokens) if plan.teacher is not None else None,
+        kl_target=plan.teacher.kl_target(teacher_tokens) if plan.teacher is not None else None,
         transcoder_targets=plan.transcoder_targets,
         saes={p: model.sae(p) for p in plan.sae_positions},
     )

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from e2e_sae.config import LossConfigs
-from e2e_sae.saes import SAEActs, SAEBase
+from e2e_sae.saes import MatryoshkaSAE, SAEActs, SAEBase
 
 
 @dataclass
@@ -199,7 +199,8 @@ class SparsityLoss(LossTerm):
 
 class OutToInLoss(LossTerm):
     """MSE between each SAE's output and its input (local reconstruction); summed over SAEs.
-    For a transcoder the target is the clean activation at the hook it replaces."""
+    For a transcoder the target is the clean activation at the hook it replaces. A Matryoshka SAE
+    counts its prefixes' MSEs (`MatryoshkaSAE.reconstruction_loss`)."""
 
     name = "out_to_in"
 
@@ -209,7 +210,11 @@ class OutToInLoss(LossTerm):
             target = acts.input
             if pos in inputs.transcoder_targets:
                 target = inputs.orig_acts[inputs.transcoder_targets[pos]]
-            total = total + F.mse_loss(acts.output, target)
+            sae = inputs.saes.get(pos)
+            if isinstance(sae, MatryoshkaSAE):
+                total = total + sae.reconstruction_loss(acts, target)
+            else:
+                total = total + F.mse_loss(acts.output, target)
         return total
 
 
@@ -229,7 +234,8 @@ class InToOrigLoss(LossTerm):
     """Mean over `hook_positions` of the MSE between the spliced and the clean run's activations.
 
     The config's `total_coeff` is split evenly over the hooks, i.e. coeff * mean == sum of
-    (total_coeff / n_hooks) * mse per hook.
+    (total_coeff / n_hooks) * mse per hook. When the spliced run holds n copies of the batch
+    (Matryoshka prefixes), each hook's MSE is the mean over the copies.
     """
 
     name = "in_to_orig"
@@ -241,12 +247,24 @@ class InToOrigLoss(LossTerm):
     def __call__(self, inputs: LossInputs) -> Tensor:
         total = torch.zeros(())
         for h in self.hook_positions:
-            total = total + F.mse_loss(inputs.new_acts[h], inputs.orig_acts[h])
+            new = inputs.new_acts[h]
+            total = total + F.mse_loss(new, tile_like(inputs.orig_acts[h], new))
         return total / len(self.hook_positions)
 
 
+def tile_like(orig: Tensor, new: Tensor) -> Tensor:
+    """`orig` repeated along dim 0 to the batch of `new`, a spliced run of n prefix-major copies
+    of the batch (Matryoshka prefixes); `orig` itself when the batches agree."""
+    if orig.shape[0] == new.shape[0]:
+        return orig
+    n = new.shape[0] // orig.shape[0]
+    assert n * orig.shape[0] == new.shape[0], (orig.shape, new.shape)
+    return orig.repeat(n, *([1] * (orig.dim() - 1)))
+
+
 class LogitsKLLoss(LossTerm):
-    """KL(P_clean || P_with_SAEs) per token, mean over tokens (see `kl_clean_to_new`)."""
+    """KL(P_clean || P_with_SAEs) per token, mean over tokens (see `kl_clean_to_new`). When the
+    spliced run holds n copies of the batch (Matryoshka prefixes): the mean of their KLs."""
 
     name = "logits_kl"
 
@@ -261,10 +279,12 @@ class LogitsKLLoss(LossTerm):
                 inputs.new_final, inputs.kl_target, inputs.unembed, self.chunk_tokens
             )
         if inputs.orig_logits is not None and inputs.new_logits is not None:
-            return kl_clean_to_new(inputs.orig_logits, inputs.new_logits, self.chunk_tokens)
+            orig = tile_like(inputs.orig_logits, inputs.new_logits)
+            return kl_clean_to_new(orig, inputs.new_logits, self.chunk_tokens)
         assert inputs.orig_final is not None and inputs.new_final is not None
         assert inputs.unembed is not None
-        return kl_from_final(inputs.orig_final, inputs.new_final, inputs.unembed, self.chunk_tokens)
+        orig = tile_like(inputs.orig_final, inputs.new_final)
+        return kl_from_final(orig, inputs.new_final, inputs.unembed, self.chunk_tokens)
 
 
 def build_loss_terms(

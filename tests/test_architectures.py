@@ -46,11 +46,19 @@ ARCH_SAES: dict[str, dict[str, Any]] = {
     "relu": {},
     "topk": {"k": 4, "architecture_kwargs": {"dead_tokens_threshold": 16, "k_aux": 8}},
     "batchtopk": {"k": 4, "architecture_kwargs": {"dead_tokens_threshold": 16, "k_aux": 8}},
+    "matryoshka": {
+        "k": 4,
+        "architecture_kwargs": {
+            "dead_tokens_threshold": 16,
+            "k_aux": 8,
+            "matryoshka_widths": [8, 32],
+        },
+    },
     "jumprelu": {"architecture_kwargs": {"bandwidth": 0.1, "init_threshold": 0.1}},
     "gated": {"architecture_kwargs": {"aux_coeff": 0.5}},
     "skip_transcoder": {},
 }
-TOPK_FAMILY = ("topk", "batchtopk")
+TOPK_FAMILY = ("topk", "batchtopk", "matryoshka")
 
 
 @pytest.fixture(autouse=True)
@@ -389,7 +397,8 @@ def test_gated_penalty_reads_the_input_that_made_the_code_on_every_forward_path(
 @pytest.mark.parametrize("arch", TOPK_FAMILY)
 def test_auxk_matches_direct_computation_and_touches_only_dead_latents(arch: str) -> None:
     torch.manual_seed(0)
-    sae = build_sae(arch, 8, 32, k=2, k_aux=3, aux_coeff=0.5, dead_tokens_threshold=10)
+    extra: dict[str, Any] = {"matryoshka_widths": [8, 32]} if arch == "matryoshka" else {}
+    sae = build_sae(arch, 8, 32, k=2, k_aux=3, aux_coeff=0.5, dead_tokens_threshold=10, **extra)
     dead = torch.zeros(32, dtype=torch.bool)
     dead[[1, 4, 5, 9, 20, 31]] = True
     sae.tokens_since_fired[dead] = 10
@@ -683,6 +692,8 @@ def test_center_input_makes_the_encoder_see_centred_inputs(arch: str) -> None:
     """After `center_input_(m)`, every architecture encodes x as it encoded x - m before."""
     torch.manual_seed(0)
     kwargs: dict[str, Any] = {"k": 3} if arch in TOPK_FAMILY else {}
+    if arch == "matryoshka":
+        kwargs["matryoshka_widths"] = [4, 12]
     sae = build_sae(arch, 6, 12, **kwargs)
     with torch.no_grad():
         for p in sae.parameters():  # non-trivial biases and magnitude scales

@@ -21,7 +21,11 @@ from e2e_sae.interop.saelens import save_saelens
 from e2e_sae.losses import build_loss_terms
 from e2e_sae.saes import ARCHITECTURES, build_sae
 
-ARCH_KWARGS: dict[str, dict[str, Any]] = {"topk": {"k": 3}, "batchtopk": {"k": 3}}
+ARCH_KWARGS: dict[str, dict[str, Any]] = {
+    "topk": {"k": 3},
+    "batchtopk": {"k": 3},
+    "matryoshka": {"k": 3, "matryoshka_widths": [8, 16]},
+}
 POS = "blocks.1.hook_resid_pre"
 
 

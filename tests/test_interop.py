@@ -37,9 +37,10 @@ HOOK = "blocks.1.hook_resid_pre"
 ARCHS = [("relu", {}), ("topk", {"k": 5}), ("batchtopk", {"k": 5}),
          ("jumprelu", {"init_threshold": 0.2})]  # fmt: skip
 # SAELens round trips also cover gated (the SAEBench adapter has no gated encoder)
-SAELENS_ARCHS = [*ARCHS, ("gated", {})]
+SAELENS_ARCHS = [*ARCHS, ("gated", {}), ("matryoshka", {"k": 5, "matryoshka_widths": [8, 24]})]
 EXPECTED_SAELENS_ARCH = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu",
-                         "jumprelu": "jumprelu", "gated": "gated"}  # fmt: skip
+                         "jumprelu": "jumprelu", "gated": "gated",
+                         "matryoshka": "jumprelu"}  # fmt: skip
 
 
 def make_sae(arch: str, kwargs: dict[str, Any], d_in: int = 16, d_sae: int = 48,
@@ -55,7 +56,7 @@ def make_sae(arch: str, kwargs: dict[str, Any], d_in: int = 16, d_sae: int = 48,
             param = getattr(sae, name, None)
             if isinstance(param, torch.Tensor):
                 param.normal_(0, 0.5)
-    if arch == "batchtopk":  # one training batch sets its inference threshold
+    if arch in ("batchtopk", "matryoshka"):  # one training batch sets its inference threshold
         sae.train()
         sae(torch.randn(32, d_in))
     return sae.eval()
@@ -104,8 +105,11 @@ def test_export_import_roundtrip(arch: str, kwargs: dict[str, Any], tmp_path: Pa
     assert torch.allclose(tensors["W_dec"].norm(dim=1), torch.ones(48), atol=1e-6)
     if arch in ("topk",):
         assert cfg["k"] == 5
-    if arch in ("jumprelu", "batchtopk"):
+    if arch in ("jumprelu", "batchtopk", "matryoshka"):
         assert tensors["threshold"].shape == (48,)
+    if arch == "matryoshka":  # as SAELens saves its own: the training setup in metadata
+        assert cfg["metadata"]["training_architecture"] == "matryoshka_batchtopk"
+        assert cfg["metadata"]["matryoshka_widths"] == [8, 24, 48]
     if arch == "gated":  # SAELens' gated SAE has b_gate instead of b_enc
         assert sorted(tensors) == ["W_dec", "W_enc", "b_dec", "b_gate", "b_mag", "r_mag"]
         assert all(tensors[k].shape == (48,) for k in ("b_gate", "b_mag", "r_mag"))

@@ -127,6 +127,15 @@ def _batchtopk_export(sae: SAEBase) -> tuple[str, dict[str, Tensor], dict[str, A
     return "jumprelu", {"threshold": threshold.detach().expand(sae.n_dict_components)}, {}
 
 
+def _matryoshka_export(sae: SAEBase) -> tuple[str, dict[str, Tensor], dict[str, Any]]:
+    # As SAELens saves its MatryoshkaBatchTopK SAEs: the inference JumpReLU of batchtopk, with the
+    # training architecture and the prefix widths kept in `metadata`.
+    name, tensors, cfg = _batchtopk_export(sae)
+    meta = {"training_architecture": "matryoshka_batchtopk",
+            "matryoshka_widths": list(getattr(sae, "widths", []))}  # fmt: skip
+    return name, tensors, {**cfg, "metadata": meta}
+
+
 def _gated_export(sae: SAEBase) -> tuple[str, dict[str, Tensor], dict[str, Any]]:
     r_mag, b_mag = getattr(sae, "r_mag", None), getattr(sae, "b_mag", None)
     assert isinstance(r_mag, Tensor) and isinstance(b_mag, Tensor)
@@ -144,6 +153,7 @@ _EXPORTS: dict[str, _Export] = {
     "topk": _topk_export,
     "jumprelu": _jumprelu_export,
     "batchtopk": _batchtopk_export,
+    "matryoshka": _matryoshka_export,
     "gated": _gated_export,
     "skip_transcoder": _skip_transcoder_export,
 }
@@ -250,7 +260,8 @@ _IMPORTS: dict[str, _Import] = {
 
 # --- export ---------------------------------------------------------------------------------------
 def saelens_state(sae: SAEBase) -> tuple[str, dict[str, Tensor], dict[str, Any]]:
-    """(SAELens architecture, tensors, architecture cfg fields) of one of our SAEs.
+    """(SAELens architecture, tensors, architecture cfg fields; a "metadata" entry goes into
+    cfg.json's `metadata`) of one of our SAEs.
 
     W_enc [d_in, d_sae], b_enc [d_sae] (gated: b_gate), W_dec [d_sae, d_out] (unit-norm rows),
     b_dec [d_out] (+ threshold, r_mag / b_mag, W_skip [d_out, d_in] per architecture).
@@ -292,6 +303,8 @@ def save_saelens(
     from e2e_sae.splice import hook_layer
 
     name, tensors, extra_cfg = saelens_state(sae)
+    extra_cfg = dict(extra_cfg)
+    arch_meta: dict[str, Any] = extra_cfg.pop("metadata", {})
     transcoder = sae.output_size != sae.input_size or (
         hook_name_out is not None and hook_name_out != hook_name
     )
@@ -315,6 +328,7 @@ def save_saelens(
         "hook_name": hook_name,
         "hook_head_index": None,
         **({"hook_name_out": hook_name_out or hook_name} if transcoder else {}),
+        **arch_meta,
         **(metadata or {}),
     }
     cfg: dict[str, Any] = {

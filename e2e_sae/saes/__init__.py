@@ -1,7 +1,7 @@
 """SAE architectures behind one interface (`SAEBase`), looked up by name in `ARCHITECTURES`.
 
 Importing a module registers its architecture: relu (the paper's), topk, batchtopk, jumprelu, gated,
-skip_transcoder.
+skip_transcoder, matryoshka.
 """
 
 from e2e_sae.saes import relu as _relu  # noqa: F401  (registers "relu")
@@ -9,6 +9,7 @@ from e2e_sae.saes.base import CacheActs, SAEActs, SAEBase
 from e2e_sae.saes.batchtopk import BatchTopKSAE
 from e2e_sae.saes.gated import GatedSAE
 from e2e_sae.saes.jumprelu import JumpReLUSAE
+from e2e_sae.saes.matryoshka import MatryoshkaSAE
 from e2e_sae.saes.registry import ARCHITECTURES, build_sae, register_architecture
 from e2e_sae.saes.relu import SAE
 from e2e_sae.saes.skip_transcoder import SkipTranscoder
@@ -21,6 +22,7 @@ __all__ = [
     "CacheActs",
     "GatedSAE",
     "JumpReLUSAE",
+    "MatryoshkaSAE",
     "SAEActs",
     "SAEBase",
     "SkipTranscoder",

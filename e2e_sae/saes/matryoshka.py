@@ -1,0 +1,259 @@
+"""Matryoshka BatchTopK SAE (Bussmann et al. 2025; Nabeshima 2024): one BatchTopK dictionary whose
+nested prefixes must each reconstruct on their own.
+
+With widths w_0 < w_1 < ... < w_{P-1} = d_sae, prefix p decodes with latents [0, w_p) only:
+
+  out_p = c[..., :w_p] @ dict_elements[:, :w_p]^T + b_dec
+
+where c is the usual BatchTopK code of the whole dictionary (k x tokens latents per batch in
+training, the learned global threshold at inference, as `batchtopk`); b_dec is in every prefix, as
+in SAELens' `MatryoshkaBatchTopKTrainingSAE`. `forward` returns out_{P-1} (the full dictionary),
+so evaluation, splicing and export see a plain BatchTopK SAE (exported as SAELens does: jumprelu
+with the threshold).
+
+How the prefixes are trained (`matryoshka_e2e`):
+
+- "all_prefixes" (default). Local: the `out_to_in` term is sum_p prefix_weights[p] *
+  MSE(out_p, target) (weights default 1: SAELens' sum of the full and the inner MSEs).
+  End-to-end: the spliced pass runs once per prefix, batched: the clean residual at the first SAE
+  layer is repeated P times along the batch (prefix-major), and in copy p every Matryoshka SAE
+  encodes its own input of that copy and writes out_p; `logits_kl` is then the mean over the P
+  passes of their KL to the clean model, and `in_to_orig` the mean of their downstream MSEs.
+  Memory: the spliced pass from the first SAE layer on, and the SAEs' activations, are P times
+  those of one pass (activations saved for backward scale with P x batch); the clean pass is not
+  repeated. The SAEActs the loss terms, AuxK and the firing statistics see are those of the full
+  dictionary's copy, and only that copy updates the BatchTopK threshold.
+- "full_kl_inner_mse": every loss term sees the full dictionary only (one spliced pass, as for
+  `batchtopk`), and the inner prefixes are trained by the auxiliary loss `matryoshka_inner` =
+  inner_mse_coeff * sum_{p < P-1} prefix_weights[p] * MSE(out_p, target). The cheap e2e variant
+  (memory and compute of one BatchTopK e2e pass plus one decode); for a local run with
+  out_to_in coeff 1 and inner_mse_coeff 1 it is the same loss as "all_prefixes", logged in two
+  parts as SAELens does.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from e2e_sae.saes.base import SAEActs, SAEBase
+from e2e_sae.saes.batchtopk import BatchTopKSAE
+from e2e_sae.saes.registry import register_architecture
+from e2e_sae.saes.topk import check_option, positive_values, topk_code
+
+logger = logging.getLogger(__name__)
+
+E2E_MODES = ("all_prefixes", "full_kl_inner_mse")
+
+
+@register_architecture
+class MatryoshkaSAE(BatchTopKSAE):
+    """BatchTopK SAE trained so that each prefix of its dictionary reconstructs (module doc).
+
+    architecture_kwargs (besides batchtopk's k_aux, aux_coeff, dead_tokens_threshold,
+    threshold_momentum):
+      matryoshka_widths: strictly increasing prefix widths, the last = d_sae (appended when
+        smaller, as SAELens does). Required.
+      matryoshka_e2e: "all_prefixes" (default) or "full_kl_inner_mse" (module doc).
+      prefix_weights: weight of each prefix's MSE (default all 1).
+      inner_mse_coeff: "full_kl_inner_mse" only: weight of the inner prefixes' MSE (default 1).
+    """
+
+    architecture = "matryoshka"
+
+    def __init__(
+        self,
+        input_size: int,
+        n_dict_components: int,
+        init_decoder_orthogonal: bool = True,
+        output_size: int | None = None,
+        *,
+        matryoshka_widths: Sequence[int] | None = None,
+        matryoshka_e2e: str = "all_prefixes",
+        prefix_weights: Sequence[float] | None = None,
+        inner_mse_coeff: float = 1.0,
+        **batchtopk_kwargs: Any,
+    ) -> None:
+        super().__init__(
+            input_size, n_dict_components, init_decoder_orthogonal, output_size, **batchtopk_kwargs
+        )
+        kw = "saes.architecture_kwargs"
+        self.widths = _check_widths(matryoshka_widths, n_dict_components)
+        check_option(
+            matryoshka_e2e in E2E_MODES,
+            f"{kw}.matryoshka_e2e",
+            f"must be one of {', '.join(E2E_MODES)}, got {matryoshka_e2e!r}",
+        )
+        self.e2e_mode = str(matryoshka_e2e)
+        weights = [1.0] * len(self.widths) if prefix_weights is None else list(prefix_weights)
+        check_option(
+            len(weights) == len(self.widths) and all(_is_number(w) and w >= 0 for w in weights),
+            f"{kw}.prefix_weights",
+            f"must be {len(self.widths)} numbers >= 0 (one per width), got {prefix_weights!r}",
+        )
+        self.prefix_weights = [float(w) for w in weights]
+        check_option(
+            _is_number(inner_mse_coeff) and inner_mse_coeff >= 0,
+            f"{kw}.inner_mse_coeff",
+            f"must be a number >= 0, got {inner_mse_coeff!r}",
+        )
+        self.inner_mse_coeff = float(inner_mse_coeff)
+        # > 1 only inside `batched_prefix_passes`: the input holds one copy per prefix.
+        self._prefix_passes = 0
+
+    @property
+    def n_prefixes(self) -> int:
+        return len(self.widths)
+
+    @property
+    def e2e_prefix_passes(self) -> int:
+        """Spliced passes an e2e training step runs (one per prefix, or 1)."""
+        return self.n_prefixes if self.e2e_mode == "all_prefixes" else 1
+
+    # --- codes and prefix reconstructions -------------------------------------------------------
+    def _code(self, x: Tensor, update_threshold: bool) -> Tensor:
+        """BatchTopK's code of x; the running threshold moves only when `update_threshold`."""
+        pre = self.pre_acts(x)
+        if not self.training:
+            if torch.isnan(self.threshold):
+                return topk_code(pre, self.k)
+            return torch.where(pre > self.threshold, pre, torch.zeros_like(pre))
+        flat = pre.reshape(-1)
+        n_tokens = flat.numel() // pre.shape[-1]
+        values, idx = flat.topk(self.k * n_tokens, sorted=False)
+        kept = positive_values(values)
+        if update_threshold:
+            self._update_threshold(kept.detach().min())
+        return torch.zeros_like(flat).scatter(0, idx, kept).reshape(pre.shape)
+
+    def decode_prefix(self, c: Tensor, p: int) -> Tensor:
+        """out_p [..., d_out]: the code's first widths[p] latents decoded, plus b_dec."""
+        w = self.widths[p]
+        return F.linear(c[..., :w], self.dict_elements[:, :w], self.decoder.bias)
+
+    def inner_outputs(self, c: Tensor) -> list[Tensor]:
+        """[out_0, ..., out_{P-2}], accumulated group by group (one decode of w_{P-2} latents)."""
+        elements = self.dict_elements
+        outs: list[Tensor] = []
+        acc: Tensor | None = None
+        lo = 0
+        for w in self.widths[:-1]:
+            part = F.linear(c[..., lo:w], elements[:, lo:w])
+            acc = part + self.decoder.bias if acc is None else acc + part
+            outs.append(acc)
+            lo = w
+        return outs
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        n = self._prefix_passes
+        if n <= 1:
+            return super().forward(x)
+        assert n == self.n_prefixes and x.shape[0] % n == 0, (n, x.shape)
+        chunks = x.unflatten(0, (n, -1))
+        codes = [self._code(chunks[p], update_threshold=p == n - 1) for p in range(n)]
+        outs = [self.decode_prefix(c, p) for p, c in enumerate(codes)]
+        return torch.cat(outs), torch.cat(codes)
+
+    # --- losses ----------------------------------------------------------------------------------
+    def reconstruction_loss(self, acts: SAEActs, target: Tensor) -> Tensor:
+        """What `out_to_in` counts for this SAE: sum_p prefix_weights[p] * MSE(out_p, target)
+        ("all_prefixes"), or the full dictionary's MSE ("full_kl_inner_mse")."""
+        full = F.mse_loss(acts.output, target)
+        if self.e2e_mode != "all_prefixes":
+            return full
+        total = self.prefix_weights[-1] * full
+        for w, out in zip(self.prefix_weights, self.inner_outputs(acts.c), strict=False):
+            total = total + w * F.mse_loss(out, target)
+        return total
+
+    def aux_losses(self, acts: SAEActs, target: Tensor | None = None) -> dict[str, Tensor]:
+        """AuxK (batchtopk's, against the full dictionary's error), plus "full_kl_inner_mse"'s
+        `matryoshka_inner`."""
+        out = super().aux_losses(acts, target)
+        if self.e2e_mode == "full_kl_inner_mse":
+            target = acts.input if target is None else target
+            inner = acts.output.new_zeros(())
+            for w, o in zip(self.prefix_weights, self.inner_outputs(acts.c), strict=False):
+                inner = inner + w * F.mse_loss(o, target)
+            out["matryoshka_inner"] = self.inner_mse_coeff * inner
+        return out
+
+    def init_kwargs(self) -> dict[str, Any]:
+        return {
+            **super().init_kwargs(),
+            "matryoshka_widths": list(self.widths),
+            "matryoshka_e2e": self.e2e_mode,
+            "prefix_weights": list(self.prefix_weights),
+            "inner_mse_coeff": self.inner_mse_coeff,
+        }
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_widths(widths: Sequence[int] | None, d_sae: int) -> list[int]:
+    field = "saes.architecture_kwargs.matryoshka_widths"
+    check_option(widths is not None, field, "required for architecture 'matryoshka'")
+    assert widths is not None
+    ok = isinstance(widths, (list, tuple)) and len(widths) > 0
+    ok = ok and all(isinstance(w, int) and not isinstance(w, bool) for w in widths)
+    check_option(ok, field, f"must be a non-empty list of integers, got {widths!r}")
+    out = [int(w) for w in widths]
+    check_option(
+        all(a < b for a, b in zip(out, out[1:], strict=False)) and out[0] > 0,
+        field,
+        f"must be positive and strictly increasing, got {out}",
+    )
+    check_option(out[-1] <= d_sae, field, f"widths must be <= d_sae={d_sae}, got {out}")
+    if out[-1] < d_sae:
+        logger.info("matryoshka_widths: appending the full dictionary width %d", d_sae)
+        out.append(d_sae)
+    return out
+
+
+def _trains_prefixes(sae: SAEBase) -> bool:
+    """A Matryoshka SAE that trains (a frozen one decodes its full dictionary in every copy)."""
+    return isinstance(sae, MatryoshkaSAE) and any(p.requires_grad for p in sae.parameters())
+
+
+def prefix_passes(saes: Iterable[SAEBase]) -> int:
+    """Spliced passes an e2e training step needs for these SAEs (1 unless some trainable
+    Matryoshka SAE trains every prefix end-to-end); they must agree."""
+    counts = {s.e2e_prefix_passes for s in saes if isinstance(s, MatryoshkaSAE)
+              and _trains_prefixes(s)}  # fmt: skip
+    counts.discard(1)
+    check_option(
+        len(counts) <= 1,
+        "saes.architecture_kwargs.matryoshka_widths",
+        f"every Matryoshka SAE needs the same number of prefixes, got {sorted(counts)}",
+    )
+    return counts.pop() if counts else 1
+
+
+@contextmanager
+def batched_prefix_passes(saes: Iterable[SAEBase], n: int) -> Iterator[None]:
+    """Inside: each trainable Matryoshka SAE reads inputs holding `n` prefix-major copies of a
+    batch and writes prefix p's reconstruction into copy p (see the module doc); other SAEs
+    process every copy alike."""
+    mats = [s for s in saes if isinstance(s, MatryoshkaSAE) and _trains_prefixes(s)]
+    for s in mats:
+        s._prefix_passes = n
+    try:
+        yield
+    finally:
+        for s in mats:
+            s._prefix_passes = 0
+
+
+def full_copy(acts: SAEActs, n: int) -> SAEActs:
+    """The full dictionary's copy (the last) of a batched pass's SAEActs."""
+    m = acts.input.shape[0] // n
+    return SAEActs(acts.input[-m:], acts.c[-m:], acts.output[-m:])
