@@ -23,7 +23,7 @@ class _UnitColumns(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: FunctionCtx, w: Tensor) -> Tensor:
-        norms = torch.linalg.vector_norm(w, dim=0, keepdim=True).clamp_min(NORM_EPS)
+        norms = w.norm(2, 0, keepdim=True).clamp_min(NORM_EPS)  # F.normalize's own reduction
         d = w / norms
         ctx.save_for_backward(d, norms)
         return d
