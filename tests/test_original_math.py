@@ -188,3 +188,25 @@ def test_unit_columns_matches_f_normalize_values_and_gradients() -> None:
     assert w.grad is not None and w_ref.grad is not None
     torch.testing.assert_close(w.grad, w_ref.grad, rtol=1e-12, atol=1e-14)
     assert torch.autograd.gradcheck(unit_columns, (w.detach().clone().requires_grad_(),))
+
+
+@pytest.mark.parametrize("shape", [(5, 11), (2, 3, 11)])
+def test_unit_decode_matches_linear_on_normalised_columns(shape: tuple[int, ...]) -> None:
+    from e2e_sae.saes.base import unit_decode
+
+    torch.manual_seed(1)
+    w = torch.randn(7, 11, dtype=torch.float64) * torch.linspace(0.1, 5, 11)
+    b, c = torch.randn(7, dtype=torch.float64), torch.rand(shape, dtype=torch.float64)
+    ours = [t.clone().requires_grad_() for t in (c, w, b)]
+    ref = [t.clone().requires_grad_() for t in (c, w, b)]
+    out = unit_decode(*ours)
+    want = F.linear(ref[0], F.normalize(ref[1], dim=0), ref[2])
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(want)
+    g_copy = g.clone()
+    out.backward(g)
+    want.backward(g)
+    assert torch.equal(g, g_copy)  # the caller's gradient is not written
+    for a, r in zip(ours, ref, strict=True):
+        assert a.grad is not None and r.grad is not None
+        torch.testing.assert_close(a.grad, r.grad, rtol=1e-10, atol=1e-12)
