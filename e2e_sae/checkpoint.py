@@ -308,9 +308,9 @@ def load_run(
         ckpt, state = newest_intact(ckpts, f"run directory {run_dir}")
     model = build_model(config, device=device)
     load_sae_weights(model, ckpt, state=state)
-    model.run_config = config  # type: ignore[attr-defined]
-    model.run_dir = run_dir  # type: ignore[attr-defined]  # e.g. for its eval's feature frequencies
-    model.checkpoint_path = ckpt  # type: ignore[attr-defined]
+    model.run_config = config
+    model.run_dir = run_dir  # e.g. for its eval's feature frequencies
+    model.checkpoint_path = ckpt
     # eval mode: e.g. a BatchTopK SAE applies its learned threshold only outside training mode
     return model.eval()
 

@@ -401,7 +401,9 @@ def evaluate_run(
     from e2e_sae.losses import build_loss_terms
 
     model = run_dir if isinstance(run_dir, SAETransformer) else load_run(run_dir, device=device)
-    config: Config = model.run_config  # type: ignore[attr-defined]
+    config = model.run_config
+    if config is None:
+        raise UserError("eval: the model has no run config (load it with from_local_path)")
     ds = eval_dataset(config, data, split)
     bs = batch_size or config.batch_size
     n_tokens = n_tokens or (config.eval_n_samples or 50) * ds.n_ctx

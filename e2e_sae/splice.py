@@ -19,6 +19,7 @@ from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.utilities import LocallyOverridenDefaults, sample_logits
 
+from e2e_sae.config import Config
 from e2e_sae.errors import ConfigError, UserError
 from e2e_sae.saes import CacheActs, SAEActs, SAEBase, build_sae
 
@@ -146,6 +147,11 @@ class SAETransformer(nn.Module):
                 )
         self.saes = nn.ModuleDict()
         self.architecture = architecture
+        # Set by `from_local_path` / `checkpoint.load_run`: the run's config, its directory and
+        # the checkpoint file loaded (None for a model built in code).
+        self.run_config: Config | None = None
+        self.run_dir: Path | None = None
+        self.checkpoint_path: Path | None = None
         for pos, site in self.sites.items():
             d_in = shapes[site.input_hook][-1]
             d_out = shapes[site.output_hook][-1]

@@ -804,7 +804,6 @@ def write_browser(
     for this many of the most frequent features, the true ablation effect (`ablation_kl`) over
     the first `ablate_tokens` scanned tokens (whole sequences)."""
     from e2e_sae.checkpoint import load_run
-    from e2e_sae.config import Config
     from e2e_sae.data import create_data_loader
     from e2e_sae.evaluate import eval_dataset
 
@@ -816,7 +815,9 @@ def write_browser(
     if out.suffix.lower() not in (".html", ".htm"):
         check_out_folder(out)  # before the scan
     model = run if isinstance(run, SAETransformer) else load_run(run, device=device)
-    config: Config = model.run_config  # type: ignore[attr-defined]
+    config = model.run_config
+    if config is None:
+        raise UserError("browse: the model has no run config (load it with from_local_path)")
     if position is None:
         if len(model.sae_positions) != 1:
             raise UserError(f"--sae: the run has several SAEs ({', '.join(model.sae_positions)})")

@@ -158,7 +158,7 @@ def to_saebench(
 
     if position not in model.sae_positions:
         raise UserError(f"SAEBench: no SAE at '{position}' (have {model.sae_positions})")
-    config = getattr(model, "run_config", None)
+    config = model.run_config
     if model_name is None and config is not None:
         model_name = config.tlens_model_name
     if context_size is None and config is not None:

@@ -451,11 +451,10 @@ def export_run_saelens(
             run = load_run(run_dir, checkpoint=checkpoint, device="cpu")
     if saes is None:
         assert not isinstance(run, (str, Path))
-        config = getattr(run, "run_config", None)
+        config = run.run_config
         saes = [(p, run.sites[p].input_hook, run.sae(p)) for p in run.sae_positions]
         if run_dir is None:  # a model from `load_run` knows its run directory and checkpoint
-            run_dir = getattr(run, "run_dir", None)
-            checkpoint = getattr(run, "checkpoint_path", None)
+            run_dir, checkpoint = run.run_dir, run.checkpoint_path
     meta: dict[str, Any] = {}
     if config is not None:
         model_name = (
