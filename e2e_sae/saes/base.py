@@ -32,7 +32,7 @@ class _UnitColumns(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, g: Tensor) -> Tensor:
         d, norms = ctx.saved_tensors
-        radial = (g * d).sum(0, keepdim=True)
+        radial = torch.linalg.vecdot(g, d, dim=0).unsqueeze(0)  # no [d, n] temporary
         return torch.addcmul(g, d, radial, value=-1).div_(norms)  # (never write g: the caller's)
 
 
@@ -56,7 +56,7 @@ class _UnitDecode(torch.autograd.Function):
         gw = None
         if ctx.needs_input_grad[1]:
             gw = g.t() @ c  # the dense weight gradient, then its tangential part, in place
-            radial = (gw * d).sum(0, keepdim=True)
+            radial = torch.linalg.vecdot(gw, d, dim=0).unsqueeze(0)  # no [d, n] temporary
             gw.addcmul_(d, radial, value=-1).div_(norms)
         gb = g.sum(0) if ctx.needs_input_grad[2] else None
         return gc, gw, gb
