@@ -586,17 +586,11 @@ def test_browser_with_feature_list_and_model_object(runs: dict[str, Path], tmp_p
     )
 
 
-def test_pareto_experiment_matched_tables(token_data: Path, tmp_path: Path) -> None:
-    import importlib.util
-
+def test_matched_tables_interpolate_on_each_types_front(token_data: Path, tmp_path: Path) -> None:
+    from e2e_sae.analysis.matched import matched_tables, ratios
     from e2e_sae.analysis.plots import RunInfo
 
-    path = Path(__file__).resolve().parent.parent / "experiments" / "pareto" / "run.py"
-    spec = importlib.util.spec_from_file_location("pareto_run", path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    pos = mod.POSITION
+    pos = "blocks.2.hook_resid_pre"
     e2e_loss = {"sparsity": {"coeff": 1.0}, "logits_kl": {"coeff": 1.0}}
 
     def info(loss: dict[str, Any] | None, l0: float, ce: float, alive: int) -> RunInfo:
@@ -608,7 +602,7 @@ def test_pareto_experiment_matched_tables(token_data: Path, tmp_path: Path) -> N
     # local: CE increase 0.4 at L0 10, 0.2 at L0 40; e2e: 0.3 at L0 5, 0.1 at L0 40.
     runs = [info(None, 10, 0.4, 100), info(None, 40, 0.2, 200),
             info(e2e_loss, 5, 0.3, 50), info(e2e_loss, 40, 0.1, 150)]  # fmt: skip
-    m = mod.matched_tables(runs, n_ref=1)
+    m = matched_tables(runs, pos, n_ref=1)
     assert m["types"] == ["local", "e2e"]
     (row,) = m["same_l0"]  # L0 20: the geometric middle of the common range [10, 40]
     assert row["l0"] == pytest.approx(20) and row["local"] == pytest.approx(0.3)
@@ -617,23 +611,65 @@ def test_pareto_experiment_matched_tables(token_data: Path, tmp_path: Path) -> N
     assert row["ce_loss_increase"] == pytest.approx(0.25)
     assert row["local"] == pytest.approx(10 * 4**0.75) and row["e2e"] == pytest.approx(5 * 8**0.25)
     assert row["local_alive"] == pytest.approx(175) and row["e2e_alive"] == pytest.approx(75)
+    r = ratios(m, "e2e")
+    assert r["ce_at_l0"] == [pytest.approx((0.3 - 0.2 * math.log(4) / math.log(8)) / 0.3)]
+    assert r["l0_at_ce"] == [pytest.approx(10 * 4**0.75 / (5 * 8**0.25))]
+    # Another seed's runs are left out unless asked for.
+    other = info(e2e_loss, 20, 0.01, 100)
+    other.config = other.config.model_copy(update={"seed": 1})
+    assert matched_tables([*runs, other], pos, n_ref=1) == m
+    assert matched_tables([*runs, other], pos, n_ref=1, seed=None) != m
+
+
+def _experiment_module(name: str) -> Any:
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "experiments" / name / "run.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_run", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_budget_study_plans_every_budget_from_scratch(tmp_path: Path) -> None:
+    mod = _experiment_module("budget")
+    sweep = mod.plan(tmp_path, mod.BUDGETS, {})
+    largest = mod.BUDGETS[-1]
+    assert largest == mod.TRAIN_WINDOWS and mod.BUDGETS[-1] / mod.BUDGETS[0] >= 30
+    # 4 local + 3 e2e + 3 e2e+ds coefficients per budget, a second seed of all at the largest.
+    assert len(sweep.runs) == 10 * len(mod.BUDGETS) + 10
+    assert len({r.run_dir for r in sweep.runs}) == len(sweep.runs)
+    assert [r.index for r in sweep.runs] == list(range(len(sweep.runs)))
+    for r in sweep.runs:
+        n = r.config.n_samples
+        assert r.config.warmup_samples == int(0.1 * n) and r.config.lr_schedule == "cosine"
+        assert r.config.seed == 0 or n == largest
+        assert r.run_dir.parent.parent.name == f"n{n}"
+    costs = [r.config.n_samples * (1 if r.overrides["type"] == "local" else 6) for r in sweep.runs]
+    assert costs[0] == max(costs) and sweep.runs[-1].overrides["type"] == "local"
 
 
 @pytest.mark.slow
 def test_pareto_experiment_quick_mode_end_to_end(tmp_path: Path) -> None:
-    import importlib.util
-
-    path = Path(__file__).resolve().parent.parent / "experiments" / "pareto" / "run.py"
-    spec = importlib.util.spec_from_file_location("pareto_run_quick", path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _experiment_module("pareto")
     assert mod.main(["--quick", "--out-root", str(tmp_path)]) == 0
     md = (tmp_path / "results" / "pareto.md").read_text()
     assert "| local | 1 |" in md and "| e2e | 1 |" in md and "| e2e+ds | 0 |" in md
     assert (tmp_path / "results" / "pareto_l0_ce_increase.svg").exists()
     summary = json.loads((tmp_path / "results" / "results.json").read_text())
     assert len(summary["runs"]) == 12 and summary["meta"]["timing"]["wall_s"] > 0
+
+
+@pytest.mark.slow
+def test_budget_study_quick_mode_end_to_end(tmp_path: Path) -> None:
+    mod = _experiment_module("budget")
+    assert mod.main(["--quick", "--parallel", "2", "--out-root", str(tmp_path)]) == 0
+    md = (tmp_path / "results" / "budget.md").read_text()
+    assert "## 8,192 tokens (64 windows)" in md and "| e2e+ds | 1 |" in md
+    assert (tmp_path / "results" / "ratios.svg").exists()
+    summary = json.loads((tmp_path / "results" / "results.json").read_text())
+    assert len(summary["runs"]) == 50 and summary["timing"]["wall_s"] > 0
 
 
 def _read_js(path: Path, fn: str) -> Any:

@@ -26,17 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from e2e_sae.analysis.plots import (
-    TYPE_ORDER,
-    RunInfo,
-    interpolate_x_at_y,
-    interpolate_y_at_x,
-    load_runs,
-    make_plots,
-    pareto_front,
-)
+from e2e_sae.analysis.matched import matched_tables, md_table
+from e2e_sae.analysis.plots import TYPE_ORDER, RunInfo, load_runs, make_plots
 from e2e_sae.report import table
 from e2e_sae.sweep import Sweep, load_sweep, run_sweep
 
@@ -69,58 +60,6 @@ def build_sweeps(runs_root: Path, overrides: dict[str, Any], seeds: int) -> list
     return sweeps
 
 
-# --- matched comparisons -------------------------------------------------------------------------
-def points(runs: list[RunInfo], kind: str) -> tuple[list[float], list[float], list[float]]:
-    """(L0, CE increase, alive) of the seed-0 runs of one type."""
-    rs = [r for r in runs if r.sae_type == kind and r.config.seed == 0 and POSITION in r.positions]
-    return ([r.sae(POSITION)["l0"] for r in rs], [r.eval["ce_loss_increase"] for r in rs],
-            [r.sae(POSITION)["alive_dict_elements"] for r in rs])  # fmt: skip
-
-
-def alive_at_ce(l0: list[float], ce: list[float], alive: list[float], at: float) -> float:
-    """Alive elements on the (L0, CE) Pareto front at CE increase `at` (linear in CE)."""
-    front = pareto_front(l0, ce)
-    ces = [ce[i] for i in front][::-1]
-    if not ces or at < ces[0] - 1e-12 or at > ces[-1] + 1e-12:
-        return math.nan
-    return float(np.interp(at, ces, [alive[i] for i in front][::-1]))
-
-
-def overlap(ranges: list[tuple[float, float]]) -> tuple[float, float] | None:
-    lo, hi = max(r[0] for r in ranges), min(r[1] for r in ranges)
-    return (lo, hi) if lo < hi else None
-
-
-def front_range(xs: list[float], ys: list[float], which: str) -> tuple[float, float]:
-    front = pareto_front(xs, ys)
-    vals = [xs[i] if which == "x" else ys[i] for i in front]
-    return min(vals), max(vals)
-
-
-def matched_tables(runs: list[RunInfo], n_ref: int = 3) -> dict[str, Any]:
-    """Interpolated comparisons on each type's Pareto front, at reference points spread over the
-    range every type covers (L0 geometric, CE increase linear)."""
-    kinds = [k for k in TYPE_ORDER if points(runs, k)[0]]
-    pts = {k: points(runs, k) for k in kinds}
-    out: dict[str, Any] = {"types": kinds, "same_l0": [], "same_ce": []}
-    l0_range = overlap([front_range(p[0], p[1], "x") for p in pts.values()])
-    if l0_range:
-        for l0 in np.geomspace(*l0_range, n_ref + 2)[1:-1]:
-            row = {"l0": float(l0)}
-            for k in kinds:
-                row[k] = interpolate_y_at_x(pts[k][0], pts[k][1], float(l0))
-            out["same_l0"].append(row)
-    ce_range = overlap([front_range(p[0], p[1], "y") for p in pts.values()])
-    if ce_range:
-        for ce in np.linspace(*ce_range, n_ref + 2)[1:-1]:
-            row = {"ce_loss_increase": float(ce)}
-            for k in kinds:
-                row[k] = interpolate_x_at_y(pts[k][0], pts[k][1], float(ce))
-                row[f"{k}_alive"] = alive_at_ce(*pts[k], float(ce))
-            out["same_ce"].append(row)
-    return out
-
-
 def _f(v: float, digits: int = 3) -> str:
     return "n/a" if v != v else f"{v:.{digits}g}"
 
@@ -128,10 +67,6 @@ def _f(v: float, digits: int = 3) -> str:
 def markdown(
     runs: list[RunInfo], matched: dict[str, Any], wall_s: float, meta: dict[str, Any]
 ) -> str:
-    def md_table(headers: list[str], rows: list[list[str]]) -> str:
-        lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
-
     clean = runs[0].eval["ce_loss_clean"]
     lines = [
         "# Local vs e2e vs e2e+ds SAEs on shakespeare-lm",
@@ -246,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         r.eval["train_minutes"] = train_minutes(r.run_dir)
     results = root / "results"
     plots = [str(p.relative_to(root)) for p in make_plots(runs, results)]
-    matched = matched_tables(runs)
+    matched = matched_tables(runs, POSITION)
     wall = time.perf_counter() - t0
     # The wall time of an invocation that trained every run; a later one that reuses the runs
     # (e.g. to redraw the plots) reports that measurement.
