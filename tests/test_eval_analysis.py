@@ -858,3 +858,50 @@ def test_ablation_kl_matches_a_model_without_that_feature(model: SAETransformer)
             kl = (logp.exp() * (logp - logq)).sum(-1)[c[..., f] > 0].mean()
             assert v == pytest.approx(float(kl), rel=1e-3, abs=1e-7)
         assert vals[len(fires) :] == [None] * len(never)
+
+
+def _experiment_script(folder: str, name: str) -> Any:
+    import importlib.util
+
+    here = Path(__file__).resolve().parent.parent / "experiments" / folder
+    sys.path.insert(0, str(here))
+    try:
+        spec = importlib.util.spec_from_file_location(f"{folder}_{name}", here / f"{name}.py")
+        assert spec is not None and spec.loader is not None
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(here))
+    return mod
+
+
+def test_smollm2_study_calibration_interpolates_in_log_log_space() -> None:
+    mod = _experiment_script("smollm2", "run")
+    # L0 = 100 * coeff^-1: the coefficient for L0 40 is 2.5, found from any two points.
+    assert mod.log_interp([1.0, 4.0], [100.0, 25.0], 40.0) == pytest.approx(2.5)
+    assert mod.log_interp([4.0, 1.0], [25.0, 100.0], 40.0) == pytest.approx(2.5)
+    assert mod.log_interp([1.0, 4.0, 16.0], [100.0, 25.0, 6.25], 10.0) == pytest.approx(10.0)
+    # Outside the points: extrapolated along the nearest segment, at most 10x beyond the range.
+    assert mod.log_interp([1.0, 4.0], [100.0, 25.0], 12.5) == pytest.approx(8.0)
+    assert mod.log_interp([1.0, 4.0], [100.0, 25.0], 1e-6) == pytest.approx(40.0)
+    assert mod.distinct([4.0, 2.0, 1.0]) == [4.0, 2.0, 1.0]
+    assert sorted(mod.distinct([3.0, 3.0, 1.0])) == [1.5, 3.0, 6.0]
+
+
+def test_paper_scale_script_builds_the_papers_settings() -> None:
+    mod = _experiment_script("smollm2", "paper_scale")
+    args = mod.argparse.Namespace(
+        device="cuda", tokens=100e6, calib_tokens=2e6, dataset="shakespeare", ratio=60.0,
+        position=mod.POSITION, n_layers=30, n_ctx=1024, batch_size=8, eval_windows=500,
+        precision="bf16", tiny=False,
+    )  # fmt: skip
+    local = mod.run_config(args, "local", 1.0, args.tokens)
+    ds = mod.run_config(args, "e2e+ds", 2.0, args.tokens)
+    assert local.n_samples == int(100e6 // 1024) and local.warmup_samples == local.n_samples // 20
+    assert local.effective_batch_size == 16 and local.lr == 5e-4 and local.max_grad_norm == 10
+    assert local.saes.dict_size_to_input_ratio == 60 and local.train_data.n_ctx == 1024
+    assert local.loss.logits_kl is None and local.precision == "bf16"
+    assert ds.loss.in_to_orig is not None and ds.loss.logits_kl is not None
+    assert ds.loss.in_to_orig.hook_positions[0] == "blocks.15.hook_resid_post"
+    assert len(ds.loss.in_to_orig.hook_positions) == 15 and ds.loss.logits_kl.coeff == 0.5
+    assert mod.run_config(args, "e2e", 1.0, args.calib_tokens).n_samples == int(2e6 // 1024)

@@ -208,6 +208,49 @@ def plot_fronts(runs: list[RunInfo], budgets: list[int], out_dir: Path) -> list[
     return paths
 
 
+def plot_by_coefficient(runs: list[RunInfo], budgets: list[int], out_dir: Path) -> list[Path]:
+    """L0 and CE-loss increase of each (type, sparsity coefficient) against the token budget."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from e2e_sae.analysis.plots import TYPE_COLORS
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    seed0 = [r for r in runs if r.config.seed == 0]
+    for kind in TYPE_ORDER:
+        coeffs = sorted({_coeff(r) for r in seed0 if r.sae_type == kind})
+        for j, c in enumerate(coeffs):
+            rs = sorted((r for r in seed0 if r.sae_type == kind and _coeff(r) == c),
+                        key=lambda r: r.config.n_samples or 0)  # fmt: skip
+            xs = [(r.config.n_samples or 0) * 128 for r in rs]
+            style = dict(
+                color=TYPE_COLORS[kind], marker="o", alpha=0.45 + 0.55 * (j + 1) / len(coeffs)
+            )
+            axes[0].plot(xs, [r.sae(POSITION)["l0"] for r in rs], label=f"{kind} λ={c:g}", **style)
+            axes[1].plot(xs, [r.eval["ce_loss_increase"] for r in rs], **style)
+    for ax, label in zip(axes, ("L0", "CE-loss increase (nats)"), strict=True):
+        ax.set_xscale("log")
+        if all(v > 0 for line in ax.get_lines() for v in line.get_ydata()):  # type: ignore[union-attr]
+            ax.set_yscale("log")
+        ax.set_xlabel("training tokens")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3, which="both")
+    axes[0].legend(fontsize=6, ncol=2)
+    fig.suptitle("Each sparsity coefficient across budgets (seed 0)", fontsize=10)
+    fig.tight_layout()
+    paths = [out_dir / f"by_coefficient.{ext}" for ext in ("png", "svg")]
+    for path in paths:
+        fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return paths
+
+
+def _coeff(r: RunInfo) -> float:
+    return r.config.loss.sparsity.coeff if r.config.loss.sparsity else math.nan
+
+
 def write_results(sweep: Sweep, root: Path, budgets: list[int], argv: list[str]) -> None:
     runs = load_runs([r.run_dir for r in sweep.runs])
     results = root / "results"
@@ -217,7 +260,8 @@ def write_results(sweep: Sweep, root: Path, budgets: list[int], argv: list[str])
         seeds = sorted({r.config.seed for r in at})
         summary[str(n)] = {"tokens": n * 128,
                            "seeds": {str(s): budget_summary(at, s) for s in seeds}}  # fmt: skip
-    plots = plot_ratios(summary, budgets, results) + plot_fronts(runs, budgets, results)
+    plots = (plot_ratios(summary, budgets, results) + plot_fronts(runs, budgets, results)
+             + plot_by_coefficient(runs, budgets, results))  # fmt: skip
     timing_file = results / "timing.json"
     timing = json.loads(timing_file.read_text()) if timing_file.exists() else {}
     clean = runs[0].eval["ce_loss_clean"]
