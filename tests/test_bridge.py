@@ -351,3 +351,18 @@ def test_smollm2_bridge_matches_hooked(smollm2_pair: tuple[HookedTransformer, Tr
         for name in values[0]:
             a, b = float(values[1][name]), float(values[0][name])
             assert abs(a - b) <= 1e-4 * abs(b), (name, a, b)
+
+
+def test_dry_run_and_cache_source_with_backend_bridge(
+    bridge_config: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from e2e_sae.act_cache import model_source
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(bridge_config()))
+    assert main(["train", str(path), "--dry-run"]) == 0
+    assert "hooks not checked: backend bridge" in capsys.readouterr().err
+    config = load_config(bridge_config())
+    assert model_source(config) == {"hf_model_name": config.hf_model_name, "backend": "bridge"}
+    hooked = load_config(bridge_config(hf_model_name="gpt2", backend="auto"))
+    assert model_source(hooked) == {"hf_model_name": "gpt2"}  # as caches recorded it before
