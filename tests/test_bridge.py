@@ -270,8 +270,8 @@ def test_train_eval_export_with_backend_bridge(bridge_run: Path, tmp_path: Path)
 
     from e2e_sae.analysis.browser import write_browser
 
-    page = write_browser(model, tmp_path / "b.html", n_tokens=32, features=[0, 1], ablate=2)
-    assert page.is_file()
+    page = write_browser(model, tmp_path / "browser", n_tokens=32, page_size=8, ablate=2)
+    assert page.is_file() and (page.parent / "data").is_dir()
 
 
 def test_local_training_with_backend_bridge(bridge_config: Any) -> None:
