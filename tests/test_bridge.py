@@ -233,6 +233,9 @@ def test_device_map_cpu_and_n_devices_1(bridge_config: Any, config_dict: Any) ->
             outs.append(model.forward_raw(tokens)[0])
     for out in outs[1:]:
         torch.testing.assert_close(out, outs[0])
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match=r"^n_devices: n_devices=2 requires CUDA"):
+            build_model(load_config(bridge_config(n_devices=2)), device="cpu")
     hooked = build_model(load_config(config_dict(n_devices=1)), device="cpu")
     assert hooked.backend == "hooked" and hooked.tlens_model.cfg.n_devices == 1
 

@@ -105,9 +105,13 @@ def load_bridge(
             warnings.simplefilter("ignore")  # deprecation and "eager attention" notices
             bridge = TransformerBridge.boot_transformers(source, dtype=torch.float32, **placement)
     except Exception as err:  # noqa: BLE001 - hub/network/format failures become one line
-        where = "from" if local else "from the Hugging Face Hub"
+        msg = first_line(err)
+        for key in ("device_map", "n_devices"):  # a placement the machine cannot give
+            if placement.get(key) is not None and key in msg:
+                raise UserError(f"{key}: {msg}") from None
+        where = "" if local else " from the Hugging Face Hub"
         raise UserError(
-            f"{field}: cannot load '{name}' {where} ({first_line(err)}); {OFFLINE_MODELS_HINT}"
+            f"{field}: cannot load '{name}'{where} ({msg}); {OFFLINE_MODELS_HINT}"
         ) from None
     logger.info("Booted %s as a TransformerBridge in %.1f s", name, time.perf_counter() - start)
     return bridge.eval()
