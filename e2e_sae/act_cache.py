@@ -46,7 +46,9 @@ FORMAT_VERSION = 1
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 LOCAL_TERMS = ("sparsity", "out_to_in", "out_to_orig")
 """Loss terms that only need the clean activations at the SAE hooks (what a cache holds)."""
-MODEL_KEYS = ("tlens_model_name", "tlens_model_path", "tlens_config")
+MODEL_KEYS = ("tlens_model_name", "tlens_model_path", "tlens_config", "hf_model_name", "backend")
+"""What `model_source` records (`backend` only when it resolves to bridge, so caches of
+HookedTransformer runs read as before)."""
 
 
 def _file_name(hook: str) -> str:
@@ -306,10 +308,15 @@ def hook_field(site: SpliceSite, hook: str) -> str:
 
 def model_source(config: Config) -> dict[str, Any]:
     """What identifies `config`'s LM; a cache records it and every config trained from it must
-    give the same (paths compared resolved)."""
+    give the same (paths compared resolved). A bridge's activations are the stock HF model's,
+    which a HookedTransformer's weight processing may shift, so the backend counts too."""
+    from e2e_sae.models.bridge import resolve_backend
+
     out: dict[str, Any] = {}
     for key in MODEL_KEYS:
-        value = getattr(config, key)
+        value = getattr(config, key) if key != "backend" else None
+        if key == "backend" and resolve_backend(config) == "bridge":
+            value = "bridge"
         if isinstance(value, Path):
             value = str(value.expanduser().resolve())
         if value is not None:

@@ -233,12 +233,10 @@ def load_sae_weights(
 
 
 def build_model(config: Config, device: str | None = None) -> SAETransformer:
-    from e2e_sae.models import default_device, load_tlens_model
+    from e2e_sae.models import default_device, load_lm
 
     device = device or config.device or default_device()
-    tlens = load_tlens_model(
-        config.tlens_model_name, config.tlens_model_path, config.tlens_config, device=device
-    )
+    tlens = load_lm(config, device=device)
     # HookedTransformer re-seeds torch with its cfg.seed; without this every run's SAE init
     # would be the same whatever `seed` the run config sets.
     torch.manual_seed(config.seed)
@@ -255,7 +253,8 @@ def build_model(config: Config, device: str | None = None) -> SAETransformer:
         architecture_kwargs=kwargs,
         transcoders=[(t.input, t.output) for t in s.transcoders],
     )
-    return model.to(device)
+    # With a device_map the LM is where from_pretrained put it; the SAEs join its embedding.
+    return model.to(model.lm.device if config.device_map is not None else device)
 
 
 def load_run(

@@ -63,7 +63,12 @@ def cache_summary(cache: ActivationCache) -> str:
     n_tokens = len(cache) * int(m["n_ctx"])
     seconds = float(m.get("build_seconds", 0.0)) or float("nan")
     src = m.get("model_source", {})
-    model = src.get("tlens_model_name") or src.get("tlens_model_path") or m["model"]
+    model = (
+        src.get("tlens_model_name")
+        or src.get("hf_model_name")
+        or src.get("tlens_model_path")
+        or m["model"]
+    )
     return "\n".join([
         table(["hook", "shape", "dtype"], rows),
         f"\n{len(cache)} windows x {m['n_ctx']} tokens of {model}, {_mib(cache.nbytes())} on "

@@ -158,8 +158,13 @@ class SAEsConfig(_Frozen):
         return self
 
 
+MODEL_SOURCES = ("tlens_model_name", "tlens_model_path", "tlens_config", "hf_model_name")
+"""The config keys that name the LM; exactly one is set."""
+
+
 class Config(_Frozen):
-    """A training run of one or more SAEs spliced into a TransformerLens model."""
+    """A training run of one or more SAEs spliced into a TransformerLens model (a
+    HookedTransformer, or a TransformerBridge around any Hugging Face causal LM)."""
 
     wandb_project: str | None = None
     wandb_run_name: str | None = None
@@ -169,6 +174,21 @@ class Config(_Frozen):
     tlens_model_path: Path | None = None
     tlens_config: dict[str, Any] | None = None
     """HookedTransformerConfig fields (+ optional `seed`) for a random-weight model."""
+    hf_model_name: str | None = None
+    """Any Hugging Face causal LM: a hub name, or a local folder with config.json + weights
+    (+ tokenizer files). Loaded through TransformerLens' TransformerBridge unless `backend`
+    says hooked (see `backend`)."""
+    backend: Literal["auto", "hooked", "bridge"] = "auto"
+    """How the LM runs: `hooked` (HookedTransformer; every fast path), `bridge`
+    (TransformerBridge: any HF causal LM, plain forward passes), or `auto`: hooked for
+    tlens_config / tlens_model_path / built-in models / models HookedTransformer supports, bridge
+    otherwise (and whenever `device_map` is set)."""
+    device_map: str | dict[str, str | int] | None = None
+    """Passed to Hugging Face `from_pretrained` (e.g. "auto", "cpu", or a module -> device
+    mapping); backend bridge only. The SAEs live on the embedding's device."""
+    n_devices: PositiveInt | None = None
+    """Split the LM over this many GPUs (HookedTransformer's `n_devices`; the bridge balances
+    the layers over that many GPUs). Not together with device_map."""
     save_dir: Path | None = Path("runs")
     run_name: str | None = None
     n_samples: PositiveInt | None = None
@@ -210,15 +230,24 @@ class Config(_Frozen):
 
     @model_validator(mode="after")
     def _check(self) -> Config:
-        sources = [
-            n for n in ("tlens_model_name", "tlens_model_path", "tlens_config") if getattr(self, n)
-        ]
+        sources = [n for n in MODEL_SOURCES if getattr(self, n)]
         if len(sources) != 1:
             got = ", ".join(sources) if sources else "none"
+            raise ValueError(f"exactly one of {', '.join(MODEL_SOURCES)} must be set (got {got})")
+        hooked_only = self.tlens_config is not None or self.tlens_model_path is not None
+        if self.backend == "bridge" and hooked_only:
             raise ValueError(
-                "exactly one of tlens_model_name, tlens_model_path, tlens_config must be set "
-                f"(got {got})"
+                f"backend: bridge needs a Hugging Face model (hf_model_name or tlens_model_name); "
+                f"{sources[0]} builds a HookedTransformer"
             )
+        if self.device_map is not None:
+            if self.backend == "hooked" or hooked_only:
+                raise ValueError(
+                    "device_map: only for backend bridge with a Hugging Face model "
+                    "(HookedTransformer splits over GPUs with n_devices)"
+                )
+            if self.n_devices is not None:
+                raise ValueError("device_map: give device_map or n_devices, not both")
         if self.effective_batch_size is not None and self.effective_batch_size % self.batch_size:
             raise ValueError(
                 f"effective_batch_size ({self.effective_batch_size}) must be a multiple of "

@@ -3,7 +3,8 @@
 The model is built from its HookedTransformerConfig on the meta device (no memory, no weights, no
 tokenizer), so its hook names are exactly those of the real run and the same `filter_names` rules
 apply. Hub models need their config from the Hugging Face Hub (or its cache); when it cannot be
-had, the hooks are not checked and `check_hooks` says why.
+had, the hooks are not checked and `check_hooks` says why. Neither are they for `backend: bridge`
+(a TransformerBridge's hook names come from the loaded Hugging Face model).
 """
 
 from __future__ import annotations
@@ -24,7 +25,10 @@ def model_config(config: Config) -> Any:
     from transformer_lens import HookedTransformerConfig
 
     from e2e_sae.models import _CFG_KEYS, MODEL_CONFIG, builtin_model_dir
+    from e2e_sae.models.bridge import resolve_backend
 
+    if resolve_backend(config) == "bridge":
+        raise UserError("backend bridge: the TransformerBridge's hook names need the loaded model")
     fields: dict[str, Any] | None = None
     if config.tlens_config is not None:
         fields = dict(config.tlens_config)
@@ -35,7 +39,7 @@ def model_config(config: Config) -> Any:
             raise UserError(f"tlens_model_path: {path} is not a saved model (no {MODEL_CONFIG})")
         fields = json.loads((folder / MODEL_CONFIG).read_text())
     else:
-        name = config.tlens_model_name
+        name = config.tlens_model_name or config.hf_model_name
         assert name is not None
         from e2e_sae.models.gguf import is_gguf_model_name, smollm2_config
 

@@ -275,8 +275,10 @@ def _zero_ablated_logits(model: SAETransformer, tokens: Tensor, positions: list[
     def zero(x: Tensor, hook: Any) -> Tensor:
         return torch.zeros_like(x)
 
-    with model.tlens_model.hooks(fwd_hooks=[(p, zero) for p in positions]):
-        return model.tlens_model(tokens)
+    with model.lm.hooks([(p, zero) for p in positions]):
+        logits = model.lm.run(tokens)
+    assert logits is not None
+    return logits
 
 
 @torch.no_grad()

@@ -12,6 +12,10 @@ Where `e2e_sae.fastlm` supports the model and hooks, the fast path runs the LM t
 forward (weights laid out once, fused attention; optionally bf16 matmuls) and hands the KL term the
 final residuals instead of logits, so it never holds [tokens, d_vocab] for either run
 (`losses.kl_from_final`). Otherwise it uses TransformerLens with `start_at_layer`.
+
+The LM is reached through `model.lm` (`e2e_sae.lm_runner`). A TransformerBridge (backend bridge)
+has no lean forward and cannot start from a residual: its e2e steps run both passes from the
+tokens (the reference path's passes); local steps still stop right after the last hook.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from torch import Tensor
 
 from e2e_sae.config import LossConfigs
 from e2e_sae.errors import UserError
-from e2e_sae.fastlm import LeanLM, get_lean_lm
+from e2e_sae.fastlm import LeanLM
 from e2e_sae.losses import KLTarget, LossInputs, Unembedding
 from e2e_sae.saes import CacheActs, SAEActs
 from e2e_sae.saes.matryoshka import batched_prefix_passes, full_copy, prefix_passes
@@ -107,12 +111,13 @@ def run_forward(
 ) -> LossInputs:
     """Run the passes the plan needs; gradients flow only into the SAEs."""
     if not reference:
-        lean = get_lean_lm(model.tlens_model, plan.precision)
+        lean = model.lm.lean(plan.precision)
         if lean is not None and lean.supports(_hooks_used(model, plan)):
             return _run_lean(model, lean, tokens, plan)
     if plan.teacher is not None:
         raise UserError(
-            "teacher_cache: needs the fast path (fastlm) for this model and these hooks"
+            "teacher_cache: needs the fast path (fastlm) for this model and these hooks "
+            f"(backend hooked; this model runs on backend {model.backend})"
         )
     if not plan.e2e:
         with torch.no_grad():
@@ -126,7 +131,7 @@ def run_forward(
             transcoder_targets=plan.transcoder_targets,
             saes={p: model.sae(p) for p in plan.sae_positions},
         )
-    start = 0 if reference else first_sae_layer(model, plan)
+    start = 0 if reference or not model.lm.supports_start_at_layer else first_sae_layer(model, plan)
     n = plan.prefix_passes
     if start == 0:
         with torch.no_grad():
@@ -134,9 +139,9 @@ def run_forward(
         with _prefix_copies(model, plan):
             new_logits, acts = model.forward(_tile(tokens, n), plan.sae_positions, plan.new_cache)
     else:
-        tl = model.tlens_model
         with torch.no_grad():
-            resid = tl(tokens, stop_at_layer=start)
+            resid = model.lm.run(tokens, stop_at_layer=start)
+            assert resid is not None
             orig_logits, cached = model.forward_with_hooks(
                 resid, [], plan.orig_cache, start_at_layer=start
             )

@@ -1,7 +1,9 @@
-"""`SAETransformer`: a frozen TransformerLens model with SAEs spliced in at hook points.
+"""`SAETransformer`: a frozen LM with SAEs spliced in at hook points.
 
 An SAE at hook `h` replaces the activation at `h` by its reconstruction. A transcoder reads hook
 `input` and replaces hook `output` by its prediction. The LM's parameters never receive gradients.
+The LM is a TransformerLens HookedTransformer or TransformerBridge, reached only through its
+`e2e_sae.lm_runner.LMRunner` (`model.lm`).
 """
 
 from __future__ import annotations
@@ -15,17 +17,15 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from transformer_lens import HookedTransformer
-from transformer_lens.hook_points import HookPoint
 from transformer_lens.utilities import LocallyOverridenDefaults, sample_logits
 
 from e2e_sae.config import Config
 from e2e_sae.errors import ConfigError, UserError
+from e2e_sae.lm_runner import LM, LMRunner, make_runner, move_to
+from e2e_sae.lm_runner import Hooks as _Hooks
 from e2e_sae.saes import CacheActs, SAEActs, SAEBase, build_sae
 
 _LAYER_RE = re.compile(r"^blocks\.(\d+)\.")
-# TransformerLens types fwd_hooks as list[tuple[str | Callable, Callable]] (invariant).
-_Hooks = list[tuple[str | Callable[..., Any], Callable[..., Any]]]
 
 
 def sae_key(hook_name: str) -> str:
@@ -97,7 +97,8 @@ class HookShapes(dict[str, tuple[int, ...]]):
 
 
 class SAETransformer(nn.Module):
-    """A frozen HookedTransformer plus a ModuleDict of SAEs keyed by `sae_key(position)`.
+    """A frozen LM (HookedTransformer or TransformerBridge, `tlens_model`; run through `lm`) plus
+    a ModuleDict of SAEs keyed by `sae_key(position)`.
 
     `sae_positions` lists the hooks whose activations the SAEs replace (for transcoders, the output
     hook); `sites[pos]` says where each SAE reads. As in the original library, `raw_sae_positions`
@@ -107,7 +108,7 @@ class SAETransformer(nn.Module):
 
     def __init__(
         self,
-        tlens_model: HookedTransformer,
+        tlens_model: LM,
         raw_sae_positions: Sequence[str] | str,
         dict_size_to_input_ratio: float,
         init_decoder_orthogonal: bool = True,
@@ -120,8 +121,9 @@ class SAETransformer(nn.Module):
         self.tlens_model = tlens_model.eval()
         for p in self.tlens_model.parameters():
             p.requires_grad_(False)
+        self.lm: LMRunner = make_runner(tlens_model)
         patterns = [raw_sae_positions] if isinstance(raw_sae_positions, str) else raw_sae_positions
-        self.all_hook_names = list(self.tlens_model.hook_dict.keys())
+        self.all_hook_names = self.lm.hook_names()
         sites: dict[str, SpliceSite] = {}
         if patterns:
             for name in filter_names(self.all_hook_names, list(patterns), "saes.sae_positions"):
@@ -132,6 +134,11 @@ class SAETransformer(nn.Module):
             if sites.get(o) is not None:
                 raise ConfigError(f"saes.transcoders.output: '{o}' already has an SAE")
             sites[o] = SpliceSite(i, o)
+        for pos, site in sites.items():
+            problem = self.lm.replace_problem(pos)
+            if problem is not None:
+                field = "saes.transcoders.output" if site.is_transcoder else "saes.sae_positions"
+                raise ConfigError(f"{field}: {problem}")
         order = {n: i for i, n in enumerate(self.all_hook_names)}
         self.sae_positions = sorted(sites, key=order.__getitem__)
         # The original's name for the resolved hook names (its callers pass them to forward()).
@@ -174,7 +181,12 @@ class SAETransformer(nn.Module):
 
     @property
     def n_layers(self) -> int:
-        return self.tlens_model.cfg.n_layers
+        return self.lm.n_layers
+
+    @property
+    def backend(self) -> str:
+        """The LM's backend: `hooked` (HookedTransformer) or `bridge` (TransformerBridge)."""
+        return self.lm.backend
 
     def sae(self, position: str) -> SAEBase:
         sae = self.saes[sae_key(position)]
@@ -199,7 +211,7 @@ class SAETransformer(nn.Module):
 
     @torch.no_grad()
     def _measure_shapes(self, hook_names: Sequence[str]) -> dict[str, tuple[int, ...]]:
-        tokens = torch.zeros(1, 2, dtype=torch.long, device=self.tlens_model.cfg.device)
+        tokens = torch.zeros(1, 2, dtype=torch.long, device=self.lm.device)
         _, cache = self.run_until(tokens, hook_names)
         return {k: tuple(v.shape) for k, v in cache.items()}
 
@@ -223,11 +235,15 @@ class SAETransformer(nn.Module):
 
     def to(self, *args: Any, **kwargs: Any) -> SAETransformer:
         """`nn.Module.to`, also updating the LM's cfg.device / cfg.dtype as TransformerLens'
-        own `to` does (it creates new tensors, e.g. tokens, on cfg.device)."""
-        w = self.tlens_model.embed.W_E
+        own `to` does (it creates new tensors, e.g. tokens, on cfg.device). An LM spread over
+        several devices (`n_devices` / `device_map`) stays where it is; only the SAEs move."""
+        if self.lm.is_split:
+            self.saes.to(*args, **kwargs)
+            return self
+        w = self.lm.embedding_weight()
         before = (w.device, w.dtype)
         super().to(*args, **kwargs)
-        w = self.tlens_model.embed.W_E
+        w = self.lm.embedding_weight()
         cfg = self.tlens_model.cfg
         if w.device != before[0]:
             cfg.device = str(w.device)
@@ -248,17 +264,22 @@ class SAETransformer(nn.Module):
         if not wanted:
             return None, cache
 
-        def cache_hook(x: Tensor, hook: HookPoint) -> Tensor:
-            assert hook.name is not None
-            cache[hook.name] = x
-            if wanted.issubset(cache):
-                raise _StopForward
-            return x
+        device = self.lm.device
 
-        hooks: _Hooks = [(h, cache_hook) for h in wanted]
+        def cache_hook(name: str) -> Callable[..., Tensor]:
+            # By the name asked for: a bridge calls hooks with its canonical name, not the alias.
+            def hook(x: Tensor, hook: Any = None) -> Tensor:
+                cache[name] = move_to(x, device)
+                if wanted.issubset(cache):
+                    raise _StopForward
+                return x
+
+            return hook
+
+        hooks: _Hooks = [(h, cache_hook(h)) for h in wanted]
         try:
-            with self.tlens_model.hooks(fwd_hooks=hooks):
-                self.tlens_model(tokens, return_type=None)
+            with self.lm.hooks(hooks):
+                self.lm.run(tokens, return_type=None)
         except _StopForward:
             pass
         return None, cache
@@ -289,9 +310,9 @@ class SAETransformer(nn.Module):
         if not run_entire_model and final_layer is None:
             return self.run_until(tokens, names)
         cache: dict[str, Tensor] = {}
-        hooks: _Hooks = [(h, _cache_into(cache)) for h in names]
-        with self.tlens_model.hooks(fwd_hooks=hooks):
-            out = self.tlens_model(tokens, stop_at_layer=final_layer)
+        hooks: _Hooks = [(h, _cache_into(cache, h, self.lm.device)) for h in names]
+        with self.lm.hooks(hooks):
+            out = self.lm.run(tokens, stop_at_layer=final_layer)
         return out, cache
 
     def forward(
@@ -329,10 +350,11 @@ class SAETransformer(nn.Module):
         cache_positions: Sequence[str] | None = None,
         **model_kwargs: Any,
     ) -> tuple[Tensor | None, dict[str, SAEActs | CacheActs]]:
-        """Run the LM (from tokens, or from a residual with `start_at_layer=`) with SAE hooks."""
+        """Run the LM (from tokens, or from a residual with `start_at_layer=`, which backend bridge
+        lacks) with SAE hooks."""
         hooks, acts = self.splice_hooks(sae_positions, cache_positions)
-        with self.tlens_model.hooks(fwd_hooks=hooks):
-            logits = self.tlens_model(model_input, **model_kwargs)
+        with self.lm.hooks(hooks):
+            logits = self.lm.run(model_input, **model_kwargs)
         return logits, acts
 
     def splice_hooks(
@@ -356,7 +378,7 @@ class SAETransformer(nn.Module):
                 hooks.append((pos, _transcoder_write_hook(pos, pending)))
         for h in cache_positions or []:
             if h not in sae_positions:
-                hooks.append((h, _cache_into(acts, wrap=CacheActs)))
+                hooks.append((h, _cache_into(acts, h, self.lm.device, wrap=CacheActs)))
         return hooks, acts
 
     def spliced_activation(self, hook: str, act: SAEActs | CacheActs) -> Tensor:
@@ -397,7 +419,7 @@ class SAETransformer(nn.Module):
         that a model with no known EOS generates `max_new_tokens` instead of failing, and
         `verbose` (a progress bar) defaults to False.
         """
-        tl = self.tlens_model
+        tl: Any = self.tlens_model  # HookedTransformer or TransformerBridge: the same text API
         positions = None if sae_positions is None else self.resolve_sae_positions(sae_positions)
         if return_type not in ("input", "str", "tensor", "tokens", None):
             raise UserError(
@@ -428,7 +450,7 @@ class SAETransformer(nn.Module):
                 )
             stop_tokens = self._stop_tokens(stop_at_eos, eos_token_id)
             hooks = self.splice_hooks(positions)[0] if positions is not None else []
-            with self._eval_mode(), tl.hooks(fwd_hooks=hooks):
+            with self._eval_mode(), self.lm.hooks(hooks):
                 tokens = self._sample_loop(
                     tokens, max_new_tokens, stop_tokens, do_sample,
                     top_k, top_p, temperature, freq_penalty, verbose,
@@ -447,7 +469,7 @@ class SAETransformer(nn.Module):
         if not stop_at_eos:
             return []
         if eos_token_id is None:
-            tok = self.tlens_model.tokenizer
+            tok = self.lm.tokenizer
             eos_token_id = getattr(tok, "eos_token_id", None) if tok is not None else None
         if eos_token_id is None:
             return []
@@ -470,7 +492,9 @@ class SAETransformer(nn.Module):
         finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
         stops = torch.tensor(stop_tokens, dtype=tokens.dtype, device=tokens.device)
         for _ in tqdm(range(max_new_tokens), disable=not verbose, leave=False):
-            final_logits = self.tlens_model(tokens)[:, -1, :]
+            logits = self.lm.run(tokens)
+            assert logits is not None
+            final_logits = logits[:, -1, :]
             if do_sample:
                 new = sample_logits(
                     final_logits, top_k=top_k, top_p=top_p, temperature=temperature,
@@ -544,7 +568,7 @@ class SAETransformer(nn.Module):
     @classmethod
     def from_saelens(
         cls,
-        tlens_model: HookedTransformer,
+        tlens_model: LM,
         paths: Sequence[str | Path],
         device: str | None = None,
         allow_inexact: bool = False,
@@ -557,20 +581,25 @@ class SAETransformer(nn.Module):
         return model.eval()
 
 
-def _cache_into(store: dict, wrap: Callable[[Tensor], Any] = lambda x: x) -> Callable[..., Tensor]:
-    def hook(x: Tensor, hook: HookPoint) -> Tensor:
-        assert hook.name is not None
-        store[hook.name] = wrap(x)
+# The hook functions below key what they store by the name they were registered under (a bridge
+# calls them with its canonical hook point, not the alias asked for) and keep everything on the
+# SAEs' device (a no-op unless the LM is spread over several devices).
+def _cache_into(
+    store: dict, name: str, device: torch.device, wrap: Callable[[Tensor], Any] = lambda x: x
+) -> Callable[..., Tensor]:
+    def hook(x: Tensor, hook: Any = None) -> Tensor:
+        store[name] = wrap(move_to(x, device))
         return x
 
     return hook
 
 
 def _replace_hook(sae: SAEBase, pos: str, acts: dict) -> Callable[..., Tensor]:
-    def hook(x: Tensor, hook: HookPoint) -> Tensor:
-        output, c = sae(x)
-        acts[pos] = SAEActs(x, c, output)
-        return output
+    def hook(x: Tensor, hook: Any = None) -> Tensor:
+        x_in = move_to(x, sae.device)
+        output, c = sae(x_in)
+        acts[pos] = SAEActs(x_in, c, output)
+        return move_to(output, x.device)
 
     return hook
 
@@ -578,9 +607,10 @@ def _replace_hook(sae: SAEBase, pos: str, acts: dict) -> Callable[..., Tensor]:
 def _transcoder_read_hook(
     sae: SAEBase, pos: str, acts: dict, pending: dict[str, Tensor]
 ) -> Callable[..., Tensor]:
-    def hook(x: Tensor, hook: HookPoint) -> Tensor:
-        output, c = sae(x)
-        acts[pos] = SAEActs(x, c, output)
+    def hook(x: Tensor, hook: Any = None) -> Tensor:
+        x_in = move_to(x, sae.device)
+        output, c = sae(x_in)
+        acts[pos] = SAEActs(x_in, c, output)
         pending[pos] = output
         return x
 
@@ -588,7 +618,7 @@ def _transcoder_read_hook(
 
 
 def _transcoder_write_hook(pos: str, pending: dict[str, Tensor]) -> Callable[..., Tensor]:
-    def hook(x: Tensor, hook: HookPoint) -> Tensor:
-        return pending.pop(pos)
+    def hook(x: Tensor, hook: Any = None) -> Tensor:
+        return move_to(pending.pop(pos), x.device)
 
     return hook

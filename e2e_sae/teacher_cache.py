@@ -41,7 +41,6 @@ from tqdm.auto import tqdm
 
 from e2e_sae.config import Config
 from e2e_sae.errors import ConfigError, UserError
-from e2e_sae.fastlm import get_lean_lm
 from e2e_sae.losses import KLTarget, Unembedding, chunked_unembed_kl
 from e2e_sae.splice import SAETransformer
 
@@ -95,9 +94,11 @@ def kl_topk(
 
 def clean_logits(model: SAETransformer, tokens: Tensor) -> Tensor:
     """The clean LM's logits (through `fastlm` where it applies)."""
-    lean = get_lean_lm(model.tlens_model)
+    lean = model.lm.lean()
     if lean is None:
-        return model.tlens_model(tokens)
+        logits = model.lm.run(tokens)
+        assert logits is not None
+        return logits
     final = lean.run(tokens)
     assert final is not None
     return lean.logits(final)
@@ -229,7 +230,7 @@ def build_for_config(
         raise UserError(f"teacher cache {path}: already exists")
     check_device(device or config.device)
     model = build_model(config, device=device)
-    d_vocab = model.tlens_model.cfg.d_vocab
+    d_vocab = model.lm.d_vocab
     if not 0 < k < d_vocab:
         raise UserError(f"--k: expected 1 to {d_vocab - 1} (the model's d_vocab - 1), got {k}")
     batches = training_batches(config, model)

@@ -399,15 +399,15 @@ def data_errors(field: str) -> Iterator[None]:
 def check_vocab(model: SAETransformer, tokens: Tensor, field: str) -> None:
     """Token ids and window length must fit the model (a wrong tokenizer or n_ctx otherwise
     fails deep inside the forward pass)."""
-    if tokens.shape[-1] > model.tlens_model.cfg.n_ctx:
+    if tokens.shape[-1] > model.lm.n_ctx:
         raise UserError(f"{field}.n_ctx: {tokens.shape[-1]} is longer than the model's context "
-                        f"n_ctx={model.tlens_model.cfg.n_ctx}")  # fmt: skip
+                        f"n_ctx={model.lm.n_ctx}")  # fmt: skip
     low, top = int(tokens.min()), int(tokens.max())
     if low < 0:
         raise UserError(f"{field}: token id {low} is negative (token ids are 0 .. d_vocab - 1)")
-    if top >= model.tlens_model.cfg.d_vocab:
+    if top >= model.lm.d_vocab:
         raise UserError(
-            f"{field}: token id {top} >= the model's d_vocab {model.tlens_model.cfg.d_vocab} "
+            f"{field}: token id {top} >= the model's d_vocab {model.lm.d_vocab} "
             "(tokenizer_name does not match the model)"
         )
 

@@ -316,17 +316,15 @@ def logit_effects(
 ) -> LogitEffects | None:
     """Promoted and suppressed tokens per feature (None when the SAE does not write to a
     d_model-sized activation)."""
-    tl = model.tlens_model
     dirs = model.sae(position).dict_elements[:, features.to(model.sae(position).device)]
-    w_u = tl.W_U
+    w_u, w_ln, centred = model.lm.unembedding()
     if dirs.shape[0] != w_u.shape[0]:
         return None
-    dirs = dirs.float()
-    if tl.cfg.normalization_type in ("LN", "LNPre"):
+    dirs = dirs.float().to(w_u.device)
+    if centred:
         dirs = dirs - dirs.mean(0, keepdim=True)
-    w_ln = getattr(tl.ln_final, "w", None)
-    if isinstance(w_ln, Tensor):
-        dirs = dirs * w_ln[:, None]
+    if w_ln is not None:
+        dirs = dirs * w_ln.float()[:, None]
     out: list[list[Tensor]] = [[], [], [], [], []]
     k = min(n, w_u.shape[1])
     for s in range(0, dirs.shape[1], chunk):
@@ -371,7 +369,6 @@ def ablation_kl(
     number of tokens used). One forward pass per feature: meant for a few dozen features."""
     sae = model.sae(position)
     site = model.sites[position]
-    tl = model.tlens_model
     tokens = tokens.to(sae.device)
     _, cache = model.forward_raw(
         tokens, run_entire_model=False, cache_positions=[site.input_hook], cache_sae_positions=False
@@ -383,7 +380,9 @@ def ablation_kl(
         def put(a: Tensor, hook: Any) -> Tensor:
             return act.to(a.dtype)
 
-        logits = tl.run_with_hooks(tokens, fwd_hooks=[(site.output_hook, put)])
+        with model.lm.hooks([(site.output_hook, put)]):
+            logits = model.lm.run(tokens)
+        assert logits is not None
         return torch.log_softmax(logits.float(), dim=-1)
 
     logp = logprobs(out)
@@ -909,4 +908,4 @@ def _tokenizer_for(model: SAETransformer, name: str | None) -> Any:
             return load_tokenizer(name)
         except UserError:
             pass
-    return getattr(model.tlens_model, "tokenizer", None)
+    return model.lm.tokenizer

@@ -160,7 +160,7 @@ def to_saebench(
         raise UserError(f"SAEBench: no SAE at '{position}' (have {model.sae_positions})")
     config = model.run_config
     if model_name is None and config is not None:
-        model_name = config.tlens_model_name
+        model_name = config.tlens_model_name or config.hf_model_name
     if context_size is None and config is not None:
         context_size = config.train_data.n_ctx
     name = model_name or str(model.tlens_model.cfg.model_name)

@@ -44,8 +44,7 @@ from e2e_sae.errors import UserError, check_output_folder
 from e2e_sae.saes import SAEBase, build_sae
 
 if TYPE_CHECKING:
-    from transformer_lens import HookedTransformer
-
+    from e2e_sae.lm_runner import LM
     from e2e_sae.splice import SAETransformer
 
 logger = logging.getLogger(__name__)
@@ -457,12 +456,21 @@ def export_run_saelens(
             run_dir, checkpoint = run.run_dir, run.checkpoint_path
     meta: dict[str, Any] = {}
     if config is not None:
+        from e2e_sae.models.bridge import resolve_backend
+
         model_name = (
             model_name
             or config.tlens_model_name
+            or config.hf_model_name
             or (str(config.tlens_model_path) if config.tlens_model_path else None)
         )
         meta = {
+            # The activations are the stock HF model's (no weight folding or centring).
+            **(
+                {"model_class_name": "TransformerBridge"}
+                if resolve_backend(config) == "bridge"
+                else {}
+            ),  # fmt: skip
             "context_size": config.train_data.n_ctx,
             "dataset_path": config.train_data.dataset_name,
             "e2e_sae_config": config_to_yaml_dict(config),
@@ -677,7 +685,7 @@ def load_saelens_sae(
 
 
 def saelens_transformer(
-    tlens_model: HookedTransformer,
+    tlens_model: LM,
     paths: Sequence[str | os.PathLike[str]],
     *,
     device: str | torch.device | None = None,

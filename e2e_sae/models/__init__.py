@@ -1,4 +1,8 @@
-"""Where the frozen LM comes from: a hub name, a GGUF (SmolLM2), a local checkpoint, or a config."""
+"""Where the frozen LM comes from: a hub name, a GGUF (SmolLM2), a local checkpoint, or a config.
+
+`load_tlens_model` gives HookedTransformers; `load_lm` also gives TransformerBridges around any
+Hugging Face causal LM (`hf_model_name`, `backend: bridge`; see `e2e_sae.models.bridge`).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -15,21 +19,29 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from e2e_sae.errors import ConfigError, UserError
 
+if TYPE_CHECKING:
+    from e2e_sae.config import Config
+    from e2e_sae.lm_runner import LM
+
 logger = logging.getLogger(__name__)
 
 MODEL_WEIGHTS = "model.safetensors"
 MODEL_CONFIG = "tlens_config.json"
 OFFLINE_MODELS_HINT = (
-    "offline models: smollm2-135m, shakespeare-lm, a tlens_model_path, or a tlens_config"
+    "offline models: smollm2-135m, shakespeare-lm, a tlens_model_path, a tlens_config, or a "
+    "local Hugging Face model folder as hf_model_name"
 )
 
 
 def build_random_model(
-    tlens_config: dict[str, Any], device: str | None = None
+    tlens_config: dict[str, Any], device: str | None = None, n_devices: int | None = None
 ) -> HookedTransformer:
-    """A random-weight HookedTransformer from HookedTransformerConfig fields (+ `seed`)."""
+    """A random-weight HookedTransformer from HookedTransformerConfig fields (+ `seed`);
+    `n_devices` overrides the config's."""
     fields = dict(tlens_config)
     fields.setdefault("seed", 0)
+    if n_devices is not None:
+        fields["n_devices"] = n_devices
     tokenizer_name = fields.pop("tokenizer_name", None)
     try:
         cfg = HookedTransformerConfig(**fields, device=device or fields.pop("device", "cpu"))
@@ -74,7 +86,9 @@ def _serialisable_cfg(cfg: HookedTransformerConfig) -> dict[str, Any]:
     return out
 
 
-def load_tlens_model_from_path(path: Path, device: str | None = None) -> HookedTransformer:
+def load_tlens_model_from_path(
+    path: Path, device: str | None = None, n_devices: int | None = None
+) -> HookedTransformer:
     """Load a model saved by `save_tlens_model` (a folder, or its model.safetensors file), or one
     of the original e2e_sae's `epoch_<N>.pt` files (with its `final_config.yaml` beside it)."""
     from e2e_sae.compat.original import load_original_lm, original_lm_file
@@ -92,7 +106,7 @@ def load_tlens_model_from_path(path: Path, device: str | None = None) -> HookedT
     fields = json.loads((folder / MODEL_CONFIG).read_text())
     fields = {k: v for k, v in fields.items() if k in _CFG_KEYS}
     fields["init_weights"] = False
-    model = build_random_model(fields, device=device)
+    model = build_random_model(fields, device=device, n_devices=n_devices)
     try:
         state = load_file(str(weights), device=str(model.cfg.device))
         model.load_state_dict(state, strict=True)
@@ -130,22 +144,32 @@ def builtin_model_dir(name: str) -> Path | None:
     return folder if (folder / MODEL_CONFIG).exists() else None
 
 
-def load_pretrained(name: str, device: str | None = None) -> HookedTransformer:
+def load_pretrained(
+    name: str,
+    device: str | None = None,
+    n_devices: int | None = None,
+    field: str = "tlens_model_name",
+) -> HookedTransformer:
     from e2e_sae.models.gguf import GGUF_MODELS, is_gguf_model_name
 
     if is_gguf_model_name(name):
-        return GGUF_MODELS[name.lower()](device=device or "cpu")
+        return GGUF_MODELS[name.lower()](device=device or "cpu", n_devices=n_devices or 1)
     folder = builtin_model_dir(name)
     if folder is not None:
-        return load_tlens_model_from_path(folder, device=device)
+        return load_tlens_model_from_path(folder, device=device, n_devices=n_devices)
     try:
-        return HookedTransformer.from_pretrained(name, device=device)
+        return HookedTransformer.from_pretrained(name, device=device, n_devices=n_devices or 1)
     except Exception as err:  # noqa: BLE001 - any hub/network failure becomes one line
-        msg = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
         raise UserError(
-            f"tlens_model_name: cannot load '{name}' from the Hugging Face Hub ({msg}); "
+            f"{field}: cannot load '{name}' from the Hugging Face Hub ({first_line(err)}); "
             f"{OFFLINE_MODELS_HINT}"
         ) from None
+
+
+def first_line(err: BaseException, limit: int = 160) -> str:
+    """The first line of an exception's message (its type name if it has none)."""
+    text = str(err).strip()
+    return text.splitlines()[0][:limit] if text else type(err).__name__
 
 
 def load_tlens_model(
@@ -153,17 +177,54 @@ def load_tlens_model(
     tlens_model_path: Path | None = None,
     tlens_config: dict[str, Any] | None = None,
     device: str | None = None,
+    *,
+    n_devices: int | None = None,
 ) -> HookedTransformer:
     """Exactly one source must be given (the config validator guarantees it)."""
     if tlens_config is not None:
-        model = build_random_model(tlens_config, device=device)
+        model = build_random_model(tlens_config, device=device, n_devices=n_devices)
     elif tlens_model_path is not None:
-        model = load_tlens_model_from_path(tlens_model_path, device=device)
+        model = load_tlens_model_from_path(tlens_model_path, device=device, n_devices=n_devices)
     else:
         assert tlens_model_name is not None
-        model = load_pretrained(tlens_model_name, device=device)
+        model = load_pretrained(tlens_model_name, device=device, n_devices=n_devices)
     model.eval()
     return model
+
+
+def load_lm(config: Config, device: str | None = None) -> LM:
+    """The LM of a run config: a HookedTransformer or, for `backend` bridge (or auto on a model
+    HookedTransformer does not support), a TransformerBridge (`e2e_sae.models.bridge`)."""
+    from e2e_sae.models.bridge import is_local_folder, load_bridge, resolve_backend
+
+    name, field = model_name_field(config)
+    if resolve_backend(config) == "bridge":
+        assert name is not None  # the config validator refuses bridge without an HF model
+        return load_bridge(name, field, device, config.device_map, config.n_devices)
+    if config.hf_model_name is not None:
+        if is_local_folder(config.hf_model_name):
+            raise UserError(
+                f"backend: hooked cannot load the local folder {config.hf_model_name} "
+                "(HookedTransformer loads hub models it knows); use backend: bridge or auto"
+            )
+        model = load_pretrained(config.hf_model_name, device, config.n_devices, "hf_model_name")
+        return model.eval()
+    return load_tlens_model(
+        config.tlens_model_name,
+        config.tlens_model_path,
+        config.tlens_config,
+        device=device,
+        n_devices=config.n_devices,
+    )
+
+
+def model_name_field(config: Config) -> tuple[str | None, str]:
+    """(the model's name, the config key it came from) for name sources; (None, key) else."""
+    if config.hf_model_name is not None:
+        return config.hf_model_name, "hf_model_name"
+    if config.tlens_model_name is not None:
+        return config.tlens_model_name, "tlens_model_name"
+    return None, "tlens_model_path" if config.tlens_model_path is not None else "tlens_config"
 
 
 def default_device() -> str:

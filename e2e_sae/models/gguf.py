@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers
@@ -129,13 +130,16 @@ def _cached_gguf_name_maps() -> Iterator[None]:
         gguf_py.get_tensor_name_map = original
 
 
-def load_smollm2_hf(dtype: torch.dtype = torch.float32) -> transformers.PreTrainedModel:
-    """The Hugging Face ``LlamaForCausalLM`` dequantized from the GGUF file (eval mode, CPU)."""
+def load_smollm2_hf(
+    dtype: torch.dtype = torch.float32, **from_pretrained: Any
+) -> transformers.PreTrainedModel:
+    """The Hugging Face ``LlamaForCausalLM`` dequantized from the GGUF file (eval mode, CPU unless
+    `from_pretrained` options such as ``device_map`` place it elsewhere)."""
     path = smollm2_gguf_path()
     try:
         with _cached_gguf_name_maps():
             model = AutoModelForCausalLM.from_pretrained(
-                str(path.parent), gguf_file=path.name, dtype=dtype
+                str(path.parent), gguf_file=path.name, dtype=dtype, **from_pretrained
             )
     except ImportError as err:
         raise UserError(f"model '{SMOLLM2_NAME}': {err}; {_INSTALL_HINT}") from err
@@ -143,7 +147,10 @@ def load_smollm2_hf(dtype: torch.dtype = torch.float32) -> transformers.PreTrain
 
 
 def smollm2_config(
-    eps: float = 1e-5, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    eps: float = 1e-5,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    n_devices: int = 1,
 ) -> HookedTransformerConfig:
     """TransformerLens config of SmolLM2-135M (``eps`` is the HF ``rms_norm_eps``).
 
@@ -175,6 +182,7 @@ def smollm2_config(
         init_weights=False,  # the weights are overwritten right away
         device=str(device),
         dtype=dtype,
+        n_devices=n_devices,
     )
 
 
@@ -182,9 +190,13 @@ def smollm2_from_hf(
     hf_model: transformers.PreTrainedModel,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    n_devices: int = 1,
 ) -> HookedTransformer:
-    """Convert a loaded SmolLM2 HF model into a HookedTransformer (the HF model is left intact)."""
-    cfg = smollm2_config(float(hf_model.config.rms_norm_eps), device=device, dtype=dtype)
+    """Convert a loaded SmolLM2 HF model into a HookedTransformer (the HF model is left intact;
+    `n_devices` > 1 spreads the blocks over that many GPUs, as HookedTransformer does)."""
+    cfg = smollm2_config(
+        float(hf_model.config.rms_norm_eps), device=device, dtype=dtype, n_devices=n_devices
+    )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="HookedTransformer is deprecated")
         tokenizer = load_smollm2_tokenizer()
@@ -208,12 +220,12 @@ def smollm2_from_hf(
 
 
 def load_smollm2(
-    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, n_devices: int = 1
 ) -> HookedTransformer:
     """SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized) as a HookedTransformer, loaded offline."""
     start = time.perf_counter()
     hf_model = load_smollm2_hf(dtype=dtype)
-    model = smollm2_from_hf(hf_model, device=device, dtype=dtype)
+    model = smollm2_from_hf(hf_model, device=device, dtype=dtype, n_devices=n_devices)
     del hf_model
     gc.collect()
     logger.info(
