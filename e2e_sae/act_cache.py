@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from e2e_sae import splice
 from e2e_sae.config import Config
 from e2e_sae.errors import ConfigError, UserError
 from e2e_sae.forward import StepPlan, run_forward
@@ -287,16 +288,8 @@ def check_cacheable(config: Config) -> None:
 def resolve_sites(config: Config, all_hook_names: Sequence[str]) -> dict[str, SpliceSite]:
     """The SAE sites of `config` (as `SAETransformer` resolves them), from the LM's hook names."""
     s = config.saes
-    sites: dict[str, SpliceSite] = {}
-    if s.sae_positions:
-        for name in filter_names(list(all_hook_names), s.sae_positions, "saes.sae_positions"):
-            sites[name] = SpliceSite(name, name)
-    for t in s.transcoders:
-        (i,) = filter_names(list(all_hook_names), [t.input], "saes.transcoders.input")[:1]
-        (o,) = filter_names(list(all_hook_names), [t.output], "saes.transcoders.output")[:1]
-        sites[o] = SpliceSite(i, o)
-    order = {n: k for k, n in enumerate(all_hook_names)}
-    return {p: sites[p] for p in sorted(sites, key=order.__getitem__)}
+    pairs = [(t.input, t.output) for t in s.transcoders]
+    return splice.resolve_sites(list(all_hook_names), s.sae_positions, pairs)
 
 
 def hook_field(site: SpliceSite, hook: str) -> str:

@@ -80,7 +80,7 @@ def check_hooks(config: Config) -> str:
     """Resolve `saes.sae_positions`, `saes.transcoders` and `loss.in_to_orig.hook_positions` as
     the real run does (ConfigError naming the field when one matches nothing); returns a one-line
     summary, or why the hooks could not be checked."""
-    from e2e_sae.splice import filter_names
+    from e2e_sae.splice import filter_names, resolve_sites
 
     try:
         names = hook_names(config)
@@ -89,15 +89,9 @@ def check_hooks(config: Config) -> str:
     except UserError as err:
         return f"hooks not checked: {err}"
     s = config.saes
-    found = filter_names(names, s.sae_positions, "saes.sae_positions") if s.sae_positions else []
-    for t in s.transcoders:
-        for field, pat in (("input", t.input), ("output", t.output)):
-            hit = filter_names(names, [pat], f"saes.transcoders.{field}")
-            if len(hit) > 1:
-                raise ConfigError(
-                    f"saes.transcoders.{field}: '{pat}' matches {len(hit)} hooks; name one hook"
-                )
-        found.append(filter_names(names, [t.output], "saes.transcoders.output")[0])
+    found = list(
+        resolve_sites(names, s.sae_positions, [(t.input, t.output) for t in s.transcoders])
+    )
     if config.loss.in_to_orig is not None:
         field = "loss.in_to_orig.hook_positions"
         filter_names(names, config.loss.in_to_orig.hook_positions, field)

@@ -64,6 +64,14 @@ def filter_names(all_names: Sequence[str], patterns: Sequence[str], field: str) 
     return sorted(out, key=order.__getitem__)
 
 
+def one_hook(all_names: Sequence[str], pattern: str, field: str) -> str:
+    """A hook name, or a substring that matches exactly one hook (else a ConfigError)."""
+    names = filter_names(all_names, [pattern], field)
+    if len(names) > 1:
+        raise ConfigError(f"{field}: '{pattern}' matches {len(names)} hooks; name one hook")
+    return names[0]
+
+
 @dataclass(frozen=True)
 class SpliceSite:
     """Where one SAE reads (`input_hook`) and which activation it replaces (`output_hook`)."""
@@ -74,6 +82,35 @@ class SpliceSite:
     @property
     def is_transcoder(self) -> bool:
         return self.input_hook != self.output_hook
+
+
+def resolve_sites(
+    all_names: Sequence[str],
+    sae_positions: Sequence[str] | None,
+    transcoders: Sequence[tuple[str, str]] = (),
+) -> dict[str, SpliceSite]:
+    """The one resolution of SAE sites, used by the model, the activation cache and `--dry-run`:
+    `sae_positions` patterns (names or substrings, see `filter_names`) and transcoder
+    (input, output) pairs (one hook each), in model order. A hook matched by two entries (two
+    patterns, or a pattern and a transcoder output) or a substring naming several hooks where one
+    is needed is a one-line ConfigError naming the field."""
+    sites: dict[str, SpliceSite] = {}
+    matched_by: dict[str, str] = {}
+    for pat in sae_positions or []:
+        for name in filter_names(all_names, [pat], "saes.sae_positions"):
+            if name in matched_by:
+                raise ConfigError(f"saes.sae_positions: '{pat}' and '{matched_by[name]}' both "
+                                  f"match {name}; list each hook once")  # fmt: skip
+            matched_by[name] = pat
+            sites[name] = SpliceSite(name, name)
+    for inp, outp in transcoders:
+        i = one_hook(all_names, inp, "saes.transcoders.input")
+        o = one_hook(all_names, outp, "saes.transcoders.output")
+        if o in sites:
+            raise ConfigError(f"saes.transcoders.output: '{o}' already has an SAE")
+        sites[o] = SpliceSite(i, o)
+    order = {n: k for k, n in enumerate(all_names)}
+    return {p: sites[p] for p in sorted(sites, key=order.__getitem__)}
 
 
 class _StopForward(Exception):
@@ -124,16 +161,7 @@ class SAETransformer(nn.Module):
         self.lm: LMRunner = make_runner(tlens_model)
         patterns = [raw_sae_positions] if isinstance(raw_sae_positions, str) else raw_sae_positions
         self.all_hook_names = self.lm.hook_names()
-        sites: dict[str, SpliceSite] = {}
-        if patterns:
-            for name in filter_names(self.all_hook_names, list(patterns), "saes.sae_positions"):
-                sites[name] = SpliceSite(name, name)
-        for inp, outp in transcoders:
-            i = self._one_hook(inp, "saes.transcoders.input")
-            o = self._one_hook(outp, "saes.transcoders.output")
-            if sites.get(o) is not None:
-                raise ConfigError(f"saes.transcoders.output: '{o}' already has an SAE")
-            sites[o] = SpliceSite(i, o)
+        sites = resolve_sites(self.all_hook_names, list(patterns or []), list(transcoders))
         for pos, site in sites.items():
             problem = self.lm.replace_problem(pos)
             if problem is not None:
@@ -172,13 +200,6 @@ class SAETransformer(nn.Module):
             )
 
     # --- shapes and bookkeeping ----------------------------------------------------------------
-    def _one_hook(self, pattern: str, field: str) -> str:
-        """A hook name, or a substring that matches exactly one hook."""
-        names = filter_names(self.all_hook_names, [pattern], field)
-        if len(names) > 1:
-            raise ConfigError(f"{field}: '{pattern}' matches {len(names)} hooks; name one hook")
-        return names[0]
-
     @property
     def n_layers(self) -> int:
         return self.lm.n_layers

@@ -181,6 +181,18 @@ CASES: list[tuple[str, Callable[[Env], list[str]], str]] = [
     ("n-samples-below-batch", lambda e: e.train(n_samples=3), "n_samples"),
     ("n-samples-below-effective-batch", lambda e: e.train(n_samples=6, effective_batch_size=8),
      "n_samples"),
+    ("sae-position-twice", lambda e: e.train(saes={"sae_positions": [SAE, "hook_resid_pre"]}),
+     "both match blocks.1.hook_resid_pre"),
+    ("transcoder-ambiguous-input", lambda e: e.train(saes={"transcoders": [
+     {"input": "hook_resid_mid", "output": "blocks.1.hook_mlp_out"}]}),
+     "saes.transcoders.input: 'hook_resid_mid' matches"),
+    ("transcoder-output-has-an-sae", lambda e: e.train(saes={"sae_positions": SAE, "transcoders": [
+     {"input": "blocks.0.hook_resid_mid", "output": SAE}]}), "saes.transcoders.output"),
+    ("cache-transcoder-ambiguous", lambda e: ["cache-acts", e.write(e.config(saes={"transcoders": [
+     {"input": "blocks.0.hook_resid_mid", "output": "hook_mlp_out"}]}))],
+     "saes.transcoders.output: 'hook_mlp_out' matches"),
+    ("dry-run-sae-position-twice", lambda e: [*e.train(saes={"sae_positions": [SAE, SAE]}),
+     "--dry-run"], "list each hook once"),
     ("zero-latents", lambda e: e.train(saes={"sae_positions": SAE,
      "dict_size_to_input_ratio": 0.01}), "saes.dict_size_to_input_ratio"),
     ("retrain-saes-no-such-sae", lambda e: _pretrained(e, retrain_saes=["blocks.2.hook_resid_pre"]),
