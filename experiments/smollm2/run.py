@@ -1,6 +1,6 @@
 """A local and an e2e SAE on SmolLM2-135M-Instruct at one layer, at matched L0 (offline, CPU).
 
-Exact command (repository root; about 30 min on an idle 2-core CPU):
+Exact command (repository root; about 35 min on an idle 2-core CPU):
 
     .venv/bin/python experiments/smollm2/run.py
 
@@ -178,12 +178,18 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="random tiny model, a few samples")
     p.add_argument("--out-root", type=Path, default=None)
-    p.add_argument("--e2e-windows", type=int, default=None, help="training windows (default 1600)")
+    p.add_argument("--e2e-windows", type=int, default=None, help="training windows (default 800)")
     p.add_argument("--calib-windows", type=int, default=None, help="per calibration run (120)")
+    p.add_argument(
+        "--e2e-coeff",
+        type=float,
+        default=None,
+        help="use this e2e sparsity coefficient instead of the calibrated one",
+    )
     p.add_argument("--eval-windows", type=int, default=None, help="validation windows (64)")
     args = p.parse_args(argv)
     root = args.out_root or (Path("/tmp/e2e_sae_smollm2_quick") if args.quick else HERE)
-    n_train = args.e2e_windows or (48 if args.quick else 1600)
+    n_train = args.e2e_windows or (48 if args.quick else 800)
     n_calib = args.calib_windows or (16 if args.quick else 120)
     n_eval = args.eval_windows or (8 if args.quick else 64)
     st = Study(root, args.quick, n_train, n_eval)
@@ -196,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         return {"runs": runs, "coeff": coeff}
 
     calib = st.phase("e2e_calibration", e2e_calibration)
-    e2e_coeff = float(f"{calib['coeff']:.3g}")
+    e2e_coeff = args.e2e_coeff or float(f"{calib['coeff']:.3g}")
     e2e = st.phase("e2e", lambda: st.train_lm_fed(
         st.config(f"e2e_c{e2e_coeff:g}", e2e_loss(e2e_coeff), n_train, n_eval)))  # fmt: skip
     st.phase(
