@@ -5,34 +5,26 @@ of the variance that position 0 holds. Run after run.py (it reads the e2e run's 
     .venv/bin/python experiments/smollm2/position0_norms.py
 """
 
-import glob
+from pathlib import Path
 
 import torch
 
 from e2e_sae.checkpoint import build_model
-from e2e_sae.config import load_config
-
-torch.set_num_threads(1)
-cfg = load_config(glob.glob("experiments/smollm2/runs/e2e_c12/final_config.yaml")[0])
-model = build_model(cfg, device="cpu")
+from e2e_sae.config import Config, load_config
 from e2e_sae.data import load_windows
 
-w = load_windows(cfg.eval_data)
-tokens = torch.as_tensor(w.tokens[:16] if hasattr(w, "tokens") else w[:16])
-_, cache = model.run_until(tokens, ["blocks.15.hook_resid_pre"])
-x = cache["blocks.15.hook_resid_pre"]
-n = x.norm(dim=-1)
-print("norm pos0 mean", float(n[:, 0].mean()), "other pos mean", float(n[:, 1:].mean()))
-var_total = ((x - x.mean((0, 1))) ** 2).sum()
-x0 = x[:, 0]
-share0 = float((((x0 - x.mean((0, 1))) ** 2).sum()) / var_total)
-print("share of total variance from position 0:", share0, "positions:", x.shape[1])
-xo = x[:, 1:].reshape(-1, x.shape[-1])
-v = xo.var(0)
-top = v.sort(descending=True)
+HOOK = "blocks.15.hook_resid_pre"
+torch.set_num_threads(1)
+cfg = load_config(Path(__file__).resolve().parent / "runs" / "e2e_c12" / "final_config.yaml")
+assert isinstance(cfg, Config) and cfg.eval_data is not None
+model = build_model(cfg, device="cpu")
+tokens = load_windows(cfg.eval_data).tokens[:16]
+_, cache = model.run_until(tokens, [HOOK])
+x = cache[HOOK]
+norms = x.norm(dim=-1)
 print(
-    "positions>=1: top-1 dim share of variance",
-    float(top.values[0] / v.sum()),
-    "dim",
-    int(top.indices[0]),
+    f"norm at position 0: {float(norms[:, 0].mean()):.1f}, later: {float(norms[:, 1:].mean()):.1f}"
 )
+centred = x - x.mean((0, 1))
+share = float((centred[:, 0] ** 2).sum() / (centred**2).sum())
+print(f"share of the variance at position 0: {share:.4f} ({x.shape[1]} positions)")
