@@ -70,6 +70,12 @@ class RunInfo:
         return f"λ={sp.coeff:g}" if sp is not None else ""
 
     @property
+    def sparsity_coeff(self) -> float | None:
+        """The sparsity term's coefficient (None without one)."""
+        sp = self.config.loss.sparsity
+        return sp.coeff if sp is not None else None
+
+    @property
     def sae_type(self) -> str:
         return sae_type(self.config)
 
@@ -131,6 +137,15 @@ def load_runs(
     return runs
 
 
+def train_minutes(run_dir: Path) -> float:
+    """Minutes from a run's final_config.yaml (written at the start) to its eval.json (written at
+    the end); nan if either is missing."""
+    start, end = run_dir / "final_config.yaml", run_dir / "eval.json"
+    if not (start.exists() and end.exists()):
+        return math.nan
+    return (end.stat().st_mtime - start.stat().st_mtime) / 60
+
+
 # --- Pareto fronts and matched comparisons --------------------------------------------------------
 def pareto_front(x: Sequence[float], y: Sequence[float]) -> list[int]:
     """Indices of the points no other point beats in both x and y (lower is better), by x."""
@@ -174,7 +189,7 @@ def interpolate_x_at_y(
 
 
 # --- figures --------------------------------------------------------------------------------------
-def _save(fig: Figure, out_dir: Path, stem: str) -> list[Path]:
+def save_figure(fig: Figure, out_dir: Path, stem: str) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / f"{stem}.png", out_dir / f"{stem}.svg"]
     for p in paths:
@@ -194,7 +209,7 @@ def _types(runs: Sequence[RunInfo]) -> list[str]:
     return [t for t in TYPE_ORDER if t in present]
 
 
-def _grid(n: int, width: float = 4.8, height: float = 3.8) -> tuple[Figure, list[Axes]]:
+def figure_grid(n: int, width: float = 4.8, height: float = 3.8) -> tuple[Figure, list[Axes]]:
     fig = Figure(figsize=(width * n, height))
     axes = [fig.add_subplot(1, n, i + 1) for i in range(n)]
     return fig, axes
@@ -221,7 +236,7 @@ def plot_tradeoff(
     runs: Sequence[RunInfo], out_dir: Path, x_key: str, stem: str, x_label: str
 ) -> list[Path]:
     """`tradeoff_figure` saved as OUT_DIR/STEM.png and .svg."""
-    return _save(tradeoff_figure(runs, x_key, x_label), out_dir, stem)
+    return save_figure(tradeoff_figure(runs, x_key, x_label), out_dir, stem)
 
 
 def tradeoff_figure(runs: Sequence[RunInfo], x_key: str, x_label: str) -> Figure:
@@ -229,7 +244,7 @@ def tradeoff_figure(runs: Sequence[RunInfo], x_key: str, x_label: str) -> Figure
     every run a point labelled by its sparsity coefficient, the Pareto front (lower is better in
     both) as filled points joined by a line, the other points hollow."""
     positions = _positions(runs)
-    fig, axes = _grid(len(positions))
+    fig, axes = figure_grid(len(positions))
     for ax, pos in zip(axes, positions, strict=True):
         for t in _types(runs):
             pts = sorted((r.sae(pos)[x_key], r.eval["ce_loss_increase"], r.sparsity_label)
@@ -301,12 +316,12 @@ def plot_feature_density(runs: Sequence[RunInfo], out_dir: Path, bins: int = 40)
             ax.set_title(f"{t}, {_short(pos)}")
             _legend_below(ax)
     fig.tight_layout()
-    return _save(fig, out_dir, "feature_density")
+    return save_figure(fig, out_dir, "feature_density")
 
 
 def plot_downstream(runs: Sequence[RunInfo], out_dir: Path) -> list[Path]:
     """`downstream_figure` saved as OUT_DIR/downstream_reconstruction.png and .svg."""
-    return _save(downstream_figure(runs), out_dir, "downstream_reconstruction")
+    return save_figure(downstream_figure(runs), out_dir, "downstream_reconstruction")
 
 
 def downstream_figure(runs: Sequence[RunInfo]) -> Figure:
@@ -318,7 +333,7 @@ def downstream_figure(runs: Sequence[RunInfo]) -> Figure:
     from e2e_sae.analysis.curves import plain_log_axis
     from e2e_sae.splice import hook_layer
 
-    fig, (ax_ev, ax_mse) = _grid(2)
+    fig, (ax_ev, ax_mse) = figure_grid(2)
     styles = {"local": "-", "e2e": "--", "e2e+ds": ":"}
     for i, r in enumerate(runs):
         down = r.eval.get("downstream") or {}
@@ -429,7 +444,7 @@ def plot_geometry(runs: Sequence[RunInfo], out_dir: Path) -> list[Path]:
     """`geometry_figure` saved as OUT_DIR/dictionary_geometry.png and .svg (none: nothing to
     compare)."""
     fig = geometry_figure(runs)
-    return _save(fig, out_dir, "dictionary_geometry") if fig is not None else []
+    return save_figure(fig, out_dir, "dictionary_geometry") if fig is not None else []
 
 
 def geometry_figure(runs: Sequence[RunInfo]) -> Figure | None:

@@ -44,7 +44,15 @@ from e2e_sae.analysis.matched import (
     points,
     ratios,
 )
-from e2e_sae.analysis.plots import TYPE_ORDER, RunInfo, load_runs
+from e2e_sae.analysis.plots import (
+    TYPE_COLORS,
+    TYPE_ORDER,
+    RunInfo,
+    figure_grid,
+    load_runs,
+    save_figure,
+    train_minutes,
+)
 from e2e_sae.sweep import Sweep, SweepRun, load_sweep, run_sweep
 
 HERE = Path(__file__).resolve().parent
@@ -87,8 +95,8 @@ def plan(runs_root: Path, budgets: list[int], overrides: dict[str, Any]) -> Swee
 
 
 # --- results --------------------------------------------------------------------------------------
-def _f(v: float, digits: int = 3) -> str:
-    return "n/a" if v != v else f"{v:.{digits}g}"
+def _f(v: float | None, digits: int = 3) -> str:
+    return "n/a" if v is None or v != v else f"{v:.{digits}g}"
 
 
 def _gmean(xs: list[float]) -> float:
@@ -115,22 +123,13 @@ def _run_row(r: RunInfo) -> list[str]:
     last = (
         down[max(down, key=lambda h: down[h]["layer"])]["explained_variance"] if down else math.nan
     )
-    sp = r.config.loss.sparsity
-    assert r.config.n_samples is not None
-    return [r.sae_type, str(r.config.seed), _f(sp.coeff if sp else math.nan), _f(s["l0"]),
+    return [r.sae_type, str(r.config.seed), _f(r.sparsity_coeff), _f(s["l0"]),
             str(int(s["alive_dict_elements"])), _f(r.eval["ce_loss_increase"]), _f(r.eval["kl"]),
             _f(s["explained_variance"]), _f(last), _f(train_minutes(r.run_dir), 2)]  # fmt: skip
 
 
 def plot_ratios(summary: dict[str, Any], budgets: list[int], out_dir: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from e2e_sae.analysis.plots import TYPE_COLORS
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = figure_grid(2, 5.5, 4.2)
     tokens = [n * 128 for n in budgets]
     panels = [
         ("ce_at_l0", "CE-loss increase / local's, at equal L0", PAPER_CE_RATIO_AT_L0),
@@ -163,23 +162,11 @@ def plot_ratios(summary: dict[str, Any], budgets: list[int], out_dir: Path) -> l
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths = [out_dir / f"ratios.{ext}" for ext in ("png", "svg")]
-    for path in paths:
-        fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return paths
+    return save_figure(fig, out_dir, "ratios")
 
 
 def plot_fronts(runs: list[RunInfo], budgets: list[int], out_dir: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from e2e_sae.analysis.plots import TYPE_COLORS
-
-    fig, axes = plt.subplots(1, len(budgets), figsize=(4 * len(budgets), 3.8), sharey=True)
+    fig, axes = figure_grid(len(budgets), 4.0, 3.8)
     for ax, n in zip(axes, budgets, strict=True):
         for kind in TYPE_ORDER:
             for seed, marker in ((0, "o"), (1, "s")):
@@ -200,36 +187,24 @@ def plot_fronts(runs: list[RunInfo], budgets: list[int], out_dir: Path) -> list[
         ax.grid(alpha=0.3, which="both")
     axes[0].set_ylabel("CE-loss increase (nats)")
     axes[-1].legend(fontsize=7)
-    fig.tight_layout()
-    paths = [out_dir / f"pareto_by_budget.{ext}" for ext in ("png", "svg")]
-    for path in paths:
-        fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return paths
+    return save_figure(fig, out_dir, "pareto_by_budget")
 
 
 def plot_by_coefficient(runs: list[RunInfo], budgets: list[int], out_dir: Path) -> list[Path]:
     """L0 and CE-loss increase of each (type, sparsity coefficient) against the token budget."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from e2e_sae.analysis.plots import TYPE_COLORS
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = figure_grid(2, 5.5, 4.2)
     seed0 = [r for r in runs if r.config.seed == 0]
     for kind in TYPE_ORDER:
-        coeffs = sorted({_coeff(r) for r in seed0 if r.sae_type == kind})
+        coeffs = sorted({c for r in seed0 if r.sae_type == kind and (c := r.sparsity_coeff)})
         for j, c in enumerate(coeffs):
-            rs = sorted((r for r in seed0 if r.sae_type == kind and _coeff(r) == c),
+            rs = sorted((r for r in seed0 if r.sae_type == kind and r.sparsity_coeff == c),
                         key=lambda r: r.config.n_samples or 0)  # fmt: skip
             xs = [(r.config.n_samples or 0) * 128 for r in rs]
-            style = dict(
-                color=TYPE_COLORS[kind], marker="o", alpha=0.45 + 0.55 * (j + 1) / len(coeffs)
-            )
-            axes[0].plot(xs, [r.sae(POSITION)["l0"] for r in rs], label=f"{kind} λ={c:g}", **style)
-            axes[1].plot(xs, [r.eval["ce_loss_increase"] for r in rs], **style)
+            color, alpha = TYPE_COLORS[kind], 0.45 + 0.55 * (j + 1) / len(coeffs)
+            axes[0].plot(xs, [r.sae(POSITION)["l0"] for r in rs], label=f"{kind} λ={c:g}",
+                         color=color, marker="o", alpha=alpha)  # fmt: skip
+            axes[1].plot(xs, [r.eval["ce_loss_increase"] for r in rs], color=color, marker="o",
+                         alpha=alpha)  # fmt: skip
     for ax, label in zip(axes, ("L0", "CE-loss increase (nats)"), strict=True):
         ax.set_xscale("log")
         if all(v > 0 for line in ax.get_lines() for v in line.get_ydata()):  # type: ignore[union-attr]
@@ -239,16 +214,7 @@ def plot_by_coefficient(runs: list[RunInfo], budgets: list[int], out_dir: Path) 
         ax.grid(alpha=0.3, which="both")
     axes[0].legend(fontsize=6, ncol=2)
     fig.suptitle("Each sparsity coefficient across budgets (seed 0)", fontsize=10)
-    fig.tight_layout()
-    paths = [out_dir / f"by_coefficient.{ext}" for ext in ("png", "svg")]
-    for path in paths:
-        fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return paths
-
-
-def _coeff(r: RunInfo) -> float:
-    return r.config.loss.sparsity.coeff if r.config.loss.sparsity else math.nan
+    return save_figure(fig, out_dir, "by_coefficient")
 
 
 def write_results(sweep: Sweep, root: Path, budgets: list[int], argv: list[str]) -> None:
@@ -327,18 +293,11 @@ def write_results(sweep: Sweep, root: Path, budgets: list[int], argv: list[str])
     out = {"budgets": budgets, "summary": summary, "timing": timing,
            "runs": [{"run": str(r.run_dir.relative_to(root)), "type": r.sae_type,
                      "seed": r.config.seed, "n_samples": r.config.n_samples,
-                     "sparsity_coeff": r.config.loss.sparsity.coeff if r.config.loss.sparsity
-                     else None, "train_minutes": train_minutes(r.run_dir), "eval": r.eval}
+                     "sparsity_coeff": r.sparsity_coeff,
+                     "train_minutes": train_minutes(r.run_dir), "eval": r.eval}
                     for r in runs]}  # fmt: skip
     (results / "results.json").write_text(json.dumps(out, indent=2, default=str))
     print((results / "budget.md").read_text())
-
-
-def train_minutes(run_dir: Path) -> float:
-    start, end = run_dir / "final_config.yaml", run_dir / "eval.json"
-    if not (start.exists() and end.exists()):
-        return math.nan
-    return (end.stat().st_mtime - start.stat().st_mtime) / 60
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from e2e_sae.analysis.matched import matched_tables, md_table
-from e2e_sae.analysis.plots import TYPE_ORDER, RunInfo, load_runs, make_plots
+from e2e_sae.analysis.plots import TYPE_ORDER, RunInfo, load_runs, make_plots, train_minutes
 from e2e_sae.report import table
 from e2e_sae.sweep import Sweep, load_sweep, run_sweep
 
@@ -60,8 +60,8 @@ def build_sweeps(runs_root: Path, overrides: dict[str, Any], seeds: int) -> list
     return sweeps
 
 
-def _f(v: float, digits: int = 3) -> str:
-    return "n/a" if v != v else f"{v:.{digits}g}"
+def _f(v: float | None, digits: int = 3) -> str:
+    return "n/a" if v is None or v != v else f"{v:.{digits}g}"
 
 
 def markdown(
@@ -92,8 +92,7 @@ def markdown(
             if down
             else math.nan
         )
-        sp = r.config.loss.sparsity
-        rows.append([r.sae_type, str(r.config.seed), _f(sp.coeff if sp else math.nan),
+        rows.append([r.sae_type, str(r.config.seed), _f(r.sparsity_coeff),
                      _f(s["l0"]), str(int(s["alive_dict_elements"])),
                      _f(r.eval["ce_loss_increase"]), _f(r.eval["kl"]),
                      _f(r.eval.get("ce_loss_score", math.nan)), _f(s["explained_variance"]),
@@ -128,14 +127,6 @@ def markdown(
         lines.append("The types' CE-increase ranges do not overlap.")
     lines += ["", "Plots: " + ", ".join(f"`{p}`" for p in meta["plots"] if p.endswith(".png")), ""]
     return "\n".join(lines)
-
-
-def train_minutes(run_dir: Path) -> float:
-    """From the config written at the start to the eval written at the end."""
-    start, end = run_dir / "final_config.yaml", run_dir / "eval.json"
-    if not (start.exists() and end.exists()):
-        return math.nan
-    return (end.stat().st_mtime - start.stat().st_mtime) / 60
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,8 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     (results / "pareto.md").write_text(markdown(runs, matched, timing["wall_s"], meta))
     summary = {"meta": meta, "matched": matched,
                "runs": [{"run": r.name, "type": r.sae_type, "seed": r.config.seed,
-                         "sparsity_coeff": r.config.loss.sparsity.coeff if r.config.loss.sparsity
-                         else None, "eval": r.eval} for r in runs]}  # fmt: skip
+                         "sparsity_coeff": r.sparsity_coeff, "eval": r.eval}
+                        for r in runs]}  # fmt: skip
     (results / "results.json").write_text(json.dumps(summary, indent=2, default=str))
     headers = ["type", "seed", "L0", "alive", "CE increase", "KL"]
     rows = [[r.sae_type, r.config.seed, r.sae(POSITION)["l0"],

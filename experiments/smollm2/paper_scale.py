@@ -174,15 +174,14 @@ def write_report(
     wall: float,
     argv: list[str] | None,
 ) -> None:
-    def f(v: float, d: int = 3) -> str:
-        return "n/a" if v != v else f"{v:.{d}g}"
+    def f(v: float | None, d: int = 3) -> str:
+        return "n/a" if v is None or v != v else f"{v:.{d}g}"
 
     def row(r: RunInfo) -> list[str]:
         s = r.sae(args.position)
         down = r.eval.get("downstream", {})
         last = max(down, key=lambda h: down[h]["layer"]) if down else None
-        sp = r.config.loss.sparsity
-        return [r.sae_type, f(sp.coeff if sp else float("nan")), f(s["l0"]),
+        return [r.sae_type, f(r.sparsity_coeff), f(s["l0"]),
                 str(int(s["alive_dict_elements"])), f(r.eval["ce_loss_increase"]), f(r.eval["kl"]),
                 f(s["explained_variance"]),
                 f(down[last]["explained_variance"] if last else float("nan"))]  # fmt: skip
@@ -213,7 +212,7 @@ def write_report(
         "", f"Paper: local needs {PAPER_L0_RATIO_AT_CE[0]}-{PAPER_L0_RATIO_AT_CE[1]}x the L0.", "",
         "## Calibration", "",
         md_table(["type", "sparsity coeff", "L0", "CE increase"],
-                 [[r.sae_type, f(r.config.loss.sparsity.coeff if r.config.loss.sparsity else 0),
+                 [[r.sae_type, f(r.sparsity_coeff),
                    f(r.sae(args.position)["l0"]), f(r.eval["ce_loss_increase"])]
                   for r in cal_runs]), "",
         "Chosen coefficients (target L0 " + ", ".join(f"{t:g}" for t in TARGET_L0) + "): "

@@ -257,8 +257,7 @@ def write_results(
     cmd = " ".join(argv if argv is not None else sys.argv[1:])
     lines = [
         f"# Local vs e2e SAE on {model} at `{st.position}`", "",
-        f"Command: `.venv/bin/python experiments/smollm2/run.py {cmd}`".replace(" `", "`")
-        if not cmd else f"Command: `.venv/bin/python experiments/smollm2/run.py {cmd}`", "",
+        f"Command: `.venv/bin/python experiments/smollm2/run.py{' ' + cmd if cmd else ''}`", "",
         f"Wall time {wall_s / 60:.1f} min for this invocation; phases (min): "
         + ", ".join(f"{k} {v / 60:.1f}" for k, v in phases.items())
         + f". {os.cpu_count()} CPU cores, 15-min load average at the end "
