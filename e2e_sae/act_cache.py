@@ -281,8 +281,6 @@ def check_cacheable(config: Config) -> None:
             )
     if config.precision != "fp32":
         raise ConfigError("precision: training from cached activations runs in fp32; set fp32")
-    if config.saes.resample_every_n_samples is not None:
-        raise ConfigError("saes.resample_every_n_samples: not supported with cached activations")
 
 
 def resolve_sites(config: Config, all_hook_names: Sequence[str]) -> dict[str, SpliceSite]:

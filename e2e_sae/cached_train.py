@@ -1,26 +1,24 @@
-"""Training local SAEs from cached activations, without the LM, and sweeps.
+"""Training local SAEs from activations instead of the LM: a disk cache or a one-pass sweep.
 
-`CachedTrainer`s train SAEs on the activations an `e2e_sae.act_cache.ActivationCache` holds (or
-`lm_activation_batches` computes), without running the LM (a sparsity sweep, a second epoch,
-another dictionary size); `train_together` feeds several of them the same batches. One
-`CachedTrainer.step` does what `Trainer.train_step` does for a local run, on the given activations
-instead of running the LM.
+Both take their steps through the one engine (`e2e_sae.training.engine.Engine.train_step`) with a
+`CacheFeed`; only where the activations come from differs from `train`.
 
-From configs (what `e2e-sae train-cached` runs): `train_from_cache` trains several configs' SAEs
-on the same cached batches and writes a normal run directory for each (config, metrics.jsonl,
-final `samples_<N>.safetensors`, evaluation with the LM). When the cache holds a config's training
-windows (built from it), the weights equal those of `e2e_sae.train.train` for that config.
+- `CachedTrainer` + `train_together`: several configs' SAEs in memory on the same activation
+  batches, from an `e2e_sae.act_cache.ActivationCache` or computed by the LM once per batch
+  (`lm_activation_batches`: the sweep in one pass).
+- `train_from_cache` (what `e2e-sae train-cached` runs): each config set up as `train` does, fed
+  from the cache, in the same loop as `train` (`e2e_sae.training.loop`): a run directory each with
+  checkpoints, resume, evaluations, resampling and the divergence guard. When the cache holds a
+  config's training windows (built from it), the weights equal those of `train` for that config.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -33,31 +31,26 @@ from e2e_sae.act_cache import (
     resolve_sites,
 )
 from e2e_sae.config import Config
+from e2e_sae.distributed import check_device, dist_from_env
 from e2e_sae.errors import ConfigError, UserError
-from e2e_sae.losses import LossInputs, LossTerm, build_loss_terms, compute_losses
-from e2e_sae.saes import SAEActs, SAEBase, build_sae
+from e2e_sae.losses import LossInputs, build_loss_terms
+from e2e_sae.resume import RunLock
+from e2e_sae.saes import build_sae
 from e2e_sae.splice import SAETransformer, SpliceSite, dict_size, sae_key
-
-if TYPE_CHECKING:
-    from e2e_sae.evaluate import EvalResult
-    from e2e_sae.resume import RunLock
-    from e2e_sae.runlog import RunLogger
-    from e2e_sae.train import Trainer
+from e2e_sae.train import Trainer, open_run, restore_run, setup
+from e2e_sae.training.engine import Engine, TrainState, make_optimizer, n_grad_steps
+from e2e_sae.training.feeds import CacheFeed
+from e2e_sae.training.loop import Run, run_loop
 
 
 # --- training from activations --------------------------------------------------------------------
-@dataclass
-class CachedTrainer:
-    """One config's local SAEs trained on given activations (no LM): `step` is
-    `Trainer.train_step` for a local run (same losses, aux losses, clipping, Adam and schedule)."""
+@dataclass(kw_only=True)
+class CachedTrainer(Engine):
+    """One config's local SAEs trained on given activations {hook: [batch, pos, d]} (no LM):
+    the engine's step with a `CacheFeed`; `step` keeps its own counters and logged values."""
 
-    config: Config
     sites: dict[str, SpliceSite]
-    saes: nn.ModuleDict
-    loss_terms: list[LossTerm]
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    step_count: int = 0
+    state: TrainState = field(default_factory=TrainState)
     history: list[dict[str, float]] = field(default_factory=list)
 
     @classmethod
@@ -92,13 +85,13 @@ class CachedTrainer:
         cls, config: Config, sites: dict[str, SpliceSite], saes: nn.ModuleDict
     ) -> CachedTrainer:
         """Loss terms, Adam over the trainable parameters and the schedule, as `train.setup`."""
-        from e2e_sae.train import lr_lambda
-
-        terms = build_loss_terms(config.loss)
-        params = [p for p in saes.parameters() if p.requires_grad]
-        optimizer = torch.optim.Adam(params, lr=config.lr)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_lambda(i, config))
-        return cls(config, sites, saes, terms, optimizer, scheduler)
+        optimizer, scheduler = make_optimizer(config, saes)
+        trainable = [
+            p for p in sites if any(q.requires_grad for q in saes[sae_key(p)].parameters())
+        ]
+        device = next(saes.parameters()).device
+        return cls(config, saes, trainable, build_loss_terms(config.loss), optimizer, scheduler,
+                   device, CacheFeed(sites, saes, device), sites=sites)  # fmt: skip
 
     @classmethod
     def from_model(
@@ -117,60 +110,16 @@ class CachedTrainer:
         t.saes.load_state_dict(model.saes.state_dict())
         return t
 
-    def sae(self, pos: str) -> SAEBase:
-        sae = self.saes[sae_key(pos)]
-        assert isinstance(sae, SAEBase)
-        return sae
+    @property
+    def step_count(self) -> int:
+        return self.state.step
 
     def forward(self, acts: Mapping[str, Tensor]) -> LossInputs:
-        sae_acts: dict[str, SAEActs] = {}
-        for pos, site in self.sites.items():
-            x = acts[site.input_hook]
-            output, c = self.sae(pos)(x)
-            sae_acts[pos] = SAEActs(x, c, output)
-        targets = {p: p for p, s in self.sites.items() if s.is_transcoder}
-        saes = {p: self.sae(p) for p in self.sites}
-        return LossInputs(sae_acts, orig_acts=acts, transcoder_targets=targets, saes=saes)
+        return self.feed(acts)
 
     def step(self, micro_batches: Iterator[Mapping[str, Tensor]]) -> dict[str, float]:
         """One optimizer step over `grad_accum_steps` micro-batches of activations."""
-        from e2e_sae.evaluate import l0
-        from e2e_sae.train import check_finite, check_tensors_finite
-
-        accum = self.config.grad_accum_steps
-        logged: dict[str, float] = {}
-        device = next(self.saes.parameters()).device
-        for sae in self.saes.values():  # frozen SAEs behave as at inference, as in `train`
-            sae.train(any(p.requires_grad for p in sae.parameters()))
-        for _ in range(accum):
-            acts = {h: v.to(device) for h, v in next(micro_batches).items()}
-            inputs = self.forward(acts)
-            aux = {
-                f"{name}/{pos}": v
-                for pos, a in inputs.sae_acts.items()
-                for name, v in self.sae(pos).aux_losses(a, inputs.target(pos)).items()
-            }
-            loss, values = compute_losses(self.loss_terms, inputs, aux)
-            check_finite(loss, values, self.step_count + 1)
-            (loss / accum).backward()
-            for pos, a in inputs.sae_acts.items():
-                self.sae(pos).update_firing_stats(a.c)
-                values[f"l0/{pos}"] = l0(a.c)
-            values["loss"] = loss
-            for k, v in values.items():
-                logged[k] = logged.get(k, 0.0) + float(v.detach()) / accum
-        named = [(n, p) for n, p in self.saes.named_parameters() if p.requires_grad]
-        params = [p for _, p in named]
-        check_tensors_finite(((n, p.grad) for n, p in named), "gradient", self.step_count + 1)
-        if self.config.max_grad_norm is not None:
-            logged["grad_norm"] = float(
-                torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
-            )
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        check_tensors_finite(named, "weight", self.step_count + 1)
-        self.step_count += 1
+        logged = self.train_step(micro_batches, self.state)
         self.history.append(logged)
         return logged
 
@@ -215,41 +164,11 @@ def check_same_batches(configs: Sequence[Config]) -> None:
 
 
 # --- from configs: training into run directories --------------------------------------------------
-@dataclass
-class CachedRun:
-    """One config trained from a cache: its run directory, the trainer (with its final values in
-    `trainer.history[-1]`), the `train.setup` Trainer whose model holds the trained SAEs, and the
-    final evaluation (None without eval_data / eval_n_samples)."""
-
-    config: Config
-    setup: Trainer
-    trainer: CachedTrainer
-    run_dir: Path | None = None
-    log: RunLogger | None = None
-    eval: EvalResult | None = None
-    lock: RunLock | None = None
-
-    @property
-    def n_samples(self) -> int:
-        bs = self.config.effective_batch_size or self.config.batch_size
-        return self.trainer.step_count * bs
-
-    def final_values(self) -> dict[str, float]:
-        """The last step's logged values (loss terms, L0 per SAE, ...) and dead latents now."""
-        from e2e_sae.train import dead_counts
-
-        last, window = self.trainer.history[-1], self.config.act_frequency_n_tokens
-        return {"loss": last["loss"], **last, **dead_counts(self.setup.model, window)}
-
-
 def prepare_runs(
     configs: Sequence[Config], cache: ActivationCache, device: str | None = None
-) -> list[CachedRun]:
+) -> list[Trainer]:
     """Check everything and set each config up as `train` does (LM, seeded SAE init, pretrained
-    SAEs, eval data); nothing is written."""
-    from e2e_sae.distributed import check_device, dist_from_env
-    from e2e_sae.train import setup
-
+    SAEs, eval data), fed from the cache; nothing is written."""
     if not configs:
         raise UserError("train-cached: no configs given")
     if dist_from_env().enabled:
@@ -257,63 +176,15 @@ def prepare_runs(
     check_same_batches(configs)
     for c in configs:
         check_against_cache(c, cache)
-    runs = []
+        check_cacheable(c)
+    trainers = []
     for c in configs:
         check_device(device or c.device)
         t = setup(c, device=device)
         check_model_against_cache(t.model, cache)
         t.check_eval_data()
-        runs.append(CachedRun(c, t, CachedTrainer.from_model(c, t.model, share=True)))
-    return runs
-
-
-def _new_run_dirs(runs: Sequence[CachedRun]) -> None:
-    """A fresh `<save_dir>/<run name>_<time>` per run, created exclusively (suffixed when another
-    run took the name) and locked while it trains, holding final_config.yaml, and its metrics
-    logger."""
-    from e2e_sae.checkpoint import write_config
-    from e2e_sae.runlog import RunLogger
-    from e2e_sae.train import create_locked_run_dir
-
-    for r in runs:
-        r.run_dir, r.lock = create_locked_run_dir(r.config)
-        write_config(r.run_dir, r.config)
-        r.log = RunLogger(r.run_dir, r.config)
-
-
-def _step_logger(runs: Sequence[CachedRun], n_ctx: int) -> Callable[[int], None]:
-    """What `train` logs every `log_every_n_grad_steps` steps (and after step 1), per run."""
-    from e2e_sae.train import dead_counts
-
-    start = time.perf_counter()
-
-    def on_step(step: int) -> None:
-        elapsed = time.perf_counter() - start
-        for r in runs:
-            cfg, t = r.config, r.trainer
-            if t.step_count != step or not (step % cfg.log_every_n_grad_steps == 0 or step == 1):
-                continue
-            rec = {"samples": r.n_samples, "step": step, "lr": t.scheduler.get_last_lr()[0],
-                   **t.history[-1], "tokens_per_s": r.n_samples * n_ctx / elapsed}  # fmt: skip
-            rec.update(dead_counts(r.setup.model, cfg.act_frequency_n_tokens))
-            assert r.log is not None
-            r.log.log(rec, step=r.n_samples)
-
-    return on_step
-
-
-def _finish(run: CachedRun) -> None:
-    """Final checkpoint (the format `train` writes), then `train`'s final evaluation."""
-    from e2e_sae.checkpoint import save_checkpoint
-    from e2e_sae.train import TrainState, log_eval, write_curves
-
-    assert run.run_dir is not None and run.log is not None
-    steps = run.trainer.step_count
-    run.log.save_file(save_checkpoint(run.run_dir, run.setup.model, run.n_samples))
-    state = TrainState(steps, run.n_samples, steps * run.config.grad_accum_steps)
-    log_eval(run.setup, run.log, state, lambda result: setattr(run, "eval", result))
-    run.log.finish()
-    write_curves(run.run_dir)
+        trainers.append(t.fed_from_cache())
+    return trainers
 
 
 def train_from_cache(
@@ -321,23 +192,45 @@ def train_from_cache(
     cache: ActivationCache | str | Path,
     device: str | None = None,
     progress: bool = True,
-) -> list[CachedRun]:
+    resume: Sequence[str | Path] | str | Path | None = None,
+) -> list[Run]:
     """Train each config's SAEs from `cache`, all on the same micro-batches (the cache's windows
-    in stored order, then reshuffled epochs if a run needs more), and write a run directory per
-    config as `train` does: final_config.yaml, metrics.jsonl, the final samples_<N>.safetensors
-    and the final evaluation with the LM. No periodic checkpoints or evaluations, no resume, one
-    process. Every input is checked before anything is written."""
+    in stored order, then reshuffled epochs if a run needs more), in a run directory per config
+    as `train` writes it: final_config.yaml, metrics.jsonl, periodic and final checkpoints with
+    their resume files, periodic and final evaluations with the LM, resampling and the
+    divergence guard. `resume`: "latest" (each config's newest run) or one run directory per
+    config, continued exactly; the unfinished runs must be at the same step. One process. Every
+    input is checked before anything is written."""
     cache = cache if isinstance(cache, ActivationCache) else ActivationCache(cache)
-    runs = prepare_runs(configs, cache, device)
+    trainers = prepare_runs(configs, cache, device)
+    if resume is None or isinstance(resume, str | Path):
+        resumes: list[str | Path | None] = [resume] * len(trainers)
+    else:
+        resumes = list(resume)
+        if len(resumes) != len(trainers):
+            raise UserError(f"--resume: {len(resumes)} run directories for {len(trainers)} configs "
+                            "(one per config, in order; none: each one's latest)")  # fmt: skip
+    locks: list[RunLock] = []
     try:
-        _new_run_dirs(runs)
-        batches = cache.batches(configs[0].batch_size, seed=configs[0].seed, in_order_epochs=1)
-        on_step = _step_logger(runs, int(cache.meta["n_ctx"]))
-        train_together([r.trainer for r in runs], batches, progress=progress, on_step=on_step)
-        for r in runs:
-            _finish(r)
+        restored = [restore_run(t, r, locks) for t, r in zip(trainers, resumes, strict=True)]
+        start = _common_start(trainers, [s for s, _ in restored])
+        runs = [open_run(t, s, found, None, locks)
+                for t, (s, found) in zip(trainers, restored, strict=True)]  # fmt: skip
+        batches = cache.batches(configs[0].batch_size, seed=configs[0].seed, start_batch=start,
+                                in_order_epochs=1)  # fmt: skip
+        command = "e2e-sae train-cached CONFIG... --cache DIR --resume"
+        run_loop(runs, batches, int(cache.meta["n_ctx"]), progress, command)
     finally:
-        for r in runs:
-            if r.lock is not None:
-                r.lock.release()
+        for lock in locks:
+            lock.release()
     return runs
+
+
+def _common_start(trainers: Sequence[Trainer], states: Sequence[TrainState]) -> int:
+    """The shared stream's first micro-batch: where every unfinished run stands."""
+    at = {s.batches for t, s in zip(trainers, states, strict=True)
+          if s.step < n_grad_steps(t.config)}  # fmt: skip
+    if len(at) > 1:
+        raise UserError(f"--resume: the unfinished runs stand at different batches "
+                        f"({', '.join(map(str, sorted(at)))}); resume them separately")  # fmt: skip
+    return at.pop() if at else 0

@@ -15,18 +15,19 @@ from e2e_sae.errors import UserError
 
 if TYPE_CHECKING:
     from e2e_sae.act_cache import ActivationCache
-    from e2e_sae.cached_train import CachedRun
     from e2e_sae.config import Config
+    from e2e_sae.training.loop import Run
 
 TRAIN_CACHED_HELP = """\
 Train each CONFIG's SAEs from the activation cache DIR (built by `e2e-sae cache-acts`), all on the
 same batches, and write a run directory per config as `e2e-sae train` does (final_config.yaml,
 metrics.jsonl, the final samples_<N>.safetensors; `e2e-sae eval` / `export` / from_local_path
-work on it), then evaluate each with the LM if it has eval_data and eval_n_samples. Only local
-losses (sparsity, out_to_in, out_to_orig); the configs need the same batch_size and
-effective_batch_size, and the cache's train_data.n_ctx, model and hooks. Not supported: --resume
-(no resume checkpoints are written), several processes (torchrun), periodic checkpoints or
-evaluations."""
+work on it), then evaluate each with the LM if it has eval_data and eval_n_samples. Each run has
+what `e2e-sae train` gives it: periodic checkpoints and evaluations (save_every_n_samples,
+eval_every_n_samples), resampling, the divergence guard, SIGINT / SIGTERM saving, and --resume
+(each config's latest run, or one RUN_DIR per config in order). Only local losses (sparsity,
+out_to_in, out_to_orig); the configs need the same batch_size and effective_batch_size, and the
+cache's train_data.n_ctx, model and hooks. One process (no torchrun)."""
 
 
 def _load(path: Path) -> Config:
@@ -128,7 +129,7 @@ def open_checked(paths: Sequence[Path], cache_dir: Path) -> tuple[list[Config], 
     return configs, cache
 
 
-def run_table(run: CachedRun) -> str:
+def run_table(run: Run) -> str:
     from e2e_sae.report import table
 
     return table(["metric", "value"], [[k, v] for k, v in run.final_values().items()])
@@ -143,9 +144,10 @@ def cmd_train_cached(args: argparse.Namespace) -> int:
     if needed > len(cache):
         print(f"note: the cache holds {len(cache)} windows and the runs need {needed}: later "
               "passes over it are reshuffled", flush=True)  # fmt: skip
-    runs = train_from_cache(configs, cache, device=args.device)
+    resume = None if args.resume is None else (args.resume or "latest")
+    runs = train_from_cache(configs, cache, device=args.device, resume=resume)
     for path, run in zip(args.configs, runs, strict=True):
-        print(f"\n== {path}: {run.trainer.step_count} steps, {run.n_samples} samples")
+        print(f"\n== {path}: {run.state.step} steps, {run.n_samples} samples")
         print(run_table(run))
         if run.eval is not None:
             print(f"\nevaluation ({run.eval.metrics.get('n_tokens', 0):g} tokens, with the LM)")
@@ -188,4 +190,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--cache", type=Path, required=True, metavar="DIR",
                    help="folder written by cache-acts")  # fmt: skip
     t.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: auto)")
+    t.add_argument("--resume", nargs="*", default=None, type=Path, metavar="RUN_DIR",
+                   help="continue the runs exactly: alone, each config's latest run; else one "
+                   "run directory per config, in order")  # fmt: skip
     t.set_defaults(func=cmd_train_cached)

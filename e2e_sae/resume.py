@@ -550,10 +550,12 @@ class StopOnSignal:
         return max_over_ranks(self.signum, d)
 
     @staticmethod
-    def interrupted(run_dir: Path, step: int, signum: int) -> TrainingInterrupted:
+    def interrupted(
+        run_dir: Path, step: int, signum: int, command: str = "e2e-sae train CONFIG --resume"
+    ) -> TrainingInterrupted:
         """The exception that ends the run once the checkpoint for `signum` is written."""
         return TrainingInterrupted(
             f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint saved, "
-            f"continue with `e2e-sae train CONFIG --resume {run_dir}`",
+            f"continue with `{command} {run_dir}`",
             signum,
         )

@@ -35,7 +35,8 @@ from e2e_sae.saes import (
 )
 from e2e_sae.saes.init import geometric_median
 from e2e_sae.splice import sae_key
-from e2e_sae.train import TrainState, setup, train
+from e2e_sae.train import setup, train
+from e2e_sae.training.engine import TrainState
 
 TC_IN, TC_OUT = "blocks.0.ln2.hook_normalized", "blocks.0.hook_mlp_out"
 SAE_POS = "blocks.1.hook_resid_pre"

@@ -94,12 +94,24 @@ def test_cache_acts_then_train_cached_two_configs(
     assert not torch.equal(weights[0], weights[1])
 
 
-@pytest.mark.parametrize("n_samples", [24, 80], ids=["one-epoch", "past-the-data"])
+RESAMPLE = dict(save_every_n_samples=16, keep_last_n_checkpoints=None, act_frequency_n_tokens=16)
+
+
+@pytest.mark.parametrize(
+    ("n_samples", "extra"),
+    [(24, {}), (80, {}), (48, RESAMPLE)],
+    ids=["one-epoch", "past-the-data", "resample-and-checkpoints"],
+)
 def test_train_cached_equals_lm_training(
-    config_dict: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str], n_samples: int
+    config_dict: Any,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    n_samples: int,
+    extra: dict[str, Any],
 ) -> None:
     """A cache built from the config holds its training windows in training order (across the
-    loader's epoch boundary too), so training from it repeats `train` exactly."""
+    loader's epoch boundary too), so training from it repeats `train` exactly: the same engine
+    takes the same steps, resampling and periodic checkpoints included."""
     d = config_dict(
         loss=_loss(0.1),
         n_samples=n_samples,
@@ -107,12 +119,16 @@ def test_train_cached_equals_lm_training(
         max_grad_norm=1.0,
         warmup_samples=8,
         eval_n_samples=None,
+        **extra,
     )
+    if extra:
+        d["saes"]["resample_every_n_samples"] = 8
     cfg = load_config(d)
     assert isinstance(cfg, Config)
     lm_dir = train(cfg, run_dir=tmp_path / "lm_run", device="cpu", progress=False)
     path = _write(tmp_path, "cfg.yaml", d)
-    assert _cli(["cache-acts", path, "--out", str(tmp_path / "acts")], capsys)[0] == 0
+    rc, _, err = _cli(["cache-acts", path, "--out", str(tmp_path / "acts")], capsys)
+    assert rc == 0, err
     cache = ActivationCache(tmp_path / "acts")
     loader = create_data_loader(cfg.train_data, cfg.batch_size, cfg.seed)
     order = torch.cat([next(loader) for _ in range(n_cache_batches(cfg))])
@@ -121,17 +137,78 @@ def test_train_cached_equals_lm_training(
         assert len(load_windows(cfg.train_data)) < n_samples  # the loader reshuffled mid-run
     assert _cli(["train-cached", path, "--cache", str(tmp_path / "acts")], capsys)[0] == 0
     (cached_dir,) = (p for p in _run_dirs(Path(d["save_dir"])) if p != lm_dir)
-    want = read_tensors(list_checkpoints(lm_dir)[-1])
-    got = read_tensors(cached_dir / list_checkpoints(lm_dir)[-1].name)
-    assert want.keys() == got.keys()
-    for name, w in want.items():
-        # bit-identical on CPU today (the cache holds the exact fp32 activations the LM run
-        # feeds its SAEs, then the same ops); the tolerance leaves room for another matmul
-        # kernel on a strided vs a contiguous input
-        assert torch.allclose(got[name], w, rtol=1e-6, atol=1e-8), name
-    lm_loss = [r["loss"] for r in read_metrics(lm_dir) if "loss" in r]
-    cached_loss = [r["loss"] for r in read_metrics(cached_dir) if "loss" in r]
-    assert cached_loss == pytest.approx(lm_loss, rel=1e-6)
+    points = [p.name for p in list_checkpoints(lm_dir)]
+    assert [p.name for p in list_checkpoints(cached_dir)] == points
+    assert len(points) == (3 if extra else 1)
+    for point in points:
+        want, got = read_tensors(lm_dir / point), read_tensors(cached_dir / point)
+        assert want.keys() == got.keys()
+        for name, w in want.items():
+            # bit-identical on CPU today (the cache holds the exact fp32 activations the LM run
+            # feeds its SAEs, then the same ops); the tolerance leaves room for another matmul
+            # kernel on a strided vs a contiguous input
+            assert torch.allclose(got[name], w, rtol=1e-6, atol=1e-8), (point, name)
+    lm_steps = [r for r in read_metrics(lm_dir) if "loss" in r]
+    cached_steps = [r for r in read_metrics(cached_dir) if "loss" in r]
+    assert [r["loss"] for r in cached_steps] == pytest.approx(
+        [r["loss"] for r in lm_steps], rel=1e-6
+    )
+    assert all(f"l0/{HOOK}" in r for r in lm_steps)  # the engine logs L0 for both
+    for key in (f"l0/{HOOK}", f"resampled/{HOOK}"):  # the same values are logged
+        lm, cached = [r.get(key) for r in lm_steps], [r.get(key) for r in cached_steps]
+        assert cached == pytest.approx(lm), key
+    resampled = sum(r.get(f"resampled/{HOOK}", 0) for r in lm_steps)
+    assert (resampled > 0) == bool(extra)  # the resampling case does resample
+
+
+def test_train_cached_signal_then_resume_is_bit_exact(
+    config_dict: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """SIGINT mid-run: every run of the shared loop saves; `--resume` continues them on the same
+    batches to the same weights, optimizer and RNG states as an uninterrupted train-cached."""
+    import signal
+
+    from e2e_sae.train import Trainer
+
+    extra = dict(n_samples=48, save_every_n_samples=16, keep_last_n_checkpoints=None,
+                 max_grad_norm=1.0, warmup_samples=8)  # fmt: skip
+    ref_dicts = [config_dict(loss=_loss(c), **extra) for c in (0.05, 0.5)]
+    save = tmp_path / "resumed"
+    dicts = [{**d, "save_dir": str(save)} for d in ref_dicts]
+    ref_paths = [_write(tmp_path, f"ref{i}.yaml", d) for i, d in enumerate(ref_dicts)]
+    paths = [_write(tmp_path, f"c{i}.yaml", d) for i, d in enumerate(dicts)]
+    cache = str(tmp_path / "acts")
+    assert _cli(["cache-acts", paths[0], "--out", cache], capsys)[0] == 0
+    assert _cli(["train-cached", *ref_paths, "--cache", cache], capsys)[0] == 0
+
+    orig, calls = Trainer.train_step, [0]
+
+    def step(self: Any, batches: Any, state: Any, **kwargs: Any) -> dict[str, float]:
+        out = orig(self, batches, state, **kwargs)
+        calls[0] += 1
+        if calls[0] == 2 * 6:  # both runs took 6 steps (24 samples: not a save step)
+            signal.raise_signal(signal.SIGINT)
+        return out
+
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "train_step", step)
+        rc, _, err = _cli(["train-cached", *paths, "--cache", cache], capsys)
+    assert rc == 130 and "after step 6" in err and "train-cached" in err and "--resume" in err
+    runs = _run_dirs(save)
+    assert [sorted(p.name for p in list_checkpoints(r)) for r in runs] == [
+        ["samples_16.safetensors", "samples_24.safetensors"]
+    ] * 2
+    assert _cli(["train-cached", *paths, "--cache", cache, "--resume"], capsys)[0] == 0
+    refs = _run_dirs(Path(ref_dicts[0]["save_dir"]))
+    for ref, run in zip(refs, runs, strict=True):
+        assert load_config(ref / CONFIG_FILE).loss == load_config(run / CONFIG_FILE).loss
+        for name in ("samples_48.safetensors", "resume_48.safetensors"):
+            want, got = read_tensors(ref / name), read_tensors(run / name)
+            assert want.keys() == got.keys()
+            assert all(torch.equal(want[k], got[k]) for k in want), (run, name)
+        steps = [r["step"] for r in read_metrics(run) if "loss" in r]
+        assert steps == list(range(1, 13))  # the records past the checkpoint were not repeated
 
 
 # --- bad inputs: exit 2, one line naming the field, nothing written -------------------------------

@@ -31,7 +31,8 @@ from e2e_sae.losses import (
 )
 from e2e_sae.runlog import read_metrics
 from e2e_sae.saes import SAEActs
-from e2e_sae.train import lr_lambda, train
+from e2e_sae.train import train
+from e2e_sae.training.engine import lr_lambda
 
 
 def tiny_model() -> HookedTransformer:

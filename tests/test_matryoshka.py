@@ -23,7 +23,8 @@ from e2e_sae.forward import make_plan, run_forward
 from e2e_sae.losses import LossInputs, OutToInLoss, build_loss_terms, compute_losses
 from e2e_sae.saes import MatryoshkaSAE, SAEActs, build_sae
 from e2e_sae.teacher_cache import TeacherCache
-from e2e_sae.train import TrainState, setup
+from e2e_sae.train import setup
+from e2e_sae.training.engine import TrainState
 
 SAE_POS = "blocks.1.hook_resid_pre"
 TC_IN, TC_OUT = "blocks.0.ln2.hook_normalized", "blocks.0.hook_mlp_out"

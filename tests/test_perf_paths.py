@@ -30,7 +30,8 @@ from e2e_sae.losses import (
 )
 from e2e_sae.models import build_random_model
 from e2e_sae.teacher_cache import TeacherCache, kl_topk, topk_distribution
-from e2e_sae.train import TrainState, setup
+from e2e_sae.train import setup
+from e2e_sae.training.engine import TrainState
 
 # A SmolLM2-shaped miniature: RMS norms, rotary, grouped-query attention, gated SiLU MLP.
 LLAMA_TINY: dict[str, Any] = dict(

@@ -29,6 +29,7 @@ from e2e_sae.config import Config, load_config
 from e2e_sae.errors import TrainingInterrupted
 from e2e_sae.resume import RunLock, resume_points
 from e2e_sae.runlog import read_metrics
+from e2e_sae.training import engine as engine_mod
 
 LOCAL = {"loss": {"sparsity": {"coeff": 0.1}, "out_to_in": {"coeff": 1.0}}}
 E2E_DS = {
@@ -82,8 +83,8 @@ def _interrupt_after(monkeypatch: pytest.MonkeyPatch, k: int, signum: int) -> No
     orig = train_mod.Trainer.train_step
     calls = [0]
 
-    def step(self: Any, batches: Any, state: Any) -> dict[str, float]:
-        out = orig(self, batches, state)
+    def step(self: Any, batches: Any, state: Any, **kwargs: Any) -> dict[str, float]:
+        out = orig(self, batches, state, **kwargs)
         calls[0] += 1
         if calls[0] == k:
             signal.raise_signal(signum)
@@ -258,7 +259,7 @@ def _nan_loss(monkeypatch: pytest.MonkeyPatch, at_call: int) -> None:
 
 
 def _nan_gradient(monkeypatch: pytest.MonkeyPatch, at_call: int) -> None:
-    orig, calls = train_mod.average_gradients, [0]
+    orig, calls = engine_mod.average_gradients, [0]
 
     def average(params: Any, d: Any) -> None:
         params = list(params)
@@ -267,7 +268,7 @@ def _nan_gradient(monkeypatch: pytest.MonkeyPatch, at_call: int) -> None:
         if calls[0] == at_call:
             params[1].grad[0] = float("nan")  # encoder.0.bias
 
-    monkeypatch.setattr(train_mod, "average_gradients", average)
+    monkeypatch.setattr(engine_mod, "average_gradients", average)
 
 
 def _inf_weight(monkeypatch: pytest.MonkeyPatch, at_call: int) -> None:

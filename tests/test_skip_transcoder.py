@@ -28,7 +28,8 @@ from e2e_sae.interop.saelens import (
 )
 from e2e_sae.saes import ARCHITECTURES, SAEActs, SkipTranscoder, build_sae
 from e2e_sae.splice import sae_key
-from e2e_sae.train import TrainState, setup
+from e2e_sae.train import setup
+from e2e_sae.training.engine import TrainState
 
 TC_IN, TC_OUT = "blocks.0.ln2.hook_normalized", "blocks.0.hook_mlp_out"
 SAE_POS = "blocks.1.hook_resid_pre"

@@ -22,7 +22,8 @@ from e2e_sae.cli import main
 from e2e_sae.config import Config, load_config, yaml_load
 from e2e_sae.errors import ConfigError
 from e2e_sae.sweep import load_sweep, parse_set
-from e2e_sae.train import TokenRate, format_rate, train
+from e2e_sae.train import train
+from e2e_sae.training.loop import TokenRate, format_rate
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

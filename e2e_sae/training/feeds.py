@@ -1,0 +1,56 @@
+"""Where a step's activations come from: the LM run on token windows, or stored activations.
+
+Both are `engine.Feed`s (one micro-batch -> `LossInputs`), so an LM-fed and a cache-fed run take
+the same optimizer steps. For a local config, `CacheFeed` on the activations the LM computes
+gives the same `LossInputs` as `LMFeed` (the SAEs read the clean activations at their input
+hooks), which is why `train-cached` on a cache built from a config's windows reproduces `train`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from e2e_sae.forward import StepPlan, run_forward
+from e2e_sae.losses import LossInputs
+from e2e_sae.saes import SAEActs, SAEBase
+from e2e_sae.splice import SAETransformer, SpliceSite, sae_key
+
+
+@dataclass(frozen=True)
+class LMFeed:
+    """Token windows [batch, pos] through the LM with the SAEs spliced in as `plan` says
+    (`reference`: the original library's two full passes)."""
+
+    model: SAETransformer
+    plan: StepPlan
+    reference: bool = False
+
+    def __call__(self, tokens: Tensor) -> LossInputs:
+        return run_forward(self.model, tokens.to(self.model.lm.device), self.plan, self.reference)
+
+
+@dataclass(frozen=True)
+class CacheFeed:
+    """Stored clean activations {hook: [batch, pos, d]} (local losses only): each SAE reads the
+    activation at its input hook; a transcoder's target is the one at its output hook."""
+
+    sites: Mapping[str, SpliceSite]
+    saes: nn.ModuleDict
+    device: torch.device
+
+    def __call__(self, acts: Mapping[str, Tensor]) -> LossInputs:
+        acts = {h: v.to(self.device, non_blocking=True) for h, v in acts.items()}
+        sae_acts: dict[str, SAEActs] = {}
+        saes: dict[str, SAEBase] = {}
+        for pos, site in self.sites.items():
+            sae = self.saes[sae_key(pos)]
+            assert isinstance(sae, SAEBase)
+            x = acts[site.input_hook]
+            output, c = sae(x)
+            sae_acts[pos], saes[pos] = SAEActs(x, c, output), sae
+        targets = {p: p for p, s in self.sites.items() if s.is_transcoder}
+        return LossInputs(sae_acts, orig_acts=acts, transcoder_targets=targets, saes=saes)

@@ -1,0 +1,256 @@
+"""The loop around the engine: log / eval / save / signal triggers, for one run or several runs
+on one batch stream (a cache-fed sweep), each with its own directory, checkpoints and resume."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tqdm.auto import tqdm
+
+from e2e_sae.evaluate import EvalResult
+from e2e_sae.resume import StopOnSignal, resume_points, save_point
+from e2e_sae.runlog import RunLogger
+from e2e_sae.training.engine import (
+    NumericalError,
+    TrainState,
+    check_divergence,
+    crossed,
+    loss_term_keys,
+    n_grad_steps,
+)
+
+if TYPE_CHECKING:
+    from e2e_sae.train import Trainer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Run:
+    """One run in the loop: its trainer, counters, directory and metrics log; after the loop, its
+    last logged values, last evaluation and (if it stopped on one) its numerical error."""
+
+    trainer: Trainer
+    state: TrainState
+    run_dir: Path
+    log: RunLogger
+    on_eval: Callable[[EvalResult], Any] | None = None
+    values: dict[str, float] = field(default_factory=dict)
+    eval: EvalResult | None = None
+    error: NumericalError | None = None
+    saved_at: int = -1
+    """n_samples of the last checkpoint written (a signal on a save step writes it once)."""
+
+    def save(self, final: bool = False) -> None:
+        if self.saved_at != self.state.n_samples or final:
+            t = self.trainer
+            self.log.save_file(save_point(self.run_dir, t, self.state, t.dist, final=final))
+            self.saved_at = self.state.n_samples
+
+    @property
+    def config(self) -> Any:
+        return self.trainer.config
+
+    @property
+    def n_steps(self) -> int:
+        return n_grad_steps(self.config, self.trainer.dist.world_size)
+
+    @property
+    def n_samples(self) -> int:
+        return self.state.n_samples
+
+    @property
+    def active(self) -> bool:
+        return self.error is None and self.state.step < self.n_steps
+
+    def final_values(self) -> dict[str, float]:
+        """The last step's logged values (loss terms, L0 per SAE, ...) and dead latents now."""
+        dead = dead_counts(self.trainer.model, self.config.act_frequency_n_tokens)
+        return {"loss": self.values.get("loss", float("nan")), **self.values, **dead}
+
+
+def run_loop(
+    runs: Sequence[Run],
+    batches: Iterator[Any],
+    n_ctx: int,
+    progress: bool = True,
+    resume_command: str = "e2e-sae train CONFIG --resume",
+) -> None:
+    """Step every unfinished run on the same micro-batches until each has taken its steps; a run
+    is finished (final checkpoint and evaluation) as soon as it is done. A run that hits a
+    numerical error stops (its bad checkpoints set aside); the others go on, and the first such
+    error is raised at the end. SIGINT / SIGTERM: every unfinished run saves, then
+    `TrainingInterrupted` names how to continue (`resume_command` + the run directory)."""
+    d = runs[0].trainer.dist
+    accum = runs[0].trainer.config.grad_accum_steps
+    bs = runs[0].trainer.global_batch
+    active = [r for r in runs if r.active]
+    done = min((r.state.step for r in active), default=0)
+    bar = tqdm(total=max(r.n_steps for r in runs), initial=done, desc="train", unit="step",
+               disable=not progress or not d.is_main)  # fmt: skip
+    t0 = time.perf_counter()
+    start = {id(r): r.state.n_samples for r in runs}
+    rate = TokenRate(now=t0)
+    stop = StopOnSignal().install()
+    try:
+        for r in runs:
+            if r.error is None and not r.active:  # resumed after its last step: finish it
+                finish_run(r, progress)
+        while active := [r for r in runs if r.active]:
+            micro = [next(batches) for _ in range(accum)]
+            for r in active:
+                step_run(r, micro, progress, lambda r=r: _rate(r, start[id(r)], n_ctx, t0))
+            loss = next((r.values["loss"] for r in active if "loss" in r.values), float("nan"))
+            speed = format_rate(rate.update(bs * n_ctx))
+            bar.set_postfix_str(f"loss={loss:.4g}, {speed}", refresh=False)
+            bar.update(1)
+            signum = stop.requested(d)  # SIGINT / SIGTERM: save, then stop
+            if signum:
+                interrupted = [r for r in runs if r.active]
+                for r in interrupted:
+                    r.save()
+                if interrupted:
+                    r = interrupted[0]
+                    raise stop.interrupted(r.run_dir, r.state.step, signum, resume_command)
+    finally:
+        bar.close()
+        stop.restore()
+    errors = [r.error for r in runs if r.error is not None]
+    if errors:
+        raise errors[0]
+
+
+def _rate(r: Run, n0: int, n_ctx: int, t0: float) -> float:
+    """Training tokens per second of `r` since the loop started (`n0`: its samples then)."""
+    elapsed = time.perf_counter() - t0
+    return (r.state.n_samples - n0) * n_ctx / elapsed if elapsed > 0 else 0.0
+
+
+def step_run(r: Run, micro: list[Any], progress: bool, rate: Callable[[], float]) -> None:
+    """One optimizer step of `r` on `micro`, then its triggers (log, eval, save, finish);
+    `rate()`: the run's tokens per second so far (logged)."""
+    t, state, cfg = r.trainer, r.state, r.config
+    log_due = (state.step + 1) % cfg.log_every_n_grad_steps == 0 or state.step == 0
+    last = state.step + 1 == r.n_steps
+    try:
+        values = t.train_step(iter(micro), state, stats=log_due or last)
+        terms = loss_term_keys(values, [term.name for term in t.loss_terms])
+        check_divergence(values, state, cfg.divergence_factor, terms)
+    except NumericalError as err:
+        r.error = set_aside_bad_point(err, r.run_dir, t.global_batch, t.dist)
+        return
+    r.values = values
+    bs, every = t.global_batch, cfg.eval_every_n_samples
+    if log_due:
+        rec = {"samples": state.n_samples, "step": state.step,
+               "lr": t.scheduler.get_last_lr()[0], **values,
+               "tokens_per_s": rate()}  # fmt: skip
+        rec.update(dead_counts(t.model, cfg.act_frequency_n_tokens))
+        r.log.log(rec, step=state.n_samples)
+    if every and crossed(state.n_samples, bs, every):
+        log_eval(r, progress=progress)
+    save_every = cfg.save_every_n_samples
+    if not last and save_every and crossed(state.n_samples, bs, save_every):
+        r.save()
+    if last:
+        finish_run(r, progress)
+
+
+def finish_run(r: Run, progress: bool = False) -> None:
+    """The final checkpoint, the final evaluation (unless the last step just had one), the
+    metrics log closed and the training curves drawn."""
+    t, state, every = r.trainer, r.state, r.config.eval_every_n_samples
+    r.save(final=True)
+    if not (every and state.n_samples % every == 0):
+        log_eval(r, progress=progress, desc="final eval")
+    r.log.finish()
+    if t.dist.is_main:
+        write_curves(r.run_dir)
+
+
+def log_eval(r: Run, progress: bool = False, desc: str = "eval") -> None:
+    """Evaluate `r` now (rank 0 only; the others wait at the next step) and log the result."""
+    t, state = r.trainer, r.state
+    if not t.dist.is_main:
+        return
+    result = t.run_eval(progress=progress, desc=desc)
+    if result is None:
+        return
+    r.eval = result
+    r.log.log({"samples": state.n_samples, "step": state.step, **result.flat()},
+              step=state.n_samples)  # fmt: skip
+    freqs = {p: result.feature_frequency(p) for p in result.feature_counts}
+    r.log.log_feature_frequencies(freqs, step=state.n_samples)
+    if r.on_eval is not None:
+        r.on_eval(result)
+
+
+def dead_counts(model: Any, window: int) -> dict[str, float]:
+    """Training's dead latents: those that fired on none of the last `window` training tokens
+    (`act_frequency_n_tokens`); the window is logged with them as `dead_window_tokens`."""
+    counts = {f"dead_dict_elements/{p}": model.sae(p).n_dead(window) for p in model.sae_positions}
+    return {**counts, "dead_window_tokens": window}
+
+
+def set_aside_bad_point(err: NumericalError, run_dir: Path, bs: int, d: Any) -> NumericalError:
+    """Rename the checkpoint holding the weights that caused `err` to `*.diverged` (so that
+    evaluation, export and `--resume` use the one before) and say which one is kept."""
+    if not d.is_main or err.weights_step is None:
+        return err
+    points = resume_points(run_dir)
+    bad = [p for p in points if p.n_samples >= err.weights_step * bs and p.n_samples > 0]
+    if not bad:
+        return err
+    for p in bad:
+        for path in (p.samples_path, p.resume_path):
+            path.replace(path.with_name(path.name + ".diverged"))
+    kept = [p for p in points if p not in bad]
+    names = ", ".join(p.samples_path.name for p in bad)
+    last = kept[-1].samples_path.name if kept else "none"
+    return NumericalError(f"{err}; last checkpoint before it: {last} ({names} renamed "
+                          "*.diverged)", err.weights_step)  # fmt: skip
+
+
+class TokenRate:
+    """Tokens per second over the last `window_s` seconds (the progress bar's current speed; the
+    cumulative rate would hide a slowdown and include start-up)."""
+
+    def __init__(self, window_s: float = 20.0, now: float | None = None) -> None:
+        self.window_s = window_s
+        self.marks: deque[tuple[float, int]] = deque(
+            [(time.perf_counter() if now is None else now, 0)]
+        )
+
+    def update(self, n_tokens: int, now: float | None = None) -> float:
+        """Add `n_tokens` just processed; returns the current rate (tokens/s)."""
+        now = time.perf_counter() if now is None else now
+        self.marks.append((now, self.marks[-1][1] + n_tokens))
+        while len(self.marks) > 2 and now - self.marks[1][0] >= self.window_s:
+            self.marks.popleft()  # keep one mark at or before the window's start
+        (t0, n0), (t1, n1) = self.marks[0], self.marks[-1]
+        return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
+
+
+def format_rate(tokens_per_s: float) -> str:
+    """'12.3k tok/s' style."""
+    for div, unit in ((1e6, "M"), (1e3, "k")):
+        if tokens_per_s >= div:
+            return f"{tokens_per_s / div:.3g}{unit} tok/s"
+    return f"{tokens_per_s:.3g} tok/s"
+
+
+def write_curves(run_dir: Path) -> Path | None:
+    """training_curves.png of a finished run (a plotting failure never fails the run)."""
+    from e2e_sae.analysis.curves import plot_training_curves
+
+    try:
+        return plot_training_curves(run_dir)
+    except Exception as err:  # noqa: BLE001
+        logger.warning("could not write the training curves of %s: %s", run_dir, err)
+        return None
