@@ -36,7 +36,8 @@ import torch
 from e2e_sae.config import Config, load_config
 from e2e_sae.fastlm import LeanLM
 from e2e_sae.lm_runner import HookedRunner
-from e2e_sae.train import Trainer, TrainState, setup
+from e2e_sae.train import Trainer, setup
+from e2e_sae.training.engine import TrainState
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = ("lean", "hooked", "bridge")

@@ -44,7 +44,8 @@ import torch
 
 from e2e_sae.config import Config, load_config
 from e2e_sae.saes import TopKSAE
-from e2e_sae.train import Trainer, TrainState, setup
+from e2e_sae.train import Trainer, setup
+from e2e_sae.training.engine import TrainState
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODES = ("local", "e2e", "e2e_ds", "eval", "cache", "teacher")
