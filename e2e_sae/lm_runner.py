@@ -150,10 +150,6 @@ class LMRunner(Protocol):
         """Final normalised residual -> logits (what the chunked KL and the teacher use)."""
         ...
 
-    def supports_hooks(self, hook_names: Sequence[str]) -> bool:
-        """Whether `run_blocks` can apply hooks at all these names."""
-        ...
-
     def lean(self, precision: str = "fp32") -> LeanLM | None:
         """The lean forward over these weights (None: there is none; see `step_runner`)."""
         ...
@@ -271,9 +267,6 @@ class HookedRunner:
 
     def unembedding_fn(self) -> Unembedding:
         return Unembedding(self.model.unembed.W_U.T, self.model.unembed.b_U)
-
-    def supports_hooks(self, hook_names: Sequence[str]) -> bool:
-        return all(h in self.model.hook_dict for h in hook_names)
 
     def lean(self, precision: str = "fp32") -> LeanLM | None:
         return get_lean_lm(self.model, precision)
@@ -404,9 +397,6 @@ class BridgeRunner:
         head: Any = self.model.unembed.original_component  # the HF `lm_head`
         return Unembedding(head.weight, head.bias)
 
-    def supports_hooks(self, hook_names: Sequence[str]) -> bool:
-        return all(h in self.model.hook_dict for h in hook_names)
-
     def lean(self, precision: str = "fp32") -> LeanLM | None:
         return None
 
@@ -473,9 +463,6 @@ class LeanRunner(HookedRunner):
 
     def unembedding_fn(self) -> Unembedding:
         return Unembedding(self._lean.w_u, self._lean.b_u)
-
-    def supports_hooks(self, hook_names: Sequence[str]) -> bool:
-        return self._lean.supports(hook_names)
 
     def lean(self, precision: str = "fp32") -> LeanLM | None:
         return self._lean if precision == self.precision else super().lean(precision)
