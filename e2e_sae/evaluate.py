@@ -59,7 +59,7 @@ from tqdm.auto import tqdm
 
 from e2e_sae.config import Config, DatasetConfig
 from e2e_sae.errors import UserError
-from e2e_sae.forward import StepPlan, run_forward
+from e2e_sae.forward import StepPlan, run_forward, with_runner
 from e2e_sae.losses import LossTerm, compute_losses, kl_clean_to_new
 from e2e_sae.splice import SAETransformer, hook_layer, sae_key
 
@@ -299,11 +299,11 @@ def evaluate(
     `downstream=False` skips the later-layer reconstruction metrics."""
     assert plan.e2e, "evaluation needs both logits: make_plan(..., force_full_pass=True)"
     later = downstream_hooks(model, plan.sae_positions) if downstream else []
-    plan = dataclasses.replace(
+    plan = with_runner(model, dataclasses.replace(
         plan,
         orig_cache=plan.orig_cache + [h for h in later if h not in plan.orig_cache],
         new_cache=plan.new_cache + [h for h in later if h not in plan.new_cache],
-    )
+    ))  # fmt: skip
     device = next(model.saes.parameters()).device
     loss_totals: dict[str, float] = {}
     sums: dict[str, float] = {}

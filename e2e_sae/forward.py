@@ -1,26 +1,29 @@
 """The forward half of a training/eval step: which passes run, and what the loss terms get.
 
+One `run_forward`, written against the step-level part of `e2e_sae.lm_runner.LMRunner`
+(`embed`, `run_blocks`, `unembedding_fn`). The runner is chosen once, when the plan is made
+(`make_plan` / `with_runner`: the lean forward `fastlm` where it supports the model and the plan's
+hooks, else the backend's runner), and stored in the plan.
+
 Two ways to compute the same numbers:
 - `reference=True`: what the original library does — a clean pass and an SAE-spliced pass, each
-  from the tokens.
+  from the tokens, through the backend's runner (never the lean one), with both runs' logits.
 - default: the layers before the first SAE run once; the clean and the spliced pass both start from
-  that residual (`start_at_layer`). Same ops on the same inputs, so the same values.
+  that residual (where the runner `supports_start_at_layer`; else both run from the tokens). Same
+  ops on the same inputs, so the same values. The KL term gets the final residuals and the
+  unembedding instead of logits, so it never holds [tokens, d_vocab] for either run
+  (`losses.kl_from_final`, chunked by `kl_chunk_tokens`); with a teacher cache (`plan.teacher`)
+  the clean pass stops after the hooks it must cache and the KL is taken against the cache. Both
+  work on every backend (a runner whose logits are not its unembedding of the final residual,
+  `final_is_residual` False, hands over logits and has no teacher cache).
 Local-only runs (no KL / downstream terms) stop the LM right after the last hook they need and run
 the SAEs on the cached clean activations.
-
-Where `e2e_sae.fastlm` supports the model and hooks, the fast path runs the LM through its lean
-forward (weights laid out once, fused attention; optionally bf16 matmuls) and hands the KL term the
-final residuals instead of logits, so it never holds [tokens, d_vocab] for either run
-(`losses.kl_from_final`). Otherwise it uses TransformerLens with `start_at_layer`.
-
-The LM is reached through `model.lm` (`e2e_sae.lm_runner`). A TransformerBridge (backend bridge)
-has no lean forward and cannot start from a residual: its e2e steps run both passes from the
-tokens (the reference path's passes); local steps still stop right after the last hook.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -30,8 +33,8 @@ from torch import Tensor
 
 from e2e_sae.config import LossConfigs
 from e2e_sae.errors import UserError
-from e2e_sae.fastlm import LeanLM
-from e2e_sae.losses import KLTarget, LossInputs, Unembedding
+from e2e_sae.lm_runner import LMRunner, move_to, step_runner
+from e2e_sae.losses import KLTarget, LossInputs
 from e2e_sae.saes import CacheActs, SAEActs
 from e2e_sae.saes.matryoshka import batched_prefix_passes, full_copy, prefix_passes
 from e2e_sae.splice import SAETransformer, filter_names, hook_layer
@@ -56,6 +59,9 @@ class StepPlan:
     prefix_passes: int = 1
     """> 1: e2e training of Matryoshka SAEs on every prefix: the spliced pass runs this many
     prefix-major copies of the batch at once (`saes.matryoshka`); the clean pass runs once."""
+    runner: LMRunner | None = None
+    """The LM runner for these hooks and this precision (`with_runner`); None (a plan built by
+    hand): `run_forward` chooses one on every call."""
 
 
 class Teacher(Protocol):
@@ -88,7 +94,7 @@ def make_plan(
     passes = 1
     if e2e and not force_full_pass:  # evaluation measures the full dictionary only
         passes = prefix_passes(model.sae(p) for p in model.sae_positions)
-    return StepPlan(
+    plan = StepPlan(
         sae_positions=list(model.sae_positions),
         orig_cache=orig,
         new_cache=downstream,
@@ -98,67 +104,96 @@ def make_plan(
         precision=precision,
         prefix_passes=passes,
     )
+    return with_runner(model, plan)
 
 
-def first_sae_layer(model: SAETransformer, plan: StepPlan) -> int:
-    """Block index where both passes can start from a shared residual (0 = no shared prefix)."""
+def with_runner(model: SAETransformer, plan: StepPlan) -> StepPlan:
+    """`plan` with its runner chosen for its hooks and precision (`lm_runner.step_runner`): call
+    it again after changing a plan's hooks."""
+    return dataclasses.replace(plan, runner=_choose_runner(model, plan))
+
+
+def _choose_runner(model: SAETransformer, plan: StepPlan) -> LMRunner:
+    inputs = [model.sites[p].input_hook for p in plan.sae_positions]
+    hooks = list(dict.fromkeys(plan.sae_positions + inputs + plan.orig_cache + plan.new_cache))
+    return step_runner(model.lm, hooks, plan.precision)
+
+
+def _shared_start(model: SAETransformer, plan: StepPlan) -> int | None:
+    """The block both passes start from (0: from the shared embedding), or None where a hook
+    sits in the embedding (both passes then run from the tokens)."""
     hooks = [model.sites[p].input_hook for p in plan.sae_positions] + plan.orig_cache
-    return max(0, min(hook_layer(h, model.n_layers) for h in hooks))
+    first = min(hook_layer(h, model.n_layers) for h in hooks)
+    return None if first < 0 else first
 
 
 def run_forward(
     model: SAETransformer, tokens: Tensor, plan: StepPlan, reference: bool = False
 ) -> LossInputs:
     """Run the passes the plan needs; gradients flow only into the SAEs."""
-    if not reference:
-        lean = model.lm.lean(plan.precision)
-        if lean is not None and lean.supports(_hooks_used(model, plan)):
-            return _run_lean(model, lean, tokens, plan)
-    if plan.teacher is not None:
-        raise UserError(
-            "teacher_cache: needs the fast path (fastlm) for this model and these hooks "
-            f"(backend hooked; this model runs on backend {model.backend})"
-        )
+    if reference:
+        lm = model.lm
+    else:
+        lm = plan.runner if plan.runner is not None else _choose_runner(model, plan)
+    device = lm.device
+    orig_acts: dict[str, Tensor] = {}
+    clean_hooks = [(h, _store(orig_acts, h, device)) for h in plan.orig_cache]
+    saes = {p: model.sae(p) for p in plan.sae_positions}
     if not plan.e2e:
-        with torch.no_grad():
-            _, orig_acts = model.forward_raw(
-                tokens, run_entire_model=False, cache_positions=plan.orig_cache
-            )
+        if clean_hooks:
+            with torch.no_grad():
+                lm.run_blocks(tokens, 0, clean_hooks, stop_after=plan.orig_cache)
         _, acts = model.forward(tokens, plan.sae_positions, orig_acts=orig_acts)
         return LossInputs(
             sae_acts=_sae_acts(acts),
             orig_acts=orig_acts,
             transcoder_targets=plan.transcoder_targets,
-            saes={p: model.sae(p) for p in plan.sae_positions},
+            saes=saes,
         )
-    start = 0 if reference or not model.lm.supports_start_at_layer else first_sae_layer(model, plan)
-    n = plan.prefix_passes
-    if start == 0:
-        with torch.no_grad():
-            orig_logits, orig_acts = model.forward_raw(tokens, cache_positions=plan.orig_cache)
-        with _prefix_copies(model, plan):
-            new_logits, acts = model.forward(_tile(tokens, n), plan.sae_positions, plan.new_cache)
-    else:
-        with torch.no_grad():
-            resid = model.lm.run(tokens, stop_at_layer=start)
+    if plan.teacher is not None and not lm.final_is_residual:
+        raise UserError(
+            f"teacher_cache: this model's logits are not its unembedding of the final residual "
+            f"(backend {lm.backend}: a logit soft cap or scale, or a model spread over devices)"
+        )
+    shared = None if reference or not lm.supports_start_at_layer else _shared_start(model, plan)
+    start = shared or 0
+    with torch.no_grad():
+        if shared is None:
+            resid = tokens
+        elif shared == 0:
+            resid = lm.embed(tokens)
+        else:
+            resid = lm.run_blocks(tokens, 0, stop_at_layer=shared)
             assert resid is not None
-            orig_logits, cached = model.forward_with_hooks(
-                resid, [], plan.orig_cache, start_at_layer=start
-            )
-            orig_acts = {k: v.input for k, v in cached.items()}
-        with _prefix_copies(model, plan):
-            new_logits, acts = model.forward_with_hooks(
-                _tile(resid, n), plan.sae_positions, plan.new_cache, start_at_layer=start
-            )
-    return LossInputs(
+        if plan.teacher is None:
+            orig_final = lm.run_blocks(resid, start, clean_hooks)
+            assert orig_final is not None
+        else:  # the cache stands in for the clean run's distributions: stop after its hooks
+            orig_final = None
+            if clean_hooks:
+                lm.run_blocks(resid, start, clean_hooks, stop_after=plan.orig_cache)
+    hooks, acts = model.splice_hooks(plan.sae_positions, plan.new_cache)
+    n = plan.prefix_passes
+    with _prefix_copies(model, plan):
+        new_final = lm.run_blocks(_tile(resid, n), start, hooks)
+    assert new_final is not None
+    inputs = LossInputs(
         sae_acts=_sae_acts(acts, n),
         orig_acts=orig_acts,
         new_acts=_new_acts(model, acts, plan),
-        orig_logits=orig_logits,
-        new_logits=new_logits,
+        kl_target=plan.teacher.kl_target(_tile(tokens, n)) if plan.teacher is not None else None,
         transcoder_targets=plan.transcoder_targets,
-        saes={p: model.sae(p) for p in plan.sae_positions},
+        saes=saes,
     )
+    if not lm.final_is_residual:  # the runner handed over logits
+        inputs.orig_logits, inputs.new_logits = orig_final, new_final
+        return inputs
+    unembed = lm.unembedding_fn()
+    inputs.orig_final, inputs.new_final, inputs.unembed = orig_final, new_final, unembed
+    if plan.logits or reference:
+        inputs.new_logits = unembed(new_final)
+        inputs.orig_logits = unembed(orig_final) if orig_final is not None else None
+    return inputs
 
 
 def _sae_acts(acts: dict[str, SAEActs | CacheActs], n: int = 1) -> dict[str, SAEActs]:
@@ -186,61 +221,11 @@ def _new_acts(
     return {h: model.spliced_activation(h, acts[h]) for h in plan.new_cache if h in acts}
 
 
-def _hooks_used(model: SAETransformer, plan: StepPlan) -> list[str]:
-    inputs = [model.sites[p].input_hook for p in plan.sae_positions]
-    return list(dict.fromkeys(plan.sae_positions + inputs + plan.orig_cache + plan.new_cache))
-
-
-def _run_lean(model: SAETransformer, lean: LeanLM, tokens: Tensor, plan: StepPlan) -> LossInputs:
-    """The fast path through `fastlm` (same values as the reference within float rounding)."""
-    orig_acts: dict[str, Tensor] = {}
-    clean_hooks = [(h, _store(orig_acts, h)) for h in plan.orig_cache]
-    if not plan.e2e:
-        with torch.no_grad():
-            lean.run(tokens, 0, clean_hooks, until=lean.last_hook(plan.orig_cache))
-        _, acts = model.forward(tokens, plan.sae_positions, orig_acts=orig_acts)
-        return LossInputs(
-            sae_acts=_sae_acts(acts),
-            orig_acts=orig_acts,
-            transcoder_targets=plan.transcoder_targets,
-            saes={p: model.sae(p) for p in plan.sae_positions},
-        )
-    start = first_sae_layer(model, plan)
-    with torch.no_grad():
-        resid = lean.run(tokens, 0, stop_at_layer=start) if start > 0 else lean.embed(tokens)
-        assert resid is not None
-        if plan.teacher is None:
-            orig_final = lean.run(resid, start, clean_hooks)
-            assert orig_final is not None
-        else:  # the cache stands in for the clean run's distributions: stop after its hooks
-            orig_final = None
-            if clean_hooks:
-                lean.run(resid, start, clean_hooks, until=lean.last_hook(plan.orig_cache))
-    hooks, acts = model.splice_hooks(plan.sae_positions, plan.new_cache)
-    n = plan.prefix_passes
-    with _prefix_copies(model, plan):
-        new_final = lean.run(_tile(resid, n), start, hooks)
-    assert new_final is not None
-    unembed = Unembedding(lean.w_u, lean.b_u)
-    teacher_tokens = _tile(tokens, n)
-    return LossInputs(
-        sae_acts=_sae_acts(acts, n),
-        orig_acts=orig_acts,
-        new_acts=_new_acts(model, acts, plan),
-        orig_logits=unembed(orig_final) if plan.logits and orig_final is not None else None,
-        new_logits=unembed(new_final) if plan.logits else None,
-        orig_final=orig_final,
-        new_final=new_final,
-        unembed=unembed,
-        kl_target=plan.teacher.kl_target(teacher_tokens) if plan.teacher is not None else None,
-        transcoder_targets=plan.transcoder_targets,
-        saes={p: model.sae(p) for p in plan.sae_positions},
-    )
-
-
-def _store(store: dict[str, Tensor], name: str) -> Callable[..., Tensor]:
+def _store(store: dict[str, Tensor], name: str, device: torch.device) -> Callable[..., Tensor]:
+    # By the name asked for (a bridge calls hooks with its canonical name, not the alias), on
+    # the SAEs' device (a no-op unless the LM is spread over several devices).
     def hook(x: Tensor, hook: object = None) -> Tensor:
-        store[name] = x
+        store[name] = move_to(x, device)
         return x
 
     return hook

@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from e2e_sae.config import Config
 from e2e_sae.errors import ConfigError, UserError
+from e2e_sae.lm_runner import LMRunner, step_runner
 from e2e_sae.losses import KLTarget, Unembedding, chunked_unembed_kl
 from e2e_sae.splice import SAETransformer
 
@@ -92,16 +93,12 @@ def kl_topk(
     return chunked_unembed_kl(new_final, target, unembed, chunk_tokens)
 
 
-def clean_logits(model: SAETransformer, tokens: Tensor) -> Tensor:
-    """The clean LM's logits (through `fastlm` where it applies)."""
-    lean = model.lm.lean()
-    if lean is None:
-        logits = model.lm.run(tokens)
-        assert logits is not None
-        return logits
-    final = lean.run(tokens)
+def clean_logits(model: SAETransformer, tokens: Tensor, runner: LMRunner | None = None) -> Tensor:
+    """The clean LM's logits through `runner` (default: the lean forward where it applies)."""
+    lm = runner if runner is not None else step_runner(model.lm, [])
+    final = lm.run_blocks(tokens)
     assert final is not None
-    return lean.logits(final)
+    return lm.unembedding_fn()(final) if lm.final_is_residual else final
 
 
 class TeacherCache:
@@ -140,13 +137,14 @@ class TeacherCache:
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
         device = next(model.saes.parameters()).device
+        runner = step_runner(model.lm, [])
         out: dict[str, np.memmap] = {}
         it = iter(batches)
         row = 0
         with torch.no_grad():
             for _ in tqdm(range(n_batches), desc="teacher", unit="batch", disable=not progress):
                 tokens = next(it).to(device)
-                logits = clean_logits(model, tokens)
+                logits = clean_logits(model, tokens, runner)
                 b, n = tokens.shape
                 rows = topk_distribution(logits, k)
                 if not out:

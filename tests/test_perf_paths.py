@@ -119,9 +119,20 @@ def test_lean_local_run_stops_at_its_last_hook(monkeypatch: pytest.MonkeyPatch) 
 def test_unsupported_models_fall_back_to_transformer_lens() -> None:
     model = _model({**TINY_TLENS, "positional_embedding_type": "shortformer"}, TWO_SAES)
     assert get_lean_lm(model.tlens_model) is None
-    plan = make_plan(model, LossConfigs.model_validate(E2E))
-    inputs = run_forward(model, torch.randint(0, 97, (2, 16)), plan)
-    assert inputs.orig_logits is not None  # the TransformerLens path hands over logits
+    loss_cfg = LossConfigs.model_validate(E2E)
+    plan = make_plan(model, loss_cfg)
+    assert plan.runner is model.lm  # TransformerLens, chosen once
+    # a shortformer adds its positions inside attention: no shared prefix past the embedding
+    assert not model.lm.supports_start_at_layer
+    tokens = torch.randint(0, 97, (2, 16))
+    inputs = run_forward(model, tokens, plan)
+    # the KL gets final residuals here too, and the same value as the reference's logits
+    assert inputs.orig_logits is None and inputs.orig_final is not None
+    terms = build_loss_terms(loss_cfg, plan.new_cache, kl_chunk_tokens=5)
+    ref = compute_losses(terms, run_forward(model, tokens, plan, reference=True))[1]
+    got = compute_losses(terms, inputs)[1]
+    for k, v in ref.items():
+        assert float(got[k].detach()) == pytest.approx(float(v), rel=1e-5), k
 
 
 # --- the fast e2e step equals the reference step --------------------------------------------------
