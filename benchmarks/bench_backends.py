@@ -35,6 +35,7 @@ import torch
 
 from e2e_sae.config import Config, load_config
 from e2e_sae.fastlm import LeanLM
+from e2e_sae.forward import with_runner
 from e2e_sae.lm_runner import HookedRunner
 from e2e_sae.train import Trainer, setup
 from e2e_sae.training.engine import TrainState
@@ -99,7 +100,8 @@ def make_trainer(args: argparse.Namespace, mode: str, variant: str, lms: dict[st
     with shared_lm(lms[backend]):
         t = setup(make_config(args, mode, backend), device="cpu")
     if variant == "hooked":
-        t.model.lm = NoLeanRunner(lms["hooked"])
+        t.model.lm = NoLeanRunner(lms["hooked"])  # and the plans' runner chosen again for it
+        t.plan, t.eval_plan = with_runner(t.model, t.plan), with_runner(t.model, t.eval_plan)
     assert t.model.backend == backend
     return t
 

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from e2e_sae import splice
 from e2e_sae.config import Config
 from e2e_sae.errors import ConfigError, UserError
-from e2e_sae.forward import StepPlan, run_forward
+from e2e_sae.forward import StepPlan, run_forward, with_runner
 from e2e_sae.splice import SAETransformer, SpliceSite, filter_names
 
 META = "meta.json"
@@ -204,7 +204,7 @@ def _write_arrays(
     progress: bool,
 ) -> tuple[np.memmap, dict[str, np.memmap]]:
     """The clean LM's activations at `hooks` (and the tokens) into .npy files in `folder`."""
-    plan = StepPlan(sae_positions=[], orig_cache=list(hooks))  # clean run only, stops early
+    plan = with_runner(model, StepPlan(sae_positions=[], orig_cache=list(hooks)))  # clean only
     arrays: dict[str, np.memmap] = {}
     tokens_out: np.memmap | None = None
     row = 0
@@ -255,7 +255,7 @@ def lm_activation_batches(
 ) -> Iterator[dict[str, Tensor]]:
     """One clean LM pass per token batch (fast local path), yielding {hook: activation}: feed it
     to several `CachedTrainer`s to train them all on the same batches without a disk cache."""
-    plan = StepPlan(sae_positions=[], orig_cache=list(hooks))
+    plan = with_runner(model, StepPlan(sae_positions=[], orig_cache=list(hooks)))
     device = next(model.saes.parameters()).device
     for tokens in token_batches:
         with torch.no_grad():  # left before the yield: grad mode is thread state, not ours

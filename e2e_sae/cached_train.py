@@ -115,6 +115,7 @@ class CachedTrainer(Engine):
         return self.state.step
 
     def forward(self, acts: Mapping[str, Tensor]) -> LossInputs:
+        assert self.feed is not None
         return self.feed(acts)
 
     def step(self, micro_batches: Iterator[Mapping[str, Tensor]]) -> dict[str, float]:

@@ -102,6 +102,11 @@ class Trainer(Engine):
     eval_plan: StepPlan
     reference: bool = False
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.feed is None:
+            self.feed = LMFeed(self)
+
     def batches(
         self, data: DatasetConfig, seed: int, start: int = 0, shard: bool = False
     ) -> Iterator[Tensor]:
@@ -182,8 +187,8 @@ def setup(
     dev = next(model.saes.parameters()).device
     eval_plan = make_plan(model, config.loss, force_full_pass=True)
     return Trainer(config, model.saes, trainable, loss_terms, optimizer, scheduler, dev,
-                   LMFeed(model, plan, reference), dist, model=model, plan=plan,
-                   eval_plan=eval_plan, reference=reference)  # fmt: skip
+                   dist=dist, model=model, plan=plan, eval_plan=eval_plan,
+                   reference=reference)  # fmt: skip
 
 
 def check_in_to_orig(model: SAETransformer, config: Config) -> None:

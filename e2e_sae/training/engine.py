@@ -114,7 +114,8 @@ class Engine:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     device: torch.device
-    feed: Feed
+    feed: Feed | None = None
+    """None: set by a subclass (`Trainer`: the LM)."""
     dist: Dist = SINGLE
 
     def __post_init__(self) -> None:
@@ -146,6 +147,7 @@ class Engine:
         for _ in range(accum):
             batch = next(micro_batches)
             state.batches += 1
+            assert self.feed is not None
             with autocast(self.config.precision, self.device):
                 inputs = self.feed(batch)
             aux = {

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -20,17 +21,23 @@ from e2e_sae.saes import SAEActs, SAEBase
 from e2e_sae.splice import SAETransformer, SpliceSite, sae_key
 
 
-@dataclass(frozen=True)
-class LMFeed:
-    """Token windows [batch, pos] through the LM with the SAEs spliced in as `plan` says
-    (`reference`: the original library's two full passes)."""
-
+class PlanHolder(Protocol):
     model: SAETransformer
     plan: StepPlan
-    reference: bool = False
+    reference: bool
+    device: torch.device
+
+
+@dataclass(frozen=True)
+class LMFeed:
+    """Token windows [batch, pos] through the LM with the SAEs spliced in as the holder's `plan`
+    says, read at each call (`reference`: the original library's two full passes)."""
+
+    holder: PlanHolder
 
     def __call__(self, tokens: Tensor) -> LossInputs:
-        return run_forward(self.model, tokens.to(self.model.lm.device), self.plan, self.reference)
+        h = self.holder
+        return run_forward(h.model, tokens.to(h.device), h.plan, h.reference)
 
 
 @dataclass(frozen=True)
