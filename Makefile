@@ -29,6 +29,7 @@ check:
 	$(BIN)/ruff check e2e_sae tests benchmarks experiments
 	$(BIN)/ruff format --check e2e_sae tests benchmarks experiments
 	$(BIN)/pyright
+	$(BIN)/lint-imports --no-cache
 
 format:
 	$(BIN)/ruff check --fix e2e_sae tests benchmarks experiments

@@ -34,11 +34,11 @@ from unittest import mock
 import torch
 
 from e2e_sae.config import Config, load_config
-from e2e_sae.fastlm import LeanLM
-from e2e_sae.forward import with_runner
-from e2e_sae.lm_runner import HookedRunner
-from e2e_sae.train import Trainer, setup
+from e2e_sae.lm.fastlm import LeanLM
+from e2e_sae.lm.runner import HookedRunner
+from e2e_sae.objective.forward import with_runner
 from e2e_sae.training.engine import TrainState
+from e2e_sae.training.trainer import Trainer, setup
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = ("lean", "hooked", "bridge")
@@ -81,8 +81,8 @@ def make_config(args: argparse.Namespace, mode: str, backend: str) -> Config:
 
 def load_models() -> dict[str, Any]:
     """{"hooked": HookedTransformer, "bridge": TransformerBridge} over the same HF weights."""
-    from e2e_sae.models.bridge import smollm2_bridge_from_hf
-    from e2e_sae.models.gguf import load_smollm2_hf, smollm2_from_hf
+    from e2e_sae.lm.bridge import smollm2_bridge_from_hf
+    from e2e_sae.lm.gguf import load_smollm2_hf, smollm2_from_hf
 
     hf_model = load_smollm2_hf()
     hooked = smollm2_from_hf(hf_model)  # before the bridge wraps the HF modules in place
@@ -91,7 +91,7 @@ def load_models() -> dict[str, Any]:
 
 @contextlib.contextmanager
 def shared_lm(lm: Any) -> Iterator[None]:
-    with mock.patch("e2e_sae.models.load_lm", lambda *a, **k: lm):
+    with mock.patch("e2e_sae.lm.load.load_lm", lambda *a, **k: lm):
         yield
 
 

@@ -44,8 +44,8 @@ import torch
 
 from e2e_sae.config import Config, load_config
 from e2e_sae.saes import TopKSAE
-from e2e_sae.train import Trainer, setup
 from e2e_sae.training.engine import TrainState
+from e2e_sae.training.trainer import Trainer, setup
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODES = ("local", "e2e", "e2e_ds", "eval", "cache", "teacher")
@@ -125,7 +125,7 @@ def _n_layers(model: str) -> int:
 
 @functools.cache
 def shared_lm(model: str) -> Any:
-    from e2e_sae.models import load_tlens_model
+    from e2e_sae.lm.load import load_tlens_model
 
     source = MODELS[model][0]
     return load_tlens_model(source.get("tlens_model_name"), None, source.get("tlens_config"), "cpu")
@@ -151,7 +151,7 @@ def token_batches(args: argparse.Namespace, n: int, seed: int = 0) -> list[torch
 def lm_shared(model: str) -> Iterator[None]:
     """`setup` loads the LM once per process: every variant splices SAEs into the same one."""
     lm = shared_lm(model)
-    with mock.patch("e2e_sae.models.load_tlens_model", lambda *a, **k: lm):
+    with mock.patch("e2e_sae.lm.load.load_tlens_model", lambda *a, **k: lm):
         yield
 
 
@@ -263,8 +263,8 @@ def summarise(
 
 def bench_eval(args: argparse.Namespace) -> list[dict[str, Any]]:
     """`evaluate` (CE, KL, L0, explained variance; no zero-ablation / downstream extras)."""
-    import e2e_sae.evaluate as ev
-    from e2e_sae.forward import run_forward
+    import e2e_sae.eval.evaluate as ev
+    from e2e_sae.objective.forward import run_forward
 
     t = make_trainer(args, "eval", "fast")
     batches = token_batches(args, args.eval_batches, seed=1)
@@ -292,8 +292,8 @@ def bench_eval(args: argparse.Namespace) -> list[dict[str, Any]]:
 def bench_cache(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Local training from an activation cache vs with the LM; a 4-config sparsity sweep from one
     LM pass per batch vs 4 separate fast local runs."""
-    from e2e_sae.act_cache import ActivationCache, lm_activation_batches
-    from e2e_sae.cached_train import CachedTrainer, train_together
+    from e2e_sae.caches.activations import ActivationCache, lm_activation_batches
+    from e2e_sae.training.cached import CachedTrainer, train_together
 
     n = args.warmup + args.steps
     batches = token_batches(args, n)
@@ -353,9 +353,9 @@ def bench_cache(args: argparse.Namespace) -> list[dict[str, Any]]:
 def bench_teacher(args: argparse.Namespace) -> list[dict[str, Any]]:
     """e2e steps against a teacher cache (top-k clean distributions) vs with the clean pass, and
     the approximation's effect on the KL: KL~ vs the exact KL for the same SAE and batches."""
-    from e2e_sae.forward import run_forward
-    from e2e_sae.losses import kl_from_final
-    from e2e_sae.teacher_cache import TeacherCache, kl_topk
+    from e2e_sae.caches.teacher import TeacherCache, kl_topk
+    from e2e_sae.objective.forward import run_forward
+    from e2e_sae.objective.losses import kl_from_final
 
     n = args.warmup + args.steps
     batches = token_batches(args, n)
@@ -553,7 +553,7 @@ def write_report(args: argparse.Namespace, result: dict[str, Any], profiles: lis
 def bench_quality(args: argparse.Namespace) -> dict[str, Any]:
     """Train `--quality-steps` e2e steps in fp32 and in bf16 from the same init on the same
     batches; evaluate both in fp32 on held-out batches; compare the CE-loss increase."""
-    import e2e_sae.evaluate as ev
+    import e2e_sae.eval.evaluate as ev
 
     batches = token_batches(args, args.quality_steps)
     held_out = token_batches(args, args.eval_batches, seed=7)

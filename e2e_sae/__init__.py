@@ -3,6 +3,7 @@ models (Braun et al. 2024), with modern architectures and an offline default job
 
 from e2e_sae.config import Config, DatasetConfig, LossConfigs, load_config
 from e2e_sae.errors import ConfigError, UserError
+from e2e_sae.lm.splice import SAETransformer
 from e2e_sae.saes import (
     ARCHITECTURES,
     SAE,
@@ -15,11 +16,10 @@ from e2e_sae.saes import (
     TopKSAE,
     build_sae,
 )
-from e2e_sae.splice import SAETransformer
-
-__version__ = "3.0.0"
+from e2e_sae.version import __version__
 
 __all__ = [
+    "__version__",
     "ARCHITECTURES",
     "SAE",
     "BatchTopKSAE",

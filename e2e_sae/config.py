@@ -145,7 +145,7 @@ class SAEsConfig(_Frozen):
     resample_every_n_samples: PositiveInt | None = None
     """relu only, off by default: every this many training samples, re-initialise the latents
     that have not fired for `act_frequency_n_tokens` tokens from high-loss inputs
-    (`e2e_sae.resample`)."""
+    (`e2e_sae.saes.resample`)."""
 
     @model_validator(mode="after")
     def _some_position(self) -> SAEsConfig:
@@ -224,7 +224,7 @@ class Config(_Frozen):
     """Tokens per chunk of the `logits_kl` term's [tokens, d_vocab] temporaries (null: ~8M
     elements per chunk). Only memory changes, not the value."""
     teacher_cache: Path | None = None
-    """A teacher cache folder (`e2e_sae.teacher_cache`): `logits_kl` against the cached top-k
+    """A teacher cache folder (`e2e_sae.caches.teacher`): `logits_kl` against the cached top-k
     clean distributions (an approximation, see there) instead of a clean pass past the SAEs.
     Every training window must be in the cache; not with `in_to_orig`."""
 

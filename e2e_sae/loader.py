@@ -6,6 +6,6 @@
 """
 
 from e2e_sae.compat.api import load_pretrained_saes
-from e2e_sae.models import load_tlens_model
+from e2e_sae.lm.load import load_tlens_model
 
 __all__ = ["load_pretrained_saes", "load_tlens_model"]

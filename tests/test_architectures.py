@@ -17,12 +17,12 @@ from torch import nn
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from e2e_sae import SAETransformer, load_config
-from e2e_sae.checkpoint import list_checkpoints, save_checkpoint, tensor_metadata, write_config
 from e2e_sae.config import LossConfigs
 from e2e_sae.errors import ConfigError, UserError
-from e2e_sae.forward import make_plan, run_forward
-from e2e_sae.losses import LogitsKLLoss, LossInputs, OutToInLoss, SparsityLoss
-from e2e_sae.runlog import read_metrics
+from e2e_sae.lm.checkpoint import list_checkpoints, save_checkpoint, tensor_metadata, write_config
+from e2e_sae.lm.splice import sae_key
+from e2e_sae.objective.forward import make_plan, run_forward
+from e2e_sae.objective.losses import LogitsKLLoss, LossInputs, OutToInLoss, SparsityLoss
 from e2e_sae.saes import (
     ARCHITECTURES,
     BatchTopKSAE,
@@ -34,9 +34,9 @@ from e2e_sae.saes import (
     build_sae,
 )
 from e2e_sae.saes.init import geometric_median
-from e2e_sae.splice import sae_key
-from e2e_sae.train import setup, train
 from e2e_sae.training.engine import TrainState
+from e2e_sae.training.runlog import read_metrics
+from e2e_sae.training.trainer import setup, train
 
 TC_IN, TC_OUT = "blocks.0.ln2.hook_normalized", "blocks.0.hook_mlp_out"
 SAE_POS = "blocks.1.hook_resid_pre"

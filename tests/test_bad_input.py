@@ -17,9 +17,10 @@ import torch
 import yaml
 from conftest import TINY_TLENS, make_config_dict, write_token_jsonl
 
-from e2e_sae.checkpoint import build_model, save_checkpoint
 from e2e_sae.cli import main
 from e2e_sae.config import Config, load_config
+from e2e_sae.lm.checkpoint import save_checkpoint
+from e2e_sae.lm.splice import build_model
 
 
 @dataclass

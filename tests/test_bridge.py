@@ -19,16 +19,15 @@ from transformer_lens import HookedTransformer
 from transformer_lens.model_bridge import TransformerBridge
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from e2e_sae.checkpoint import build_model, load_run
 from e2e_sae.cli import main
 from e2e_sae.config import Config, LossConfigs, load_config
 from e2e_sae.data.tokenizer import load_tokenizer
 from e2e_sae.errors import ConfigError, UserError
-from e2e_sae.forward import make_plan, run_forward
-from e2e_sae.losses import build_loss_terms, compute_losses
-from e2e_sae.models import load_lm
-from e2e_sae.models.bridge import load_bridge, resolve_backend
-from e2e_sae.splice import SAETransformer
+from e2e_sae.lm.bridge import load_bridge, resolve_backend
+from e2e_sae.lm.load import load_lm
+from e2e_sae.lm.splice import SAETransformer, build_model, load_run
+from e2e_sae.objective.forward import make_plan, run_forward
+from e2e_sae.objective.losses import build_loss_terms, compute_losses
 
 TINY_VOCAB = 4096  # the packaged shakespeare-bpe tokenizer's; the test data uses ids < 97
 
@@ -278,7 +277,7 @@ def test_train_eval_export_with_backend_bridge(bridge_run: Path, tmp_path: Path)
 
 
 def test_local_training_with_backend_bridge(bridge_config: Any) -> None:
-    from e2e_sae.train import train
+    from e2e_sae.training.trainer import train
 
     config = load_config(bridge_config(n_samples=8, eval_n_samples=4))
     assert isinstance(config, Config)
@@ -290,7 +289,7 @@ def test_local_training_with_backend_bridge(bridge_config: Any) -> None:
 def test_smollm2_bridge_loader_glue(config_dict: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """`tlens_model_name: smollm2-135m` + `backend: bridge` boots the bridge on the HF model built
     from the GGUF, with the GGUF tokenizer (no BOS). A tiny stand-in HF model saves ~15 s."""
-    from e2e_sae.models import bridge as bridge_module
+    from e2e_sae.lm.load import bridge as bridge_module
 
     calls: list[dict[str, Any]] = []
 
@@ -311,8 +310,8 @@ def test_smollm2_bridge_loader_glue(config_dict: Any, monkeypatch: pytest.Monkey
 def smollm2_pair() -> Iterator[tuple[HookedTransformer, TransformerBridge]]:
     """SmolLM2-135M as a HookedTransformer and as a bridge over the same dequantized weights
     (loaded once, ~20 s on 2 CPU cores)."""
-    from e2e_sae.models.bridge import smollm2_bridge_from_hf
-    from e2e_sae.models.gguf import load_smollm2_hf, smollm2_from_hf
+    from e2e_sae.lm.bridge import smollm2_bridge_from_hf
+    from e2e_sae.lm.gguf import load_smollm2_hf, smollm2_from_hf
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_HUB_OFFLINE", "1")
@@ -359,7 +358,7 @@ def test_smollm2_bridge_matches_hooked(smollm2_pair: tuple[HookedTransformer, Tr
 def test_dry_run_and_cache_source_with_backend_bridge(
     bridge_config: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from e2e_sae.act_cache import model_source
+    from e2e_sae.caches.activations import model_source
 
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(bridge_config()))

@@ -17,8 +17,8 @@ import pytest
 from conftest import make_config_dict
 
 from e2e_sae.analysis.browser import write_browser
-from e2e_sae.checkpoint import build_model
 from e2e_sae.config import Config, load_config
+from e2e_sae.lm.splice import build_model
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 

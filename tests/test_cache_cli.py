@@ -13,14 +13,14 @@ import yaml
 from conftest import TINY_TLENS, make_config_dict
 
 from e2e_sae import SAETransformer
-from e2e_sae.act_cache import ActivationCache, build_for_config, n_cache_batches
-from e2e_sae.cached_train import CachedTrainer, train_together
-from e2e_sae.checkpoint import CONFIG_FILE, list_checkpoints, read_tensors
+from e2e_sae.caches.activations import ActivationCache, build_for_config, n_cache_batches
 from e2e_sae.cli import main
 from e2e_sae.config import Config, load_config
 from e2e_sae.data import create_data_loader, load_windows
-from e2e_sae.runlog import read_metrics
-from e2e_sae.train import setup, train
+from e2e_sae.lm.checkpoint import CONFIG_FILE, list_checkpoints, read_tensors
+from e2e_sae.training.cached import CachedTrainer, train_together
+from e2e_sae.training.runlog import read_metrics
+from e2e_sae.training.trainer import setup, train
 
 HOOK = "blocks.1.hook_resid_pre"
 
@@ -169,7 +169,7 @@ def test_train_cached_signal_then_resume_is_bit_exact(
     batches to the same weights, optimizer and RNG states as an uninterrupted train-cached."""
     import signal
 
-    from e2e_sae.train import Trainer
+    from e2e_sae.training.trainer import Trainer
 
     extra = dict(n_samples=48, save_every_n_samples=16, keep_last_n_checkpoints=None,
                  max_grad_norm=1.0, warmup_samples=8)  # fmt: skip
@@ -321,7 +321,7 @@ E2E_LOSS = {"sparsity": {"coeff": 0.1}, "logits_kl": {"coeff": 1.0}}
 def test_cache_teacher_then_train_with_it(
     config_dict: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from e2e_sae.teacher_cache import TeacherCache, clean_logits, topk_distribution
+    from e2e_sae.caches.teacher import TeacherCache, clean_logits, topk_distribution
 
     cfg = config_dict(loss=E2E_LOSS, n_samples=16)
     path = _write(tmp_path, "e2e.yaml", cfg)

@@ -17,7 +17,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from e2e_sae import Config, SAETransformer
 from e2e_sae.errors import ConfigError, UserError
-from e2e_sae.models import builtin_model_dir
+from e2e_sae.lm.sources import builtin_model_dir
 from e2e_sae.saes import CacheActs, SAEActs
 
 POSITIONS = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_pre"]
@@ -66,8 +66,8 @@ def test_original_import_paths_give_our_objects() -> None:
     import e2e_sae
     from e2e_sae import saes
     from e2e_sae.hooks import CacheActs, SAEActs, cache_hook, sae_hook
+    from e2e_sae.lm.load import load_tlens_model as ours_load
     from e2e_sae.loader import load_pretrained_saes, load_tlens_model
-    from e2e_sae.models import load_tlens_model as ours_load
     from e2e_sae.models.sparsifiers import SAE
     from e2e_sae.models.transformers import SAETransformer as ST
     from e2e_sae.utils import (

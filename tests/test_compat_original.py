@@ -19,18 +19,13 @@ from safetensors.torch import load_file
 from torch import Tensor
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from e2e_sae.checkpoint import (
-    build_model,
-    load_pretrained_saes,
-    load_run,
-    save_checkpoint,
-    write_config,
-)
 from e2e_sae.cli import main
 from e2e_sae.config import Config, LossConfig, load_config
 from e2e_sae.errors import ConfigError, UserError
-from e2e_sae.models import load_tlens_model_from_path
-from e2e_sae.splice import SAETransformer
+from e2e_sae.interop.pretrained import load_pretrained_saes
+from e2e_sae.lm.checkpoint import save_checkpoint, write_config
+from e2e_sae.lm.load import load_tlens_model_from_path
+from e2e_sae.lm.splice import SAETransformer, build_model, load_run
 
 POS = "blocks.1.hook_resid_pre"
 KEY = "blocks-1-hook_resid_pre"
@@ -317,7 +312,7 @@ def test_pretrained_sae_paths_take_original_pt_files(original_run, config_dict) 
 
 
 def test_train_fine_tunes_from_an_original_pt(original_run, lm_path: Path, config_dict) -> None:
-    from e2e_sae.train import train
+    from e2e_sae.training.trainer import train
 
     run, states = original_run
     cfg = config_dict(n_samples=8, eval_n_samples=None, tlens_model_path=str(lm_path))
@@ -359,7 +354,7 @@ def test_tlens_model_path_to_an_epoch_pt(tmp_path: Path, lm_path: Path) -> None:
 def test_convert_writes_one_of_our_runs(
     original_run, lm_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from e2e_sae.evaluate import evaluate_run
+    from e2e_sae.eval.evaluate import evaluate_run
     from e2e_sae.interop.saelens import export_run_saelens
 
     run, states = original_run

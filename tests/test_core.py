@@ -17,8 +17,8 @@ from e2e_sae import SAE, Config, SAETransformer, load_config
 from e2e_sae.cli import main
 from e2e_sae.config import LossConfigs
 from e2e_sae.errors import ConfigError
-from e2e_sae.forward import make_plan, run_forward
-from e2e_sae.losses import (
+from e2e_sae.objective.forward import make_plan, run_forward
+from e2e_sae.objective.losses import (
     InToOrigLoss,
     LogitsKLLoss,
     LossInputs,
@@ -29,10 +29,10 @@ from e2e_sae.losses import (
     compute_losses,
     kl_clean_to_new,
 )
-from e2e_sae.runlog import read_metrics
 from e2e_sae.saes import SAEActs
-from e2e_sae.train import train
 from e2e_sae.training.engine import lr_lambda
+from e2e_sae.training.runlog import read_metrics
+from e2e_sae.training.trainer import train
 
 
 def tiny_model() -> HookedTransformer:

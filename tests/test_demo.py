@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from e2e_sae.analysis.curves import collect_series, plot_training_curves
 from e2e_sae.cli import main
-from e2e_sae.cli_demo import demo_config_dict, demo_config_path
+from e2e_sae.cli.demo import demo_config_dict, demo_config_path
 from e2e_sae.config import Config, load_config
+from e2e_sae.training.curves import collect_series, plot_training_curves
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -43,7 +43,7 @@ def test_demo_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture):
 
 def test_train_without_config_runs_the_demo(monkeypatch: pytest.MonkeyPatch):
     calls: list[argparse.Namespace] = []
-    monkeypatch.setattr("e2e_sae.cli_demo.cmd_demo", lambda args: calls.append(args) or 0)
+    monkeypatch.setattr("e2e_sae.cli.demo.cmd_demo", lambda args: calls.append(args) or 0)
     assert main(["train"]) == 0
     assert len(calls) == 1 and calls[0].config is None
 

@@ -32,10 +32,9 @@ from e2e_sae.analysis.plots import (
     pareto_front,
     sae_type,
 )
-from e2e_sae.checkpoint import build_model
 from e2e_sae.cli import main
 from e2e_sae.config import Config, load_config
-from e2e_sae.evaluate import (
+from e2e_sae.eval.evaluate import (
     _SAEStats,
     evaluate,
     evaluate_run,
@@ -47,12 +46,12 @@ from e2e_sae.evaluate import (
     top1_agreement,
     total_variation,
 )
-from e2e_sae.forward import make_plan
-from e2e_sae.losses import build_loss_terms
+from e2e_sae.lm.splice import SAETransformer, build_model
+from e2e_sae.objective.forward import make_plan
+from e2e_sae.objective.losses import build_loss_terms
 from e2e_sae.saes import SAEActs
-from e2e_sae.splice import SAETransformer
-from e2e_sae.sweep import flatten_parameters, load_sweep, set_dotted, wandb_sweep_config
-from e2e_sae.train import train
+from e2e_sae.training.sweep import flatten_parameters, load_sweep, set_dotted, wandb_sweep_config
+from e2e_sae.training.trainer import train
 
 # The shape of the original library's W&B sweep files (gpt2_e2e_recon_sweep.yaml, shortened).
 WANDB_SWEEP = """
@@ -528,7 +527,7 @@ def test_top_windows_update_matches_brute_force() -> None:
 
 def test_browser_page_shows_the_features(runs: dict[str, Path], tmp_path: Path) -> None:
     run = runs["local0"]
-    from e2e_sae.checkpoint import load_run
+    from e2e_sae.lm.splice import load_run
 
     model = load_run(run)
     out = tmp_path / "page.html"
@@ -574,7 +573,7 @@ def test_browser_page_shows_the_features(runs: dict[str, Path], tmp_path: Path) 
 
 
 def test_browser_with_feature_list_and_model_object(runs: dict[str, Path], tmp_path: Path) -> None:
-    from e2e_sae.checkpoint import load_run
+    from e2e_sae.lm.splice import load_run
 
     out = write_browser(load_run(runs["e2e"]), tmp_path / "p.html", n_tokens=64, features=[3, 10])
     page = out.read_text()
@@ -681,8 +680,8 @@ def _read_js(path: Path, fn: str) -> Any:
 
 def test_browser_folder_matches_direct_computation(runs: dict[str, Path], tmp_path: Path) -> None:
     from e2e_sae.analysis.browser import HIST_EDGES
-    from e2e_sae.checkpoint import load_run
     from e2e_sae.data import create_data_loader
+    from e2e_sae.lm.splice import load_run
 
     run, other_run = runs["e2e"], runs["local0"]
     out = tmp_path / "browser"

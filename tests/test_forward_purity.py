@@ -15,10 +15,10 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 from e2e_sae import SAETransformer
 from e2e_sae.analysis.browser import collect_feature_data, promoted_tokens
 from e2e_sae.config import LossConfigs
-from e2e_sae.evaluate import evaluate
-from e2e_sae.forward import make_plan
+from e2e_sae.eval.evaluate import evaluate
 from e2e_sae.interop.saelens import save_saelens
-from e2e_sae.losses import build_loss_terms
+from e2e_sae.objective.forward import make_plan
+from e2e_sae.objective.losses import build_loss_terms
 from e2e_sae.saes import ARCHITECTURES, build_sae
 
 ARCH_KWARGS: dict[str, dict[str, Any]] = {

@@ -16,11 +16,11 @@ from conftest import TINY_TLENS, make_config_dict
 from safetensors.torch import load_file, save_file
 
 from e2e_sae import SAETransformer
-from e2e_sae.checkpoint import build_model, list_checkpoints, load_pretrained_saes, load_run
 from e2e_sae.cli import main
 from e2e_sae.config import Config, load_config
 from e2e_sae.errors import UserError
 from e2e_sae.interop import hub
+from e2e_sae.interop.pretrained import load_pretrained_saes
 from e2e_sae.interop.saebench import to_saebench
 from e2e_sae.interop.saelens import (
     encoder_linear,
@@ -29,9 +29,11 @@ from e2e_sae.interop.saelens import (
     read_saelens_cfg,
     save_saelens,
 )
-from e2e_sae.models import build_random_model
+from e2e_sae.lm.checkpoint import list_checkpoints
+from e2e_sae.lm.load import build_random_model
+from e2e_sae.lm.splice import build_model, load_run
 from e2e_sae.saes import SAEBase, build_sae
-from e2e_sae.train import train
+from e2e_sae.training.trainer import train
 
 HOOK = "blocks.1.hook_resid_pre"
 ARCHS = [("relu", {}), ("topk", {"k": 5}), ("batchtopk", {"k": 5}),
@@ -352,7 +354,7 @@ def test_export_cli_and_from_saelens(trained_run: Path, token_data: Path, tmp_pa
 
 
 def test_export_writes_sparsity_from_the_runs_eval(trained_run: Path, tmp_path: Path) -> None:
-    from e2e_sae.evaluate import read_feature_frequency
+    from e2e_sae.eval.evaluate import read_feature_frequency
 
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)

@@ -15,16 +15,16 @@ from torch import Tensor, nn
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from e2e_sae import SAETransformer, load_config
-from e2e_sae.act_cache import ActivationCache
-from e2e_sae.cached_train import CachedTrainer, train_together
+from e2e_sae.caches.activations import ActivationCache
+from e2e_sae.caches.teacher import TeacherCache
 from e2e_sae.config import LossConfigs
 from e2e_sae.errors import ConfigError
-from e2e_sae.forward import make_plan, run_forward
-from e2e_sae.losses import LossInputs, OutToInLoss, build_loss_terms, compute_losses
+from e2e_sae.objective.forward import make_plan, run_forward
+from e2e_sae.objective.losses import LossInputs, OutToInLoss, build_loss_terms, compute_losses
 from e2e_sae.saes import MatryoshkaSAE, SAEActs, build_sae
-from e2e_sae.teacher_cache import TeacherCache
-from e2e_sae.train import setup
+from e2e_sae.training.cached import CachedTrainer, train_together
 from e2e_sae.training.engine import TrainState
+from e2e_sae.training.trainer import setup
 
 SAE_POS = "blocks.1.hook_resid_pre"
 TC_IN, TC_OUT = "blocks.0.ln2.hook_normalized", "blocks.0.hook_mlp_out"

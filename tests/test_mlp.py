@@ -13,9 +13,9 @@ import yaml
 
 from e2e_sae.cli import main
 from e2e_sae.errors import ConfigError
-from e2e_sae.losses import LossInputs, build_loss_terms, compute_losses
 from e2e_sae.mlp import MLP, MLPConfig, load_digits_split, run_mlp_job
 from e2e_sae.mlp.train import sae_step_inputs
+from e2e_sae.objective.losses import LossInputs, build_loss_terms, compute_losses
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -23,17 +23,15 @@ from e2e_sae.data.corpora import (
     shakespeare_documents,
     shakespeare_files,
 )
-from e2e_sae.data.tokenizer import hub_is_reachable, load_tokenizer
-from e2e_sae.errors import UserError
-from e2e_sae.models import gguf
-from e2e_sae.models.gguf import (
-    GGUF_MODELS,
+from e2e_sae.data.tokenizer import (
+    hub_is_reachable,
     is_gguf_model_name,
-    load_gguf_model,
-    load_smollm2_hf,
-    smollm2_from_hf,
+    load_tokenizer,
     smollm2_gguf_path,
 )
+from e2e_sae.errors import UserError
+from e2e_sae.lm.gguf import GGUF_MODELS, load_gguf_model, load_smollm2_hf, smollm2_from_hf
+from e2e_sae.lm.load import gguf
 
 SENTENCE = (
     "Friends, Romans, countrymen, lend me your ears; I come to bury Caesar, not to praise him."

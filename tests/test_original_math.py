@@ -21,8 +21,8 @@ from torch import Tensor, nn
 from transformer_lens import HookedTransformer
 
 from e2e_sae.config import load_config
-from e2e_sae.train import Trainer, setup
 from e2e_sae.training.engine import TrainState
+from e2e_sae.training.trainer import Trainer, setup
 
 SAE_POS = "blocks.1.hook_resid_pre"
 DOWNSTREAM = ["blocks.2.hook_resid_pre", "blocks.2.hook_resid_post"]

@@ -15,23 +15,23 @@ from conftest import TINY_TLENS
 from transformer_lens import HookedTransformer
 
 from e2e_sae import SAETransformer, load_config
-from e2e_sae.act_cache import ActivationCache, lm_activation_batches
-from e2e_sae.cached_train import CachedTrainer, train_together
+from e2e_sae.caches.activations import ActivationCache, lm_activation_batches
+from e2e_sae.caches.teacher import TeacherCache, kl_topk, topk_distribution
 from e2e_sae.config import Config, LossConfigs
 from e2e_sae.errors import UserError
-from e2e_sae.fastlm import LeanLM, get_lean_lm
-from e2e_sae.forward import make_plan, run_forward
-from e2e_sae.losses import (
+from e2e_sae.lm.fastlm import LeanLM, get_lean_lm
+from e2e_sae.lm.load import build_random_model
+from e2e_sae.objective.forward import make_plan, run_forward
+from e2e_sae.objective.losses import (
     Unembedding,
     build_loss_terms,
     compute_losses,
     kl_clean_to_new,
     kl_from_final,
 )
-from e2e_sae.models import build_random_model
-from e2e_sae.teacher_cache import TeacherCache, kl_topk, topk_distribution
-from e2e_sae.train import setup
+from e2e_sae.training.cached import CachedTrainer, train_together
 from e2e_sae.training.engine import TrainState
+from e2e_sae.training.trainer import setup
 
 # A SmolLM2-shaped miniature: RMS norms, rotary, grouped-query attention, gated SiLU MLP.
 LLAMA_TINY: dict[str, Any] = dict(

@@ -22,14 +22,15 @@ import torch
 import yaml
 from torch import Tensor
 
-from e2e_sae import train as train_mod
-from e2e_sae.checkpoint import atomic_save_tensors, list_checkpoints, load_run, read_tensors
 from e2e_sae.cli import main
 from e2e_sae.config import Config, load_config
 from e2e_sae.errors import TrainingInterrupted
-from e2e_sae.resume import RunLock, resume_points
-from e2e_sae.runlog import read_metrics
+from e2e_sae.lm.checkpoint import atomic_save_tensors, list_checkpoints, read_tensors
+from e2e_sae.lm.splice import load_run
 from e2e_sae.training import engine as engine_mod
+from e2e_sae.training import trainer as train_mod
+from e2e_sae.training.resume import RunLock, resume_points
+from e2e_sae.training.runlog import read_metrics
 
 LOCAL = {"loss": {"sparsity": {"coeff": 0.1}, "out_to_in": {"coeff": 1.0}}}
 E2E_DS = {
@@ -153,7 +154,7 @@ def test_resume_rejects_a_different_global_batch(config_dict, tmp_path: Path, ca
 
 # --- crash safety --------------------------------------------------------------------------------
 # `e2e-sae train ARGS` with the run directories' time stamp frozen (as if started in one second)
-_FROZEN_CLOCK = ("import sys, e2e_sae.train as t; t._stamp = lambda: '20250101-000000'; "
+_FROZEN_CLOCK = ("import sys, e2e_sae.training.trainer as t; t._stamp = lambda: '20250101-000000'; "
                  "from e2e_sae.cli import main; sys.exit(main())")  # fmt: skip
 
 
@@ -246,7 +247,7 @@ def test_interrupted_write_leaves_previous_checkpoint(tmp_path: Path, monkeypatc
 
 # --- numerical faults ----------------------------------------------------------------------------
 def _nan_loss(monkeypatch: pytest.MonkeyPatch, at_call: int) -> None:
-    from e2e_sae.losses import SparsityLoss
+    from e2e_sae.objective.losses import SparsityLoss
 
     orig, calls = SparsityLoss.__call__, [0]
 
@@ -490,7 +491,7 @@ def test_resume_refuses_a_directory_a_live_run_holds(
 
 # --- divergence ----------------------------------------------------------------------------------
 def _spike_loss(monkeypatch: pytest.MonkeyPatch, at_call: int, factor: float = 1e7) -> None:
-    from e2e_sae.losses import SparsityLoss
+    from e2e_sae.objective.losses import SparsityLoss
 
     orig, calls = SparsityLoss.__call__, [0]
 

@@ -14,15 +14,15 @@ from conftest import TINY_TLENS
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from e2e_sae import SAETransformer
+from e2e_sae.caches.teacher import TeacherCache
 from e2e_sae.config import LossConfigs
 from e2e_sae.data.tokenizer import load_tokenizer
 from e2e_sae.errors import UserError
-from e2e_sae.forward import StepPlan, make_plan, run_forward
-from e2e_sae.lm_runner import BridgeRunner, HookedRunner, LeanRunner
-from e2e_sae.losses import build_loss_terms, compute_losses
-from e2e_sae.models import build_random_model
-from e2e_sae.models.bridge import load_bridge
-from e2e_sae.teacher_cache import TeacherCache
+from e2e_sae.lm.bridge import load_bridge
+from e2e_sae.lm.load import build_random_model
+from e2e_sae.lm.runner import BridgeRunner, HookedRunner, LeanRunner
+from e2e_sae.objective.forward import StepPlan, make_plan, run_forward
+from e2e_sae.objective.losses import build_loss_terms, compute_losses
 
 E2E = LossConfigs.model_validate({"sparsity": {"coeff": 0.1}, "logits_kl": {"coeff": 1.0}})
 TWO_SAES = ["blocks.1.hook_resid_pre", "blocks.2.hook_resid_pre"]

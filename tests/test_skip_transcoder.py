@@ -16,7 +16,6 @@ from safetensors.torch import load_file
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from e2e_sae import SAETransformer, load_config
-from e2e_sae.checkpoint import save_checkpoint, write_config
 from e2e_sae.errors import UserError
 from e2e_sae.interop.saebench import to_saebench
 from e2e_sae.interop.saelens import (
@@ -26,10 +25,11 @@ from e2e_sae.interop.saelens import (
     sae_from_saelens_tensors,
     save_saelens,
 )
+from e2e_sae.lm.checkpoint import save_checkpoint, write_config
+from e2e_sae.lm.splice import sae_key
 from e2e_sae.saes import ARCHITECTURES, SAEActs, SkipTranscoder, build_sae
-from e2e_sae.splice import sae_key
-from e2e_sae.train import setup
 from e2e_sae.training.engine import TrainState
+from e2e_sae.training.trainer import setup
 
 TC_IN, TC_OUT = "blocks.0.ln2.hook_normalized", "blocks.0.hook_mlp_out"
 SAE_POS = "blocks.1.hook_resid_pre"

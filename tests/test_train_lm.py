@@ -15,8 +15,9 @@ from conftest import write_token_jsonl
 
 from e2e_sae.cli import main
 from e2e_sae.errors import ConfigError
-from e2e_sae.models import builtin_model_dir, load_tlens_model
-from e2e_sae.models.train_lm import (
+from e2e_sae.lm.load import load_tlens_model
+from e2e_sae.lm.sources import builtin_model_dir
+from e2e_sae.training.train_lm import (
     TrainLMConfig,
     load_train_lm_config,
     lr_factor,
@@ -87,8 +88,8 @@ def test_train_lm_lowers_val_loss_and_round_trips(lm_data: tuple[Path, Path], tm
 
     # The untrained model: same seed, same init as train_lm builds.
     torch.manual_seed(0)
-    from e2e_sae.models import build_random_model
-    from e2e_sae.models.train_lm import _model_fields
+    from e2e_sae.lm.load import build_random_model
+    from e2e_sae.training.train_lm import _model_fields
 
     init = build_random_model(_model_fields(config)).eval()
     with torch.no_grad():

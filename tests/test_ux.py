@@ -10,7 +10,6 @@ import pytest
 import yaml
 from conftest import make_config_dict
 
-from e2e_sae.analysis.curves import CURVES_FILE, panel_title, plot_curves_overlay
 from e2e_sae.analysis.plots import (
     RunInfo,
     downstream_figure,
@@ -21,9 +20,10 @@ from e2e_sae.analysis.plots import (
 from e2e_sae.cli import main
 from e2e_sae.config import Config, load_config, yaml_load
 from e2e_sae.errors import ConfigError
-from e2e_sae.sweep import load_sweep, parse_set
-from e2e_sae.train import train
+from e2e_sae.training.curves import CURVES_FILE, panel_title, plot_curves_overlay
 from e2e_sae.training.loop import TokenRate, format_rate
+from e2e_sae.training.sweep import load_sweep, parse_set
+from e2e_sae.training.trainer import train
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -114,7 +114,7 @@ def test_dry_run_checks_hooks_against_the_model(config_dict, tmp_path: Path, cap
 
 
 def test_dry_run_checks_in_to_orig_hooks_of_a_builtin_model(tmp_path: Path, capsys) -> None:
-    from e2e_sae.cli_demo import demo_config_dict
+    from e2e_sae.cli.demo import demo_config_dict
 
     cfg = demo_config_dict(save_dir=tmp_path / "runs")
     cfg["loss"]["in_to_orig"] = {"hook_positions": ["blocks.99.hook_resid_pre"], "total_coeff": 1.0}
@@ -287,8 +287,8 @@ def test_eval_and_browse_count_dead_over_the_same_tokens(two_runs: list[Path], t
     import re
 
     from e2e_sae.analysis.browser import write_browser
-    from e2e_sae.evaluate import evaluate_run
-    from e2e_sae.report import eval_table
+    from e2e_sae.eval.evaluate import evaluate_run
+    from e2e_sae.eval.report import eval_table
 
     run = two_runs[1]
     result = evaluate_run(run, device="cpu")

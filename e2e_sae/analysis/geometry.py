@@ -42,7 +42,7 @@ def load_dictionary(run_dir: str | Path, position: str | None = None) -> tuple[s
     """(position, unit-norm dictionary [d_out, n_dict]) of a run's newest checkpoint.
 
     Reads only the safetensors file (no LM is loaded); `position` may be omitted for one SAE."""
-    from e2e_sae.checkpoint import list_checkpoints, read_tensors
+    from e2e_sae.lm.checkpoint import list_checkpoints, read_tensors
 
     path = Path(run_dir)
     ckpt = path if path.is_file() else (list_checkpoints(path) or [None])[-1]

@@ -108,14 +108,14 @@ def load_runs(
     progress: bool = False,
 ) -> list[RunInfo]:
     """Summaries of the runs; a run without `eval.json` is evaluated (and the file written)."""
-    from e2e_sae.checkpoint import CONFIG_FILE
-    from e2e_sae.evaluate import (
+    from e2e_sae.eval.evaluate import (
         EVAL_JSON,
         evaluate_run,
         read_eval,
         read_feature_frequency,
         write_eval,
     )
+    from e2e_sae.lm.checkpoint import CONFIG_FILE
 
     runs = []
     for d in run_dirs:
@@ -330,8 +330,8 @@ def downstream_figure(runs: Sequence[RunInfo]) -> Figure:
     runs the first point is the SAE's own reconstruction at its position."""
     from matplotlib.ticker import MaxNLocator
 
-    from e2e_sae.analysis.curves import plain_log_axis
-    from e2e_sae.splice import hook_layer
+    from e2e_sae.lm.splice import hook_layer
+    from e2e_sae.training.curves import plain_log_axis
 
     fig, (ax_ev, ax_mse) = figure_grid(2)
     styles = {"local": "-", "e2e": "--", "e2e+ds": ":"}

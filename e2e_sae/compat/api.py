@@ -56,7 +56,7 @@ def cache_hook(
 # --- loading (e2e_sae.loader) ------------------------------------------------------------------
 def read_state_dict(path: str | Path, what: str = "pretrained_sae_paths") -> dict[str, Tensor]:
     """Tensors of a safetensors file, or of a `.pt`/`.pth` state dict (read weights-only)."""
-    from e2e_sae.checkpoint import read_tensors
+    from e2e_sae.lm.checkpoint import read_tensors
 
     path = Path(path).expanduser()
     if not path.is_file():
@@ -158,7 +158,7 @@ def save_module(
 ) -> None:
     """Write `module`'s state dict to `save_dir/model_filename` (safetensors, whatever the file
     name; `load_pretrained_saes` reads it) and, when `save_dir` is new, the config as YAML."""
-    from e2e_sae.checkpoint import atomic_save_tensors, atomic_write_bytes
+    from e2e_sae.lm.checkpoint import atomic_save_tensors, atomic_write_bytes
 
     save_dir = Path(save_dir)
     if not save_dir.exists():

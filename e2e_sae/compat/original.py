@@ -18,12 +18,10 @@ from __future__ import annotations
 
 import copy
 import inspect
-import json
 import logging
 import os
 import pickle
 import re
-import shutil
 import typing
 import zipfile
 from collections.abc import Mapping
@@ -38,7 +36,7 @@ from e2e_sae.config import Config, parse_model, read_yaml
 from e2e_sae.errors import ConfigError, DamagedFileError, UserError
 
 if typing.TYPE_CHECKING:
-    from transformer_lens import HookedTransformer
+    pass
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +53,7 @@ _DTYPES = {
 # Parameters of one of the original's SAEs (its only sparsifier in 2.1.1).
 SAE_PARAMS = ("encoder.0.weight", "encoder.0.bias", "decoder.weight", "decoder.bias")
 # HookedTransformer buffers derived from the config, not learned.
-_OPTIONAL_LM_BUFFERS = ("mask", "IGNORE", "rotary_sin", "rotary_cos")
+OPTIONAL_LM_BUFFERS = ("mask", "IGNORE", "rotary_sin", "rotary_cos")
 
 
 # --- .pt state dicts -----------------------------------------------------------------------------
@@ -223,145 +221,3 @@ def original_lm_fields(pt: Path) -> dict[str, Any]:
             )
         fields["dtype"] = _DTYPES[dtype]
     return fields
-
-
-def load_original_lm(path: str | os.PathLike[str], device: str | None = None) -> HookedTransformer:
-    """A HookedTransformer from the original's `epoch_<N>.pt` (or a folder of them). Offline: the
-    `tokenizer_name` of its config is recorded on `cfg` but not loaded."""
-    from e2e_sae.models import build_random_model
-
-    pt = original_lm_file(path)
-    assert pt is not None, path
-    if not pt.is_file():
-        raise UserError(f"tlens_model_path: file not found: {pt}")
-    fields = original_lm_fields(pt)
-    fields["init_weights"] = False  # every weight is overwritten below
-    try:
-        model = build_random_model(fields, device=device)
-    except ConfigError as err:
-        raise ConfigError(f"{pt.parent / CONFIG_FILE}: {err}") from None
-    state = read_pt_state_dict(pt, "tlens_model_path")
-    # derived buffers (causal mask, ...): TransformerLens versions store them differently (TL 3
-    # keeps an empty mask and builds it on use), so the model's own are kept
-    state = {k: v for k, v in state.items() if k.rsplit(".", 1)[-1] not in _OPTIONAL_LM_BUFFERS}
-    own = model.state_dict()
-    params = dict(model.named_parameters())
-    problem = next((f"lacks '{k}'" for k in params if k not in state), None)
-    problem = problem or next((f"has an unexpected '{k}'" for k in state if k not in own), None)
-    problem = problem or next(
-        (f"'{k}' is {tuple(v.shape)}, the config builds {tuple(own[k].shape)}"
-         for k, v in state.items() if k in own and own[k].shape != v.shape),
-        None,
-    )  # fmt: skip
-    if problem is not None:
-        raise UserError(f"tlens_model_path: {pt} does not fit its tlens_config ({problem})")
-    model.load_state_dict(state, strict=False)
-    return model.eval()
-
-
-# --- converting a run ----------------------------------------------------------------------------
-def _sae_groups(state: Mapping[str, Tensor], source: Path) -> dict[str, dict[str, Tensor]]:
-    """{sae_key: {param: tensor}} of an original SAE state dict, checked to be its ReLU SAE."""
-    groups: dict[str, dict[str, Tensor]] = {}
-    for name, t in state.items():
-        param = next((p for p in SAE_PARAMS if name.endswith("." + p)), None)
-        if param is None:
-            raise UserError(f"convert: {source}: '{name}' is not a parameter of the original's SAE")
-        groups.setdefault(name[: -len(param) - 1], {})[param] = t
-    for key, g in groups.items():
-        missing = [p for p in SAE_PARAMS if p not in g]
-        if missing:
-            raise UserError(f"convert: {source}: SAE '{key}' lacks {missing[0]}")
-        d_sae, d_in = g["encoder.0.weight"].shape
-        if tuple(g["decoder.weight"].shape) != (d_in, d_sae):
-            raise UserError(
-                f"convert: {source}: '{key}.decoder.weight' is {tuple(g['decoder.weight'].shape)},"
-                f" expected {(d_in, d_sae)}"
-            )
-    if not groups:
-        raise UserError(f"convert: {source}: no SAE weights")
-    return groups
-
-
-def convert_original_run(
-    run_dir: str | os.PathLike[str],
-    out: str | os.PathLike[str],
-    checkpoint: str | os.PathLike[str] | None = None,
-) -> Path:
-    """Rewrite an original run directory as one of ours in `out`: `samples_<N>.safetensors` (the
-    same tensors, plus zeroed firing statistics) and our `final_config.yaml`. A custom float32 LM
-    (`tlens_model_path` to an `epoch_<N>.pt`) is rewritten too, as `out/tlens_model/`.
-
-    No language model from the Hub is needed. `out` appears complete or not at all."""
-    from e2e_sae.checkpoint import (
-        atomic_save_tensors,
-        list_sae_checkpoints,
-        newest_intact,
-        read_tensors,
-        write_config,
-    )
-    from e2e_sae.models import save_tlens_model
-
-    run_dir, out = Path(run_dir).expanduser(), Path(out).expanduser()
-    if run_dir.is_file():
-        run_dir, checkpoint = run_dir.parent, checkpoint or run_dir
-    if not (run_dir / CONFIG_FILE).is_file():
-        raise UserError(f"convert: {run_dir} has no {CONFIG_FILE} (is it a training run?)")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"convert: output {out} already exists and is not empty")
-    if checkpoint is not None:
-        ckpt = Path(checkpoint)
-        ckpt = run_dir / ckpt if not ckpt.is_absolute() and (run_dir / ckpt).exists() else ckpt
-        state = read_tensors(ckpt, "convert")
-    else:
-        ckpts = list_sae_checkpoints(run_dir)
-        if not ckpts:
-            raise UserError(f"convert: {run_dir} has no samples_<N>.pt checkpoint")
-        ckpt, state = newest_intact(ckpts, f"convert: {run_dir}")
-    n = samples_of(ckpt)
-    config = load_run_config(run_dir / CONFIG_FILE, n)
-    n = n if n is not None else config.n_samples or 0
-    groups = _sae_groups(state, ckpt)
-    positions = [k.replace("-", ".") for k in groups]  # hook names never contain '-'
-    ratio = config.saes.dict_size_to_input_ratio
-    for key, g in groups.items():
-        d_sae, d_in = g["encoder.0.weight"].shape
-        if int(d_in * ratio) != d_sae:
-            raise UserError(f"convert: {ckpt}: SAE '{key}' has {d_sae} latents for d_in {d_in}, "
-                            f"but saes.dict_size_to_input_ratio is {ratio}")  # fmt: skip
-    patterns = config.saes.sae_positions
-    stray = [p for p in positions if not any(pat in p for pat in patterns)]
-    unused = [pat for pat in patterns if not any(pat in p for p in positions)]
-    if stray or unused:
-        what = f"an SAE at '{stray[0]}'" if stray else f"no SAE for '{unused[0]}'"
-        raise UserError(f"convert: {ckpt} has {what}, which saes.sae_positions does not match")
-
-    tmp = out.parent / f".{out.name}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        lm = original_lm_file(config.tlens_model_path) if config.tlens_model_path else None
-        if lm is not None:
-            if original_lm_fields(lm).get("dtype", torch.float32) == torch.float32:
-                save_tlens_model(load_original_lm(lm, device="cpu"), tmp / "tlens_model")
-                config = config.model_copy(update={"tlens_model_path": Path("tlens_model")})
-            else:  # our model files record no dtype: keep reading the original's file
-                logger.info("convert: %s is not float32; tlens_model_path still names it", lm)
-        tensors = {k: v for k, v in state.items()}
-        for key, g in groups.items():
-            tensors[f"{key}.tokens_since_fired"] = torch.zeros(
-                g["encoder.0.weight"].shape[0], dtype=torch.long
-            )
-        meta = {
-            "architecture": "relu",
-            "sae_positions": json.dumps(positions),
-            "init_kwargs": json.dumps({p: {} for p in positions}),
-            "converted_from": str(ckpt),
-        }
-        atomic_save_tensors(tensors, tmp / f"samples_{n}.safetensors", meta)
-        write_config(tmp, config)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -343,3 +344,14 @@ def create_data_loader(
         return stream_batches(dataset_config, batch_size, seed, rank, world_size, start_batch)
     windows = load_windows(dataset_config)
     return windows.batches(batch_size, seed, rank, world_size, start_batch)
+
+
+@contextmanager
+def data_errors(field: str) -> Iterator[None]:
+    """Prefix data loading errors with the config section (train_data / eval_data) they are in."""
+    try:
+        yield
+    except UserError as err:
+        if str(err).startswith(field):
+            raise
+        raise type(err)(f"{field}: {err}") from None

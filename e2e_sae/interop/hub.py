@@ -47,6 +47,17 @@ class HfUri:
     revision: str | None = None
 
 
+CFG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae_weights.safetensors"
+"""The files of a SAELens SAE folder (`e2e_sae.interop.saelens`)."""
+
+
+def is_saelens_dir(path: str | os.PathLike[str]) -> bool:
+    """True for a folder holding a SAELens `cfg.json` and `sae_weights.safetensors`."""
+    p = Path(path)
+    return (p / CFG_FILE).is_file() and (p / WEIGHTS_FILE).is_file()
+
+
 def is_hf_uri(path: str | os.PathLike[str]) -> bool:
     # `Path("hf://a/b")` collapses the double slash, so accept "hf:/" too.
     return str(path).startswith("hf:/")
@@ -94,8 +105,6 @@ def resolve_path(path: str | os.PathLike[str], cache_dir: str | Path | None = No
 
 def model_card(folder: Path, repo_id: str) -> str:
     """A short README for the repo: what is in it and how to load it."""
-    from e2e_sae.interop.saelens import is_saelens_dir
-
     saes = sorted(p.name for p in folder.iterdir() if p.is_dir() and is_saelens_dir(p))
     if is_saelens_dir(folder):
         saes = [""]  # one SAE at the repo root
@@ -144,8 +153,7 @@ def push_to_hub(
     """
     from huggingface_hub import HfApi
 
-    from e2e_sae.checkpoint import CONFIG_FILE, list_checkpoints
-    from e2e_sae.interop.saelens import is_saelens_dir
+    from e2e_sae.lm.checkpoint import CONFIG_FILE, list_checkpoints
 
     folder = Path(folder).expanduser()
     if not folder.is_dir():
@@ -202,6 +210,6 @@ def load_from_hub(uri: str | os.PathLike[str], device: str | None = None) -> Any
     For a SAELens export use `SAETransformer.from_saelens(tlens_model, [uri])`, which needs the
     language model the SAEs belong to.
     """
-    from e2e_sae.checkpoint import load_run
+    from e2e_sae.lm.splice import load_run
 
     return load_run(resolve_path(uri), device=device)

@@ -27,7 +27,7 @@ from e2e_sae.errors import UserError
 from e2e_sae.saes import SAEBase
 
 if TYPE_CHECKING:
-    from e2e_sae.splice import SAETransformer
+    from e2e_sae.lm.splice import SAETransformer
 
 
 @dataclass
@@ -154,7 +154,7 @@ def to_saebench(
 ) -> SAEBenchSAE:
     """Wrap the SAE at `position` of `model`. `model_name` is what SAEBench loads with
     `HookedTransformer.from_pretrained` (default: the run config's `tlens_model_name`)."""
-    from e2e_sae.splice import hook_layer
+    from e2e_sae.lm.splice import hook_layer
 
     if position not in model.sae_positions:
         raise UserError(f"SAEBench: no SAE at '{position}' (have {model.sae_positions})")

@@ -22,10 +22,10 @@ from tqdm.auto import tqdm
 
 from e2e_sae.config import config_to_yaml_dict
 from e2e_sae.errors import ConfigError, UserError
-from e2e_sae.losses import LossInputs, build_loss_terms, compute_losses, kl_clean_to_new
 from e2e_sae.mlp.config import MLPConfig, MLPSAERunConfig, MLPTrainConfig
 from e2e_sae.mlp.data import Split, load_split
 from e2e_sae.mlp.model import MLP, MLP_FILE
+from e2e_sae.objective.losses import LossInputs, build_loss_terms, compute_losses, kl_clean_to_new
 from e2e_sae.saes import SAEActs, SAEBase, build_sae
 
 logger = logging.getLogger(__name__)
@@ -245,8 +245,8 @@ class MLPJobResult:
 
 def save_saes(saes: Mapping[str, SAEBase], path: Path, run: MLPSAERunConfig) -> Path:
     """SAE weights as safetensors, keyed `hidden-<i>.<param>` like LM checkpoints."""
-    from e2e_sae.checkpoint import atomic_save_tensors
-    from e2e_sae.splice import sae_key
+    from e2e_sae.lm.checkpoint import atomic_save_tensors
+    from e2e_sae.lm.splice import sae_key
 
     tensors = {f"{sae_key(p)}.{k}": v for p, s in saes.items() for k, v in s.state_dict().items()}
     meta = {"architecture": run.architecture, "sae_positions": json.dumps(list(saes))}
@@ -281,7 +281,7 @@ def run_mlp_job(
 
 
 def _run_mlp_job(config: MLPConfig, device: str | None, progress: bool) -> MLPJobResult:
-    from e2e_sae.models import default_device
+    from e2e_sae.lm.load import default_device
 
     device = device or config.device or default_device()
     torch.manual_seed(config.seed)

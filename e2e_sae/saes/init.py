@@ -10,16 +10,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal, cast
+from typing import Literal, cast
 
 import torch
 from torch import Tensor, nn
 
 from e2e_sae.errors import ConfigError
 from e2e_sae.saes.base import SAEBase
-
-if TYPE_CHECKING:  # typing only: splice imports saes, not the other way round
-    from e2e_sae.splice import SAETransformer
 
 Center = Literal["zeros", "mean", "geometric_median"]
 
@@ -69,25 +66,3 @@ def init_decoder_bias_(sae: SAEBase, out_center: Tensor, in_center: Tensor) -> N
     """b_dec <- out_center [d_out]; the encoder's biases shift so that it sees x - in_center."""
     sae.decoder.bias.copy_(out_center)
     sae.center_input_(in_center)
-
-
-@torch.no_grad()
-def initialize_saes(
-    model: SAETransformer, tokens: Tensor | None, *, tied: bool, b_dec: Center
-) -> None:
-    """Apply the init options to every SAE of `model`; `tokens` [batch, pos] is the data sample
-    (needed unless b_dec is "zeros"). Tying happens first, so the bias shift uses the tied W_enc."""
-    if tied:
-        for pos in model.sae_positions:
-            tie_encoder_(model.sae(pos), pos)
-    if b_dec == "zeros":
-        return
-    if tokens is None:
-        raise ValueError("initialize_saes: init_b_dec needs a data sample")
-    hooks = sorted({h for s in model.sites.values() for h in (s.input_hook, s.output_hook)})
-    device = next(model.saes.parameters()).device
-    _, acts = model.forward_raw(tokens.to(device), run_entire_model=False, cache_positions=hooks)
-    for pos, site in model.sites.items():
-        out_c = center(acts[site.output_hook], b_dec)
-        in_c = center(acts[site.input_hook], b_dec) if site.is_transcoder else out_c
-        init_decoder_bias_(model.sae(pos), out_c, in_c)

@@ -21,7 +21,14 @@ import torch
 from torch import Tensor, nn
 
 from e2e_sae.config import Config
-from e2e_sae.distributed import (
+from e2e_sae.errors import UserError
+from e2e_sae.eval.evaluate import l0
+from e2e_sae.lm.splice import sae_key
+from e2e_sae.objective.forward import autocast
+from e2e_sae.objective.losses import LossInputs, LossTerm, compute_losses
+from e2e_sae.saes import SAEBase
+from e2e_sae.saes.resample import resample_dead_latents
+from e2e_sae.training.distributed import (
     SINGLE,
     Dist,
     average_gradients,
@@ -30,13 +37,6 @@ from e2e_sae.distributed import (
     reduce_mean,
     sync_firing_stats,
 )
-from e2e_sae.errors import UserError
-from e2e_sae.evaluate import l0
-from e2e_sae.forward import autocast
-from e2e_sae.losses import LossInputs, LossTerm, compute_losses
-from e2e_sae.resample import resample_dead_latents
-from e2e_sae.saes import SAEBase
-from e2e_sae.splice import sae_key
 
 Feed = Callable[[Any], LossInputs]
 """One micro-batch (token windows, or {hook: activations}) -> what the loss terms read."""

@@ -9,13 +9,14 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from tqdm.auto import tqdm
 
-from e2e_sae.evaluate import EvalResult
-from e2e_sae.resume import StopOnSignal, resume_points, save_point
-from e2e_sae.runlog import RunLogger
+from e2e_sae.eval.evaluate import EvalResult
+from e2e_sae.objective.losses import LossTerm
+from e2e_sae.training.curves import plot_training_curves
+from e2e_sae.training.distributed import Dist
 from e2e_sae.training.engine import (
     NumericalError,
     TrainState,
@@ -24,9 +25,27 @@ from e2e_sae.training.engine import (
     loss_term_keys,
     n_grad_steps,
 )
+from e2e_sae.training.resume import StopOnSignal, resume_points, save_point
+from e2e_sae.training.resume import Trainer as Checkpointed
+from e2e_sae.training.runlog import RunLogger
 
-if TYPE_CHECKING:
-    from e2e_sae.train import Trainer
+
+class Trainer(Checkpointed, Protocol):
+    """What the loop drives (`training.trainer.Trainer` is one): an engine step, evaluation with
+    the LM, and what a checkpoint saves."""
+
+    loss_terms: list[LossTerm]
+    dist: Dist
+
+    @property
+    def global_batch(self) -> int: ...
+
+    def train_step(
+        self, micro_batches: Iterator[Any], state: TrainState, stats: bool = True
+    ) -> dict[str, float]: ...
+
+    def run_eval(self, progress: bool = False, desc: str = "eval") -> EvalResult | None: ...
+
 
 logger = logging.getLogger(__name__)
 
@@ -247,8 +266,6 @@ def format_rate(tokens_per_s: float) -> str:
 
 def write_curves(run_dir: Path) -> Path | None:
     """training_curves.png of a finished run (a plotting failure never fails the run)."""
-    from e2e_sae.analysis.curves import plot_training_curves
-
     try:
         return plot_training_curves(run_dir)
     except Exception as err:  # noqa: BLE001

@@ -53,7 +53,7 @@ from e2e_sae.analysis.plots import (
     save_figure,
     train_minutes,
 )
-from e2e_sae.sweep import Sweep, SweepRun, load_sweep, run_sweep
+from e2e_sae.training.sweep import Sweep, SweepRun, load_sweep, run_sweep
 
 HERE = Path(__file__).resolve().parent
 CONFIGS = HERE.parent / "pareto" / "configs"

@@ -33,8 +33,8 @@ from torch import Tensor
 from e2e_sae import SAETransformer, load_config
 from e2e_sae.config import read_yaml
 from e2e_sae.data import create_data_loader
-from e2e_sae.evaluate import EvalResult
-from e2e_sae.train import train
+from e2e_sae.eval.evaluate import EvalResult
+from e2e_sae.training.trainer import train
 
 HERE = Path(__file__).resolve().parent
 BASE = HERE.parent / "pareto" / "configs" / "base.yaml"

@@ -28,8 +28,8 @@ from typing import Any
 
 from e2e_sae.analysis.matched import matched_tables, md_table
 from e2e_sae.analysis.plots import TYPE_ORDER, RunInfo, load_runs, make_plots, train_minutes
-from e2e_sae.report import table
-from e2e_sae.sweep import Sweep, load_sweep, run_sweep
+from e2e_sae.eval.report import table
+from e2e_sae.training.sweep import Sweep, load_sweep, run_sweep
 
 HERE = Path(__file__).resolve().parent
 SWEEPS = {"local": "local.yaml", "e2e": "e2e.yaml", "e2e+ds": "e2e_ds.yaml"}

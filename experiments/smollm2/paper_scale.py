@@ -48,7 +48,7 @@ from e2e_sae.analysis.matched import (  # noqa: E402
 )
 from e2e_sae.analysis.plots import TYPE_ORDER, RunInfo, load_runs, make_plots  # noqa: E402
 from e2e_sae.config import Config, load_config  # noqa: E402
-from e2e_sae.sweep import Sweep, SweepRun, run_sweep  # noqa: E402
+from e2e_sae.training.sweep import Sweep, SweepRun, run_sweep  # noqa: E402
 
 POSITION = "blocks.15.hook_resid_pre"
 N_LAYERS = 30

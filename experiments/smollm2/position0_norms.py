@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from e2e_sae.checkpoint import build_model
 from e2e_sae.config import Config, load_config
 from e2e_sae.data import load_windows
+from e2e_sae.lm.splice import build_model
 
 HOOK = "blocks.15.hook_resid_pre"
 torch.set_num_threads(1)

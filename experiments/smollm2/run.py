@@ -118,8 +118,8 @@ class Study:
                 "last_hook": last}  # fmt: skip
 
     def train_lm_fed(self, config: Config) -> dict[str, Any]:
-        from e2e_sae.evaluate import EVAL_JSON, EvalResult, write_eval
-        from e2e_sae.train import train
+        from e2e_sae.eval.evaluate import EVAL_JSON, EvalResult, write_eval
+        from e2e_sae.training.trainer import train
 
         run_dir = self.runs / str(config.run_name)
         results: list[EvalResult] = []
@@ -130,8 +130,8 @@ class Study:
         return {**out, "minutes": (time.perf_counter() - t0) / 60}
 
     def train_cached(self, configs: list[Config]) -> list[dict[str, Any]]:
-        from e2e_sae.cached_train import train_from_cache
-        from e2e_sae.evaluate import EVAL_JSON, write_eval
+        from e2e_sae.eval.evaluate import EVAL_JSON, write_eval
+        from e2e_sae.training.cached import train_from_cache
 
         t0 = time.perf_counter()
         runs = train_from_cache(configs, self.runs / "act_cache", progress=True)
@@ -145,7 +145,7 @@ class Study:
         return out
 
     def build_cache(self, config: Config) -> dict[str, Any]:
-        from e2e_sae.act_cache import build_for_config
+        from e2e_sae.caches.activations import build_for_config
 
         build_for_config(config, self.runs / "act_cache", dtype="float16", progress=True)
         return {}

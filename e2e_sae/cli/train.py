@@ -1,0 +1,67 @@
+"""`e2e-sae train CONFIG`: train SAEs from a YAML config (no config: the demo)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import yaml
+
+from e2e_sae.errors import UserError
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from e2e_sae.config import Config, config_to_yaml_dict, load_config
+
+    if args.config is None and args.resume not in (None, "latest"):
+        args.config = Path(args.resume) / "final_config.yaml"  # resume a run with its own config
+        if not args.config.is_file():
+            raise UserError(
+                f"--resume: {args.resume} is not a run directory (no {args.config.name})"
+            )
+    if args.config is None:
+        from e2e_sae.cli.demo import cmd_demo
+
+        return cmd_demo(args)
+    config = load_config(args.config)
+    assert isinstance(config, Config)
+    if args.dry_run:
+        from e2e_sae.lm.dry_run import check_hooks
+
+        hooks = check_hooks(config)  # a hook matching nothing fails here, as in the real run
+        print(yaml.safe_dump(config_to_yaml_dict(config), sort_keys=False), end="")
+        print(f"# {hooks}", file=sys.stderr)
+        return 0
+    from e2e_sae.eval.report import eval_table
+    from e2e_sae.training.trainer import train
+
+    results = []
+    run_dir = train(config, device=args.device, reference=args.reference,
+                    on_eval=results.append, resume=args.resume)  # fmt: skip
+    if results:
+        print(eval_table(results[-1]))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
+        from e2e_sae.training.curves import CURVES_FILE
+
+        print(f"\nrun directory: {run_dir}")
+        if (run_dir / CURVES_FILE).is_file():
+            print(f"training curves: {run_dir / CURVES_FILE}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    t = sub.add_parser("train", help="train SAEs from a YAML config (no config: the demo)")
+    t.add_argument("config", nargs="?", type=Path, help="YAML config")
+    t.add_argument("--dry-run", action="store_true", help="validate and print the resolved config")
+    t.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: auto)")
+    t.add_argument(
+        "--reference",
+        action="store_true",
+        help="use the straightforward two-pass e2e step (as the original library)",
+    )
+    t.add_argument("--resume", nargs="?", const="latest", default=None, metavar="RUN_DIR",
+                   help="continue RUN_DIR (alone: the newest run of CONFIG under save_dir) from "
+                   "its last checkpoint; the result equals an uninterrupted run")  # fmt: skip
+    t.set_defaults(func=cmd_train)

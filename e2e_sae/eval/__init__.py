@@ -1,0 +1,1 @@
+"""Evaluation of SAEs spliced into the LM (`evaluate`) and its tables (`report`)."""

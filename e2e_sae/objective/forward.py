@@ -1,0 +1,239 @@
+"""The forward half of a training/eval step: which passes run, and what the loss terms get.
+
+One `run_forward`, written against the step-level part of `e2e_sae.lm.runner.LMRunner`
+(`embed`, `run_blocks`, `unembedding_fn`). The runner is chosen once, when the plan is made
+(`make_plan` / `with_runner`: the lean forward `fastlm` where it supports the model and the plan's
+hooks, else the backend's runner), and stored in the plan.
+
+Two ways to compute the same numbers:
+- `reference=True`: what the original library does — a clean pass and an SAE-spliced pass, each
+  from the tokens, through the backend's runner (never the lean one), with both runs' logits.
+- default: the layers before the first SAE run once; the clean and the spliced pass both start from
+  that residual (where the runner `supports_start_at_layer`; else both run from the tokens). Same
+  ops on the same inputs, so the same values. The KL term gets the final residuals and the
+  unembedding instead of logits, so it never holds [tokens, d_vocab] for either run
+  (`losses.kl_from_final`, chunked by `kl_chunk_tokens`); with a teacher cache (`plan.teacher`)
+  the clean pass stops after the hooks it must cache and the KL is taken against the cache. Both
+  work on every backend (a runner whose logits are not its unembedding of the final residual,
+  `final_is_residual` False, hands over logits and has no teacher cache).
+Local-only runs (no KL / downstream terms) stop the LM right after the last hook they need and run
+the SAEs on the cached clean activations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from e2e_sae.config import LossConfigs
+from e2e_sae.errors import UserError
+from e2e_sae.lm.runner import LMRunner, move_to, step_runner
+from e2e_sae.lm.splice import SAETransformer, filter_names, hook_layer
+from e2e_sae.objective.losses import KLTarget, LossInputs
+from e2e_sae.saes import CacheActs, SAEActs
+from e2e_sae.saes.matryoshka import batched_prefix_passes, full_copy, prefix_passes
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    sae_positions: list[str]
+    orig_cache: list[str]
+    """Clean-run hooks to cache: SAE inputs, replaced hooks, downstream hooks."""
+    new_cache: list[str] = field(default_factory=list)
+    """Spliced-run hooks to cache (downstream `in_to_orig` hooks)."""
+    e2e: bool = False
+    transcoder_targets: dict[str, str] = field(default_factory=dict)
+    logits: bool = False
+    """Return both runs' logits (evaluation). Training's KL reads the final residuals instead."""
+    precision: str = "fp32"
+    """"bf16": the fast path's LM matmuls and attention run in bf16 (`fastlm`)."""
+    teacher: Teacher | None = None
+    """Cached clean next-token distributions (`teacher_cache`): the clean pass stops after the
+    hooks in `orig_cache` and the KL is taken against the cache (top-k approximation)."""
+    prefix_passes: int = 1
+    """> 1: e2e training of Matryoshka SAEs on every prefix: the spliced pass runs this many
+    prefix-major copies of the batch at once (`saes.matryoshka`); the clean pass runs once."""
+    runner: LMRunner | None = None
+    """The LM runner for these hooks and this precision (`with_runner`); None (a plan built by
+    hand): `run_forward` chooses one on every call."""
+
+
+class Teacher(Protocol):
+    def kl_target(self, tokens: Tensor) -> KLTarget:
+        """The KL term's clean side for these token windows (flattened over tokens)."""
+        ...
+
+
+def make_plan(
+    model: SAETransformer,
+    loss_cfg: LossConfigs,
+    force_full_pass: bool = False,
+    precision: str = "fp32",
+) -> StepPlan:
+    """What to run for these loss terms. `force_full_pass` (eval) always computes both logits."""
+    downstream: list[str] = []
+    if loss_cfg.in_to_orig is not None:
+        downstream = filter_names(
+            model.all_hook_names,
+            loss_cfg.in_to_orig.hook_positions,
+            "loss.in_to_orig.hook_positions",
+        )
+    orig: list[str] = []
+    for pos, site in model.sites.items():
+        for h in (site.input_hook, pos):
+            if h not in orig:
+                orig.append(h)
+    orig += [h for h in downstream if h not in orig]
+    e2e = loss_cfg.needs_clean_run_past_saes or force_full_pass
+    passes = 1
+    if e2e and not force_full_pass:  # evaluation measures the full dictionary only
+        passes = prefix_passes(model.sae(p) for p in model.sae_positions)
+    plan = StepPlan(
+        sae_positions=list(model.sae_positions),
+        orig_cache=orig,
+        new_cache=downstream,
+        e2e=e2e,
+        transcoder_targets={p: p for p, s in model.sites.items() if s.is_transcoder},
+        logits=force_full_pass,
+        precision=precision,
+        prefix_passes=passes,
+    )
+    return with_runner(model, plan)
+
+
+def with_runner(model: SAETransformer, plan: StepPlan) -> StepPlan:
+    """`plan` with its runner chosen for its hooks and precision (`lm_runner.step_runner`): call
+    it again after changing a plan's hooks."""
+    return dataclasses.replace(plan, runner=_choose_runner(model, plan))
+
+
+def _choose_runner(model: SAETransformer, plan: StepPlan) -> LMRunner:
+    inputs = [model.sites[p].input_hook for p in plan.sae_positions]
+    hooks = list(dict.fromkeys(plan.sae_positions + inputs + plan.orig_cache + plan.new_cache))
+    return step_runner(model.lm, hooks, plan.precision)
+
+
+def _shared_start(model: SAETransformer, plan: StepPlan) -> int | None:
+    """The block both passes start from (0: from the shared embedding), or None where a hook
+    sits in the embedding (both passes then run from the tokens)."""
+    hooks = [model.sites[p].input_hook for p in plan.sae_positions] + plan.orig_cache
+    first = min(hook_layer(h, model.n_layers) for h in hooks)
+    return None if first < 0 else first
+
+
+def run_forward(
+    model: SAETransformer, tokens: Tensor, plan: StepPlan, reference: bool = False
+) -> LossInputs:
+    """Run the passes the plan needs; gradients flow only into the SAEs."""
+    if reference:
+        lm = model.lm
+    else:
+        lm = plan.runner if plan.runner is not None else _choose_runner(model, plan)
+    device = lm.device
+    orig_acts: dict[str, Tensor] = {}
+    clean_hooks = [(h, _store(orig_acts, h, device)) for h in plan.orig_cache]
+    saes = {p: model.sae(p) for p in plan.sae_positions}
+    if not plan.e2e:
+        if clean_hooks:
+            with torch.no_grad():
+                lm.run_blocks(tokens, 0, clean_hooks, stop_after=plan.orig_cache)
+        _, acts = model.forward(tokens, plan.sae_positions, orig_acts=orig_acts)
+        return LossInputs(
+            sae_acts=_sae_acts(acts),
+            orig_acts=orig_acts,
+            transcoder_targets=plan.transcoder_targets,
+            saes=saes,
+        )
+    if plan.teacher is not None and not lm.final_is_residual:
+        raise UserError(
+            f"teacher_cache: this model's logits are not its unembedding of the final residual "
+            f"(backend {lm.backend}: a logit soft cap or scale, or a model spread over devices)"
+        )
+    shared = None if reference or not lm.supports_start_at_layer else _shared_start(model, plan)
+    start = shared or 0
+    with torch.no_grad():
+        if shared is None:
+            resid = tokens
+        elif shared == 0:
+            resid = lm.embed(tokens)
+        else:
+            resid = lm.run_blocks(tokens, 0, stop_at_layer=shared)
+            assert resid is not None
+        if plan.teacher is None:
+            orig_final = lm.run_blocks(resid, start, clean_hooks)
+            assert orig_final is not None
+        else:  # the cache stands in for the clean run's distributions: stop after its hooks
+            orig_final = None
+            if clean_hooks:
+                lm.run_blocks(resid, start, clean_hooks, stop_after=plan.orig_cache)
+    hooks, acts = model.splice_hooks(plan.sae_positions, plan.new_cache)
+    n = plan.prefix_passes
+    with _prefix_copies(model, plan):
+        new_final = lm.run_blocks(_tile(resid, n), start, hooks)
+    assert new_final is not None
+    inputs = LossInputs(
+        sae_acts=_sae_acts(acts, n),
+        orig_acts=orig_acts,
+        new_acts=_new_acts(model, acts, plan),
+        kl_target=plan.teacher.kl_target(_tile(tokens, n)) if plan.teacher is not None else None,
+        transcoder_targets=plan.transcoder_targets,
+        saes=saes,
+    )
+    if not lm.final_is_residual:  # the runner handed over logits
+        inputs.orig_logits, inputs.new_logits = orig_final, new_final
+        return inputs
+    unembed = lm.unembedding_fn()
+    inputs.orig_final, inputs.new_final, inputs.unembed = orig_final, new_final, unembed
+    if plan.logits or reference:
+        inputs.new_logits = unembed(new_final)
+        inputs.orig_logits = unembed(orig_final) if orig_final is not None else None
+    return inputs
+
+
+def _sae_acts(acts: dict[str, SAEActs | CacheActs], n: int = 1) -> dict[str, SAEActs]:
+    """The SAEs' activations; of a batched prefix pass (n > 1), the full dictionary's copy."""
+    out = {k: v for k, v in acts.items() if isinstance(v, SAEActs)}
+    return out if n == 1 else {k: full_copy(v, n) for k, v in out.items()}
+
+
+def _tile(x: Tensor, n: int) -> Tensor:
+    """n prefix-major copies of a batch along dim 0 (x itself for n == 1)."""
+    return x if n == 1 else x.repeat(n, *([1] * (x.dim() - 1)))
+
+
+def _prefix_copies(model: SAETransformer, plan: StepPlan) -> contextlib.AbstractContextManager:
+    if plan.prefix_passes == 1:
+        return contextlib.nullcontext()
+    saes = [model.sae(p) for p in plan.sae_positions]
+    return batched_prefix_passes(saes, plan.prefix_passes)
+
+
+def _new_acts(
+    model: SAETransformer, acts: dict[str, SAEActs | CacheActs], plan: StepPlan
+) -> dict[str, Tensor]:
+    """The spliced pass's activations at the downstream-loss hooks (`plan.new_cache`)."""
+    return {h: model.spliced_activation(h, acts[h]) for h in plan.new_cache if h in acts}
+
+
+def _store(store: dict[str, Tensor], name: str, device: torch.device) -> Callable[..., Tensor]:
+    # By the name asked for (a bridge calls hooks with its canonical name, not the alias), on
+    # the SAEs' device (a no-op unless the LM is spread over several devices).
+    def hook(x: Tensor, hook: object = None) -> Tensor:
+        store[name] = move_to(x, device)
+        return x
+
+    return hook
+
+
+def autocast(precision: str, device: torch.device | str) -> contextlib.AbstractContextManager:
+    """bf16 autocast for the SAEs (and a TransformerLens fallback); a no-op for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dev = torch.device(device).type
+    return torch.autocast(dev, dtype=torch.bfloat16)

@@ -1,0 +1,3 @@
+"""The package version (read by the CLI and written into exports)."""
+
+__version__ = "3.0.0"
