@@ -289,7 +289,7 @@ def test_local_training_with_backend_bridge(bridge_config: Any) -> None:
 def test_smollm2_bridge_loader_glue(config_dict: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """`tlens_model_name: smollm2-135m` + `backend: bridge` boots the bridge on the HF model built
     from the GGUF, with the GGUF tokenizer (no BOS). A tiny stand-in HF model saves ~15 s."""
-    from e2e_sae.lm.load import bridge as bridge_module
+    from e2e_sae.lm import bridge as bridge_module
 
     calls: list[dict[str, Any]] = []
 

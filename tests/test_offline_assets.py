@@ -30,8 +30,8 @@ from e2e_sae.data.tokenizer import (
     smollm2_gguf_path,
 )
 from e2e_sae.errors import UserError
+from e2e_sae.lm import gguf
 from e2e_sae.lm.gguf import GGUF_MODELS, load_gguf_model, load_smollm2_hf, smollm2_from_hf
-from e2e_sae.lm.load import gguf
 
 SENTENCE = (
     "Friends, Romans, countrymen, lend me your ears; I come to bury Caesar, not to praise him."
