@@ -17,7 +17,9 @@ from typing import Any
 from pydantic import BaseModel
 from torch import Tensor
 
+from e2e_sae.compat.original import samples_of
 from e2e_sae.config import config_to_yaml_dict
+from e2e_sae.data import cache_dir
 from e2e_sae.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -105,7 +107,6 @@ def save_file_to_wandb(run: Any, path: Path) -> None:
 
 def _checkpoint_samples(name: str) -> int | None:
     """N of `samples_<N>.safetensors` or the original's `samples_<N>.pt`, else None."""
-    from e2e_sae.compat.original import samples_of
 
     return samples_of(Path(name)) if "/" not in name else None
 
@@ -119,7 +120,6 @@ def download_wandb_run(run_path: str, out_root: Path | None = None) -> Path:
     """Fetch `final_config.yaml` and the newest `samples_<N>.safetensors` (or, for runs of the
     original e2e_sae, `samples_<N>.pt`) of a W&B run ("entity/project/run_id") into a local
     folder, and return it (a run directory)."""
-    from e2e_sae.data import cache_dir
 
     load_dotenv_file()
     wandb = _import_wandb()

@@ -43,8 +43,11 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from e2e_sae.data import create_data_loader
+from e2e_sae.data.tokenizer import load_tokenizer
 from e2e_sae.errors import UserError
-from e2e_sae.lm.splice import SAETransformer
+from e2e_sae.eval.evaluate import eval_dataset
+from e2e_sae.lm.splice import SAETransformer, load_run
 
 # Histogram / quantile-sample bins of a feature's nonzero activations: 4 per decade over
 # [1e-2, 1e4]; bin 0 takes everything <= 1e-2, the last everything above 1e4.
@@ -802,9 +805,6 @@ def write_browser(
     the same position supplies each feature's nearest decoder directions across runs. `ablate`:
     for this many of the most frequent features, the true ablation effect (`ablation_kl`) over
     the first `ablate_tokens` scanned tokens (whole sequences)."""
-    from e2e_sae.data import create_data_loader
-    from e2e_sae.eval.evaluate import eval_dataset
-    from e2e_sae.lm.splice import load_run
 
     out = Path(out)
     if page_size < 1:
@@ -902,8 +902,6 @@ def write_browser(
 def _tokenizer_for(model: SAETransformer, name: str | None) -> Any:
     """The data's tokenizer (offline resolution), else the model's own, else None (show ids)."""
     if name:
-        from e2e_sae.data.tokenizer import load_tokenizer
-
         try:
             return load_tokenizer(name)
         except UserError:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from e2e_sae.errors import UserError
+from e2e_sae.lm.checkpoint import list_checkpoints, read_tensors
 
 
 def max_cosine_similarity(
@@ -42,7 +43,6 @@ def load_dictionary(run_dir: str | Path, position: str | None = None) -> tuple[s
     """(position, unit-norm dictionary [d_out, n_dict]) of a run's newest checkpoint.
 
     Reads only the safetensors file (no LM is loaded); `position` may be omitted for one SAE."""
-    from e2e_sae.lm.checkpoint import list_checkpoints, read_tensors
 
     path = Path(run_dir)
     ckpt = path if path.is_file() else (list_checkpoints(path) or [None])[-1]

@@ -22,8 +22,19 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from torch import Tensor
 
+from e2e_sae.analysis.geometry import load_dictionary, max_cosine_similarity
 from e2e_sae.config import Config, load_config
 from e2e_sae.errors import UserError, check_output_folder
+from e2e_sae.eval.evaluate import (
+    EVAL_JSON,
+    evaluate_run,
+    read_eval,
+    read_feature_frequency,
+    write_eval,
+)
+from e2e_sae.lm.checkpoint import CONFIG_FILE
+from e2e_sae.lm.splice import hook_layer
+from e2e_sae.training.curves import plain_log_axis
 
 TYPE_ORDER = ("local", "e2e", "e2e+ds")
 TYPE_COLORS = {"local": "tab:blue", "e2e": "tab:orange", "e2e+ds": "tab:green"}
@@ -108,14 +119,6 @@ def load_runs(
     progress: bool = False,
 ) -> list[RunInfo]:
     """Summaries of the runs; a run without `eval.json` is evaluated (and the file written)."""
-    from e2e_sae.eval.evaluate import (
-        EVAL_JSON,
-        evaluate_run,
-        read_eval,
-        read_feature_frequency,
-        write_eval,
-    )
-    from e2e_sae.lm.checkpoint import CONFIG_FILE
 
     runs = []
     for d in run_dirs:
@@ -330,9 +333,6 @@ def downstream_figure(runs: Sequence[RunInfo]) -> Figure:
     runs the first point is the SAE's own reconstruction at its position."""
     from matplotlib.ticker import MaxNLocator
 
-    from e2e_sae.lm.splice import hook_layer
-    from e2e_sae.training.curves import plain_log_axis
-
     fig, (ax_ev, ax_mse) = figure_grid(2)
     styles = {"local": "-", "e2e": "--", "e2e+ds": ":"}
     for i, r in enumerate(runs):
@@ -395,7 +395,6 @@ def geometry_similarities(
     pairs: Sequence[tuple[str, str, RunInfo, RunInfo]], alive_only: bool = True
 ) -> list[tuple[str, str, RunInfo, RunInfo, Tensor]]:
     """Max cosine similarity of each (alive) direction of A to the (alive) directions of B."""
-    from e2e_sae.analysis.geometry import load_dictionary, max_cosine_similarity
 
     out = []
     for kind, pos, a, b in pairs:

@@ -36,9 +36,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from e2e_sae.config import Config
+from e2e_sae.data import create_data_loader, data_errors
 from e2e_sae.errors import ConfigError, UserError
 from e2e_sae.lm import splice
-from e2e_sae.lm.splice import SAETransformer, SpliceSite, filter_names
+from e2e_sae.lm.bridge import resolve_backend
+from e2e_sae.lm.load import check_device
+from e2e_sae.lm.splice import SAETransformer, SpliceSite, build_model, check_vocab, filter_names
 from e2e_sae.objective.forward import StepPlan, run_forward, with_runner
 
 META = "meta.json"
@@ -301,7 +304,6 @@ def model_source(config: Config) -> dict[str, Any]:
     """What identifies `config`'s LM; a cache records it and every config trained from it must
     give the same (paths compared resolved). A bridge's activations are the stock HF model's,
     which a HookedTransformer's weight processing may shift, so the backend counts too."""
-    from e2e_sae.lm.bridge import resolve_backend
 
     out: dict[str, Any] = {}
     for key in MODEL_KEYS:
@@ -375,8 +377,6 @@ def build_for_config(
     training order: one epoch of the run (`n_cache_batches`), or `n_windows` windows rounded up to
     whole batches. meta.json records the config's model and data. Nothing is written until the
     model and the first batch have loaded."""
-    from e2e_sae.lm.load import check_device
-    from e2e_sae.lm.splice import build_model
 
     check_cacheable(config)
     if dtype not in _NP_DTYPES:
@@ -398,8 +398,6 @@ def build_for_config(
 def training_batches(config: Config, model: SAETransformer) -> Iterator[Tensor]:
     """The token batches `config`'s training reads, in its order (the first one loaded and
     checked against the model now, so a bad dataset fails before anything is written)."""
-    from e2e_sae.data import create_data_loader, data_errors
-    from e2e_sae.lm.splice import check_vocab
 
     with data_errors("train_data"):
         loader = create_data_loader(config.train_data, config.batch_size, config.seed)

@@ -39,10 +39,12 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from e2e_sae.caches.activations import n_cache_batches, training_batches
 from e2e_sae.config import Config
 from e2e_sae.errors import ConfigError, UserError
+from e2e_sae.lm.load import check_device
 from e2e_sae.lm.runner import LMRunner, Unembedding, step_runner
-from e2e_sae.lm.splice import SAETransformer
+from e2e_sae.lm.splice import SAETransformer, build_model
 from e2e_sae.objective.losses import KLTarget, chunked_unembed_kl
 
 META = "meta.json"
@@ -219,9 +221,6 @@ def build_for_config(
     """Cache the clean distributions of the windows `config` trains on: one epoch of the run
     (or `n_windows`, rounded up to whole batches), read as its training reads them. Nothing is
     written until the model and the first batch have loaded."""
-    from e2e_sae.caches.activations import n_cache_batches, training_batches
-    from e2e_sae.lm.load import check_device
-    from e2e_sae.lm.splice import build_model
 
     check_teacher_config(config)
     if Path(path).exists():

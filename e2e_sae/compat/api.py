@@ -24,7 +24,10 @@ from torch.optim.lr_scheduler import LambdaLR
 from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
+from e2e_sae.config import load_config as load_ours
+from e2e_sae.config import parse_model
 from e2e_sae.errors import ConfigError, UserError
+from e2e_sae.lm.checkpoint import atomic_save_tensors, atomic_write_bytes, read_tensors
 from e2e_sae.saes import CacheActs, SAEActs
 
 T = TypeVar("T", bound=BaseModel)
@@ -56,7 +59,6 @@ def cache_hook(
 # --- loading (e2e_sae.loader) ------------------------------------------------------------------
 def read_state_dict(path: str | Path, what: str = "pretrained_sae_paths") -> dict[str, Tensor]:
     """Tensors of a safetensors file, or of a `.pt`/`.pth` state dict (read weights-only)."""
-    from e2e_sae.lm.checkpoint import read_tensors
 
     path = Path(path).expanduser()
     if not path.is_file():
@@ -137,7 +139,6 @@ def set_seed(seed: int | None) -> None:
 
 def load_config(config_path_or_obj: Path | str | T, config_model: type[T]) -> T:
     """A `config_model` instance as is, or one read from a YAML file (validated)."""
-    from e2e_sae.config import load_config as load_ours
 
     if isinstance(config_path_or_obj, config_model):
         return config_path_or_obj
@@ -158,7 +159,6 @@ def save_module(
 ) -> None:
     """Write `module`'s state dict to `save_dir/model_filename` (safetensors, whatever the file
     name; `load_pretrained_saes` reads it) and, when `save_dir` is new, the config as YAML."""
-    from e2e_sae.lm.checkpoint import atomic_save_tensors, atomic_write_bytes
 
     save_dir = Path(save_dir)
     if not save_dir.exists():
@@ -191,7 +191,6 @@ def _deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, An
 
 def replace_pydantic_model(model: T, *updates: Mapping[str, Any]) -> T:
     """A copy of `model` with (nested) dict `updates` applied in order, validated again."""
-    from e2e_sae.config import parse_model
 
     data = model.model_dump()
     for u in updates:

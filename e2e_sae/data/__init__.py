@@ -23,6 +23,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from e2e_sae.config import DatasetConfig
+from e2e_sae.data.corpora import get_builtin_corpus
+from e2e_sae.data.tokenizer import load_tokenizer
 from e2e_sae.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -136,7 +138,6 @@ def read_text_file(path: Path, errors: str = "strict") -> str:
 
 def _load_rows(cfg: DatasetConfig, streaming: bool) -> Any:
     """Rows of the requested split as a `datasets` object or a {column: list} dict."""
-    from e2e_sae.data.corpora import get_builtin_corpus
 
     corpus = get_builtin_corpus(cfg.dataset_name)
     if corpus is not None:
@@ -254,7 +255,6 @@ def load_windows(cfg: DatasetConfig) -> TokenWindows:
         data = data[: cfg.n_documents]
     if cfg.is_tokenized:
         return TokenWindows(_windows_checked(_token_stream(list(data), cfg, col), cfg))
-    from e2e_sae.data.tokenizer import load_tokenizer
 
     assert cfg.tokenizer_name is not None
     texts = [t for t in data if isinstance(t, str) and t]
@@ -289,7 +289,6 @@ def stream_batches(
     buffer_size: int = 1000,
 ) -> Iterator[Tensor]:
     """Batches from a streaming hub dataset (seeded buffer shuffle; rank r takes every r-th row)."""
-    from e2e_sae.data.tokenizer import load_tokenizer
 
     ds = _load_rows(cfg, streaming=True).shuffle(seed=seed, buffer_size=buffer_size)
     tokenizer = None if cfg.is_tokenized else load_tokenizer(cfg.tokenizer_name or "")
@@ -334,7 +333,6 @@ def create_data_loader(
     """
     seed = dataset_config.seed if dataset_config.seed is not None else global_seed
     local = Path(dataset_config.dataset_name).expanduser().exists()
-    from e2e_sae.data.corpora import get_builtin_corpus
 
     if (
         dataset_config.streaming

@@ -58,10 +58,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from e2e_sae.config import Config, DatasetConfig
+from e2e_sae.data import create_data_loader
 from e2e_sae.errors import UserError
-from e2e_sae.lm.splice import SAETransformer, hook_layer, sae_key
-from e2e_sae.objective.forward import StepPlan, run_forward, with_runner
-from e2e_sae.objective.losses import LossTerm, compute_losses, kl_clean_to_new
+from e2e_sae.lm.checkpoint import atomic_save_tensors, atomic_write_bytes
+from e2e_sae.lm.splice import SAETransformer, hook_layer, load_run, sae_key
+from e2e_sae.objective.forward import StepPlan, make_plan, run_forward, with_runner
+from e2e_sae.objective.losses import LossTerm, build_loss_terms, compute_losses, kl_clean_to_new
 
 LN_EPS = 1e-5
 L2_RATIO_MIN_NORM = 1e-4  # SAEBench's: below it, l2_ratio divides by 1 instead of ||x||
@@ -397,10 +399,6 @@ def evaluate_run(
     `n_tokens` defaults to the run's `eval_n_samples` (else 50) windows; it is rounded up to whole
     batches. Batches come from the eval data in the order training's evaluation uses (seed + 42).
     """
-    from e2e_sae.data import create_data_loader
-    from e2e_sae.lm.splice import load_run
-    from e2e_sae.objective.forward import make_plan
-    from e2e_sae.objective.losses import build_loss_terms
 
     model = run_dir if isinstance(run_dir, SAETransformer) else load_run(run_dir, device=device)
     config = model.run_config
@@ -437,7 +435,6 @@ def feature_frequency_path(eval_json: Path) -> Path:
 def write_eval(result: EvalResult, out: Path) -> Path:
     """Write `out` (JSON, see `EvalResult.to_json`) and the per-latent firing frequencies next to it
     (safetensors, one [d_sae] float32 tensor per SAE keyed by `sae_key(position)`)."""
-    from e2e_sae.lm.checkpoint import atomic_save_tensors, atomic_write_bytes
 
     out.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(result.to_json(), indent=2, default=_json_default)

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from e2e_sae.errors import UserError
+from e2e_sae.lm.checkpoint import CONFIG_FILE, list_checkpoints
+from e2e_sae.lm.splice import load_run
 
 logger = logging.getLogger(__name__)
 
@@ -153,8 +155,6 @@ def push_to_hub(
     """
     from huggingface_hub import HfApi
 
-    from e2e_sae.lm.checkpoint import CONFIG_FILE, list_checkpoints
-
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise UserError(f"push: {folder} is not a directory")
@@ -210,6 +210,5 @@ def load_from_hub(uri: str | os.PathLike[str], device: str | None = None) -> Any
     For a SAELens export use `SAETransformer.from_saelens(tlens_model, [uri])`, which needs the
     language model the SAEs belong to.
     """
-    from e2e_sae.lm.splice import load_run
 
     return load_run(resolve_path(uri), device=device)

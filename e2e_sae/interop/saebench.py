@@ -24,6 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from e2e_sae.errors import UserError
+from e2e_sae.interop.saelens import saelens_state
+from e2e_sae.lm.splice import hook_layer
 from e2e_sae.saes import SAEBase
 
 if TYPE_CHECKING:
@@ -72,7 +74,6 @@ class SAEBenchSAE(nn.Module):
         context_size: int | None = None,
     ) -> None:
         super().__init__()
-        from e2e_sae.interop.saelens import saelens_state
 
         if sae.output_size != sae.input_size:
             raise UserError("SAEBench: transcoders are not supported (d_out != d_in)")
@@ -154,7 +155,6 @@ def to_saebench(
 ) -> SAEBenchSAE:
     """Wrap the SAE at `position` of `model`. `model_name` is what SAEBench loads with
     `HookedTransformer.from_pretrained` (default: the run config's `tlens_model_name`)."""
-    from e2e_sae.lm.splice import hook_layer
 
     if position not in model.sae_positions:
         raise UserError(f"SAEBench: no SAE at '{position}' (have {model.sae_positions})")

@@ -40,9 +40,22 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from e2e_sae.config import Config, config_to_yaml_dict, load_config
 from e2e_sae.errors import UserError, check_output_folder
+from e2e_sae.eval.evaluate import read_feature_frequency
 from e2e_sae.interop.hub import CFG_FILE, WEIGHTS_FILE, resolve_path
+from e2e_sae.lm.bridge import resolve_backend
+from e2e_sae.lm.checkpoint import (
+    CONFIG_FILE,
+    atomic_save_tensors,
+    atomic_write_bytes,
+    list_checkpoints,
+    read_tensors,
+    tensor_metadata,
+)
+from e2e_sae.lm.splice import SAETransformer, hook_layer, load_run, sae_key
 from e2e_sae.saes import SAEBase, build_sae
+from e2e_sae.version import __version__
 
 if TYPE_CHECKING:
     from e2e_sae.lm.runner import LM
@@ -290,9 +303,6 @@ def save_saelens(
 
     `hook_name` is the hook the SAE reads; `hook_name_out` the one a transcoder writes.
     """
-    from e2e_sae.lm.checkpoint import atomic_save_tensors, atomic_write_bytes
-    from e2e_sae.lm.splice import hook_layer
-    from e2e_sae.version import __version__
 
     name, tensors, extra_cfg = saelens_state(sae)
     extra_cfg = dict(extra_cfg)
@@ -365,14 +375,6 @@ def _saes_of_run(
     """(config, [(position, input hook, SAE)]) rebuilt from a checkpoint and its metadata alone,
     without loading the language model (which may need the network). None for transcoder runs,
     whose input hooks may be patterns only the model can resolve."""
-    from e2e_sae.config import Config, load_config
-    from e2e_sae.lm.checkpoint import (
-        CONFIG_FILE,
-        list_checkpoints,
-        read_tensors,
-        tensor_metadata,
-    )
-    from e2e_sae.lm.splice import sae_key
 
     if run_dir.is_file():
         run_dir, checkpoint = run_dir.parent, run_dir
@@ -420,8 +422,6 @@ def export_run_saelens(
     empty (an earlier export?) is refused unless `overwrite`, which replaces the SAE folders.
 
     A run directory is read without loading its language model when possible."""
-    from e2e_sae.config import config_to_yaml_dict
-    from e2e_sae.lm.splice import load_run
 
     out = Path(out_dir).expanduser()
     check_output_folder(out, "export: out")
@@ -449,8 +449,6 @@ def export_run_saelens(
             run_dir, checkpoint = run.run_dir, run.checkpoint_path
     meta: dict[str, Any] = {}
     if config is not None:
-        from e2e_sae.lm.bridge import resolve_backend
-
         model_name = (
             model_name
             or config.tlens_model_name
@@ -494,8 +492,6 @@ def _eval_feature_frequency(
 ) -> dict[str, Tensor]:
     """The firing frequencies of the run's `eval.json`, {} without one. `e2e-sae eval` measures the
     newest checkpoint, so exporting an older one gets no `sparsity.safetensors`."""
-    from e2e_sae.eval.evaluate import read_feature_frequency
-    from e2e_sae.lm.checkpoint import list_checkpoints
 
     if run_dir is None:
         return {}
@@ -653,7 +649,6 @@ def load_saelens_sae(
     allow_inexact: bool = False,
 ) -> tuple[SAEBase, SAELensInfo]:
     """Load a SAELens SAE folder (local or `hf://user/repo/folder`) as one of our SAEs."""
-    from e2e_sae.lm.checkpoint import read_tensors
 
     folder = resolve_path(path)
     if not folder.is_dir():
@@ -685,7 +680,6 @@ def saelens_transformer(
 ) -> SAETransformer:
     """An `SAETransformer` with SAELens SAEs (folders or `hf://` URIs) spliced in at the hooks
     their cfg.json names (transcoders read `hook_name` and replace `hook_name_out`)."""
-    from e2e_sae.lm.splice import SAETransformer, sae_key
 
     if not paths:
         raise UserError("from_saelens: give at least one SAELens folder")

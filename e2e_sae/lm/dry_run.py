@@ -17,16 +17,18 @@ from typing import Any
 import torch
 
 from e2e_sae.config import Config
+from e2e_sae.data.tokenizer import is_gguf_model_name
 from e2e_sae.errors import ConfigError, UserError
+from e2e_sae.lm.bridge import resolve_backend
+from e2e_sae.lm.gguf import smollm2_config
+from e2e_sae.lm.load import _CFG_KEYS
+from e2e_sae.lm.sources import MODEL_CONFIG, builtin_model_dir
+from e2e_sae.lm.splice import filter_names, resolve_sites
 
 
 def model_config(config: Config) -> Any:
     """The HookedTransformerConfig the run would load (raises UserError if it cannot be had)."""
     from transformer_lens import HookedTransformerConfig
-
-    from e2e_sae.lm.bridge import resolve_backend
-    from e2e_sae.lm.load import _CFG_KEYS
-    from e2e_sae.lm.sources import MODEL_CONFIG, builtin_model_dir
 
     if resolve_backend(config) == "bridge":
         raise UserError("backend bridge: the TransformerBridge's hook names need the loaded model")
@@ -42,8 +44,6 @@ def model_config(config: Config) -> Any:
     else:
         name = config.tlens_model_name or config.hf_model_name
         assert name is not None
-        from e2e_sae.data.tokenizer import is_gguf_model_name
-        from e2e_sae.lm.gguf import smollm2_config
 
         if is_gguf_model_name(name):
             return smollm2_config(device="meta")
@@ -82,7 +82,6 @@ def check_hooks(config: Config) -> str:
     """Resolve `saes.sae_positions`, `saes.transcoders` and `loss.in_to_orig.hook_positions` as
     the real run does (ConfigError naming the field when one matches nothing); returns a one-line
     summary, or why the hooks could not be checked."""
-    from e2e_sae.lm.splice import filter_names, resolve_sites
 
     try:
         names = hook_names(config)

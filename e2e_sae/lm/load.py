@@ -24,8 +24,10 @@ from e2e_sae.compat.original import (
     original_lm_file,
     read_pt_state_dict,
 )
+from e2e_sae.data.tokenizer import is_gguf_model_name, load_tokenizer
 from e2e_sae.errors import ConfigError, UserError
 from e2e_sae.lm.bridge import is_local_folder, load_bridge, resolve_backend
+from e2e_sae.lm.gguf import GGUF_MODELS
 from e2e_sae.lm.sources import (
     MODEL_CONFIG,
     MODEL_WEIGHTS,
@@ -160,7 +162,6 @@ def load_tlens_model_from_path(
 def attach_tokenizer(model: HookedTransformer, tokenizer_name: str) -> None:
     """Give `model` its tokenizer (for `to_tokens`, `to_string`, `generate` on text), loaded
     offline where `load_tokenizer` can; if it cannot be loaded the model stays without one."""
-    from e2e_sae.data.tokenizer import load_tokenizer
 
     try:
         shared = load_tokenizer(tokenizer_name)
@@ -182,8 +183,6 @@ def load_pretrained(
     n_devices: int | None = None,
     field: str = "tlens_model_name",
 ) -> HookedTransformer:
-    from e2e_sae.data.tokenizer import is_gguf_model_name
-    from e2e_sae.lm.gguf import GGUF_MODELS
 
     if is_gguf_model_name(name):
         return GGUF_MODELS[name.lower()](device=device or "cpu", n_devices=n_devices or 1)

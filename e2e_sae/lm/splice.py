@@ -33,6 +33,7 @@ from e2e_sae.lm.names import dict_size, filter_names, hook_layer, one_hook, sae_
 from e2e_sae.lm.runner import LM, LMRunner, make_runner, move_to
 from e2e_sae.lm.runner import Hooks as _Hooks
 from e2e_sae.saes import CacheActs, SAEActs, SAEBase, build_sae
+from e2e_sae.wandb_utils import download_wandb_run
 
 
 @dataclass(frozen=True)
@@ -542,7 +543,6 @@ class SAETransformer(nn.Module):
     def from_wandb(cls, wandb_project_run_id: str, device: str | None = None) -> SAETransformer:
         """Download the newest checkpoint (`samples_<N>.safetensors`, or the original's
         `samples_<N>.pt`) and config of a W&B run ("entity/project/run_id"), and load it."""
-        from e2e_sae.wandb_utils import download_wandb_run
 
         return cls.from_local_path(download_wandb_run(wandb_project_run_id), device=device)
 
@@ -556,7 +556,8 @@ class SAETransformer(nn.Module):
     ) -> SAETransformer:
         """Splice SAELens-format SAEs (folders or hf://user/repo/folder) into `tlens_model` at the
         hooks their cfg.json names; see `e2e_sae.interop.saelens`."""
-        from e2e_sae.interop.saelens import saelens_transformer
+        # the contract's one upward import (pyproject.toml): interop builds SAETransformers
+        from e2e_sae.interop.saelens import saelens_transformer  # keep lazy
 
         model = saelens_transformer(tlens_model, paths, device=device, allow_inexact=allow_inexact)
         return model.eval()

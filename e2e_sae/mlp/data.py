@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from e2e_sae.data import cache_dir
 from e2e_sae.errors import UserError
 
 
@@ -72,7 +73,5 @@ def load_split(
     if dataset == "digits":
         return load_digits_split(test_fraction, seed)
     if dataset == "mnist":
-        from e2e_sae.data import cache_dir
-
         return load_mnist_split(data_dir or cache_dir() / "mnist")
     raise UserError(f"dataset: unknown '{dataset}' (digits or mnist)")

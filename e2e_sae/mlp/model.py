@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from e2e_sae.errors import UserError
+from e2e_sae.lm.checkpoint import atomic_save_tensors, read_tensors, tensor_metadata
 from e2e_sae.saes import SAEActs, SAEBase
 
 MLP_FILE = "mlp.safetensors"
@@ -59,8 +60,6 @@ class MLP(nn.Module):
         return self.out(h), acts, sae_acts
 
     def save(self, path: Path) -> Path:
-        from e2e_sae.lm.checkpoint import atomic_save_tensors
-
         meta = {"input_size": self.input_size, "hidden_sizes": self.hidden_sizes,
                 "output_size": self.output_size}  # fmt: skip
         atomic_save_tensors(self.state_dict(), path, {"mlp": json.dumps(meta)})
@@ -69,7 +68,6 @@ class MLP(nn.Module):
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device | None = None) -> MLP:
         """Load `mlp.safetensors` (or the run folder holding it)."""
-        from e2e_sae.lm.checkpoint import read_tensors, tensor_metadata
 
         p = Path(path).expanduser()
         if p.is_dir():

@@ -20,13 +20,17 @@ import yaml
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from e2e_sae.config import config_to_yaml_dict
+from e2e_sae.config import config_to_yaml_dict, load_config
 from e2e_sae.errors import ConfigError, UserError
+from e2e_sae.lm.checkpoint import atomic_save_tensors
+from e2e_sae.lm.load import default_device
+from e2e_sae.lm.splice import sae_key
 from e2e_sae.mlp.config import MLPConfig, MLPSAERunConfig, MLPTrainConfig
 from e2e_sae.mlp.data import Split, load_split
 from e2e_sae.mlp.model import MLP, MLP_FILE
 from e2e_sae.objective.losses import LossInputs, build_loss_terms, compute_losses, kl_clean_to_new
 from e2e_sae.saes import SAEActs, SAEBase, build_sae
+from e2e_sae.wandb_utils import init_wandb, log_feature_frequencies
 
 logger = logging.getLogger(__name__)
 
@@ -245,8 +249,6 @@ class MLPJobResult:
 
 def save_saes(saes: Mapping[str, SAEBase], path: Path, run: MLPSAERunConfig) -> Path:
     """SAE weights as safetensors, keyed `hidden-<i>.<param>` like LM checkpoints."""
-    from e2e_sae.lm.checkpoint import atomic_save_tensors
-    from e2e_sae.lm.splice import sae_key
 
     tensors = {f"{sae_key(p)}.{k}": v for p, s in saes.items() for k, v in s.state_dict().items()}
     meta = {"architecture": run.architecture, "sae_positions": json.dumps(list(saes))}
@@ -281,7 +283,6 @@ def run_mlp_job(
 
 
 def _run_mlp_job(config: MLPConfig, device: str | None, progress: bool) -> MLPJobResult:
-    from e2e_sae.lm.load import default_device
 
     device = device or config.device or default_device()
     torch.manual_seed(config.seed)
@@ -309,8 +310,6 @@ def _run_mlp_job(config: MLPConfig, device: str | None, progress: bool) -> MLPJo
         text = yaml.safe_dump(config_to_yaml_dict(config), sort_keys=False)
         (run_dir / "config.yaml").write_text(text)
     if config.wandb_project:
-        from e2e_sae.wandb_utils import init_wandb
-
         wandb_run = init_wandb(config, run_dir or Path.cwd())
 
     def log(record: dict[str, Any]) -> None:
@@ -333,8 +332,6 @@ def _run_mlp_job(config: MLPConfig, device: str | None, progress: bool) -> MLPJo
         result.saes[run.name] = saes
         result.sae_metrics[run.name] = metrics
         if wandb_run is not None:
-            from e2e_sae.wandb_utils import log_feature_frequencies
-
             flat = {f"{run.name}/test_{k}": v for k, v in metrics.items() if isinstance(v, float)}
             log(flat)
             freqs = {p: m["feature_frequency"] for p, m in metrics["per_sae"].items()}
@@ -377,7 +374,6 @@ def results_table(result: MLPJobResult) -> str:
 
 
 def load_mlp_config(path: str | Path) -> MLPConfig:
-    from e2e_sae.config import load_config
 
     config = load_config(path, MLPConfig)
     assert isinstance(config, MLPConfig)

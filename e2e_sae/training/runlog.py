@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from e2e_sae.config import Config
+from e2e_sae.wandb_utils import init_wandb, log_feature_frequencies, save_file_to_wandb
 
 
 def _clean(v: Any) -> Any:
@@ -28,8 +29,6 @@ class RunLogger:
         self.enabled = enabled
         self.wandb_run: Any = None
         if enabled and config is not None and config.wandb_project:
-            from e2e_sae.wandb_utils import init_wandb
-
             self.wandb_run = init_wandb(config, run_dir)
             self.save_file(run_dir / "final_config.yaml")
 
@@ -47,15 +46,11 @@ class RunLogger:
     def save_file(self, path: Path | None) -> None:
         """Upload a checkpoint or the config to W&B now (no-op without W&B)."""
         if self.wandb_run is not None and path is not None and path.exists():
-            from e2e_sae.wandb_utils import save_file_to_wandb
-
             save_file_to_wandb(self.wandb_run, path)
 
     def log_feature_frequencies(self, freqs: dict[str, Any], step: int | None = None) -> None:
         """W&B histograms of log10 firing frequency per SAE ({position: [d_sae] fractions})."""
         if self.wandb_run is not None:
-            from e2e_sae.wandb_utils import log_feature_frequencies
-
             log_feature_frequencies(self.wandb_run, freqs, step)
 
     def finish(self) -> None:

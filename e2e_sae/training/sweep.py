@@ -38,8 +38,12 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-from e2e_sae.config import Config, load_config, read_yaml
+from e2e_sae.config import Config, config_to_yaml_dict, load_config, read_yaml, yaml_load
 from e2e_sae.errors import ConfigError, UserError
+from e2e_sae.eval.evaluate import EVAL_JSON, EvalResult, read_eval, write_eval
+from e2e_sae.training.runlog import read_metrics
+from e2e_sae.training.trainer import train
+from e2e_sae.wandb_utils import load_dotenv_file
 
 logger = logging.getLogger(__name__)
 
@@ -123,8 +127,6 @@ def set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
 def parse_set(items: Iterable[str]) -> dict[str, Any]:
     """`--set key.sub=value` items -> {dotted key: YAML-parsed value}."""
     import yaml
-
-    from e2e_sae.config import yaml_load
 
     out: dict[str, Any] = {}
     for item in items:
@@ -235,9 +237,6 @@ def _train_one(
     """Train one run and write its final evaluation; returns a JSON-able record (never raises)."""
     import torch
 
-    from e2e_sae.eval.evaluate import EVAL_JSON, EvalResult, write_eval
-    from e2e_sae.training.trainer import train
-
     if threads:
         torch.set_num_threads(threads)
     record: dict[str, Any] = {"run_dir": run_dir, "status": "ok"}
@@ -271,8 +270,6 @@ def run_sweep(
     Runs whose directory already holds `eval.json` are skipped unless `force`. Returns one record
     per run (in grid order): `run_dir`, `status` (ok / failed / skipped), `error`, `eval`
     (the final `eval.json` contents) and `overrides`."""
-    from e2e_sae.config import config_to_yaml_dict
-    from e2e_sae.eval.evaluate import read_eval
 
     if parallel < 1:
         raise UserError(f"--parallel: expected a positive number of processes, got {parallel}")
@@ -377,10 +374,6 @@ def run_wandb_sweep(
 
     Each agent run merges its parameters into the base config, trains with local logging, then
     replays `metrics.jsonl` and the final eval into the W&B run."""
-    from e2e_sae.eval.evaluate import EVAL_JSON, write_eval
-    from e2e_sae.training.runlog import read_metrics
-    from e2e_sae.training.trainer import train
-    from e2e_sae.wandb_utils import load_dotenv_file
 
     load_dotenv_file()
     try:

@@ -39,9 +39,12 @@ from transformer_lens import HookedTransformer
 
 from e2e_sae.config import DatasetConfig, config_to_yaml_dict, load_config
 from e2e_sae.data import TokenWindows, create_data_loader, load_windows
+from e2e_sae.data.corpora import get_builtin_corpus
+from e2e_sae.data.tokenizer import load_tokenizer
 from e2e_sae.errors import ConfigError, UserError
 from e2e_sae.lm.load import build_random_model, default_device, save_tlens_model
 from e2e_sae.training.runlog import RunLogger
+from e2e_sae.wandb_utils import init_wandb
 
 logger = logging.getLogger(__name__)
 
@@ -204,7 +207,6 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str, min
 
 def _is_streamed(data: DatasetConfig) -> bool:
     """A streaming hub dataset (read once, in order) rather than materialised windows."""
-    from e2e_sae.data.corpora import get_builtin_corpus
 
     local = Path(data.dataset_name).expanduser().exists()
     return data.streaming and not local and get_builtin_corpus(data.dataset_name) is None
@@ -223,7 +225,6 @@ def _model_fields(config: TrainLMConfig) -> dict[str, Any]:
     if "d_vocab" not in fields:
         if not config.tokenizer_name:
             raise ConfigError("tlens_config.d_vocab: required when no tokenizer_name is given")
-        from e2e_sae.data.tokenizer import load_tokenizer
 
         fields["d_vocab"] = len(load_tokenizer(config.tokenizer_name))
     return fields
@@ -320,8 +321,6 @@ def train_lm(
     (out / CONFIG_FILE).write_text(yaml.safe_dump(config_to_yaml_dict(config), sort_keys=False))
     log = RunLogger(out, None)
     if config.wandb_project:
-        from e2e_sae.wandb_utils import init_wandb
-
         log.wandb_run = init_wandb(config, out)
 
     batches: Iterator[Tensor]

@@ -18,12 +18,13 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from e2e_sae.caches.teacher import TeacherCache, check_teacher_config
 from e2e_sae.config import Config, DatasetConfig
 from e2e_sae.data import create_data_loader, data_errors
 from e2e_sae.errors import UserError
 from e2e_sae.eval.evaluate import EvalResult, evaluate
 from e2e_sae.interop.pretrained import load_pretrained_saes
-from e2e_sae.lm.splice import SAETransformer, build_model, check_vocab
+from e2e_sae.lm.splice import SAETransformer, build_model, check_vocab, filter_names
 from e2e_sae.objective.forward import StepPlan, make_plan
 from e2e_sae.objective.losses import build_loss_terms
 from e2e_sae.training.distributed import SINGLE, Dist, broadcast_state, init_distributed, shutdown
@@ -149,7 +150,6 @@ class Trainer(Engine):
 
 
 def open_teacher_cache(config: Config) -> Any:
-    from e2e_sae.caches.teacher import TeacherCache, check_teacher_config
 
     check_teacher_config(config)
     return TeacherCache(config.teacher_cache or "")
@@ -203,7 +203,6 @@ def check_in_to_orig(model: SAETransformer, config: Config) -> None:
     term = config.loss.in_to_orig
     if term is None:
         return
-    from e2e_sae.lm.splice import filter_names
 
     field = "loss.in_to_orig.hook_positions"
     hooks = filter_names(model.all_hook_names, term.hook_positions, field)
