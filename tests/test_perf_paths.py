@@ -132,7 +132,7 @@ def test_unsupported_models_fall_back_to_transformer_lens() -> None:
     ref = compute_losses(terms, run_forward(model, tokens, plan, reference=True))[1]
     got = compute_losses(terms, inputs)[1]
     for k, v in ref.items():
-        assert float(got[k].detach()) == pytest.approx(float(v), rel=1e-5), k
+        assert float(got[k].detach()) == pytest.approx(float(v.detach()), rel=1e-5), k
 
 
 # --- the fast e2e step equals the reference step --------------------------------------------------
