@@ -121,7 +121,7 @@ class CachedTrainer(Engine):
 
     def step(self, micro_batches: Iterator[Mapping[str, Tensor]]) -> dict[str, float]:
         """One optimizer step over `grad_accum_steps` micro-batches of activations."""
-        logged = self.train_step(micro_batches, self.state)
+        logged = self.train_step(micro_batches, self.state, stats=True)
         self.history.append(logged)
         return logged
 

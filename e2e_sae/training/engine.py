@@ -137,10 +137,11 @@ class Engine:
             sae.train(key in self._trainable_keys)
 
     def train_step(
-        self, micro_batches: Iterator[Any], state: TrainState, stats: bool = True
+        self, micro_batches: Iterator[Any], state: TrainState, stats: bool = False
     ) -> dict[str, float]:
         """One optimizer step over `grad_accum_steps` micro-batches; returns the logged values
-        (averaged over micro-batches and ranks). `stats`: also log each SAE's L0."""
+        (averaged over micro-batches and ranks). `stats`: also log each SAE's L0 (the loop asks on
+        logged steps only: the count costs a few % of a small model's step)."""
         self.set_modes()
         accum = self.config.grad_accum_steps
         logged: dict[str, float] = {}
