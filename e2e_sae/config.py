@@ -179,8 +179,8 @@ class Config(_Frozen):
     (+ tokenizer files). Loaded through TransformerLens' TransformerBridge unless `backend`
     says hooked (see `backend`)."""
     backend: Literal["auto", "hooked", "bridge"] = "auto"
-    """How the LM runs: `hooked` (HookedTransformer; every fast path), `bridge`
-    (TransformerBridge: any HF causal LM, plain forward passes), or `auto`: hooked for
+    """How the LM runs: `hooked` (HookedTransformer; the lean forward where `fastlm` supports it),
+    `bridge` (TransformerBridge: any HF causal LM, plain forward passes), or `auto`: hooked for
     tlens_config / tlens_model_path / built-in models / models HookedTransformer supports, bridge
     otherwise (and whenever `device_map` is set)."""
     device_map: str | dict[str, str | int] | None = None

@@ -36,8 +36,9 @@ class LossInputs:
     new_logits: Tensor | None = None
     orig_final: Tensor | None = None
     new_final: Tensor | None = None
-    """Final normalised residuals [batch, pos, d_model] (the unembedding's input). The fast path
-    passes these and `unembed` instead of logits; `logits_kl` then never holds full logits."""
+    """Final normalised residuals [batch, pos, d_model] (the unembedding's input). Training passes
+    these and `unembed` instead of logits on every runner whose final residual is the unembedding's
+    input (`LMRunner.final_is_residual`); `logits_kl` then never holds full logits."""
     unembed: Unembedding | None = None
     kl_target: KLTarget | None = None
     """The clean side of `logits_kl` when it comes from a teacher cache instead of a clean run."""
