@@ -34,7 +34,7 @@ from e2e_sae.config import Config
 from e2e_sae.errors import ConfigError, UserError
 from e2e_sae.lm.load import check_device
 from e2e_sae.lm.splice import SAETransformer, SpliceSite, dict_size, sae_key
-from e2e_sae.objective.losses import LossInputs, build_loss_terms
+from e2e_sae.objective.losses import build_loss_terms
 from e2e_sae.saes import build_sae
 from e2e_sae.training.distributed import dist_from_env
 from e2e_sae.training.engine import Engine, TrainState, make_optimizer, n_grad_steps
@@ -114,10 +114,6 @@ class CachedTrainer(Engine):
     @property
     def step_count(self) -> int:
         return self.state.step
-
-    def forward(self, acts: Mapping[str, Tensor]) -> LossInputs:
-        assert self.feed is not None
-        return self.feed(acts)
 
     def step(self, micro_batches: Iterator[Mapping[str, Tensor]]) -> dict[str, float]:
         """One optimizer step over `grad_accum_steps` micro-batches of activations."""

@@ -13,7 +13,9 @@ from typing import Any, Protocol
 
 from tqdm.auto import tqdm
 
+from e2e_sae.config import Config
 from e2e_sae.eval.evaluate import EvalResult
+from e2e_sae.lm.splice import SAETransformer
 from e2e_sae.objective.losses import LossTerm
 from e2e_sae.training.curves import plot_training_curves
 from e2e_sae.training.distributed import Dist
@@ -25,12 +27,11 @@ from e2e_sae.training.engine import (
     loss_term_keys,
     n_grad_steps,
 )
-from e2e_sae.training.resume import StopOnSignal, resume_points, save_point
-from e2e_sae.training.resume import Trainer as Checkpointed
+from e2e_sae.training.resume import Checkpointed, StopOnSignal, resume_points, save_point
 from e2e_sae.training.runlog import RunLogger
 
 
-class Trainer(Checkpointed, Protocol):
+class LoopTrainer(Checkpointed, Protocol):
     """What the loop drives (`training.trainer.Trainer` is one): an engine step, evaluation with
     the LM, and what a checkpoint saves."""
 
@@ -55,7 +56,7 @@ class Run:
     """One run in the loop: its trainer, counters, directory and metrics log; after the loop, its
     last logged values, last evaluation and (if it stopped on one) its numerical error."""
 
-    trainer: Trainer
+    trainer: LoopTrainer
     state: TrainState
     run_dir: Path
     log: RunLogger
@@ -73,7 +74,7 @@ class Run:
             self.saved_at = self.state.n_samples
 
     @property
-    def config(self) -> Any:
+    def config(self) -> Config:
         return self.trainer.config
 
     @property
@@ -210,7 +211,7 @@ def log_eval(r: Run, progress: bool = False, desc: str = "eval") -> None:
         r.on_eval(result)
 
 
-def dead_counts(model: Any, window: int) -> dict[str, float]:
+def dead_counts(model: SAETransformer, window: int) -> dict[str, float]:
     """Training's dead latents: those that fired on none of the last `window` training tokens
     (`act_frequency_n_tokens`); the window is logged with them as `dead_window_tokens`."""
     counts = {f"dead_dict_elements/{p}": model.sae(p).n_dead(window) for p in model.sae_positions}

@@ -63,7 +63,7 @@ except ImportError:  # (Windows: no advisory locks; runs are then not protected 
     fcntl = None  # type: ignore[assignment]
 
 
-class Trainer(Protocol):
+class Checkpointed(Protocol):
     """What a resume point saves and restores (`training.trainer.Trainer` is one)."""
 
     config: Config
@@ -381,13 +381,15 @@ def _rng_state() -> tuple[dict[str, Tensor], dict[str, Any]]:
     return tensors, meta
 
 
-def _param_names(t: Trainer) -> list[str]:
+def _param_names(t: Checkpointed) -> list[str]:
     """Names of the optimizer's parameters in its own order (checked again on load)."""
     names = {id(p): n for n, p in t.model.saes.named_parameters()}
     return [names.get(id(p), "?") for g in t.optimizer.param_groups for p in g["params"]]
 
 
-def save_point(run_dir: Path, t: Trainer, state: Any, d: Dist, final: bool = False) -> Path | None:
+def save_point(
+    run_dir: Path, t: Checkpointed, state: Any, d: Dist, final: bool = False
+) -> Path | None:
     """Write resume_<N> then samples_<N> (rank 0 only) and drop old points; returns samples_<N>."""
     if not d.is_main:
         return None
@@ -421,7 +423,7 @@ def save_point(run_dir: Path, t: Trainer, state: Any, d: Dist, final: bool = Fal
     return path
 
 
-def _layout(t: Trainer, d: Dist) -> dict[str, int]:
+def _layout(t: Checkpointed, d: Dist) -> dict[str, int]:
     cfg = t.config
     return {
         "world_size": d.world_size,
@@ -460,7 +462,7 @@ def _read_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
-def restore_point(t: Trainer, point: ResumePoint, state: Any, d: Dist) -> None:
+def restore_point(t: Checkpointed, point: ResumePoint, state: Any, d: Dist) -> None:
     """Load SAE weights, optimizer, scheduler, RNG states and counters of `point` into `t` and
     `state`. Any inconsistency is a one-line UserError naming the file."""
     path = point.resume_path
@@ -489,7 +491,7 @@ def _check_layout(old: dict[str, int], new: dict[str, int], path: Path) -> None:
             )
 
 
-def _load_optimizer(t: Trainer, meta: dict[str, Any], tensors: dict[str, Tensor], path: Path):
+def _load_optimizer(t: Checkpointed, meta: dict[str, Any], tensors: dict[str, Tensor], path: Path):
     names = _param_names(t)
     if meta["param_names"] != names:
         raise UserError(f"resume file {path}: optimizer parameters {meta['param_names'][:3]}... "

@@ -239,7 +239,7 @@ def train(
         check_vocab(t.model, first, "train_data")
         t.check_eval_data()
         run = open_run(t, state, found, run_dir, locks, on_eval)
-        run_loop([run], _prepend(first, batches), first.shape[1], progress)
+        run_loop([run], itertools.chain([first], batches), first.shape[1], progress)
         shutdown(d)
         return run.run_dir
     finally:
@@ -284,11 +284,6 @@ def open_run(
             locks.append(made[1])
     run_dir = prepare_run_dir(t.config, run_dir, found, d)
     return Run(t, state, run_dir, RunLogger(run_dir, t.config, enabled=d.is_main), on_eval)
-
-
-def _prepend(first: Tensor, rest: Iterator[Tensor]) -> Iterator[Tensor]:
-    yield first
-    yield from rest
 
 
 def _counted(batches: Iterator[Tensor], bar: Any) -> Iterator[Tensor]:
