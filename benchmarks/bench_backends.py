@@ -57,26 +57,40 @@ def make_config(args: argparse.Namespace, mode: str, backend: str) -> Config:
     loss: dict[str, Any] = {
         "local": {"sparsity": sparsity, "out_to_in": {"coeff": 1.0}},
         "e2e": {"sparsity": sparsity, "logits_kl": {"coeff": 1.0}},
-        "e2e_ds": {"sparsity": sparsity, "logits_kl": {"coeff": 0.5}, "in_to_orig": {
-            "hook_positions": [f"blocks.{i}.hook_resid_pre" for i in range(LAYER + 1, 30)],
-            "total_coeff": 2.5}},
-    }[mode]  # fmt: skip
-    return load_config({
-        "tlens_model_name": "smollm2-135m",
-        "backend": backend,
-        "n_samples": 10_000,
-        "batch_size": args.batch_size,
-        "lr": 1e-3,
-        "lr_schedule": "constant",
-        "max_grad_norm": 1.0,
-        "loss": loss,
-        "train_data": {"dataset_name": "shakespeare", "is_tokenized": False,
-                       "tokenizer_name": "smollm2-135m", "streaming": False, "split": "train",
-                       "n_ctx": args.n_ctx},
-        "saes": {"sae_positions": [f"blocks.{LAYER}.hook_resid_pre"],
-                 "dict_size_to_input_ratio": args.ratio},
-        "save_dir": None,
-    })  # fmt: skip
+        "e2e_ds": {
+            "sparsity": sparsity,
+            "logits_kl": {"coeff": 0.5},
+            "in_to_orig": {
+                "hook_positions": [f"blocks.{i}.hook_resid_pre" for i in range(LAYER + 1, 30)],
+                "total_coeff": 2.5,
+            },
+        },
+    }[mode]
+    return load_config(
+        {
+            "tlens_model_name": "smollm2-135m",
+            "backend": backend,
+            "n_samples": 10_000,
+            "batch_size": args.batch_size,
+            "lr": 1e-3,
+            "lr_schedule": "constant",
+            "max_grad_norm": 1.0,
+            "loss": loss,
+            "train_data": {
+                "dataset_name": "shakespeare",
+                "is_tokenized": False,
+                "tokenizer_name": "smollm2-135m",
+                "streaming": False,
+                "split": "train",
+                "n_ctx": args.n_ctx,
+            },
+            "saes": {
+                "sae_positions": [f"blocks.{LAYER}.hook_resid_pre"],
+                "dict_size_to_input_ratio": args.ratio,
+            },
+            "save_dir": None,
+        }
+    )
 
 
 def load_models() -> dict[str, Any]:
@@ -141,23 +155,27 @@ def bench_mode(
     for v, ts in times.items():
         first = losses[v][args.warmup] if args.steps else losses[v][0]
         ref = losses[base][args.warmup] if args.steps else losses[base][0]
-        rows.append({
-            "mode": mode,
-            "variant": v,
-            "tokens_per_s": tokens / statistics.median(ts),
-            f"x_{base}": statistics.median(b / t for b, t in zip(times[base], ts, strict=True)),
-            "step_s_median": statistics.median(ts),
-            "step_s_all": ts,
-            "first_timed_loss": first,
-            f"rel_loss_diff_vs_{base}": abs(first - ref) / max(abs(ref), 1e-30),
-        })  # fmt: skip
+        rows.append(
+            {
+                "mode": mode,
+                "variant": v,
+                "tokens_per_s": tokens / statistics.median(ts),
+                f"x_{base}": statistics.median(b / t for b, t in zip(times[base], ts, strict=True)),
+                "step_s_median": statistics.median(ts),
+                "step_s_all": ts,
+                "first_timed_loss": first,
+                f"rel_loss_diff_vs_{base}": abs(first - ref) / max(abs(ref), 1e-30),
+            }
+        )
     return rows
 
 
 def table(rows: list[dict[str, Any]]) -> str:
     base = next(k for k in rows[0] if k.startswith("x_")).removeprefix("x_")
-    lines = [f"| mode | variant | tokens/s | x {base} | median step s | loss rel. diff vs {base} |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        f"| mode | variant | tokens/s | x {base} | median step s | loss rel. diff vs {base} |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
         lines.append(
             f"| {r['mode']} | {r['variant']} | {r['tokens_per_s']:.0f} | {r[f'x_{base}']:.2f} | "
@@ -200,15 +218,25 @@ def main(argv: list[str] | None = None) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = args.out or RESULTS / f"backends-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
     command = " ".join([Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)])
-    out.write_text(json.dumps({
-        "command": command,
-        "model": "smollm2-135m (SmolLM2-135M-Instruct, Q4_1 GGUF dequantized to fp32)",
-        "sae": f"relu at blocks.{LAYER}.hook_resid_pre, ratio {args.ratio}",
-        "batch": [args.batch_size, args.n_ctx], "warmup": args.warmup, "steps": args.steps,
-        "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-        "load_avg_start": load_avg, "load_avg_end": os.getloadavg(), "model_load_s": load_s,
-        "rows": rows,
-    }, indent=1))  # fmt: skip
+    out.write_text(
+        json.dumps(
+            {
+                "command": command,
+                "model": "smollm2-135m (SmolLM2-135M-Instruct, Q4_1 GGUF dequantized to fp32)",
+                "sae": f"relu at blocks.{LAYER}.hook_resid_pre, ratio {args.ratio}",
+                "batch": [args.batch_size, args.n_ctx],
+                "warmup": args.warmup,
+                "steps": args.steps,
+                "torch_threads": torch.get_num_threads(),
+                "cpus": os.cpu_count(),
+                "load_avg_start": load_avg,
+                "load_avg_end": os.getloadavg(),
+                "model_load_s": load_s,
+                "rows": rows,
+            },
+            indent=1,
+        )
+    )
     print(f"\nresults: {out}")
 
 

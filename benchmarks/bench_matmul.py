@@ -58,9 +58,12 @@ def main() -> None:
             x, w = torch.randn(m, k), torch.randn(n, k)
             cases: dict[str, Callable[[], object]] = {
                 name: functools.partial(F.linear, x.to(dt), w.to(dt))
-                for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16),
-                                 ("fp16", torch.float16))
-            }  # fmt: skip
+                for name, dt in (
+                    ("fp32", torch.float32),
+                    ("bf16", torch.bfloat16),
+                    ("fp16", torch.float16),
+                )
+            }
 
             def down(x: torch.Tensor = x, w: torch.Tensor = w) -> object:
                 with fp32_precision("bf16"):
@@ -76,8 +79,10 @@ def main() -> None:
             gflops = {name: 2 * m * k * n / t / 1e9 for name, t in best.items()}
             row = {"threads": threads, "shape": [m, k, n], "gflops": gflops}
             out.append(row)
-            print(f"threads {threads} {m}x{k}x{n}: "
-                  + "  ".join(f"{name} {g:6.1f}" for name, g in gflops.items()))  # fmt: skip
+            print(
+                f"threads {threads} {m}x{k}x{n}: "
+                + "  ".join(f"{name} {g:6.1f}" for name, g in gflops.items())
+            )
     print(json.dumps({"load_avg": os.getloadavg(), "rows": out}))
 
 

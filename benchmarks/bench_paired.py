@@ -87,12 +87,16 @@ def paired(old: Callable[[int], Any], new: Callable[[int], Any], n: int) -> list
 def lm_fed(old: dict[str, ModuleType], was: Any, new: Any, batches: list, n: int) -> list[float]:
     """An LM-fed `train_step` of the old and the new trainer."""
     so, sn = old["trainer"].TrainState(), TrainState()
-    return paired(lambda i: was.train_step(iter([batches[i % len(batches)]]), so),
-                  lambda i: new.train_step(iter([batches[i % len(batches)]]), sn), n)  # fmt: skip
+    return paired(
+        lambda i: was.train_step(iter([batches[i % len(batches)]]), so),
+        lambda i: new.train_step(iter([batches[i % len(batches)]]), sn),
+        n,
+    )
 
 
-def cache_kinds(old: dict[str, ModuleType], was: Any, new: Any, batches: list, n: int
-                ) -> dict[str, list[float]]:  # fmt: skip
+def cache_kinds(
+    old: dict[str, ModuleType], was: Any, new: Any, batches: list, n: int
+) -> dict[str, list[float]]:
     """One config from stored activations, a 4-config sweep round, the clean LM pass."""
     hooks = [new.model.sites[q].input_hook for q in new.model.sae_positions]
     acts = next(lm_activation_batches(new.model, iter(batches), hooks))
@@ -107,7 +111,7 @@ def cache_kinds(old: dict[str, ModuleType], was: Any, new: Any, batches: list, n
         "cached_step": paired(lambda i: co.step(iter([acts])), lambda i: cn.step(iter([acts])), n),
         "sweep_round": paired(
             lambda i: together(mo, ao, 1, False), lambda i: train_together(mn, an, 1, False), n
-        ),  # fmt: skip
+        ),
         "lm_pass": paired(lambda i: next(ao), lambda i: next(an), n),
     }
 
@@ -120,8 +124,15 @@ def main() -> None:
     p.add_argument("--modes", default="cache,local,e2e")
     a = p.parse_args()
     old = import_old(a.old.resolve())
-    args = argparse.Namespace(model=a.model, batch_size=4, n_ctx=128, ratio=8.0,
-                              architecture="relu", k=32, topk_path="auto")  # fmt: skip
+    args = argparse.Namespace(
+        model=a.model,
+        batch_size=4,
+        n_ctx=128,
+        ratio=8.0,
+        architecture="relu",
+        k=32,
+        topk_path="auto",
+    )
     batches = bt.token_batches(args, a.steps + 3)
     lm = bt.shared_lm(a.model)
 

@@ -50,16 +50,38 @@ from e2e_sae.training.trainer import Trainer, setup
 RESULTS = Path(__file__).resolve().parent / "results"
 MODES = ("local", "e2e", "e2e_ds", "eval", "cache", "teacher")
 SMOLLM2_SHAPE: dict[str, Any] = dict(
-    d_model=576, d_head=64, n_heads=9, d_mlp=1536, n_layers=30, n_ctx=2048, eps=1e-5,
-    d_vocab=49152, act_fn="silu", n_key_value_heads=3, normalization_type="RMS",
-    positional_embedding_type="rotary", rotary_adjacent_pairs=False, rotary_dim=64,
-    rotary_base=100000.0, final_rms=True, gated_mlp=True, original_architecture="LlamaForCausalLM",
+    d_model=576,
+    d_head=64,
+    n_heads=9,
+    d_mlp=1536,
+    n_layers=30,
+    n_ctx=2048,
+    eps=1e-5,
+    d_vocab=49152,
+    act_fn="silu",
+    n_key_value_heads=3,
+    normalization_type="RMS",
+    positional_embedding_type="rotary",
+    rotary_adjacent_pairs=False,
+    rotary_dim=64,
+    rotary_base=100000.0,
+    final_rms=True,
+    gated_mlp=True,
+    original_architecture="LlamaForCausalLM",
     seed=0,
-)  # fmt: skip
+)
 TINY: dict[str, Any] = dict(
-    d_model=256, d_head=32, n_heads=8, d_mlp=1024, n_layers=4, n_ctx=256, d_vocab=8192,
-    act_fn="gelu", normalization_type="LN", seed=0,
-)  # fmt: skip
+    d_model=256,
+    d_head=32,
+    n_heads=8,
+    d_mlp=1024,
+    n_layers=4,
+    n_ctx=256,
+    d_vocab=8192,
+    act_fn="gelu",
+    normalization_type="LN",
+    seed=0,
+)
 # model -> (config source, SAE layer, tokenizer for the Shakespeare corpus or None = random tokens)
 MODELS: dict[str, tuple[dict[str, Any], int, str | None]] = {
     "smollm2-135m": ({"tlens_model_name": "smollm2-135m"}, 6, "smollm2-135m"),
@@ -97,8 +119,14 @@ def make_config(args: argparse.Namespace, mode: str, precision: str = "fp32") ->
     if args.architecture == "topk":  # k sets the sparsity: no sparsity term
         saes.update(architecture="topk", k=args.k)
         loss.pop("sparsity")
-    data = {"dataset_name": "shakespeare", "is_tokenized": False, "tokenizer_name": tokenizer,
-            "streaming": False, "split": "train", "n_ctx": args.n_ctx}  # fmt: skip
+    data = {
+        "dataset_name": "shakespeare",
+        "is_tokenized": False,
+        "tokenizer_name": tokenizer,
+        "streaming": False,
+        "split": "train",
+        "n_ctx": args.n_ctx,
+    }
     cfg = {
         **source,
         "n_samples": 10_000,
@@ -272,8 +300,15 @@ def bench_eval(args: argparse.Namespace) -> list[dict[str, Any]]:
     def run(reference: bool) -> Any:
         fwd = functools.partial(run_forward, reference=reference)
         with mock.patch.object(ev, "run_forward", fwd):
-            return ev.evaluate(t.model, iter(batches), len(batches), t.eval_plan, t.loss_terms,
-                               zero_ablation=False, downstream=False)  # fmt: skip
+            return ev.evaluate(
+                t.model,
+                iter(batches),
+                len(batches),
+                t.eval_plan,
+                t.loss_terms,
+                zero_ablation=False,
+                downstream=False,
+            )
 
     run(False)  # warm up (layouts, allocator)
     run(True)
@@ -324,29 +359,48 @@ def bench_cache(args: argparse.Namespace) -> list[dict[str, Any]]:
         rows[-1]["speedup_vs_fast_lm"] = statistics.median(
             f / c for f, c in zip(times["fast"], times["cache"], strict=True)
         )
-        rows.append({"mode": "cache", "variant": "cache-build (LM pass + write)",
-                     "tokens_per_s": n * args.batch_size * args.n_ctx / build_s})  # fmt: skip
+        rows.append(
+            {
+                "mode": "cache",
+                "variant": "cache-build (LM pass + write)",
+                "tokens_per_s": n * args.batch_size * args.n_ctx / build_s,
+            }
+        )
     # sweep: K configs on the same batches from one LM pass (sparsity coeffs; lrs for TopK)
     k = 4
     if cfg.loss.sparsity is None:
         sweep_cfgs = [cfg.model_copy(update={"lr": cfg.lr * f}) for f in (0.5, 1.0, 2.0, 4.0)]
     else:
-        sweep_cfgs = [cfg.model_copy(update={"loss": cfg.loss.model_copy(update={
-            "sparsity": cfg.loss.sparsity.model_copy(update={"coeff": c})})})
-            for c in (0.5, 1.0, 2.0, 4.0)]  # fmt: skip
+        sweep_cfgs = [
+            cfg.model_copy(
+                update={
+                    "loss": cfg.loss.model_copy(
+                        update={"sparsity": cfg.loss.sparsity.model_copy(update={"coeff": c})}
+                    )
+                }
+            )
+            for c in (0.5, 1.0, 2.0, 4.0)
+        ]
     members = [CachedTrainer.from_model(c, model) for c in sweep_cfgs]
     acts = lm_activation_batches(model, iter(batches * 2), hooks)
     train_together(members, acts, n_steps=args.warmup, progress=False)
     sweep_t, _ = interleaved(
-        {"sweep": lambda i: train_together(members, acts, n_steps=1, progress=False),
-         "fast": lambda i: trainers["fast"].train_step(iter([batches[i]]), TrainState())},
+        {
+            "sweep": lambda i: train_together(members, acts, n_steps=1, progress=False),
+            "fast": lambda i: trainers["fast"].train_step(iter([batches[i]]), TrainState()),
+        },
         args.steps,
-    )  # fmt: skip
+    )
     med_sweep, med_fast = statistics.median(sweep_t["sweep"]), statistics.median(sweep_t["fast"])
-    rows.append({"mode": "cache", "variant": f"sweep-{k}-one-LM-pass",
-                 "tokens_per_s": k * args.batch_size * args.n_ctx / med_sweep,
-                 "speedup_vs_separate_fast_runs": k * med_fast / med_sweep,
-                 "step_s_median": med_sweep})  # fmt: skip
+    rows.append(
+        {
+            "mode": "cache",
+            "variant": f"sweep-{k}-one-LM-pass",
+            "tokens_per_s": k * args.batch_size * args.n_ctx / med_sweep,
+            "speedup_vs_separate_fast_runs": k * med_fast / med_sweep,
+            "step_s_median": med_sweep,
+        }
+    )
     return rows
 
 
@@ -365,10 +419,18 @@ def bench_teacher(args: argparse.Namespace) -> list[dict[str, Any]]:
         ks = [int(k) for k in args.teacher_k.split(",")]
         caches = {}
         for k in ks:
-            build_s, caches[k] = timed(lambda k=k: TeacherCache.build(
-                fast.model, batches, n, Path(tmp) / f"t{k}", k=k, progress=False))  # fmt: skip
-            rows.append({"mode": "teacher", "variant": f"teacher-build k={k}",
-                         "tokens_per_s": n * args.batch_size * args.n_ctx / build_s})  # fmt: skip
+            build_s, caches[k] = timed(
+                lambda k=k: TeacherCache.build(
+                    fast.model, batches, n, Path(tmp) / f"t{k}", k=k, progress=False
+                )
+            )
+            rows.append(
+                {
+                    "mode": "teacher",
+                    "variant": f"teacher-build k={k}",
+                    "tokens_per_s": n * args.batch_size * args.n_ctx / build_s,
+                }
+            )
         # the approximation, for the (untrained) SAE spliced in, on every cached batch
         for k in ks:
             errs, exact_kls = [], []
@@ -382,10 +444,17 @@ def bench_teacher(args: argparse.Namespace) -> list[dict[str, Any]]:
                 errs.append((exact - approx) / exact)
                 exact_kls.append(exact)
             tail = float(np.asarray(caches[k].tail, dtype=np.float64).mean())
-            rows.append({"mode": "teacher", "variant": f"KL~ k={k}",
-                         "kl_exact": statistics.mean(exact_kls),
-                         "kl_rel_error_mean": statistics.mean(errs), "kl_rel_error_max": max(errs),
-                         "mean_tail_mass": tail, "tokens_per_s": float("nan")})  # fmt: skip
+            rows.append(
+                {
+                    "mode": "teacher",
+                    "variant": f"KL~ k={k}",
+                    "kl_exact": statistics.mean(exact_kls),
+                    "kl_rel_error_mean": statistics.mean(errs),
+                    "kl_rel_error_max": max(errs),
+                    "mean_tail_mass": tail,
+                    "tokens_per_s": float("nan"),
+                }
+            )
         k = ks[-1]
         cfg = make_config(args, "e2e").model_copy(update={"teacher_cache": Path(tmp) / f"t{k}"})
         with lm_shared(args.model):
@@ -396,16 +465,29 @@ def bench_teacher(args: argparse.Namespace) -> list[dict[str, Any]]:
             for v, t in trainers.items():
                 t.train_step(iter([batches[i]]), states[v])
         times, _ = interleaved(
-            {v: (lambda i, v=v: trainers[v].train_step(iter([batches[args.warmup + i]]),
-                                                       states[v])) for v in trainers},
+            {
+                v: (
+                    lambda i, v=v: trainers[v].train_step(
+                        iter([batches[args.warmup + i]]), states[v]
+                    )
+                )
+                for v in trainers
+            },
             args.steps,
-        )  # fmt: skip
+        )
         med_f, med_t = statistics.median(times["fast"]), statistics.median(times["teacher"])
-        rows.append({"mode": "teacher", "variant": f"e2e step with teacher k={k} (x = vs fast)",
-                     "tokens_per_s": args.batch_size * args.n_ctx / med_t, "step_s_median": med_t,
-                     "speedup_vs_fast": statistics.median(
-                         f / t for f, t in zip(times["fast"], times["teacher"], strict=True)),
-                     "fast_step_s_median": med_f})  # fmt: skip
+        rows.append(
+            {
+                "mode": "teacher",
+                "variant": f"e2e step with teacher k={k} (x = vs fast)",
+                "tokens_per_s": args.batch_size * args.n_ctx / med_t,
+                "step_s_median": med_t,
+                "speedup_vs_fast": statistics.median(
+                    f / t for f, t in zip(times["fast"], times["teacher"], strict=True)
+                ),
+                "fast_step_s_median": med_f,
+            }
+        )
     return rows
 
 
@@ -448,11 +530,28 @@ def bench_memory(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     # earlier mode left in the allocator.
     for mode in [m for m in args.modes if m in ("local", "e2e", "e2e_ds")]:
         for v in variants:
-            cmd = [sys.executable, __file__, "--model", args.model, "--modes", mode,
-                   "--batch-size", str(args.batch_size), "--n-ctx", str(args.n_ctx),
-                   "--ratio", str(args.ratio), "--memory-variant", v,
-                   "--architecture", args.architecture, "--k", str(args.k),
-                   "--topk-path", args.topk_path]  # fmt: skip
+            cmd = [
+                sys.executable,
+                __file__,
+                "--model",
+                args.model,
+                "--modes",
+                mode,
+                "--batch-size",
+                str(args.batch_size),
+                "--n-ctx",
+                str(args.n_ctx),
+                "--ratio",
+                str(args.ratio),
+                "--memory-variant",
+                v,
+                "--architecture",
+                args.architecture,
+                "--k",
+                str(args.k),
+                "--topk-path",
+                args.topk_path,
+            ]
             if args.threads:
                 cmd += ["--threads", str(args.threads)]
             proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -522,8 +621,11 @@ def write_report(args: argparse.Namespace, result: dict[str, Any], profiles: lis
     mem = result.get("memory", {})
     for r in result["rows"]:
         peak = mem.get(r["variant"], {}).get(r["mode"], {}).get("peak_rss_mib")
-        sp = (r.get("speedup_vs_ref") or r.get("speedup_vs_separate_fast_runs")
-              or r.get("speedup_vs_fast"))  # fmt: skip
+        sp = (
+            r.get("speedup_vs_ref")
+            or r.get("speedup_vs_separate_fast_runs")
+            or r.get("speedup_vs_fast")
+        )
         if "kl_rel_error_mean" in r:
             r = {
                 **r,
@@ -543,8 +645,14 @@ def write_report(args: argparse.Namespace, result: dict[str, Any], profiles: lis
             f"{'' if peak is None else f'{peak:.0f}'} | {'' if diff is None else f'{diff:.1e}'} |"
         )
     if result.get("quality"):
-        lines += ["", "Quality (bf16 vs fp32 training, evaluated in fp32):", "",
-                  "```", json.dumps(result["quality"], indent=1), "```"]  # fmt: skip
+        lines += [
+            "",
+            "Quality (bf16 vs fp32 training, evaluated in fp32):",
+            "",
+            "```",
+            json.dumps(result["quality"], indent=1),
+            "```",
+        ]
     lines += ["", *profiles]
     base.with_suffix(".md").write_text("\n".join(lines) + "\n")
     return base
@@ -563,10 +671,19 @@ def bench_quality(args: argparse.Namespace) -> dict[str, Any]:
         state = TrainState()
         for b in batches:
             t.train_step(iter([b]), state)
-        r = ev.evaluate(t.model, iter(held_out), len(held_out), t.eval_plan, t.loss_terms,
-                        zero_ablation=False, downstream=False)  # fmt: skip
-        out[v] = {k: r.metrics[k] for k in ("ce_loss_clean", "ce_loss_with_saes",
-                                             "ce_loss_increase", "kl")}  # fmt: skip
+        r = ev.evaluate(
+            t.model,
+            iter(held_out),
+            len(held_out),
+            t.eval_plan,
+            t.loss_terms,
+            zero_ablation=False,
+            downstream=False,
+        )
+        out[v] = {
+            k: r.metrics[k]
+            for k in ("ce_loss_clean", "ce_loss_with_saes", "ce_loss_increase", "kl")
+        }
     out["ce_increase_rel_diff"] = rel_diff(
         out["bf16"]["ce_loss_increase"], out["fast"]["ce_loss_increase"]
     )
@@ -614,8 +731,12 @@ def main(argv: list[str] | None = None) -> None:
         memory_child(args)
         return
     command = " ".join(["benchmarks/bench_train.py", *sys.argv[1:]])
-    result: dict[str, Any] = {"machine": machine(), "args": vars(args), "rows": [],
-                              "command": command}  # fmt: skip
+    result: dict[str, Any] = {
+        "machine": machine(),
+        "args": vars(args),
+        "rows": [],
+        "command": command,
+    }
     for mode in [] if args.memory_only else args.modes:
         print(f"[bench] {args.model}: {mode}", file=sys.stderr, flush=True)
         if mode == "eval":
@@ -638,8 +759,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.memory or args.memory_only:
         result["memory"] = bench_memory(args)
         if args.memory_only:
-            result["rows"] = [{"mode": m, "variant": v, "tokens_per_s": float("nan")}
-                              for m in args.modes for v in result["memory"]]  # fmt: skip
+            result["rows"] = [
+                {"mode": m, "variant": v, "tokens_per_s": float("nan")}
+                for m in args.modes
+                for v in result["memory"]
+            ]
     result["machine"]["load_avg_end"] = os.getloadavg()
     base = write_report(args, result, profiles)
     print(base.with_suffix(".md").read_text())

@@ -258,8 +258,9 @@ class Config(_Frozen):
         batch = self.effective_batch_size or self.batch_size
         if self.n_samples < batch:
             name = "effective_batch_size" if self.effective_batch_size else "batch_size"
-            raise ValueError(f"n_samples: {self.n_samples} is less than one optimizer step "
-                             f"({name} {batch})")  # fmt: skip
+            raise ValueError(
+                f"n_samples: {self.n_samples} is less than one optimizer step ({name} {batch})"
+            )
         return self
 
     @property

@@ -252,9 +252,13 @@ def test_jumprelu_straight_through_gradients_match_the_pseudo_derivatives() -> N
 @pytest.mark.parametrize("path", ["local", "e2e", "e2e_reference"])
 def test_sparsity_term_is_the_l0_count_on_every_forward_path(path: str) -> None:
     model = SAETransformer(
-        tiny_model(), [SAE_POS], 2.0, architecture="jumprelu",
-        transcoders=[(TC_IN, TC_OUT)], architecture_kwargs={"init_threshold": 0.1},
-    )  # fmt: skip
+        tiny_model(),
+        [SAE_POS],
+        2.0,
+        architecture="jumprelu",
+        transcoders=[(TC_IN, TC_OUT)],
+        architecture_kwargs={"init_threshold": 0.1},
+    )
     inputs = forward_on_path(model, path)
     want = sum(
         (a.c != 0).sum(-1).float().mean() / a.input.shape[-1] for a in inputs.sae_acts.values()
@@ -381,8 +385,12 @@ def test_gated_options_and_errors() -> None:
 def test_gated_penalty_reads_the_input_that_made_the_code_on_every_forward_path(path: str) -> None:
     torch.manual_seed(0)
     model = SAETransformer(
-        tiny_model(), [SAE_POS], 2.0, architecture="gated", transcoders=[(TC_IN, TC_OUT)],
-    )  # fmt: skip
+        tiny_model(),
+        [SAE_POS],
+        2.0,
+        architecture="gated",
+        transcoders=[(TC_IN, TC_OUT)],
+    )
     inputs = forward_on_path(model, path)
     assert len(inputs.sae_acts) == 2
     want = torch.zeros(())
@@ -629,7 +637,7 @@ def test_local_then_kl_finetune_trains_only_the_chosen_saes(config_dict, tmp_pat
             run_name="local",
             n_samples=16,
             act_frequency_n_tokens=32,
-        )  # fmt: skip
+        )
     )
     dir1 = train(stage1, progress=False)
     ckpt1 = load_file(str(list_checkpoints(dir1)[-1]))
@@ -648,7 +656,7 @@ def test_local_then_kl_finetune_trains_only_the_chosen_saes(config_dict, tmp_pat
             run_name="kl",
             n_samples=12,
             seed=1,
-        )  # fmt: skip
+        )
     )
     t = setup(stage2, device="cpu")
     assert t.trainable == [SAE_POS]

@@ -52,8 +52,13 @@ class Env:
 def _text_dir(e: Env) -> dict[str, Any]:
     (e.root / "text").mkdir()
     (e.root / "text" / "a.txt").write_text("some words for a tokenizer that does not exist")
-    return {"dataset_name": str(e.root / "text"), "n_ctx": 16, "streaming": False,
-            "is_tokenized": False, "tokenizer_name": "no-such-tokenizer"}  # fmt: skip
+    return {
+        "dataset_name": str(e.root / "text"),
+        "n_ctx": 16,
+        "streaming": False,
+        "is_tokenized": False,
+        "tokenizer_name": "no-such-tokenizer",
+    }
 
 
 def _no_batch_size(e: Env) -> list[str]:
@@ -65,8 +70,13 @@ def _no_batch_size(e: Env) -> list[str]:
 def _text_file(e: Env, data: bytes) -> dict[str, Any]:
     (e.root / "text").mkdir()
     (e.root / "text" / "a.txt").write_bytes(data)
-    return {"dataset_name": str(e.root / "text"), "n_ctx": 16, "streaming": False,
-            "is_tokenized": False, "tokenizer_name": "gpt2"}  # fmt: skip
+    return {
+        "dataset_name": str(e.root / "text"),
+        "n_ctx": 16,
+        "streaming": False,
+        "is_tokenized": False,
+        "tokenizer_name": "gpt2",
+    }
 
 
 def _sae_file(e: Env, ratio: float = 2.0) -> str:
@@ -77,8 +87,14 @@ def _sae_file(e: Env, ratio: float = 2.0) -> str:
 
 
 def _pretrained(e: Env, **extra: Any) -> list[str]:
-    return e.train(saes={"sae_positions": SAE, "dict_size_to_input_ratio": 2.0,
-                         "pretrained_sae_paths": _sae_file(e), **extra})  # fmt: skip
+    return e.train(
+        saes={
+            "sae_positions": SAE,
+            "dict_size_to_input_ratio": 2.0,
+            "pretrained_sae_paths": _sae_file(e),
+            **extra,
+        }
+    )
 
 
 def _run(e: Env, scale: float = 1.0) -> str:
@@ -236,5 +252,7 @@ def test_export_overwrite_replaces_only_the_sae_folders(tmp_path: Path, capsys) 
     assert stale.read_text() == "old"  # refused: nothing touched
     assert main(["export", run, out, "--overwrite"]) == 0
     assert sorted(p.name for p in (Path(out) / SAE).iterdir()) == [
-        "cfg.json", "sae_weights.safetensors"]  # fmt: skip
+        "cfg.json",
+        "sae_weights.safetensors",
+    ]
     assert (Path(out) / "notes.txt").read_text() == "an earlier export"

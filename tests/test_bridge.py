@@ -34,10 +34,16 @@ TINY_VOCAB = 4096  # the packaged shakespeare-bpe tokenizer's; the test data use
 
 def tiny_llama(vocab: int = TINY_VOCAB, seed: int = 0) -> LlamaForCausalLM:
     cfg = LlamaConfig(
-        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        rms_norm_eps=1e-5, tie_word_embeddings=False,
-    )  # fmt: skip
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(seed)
     return LlamaForCausalLM(cfg).eval()
 
@@ -244,9 +250,12 @@ def test_device_map_cpu_and_n_devices_1(bridge_config: Any, config_dict: Any) ->
 def bridge_run(bridge_config: Any, tmp_path: Path) -> Path:
     """A tiny e2e + downstream run with backend bridge, trained through `e2e-sae train`."""
     path = tmp_path / "bridge.yaml"
-    cfg = bridge_config(loss=E2E_DS_LOSS, n_samples=8, eval_n_samples=4,
-                        saes={"sae_positions": ["blocks.1.hook_resid_pre"],
-                              "dict_size_to_input_ratio": 2.0})  # fmt: skip
+    cfg = bridge_config(
+        loss=E2E_DS_LOSS,
+        n_samples=8,
+        eval_n_samples=4,
+        saes={"sae_positions": ["blocks.1.hook_resid_pre"], "dict_size_to_input_ratio": 2.0},
+    )
     path.write_text(yaml.safe_dump(cfg))
     assert main(["train", str(path)]) == 0
     (run_dir,) = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]

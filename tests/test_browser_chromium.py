@@ -25,8 +25,16 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 def _chromium(tmp: Path, *args: str) -> subprocess.CompletedProcess[str]:
     assert CHROMIUM is not None
-    cmd = [CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
-           f"--user-data-dir={tmp / 'profile'}", "--virtual-time-budget=5000", *args]  # fmt: skip
+    cmd = [
+        CHROMIUM,
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        f"--user-data-dir={tmp / 'profile'}",
+        "--virtual-time-budget=5000",
+        *args,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
 
 
@@ -41,8 +49,13 @@ def test_browser_page_works_in_headless_chromium(token_data: Path, tmp_path: Pat
     res = _chromium(tmp_path, "--dump-dom", page.as_uri() + "?test=1")
     m = re.search(r'<pre id="selftest">(.*?)</pre>', res.stdout, re.S)
     assert m is not None, f"no self-test result; stderr: {res.stderr[-2000:]}"
-    r = json.loads(m.group(1).replace("&quot;", '"').replace("&lt;", "<").replace("&gt;", ">")
-                   .replace("&amp;", "&"))  # fmt: skip
+    r = json.loads(
+        m.group(1)
+        .replace("&quot;", '"')
+        .replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&amp;", "&")
+    )
     assert r["errors"] == []
     assert r["sorted"] and all(r["sorted"].values()), r["sorted"]
     assert {"freq_desc", "max_desc", "mean_desc", "effect_desc", "ids_asc"} <= set(r["sorted"])

@@ -162,17 +162,24 @@ def test_train_cached_equals_lm_training(
 
 
 def test_train_cached_signal_then_resume_is_bit_exact(
-    config_dict: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    config_dict: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
-) -> None:  # fmt: skip
+) -> None:
     """SIGINT mid-run: every run of the shared loop saves; `--resume` continues them on the same
     batches to the same weights, optimizer and RNG states as an uninterrupted train-cached."""
     import signal
 
     from e2e_sae.training.trainer import Trainer
 
-    extra = dict(n_samples=48, save_every_n_samples=16, keep_last_n_checkpoints=None,
-                 max_grad_norm=1.0, warmup_samples=8)  # fmt: skip
+    extra = dict(
+        n_samples=48,
+        save_every_n_samples=16,
+        keep_last_n_checkpoints=None,
+        max_grad_norm=1.0,
+        warmup_samples=8,
+    )
     ref_dicts = [config_dict(loss=_loss(c), **extra) for c in (0.05, 0.5)]
     save = tmp_path / "resumed"
     dicts = [{**d, "save_dir": str(save)} for d in ref_dicts]
@@ -357,9 +364,13 @@ def test_cache_teacher_then_train_with_it(
     ids=["local-config", "k-zero", "no-samples"],
 )
 def test_cache_teacher_bad_inputs(
-    config_dict: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str],
-    loss: dict[str, Any], args: list[str], message: str,
-) -> None:  # fmt: skip
+    config_dict: Any,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    loss: dict[str, Any],
+    args: list[str],
+    message: str,
+) -> None:
     path = _write(tmp_path, "c.yaml", config_dict(loss=loss))
     rc, _, err = _cli(["cache-teacher", path, "--out", str(tmp_path / "t"), *args], capsys)
     assert rc == 2 and len(err.strip().splitlines()) == 1 and message in err

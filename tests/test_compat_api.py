@@ -85,9 +85,20 @@ def test_original_import_paths_give_our_objects() -> None:
     assert ST is e2e_sae.SAETransformer is SAETransformer
     assert SAE is saes.SAE and SAEActs is saes.SAEActs and CacheActs is saes.CacheActs
     assert load_tlens_model is ours_load
-    for f in (cache_hook, sae_hook, load_pretrained_saes, filter_names, get_hook_shapes,
-              get_linear_lr_schedule, get_cosine_schedule_with_warmup, load_config,
-              replace_pydantic_model, save_module, set_seed, to_numpy):  # fmt: skip
+    for f in (
+        cache_hook,
+        sae_hook,
+        load_pretrained_saes,
+        filter_names,
+        get_hook_shapes,
+        get_linear_lr_schedule,
+        get_cosine_schedule_with_warmup,
+        load_config,
+        replace_pydantic_model,
+        save_module,
+        set_seed,
+        to_numpy,
+    ):
         assert callable(f)
     # the original's SAE constructor and forward contract
     sae = SAE(input_size=4, n_dict_components=6, init_decoder_orthogonal=True)

@@ -32,8 +32,14 @@ KEY = "blocks-1-hook_resid_pre"
 D_MODEL, RATIO = 16, 2.0
 D_SAE = int(D_MODEL * RATIO)
 # what the original's train_tlens writes under tlens_config (its HookedTransformerPreConfig)
-LM_FIELDS: dict[str, Any] = {"act_fn": "gelu", "d_head": 4, "d_model": D_MODEL, "d_vocab": 97,
-                             "n_ctx": 16, "n_layers": 2}  # fmt: skip
+LM_FIELDS: dict[str, Any] = {
+    "act_fn": "gelu",
+    "d_head": 4,
+    "d_model": D_MODEL,
+    "d_vocab": 97,
+    "n_ctx": 16,
+    "n_layers": 2,
+}
 UNAVAILABLE_TOKENIZER = "no-such-org/tokenizer-not-available-offline"
 
 
@@ -62,7 +68,7 @@ def write_original_lm(folder: Path, dtype: str = "float32", epochs: int = 1) -> 
             "save_dir": "/somewhere/else",
             "save_every_n_epochs": 1,
             "warmup_samples": 0,
-        },  # fmt: skip
+        },
         "wandb_project": "e2e_sae-custom",
     }
     (folder / "final_config.yaml").write_text(yaml.dump(config))
@@ -82,9 +88,16 @@ def original_sae_state(seed: int) -> dict[str, Tensor]:
 
 def original_config(lm_path: Path, data: Path, **overrides: Any) -> dict[str, Any]:
     """The full schema of the original's run_train_tlens_saes Config, as it dumps it."""
-    dataset = {"dataset_name": str(data), "is_tokenized": True, "tokenizer_name": "gpt2",
-               "streaming": False, "split": "train", "n_ctx": 16, "seed": None,
-               "column_name": "input_ids"}  # fmt: skip
+    dataset = {
+        "dataset_name": str(data),
+        "is_tokenized": True,
+        "tokenizer_name": "gpt2",
+        "streaming": False,
+        "split": "train",
+        "n_ctx": 16,
+        "seed": None,
+        "column_name": "input_ids",
+    }
     config: dict[str, Any] = {
         "wandb_project": "gpt2",
         "wandb_run_name": None,
@@ -230,8 +243,13 @@ def test_original_n_samples_null_and_strictness_for_our_configs(
     run = tmp_path / "run"
     # keys of earlier versions: saes.type_of_sparsifier / saes.k (its codebook's size), and a
     # field it later dropped
-    old_saes = {"type_of_sparsifier": "sae", "k": 5, "dict_size_to_input_ratio": RATIO,
-                "sae_positions": POS, "retrain_saes": False}  # fmt: skip
+    old_saes = {
+        "type_of_sparsifier": "sae",
+        "k": 5,
+        "dict_size_to_input_ratio": RATIO,
+        "sae_positions": POS,
+        "retrain_saes": False,
+    }
     old = {"saes": old_saes, "collect_output_metrics_every_n_samples": 100, "n_samples": None}
     states = write_original_run(run, lm_path, token_data, samples=(7,), **old)
     model = load_run(run)
@@ -243,8 +261,9 @@ def test_original_n_samples_null_and_strictness_for_our_configs(
     (run / "final_config.yaml").write_text(yaml.safe_dump(ours))
     with pytest.raises(ConfigError, match="every_n_samples: unknown key"):
         load_run(run)
-    write_original_run(run, lm_path, token_data, samples=(7,),
-                       saes={**old_saes, "type_of_sparsifier": "codebook"})  # fmt: skip
+    write_original_run(
+        run, lm_path, token_data, samples=(7,), saes={**old_saes, "type_of_sparsifier": "codebook"}
+    )
     with pytest.raises(ConfigError, match="type_of_sparsifier: 'codebook' is not supported"):
         load_run(run)
 
@@ -317,8 +336,11 @@ def test_train_fine_tunes_from_an_original_pt(original_run, lm_path: Path, confi
     run, states = original_run
     cfg = config_dict(n_samples=8, eval_n_samples=None, tlens_model_path=str(lm_path))
     del cfg["tlens_config"]
-    cfg["saes"] = {"sae_positions": ["blocks.0.hook_resid_pre", POS], "dict_size_to_input_ratio":
-                   RATIO, "pretrained_sae_paths": [str(run / "samples_20.pt")]}  # fmt: skip
+    cfg["saes"] = {
+        "sae_positions": ["blocks.0.hook_resid_pre", POS],
+        "dict_size_to_input_ratio": RATIO,
+        "pretrained_sae_paths": [str(run / "samples_20.pt")],
+    }
     out = train(load_config(cfg), progress=False)
     own = SAETransformer.from_local_path(out).saes.state_dict()
     for k, v in states[20].items():  # frozen: unchanged (the decoder up to column norms, which
@@ -361,8 +383,10 @@ def test_convert_writes_one_of_our_runs(
     out = tmp_path / "converted"
     assert main(["convert", str(run), str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == [
-        "final_config.yaml", "samples_20.safetensors", "tlens_model"
-    ]  # fmt: skip
+        "final_config.yaml",
+        "samples_20.safetensors",
+        "tlens_model",
+    ]
     tensors = load_file(str(out / "samples_20.safetensors"))
     assert set(tensors) == {*states[20], f"{KEY}.tokens_since_fired"}
     assert all(torch.equal(tensors[k], v) for k, v in states[20].items())
@@ -391,8 +415,16 @@ def test_convert_via_the_console_command(original_run, tmp_path: Path) -> None:
 
     run, states = original_run
     out = tmp_path / "c"
-    cmd = [sys.executable, "-m", "e2e_sae", "convert", str(run), str(out),
-           "--checkpoint", "samples_10.pt"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "e2e_sae",
+        "convert",
+        str(run),
+        str(out),
+        "--checkpoint",
+        "samples_10.pt",
+    ]
     env = {"PYTHONPATH": str(Path(__file__).parents[1]), "PATH": ""}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr
@@ -494,8 +526,12 @@ def test_damaged_newest_safetensors_falls_back(
 def test_loaded_models_are_in_eval_mode(config_dict, tmp_path: Path) -> None:
     """A BatchTopK SAE in training mode would keep the batch's top k*n latents, not apply its
     threshold."""
-    saes = {"sae_positions": [POS], "dict_size_to_input_ratio": 4.0, "architecture": "batchtopk",
-            "k": 3}  # fmt: skip
+    saes = {
+        "sae_positions": [POS],
+        "dict_size_to_input_ratio": 4.0,
+        "architecture": "batchtopk",
+        "k": 3,
+    }
     config = load_config(config_dict(saes=saes))
     run = tmp_path / "btk"
     run.mkdir()

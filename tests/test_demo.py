@@ -17,18 +17,41 @@ from e2e_sae.training.curves import collect_series, plot_training_curves
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 EXAMPLE_CONFIGS = [
-    "demo", "shakespeare_local", "shakespeare_e2e", "shakespeare_e2e_ds", "smollm2_local",
-    "smollm2_e2e", "gpt2_local", "gpt2_e2e", "gpt2_e2e_ds",
-]  # fmt: skip
+    "demo",
+    "shakespeare_local",
+    "shakespeare_e2e",
+    "shakespeare_e2e_ds",
+    "smollm2_local",
+    "smollm2_e2e",
+    "gpt2_local",
+    "gpt2_e2e",
+    "gpt2_e2e_ds",
+]
 
 
 def test_demo_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture):
-    argv = ["demo", "--save-dir", str(tmp_path), "--n-samples", "32", "--eval-n-samples", "16",
-            "--device", "cpu"]  # fmt: skip
+    argv = [
+        "demo",
+        "--save-dir",
+        str(tmp_path),
+        "--n-samples",
+        "32",
+        "--eval-n-samples",
+        "16",
+        "--device",
+        "cpu",
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    for name in ("ce_loss_clean", "ce_loss_with_saes", "ce_loss_increase", "kl", "l0",
-                 "alive_dict_elements", "explained_variance"):  # fmt: skip
+    for name in (
+        "ce_loss_clean",
+        "ce_loss_with_saes",
+        "ce_loss_increase",
+        "kl",
+        "l0",
+        "alive_dict_elements",
+        "explained_variance",
+    ):
         assert re.search(rf"\b{name}\b", out), name
     run_dir = Path(re.search(r"run directory:\s+(\S+)", out).group(1))  # type: ignore[union-attr]
     png = Path(re.search(r"training curves:\s+(\S+)", out).group(1))  # type: ignore[union-attr]
@@ -68,11 +91,18 @@ def test_packaged_demo_config_matches_example():
 
 def test_collect_series_groups_positions_and_eval(tmp_path: Path):
     records = [
-        {"samples": 16, "step": 1, "loss": 2.0, "lr": 1e-3, "sparsity": 5.0,
-         "dead_dict_elements/blocks.1.hook_resid_pre": 3, "tokens_per_s": 9.0},
+        {
+            "samples": 16,
+            "step": 1,
+            "loss": 2.0,
+            "lr": 1e-3,
+            "sparsity": 5.0,
+            "dead_dict_elements/blocks.1.hook_resid_pre": 3,
+            "tokens_per_s": 9.0,
+        },
         {"samples": 32, "step": 2, "loss": 1.5, "lr": 1e-3, "sparsity": "nan"},
         {"samples": 32, "step": 2, "eval/l0/blocks.1.hook_resid_pre": 7.5, "eval/kl": 0.1},
-    ]  # fmt: skip
+    ]
     series = collect_series(records)
     assert series["loss"][""] == ([16.0, 32.0], [2.0, 1.5])
     assert series["sparsity"][""] == ([16.0], [5.0])  # the non-finite value is dropped

@@ -104,8 +104,12 @@ def _config(data: Path, save: Path, **kw: Any) -> Config:
 def runs(token_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Tiny trained runs: local (seeds 0 and 1), e2e and e2e+ds."""
     root = tmp_path_factory.mktemp("runs")
-    specs = {"local0": {}, "local1": {"seed": 1}, "e2e": {"loss": E2E_LOSS},
-             "ds": {"loss": DS_LOSS}}  # fmt: skip
+    specs = {
+        "local0": {},
+        "local1": {"seed": 1},
+        "e2e": {"loss": E2E_LOSS},
+        "ds": {"loss": DS_LOSS},
+    }
     return {
         name: train(_config(token_data, root, **kw), root / name, progress=False)
         for name, kw in specs.items()
@@ -114,8 +118,11 @@ def runs(token_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str
 
 @pytest.fixture
 def model(token_data: Path, tmp_path: Path) -> SAETransformer:
-    cfg = _config(token_data, tmp_path, saes={"sae_positions": ["blocks.1.hook_resid_pre"],
-                                              "dict_size_to_input_ratio": 2.0})  # fmt: skip
+    cfg = _config(
+        token_data,
+        tmp_path,
+        saes={"sae_positions": ["blocks.1.hook_resid_pre"], "dict_size_to_input_ratio": 2.0},
+    )
     m = build_model(cfg, device="cpu")
     m.run_config = cfg  # type: ignore[attr-defined]
     return m
@@ -196,8 +203,10 @@ def test_saebench_core_metrics_pool_all_tokens() -> None:
     assert r["l2_ratio"] == pytest.approx(
         float(sum(x_hat[i].norm() / (1 if i == 3 else x[i].norm()) for i in range(10)) / 10)
     )
-    per_batch = [saebench_core(x[s], x_hat[s], c[s])["relative_reconstruction_bias"]
-                 for s in (slice(0, 7), slice(7, 10))]  # fmt: skip
+    per_batch = [
+        saebench_core(x[s], x_hat[s], c[s])["relative_reconstruction_bias"]
+        for s in (slice(0, 7), slice(7, 10))
+    ]
     assert abs(sum(per_batch) / 2 - r["relative_reconstruction_bias"]) > 0.01
     # perfect reconstruction: every ratio is 1; a zero reconstruction has cossim 0 (not NaN)
     exact = _SAEStats()
@@ -322,12 +331,29 @@ def test_eval_cli_writes_eval_json(runs: dict[str, Path], tmp_path: Path, capsys
     assert "ce_loss_score" in text and "downstream" in text
     assert "relative_reconstruction_bias" in text and "cossim" in text
     ev = json.loads(out.read_text())
-    for key in ("ce_loss_clean", "ce_loss_with_saes", "ce_loss_increase", "kl", "kl_div_score",
-                "ce_loss_score", "top1_agreement", "tvd"):  # fmt: skip
+    for key in (
+        "ce_loss_clean",
+        "ce_loss_with_saes",
+        "ce_loss_increase",
+        "kl",
+        "kl_div_score",
+        "ce_loss_score",
+        "top1_agreement",
+        "tvd",
+    ):
         assert isinstance(ev[key], float), key
     sae = ev["per_sae"]["blocks.1.hook_resid_pre"]
-    assert {"l0", "alive_dict_elements", "explained_variance", "explained_variance_ln", "mse",
-            "l1", "l2_ratio", "relative_reconstruction_bias", "cossim"} <= set(sae)  # fmt: skip
+    assert {
+        "l0",
+        "alive_dict_elements",
+        "explained_variance",
+        "explained_variance_ln",
+        "mse",
+        "l1",
+        "l2_ratio",
+        "relative_reconstruction_bias",
+        "cossim",
+    } <= set(sae)
     assert ev["n_tokens"] == 64  # 64 tokens = one batch of 4 x 16
     # The same call through the library gives the same numbers.
     again = evaluate_run(run, n_tokens=64)
@@ -343,8 +369,11 @@ def test_sweep_formats_expand_to_the_same_grid(token_data: Path, tmp_path: Path)
     assert params == {"a": {"b": 1, "d": {"e": [1, 2]}}, "c": {"x": 3}}
     ours = {"loss.sparsity.coeff": [0.1, 1.0], "seed": {"values": [0, 1]}, "lr": 0.01}
     coeff = {"coeff": {"values": [0.1, 1.0]}}
-    nested = {"loss": {"parameters": {"sparsity": {"parameters": coeff}}},
-              "seed": {"values": [0, 1]}, "lr": {"value": 0.01}}  # fmt: skip
+    nested = {
+        "loss": {"parameters": {"sparsity": {"parameters": coeff}}},
+        "seed": {"values": [0, 1]},
+        "lr": {"value": 0.01},
+    }
     assert flatten_parameters(ours, "s") == flatten_parameters(nested, "s")
     base = tmp_path / "base.yaml"
     base.write_text(yaml.safe_dump(make_config_dict(token_data, tmp_path / "runs")))
@@ -355,8 +384,7 @@ def test_sweep_formats_expand_to_the_same_grid(token_data: Path, tmp_path: Path)
     got = [
         (r.config.loss.sparsity.coeff, r.config.seed) for r in sweep.runs if r.config.loss.sparsity
     ]
-    assert got == [
-        (0.1, 0), (0.1, 1), (1.0, 0), (1.0, 1)]  # fmt: skip
+    assert got == [(0.1, 0), (0.1, 1), (1.0, 0), (1.0, 1)]
     assert all(r.config.lr == 0.01 for r in sweep.runs)
     assert sweep.runs[1].run_dir == tmp_path / "runs" / "s" / "01_coeff-0.1_seed-1"
     # The original W&B sweep file: method grid, nested parameters, command naming a config.
@@ -395,7 +423,9 @@ def test_sweep_cli_trains_summarises_and_skips_done_runs(
     assert all(read_eval(r["run_dir"]) is not None for r in records)
     assert main(["sweep", str(sweep_file), "--out-dir", str(out)]) == 0
     assert [r["status"] for r in json.loads((out / "sweep_summary.json").read_text())] == [
-        "skipped", "skipped"]  # fmt: skip
+        "skipped",
+        "skipped",
+    ]
     assert len(l0) == 2
 
 
@@ -424,8 +454,10 @@ def test_wandb_sweep_hands_the_grid_to_wandb(token_data: Path, tmp_path: Path, m
     base = tmp_path / "base.yaml"
     base.write_text(yaml.safe_dump(make_config_dict(token_data, tmp_path / "runs", n_samples=8)))
     sweep_file = tmp_path / "s.yaml"
-    params = {"loss": {"parameters": {"sparsity": {"parameters": {"coeff": {"values": [0.5, 1]}}}}},
-              "seed": {"values": [3]}}  # fmt: skip
+    params = {
+        "loss": {"parameters": {"sparsity": {"parameters": {"coeff": {"values": [0.5, 1]}}}}},
+        "seed": {"values": [3]},
+    }
     sweep_file.write_text(yaml.safe_dump({"method": "grid", "parameters": params}))
     assert (
         main(
@@ -493,8 +525,13 @@ def test_plots_from_run_dirs(runs: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "plots"
     paths = main(["plot", *map(str, dirs), "--out", str(out)])
     assert paths == 0
-    stems = {"pareto_l0_ce_increase", "alive_vs_ce_increase", "feature_density",
-             "downstream_reconstruction", "dictionary_geometry"}  # fmt: skip
+    stems = {
+        "pareto_l0_ce_increase",
+        "alive_vs_ce_increase",
+        "feature_density",
+        "downstream_reconstruction",
+        "dictionary_geometry",
+    }
     for stem in stems:
         assert (out / f"{stem}.png").read_bytes()[:4] == b"\x89PNG"
         assert "<svg" in (out / f"{stem}.svg").read_text()[:2000]
@@ -531,8 +568,24 @@ def test_browser_page_shows_the_features(runs: dict[str, Path], tmp_path: Path) 
 
     model = load_run(run)
     out = tmp_path / "page.html"
-    assert main(["browse", str(run), "--out", str(out), "--n-tokens", "128", "--features", "6",
-                 "--top-k", "3", "--no-skip-first"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "browse",
+                str(run),
+                "--out",
+                str(out),
+                "--n-tokens",
+                "128",
+                "--features",
+                "6",
+                "--top-k",
+                "3",
+                "--no-skip-first",
+            ]
+        )
+        == 0
+    )
     page = out.read_text()
     assert "<script src" not in page and "<link" not in page  # self-contained
     # Direct computation over the same 128 tokens (2 batches of the eval loader).
@@ -599,8 +652,12 @@ def test_matched_tables_interpolate_on_each_types_front(token_data: Path, tmp_pa
         return RunInfo(tmp_path, cfg, ev)
 
     # local: CE increase 0.4 at L0 10, 0.2 at L0 40; e2e: 0.3 at L0 5, 0.1 at L0 40.
-    runs = [info(None, 10, 0.4, 100), info(None, 40, 0.2, 200),
-            info(e2e_loss, 5, 0.3, 50), info(e2e_loss, 40, 0.1, 150)]  # fmt: skip
+    runs = [
+        info(None, 10, 0.4, 100),
+        info(None, 40, 0.2, 200),
+        info(e2e_loss, 5, 0.3, 50),
+        info(e2e_loss, 40, 0.1, 150),
+    ]
     m = matched_tables(runs, pos, n_ref=1)
     assert m["types"] == ["local", "e2e"]
     (row,) = m["same_l0"]  # L0 20: the geometric middle of the common range [10, 40]
@@ -685,9 +742,28 @@ def test_browser_folder_matches_direct_computation(runs: dict[str, Path], tmp_pa
 
     run, other_run = runs["e2e"], runs["local0"]
     out = tmp_path / "browser"
-    assert main(["browse", str(run), "--out", str(out), "--n-tokens", "128", "--features", "10",
-                 "--top-k", "3", "--no-skip-first", "--page-size", "4",
-                 "--compare", str(other_run)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "browse",
+                str(run),
+                "--out",
+                str(out),
+                "--n-tokens",
+                "128",
+                "--features",
+                "10",
+                "--top-k",
+                "3",
+                "--no-skip-first",
+                "--page-size",
+                "4",
+                "--compare",
+                str(other_run),
+            ]
+        )
+        == 0
+    )
     assert (out / "index.html").is_file()
     names = sorted(p.name for p in (out / "data").iterdir())
     assert names == ["index.js", "page_0.js", "page_1.js", "page_2.js"]  # 10 features, 4 a page
@@ -771,8 +847,9 @@ def test_browser_skip_first_position(model: SAETransformer) -> None:
     keep[:, 0] = False
     keep &= tokens != 5  # a "special" token
     kept = c * keep[..., None]
-    fd = collect_feature_data(model, pos, iter(batches), 2, top_k=2, skip_first=True,
-                              special_ids=[5])  # fmt: skip
+    fd = collect_feature_data(
+        model, pos, iter(batches), 2, top_k=2, skip_first=True, special_ids=[5]
+    )
     assert fd.skip_first and fd.n_example_tokens == int(keep.sum())
     assert fd.counts.tolist() == (c != 0).sum((0, 1)).tolist()  # counts use every token
     torch.testing.assert_close(fd.top_values[0], kept.amax((0, 1)))
@@ -890,10 +967,19 @@ def test_smollm2_study_calibration_interpolates_in_log_log_space() -> None:
 def test_paper_scale_script_builds_the_papers_settings() -> None:
     mod = _experiment_script("smollm2", "paper_scale")
     args = mod.argparse.Namespace(
-        device="cuda", tokens=100e6, calib_tokens=2e6, dataset="shakespeare", ratio=60.0,
-        position=mod.POSITION, n_layers=30, n_ctx=1024, batch_size=8, eval_windows=500,
-        precision="bf16", tiny=False,
-    )  # fmt: skip
+        device="cuda",
+        tokens=100e6,
+        calib_tokens=2e6,
+        dataset="shakespeare",
+        ratio=60.0,
+        position=mod.POSITION,
+        n_layers=30,
+        n_ctx=1024,
+        batch_size=8,
+        eval_windows=500,
+        precision="bf16",
+        tiny=False,
+    )
     local = mod.run_config(args, "local", 1.0, args.tokens)
     ds = mod.run_config(args, "e2e+ds", 2.0, args.tokens)
     assert local.n_samples == int(100e6 // 1024) and local.warmup_samples == local.n_samples // 20

@@ -36,17 +36,32 @@ from e2e_sae.saes import SAEBase, build_sae
 from e2e_sae.training.trainer import train
 
 HOOK = "blocks.1.hook_resid_pre"
-ARCHS = [("relu", {}), ("topk", {"k": 5}), ("batchtopk", {"k": 5}),
-         ("jumprelu", {"init_threshold": 0.2})]  # fmt: skip
+ARCHS = [
+    ("relu", {}),
+    ("topk", {"k": 5}),
+    ("batchtopk", {"k": 5}),
+    ("jumprelu", {"init_threshold": 0.2}),
+]
 # SAELens round trips also cover gated (the SAEBench adapter has no gated encoder)
 SAELENS_ARCHS = [*ARCHS, ("gated", {}), ("matryoshka", {"k": 5, "matryoshka_widths": [8, 24]})]
-EXPECTED_SAELENS_ARCH = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu",
-                         "jumprelu": "jumprelu", "gated": "gated",
-                         "matryoshka": "jumprelu"}  # fmt: skip
+EXPECTED_SAELENS_ARCH = {
+    "relu": "standard",
+    "topk": "topk",
+    "batchtopk": "jumprelu",
+    "jumprelu": "jumprelu",
+    "gated": "gated",
+    "matryoshka": "jumprelu",
+}
 
 
-def make_sae(arch: str, kwargs: dict[str, Any], d_in: int = 16, d_sae: int = 48,
-             d_out: int | None = None, seed: int = 0) -> SAEBase:  # fmt: skip
+def make_sae(
+    arch: str,
+    kwargs: dict[str, Any],
+    d_in: int = 16,
+    d_sae: int = 48,
+    d_out: int | None = None,
+    seed: int = 0,
+) -> SAEBase:
     """An SAE with non-trivial biases and decoder columns far from unit norm (in eval mode)."""
     torch.manual_seed(seed)
     sae = build_sae(arch, d_in, d_sae, output_size=d_out, **kwargs)
@@ -141,8 +156,9 @@ def write_saelens_folder(path: Path, cfg: dict[str, Any], tensors: dict[str, tor
     return path
 
 
-def saelens_tensors(d_in: int = 12, d_sae: int = 40, d_out: int | None = None, seed: int = 1,
-                    gated: bool = False):  # fmt: skip
+def saelens_tensors(
+    d_in: int = 12, d_sae: int = 40, d_out: int | None = None, seed: int = 1, gated: bool = False
+):
     g = torch.Generator().manual_seed(seed)
     d_out = d_out or d_in
     w_dec = torch.randn(d_sae, d_out, generator=g) * (torch.rand(d_sae, 1, generator=g) * 4 + 0.1)
@@ -175,7 +191,7 @@ def saelens_tensors(d_in: int = 12, d_sae: int = 40, d_out: int | None = None, s
         },
         {"architecture": "transcoder", "d_out": 20, "apply_b_dec_to_input": False},
         {"architecture": "gated", "apply_b_dec_to_input": True},
-    ],  # fmt: skip
+    ],
     ids=["standard", "jumprelu", "topk", "pre6-topk", "transcoder", "gated"],
 )
 def test_import_folds_decoder_norms(cfg: dict[str, Any], tmp_path: Path) -> None:
@@ -217,9 +233,11 @@ def test_import_refuses_inexact_topk_and_bad_configs(tmp_path: Path) -> None:
         load_saelens_sae(folder)
     sae, _ = load_saelens_sae(folder, allow_inexact=True)  # selects on norm-scaled values
     assert int((sae.encode(torch.randn(3, 12)) != 0).sum(-1).max()) == 4
-    for name, extra in [("b", {"architecture": "gated"}),
-                        ("c", {"architecture": "standard", "normalize_activations": "layer_norm"}),
-                        ("d", {"architecture": "standard", "d_sae": 41})]:  # fmt: skip
+    for name, extra in [
+        ("b", {"architecture": "gated"}),
+        ("c", {"architecture": "standard", "normalize_activations": "layer_norm"}),
+        ("d", {"architecture": "standard", "d_sae": 41}),
+    ]:
         folder = write_saelens_folder(tmp_path / name, {**base, **extra}, t)
         with pytest.raises(UserError) as err:
             load_saelens_sae(folder)
@@ -291,9 +309,12 @@ def test_saelens_transcoder_export_and_their_saes_import(tmp_path: Path) -> None
 @pytest.fixture(scope="module")
 def trained_run(token_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     cfg = make_config_dict(
-        token_data, tmp_path_factory.mktemp("runs"), n_samples=16, save_every_n_samples=8,
+        token_data,
+        tmp_path_factory.mktemp("runs"),
+        n_samples=16,
+        save_every_n_samples=8,
         saes={"sae_positions": [HOOK, "blocks.2.hook_resid_pre"], "dict_size_to_input_ratio": 2.0},
-    )  # fmt: skip
+    )
     config = load_config(cfg)
     assert isinstance(config, Config)
     return train(config, progress=False)
@@ -335,11 +356,20 @@ def test_export_cli_and_from_saelens(trained_run: Path, token_data: Path, tmp_pa
         assert torch.allclose(fresh.sae(HOOK)(x)[0], model.sae(HOOK)(x)[0], atol=1e-5)
 
     # ... and KL fine-tuning it: training starts from the imported SAE and moves it
-    ft = load_config(make_config_dict(
-        token_data, tmp_path / "ft", n_samples=8, loss={"logits_kl": {"coeff": 1.0}},
-        saes={"sae_positions": [HOOK], "dict_size_to_input_ratio": 2.0,
-              "pretrained_sae_paths": [str(folders[0])], "retrain_saes": True},
-    ))  # fmt: skip
+    ft = load_config(
+        make_config_dict(
+            token_data,
+            tmp_path / "ft",
+            n_samples=8,
+            loss={"logits_kl": {"coeff": 1.0}},
+            saes={
+                "sae_positions": [HOOK],
+                "dict_size_to_input_ratio": 2.0,
+                "pretrained_sae_paths": [str(folders[0])],
+                "retrain_saes": True,
+            },
+        )
+    )
     assert isinstance(ft, Config)
     tuned = load_file(str(list_checkpoints(train(ft, progress=False))[-1]))
     start = load_file(str(folders[0] / "sae_weights.safetensors"))
@@ -400,8 +430,14 @@ class FakeHub:
                 hub_.calls.append(f"create {repo_id} private={private}")
                 (hub_.root / repo_id).mkdir(parents=True, exist_ok=True)
 
-            def upload_folder(self, folder_path: str, repo_id: str, path_in_repo: str | None,
-                              allow_patterns: list[str], **kw: Any) -> None:  # fmt: skip
+            def upload_folder(
+                self,
+                folder_path: str,
+                repo_id: str,
+                path_in_repo: str | None,
+                allow_patterns: list[str],
+                **kw: Any,
+            ) -> None:
                 from huggingface_hub.utils import filter_repo_objects
 
                 src = Path(folder_path)
@@ -412,8 +448,9 @@ class FakeHub:
                     shutil.copy(src / rel, dest / rel)
                 hub_.calls.append(f"upload {repo_id}")
 
-            def upload_file(self, path_or_fileobj: bytes, path_in_repo: str, repo_id: str,
-                            **kw: Any) -> None:  # fmt: skip
+            def upload_file(
+                self, path_or_fileobj: bytes, path_in_repo: str, repo_id: str, **kw: Any
+            ) -> None:
                 (hub_.root / repo_id / path_in_repo).write_bytes(path_or_fileobj)
 
         return Api()
@@ -527,10 +564,13 @@ def test_wandb_offline_run_leaves_its_files(
     config_dict: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     wandb = pytest.importorskip("wandb")
-    for var, val in {"WANDB_MODE": "offline", "WANDB_SILENT": "true",
-                     "WANDB_CONFIG_DIR": str(tmp_path / "wbcfg"),
-                     "WANDB_CACHE_DIR": str(tmp_path / "wbcache"),
-                     "WANDB_DATA_DIR": str(tmp_path / "wbdata")}.items():  # fmt: skip
+    for var, val in {
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "WANDB_CONFIG_DIR": str(tmp_path / "wbcfg"),
+        "WANDB_CACHE_DIR": str(tmp_path / "wbcache"),
+        "WANDB_DATA_DIR": str(tmp_path / "wbdata"),
+    }.items():
         monkeypatch.setenv(var, val)
     config = load_config(config_dict(wandb_project="e2e-sae-test", n_samples=8, lr=2e-3))
     assert isinstance(config, Config)
@@ -545,8 +585,11 @@ def test_wandb_offline_run_leaves_its_files(
     assert run.project == "e2e-sae-test" and run.display_name == run_dir.name
     cfg = {i.key: json.loads(i.value_json) for i in run.config.update}
     assert cfg["lr"] == 2e-3 and cfg["saes"]["sae_positions"] == [HOOK]
-    history = [{("/".join(i.nested_key) or i.key): json.loads(i.value_json) for i in r.history.item}
-               for r in records if r.WhichOneof("record_type") == "history"]  # fmt: skip
+    history = [
+        {("/".join(i.nested_key) or i.key): json.loads(i.value_json) for i in r.history.item}
+        for r in records
+        if r.WhichOneof("record_type") == "history"
+    ]
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert history[0]["loss"] == pytest.approx(metrics[0]["loss"], rel=1e-6)
     hist_key = f"eval/feature_frequency/{HOOK}/values"

@@ -92,8 +92,13 @@ def test_local_loss_is_the_weighted_sum_of_prefix_mses(transcoder: bool) -> None
     assert sae.aux_losses(acts, target).keys() == {"auxk"}
 
     # the cheap variant: out_to_in sees the full dictionary, the inner prefixes an aux loss
-    cheap = matryoshka(d_sae=24, prefix_weights=weights, matryoshka_e2e="full_kl_inner_mse",
-                       inner_mse_coeff=0.25, output_size=6 if transcoder else None)  # fmt: skip
+    cheap = matryoshka(
+        d_sae=24,
+        prefix_weights=weights,
+        matryoshka_e2e="full_kl_inner_mse",
+        inner_mse_coeff=0.25,
+        output_size=6 if transcoder else None,
+    )
     cheap.train()
     out2, c2 = cheap(x)
     acts2 = SAEActs(x, c2, out2)
@@ -158,8 +163,14 @@ def tiny_lm() -> HookedTransformer:
 def spliced_model(with_transcoder: bool, **kw: Any) -> SAETransformer:
     kwargs = {"k": 4, "matryoshka_widths": [8, 24, 64], **kw}
     tcs = [(TC_IN, TC_OUT)] if with_transcoder else []
-    model = SAETransformer(tiny_lm(), [SAE_POS], 2.0, architecture="matryoshka",
-                           architecture_kwargs=kwargs, transcoders=tcs)  # fmt: skip
+    model = SAETransformer(
+        tiny_lm(),
+        [SAE_POS],
+        2.0,
+        architecture="matryoshka",
+        architecture_kwargs=kwargs,
+        transcoders=tcs,
+    )
     torch.manual_seed(1)
     with torch.no_grad():
         for pos in model.sae_positions:
@@ -228,7 +239,7 @@ def test_e2e_loss_is_the_mean_of_per_prefix_kls(path: str, with_transcoder: bool
         {
             "logits_kl": {"coeff": 1.0},
             "in_to_orig": {"hook_positions": [DOWNSTREAM], "total_coeff": 0.5},
-        }  # fmt: skip
+        }
     )
     plan = make_plan(model, loss_cfg)
     assert plan.prefix_passes == 3
@@ -285,8 +296,14 @@ MATRYOSHKA_SAES = {
 
 
 def test_cache_training_matches_lm_training(config_dict: Any, tmp_path: Path) -> None:
-    cfg = load_config(config_dict(loss={"out_to_in": {"coeff": 1.0}}, saes=MATRYOSHKA_SAES,
-                                  n_samples=16, max_grad_norm=1.0))  # fmt: skip
+    cfg = load_config(
+        config_dict(
+            loss={"out_to_in": {"coeff": 1.0}},
+            saes=MATRYOSHKA_SAES,
+            n_samples=16,
+            max_grad_norm=1.0,
+        )
+    )
     t = setup(cfg, device="cpu")
     token_batches = [next(t.batches(cfg.train_data, cfg.seed, start=i)) for i in range(3)]
     cache = ActivationCache.build(t.model, token_batches, 3, tmp_path / "acts", progress=False)

@@ -87,8 +87,13 @@ def test_mlp_accuracy_and_e2e_sae_keeps_it(job: Any) -> None:
 def test_job_files_and_reloading_the_mlp(job: Any, tmp_path: Path) -> None:
     run_dir = job.run_dir
     names = {p.name for p in run_dir.iterdir()}
-    assert {"config.yaml", "mlp.safetensors", "sae_local.safetensors", "sae_e2e.safetensors",
-            "results.json"} <= names  # fmt: skip
+    assert {
+        "config.yaml",
+        "mlp.safetensors",
+        "sae_local.safetensors",
+        "sae_e2e.safetensors",
+        "results.json",
+    } <= names
     results = json.loads((run_dir / "results.json").read_text())
     assert results["saes"]["e2e"]["kl"] == pytest.approx(job.sae_metrics["e2e"]["kl"])
     loaded = MLP.load(run_dir)
@@ -157,8 +162,11 @@ def test_train_mlp_cli_and_config_errors(
         monkeypatch.setenv(var, str(tmp_path / var.lower()))
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    path.write_text(yaml.safe_dump(raw | {"save_dir": str(tmp_path / "runs"), "run_name": "w",
-                                          "wandb_project": "mlp-test"}))  # fmt: skip
+    path.write_text(
+        yaml.safe_dump(
+            raw | {"save_dir": str(tmp_path / "runs"), "run_name": "w", "wandb_project": "mlp-test"}
+        )
+    )
     assert main(["train-mlp", str(path), "--quiet", "--device", "cpu"]) == 0
     wandb.teardown()
     (offline,) = (tmp_path / "runs" / "w" / "wandb").glob("offline-run-*")

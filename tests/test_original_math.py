@@ -115,9 +115,14 @@ def original_steps(
 
 def make_trainer(token_data: Path, tmp_path: Path, kind: str, reference: bool) -> Trainer:
     cfg = make_config_dict(
-        token_data, tmp_path, loss=LOSSES[kind], lr=LR, lr_schedule="constant",
-        warmup_samples=0, n_samples=4 * N_STEPS,
-    )  # fmt: skip
+        token_data,
+        tmp_path,
+        loss=LOSSES[kind],
+        lr=LR,
+        lr_schedule="constant",
+        warmup_samples=0,
+        n_samples=4 * N_STEPS,
+    )
     return setup(load_config(cfg), device="cpu", reference=reference)
 
 

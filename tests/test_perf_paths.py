@@ -35,10 +35,23 @@ from e2e_sae.training.trainer import setup
 
 # A SmolLM2-shaped miniature: RMS norms, rotary, grouped-query attention, gated SiLU MLP.
 LLAMA_TINY: dict[str, Any] = dict(
-    d_model=32, d_head=8, n_heads=4, n_key_value_heads=2, d_mlp=48, n_layers=3, n_ctx=16,
-    d_vocab=97, act_fn="silu", normalization_type="RMS", positional_embedding_type="rotary",
-    rotary_dim=8, rotary_adjacent_pairs=False, gated_mlp=True, final_rms=True, seed=1,
-)  # fmt: skip
+    d_model=32,
+    d_head=8,
+    n_heads=4,
+    n_key_value_heads=2,
+    d_mlp=48,
+    n_layers=3,
+    n_ctx=16,
+    d_vocab=97,
+    act_fn="silu",
+    normalization_type="RMS",
+    positional_embedding_type="rotary",
+    rotary_dim=8,
+    rotary_adjacent_pairs=False,
+    gated_mlp=True,
+    final_rms=True,
+    seed=1,
+)
 E2E = {"sparsity": {"coeff": 0.1}, "logits_kl": {"coeff": 1.0}}
 E2E_DS = {
     "sparsity": {"coeff": 0.1},
@@ -81,8 +94,13 @@ def test_lean_forward_matches_tlens_with_hooks(tlens: dict[str, Any]) -> None:
     lean = get_lean_lm(tl)
     assert isinstance(lean, LeanLM)
     tokens = torch.randint(0, 97, (3, 12), generator=torch.Generator().manual_seed(1))
-    for name in ("blocks.1.hook_resid_mid", "blocks.1.ln2.hook_normalized", "blocks.2.hook_mlp_out",
-                 "blocks.0.hook_attn_out", "blocks.2.hook_resid_post"):  # fmt: skip
+    for name in (
+        "blocks.1.hook_resid_mid",
+        "blocks.1.ln2.hook_normalized",
+        "blocks.2.hook_mlp_out",
+        "blocks.0.hook_attn_out",
+        "blocks.2.hook_resid_post",
+    ):
         seen: dict[str, dict[str, torch.Tensor]] = {"tl": {}, "lean": {}}
 
         def edit(store: dict[str, torch.Tensor]) -> Any:
@@ -191,8 +209,9 @@ def test_in_to_orig_at_an_sae_position_keeps_that_saes_acts(reference: bool) -> 
 
 
 def test_bf16_step_runs_and_is_close_to_fp32(config_dict: Any) -> None:
-    cfg = load_config(config_dict(loss=E2E, saes={"sae_positions": TWO_SAES,
-                                                  "dict_size_to_input_ratio": 2.0}))  # fmt: skip
+    cfg = load_config(
+        config_dict(loss=E2E, saes={"sae_positions": TWO_SAES, "dict_size_to_input_ratio": 2.0})
+    )
     values = {}
     for precision in ("fp32", "bf16"):
         t = setup(cfg.model_copy(update={"precision": precision}), device="cpu")
@@ -231,11 +250,16 @@ def test_chunked_kl_from_final_equals_unchunked_and_direct_formula() -> None:
 
 # --- activation cache -----------------------------------------------------------------------------
 def _local_config(config_dict: Any, coeff: float = 0.1) -> Config:
-    return load_config(config_dict(
-        loss={"sparsity": {"coeff": coeff}, "out_to_in": {"coeff": 1.0}},
-        saes={"sae_positions": TWO_SAES, "dict_size_to_input_ratio": 2.0},
-        n_samples=16, max_grad_norm=1.0, lr_schedule="cosine", warmup_samples=4,
-    ))  # fmt: skip
+    return load_config(
+        config_dict(
+            loss={"sparsity": {"coeff": coeff}, "out_to_in": {"coeff": 1.0}},
+            saes={"sae_positions": TWO_SAES, "dict_size_to_input_ratio": 2.0},
+            n_samples=16,
+            max_grad_norm=1.0,
+            lr_schedule="cosine",
+            warmup_samples=4,
+        )
+    )
 
 
 def test_cache_training_matches_lm_training(config_dict: Any, tmp_path: Path) -> None:
@@ -359,8 +383,9 @@ def test_topk_kl_is_the_coarsened_kl_and_its_error_is_tail_mass_times_tail_kl() 
 
 def test_teacher_cache_round_trip(tmp_path: Path) -> None:
     model = _model(TINY_TLENS, ["blocks.1.hook_resid_pre"])
-    batches = [torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(i))
-               for i in range(2)]  # fmt: skip
+    batches = [
+        torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(i)) for i in range(2)
+    ]
     cache = TeacherCache.build(model, batches, 2, tmp_path / "teacher", k=8, progress=False)
     rows = cache.lookup(torch.cat([batches[1][1:], batches[0][:1]]))
     want = topk_distribution(model.tlens_model(torch.cat([batches[1][1:], batches[0][:1]])), 8)
@@ -372,8 +397,9 @@ def test_teacher_cache_round_trip(tmp_path: Path) -> None:
 @pytest.mark.parametrize("k", [97, 8])
 def test_training_with_a_teacher_cache(config_dict: Any, tmp_path: Path, k: int) -> None:
     """k = d_vocab keeps everything (tail mass 0): the same step as with the clean pass."""
-    cfg = load_config(config_dict(loss=E2E, saes={"sae_positions": TWO_SAES,
-                                                  "dict_size_to_input_ratio": 2.0}))  # fmt: skip
+    cfg = load_config(
+        config_dict(loss=E2E, saes={"sae_positions": TWO_SAES, "dict_size_to_input_ratio": 2.0})
+    )
     t = setup(cfg, device="cpu")
     batches = [next(t.batches(cfg.train_data, cfg.seed, start=i)) for i in range(2)]
     TeacherCache.build(t.model, batches, 2, tmp_path / "teacher", k=k, progress=False)

@@ -106,8 +106,14 @@ def _interrupt_after(monkeypatch: pytest.MonkeyPatch, k: int, signum: int) -> No
 def test_signal_then_resume_is_bit_exact(
     config_dict, tmp_path: Path, monkeypatch, capsys, extra: dict[str, Any], signum: int
 ) -> None:
-    cfg = config_dict(n_samples=64, save_every_n_samples=16, keep_last_n_checkpoints=2,
-                      warmup_samples=8, eval_every_n_samples=32, **extra)  # fmt: skip
+    cfg = config_dict(
+        n_samples=64,
+        save_every_n_samples=16,
+        keep_last_n_checkpoints=2,
+        warmup_samples=8,
+        eval_every_n_samples=32,
+        **extra,
+    )
     ref = train_mod.train(_config(cfg), run_dir=tmp_path / "ref", progress=False)
 
     path = _write(tmp_path / "cfg.yaml", cfg)
@@ -123,8 +129,9 @@ def test_signal_then_resume_is_bit_exact(
     assert main(["train", str(path), "--resume"]) == 0  # alone: the newest run of this config
     _assert_bit_exact(_newest_weights(ref), _newest_weights(run))
     # optimizer moments, scheduler and RNG states too
-    _assert_bit_exact(read_tensors(ref / "resume_64.safetensors"),
-                      read_tensors(run / "resume_64.safetensors"))  # fmt: skip
+    _assert_bit_exact(
+        read_tensors(ref / "resume_64.safetensors"), read_tensors(run / "resume_64.safetensors")
+    )
     for name in ("samples_64.safetensors", "resume_64.safetensors"):  # the files, byte for byte
         assert _sha(ref / name) == _sha(run / name), name
     assert _records(ref) == _records(run)  # metrics past the checkpoint were not duplicated
@@ -154,16 +161,19 @@ def test_resume_rejects_a_different_global_batch(config_dict, tmp_path: Path, ca
 
 # --- crash safety --------------------------------------------------------------------------------
 # `e2e-sae train ARGS` with the run directories' time stamp frozen (as if started in one second)
-_FROZEN_CLOCK = ("import sys, e2e_sae.training.trainer as t; t._stamp = lambda: '20250101-000000'; "
-                 "from e2e_sae.cli import main; sys.exit(main())")  # fmt: skip
+_FROZEN_CLOCK = (
+    "import sys, e2e_sae.training.trainer as t; t._stamp = lambda: '20250101-000000'; "
+    "from e2e_sae.cli import main; sys.exit(main())"
+)
 
 
 def _start(args: list[str], frozen_clock: bool = False) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     run = ["-c", _FROZEN_CLOCK] if frozen_clock else ["-m", "e2e_sae"]
     cmd = [sys.executable, *run, "train", *args]
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    return subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
 
 
 def _last_step(save_dir: Path) -> int:
@@ -192,8 +202,14 @@ def _check_consistent(run: Path) -> int:
 
 
 def test_sigterm_and_sigkill_at_random_moments_then_resume(config_dict, tmp_path: Path) -> None:
-    cfg = config_dict(n_samples=640, save_every_n_samples=8, keep_last_n_checkpoints=2,
-                      eval_n_samples=None, log_every_n_grad_steps=1, **LOCAL)  # fmt: skip
+    cfg = config_dict(
+        n_samples=640,
+        save_every_n_samples=8,
+        keep_last_n_checkpoints=2,
+        eval_n_samples=None,
+        log_every_n_grad_steps=1,
+        **LOCAL,
+    )
     path = _write(tmp_path / "cfg.yaml", cfg)
     save_dir = Path(cfg["save_dir"])
     rng = random.Random(1234)
@@ -309,8 +325,9 @@ def test_numerical_fault_stops_and_keeps_last_good_checkpoint(
     assert [p.n_samples for p in resume_points(run)] == kept  # steps 2 (and 4); none after
     assert f"last checkpoint before it: samples_{kept[-1]}.safetensors" in err or kept == [8, 16]
     aside = sorted(p.name for p in run.glob("*.diverged"))
-    assert aside == ([] if 16 in kept else ["resume_16.safetensors.diverged",
-                                           "samples_16.safetensors.diverged"])  # fmt: skip
+    assert aside == (
+        [] if 16 in kept else ["resume_16.safetensors.diverged", "samples_16.safetensors.diverged"]
+    )
     assert all(torch.isfinite(t).all() for t in _newest_weights(run).values())
     monkeypatch.undo()
     assert main(["train", str(path), "--resume", str(run)]) == 0  # and it continues from there
@@ -367,7 +384,7 @@ def _resize_config(run: Path) -> None:
         "resume-truncated",
         "resume-bit-flip",
         "metadata-edit",
-    ],  # fmt: skip
+    ],
 )
 def test_damaged_checkpoint_is_a_one_line_error(
     finished_run: Path, tmp_path: Path, capsys, damage: Any, command: str, expected: str
@@ -407,8 +424,15 @@ def pointed_run(tmp_path_factory: pytest.TempPathFactory, token_data: Path) -> P
     from conftest import make_config_dict
 
     root = tmp_path_factory.mktemp("pointed")
-    cfg = make_config_dict(token_data, root / "runs", n_samples=32, save_every_n_samples=8,
-                           keep_last_n_checkpoints=None, eval_n_samples=None, **LOCAL)  # fmt: skip
+    cfg = make_config_dict(
+        token_data,
+        root / "runs",
+        n_samples=32,
+        save_every_n_samples=8,
+        keep_last_n_checkpoints=None,
+        eval_n_samples=None,
+        **LOCAL,
+    )
     return train_mod.train(_config(cfg), progress=False)
 
 
@@ -420,12 +444,20 @@ def pointed_run(tmp_path_factory: pytest.TempPathFactory, token_data: Path) -> P
         (lambda r: (r / "resume_32.safetensors").write_bytes(b""), "resume_32.safetensors"),
         (lambda r: _flip_data_byte(r / "resume_32.safetensors"), "resume_32.safetensors"),
         (lambda r: _edit_step_counter(r / "resume_32.safetensors"), "resume_32.safetensors"),
-        (lambda r: shutil.copy(r / "samples_24.safetensors", r / "samples_32.safetensors"),
-         "samples_32.safetensors"),
+        (
+            lambda r: shutil.copy(r / "samples_24.safetensors", r / "samples_32.safetensors"),
+            "samples_32.safetensors",
+        ),
     ],
-    ids=["samples-truncated", "samples-emptied", "resume-emptied", "resume-bit-flip",
-         "resume-step-digit", "samples-of-another-point"],
-)  # fmt: skip
+    ids=[
+        "samples-truncated",
+        "samples-emptied",
+        "resume-emptied",
+        "resume-bit-flip",
+        "resume-step-digit",
+        "samples-of-another-point",
+    ],
+)
 def test_resume_falls_back_to_the_newest_intact_point(
     pointed_run: Path, tmp_path: Path, caplog, damage: Any, damaged: str
 ) -> None:
@@ -454,8 +486,14 @@ def test_make_run_dir_never_reuses_a_directory(config_dict, monkeypatch) -> None
 def test_runs_started_together_get_their_own_directories(config_dict, tmp_path: Path) -> None:
     """Same run_name and save_dir, started at once: two directories, neither touched by the other,
     and (same config and seed) byte-identical checkpoint files."""
-    cfg = config_dict(run_name="same", n_samples=64, save_every_n_samples=8,
-                      keep_last_n_checkpoints=1, eval_n_samples=None, **LOCAL)  # fmt: skip
+    cfg = config_dict(
+        run_name="same",
+        n_samples=64,
+        save_every_n_samples=8,
+        keep_last_n_checkpoints=1,
+        eval_n_samples=None,
+        **LOCAL,
+    )
     path = _write(tmp_path / "cfg.yaml", cfg)
     procs = [_start([str(path)], frozen_clock=True) for _ in range(2)]
     for proc in procs:
@@ -466,7 +504,9 @@ def test_runs_started_together_get_their_own_directories(config_dict, tmp_path: 
     for run in runs:
         assert [r["step"] for r in read_metrics(run)] == list(range(1, 17))
         assert [p.name for p in list_checkpoints(run)] == [
-            "samples_56.safetensors", "samples_64.safetensors"]  # fmt: skip
+            "samples_56.safetensors",
+            "samples_64.safetensors",
+        ]
         RunLock(run).acquire("test").release()  # released when the process ended
     for name in ("samples_64.safetensors", "resume_64.safetensors"):
         assert _sha(runs[0] / name) == _sha(runs[1] / name), name
@@ -506,8 +546,13 @@ def _spike_loss(monkeypatch: pytest.MonkeyPatch, at_call: int, factor: float = 1
 def test_divergence_guard_stops_and_keeps_the_checkpoint_before(
     config_dict, tmp_path: Path, monkeypatch, capsys
 ) -> None:
-    cfg = config_dict(n_samples=40, save_every_n_samples=8, keep_last_n_checkpoints=None,
-                      eval_n_samples=None, **LOCAL)  # fmt: skip
+    cfg = config_dict(
+        n_samples=40,
+        save_every_n_samples=8,
+        keep_last_n_checkpoints=None,
+        eval_n_samples=None,
+        **LOCAL,
+    )
     path = _write(tmp_path / "cfg.yaml", cfg)
     with monkeypatch.context() as m:
         _spike_loss(m, 5)
@@ -515,8 +560,11 @@ def test_divergence_guard_stops_and_keeps_the_checkpoint_before(
     err = capsys.readouterr().err.strip()
     assert err.count("error:") == 1, err
     head = err[err.index("error:") :]
-    assert re.match(r"error: loss diverged at step 5: \S+ is over 1000x the median \S+ of the "
-                    r"last 4 steps; term 'sparsity'", head), head  # fmt: skip
+    assert re.match(
+        r"error: loss diverged at step 5: \S+ is over 1000x the median \S+ of the "
+        r"last 4 steps; term 'sparsity'",
+        head,
+    ), head
     assert "last checkpoint before it: samples_8.safetensors" in head, head
     run = _only_run(Path(cfg["save_dir"]))
     assert [p.n_samples for p in resume_points(run)] == [8]
@@ -536,8 +584,9 @@ def test_divergence_guard_stops_and_keeps_the_checkpoint_before(
     assert again.split(" (divergence_factor")[0] == head.split(" (divergence_factor")[0]
 
     # off: the same spike trains through
-    off = _write(tmp_path / "off.yaml", {**cfg, "divergence_factor": None,
-                                         "save_dir": str(tmp_path / "off")})  # fmt: skip
+    off = _write(
+        tmp_path / "off.yaml", {**cfg, "divergence_factor": None, "save_dir": str(tmp_path / "off")}
+    )
     with monkeypatch.context() as m:
         _spike_loss(m, 5)
         assert main(["train", str(off)]) == 0
@@ -575,8 +624,19 @@ def test_second_ctrl_c_ends_quietly(config_dict, tmp_path: Path) -> None:
 def _torchrun(n: int, args: list[str]) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     port = str(29500 + os.getpid() % 1000)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n),
-           "--master_port", port, "-m", "e2e_sae", "train", *args]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(n),
+        "--master_port",
+        port,
+        "-m",
+        "e2e_sae",
+        "train",
+        *args,
+    ]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 

@@ -70,8 +70,10 @@ def test_resample_matches_a_direct_computation() -> None:
         for p in (enc.weight, enc.bias):
             for v in (opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"]):
                 assert torch.all(v[i] == 0)
-        for v in (opt.state[sae.decoder.weight]["exp_avg"],
-                  opt.state[sae.decoder.weight]["exp_avg_sq"]):  # fmt: skip
+        for v in (
+            opt.state[sae.decoder.weight]["exp_avg"],
+            opt.state[sae.decoder.weight]["exp_avg_sq"],
+        ):
             assert torch.all(v[:, i] == 0)
     # live latents, the decoder bias and their optimizer state are untouched
     assert torch.equal(enc.weight[alive], before["encoder.0.weight"][alive])
@@ -117,8 +119,15 @@ def test_resample_nothing_when_no_latent_is_dead() -> None:
     sae = SAE(input_size=3, n_dict_components=5)
     before = {k: v.clone() for k, v in sae.state_dict().items()}
     x = torch.randn(4, 3)
-    n = resample_dead_latents(sae, x, x, x + 1, torch.zeros(5, dtype=torch.bool),
-                              torch.optim.Adam(sae.parameters()), torch.Generator())  # fmt: skip
+    n = resample_dead_latents(
+        sae,
+        x,
+        x,
+        x + 1,
+        torch.zeros(5, dtype=torch.bool),
+        torch.optim.Adam(sae.parameters()),
+        torch.Generator(),
+    )
     assert n == 0
     assert all(torch.equal(v, before[k]) for k, v in sae.state_dict().items())
 

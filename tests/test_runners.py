@@ -41,10 +41,15 @@ def bridged(tmp_path_factory: pytest.TempPathFactory) -> SAETransformer:
     """SAEs in a TransformerBridge around a tiny random Llama saved as a local HF folder."""
     folder = tmp_path_factory.mktemp("tiny-llama")
     cfg = LlamaConfig(
-        vocab_size=4096, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        vocab_size=4096,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
         tie_word_embeddings=False,
-    )  # fmt: skip
+    )
     torch.manual_seed(1)
     LlamaForCausalLM(cfg).eval().save_pretrained(folder)
     load_tokenizer("shakespeare-bpe").save_pretrained(str(folder))
@@ -80,10 +85,15 @@ def test_the_runner_is_chosen_once_per_plan(monkeypatch: pytest.MonkeyPatch) -> 
     plan = make_plan(model, E2E)
     assert isinstance(plan.runner, LeanRunner) and isinstance(model.lm, HookedRunner)
     # a hook the lean forward lacks: the plan keeps TransformerLens
-    attn = make_plan(model, LossConfigs.model_validate({
-        **E2E.model_dump(exclude_none=True),
-        "in_to_orig": {"hook_positions": ["blocks.2.attn.hook_z"], "total_coeff": 1.0},
-    }))  # fmt: skip
+    attn = make_plan(
+        model,
+        LossConfigs.model_validate(
+            {
+                **E2E.model_dump(exclude_none=True),
+                "in_to_orig": {"hook_positions": ["blocks.2.attn.hook_z"], "total_coeff": 1.0},
+            }
+        ),
+    )
     assert attn.runner is model.lm
 
     def no_lookup(*args: Any) -> None:

@@ -208,9 +208,12 @@ def test_saelens_loads_our_skip_transcoder_and_we_load_theirs(tmp_path: Path) ->
     from sae_lens.saes.sae import SAEMetadata
 
     cfg = sae_lens.SkipTranscoderConfig(
-        d_in=12, d_sae=32, d_out=20, apply_b_dec_to_input=False,
+        d_in=12,
+        d_sae=32,
+        d_out=20,
+        apply_b_dec_to_input=False,
         metadata=SAEMetadata(hook_name=TC_IN, hook_name_out=TC_OUT, model_name="tiny"),
-    )  # fmt: skip
+    )
     torch.manual_seed(3)
     s = sae_lens.SkipTranscoder(cfg)
     with torch.no_grad():
@@ -226,8 +229,9 @@ def test_saelens_loads_our_skip_transcoder_and_we_load_theirs(tmp_path: Path) ->
 
 def test_spliced_skip_transcoder_writes_its_output_hook() -> None:
     tl = tiny_lm()
-    model = SAETransformer(tl, [], 2.0, architecture="skip_transcoder",
-                           transcoders=[(TC_IN, TC_OUT)])  # fmt: skip
+    model = SAETransformer(
+        tl, [], 2.0, architecture="skip_transcoder", transcoders=[(TC_IN, TC_OUT)]
+    )
     sae = model.sae(TC_OUT)
     assert isinstance(sae, SkipTranscoder)
     with torch.no_grad():

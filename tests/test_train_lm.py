@@ -65,7 +65,7 @@ def lm_config(train: Path, val: Path, save_dir: Path, **train_overrides: Any) ->
             "act_fn": "gelu",
             "normalization_type": "LN",
             "dtype": "float32",
-        },  # fmt: skip
+        },
         "train": {
             "n_epochs": 2,
             "batch_size": 8,
@@ -73,7 +73,7 @@ def lm_config(train: Path, val: Path, save_dir: Path, **train_overrides: Any) ->
             "lr": 1e-2,
             "warmup_samples": 16,
             **train_overrides,
-        },  # fmt: skip
+        },
         "train_data": {"dataset_name": str(train), "n_ctx": N_CTX, "streaming": False},
         "eval_data": {"dataset_name": str(val), "n_ctx": N_CTX, "streaming": False},
         "save_dir": str(save_dir),
@@ -117,8 +117,11 @@ def test_train_lm_lowers_val_loss_and_round_trips(lm_data: tuple[Path, Path], tm
     reloaded = load_tlens_model(tlens_model_path=out, device="cpu")
     with torch.no_grad():
         assert torch.equal(reloaded(val_tokens), logits)
-    evals = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
-             if "eval/ce_loss" in r]  # fmt: skip
+    evals = [
+        r
+        for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+        if "eval/ce_loss" in r
+    ]
     assert [r["epoch"] for r in evals] == [1, 2]
 
 
@@ -143,8 +146,9 @@ def test_train_lm_user_errors(lm_data: tuple[Path, Path], tmp_path: Path, capsys
     assert not (tmp_path / "models").exists()  # nothing half-written
 
     with pytest.raises(ConfigError, match=r"train: effective_batch_size \(12\) must be a multiple"):
-        load_train_lm_config(_write(tmp_path / "b2.yaml", lm_config(
-            train, val, tmp_path, effective_batch_size=12)))  # fmt: skip
+        load_train_lm_config(
+            _write(tmp_path / "b2.yaml", lm_config(train, val, tmp_path, effective_batch_size=12))
+        )
     wide = lm_config(train, val, tmp_path)
     wide["train_data"]["n_ctx"] = 2 * N_CTX
     with pytest.raises(ConfigError, match="train_data.n_ctx"):

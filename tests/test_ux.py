@@ -31,8 +31,16 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # --- YAML numbers ---------------------------------------------------------------------------------
 def test_exponent_numbers_are_floats() -> None:
     got = yaml_load("a: 5e-3\nb: 1.0e5\nc: -2E+3\nd: .5e-2\ne: 7\nf: 5e\ng: e5\nh: 0.25\n")
-    assert got == {"a": 0.005, "b": 1e5, "c": -2000.0, "d": 0.005, "e": 7, "f": "5e", "g": "e5",
-                   "h": 0.25}  # fmt: skip
+    assert got == {
+        "a": 0.005,
+        "b": 1e5,
+        "c": -2000.0,
+        "d": 0.005,
+        "e": 7,
+        "f": "5e",
+        "g": "e5",
+        "h": 0.25,
+    }
     assert all(type(got[k]) is float for k in "abcdh") and type(got["e"]) is int
 
 
@@ -144,9 +152,15 @@ def two_runs(tmp_path_factory: pytest.TempPathFactory, token_data: Path) -> list
     dirs = []
     for i, coeff in enumerate((0.1, 1.0)):
         loss = {"sparsity": {"coeff": coeff}, "out_to_in": {"coeff": 1.0}}
-        cfg = make_config_dict(token_data, root, n_samples=16, eval_every_n_samples=8,
-                               run_name=f"run-{i}", act_frequency_n_tokens=48,
-                               loss=loss)  # fmt: skip
+        cfg = make_config_dict(
+            token_data,
+            root,
+            n_samples=16,
+            eval_every_n_samples=8,
+            run_name=f"run-{i}",
+            act_frequency_n_tokens=48,
+            loss=loss,
+        )
         config = load_config(cfg)
         assert isinstance(config, Config)
         dirs.append(train(config, device="cpu", progress=False))
@@ -183,8 +197,10 @@ def test_dead_counts_name_their_window(two_runs: list[Path]) -> None:
 
 def test_curves_overlay_has_one_line_per_run(two_runs: list[Path], tmp_path: Path) -> None:
     out = plot_curves_overlay(two_runs, tmp_path)
-    assert [p.name for p in out.paths] == ["training_curves_overlay.png",
-                                           "training_curves_overlay.svg"]  # fmt: skip
+    assert [p.name for p in out.paths] == [
+        "training_curves_overlay.png",
+        "training_curves_overlay.svg",
+    ]
     assert out.paths[0].read_bytes()[:8] == PNG_MAGIC
     names = [d.name for d in two_runs]
     pos = "blocks.1.hook_resid_pre"
@@ -207,8 +223,16 @@ POS = "blocks.1.hook_resid_pre"
 LONG = "a-run-directory-name-much-longer-than-twenty-eight-characters"
 
 
-def _info(token_data: Path, root: Path, name: str, loss: dict, l0: float, ce: float,
-          mse: float = 0.1, seed: int = 0) -> RunInfo:  # fmt: skip
+def _info(
+    token_data: Path,
+    root: Path,
+    name: str,
+    loss: dict,
+    l0: float,
+    ce: float,
+    mse: float = 0.1,
+    seed: int = 0,
+) -> RunInfo:
     config = load_config(make_config_dict(token_data, root, loss=loss, seed=seed))
     assert isinstance(config, Config)
     per_sae = {POS: {"l0": l0, "alive_dict_elements": 10, "explained_variance": 0.9, "mse": mse}}
@@ -229,8 +253,10 @@ def _e2e(coeff: float) -> dict:
 
 
 def test_downstream_one_colour_per_run_and_full_names(token_data: Path, tmp_path: Path) -> None:
-    runs = [_info(token_data, tmp_path, f"{LONG}-{i}", _e2e(c), 10, 0.1, mse=4.6 + 0.2 * i)
-            for i, c in enumerate((0.5, 1.0, 2.0))]  # fmt: skip
+    runs = [
+        _info(token_data, tmp_path, f"{LONG}-{i}", _e2e(c), 10, 0.1, mse=4.6 + 0.2 * i)
+        for i, c in enumerate((0.5, 1.0, 2.0))
+    ]
     fig = downstream_figure(runs)
     ax_ev, ax_mse = fig.axes
     colors = [line.get_color() for line in ax_ev.get_lines()]
@@ -249,9 +275,11 @@ def test_downstream_one_colour_per_run_and_full_names(token_data: Path, tmp_path
 
 def test_tradeoff_draws_the_front_and_labels_points(token_data: Path, tmp_path: Path) -> None:
     # (L0, CE increase): (10, 0.4) and (40, 0.2) are the front; (20, 0.5) is beaten by (10, 0.4).
-    runs = [_info(token_data, tmp_path, "a", _local(0.1), 40, 0.2),
-            _info(token_data, tmp_path, "b", _local(0.5), 20, 0.5),
-            _info(token_data, tmp_path, "c", _local(2.0), 10, 0.4)]  # fmt: skip
+    runs = [
+        _info(token_data, tmp_path, "a", _local(0.1), 40, 0.2),
+        _info(token_data, tmp_path, "b", _local(0.5), 20, 0.5),
+        _info(token_data, tmp_path, "c", _local(2.0), 10, 0.4),
+    ]
     fig = tradeoff_figure(runs, "l0", "L0")
     (ax,) = fig.axes
     front, rest = ax.get_lines()
@@ -262,20 +290,26 @@ def test_tradeoff_draws_the_front_and_labels_points(token_data: Path, tmp_path: 
     legend = ax.get_legend()
     assert legend is not None
     assert [t.get_text() for t in legend.get_texts()] == [
-        "local (3 runs): Pareto front, 2 points", "local: other runs"]  # fmt: skip
+        "local (3 runs): Pareto front, 2 points",
+        "local: other runs",
+    ]
 
 
 def test_geometry_has_a_within_histogram_per_run(token_data: Path, tmp_path: Path) -> None:
     import torch
 
-    runs = [_info(token_data, tmp_path, f"r{i}", _e2e(c), 10, 0.1 * i, seed=i % 2)
-            for i, c in enumerate((0.5, 1.0, 2.0))]  # fmt: skip
+    runs = [
+        _info(token_data, tmp_path, f"r{i}", _e2e(c), 10, 0.1 * i, seed=i % 2)
+        for i, c in enumerate((0.5, 1.0, 2.0))
+    ]
     runs.append(_info(token_data, tmp_path, "loc", _local(1.0), 10, 0.15))
     pairs = geometry_pairs(runs)
     within = [(a.name, b.name) for kind, _, a, b in pairs if kind == "within"]
     assert within == [("r0", "r0"), ("r1", "r1"), ("r2", "r2"), ("loc", "loc")]
-    sims = [(kind, pos, a, b, torch.full((4,), 0.25 * (j + 1)))
-            for j, (kind, pos, a, b) in enumerate(pairs)]  # fmt: skip
+    sims = [
+        (kind, pos, a, b, torch.full((4,), 0.25 * (j + 1)))
+        for j, (kind, pos, a, b) in enumerate(pairs)
+    ]
     panels = geometry_panels(sims)
     assert len(panels) == 4 + 1  # one per run, then the cross-type comparisons
     assert [len(series) for _, series in panels[:4]] == [1, 1, 1, 1]
@@ -296,8 +330,11 @@ def test_eval_and_browse_count_dead_over_the_same_tokens(two_runs: list[Path], t
     dead = int(result.per_sae[POS]["dead_dict_elements"])
     assert f"(dead: fired on none of the {n:,} eval tokens)" in eval_table(result)
     page = write_browser(run, tmp_path / "b.html", device="cpu").read_text()
-    m = re.search(r"(\d+) tokens scanned; \d+ features shown; (\d+) dead \(fired on none of the "
-                  r"(\d+) tokens scanned\)", page)  # fmt: skip
+    m = re.search(
+        r"(\d+) tokens scanned; \d+ features shown; (\d+) dead \(fired on none of the "
+        r"(\d+) tokens scanned\)",
+        page,
+    )
     assert m is not None
     assert (int(m.group(1)), int(m.group(2)), int(m.group(3))) == (n, dead, n)
     counts = result.feature_counts[POS]

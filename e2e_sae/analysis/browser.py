@@ -274,14 +274,26 @@ def collect_feature_data(
     all_tokens = torch.cat(kept)
     nb = len(HIST_EDGES) + 1
     data = FeatureData(
-        position, idx, all_tokens.numel(), counts.cpu(), state["values"].cpu(),
-        state["sequences"].cpu(), state["starts"].cpu(), state["windows"].cpu(), all_tokens,
-        sums=sums.cpu(), hist=samples["hist"].view(-1, nb).cpu(),
-        sample_seqs=samples["seq"].cpu(), sample_starts=samples["start"].cpu(),
+        position,
+        idx,
+        all_tokens.numel(),
+        counts.cpu(),
+        state["values"].cpu(),
+        state["sequences"].cpu(),
+        state["starts"].cpu(),
+        state["windows"].cpu(),
+        all_tokens,
+        sums=sums.cpu(),
+        hist=samples["hist"].view(-1, nb).cpu(),
+        sample_seqs=samples["seq"].cpu(),
+        sample_starts=samples["start"].cpu(),
         sample_positions=samples["pos"].cpu(),
-        sample_windows=samples["window"].cpu(), sample_values=samples["value"].cpu(),
-        skip_first=bool(skip_first), skip_reason=reason, n_example_tokens=n_example,
-    )  # fmt: skip
+        sample_windows=samples["window"].cpu(),
+        sample_values=samples["value"].cpu(),
+        skip_first=bool(skip_first),
+        skip_reason=reason,
+        n_example_tokens=n_example,
+    )
     promoted = promoted_tokens(model, position, idx)
     if promoted is not None:
         data.promoted, data.promoted_logits = promoted
@@ -550,8 +562,10 @@ def render_html(
         out.append("</section>")
         parts.append("".join(out))
     if dead:
-        parts.append(f"<p class=meta>dead (fired on none of the {data.n_tokens} tokens scanned): "
-                     f"{', '.join(dead)}</p>")  # fmt: skip
+        parts.append(
+            f"<p class=meta>dead (fired on none of the {data.n_tokens} tokens scanned): "
+            f"{', '.join(dead)}</p>"
+        )
     parts.append("</body></html>")
     return "\n".join(parts)
 
@@ -710,30 +724,57 @@ def write_folder(
         )
     columns = [
         {"key": "ids", "label": "feature", "sort": True},
-        {"key": "freq", "label": "frequency", "sort": True,
-         "title": "fraction of the scanned tokens on which the feature fires"},
+        {
+            "key": "freq",
+            "label": "frequency",
+            "sort": True,
+            "title": "fraction of the scanned tokens on which the feature fires",
+        },
         {"key": "max", "label": "max act", "sort": True, "title": "largest activation seen"},
-        {"key": "mean", "label": "mean act", "sort": True,
-         "title": "mean activation over the tokens where it fires"},
-    ]  # fmt: skip
+        {
+            "key": "mean",
+            "label": "mean act",
+            "sort": True,
+            "title": "mean activation over the tokens where it fires",
+        },
+    ]
     if effect is not None:
-        columns.append({"key": "effect", "label": "logit effect", "sort": True,
-                        "title": "mean act x RMS over the vocabulary of the direct logit change "
-                        "per unit activation (a proxy for the effect of ablating it)"})  # fmt: skip
+        columns.append(
+            {
+                "key": "effect",
+                "label": "logit effect",
+                "sort": True,
+                "title": "mean act x RMS over the vocabulary of the direct logit change "
+                "per unit activation (a proxy for the effect of ablating it)",
+            }
+        )
     if ablation is not None:
-        columns.append({"key": "ablation", "label": "ablation KL", "sort": True,
-                        "title": "mean KL(spliced || spliced without this feature) over the "
-                        "tokens where it fires; only for the most frequent features"})  # fmt: skip
+        columns.append(
+            {
+                "key": "ablation",
+                "label": "ablation KL",
+                "sort": True,
+                "title": "mean KL(spliced || spliced without this feature) over the "
+                "tokens where it fires; only for the most frequent features",
+            }
+        )
     columns.append({"key": "top_token", "label": "top token"})
     if effects is not None:
         columns.append({"key": "promoted", "label": "promotes"})
     index: dict[str, Any] = {
-        "title": title, "notes": list(notes), "page_size": page_size, "columns": columns,
-        "hist_edges": [_r3(e) for e in HIST_EDGES], "hist_bins_per_decade": 4,
-        "other_label": other_label, "ids": ids, "freq": [_r3(x) for x in freq],
-        "max": [_r3(v[0]) for v in top_vals], "mean": [_r3(x) for x in mean_act],
+        "title": title,
+        "notes": list(notes),
+        "page_size": page_size,
+        "columns": columns,
+        "hist_edges": [_r3(e) for e in HIST_EDGES],
+        "hist_bins_per_decade": 4,
+        "other_label": other_label,
+        "ids": ids,
+        "freq": [_r3(x) for x in freq],
+        "max": [_r3(v[0]) for v in top_vals],
+        "mean": [_r3(x) for x in mean_act],
         "top_token": [readable(index_text[t]) for t in top_tok],
-    }  # fmt: skip
+    }
     if ablation is not None:
         index["ablation"] = list(ablation)
     if effect is not None:
@@ -843,9 +884,17 @@ def write_browser(
     special = list(getattr(tokenizer, "all_special_ids", None) or [])
     bos = getattr(tokenizer, "bos_token_id", None)
     fd = collect_feature_data(
-        model, position, batches, n_batches, features, top_k, progress=progress,
-        skip_first=skip_first, special_ids=special, bos_id=bos,
-    )  # fmt: skip
+        model,
+        position,
+        batches,
+        n_batches,
+        features,
+        top_k,
+        progress=progress,
+        skip_first=skip_first,
+        special_ids=special,
+        bos_id=bos,
+    )
     name = Path(run).name if not isinstance(run, SAETransformer) else "SAE"
     title = f"{name}: {position}"
     texts: Callable[[set[int]], dict[int, str]] = lambda ids: _token_strings(ids, tokenizer)
@@ -893,10 +942,18 @@ def write_browser(
     if effects is None:
         notes[2] = "Logit effect: not available (the SAE does not write to the residual size)."
     return write_folder(
-        fd, texts, out, title=title, effects=effects, near=near, far=far,
-        other_label=other_label, page_size=page_size, notes=notes,
+        fd,
+        texts,
+        out,
+        title=title,
+        effects=effects,
+        near=near,
+        far=far,
+        other_label=other_label,
+        page_size=page_size,
+        notes=notes,
         ablation=ablation if n_ablate > 0 else None,
-    )  # fmt: skip
+    )
 
 
 def _tokenizer_for(model: SAETransformer, name: str | None) -> Any:

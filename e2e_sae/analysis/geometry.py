@@ -49,8 +49,11 @@ def load_dictionary(run_dir: str | Path, position: str | None = None) -> tuple[s
     if ckpt is None:
         raise UserError(f"run directory {run_dir}: no samples_<N>.safetensors checkpoint")
     state = read_tensors(ckpt)
-    decoders = {k.removesuffix(".decoder.weight"): v for k, v in state.items()
-                if k.endswith(".decoder.weight")}  # fmt: skip
+    decoders = {
+        k.removesuffix(".decoder.weight"): v
+        for k, v in state.items()
+        if k.endswith(".decoder.weight")
+    }
     positions = {k.replace("-", "."): k for k in decoders}
     if position is None:
         if len(decoders) != 1:

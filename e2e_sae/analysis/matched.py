@@ -28,10 +28,18 @@ def points(
     runs: Sequence[RunInfo], kind: str, position: str, seed: int | None = 0
 ) -> tuple[list[float], list[float], list[float]]:
     """(L0, CE increase, alive) of the runs of one type (of one seed; None: all seeds)."""
-    rs = [r for r in runs if r.sae_type == kind and (seed is None or r.config.seed == seed)
-          and position in r.positions]  # fmt: skip
-    return ([r.sae(position)["l0"] for r in rs], [r.eval["ce_loss_increase"] for r in rs],
-            [r.sae(position)["alive_dict_elements"] for r in rs])  # fmt: skip
+    rs = [
+        r
+        for r in runs
+        if r.sae_type == kind
+        and (seed is None or r.config.seed == seed)
+        and position in r.positions
+    ]
+    return (
+        [r.sae(position)["l0"] for r in rs],
+        [r.eval["ce_loss_increase"] for r in rs],
+        [r.sae(position)["alive_dict_elements"] for r in rs],
+    )
 
 
 def alive_at_ce(l0: list[float], ce: list[float], alive: list[float], at: float) -> float:

@@ -39,8 +39,14 @@ from e2e_sae.training.curves import plain_log_axis
 TYPE_ORDER = ("local", "e2e", "e2e+ds")
 TYPE_COLORS = {"local": "tab:blue", "e2e": "tab:orange", "e2e+ds": "tab:green"}
 # Config keys that do not change what is learned (left out when grouping runs by seed).
-_NAME_KEYS = ("seed", "run_name", "wandb_run_name", "wandb_run_name_prefix", "save_dir",
-              "wandb_project")  # fmt: skip
+_NAME_KEYS = (
+    "seed",
+    "run_name",
+    "wandb_run_name",
+    "wandb_run_name_prefix",
+    "save_dir",
+    "wandb_project",
+)
 
 
 def sae_type(config: Config) -> str:
@@ -250,23 +256,40 @@ def tradeoff_figure(runs: Sequence[RunInfo], x_key: str, x_label: str) -> Figure
     fig, axes = figure_grid(len(positions))
     for ax, pos in zip(axes, positions, strict=True):
         for t in _types(runs):
-            pts = sorted((r.sae(pos)[x_key], r.eval["ce_loss_increase"], r.sparsity_label)
-                         for r in runs if r.sae_type == t and pos in r.positions)  # fmt: skip
+            pts = sorted(
+                (r.sae(pos)[x_key], r.eval["ce_loss_increase"], r.sparsity_label)
+                for r in runs
+                if r.sae_type == t and pos in r.positions
+            )
             if not pts:
                 continue
             xs, ys, labels = zip(*pts, strict=True)
             color = TYPE_COLORS[t]
             front = pareto_front(xs, ys)
             rest = [i for i in range(len(xs)) if i not in front]
-            ax.plot([xs[i] for i in front], [ys[i] for i in front], "o-", color=color, ms=6,
-                    label=f"{t} ({len(pts)} runs): Pareto front, {len(front)} "
-                    f"point{'s' if len(front) > 1 else ''}")  # fmt: skip
+            ax.plot(
+                [xs[i] for i in front],
+                [ys[i] for i in front],
+                "o-",
+                color=color,
+                ms=6,
+                label=f"{t} ({len(pts)} runs): Pareto front, {len(front)} "
+                f"point{'s' if len(front) > 1 else ''}",
+            )
             if rest:
-                ax.plot([xs[i] for i in rest], [ys[i] for i in rest], "o", mfc="none",
-                        color=color, ms=6, label=f"{t}: other runs")  # fmt: skip
+                ax.plot(
+                    [xs[i] for i in rest],
+                    [ys[i] for i in rest],
+                    "o",
+                    mfc="none",
+                    color=color,
+                    ms=6,
+                    label=f"{t}: other runs",
+                )
             for x, y, lbl in pts:
-                ax.annotate(lbl, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7,
-                            color=color)  # fmt: skip
+                ax.annotate(
+                    lbl, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=color
+                )
         ax.margins(x=0.08, y=0.12)  # room for the point labels
         ax.set_xlabel(x_label)
         ax.set_ylabel("CE loss increase (nats)")
@@ -306,14 +329,21 @@ def plot_feature_density(runs: Sequence[RunInfo], out_dir: Path, bins: int = 40)
         edges = np.linspace(math.floor(lo), 0.0, bins + 1).tolist()
         for j, t in enumerate(types):
             ax = fig.add_subplot(len(positions), len(types), i * len(types) + j + 1)
-            mine = sorted(((r, f, a) for (r, f), a in zip(series, alive, strict=True)
-                           if r.sae_type == t), key=lambda x: x[0].sae(pos)["l0"])  # fmt: skip
+            mine = sorted(
+                ((r, f, a) for (r, f), a in zip(series, alive, strict=True) if r.sae_type == t),
+                key=lambda x: x[0].sae(pos)["l0"],
+            )
             cmap = colormaps[{"local": "Blues_r", "e2e": "Oranges_r", "e2e+ds": "Greens_r"}[t]]
             for k, (r, f, logs) in enumerate(mine):
                 color = cmap(0.1 + 0.6 * k / max(1, len(mine) - 1))
-                ax.hist(logs, bins=edges, histtype="step", color=color,
-                        label=f"{r.label}: L0 {r.sae(pos)['l0']:.3g}, dead {int((f == 0).sum())} "
-                              f"(of {int(r.eval.get('n_tokens', 0)):,} eval tokens)")  # fmt: skip
+                ax.hist(
+                    logs,
+                    bins=edges,
+                    histtype="step",
+                    color=color,
+                    label=f"{r.label}: L0 {r.sae(pos)['l0']:.3g}, dead {int((f == 0).sum())} "
+                    f"(of {int(r.eval.get('n_tokens', 0)):,} eval tokens)",
+                )
             ax.set_xlabel("log10 firing frequency")
             ax.set_ylabel("latents")
             ax.set_title(f"{t}, {_short(pos)}")
@@ -346,8 +376,12 @@ def downstream_figure(runs: Sequence[RunInfo]) -> Figure:
             pts.insert(0, (layer, r.sae(pos)["explained_variance"], r.sae(pos)["mse"]))
         layers, ev, mse = zip(*pts, strict=True)
         # One colour per run (the type is the line style), so runs of one type stay apart.
-        kw = {"color": _run_color(i, len(runs)), "ls": styles[r.sae_type], "marker": "o",
-              "alpha": 0.8}  # fmt: skip
+        kw = {
+            "color": _run_color(i, len(runs)),
+            "ls": styles[r.sae_type],
+            "marker": "o",
+            "alpha": 0.8,
+        }
         ax_ev.plot(layers, ev, label=f"{r.label} ({r.sparsity_label})", **kw)
         ax_mse.plot(layers, mse, **kw)
     ax_ev.set_ylabel("explained variance (spliced vs clean)")
@@ -376,10 +410,13 @@ def geometry_pairs(runs: Sequence[RunInfo]) -> list[tuple[str, str, RunInfo, Run
         types = list(by_type)
         for i, ta in enumerate(types):
             for tb in types[i + 1 :]:
-                a, b = min(((a, b) for a in by_type[ta] for b in by_type[tb]),
-                           key=lambda p: (p[0].config.seed == p[1].config.seed,
-                                          abs(p[0].eval["ce_loss_increase"]
-                                              - p[1].eval["ce_loss_increase"])))  # fmt: skip
+                a, b = min(
+                    ((a, b) for a in by_type[ta] for b in by_type[tb]),
+                    key=lambda p: (
+                        p[0].config.seed == p[1].config.seed,
+                        abs(p[0].eval["ce_loss_increase"] - p[1].eval["ce_loss_increase"]),
+                    ),
+                )
                 pairs.append(("cross-type", pos, a, b))
         groups: dict[str, list[RunInfo]] = {}
         for r in at:
@@ -421,15 +458,22 @@ def geometry_panels(
 
     panels: list[tuple[str, list[tuple[str, Tensor, Any]]]] = []
     for _, pos, a, _, s in (x for x in sims if x[0] == "within"):
-        title = (f"{a.label} ({a.sparsity_label}), {_short(pos)}: nearest other direction, "
-                 f"mean {float(s.mean()):.2f}")  # fmt: skip
+        title = (
+            f"{a.label} ({a.sparsity_label}), {_short(pos)}: nearest other direction, "
+            f"mean {float(s.mean()):.2f}"
+        )
         panels.append((title, [("", s, TYPE_COLORS[a.sae_type])]))
-    for kind, title in (("cross-type", "nearest direction in another type's dictionary"),
-                        ("cross-seed", "nearest direction, other seed")):  # fmt: skip
+    for kind, title in (
+        ("cross-type", "nearest direction in another type's dictionary"),
+        ("cross-seed", "nearest direction, other seed"),
+    ):
         series = []
         for _, pos, a, b, s in (x for x in sims if x[0] == kind):
-            label = (f"{a.sae_type} vs {b.sae_type}" if kind == "cross-type" else
-                     f"{a.sae_type} seed {a.config.seed} vs {b.config.seed}")  # fmt: skip
+            label = (
+                f"{a.sae_type} vs {b.sae_type}"
+                if kind == "cross-type"
+                else f"{a.sae_type} seed {a.config.seed} vs {b.config.seed}"
+            )
             label = f"{label}, {_short(pos)}, mean {float(s.mean()):.2f}: {a.name} vs {b.name}"
             series.append(
                 (textwrap.fill(label, 60, subsequent_indent="  ", break_on_hyphens=False), s, None)
@@ -462,8 +506,14 @@ def geometry_figure(runs: Sequence[RunInfo]) -> Figure | None:
     for i, (title, series) in enumerate(panels):
         ax = fig.add_subplot(nrows, ncols, i + 1)
         for label, s, color in series:
-            ax.hist(s.numpy(), bins=edges, histtype="step", density=True, color=color,
-                    label=label or None)  # fmt: skip
+            ax.hist(
+                s.numpy(),
+                bins=edges,
+                histtype="step",
+                density=True,
+                color=color,
+                label=label or None,
+            )
         ax.set_xlabel("max cosine similarity")
         ax.set_ylabel("density")
         ax.set_title(textwrap.fill(title, 52, break_on_hyphens=False), fontsize=8)

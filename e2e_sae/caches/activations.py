@@ -106,9 +106,11 @@ class ActivationCache:
         if path.exists():
             raise UserError(f"activation cache {path}: already exists")
         if hooks is None:
-            hooks = list(dict.fromkeys(
-                h for s in model.sites.values() for h in (s.input_hook, s.output_hook)
-            ))  # fmt: skip
+            hooks = list(
+                dict.fromkeys(
+                    h for s in model.sites.values() for h in (s.input_hook, s.output_hook)
+                )
+            )
         hooks = filter_names(model.all_hook_names, list(hooks), "activation cache hooks")
         tmp = path.with_name(path.name + ".tmp")
         if tmp.exists():
@@ -323,23 +325,30 @@ def check_against_cache(config: Config, cache: ActivationCache) -> None:
     check_cacheable(config)
     n_ctx = int(cache.meta["n_ctx"])
     if config.train_data.n_ctx != n_ctx:
-        raise ConfigError(f"train_data.n_ctx: {config.train_data.n_ctx}, but the activation "
-                          f"cache {cache.path} holds windows of {n_ctx} tokens")  # fmt: skip
+        raise ConfigError(
+            f"train_data.n_ctx: {config.train_data.n_ctx}, but the activation "
+            f"cache {cache.path} holds windows of {n_ctx} tokens"
+        )
     if len(cache) < config.batch_size:
-        raise ConfigError(f"batch_size: {config.batch_size} is more than the {len(cache)} windows "
-                          f"of the activation cache {cache.path}")  # fmt: skip
+        raise ConfigError(
+            f"batch_size: {config.batch_size} is more than the {len(cache)} windows "
+            f"of the activation cache {cache.path}"
+        )
     recorded = cache.meta.get("model_source")
     mine = model_source(config)
     if recorded is not None and recorded != mine:
         key = next(k for k in MODEL_KEYS if recorded.get(k) != mine.get(k))
         built = ", ".join(f"{k}={_short(v)}" for k, v in recorded.items())
-        raise ConfigError(f"{key}: the activation cache {cache.path} was built from another "
-                          f"model ({built})")  # fmt: skip
+        raise ConfigError(
+            f"{key}: the activation cache {cache.path} was built from another model ({built})"
+        )
     for site in resolve_sites(config, cache.meta["all_hook_names"]).values():
         for h in (site.input_hook, site.output_hook):
             if h not in cache.hooks:
-                raise ConfigError(f"{hook_field(site, h)}: '{h}' is not in the activation cache "
-                                  f"{cache.path} (it holds {', '.join(cache.hooks)})")  # fmt: skip
+                raise ConfigError(
+                    f"{hook_field(site, h)}: '{h}' is not in the activation cache "
+                    f"{cache.path} (it holds {', '.join(cache.hooks)})"
+                )
 
 
 def _short(value: Any, n: int = 60) -> str:
@@ -351,17 +360,23 @@ def check_model_against_cache(model: SAETransformer, cache: ActivationCache) -> 
     """The loaded LM is the one the cache was built with: name, hook names, activation sizes."""
     name, recorded = _model_name(model), cache.meta.get("model")
     if recorded is not None and name != recorded:
-        raise ConfigError(f"model: '{name}', but the activation cache {cache.path} was built "
-                          f"with '{recorded}'")  # fmt: skip
+        raise ConfigError(
+            f"model: '{name}', but the activation cache {cache.path} was built with '{recorded}'"
+        )
     if model.all_hook_names != cache.meta["all_hook_names"]:
-        raise ConfigError(f"model: its hook names differ from those of the model the activation "
-                          f"cache {cache.path} was built with")  # fmt: skip
-    hooks = list(dict.fromkeys(h for s in model.sites.values()
-                               for h in (s.input_hook, s.output_hook)))  # fmt: skip
+        raise ConfigError(
+            f"model: its hook names differ from those of the model the activation "
+            f"cache {cache.path} was built with"
+        )
+    hooks = list(
+        dict.fromkeys(h for s in model.sites.values() for h in (s.input_hook, s.output_hook))
+    )
     for h, shape in model.hook_shapes(hooks).items():
         if shape[-1] != cache.d(h):
-            raise ConfigError(f"model: activations at '{h}' have size {shape[-1]}, the "
-                              f"activation cache's {cache.d(h)} (another model)")  # fmt: skip
+            raise ConfigError(
+                f"model: activations at '{h}' have size {shape[-1]}, the "
+                f"activation cache's {cache.d(h)} (another model)"
+            )
 
 
 # --- from configs: building a cache ---------------------------------------------------------------
@@ -387,12 +402,23 @@ def build_for_config(
     check_device(device or config.device)
     model = build_model(config, device=device)
     batches = training_batches(config, model)
-    info = {"model_source": model_source(config), "seed": config.seed,
-            "batch_size": config.batch_size,
-            "train_data": config.train_data.model_dump(mode="json")}  # fmt: skip
+    info = {
+        "model_source": model_source(config),
+        "seed": config.seed,
+        "batch_size": config.batch_size,
+        "train_data": config.train_data.model_dump(mode="json"),
+    }
     n_batches = n_cache_batches(config, n_windows)
-    return ActivationCache.build(model, batches, n_batches, path, dtype=dtype, progress=progress,
-                                 source=config.train_data.dataset_name, info=info)  # fmt: skip
+    return ActivationCache.build(
+        model,
+        batches,
+        n_batches,
+        path,
+        dtype=dtype,
+        progress=progress,
+        source=config.train_data.dataset_name,
+        info=info,
+    )
 
 
 def training_batches(config: Config, model: SAETransformer) -> Iterator[Tensor]:

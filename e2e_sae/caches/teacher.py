@@ -151,8 +151,12 @@ class TeacherCache:
                 rows = topk_distribution(logits, k)
                 if not out:
                     nw = n_batches * b
-                    shapes = {"tokens": (nw, n), "topk_ids": (nw, n, k),
-                              "topk_logp": (nw, n, k), "tail": (nw, n)}  # fmt: skip
+                    shapes = {
+                        "tokens": (nw, n),
+                        "topk_ids": (nw, n, k),
+                        "topk_logp": (nw, n, k),
+                        "tail": (nw, n),
+                    }
                     for f, shape in shapes.items():
                         dt = np.int32 if f in ("tokens", "topk_ids") else np.float32
                         out[f] = np.lib.format.open_memmap(
@@ -168,8 +172,13 @@ class TeacherCache:
         for a in out.values():
             a.flush()
         cfg = model.tlens_model.cfg
-        meta = {"format_version": FORMAT_VERSION, "k": k, "d_vocab": cfg.d_vocab,
-                "n_windows": row, "model": str(getattr(cfg, "model_name", ""))}  # fmt: skip
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "k": k,
+            "d_vocab": cfg.d_vocab,
+            "n_windows": row,
+            "model": str(getattr(cfg, "model_name", "")),
+        }
         (tmp / META).write_text(json.dumps(meta, indent=1))
         del out
         os.replace(tmp, path)
@@ -178,8 +187,9 @@ class TeacherCache:
     def kl_target(self, tokens: Tensor) -> KLTarget:
         """`losses.KLTarget` of the coarsened KL~ for these windows (`forward.Teacher`)."""
         rows = self.lookup(tokens)
-        rows = TeacherRows(rows.ids.to(tokens.device), rows.logp.to(tokens.device),
-                           rows.tail.to(tokens.device))  # fmt: skip
+        rows = TeacherRows(
+            rows.ids.to(tokens.device), rows.logp.to(tokens.device), rows.tail.to(tokens.device)
+        )
 
         def target(s: int, e: int, logp_new: Tensor) -> tuple[Tensor, Tensor]:
             return topk_target(rows, s, e, logp_new)

@@ -32,18 +32,28 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
         raise UserError(f"{args.sweep}: method '{sweep.method}' needs --wandb (local sweeps: grid)")
     if args.dry_run:
-        rows = [[r.run_dir.name, *(json.dumps(r.overrides[k]) for k in sweep.varied)]
-                for r in sweep.runs]  # fmt: skip
+        rows = [
+            [r.run_dir.name, *(json.dumps(r.overrides[k]) for k in sweep.varied)]
+            for r in sweep.runs
+        ]
         print(table(["run", *sweep.varied], rows))
         return 0
 
     def done(run, rec) -> None:  # noqa: ANN001
         extra = f": {rec['error']}" if rec.get("error") else ""
-        print(f"[{run.index + 1}/{len(sweep.runs)}] {run.run_dir.name} {rec['status']}{extra}",
-              flush=True)  # fmt: skip
+        print(
+            f"[{run.index + 1}/{len(sweep.runs)}] {run.run_dir.name} {rec['status']}{extra}",
+            flush=True,
+        )
 
-    records = run_sweep(sweep, parallel=args.parallel, device=args.device, force=args.force,
-                        on_done=done, progress=args.parallel == 1)  # fmt: skip
+    records = run_sweep(
+        sweep,
+        parallel=args.parallel,
+        device=args.device,
+        force=args.force,
+        on_done=done,
+        progress=args.parallel == 1,
+    )
     headers, rows = summary_rows(sweep, records)
     print()
     print(table(headers, rows))
@@ -104,8 +114,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("sweep", type=Path, help="sweep YAML (see e2e_sae.training.sweep)")
     s.add_argument("--config", type=Path, default=None, help="base config (overrides the file's)")
     s.add_argument("--out-dir", type=Path, default=None, help="where the run directories go")
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a base config value (YAML value); repeatable")  # fmt: skip
+    s.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a base config value (YAML value); repeatable",
+    )
     s.add_argument("--parallel", type=int, default=1, help="train this many runs at a time")
     s.add_argument("--device", default=None)
     s.add_argument("--force", action="store_true", help="retrain runs that already have eval.json")
@@ -118,38 +133,65 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plot", help="Pareto, density, downstream and geometry plots of runs")
     p.add_argument("run_dirs", type=Path, nargs="+")
     p.add_argument("--out", type=Path, required=True, help="folder for the PNG/SVG files")
-    p.add_argument("--n-tokens", type=int, default=None,
-                   help="tokens for runs still to evaluate (default: the run's)")  # fmt: skip
-    p.add_argument("--curves", action="store_true",
-                   help="overlay the runs' training curves instead (loss terms, L0, dead latents, "
-                   "CE increase at eval points; read from metrics.jsonl)")  # fmt: skip
+    p.add_argument(
+        "--n-tokens",
+        type=int,
+        default=None,
+        help="tokens for runs still to evaluate (default: the run's)",
+    )
+    p.add_argument(
+        "--curves",
+        action="store_true",
+        help="overlay the runs' training curves instead (loss terms, L0, dead latents, "
+        "CE increase at eval points; read from metrics.jsonl)",
+    )
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_plot)
 
     b = sub.add_parser("browse", help="write a static HTML feature browser for one SAE")
     b.add_argument("run_dir", type=Path)
-    b.add_argument("--out", type=Path, required=True,
-                   help="folder to write (index.html + data/, opens from disk); a name ending in "
-                   ".html writes the older single-file page instead")  # fmt: skip
+    b.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="folder to write (index.html + data/, opens from disk); a name ending in "
+        ".html writes the older single-file page instead",
+    )
     b.add_argument("--sae", default=None, help="SAE position (needed when the run has several)")
-    b.add_argument("--n-tokens", type=int, default=None,
-                   help="tokens to scan (default: as many as `e2e-sae eval` uses, so both count "
-                   "the same dead latents)")  # fmt: skip
+    b.add_argument(
+        "--n-tokens",
+        type=int,
+        default=None,
+        help="tokens to scan (default: as many as `e2e-sae eval` uses, so both count "
+        "the same dead latents)",
+    )
     b.add_argument("--features", default=None, help="K (the first K) or a comma list of indices")
     b.add_argument("--top-k", type=int, default=8, help="snippets per feature")
     b.add_argument("--batch-size", type=int, default=None)
     b.add_argument("--data", default=None, help="dataset name or path (default: the run's eval)")
     b.add_argument("--split", default=None)
-    b.add_argument("--skip-first", action=argparse.BooleanOptionalAction, default=None,
-                   help="leave each sequence's first position and the special tokens out of the "
-                   "examples and histograms (default: on when every sequence starts with BOS or "
-                   "the first position's mean activation norm is > 3x the others')")  # fmt: skip
-    b.add_argument("--compare", type=Path, default=None,
-                   help="a second run: list each feature's nearest decoder directions in its SAE "
-                   "at the same position")  # fmt: skip
+    b.add_argument(
+        "--skip-first",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="leave each sequence's first position and the special tokens out of the "
+        "examples and histograms (default: on when every sequence starts with BOS or "
+        "the first position's mean activation norm is > 3x the others')",
+    )
+    b.add_argument(
+        "--compare",
+        type=Path,
+        default=None,
+        help="a second run: list each feature's nearest decoder directions in its SAE "
+        "at the same position",
+    )
     b.add_argument("--page-size", type=int, default=256, help="features per lazily loaded file")
-    b.add_argument("--ablate", type=int, default=64,
-                   help="true ablation KL for this many of the most frequent features, over the "
-                   "first 512 scanned tokens (one forward pass each; 0: none)")  # fmt: skip
+    b.add_argument(
+        "--ablate",
+        type=int,
+        default=64,
+        help="true ablation KL for this many of the most frequent features, over the "
+        "first 512 scanned tokens (one forward pass each; 0: none)",
+    )
     b.add_argument("--device", default=None)
     b.set_defaults(func=cmd_browse)

@@ -70,12 +70,14 @@ def cache_summary(cache: ActivationCache) -> str:
         or src.get("tlens_model_path")
         or m["model"]
     )
-    return "\n".join([
-        table(["hook", "shape", "dtype"], rows),
-        f"\n{len(cache)} windows x {m['n_ctx']} tokens of {model}, {_mib(cache.nbytes())} on "
-        f"disk, {n_tokens / seconds:.0f} tokens/s",
-        f"activation cache: {cache.path}",
-    ])  # fmt: skip
+    return "\n".join(
+        [
+            table(["hook", "shape", "dtype"], rows),
+            f"\n{len(cache)} windows x {m['n_ctx']} tokens of {model}, {_mib(cache.nbytes())} on "
+            f"disk, {n_tokens / seconds:.0f} tokens/s",
+            f"activation cache: {cache.path}",
+        ]
+    )
 
 
 def cmd_cache_acts(args: argparse.Namespace) -> int:
@@ -106,10 +108,14 @@ def cmd_cache_teacher(args: argparse.Namespace) -> int:
     )
     cache = build_for_config(config, out, args.k, args.n_samples, args.device)
     size = sum(f.stat().st_size for f in cache.path.iterdir())
-    print(f"{cache.meta['n_windows']} windows, top {cache.k} of {cache.meta['d_vocab']} tokens, "
-          f"{_mib(size)} on disk: {cache.path}")  # fmt: skip
-    print(f"\ntrain with it: add `teacher_cache: {cache.path}` to {args.config} "
-          "(an approximate KL, see e2e_sae/caches/teacher.py)")  # fmt: skip
+    print(
+        f"{cache.meta['n_windows']} windows, top {cache.k} of {cache.meta['d_vocab']} tokens, "
+        f"{_mib(size)} on disk: {cache.path}"
+    )
+    print(
+        f"\ntrain with it: add `teacher_cache: {cache.path}` to {args.config} "
+        "(an approximate KL, see e2e_sae/caches/teacher.py)"
+    )
     return 0
 
 
@@ -142,8 +148,11 @@ def cmd_train_cached(args: argparse.Namespace) -> int:
     configs, cache = open_checked(args.configs, args.cache)
     needed = max(c.n_grad_steps * (c.effective_batch_size or c.batch_size) for c in configs)
     if needed > len(cache):
-        print(f"note: the cache holds {len(cache)} windows and the runs need {needed}: later "
-              "passes over it are reshuffled", flush=True)  # fmt: skip
+        print(
+            f"note: the cache holds {len(cache)} windows and the runs need {needed}: later "
+            "passes over it are reshuffled",
+            flush=True,
+        )
     resume = None if args.resume is None else (args.resume or "latest")
     runs = train_from_cache(configs, cache, device=args.device, resume=resume)
     for path, run in zip(args.configs, runs, strict=True):
@@ -159,38 +168,73 @@ def cmd_train_cached(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    c = sub.add_parser("cache-acts", help="run the LM once and store the activations that "
-                       "CONFIG's (local) SAEs read, for train-cached")  # fmt: skip
+    c = sub.add_parser(
+        "cache-acts",
+        help="run the LM once and store the activations that "
+        "CONFIG's (local) SAEs read, for train-cached",
+    )
     c.add_argument("config", type=Path, help="YAML config (its model, train_data, SAE hooks)")
-    c.add_argument("--out", type=Path, default=None,
-                   help="cache folder (default: <save_dir>/act_cache/<config>-<N>w)")  # fmt: skip
-    c.add_argument("--n-samples", type=int, default=None,
-                   help="windows to cache, in whole batches (default: n_samples)")  # fmt: skip
+    c.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="cache folder (default: <save_dir>/act_cache/<config>-<N>w)",
+    )
+    c.add_argument(
+        "--n-samples",
+        type=int,
+        default=None,
+        help="windows to cache, in whole batches (default: n_samples)",
+    )
     c.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: auto)")
-    c.add_argument("--dtype", default="float32", choices=["float32", "float16"],
-                   help="storage type of the activations (float16 halves the size)")  # fmt: skip
+    c.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "float16"],
+        help="storage type of the activations (float16 halves the size)",
+    )
     c.set_defaults(func=cmd_cache_acts)
 
-    h = sub.add_parser("cache-teacher", help="store the clean model's top-k next-token "
-                       "distributions of CONFIG's windows (for teacher_cache)")  # fmt: skip
+    h = sub.add_parser(
+        "cache-teacher",
+        help="store the clean model's top-k next-token "
+        "distributions of CONFIG's windows (for teacher_cache)",
+    )
     h.add_argument("config", type=Path, help="YAML config of a logits_kl run (no in_to_orig)")
     h.add_argument("--k", type=int, default=64, help="tokens kept per position (default 64)")
-    h.add_argument("--out", type=Path, default=None,
-                   help="cache folder (default: <save_dir>/teacher_cache/<config>-k<K>-<N>w)",
-                   )  # fmt: skip
-    h.add_argument("--n-samples", type=int, default=None,
-                   help="windows to cache, in whole batches (default: n_samples)")  # fmt: skip
+    h.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="cache folder (default: <save_dir>/teacher_cache/<config>-k<K>-<N>w)",
+    )
+    h.add_argument(
+        "--n-samples",
+        type=int,
+        default=None,
+        help="windows to cache, in whole batches (default: n_samples)",
+    )
     h.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: auto)")
     h.set_defaults(func=cmd_cache_teacher)
 
-    t = sub.add_parser("train-cached", description=TRAIN_CACHED_HELP,
-                       help="train the local SAEs of one or more configs from an activation "
-                       "cache (a run directory each)")  # fmt: skip
+    t = sub.add_parser(
+        "train-cached",
+        description=TRAIN_CACHED_HELP,
+        help="train the local SAEs of one or more configs from an activation "
+        "cache (a run directory each)",
+    )
     t.add_argument("configs", nargs="+", type=Path, metavar="CONFIG", help="YAML config(s)")
-    t.add_argument("--cache", type=Path, required=True, metavar="DIR",
-                   help="folder written by cache-acts")  # fmt: skip
+    t.add_argument(
+        "--cache", type=Path, required=True, metavar="DIR", help="folder written by cache-acts"
+    )
     t.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: auto)")
-    t.add_argument("--resume", nargs="*", default=None, type=Path, metavar="RUN_DIR",
-                   help="continue the runs exactly: alone, each config's latest run; else one "
-                   "run directory per config, in order")  # fmt: skip
+    t.add_argument(
+        "--resume",
+        nargs="*",
+        default=None,
+        type=Path,
+        metavar="RUN_DIR",
+        help="continue the runs exactly: alone, each config's latest run; else one "
+        "run directory per config, in order",
+    )
     t.set_defaults(func=cmd_train_cached)

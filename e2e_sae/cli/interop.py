@@ -13,8 +13,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if args.format != "saelens":
         raise UserError(f"--format: unknown '{args.format}' (saelens)")
-    folders = export_run_saelens(args.run_dir, args.out, checkpoint=args.checkpoint,
-                                 model_name=args.model_name, overwrite=args.overwrite)  # fmt: skip
+    folders = export_run_saelens(
+        args.run_dir,
+        args.out,
+        checkpoint=args.checkpoint,
+        model_name=args.model_name,
+        overwrite=args.overwrite,
+    )
     for f in folders:
         print(f"wrote {f}")
     print(f'\nload with SAELens: SAE.load_from_disk("{folders[0]}")')
@@ -67,8 +72,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--path-in-repo", default=None, help="upload into this folder of the repo")
     p.add_argument("--private", action="store_true", help="create the repo as private")
     p.add_argument("--revision", default=None, help="branch to push to")
-    p.add_argument("--all-checkpoints", action="store_true",
-                   help="upload every samples_<N>.safetensors, not only the newest")  # fmt: skip
+    p.add_argument(
+        "--all-checkpoints",
+        action="store_true",
+        help="upload every samples_<N>.safetensors, not only the newest",
+    )
     p.set_defaults(func=cmd_push)
 
     m = sub.add_parser("train-mlp", help="train an MLP on digits/MNIST, then SAEs on it")

@@ -38,8 +38,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from e2e_sae.training.trainer import train
 
     results = []
-    run_dir = train(config, device=args.device, reference=args.reference,
-                    on_eval=results.append, resume=args.resume)  # fmt: skip
+    run_dir = train(
+        config,
+        device=args.device,
+        reference=args.reference,
+        on_eval=results.append,
+        resume=args.resume,
+    )
     if results:
         print(eval_table(results[-1]))
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
@@ -61,7 +66,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="use the straightforward two-pass e2e step (as the original library)",
     )
-    t.add_argument("--resume", nargs="?", const="latest", default=None, metavar="RUN_DIR",
-                   help="continue RUN_DIR (alone: the newest run of CONFIG under save_dir) from "
-                   "its last checkpoint; the result equals an uninterrupted run")  # fmt: skip
+    t.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        default=None,
+        metavar="RUN_DIR",
+        help="continue RUN_DIR (alone: the newest run of CONFIG under save_dir) from "
+        "its last checkpoint; the result equals an uninterrupted run",
+    )
     t.set_defaults(func=cmd_train)

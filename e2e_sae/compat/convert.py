@@ -91,8 +91,10 @@ def convert_original_run(
     for key, g in groups.items():
         d_sae, d_in = g["encoder.0.weight"].shape
         if int(d_in * ratio) != d_sae:
-            raise UserError(f"convert: {ckpt}: SAE '{key}' has {d_sae} latents for d_in {d_in}, "
-                            f"but saes.dict_size_to_input_ratio is {ratio}")  # fmt: skip
+            raise UserError(
+                f"convert: {ckpt}: SAE '{key}' has {d_sae} latents for d_in {d_in}, "
+                f"but saes.dict_size_to_input_ratio is {ratio}"
+            )
     patterns = config.saes.sae_positions
     stray = [p for p in positions if not any(pat in p for pat in patterns)]
     unused = [pat for pat in patterns if not any(pat in p for p in positions)]

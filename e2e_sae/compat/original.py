@@ -158,8 +158,10 @@ def adapt_original_config(
     if isinstance(saes, dict):
         kind = saes.get("type_of_sparsifier")
         if kind not in (None, "sae"):
-            raise ConfigError(f"{source}: saes.type_of_sparsifier: '{kind}' is not supported "
-                              "(only the original's 'sae')")  # fmt: skip
+            raise ConfigError(
+                f"{source}: saes.type_of_sparsifier: '{kind}' is not supported "
+                "(only the original's 'sae')"
+            )
         if "k" in saes:  # the original's `k` sized its codebook sparsifier, never an SAE
             del saes["k"]
             dropped.append("saes.k")
@@ -192,8 +194,9 @@ def original_lm_file(path: str | os.PathLike[str]) -> Path | None:
     if path.suffix == ".pt":
         return path
     if path.is_dir():
-        epochs = [(int(m.group(1)), p) for p in path.glob("epoch_*.pt")
-                  if (m := _EPOCH_RE.match(p.name))]  # fmt: skip
+        epochs = [
+            (int(m.group(1)), p) for p in path.glob("epoch_*.pt") if (m := _EPOCH_RE.match(p.name))
+        ]
         if epochs:
             return max(epochs)[1]
     return None

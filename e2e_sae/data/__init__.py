@@ -127,13 +127,16 @@ def read_text_file(path: Path, errors: str = "strict") -> str:
     hint = "(decode_errors: replace reads it anyway)"
     nul = data.find(b"\0")
     if nul >= 0:
-        raise UserError(f"dataset_name: {path} is binary, not text (NUL byte at offset {nul}) "
-                        f"{hint}")  # fmt: skip
+        raise UserError(
+            f"dataset_name: {path} is binary, not text (NUL byte at offset {nul}) {hint}"
+        )
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise UserError(f"dataset_name: {path} is not UTF-8 text (byte {data[err.start]:#04x} "
-                        f"at offset {err.start}) {hint}") from None  # fmt: skip
+        raise UserError(
+            f"dataset_name: {path} is not UTF-8 text (byte {data[err.start]:#04x} "
+            f"at offset {err.start}) {hint}"
+        ) from None
 
 
 def _load_rows(cfg: DatasetConfig, streaming: bool) -> Any:

@@ -301,11 +301,14 @@ def evaluate(
     `downstream=False` skips the later-layer reconstruction metrics."""
     assert plan.e2e, "evaluation needs both logits: make_plan(..., force_full_pass=True)"
     later = downstream_hooks(model, plan.sae_positions) if downstream else []
-    plan = with_runner(model, dataclasses.replace(
-        plan,
-        orig_cache=plan.orig_cache + [h for h in later if h not in plan.orig_cache],
-        new_cache=plan.new_cache + [h for h in later if h not in plan.new_cache],
-    ))  # fmt: skip
+    plan = with_runner(
+        model,
+        dataclasses.replace(
+            plan,
+            orig_cache=plan.orig_cache + [h for h in later if h not in plan.orig_cache],
+            new_cache=plan.new_cache + [h for h in later if h not in plan.new_cache],
+        ),
+    )
     device = next(model.saes.parameters()).device
     loss_totals: dict[str, float] = {}
     sums: dict[str, float] = {}
@@ -361,7 +364,7 @@ def evaluate(
         {
             h: {**s.result(), "layer": hook_layer(h, n_layers) + ("resid_post" in h)}
             for h, s in down.items()
-        },  # fmt: skip
+        },
         {p: s.counts for p, s in stats.items() if s.counts is not None},
     )
 
@@ -415,15 +418,18 @@ def evaluate_run(
     where = run_dir if not isinstance(run_dir, SAETransformer) else "model"
     for name, t in model.saes.state_dict().items():
         if t.is_floating_point() and not bool(t.isfinite().all()):
-            raise UserError(f"{where}: the checkpoint holds non-finite weights (saes.{name}); "
-                            "the run diverged")  # fmt: skip
+            raise UserError(
+                f"{where}: the checkpoint holds non-finite weights (saes.{name}); the run diverged"
+            )
     batches = create_data_loader(ds, bs, config.seed + 42)
     model.eval()
     result = evaluate(model, batches, n_batches, plan, terms, progress=progress)
     bad = next(((k, v) for k, v in result.flat("").items() if not math.isfinite(v)), None)
     if bad is not None:
-        raise UserError(f"{where}: evaluation metric '{bad[0]}' is {bad[1]} (non-finite: the "
-                        "SAE weights are too large or the run diverged)")  # fmt: skip
+        raise UserError(
+            f"{where}: evaluation metric '{bad[0]}' is {bad[1]} (non-finite: the "
+            "SAE weights are too large or the run diverged)"
+        )
     return result
 
 
@@ -441,8 +447,10 @@ def write_eval(result: EvalResult, out: Path) -> Path:
     atomic_write_bytes(out, text.encode())
     freqs = {sae_key(p): result.feature_frequency(p).float() for p in result.feature_counts}
     if freqs:
-        meta = {"n_tokens": str(int(result.metrics["n_tokens"])),
-                "positions": json.dumps(list(result.feature_counts))}  # fmt: skip
+        meta = {
+            "n_tokens": str(int(result.metrics["n_tokens"])),
+            "positions": json.dumps(list(result.feature_counts)),
+        }
         atomic_save_tensors(freqs, feature_frequency_path(out), meta)
     return out
 

@@ -28,13 +28,28 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 def eval_table(result: EvalResult) -> str:
     """Model-level metrics, then one row per SAE (ours, then SAEBench's core-eval metrics)."""
     m = result.metrics
-    order = ("ce_loss_clean", "ce_loss_with_saes", "ce_loss_increase", "ce_loss_zero_abl",
-             "ce_loss_score", "kl", "kl_div_score", "top1_agreement", "tvd",
-             "n_tokens")  # fmt: skip
+    order = (
+        "ce_loss_clean",
+        "ce_loss_with_saes",
+        "ce_loss_increase",
+        "ce_loss_zero_abl",
+        "ce_loss_score",
+        "kl",
+        "kl_div_score",
+        "top1_agreement",
+        "tvd",
+        "n_tokens",
+    )
     keys = [k for k in order if k in m]
     top = table(["metric", "value"], [[k, m[k]] for k in keys])
-    cols = ["l0", "alive_dict_elements", "dead_dict_elements", "explained_variance",
-            "explained_variance_ln", "mse"]  # fmt: skip
+    cols = [
+        "l0",
+        "alive_dict_elements",
+        "dead_dict_elements",
+        "explained_variance",
+        "explained_variance_ln",
+        "mse",
+    ]
     cols = [c for c in cols if any(c in d for d in result.per_sae.values())]
     out = top + "\n\n" + _per_sae_table(result, cols)
     if "dead_dict_elements" in cols and "n_tokens" in m:

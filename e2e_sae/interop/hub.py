@@ -37,9 +37,15 @@ RUN_FILE_PATTERNS = [
     "README.md",
 ]
 # A SAELens export: one folder per SAE.
-SAELENS_FILE_PATTERNS = ["*/cfg.json", "*/sae_weights.safetensors", "*/sparsity.safetensors",
-                         "cfg.json", "sae_weights.safetensors", "sparsity.safetensors",
-                         "README.md"]  # fmt: skip
+SAELENS_FILE_PATTERNS = [
+    "*/cfg.json",
+    "*/sae_weights.safetensors",
+    "*/sparsity.safetensors",
+    "cfg.json",
+    "sae_weights.safetensors",
+    "sparsity.safetensors",
+    "README.md",
+]
 
 
 @dataclass(frozen=True)
@@ -113,10 +119,16 @@ def model_card(folder: Path, repo_id: str) -> str:
     if saes:
         uri = f"hf://{repo_id}" + (f"/{saes[0]}" if saes[0] else "")
         lines = [
-            "---", "library_name: saelens", "tags: [e2e_sae, sparse-autoencoder]", "---",
-            "# SAEs exported by e2e_sae", "",
-            "SAELens format (`cfg.json` + `sae_weights.safetensors` per SAE):", "",
-            *[f"- `{s or '(repo root)'}`" for s in saes], "",
+            "---",
+            "library_name: saelens",
+            "tags: [e2e_sae, sparse-autoencoder]",
+            "---",
+            "# SAEs exported by e2e_sae",
+            "",
+            "SAELens format (`cfg.json` + `sae_weights.safetensors` per SAE):",
+            "",
+            *[f"- `{s or '(repo root)'}`" for s in saes],
+            "",
             "```python",
             "from sae_lens import SAE",
             f'sae = SAE.from_pretrained("{repo_id}", "{saes[0]}")  # SAELens 6',
@@ -124,15 +136,21 @@ def model_card(folder: Path, repo_id: str) -> str:
             "from e2e_sae import SAETransformer",
             f'model = SAETransformer.from_saelens(tlens_model, ["{uri}"])',
             "```",
-        ]  # fmt: skip
+        ]
     else:
         lines = [
-            "---", "tags: [e2e_sae, sparse-autoencoder]", "---",
-            "# An e2e_sae training run", "",
+            "---",
+            "tags: [e2e_sae, sparse-autoencoder]",
+            "---",
+            "# An e2e_sae training run",
+            "",
             "`final_config.yaml` is the run's config, `samples_<N>.safetensors` its checkpoints.",
-            "", "```python", "from e2e_sae.interop.hub import load_from_hub",
-            f'model = load_from_hub("hf://{repo_id}")', "```",
-        ]  # fmt: skip
+            "",
+            "```python",
+            "from e2e_sae.interop.hub import load_from_hub",
+            f'model = load_from_hub("hf://{repo_id}")',
+            "```",
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -38,8 +38,11 @@ def load_pretrained_saes(
             p, have = newest_intact(ckpts, "saes.pretrained_sae_paths")
         else:
             have = read_tensors(p, "saes.pretrained_sae_paths")
-        positions = [pos for pos in model.sae_positions
-                     if any(k.startswith(sae_key(pos) + ".") for k in have)]  # fmt: skip
+        positions = [
+            pos
+            for pos in model.sae_positions
+            if any(k.startswith(sae_key(pos) + ".") for k in have)
+        ]
         if not positions:
             raise UserError(f"saes.pretrained_sae_paths: {p} has no SAE at {model.sae_positions}")
         try:

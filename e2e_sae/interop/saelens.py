@@ -136,8 +136,10 @@ def _matryoshka_export(sae: SAEBase) -> tuple[str, dict[str, Tensor], dict[str, 
     # As SAELens saves its MatryoshkaBatchTopK SAEs: the inference JumpReLU of batchtopk, with the
     # training architecture and the prefix widths kept in `metadata`.
     name, tensors, cfg = _batchtopk_export(sae)
-    meta = {"training_architecture": "matryoshka_batchtopk",
-            "matryoshka_widths": list(getattr(sae, "widths", []))}  # fmt: skip
+    meta = {
+        "training_architecture": "matryoshka_batchtopk",
+        "matryoshka_widths": list(getattr(sae, "widths", [])),
+    }
     return name, tensors, {**cfg, "metadata": meta}
 
 
@@ -358,8 +360,9 @@ def save_saelens(
                 f"SAELens export: feature_frequency has shape {tuple(feature_frequency.shape)}, "
                 f"expected ({sae.n_dict_components},)"
             )
-        atomic_save_tensors({"sparsity": log_feature_density(feature_frequency)},
-                            out / SPARSITY_FILE)  # fmt: skip
+        atomic_save_tensors(
+            {"sparsity": log_feature_density(feature_frequency)}, out / SPARSITY_FILE
+        )
     return out
 
 
@@ -403,8 +406,9 @@ def _saes_of_run(
         key = sae_key(pos) + "."
         sub = {k[len(key) :]: v for k, v in state.items() if k.startswith(key)}
         d_sae, d_in = sub["encoder.0.weight"].shape
-        sae = build_sae(arch, d_in, d_sae, False, sub["decoder.weight"].shape[0],
-                        **init_kwargs.get(pos, {}))  # fmt: skip
+        sae = build_sae(
+            arch, d_in, d_sae, False, sub["decoder.weight"].shape[0], **init_kwargs.get(pos, {})
+        )
         sae.load_state_dict(sub)
         out.append((pos, pos, sae.eval()))
     return config, out
@@ -426,8 +430,10 @@ def export_run_saelens(
     out = Path(out_dir).expanduser()
     check_output_folder(out, "export: out")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"export: out {out} is not empty (an earlier export?); pass --overwrite "
-                        "to replace its SAE folders")  # fmt: skip
+        raise UserError(
+            f"export: out {out} is not empty (an earlier export?); pass --overwrite "
+            "to replace its SAE folders"
+        )
 
     run_dir: Path | None = None
     config: Any = None
@@ -461,7 +467,7 @@ def export_run_saelens(
                 {"model_class_name": "TransformerBridge"}
                 if resolve_backend(config) == "bridge"
                 else {}
-            ),  # fmt: skip
+            ),
             "context_size": config.train_data.n_ctx,
             "dataset_path": config.train_data.dataset_name,
             "e2e_sae_config": config_to_yaml_dict(config),
@@ -543,9 +549,12 @@ def read_saelens_cfg(folder: Path) -> dict[str, Any]:
     meta = raw.get("metadata") or {}
     cfg = {**raw, **{k: v for k, v in meta.items() if v is not None or k not in raw}}
     cfg.pop("metadata", None)
-    for old, new in (("hook_point", "hook_name"), ("hook_point_out", "hook_name_out"),
-                     ("hook_point_head_index", "hook_head_index"),
-                     ("activation_fn_str", "activation_fn")):  # fmt: skip
+    for old, new in (
+        ("hook_point", "hook_name"),
+        ("hook_point_out", "hook_name_out"),
+        ("hook_point_head_index", "hook_head_index"),
+        ("activation_fn_str", "activation_fn"),
+    ):
         if old in cfg and cfg.get(new) is None:
             cfg[new] = cfg.pop(old)
     if "architecture" not in cfg:  # pre-6 configs: ReLU unless the activation says TopK
@@ -735,8 +744,10 @@ def load_saelens_into(model: SAETransformer, path: str | os.PathLike[str]) -> li
             f"'{target.architecture}'"
         )
     if (target.input_size, target.n_dict_components, target.output_size) != (
-        sae.input_size, sae.n_dict_components, sae.output_size
-    ):  # fmt: skip
+        sae.input_size,
+        sae.n_dict_components,
+        sae.output_size,
+    ):
         ratio = sae.n_dict_components / sae.input_size
         raise UserError(
             f"{field}: {path} has d_sae={sae.n_dict_components} (dict_size_to_input_ratio "

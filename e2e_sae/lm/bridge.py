@@ -90,8 +90,10 @@ def load_bridge(
     source = str(Path(name).expanduser()) if local else name
     if local and not (Path(source) / "config.json").is_file():
         what = "not found" if not Path(source).exists() else "has no config.json"
-        raise UserError(f"{field}: {source} {what} (a Hugging Face model folder holds "
-                        "config.json, the weights and the tokenizer files)")  # fmt: skip
+        raise UserError(
+            f"{field}: {source} {what} (a Hugging Face model folder holds "
+            "config.json, the weights and the tokenizer files)"
+        )
     placement: dict[str, Any] = {"device_map": device_map, "n_devices": n_devices}
     if device_map is None and (n_devices or 1) <= 1:
         placement["device"] = device or "cpu"

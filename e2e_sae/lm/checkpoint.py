@@ -147,16 +147,22 @@ def save_checkpoint(run_dir: Path, model: SAETransformer, n_samples: int) -> Pat
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """SAE checkpoints of a run, oldest first."""
-    found = [(int(m.group(1)), p) for p in run_dir.glob("samples_*.safetensors")
-             if (m := _CKPT_RE.match(p.name))]  # fmt: skip
+    found = [
+        (int(m.group(1)), p)
+        for p in run_dir.glob("samples_*.safetensors")
+        if (m := _CKPT_RE.match(p.name))
+    ]
     return [p for _, p in sorted(found)]
 
 
 def list_sae_checkpoints(run_dir: Path) -> list[Path]:
     """SAE checkpoints of a run, ours and the original's (`samples_<N>.pt`), oldest first; at equal
     N the safetensors file counts as the newer."""
-    found = [(int(m.group(1)), m.group(2) == "safetensors", p) for p in run_dir.glob("samples_*")
-             if (m := _ANY_CKPT_RE.match(p.name))]  # fmt: skip
+    found = [
+        (int(m.group(1)), m.group(2) == "safetensors", p)
+        for p in run_dir.glob("samples_*")
+        if (m := _ANY_CKPT_RE.match(p.name))
+    ]
     return [p for *_, p in sorted(found)]
 
 
@@ -234,8 +240,9 @@ def load_sae_weights(
         missing = sorted((set(own) - set(sub)) & params)
         if missing and strict:
             raise UserError(f"checkpoint {path}: SAE '{pos}' lacks {key}.{missing[0]}")
-        stats = {b: torch.zeros_like(own[b]) for b in TRAINING_STAT_BUFFERS
-                 if b in own and b not in sub}  # fmt: skip
+        stats = {
+            b: torch.zeros_like(own[b]) for b in TRAINING_STAT_BUFFERS if b in own and b not in sub
+        }
         target.load_state_dict({**own, **stats, **sub}, strict=False)
         loaded.append(pos)
     return loaded

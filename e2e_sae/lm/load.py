@@ -78,12 +78,34 @@ def save_tlens_model(model: HookedTransformer, out_dir: Path, extra: dict[str, A
 
 
 _CFG_KEYS = (
-    "d_model", "d_head", "n_heads", "d_mlp", "n_layers", "n_ctx", "d_vocab", "d_vocab_out",
-    "act_fn", "normalization_type", "positional_embedding_type", "attn_only", "eps",
-    "tokenizer_name", "original_architecture", "rotary_dim", "rotary_base", "gated_mlp",
-    "final_rms", "n_key_value_heads", "default_prepend_bos", "parallel_attn_mlp", "seed",
-    "tokenizer_prepends_bos", "rotary_adjacent_pairs", "use_attn_result", "init_weights",
-)  # fmt: skip
+    "d_model",
+    "d_head",
+    "n_heads",
+    "d_mlp",
+    "n_layers",
+    "n_ctx",
+    "d_vocab",
+    "d_vocab_out",
+    "act_fn",
+    "normalization_type",
+    "positional_embedding_type",
+    "attn_only",
+    "eps",
+    "tokenizer_name",
+    "original_architecture",
+    "rotary_dim",
+    "rotary_base",
+    "gated_mlp",
+    "final_rms",
+    "n_key_value_heads",
+    "default_prepend_bos",
+    "parallel_attn_mlp",
+    "seed",
+    "tokenizer_prepends_bos",
+    "rotary_adjacent_pairs",
+    "use_attn_result",
+    "init_weights",
+)
 
 
 def _serialisable_cfg(cfg: HookedTransformerConfig) -> dict[str, Any]:
@@ -118,10 +140,13 @@ def load_original_lm(path: str | os.PathLike[str], device: str | None = None) ->
     problem = next((f"lacks '{k}'" for k in params if k not in state), None)
     problem = problem or next((f"has an unexpected '{k}'" for k in state if k not in own), None)
     problem = problem or next(
-        (f"'{k}' is {tuple(v.shape)}, the config builds {tuple(own[k].shape)}"
-         for k, v in state.items() if k in own and own[k].shape != v.shape),
+        (
+            f"'{k}' is {tuple(v.shape)}, the config builds {tuple(own[k].shape)}"
+            for k, v in state.items()
+            if k in own and own[k].shape != v.shape
+        ),
         None,
-    )  # fmt: skip
+    )
     if problem is not None:
         raise UserError(f"tlens_model_path: {pt} does not fit its tlens_config ({problem})")
     model.load_state_dict(state, strict=False)

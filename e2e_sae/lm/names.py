@@ -28,8 +28,10 @@ def dict_size(d_in: int, ratio: float, position: str) -> int:
     """Latents of an SAE reading `d_in` dims (at least one)."""
     n = int(d_in * ratio)
     if n < 1:
-        raise ConfigError(f"saes.dict_size_to_input_ratio: {ratio:g} x d_in {d_in} at "
-                          f"'{position}' gives {n} latents (need at least 1)")  # fmt: skip
+        raise ConfigError(
+            f"saes.dict_size_to_input_ratio: {ratio:g} x d_in {d_in} at "
+            f"'{position}' gives {n} latents (need at least 1)"
+        )
     return n
 
 

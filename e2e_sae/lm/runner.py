@@ -56,8 +56,10 @@ _FINAL_HOOK = "unembed.hook_in"
 """The bridge's hook on `lm_head`'s input: the final normalised residual."""
 
 
-_NO_START = ("start_at_layer: not supported by backend bridge (TransformerBridge runs the "
-             "Hugging Face forward from the tokens)")  # fmt: skip
+_NO_START = (
+    "start_at_layer: not supported by backend bridge (TransformerBridge runs the "
+    "Hugging Face forward from the tokens)"
+)
 
 
 class _Stop(Exception):
@@ -453,8 +455,10 @@ class LeanRunner(HookedRunner):
         if self._lean.is_stale():
             lean = get_lean_lm(self.model, self.precision)
             if lean is None:
-                raise RuntimeError("the LM's weights changed and the lean forward no longer "
-                                   "matches TransformerLens; make the step plan again")  # fmt: skip
+                raise RuntimeError(
+                    "the LM's weights changed and the lean forward no longer "
+                    "matches TransformerLens; make the step plan again"
+                )
             self._lean = lean
         return self._lean
 

@@ -63,8 +63,10 @@ def resolve_sites(
     for pat in sae_positions or []:
         for name in filter_names(all_names, [pat], "saes.sae_positions"):
             if name in matched_by:
-                raise ConfigError(f"saes.sae_positions: '{pat}' and '{matched_by[name]}' both "
-                                  f"match {name}; list each hook once")  # fmt: skip
+                raise ConfigError(
+                    f"saes.sae_positions: '{pat}' and '{matched_by[name]}' both "
+                    f"match {name}; list each hook once"
+                )
             matched_by[name] = pat
             sites[name] = SpliceSite(name, name)
     for inp, outp in transcoders:
@@ -437,9 +439,16 @@ class SAETransformer(nn.Module):
             hooks = self.splice_hooks(positions)[0] if positions is not None else []
             with self._eval_mode(), self.lm.hooks(hooks):
                 tokens = self._sample_loop(
-                    tokens, max_new_tokens, stop_tokens, do_sample,
-                    top_k, top_p, temperature, freq_penalty, verbose,
-                )  # fmt: skip
+                    tokens,
+                    max_new_tokens,
+                    stop_tokens,
+                    do_sample,
+                    top_k,
+                    top_p,
+                    temperature,
+                    freq_penalty,
+                    verbose,
+                )
             if not want_str:
                 return tokens
             assert tl.tokenizer is not None
@@ -482,9 +491,13 @@ class SAETransformer(nn.Module):
             final_logits = logits[:, -1, :]
             if do_sample:
                 new = sample_logits(
-                    final_logits, top_k=top_k, top_p=top_p, temperature=temperature,
-                    freq_penalty=freq_penalty, tokens=tokens,
-                )  # fmt: skip
+                    final_logits,
+                    top_k=top_k,
+                    top_p=top_p,
+                    temperature=temperature,
+                    freq_penalty=freq_penalty,
+                    tokens=tokens,
+                )
             else:
                 new = final_logits.argmax(-1)
             new = new.to(tokens.device)
@@ -610,8 +623,10 @@ def check_vocab(model: SAETransformer, tokens: Tensor, field: str) -> None:
     """Token ids and window length must fit the model (a wrong tokenizer or n_ctx otherwise
     fails deep inside the forward pass)."""
     if tokens.shape[-1] > model.lm.n_ctx:
-        raise UserError(f"{field}.n_ctx: {tokens.shape[-1]} is longer than the model's context "
-                        f"n_ctx={model.lm.n_ctx}")  # fmt: skip
+        raise UserError(
+            f"{field}.n_ctx: {tokens.shape[-1]} is longer than the model's context "
+            f"n_ctx={model.lm.n_ctx}"
+        )
     low, top = int(tokens.min()), int(tokens.max())
     if low < 0:
         raise UserError(f"{field}: token id {low} is negative (token ids are 0 .. d_vocab - 1)")

@@ -60,8 +60,11 @@ class MLP(nn.Module):
         return self.out(h), acts, sae_acts
 
     def save(self, path: Path) -> Path:
-        meta = {"input_size": self.input_size, "hidden_sizes": self.hidden_sizes,
-                "output_size": self.output_size}  # fmt: skip
+        meta = {
+            "input_size": self.input_size,
+            "hidden_sizes": self.hidden_sizes,
+            "output_size": self.output_size,
+        }
         atomic_save_tensors(self.state_dict(), path, {"mlp": json.dumps(meta)})
         return path
 

@@ -240,11 +240,16 @@ class MLPJobResult:
 
     def to_json(self) -> dict[str, Any]:
         def clean(d: dict[str, Any]) -> dict[str, Any]:
-            return {k: clean(v) if isinstance(v, dict) else v for k, v in d.items()
-                    if not isinstance(v, Tensor)}  # fmt: skip
+            return {
+                k: clean(v) if isinstance(v, dict) else v
+                for k, v in d.items()
+                if not isinstance(v, Tensor)
+            }
 
-        return {"mlp": clean(self.mlp_metrics),
-                "saes": {k: clean(v) for k, v in self.sae_metrics.items()}}  # fmt: skip
+        return {
+            "mlp": clean(self.mlp_metrics),
+            "saes": {k: clean(v) for k, v in self.sae_metrics.items()},
+        }
 
 
 def save_saes(saes: Mapping[str, SAEBase], path: Path, run: MLPSAERunConfig) -> Path:
@@ -359,12 +364,19 @@ def results_table(result: MLPJobResult) -> str:
     rows: list[tuple[str, ...]] = [head]
     for name, r in result.sae_metrics.items():
         for pos, s in r["per_sae"].items():
-            rows.append((
-                name, pos, f"{s['l0']:.2f}", f"{s['alive']}/{s['d_sae']}",
-                f"{s['explained_variance']:.3f}", f"{s['mse']:.4g}",
-                f"{100 * r['accuracy_with_saes']:.2f}%", f"{-r['accuracy_drop']:+.2f}",
-                f"{r['kl']:.4f}",
-            ))  # fmt: skip
+            rows.append(
+                (
+                    name,
+                    pos,
+                    f"{s['l0']:.2f}",
+                    f"{s['alive']}/{s['d_sae']}",
+                    f"{s['explained_variance']:.3f}",
+                    f"{s['mse']:.4g}",
+                    f"{100 * r['accuracy_with_saes']:.2f}%",
+                    f"{-r['accuracy_drop']:+.2f}",
+                    f"{r['kl']:.4f}",
+                )
+            )
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(head))]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     lines.append(fmt.format(*rows[0]))

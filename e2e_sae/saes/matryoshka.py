@@ -227,8 +227,9 @@ def _trains_prefixes(sae: SAEBase) -> bool:
 def prefix_passes(saes: Iterable[SAEBase]) -> int:
     """Spliced passes an e2e training step needs for these SAEs (1 unless some trainable
     Matryoshka SAE trains every prefix end-to-end); they must agree."""
-    counts = {s.e2e_prefix_passes for s in saes if isinstance(s, MatryoshkaSAE)
-              and _trains_prefixes(s)}  # fmt: skip
+    counts = {
+        s.e2e_prefix_passes for s in saes if isinstance(s, MatryoshkaSAE) and _trains_prefixes(s)
+    }
     counts.discard(1)
     check_option(
         len(counts) <= 1,

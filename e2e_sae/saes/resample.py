@@ -65,8 +65,9 @@ def resample_dead_latents(
     if idx.numel() == 0 or not bool(err.sum() > 0):
         return 0
     n_candidates = int((err > 0).sum())  # without replacement while there are enough tokens
-    picks = torch.multinomial(err.cpu(), idx.numel(), replacement=idx.numel() > n_candidates,
-                              generator=generator).to(x2.device)  # fmt: skip
+    picks = torch.multinomial(
+        err.cpu(), idx.numel(), replacement=idx.numel() > n_candidates, generator=generator
+    ).to(x2.device)
     enc = cast(nn.Linear, sae.encoder[0])
     alive = ~dead
     norms = enc.weight.norm(dim=-1)

@@ -81,9 +81,12 @@ def scatter_outer_t(idx: Tensor, weights: Tensor, y: Tensor, n_cols: int) -> Ten
     with warnings.catch_warnings():  # "CSR support is in beta": one product, valid indices
         warnings.simplefilter("ignore", UserWarning)
         s = torch.sparse_csr_tensor(
-            crow, idx.reshape(-1), weights.reshape(-1).to(y.dtype), (n, n_cols),
+            crow,
+            idx.reshape(-1),
+            weights.reshape(-1).to(y.dtype),
+            (n, n_cols),
             check_invariants=False,
-        )  # fmt: skip
+        )
     try:
         return y.t() @ s
     except torch.OutOfMemoryError:

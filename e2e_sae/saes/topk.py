@@ -130,9 +130,15 @@ class TopKSAE(SAEBase):
             return super().forward(x)
         enc = cast(nn.Linear, self.encoder[0])
         return sparse_topk_forward(
-            x, enc.weight, enc.bias, self.decoder.weight, self.decoder.bias, self.k,
-            positive_values, unit_columns=True,
-        )  # fmt: skip
+            x,
+            enc.weight,
+            enc.bias,
+            self.decoder.weight,
+            self.decoder.bias,
+            self.k,
+            positive_values,
+            unit_columns=True,
+        )
 
     def dead_mask(self) -> Tensor:
         """[d_sae] bool: latents that have not fired for `dead_tokens_threshold` tokens."""

@@ -91,8 +91,17 @@ class CachedTrainer(Engine):
             p for p in sites if any(q.requires_grad for q in saes[sae_key(p)].parameters())
         ]
         device = next(saes.parameters()).device
-        return cls(config, saes, trainable, build_loss_terms(config.loss), optimizer, scheduler,
-                   device, CacheFeed(sites, saes, device), sites=sites)  # fmt: skip
+        return cls(
+            config,
+            saes,
+            trainable,
+            build_loss_terms(config.loss),
+            optimizer,
+            scheduler,
+            device,
+            CacheFeed(sites, saes, device),
+            sites=sites,
+        )
 
     @classmethod
     def from_model(
@@ -104,9 +113,12 @@ class CachedTrainer(Engine):
         if share:
             check_cacheable(config)
             return cls._assemble(config, dict(model.sites), model.saes)
-        dims = {h: int(d[-1]) for h, d in model.hook_shapes(
-            [h for s in model.sites.values() for h in (s.input_hook, s.output_hook)]
-        ).items()}  # fmt: skip
+        dims = {
+            h: int(d[-1])
+            for h, d in model.hook_shapes(
+                [h for s in model.sites.values() for h in (s.input_hook, s.output_hook)]
+            ).items()
+        }
         t = cls.from_config(config, model.all_hook_names, dims)
         t.saes.load_state_dict(model.saes.state_dict())
         return t
@@ -157,8 +169,10 @@ def check_same_batches(configs: Sequence[Config]) -> None:
     for name in ("batch_size", "effective_batch_size"):
         got = sorted({getattr(c, name) or c.batch_size for c in configs})
         if len(got) > 1:
-            raise ConfigError(f"{name}: configs trained on the same batches need the same value "
-                              f"(got {', '.join(map(str, got))})")  # fmt: skip
+            raise ConfigError(
+                f"{name}: configs trained on the same batches need the same value "
+                f"(got {', '.join(map(str, got))})"
+            )
 
 
 # --- from configs: training into run directories --------------------------------------------------
@@ -206,16 +220,21 @@ def train_from_cache(
     else:
         resumes = list(resume)
         if len(resumes) != len(trainers):
-            raise UserError(f"--resume: {len(resumes)} run directories for {len(trainers)} configs "
-                            "(one per config, in order; none: each one's latest)")  # fmt: skip
+            raise UserError(
+                f"--resume: {len(resumes)} run directories for {len(trainers)} configs "
+                "(one per config, in order; none: each one's latest)"
+            )
     locks: list[RunLock] = []
     try:
         restored = [restore_run(t, r, locks) for t, r in zip(trainers, resumes, strict=True)]
         start = _common_start(trainers, [s for s, _ in restored])
-        runs = [open_run(t, s, found, None, locks)
-                for t, (s, found) in zip(trainers, restored, strict=True)]  # fmt: skip
-        batches = cache.batches(configs[0].batch_size, seed=configs[0].seed, start_batch=start,
-                                in_order_epochs=1)  # fmt: skip
+        runs = [
+            open_run(t, s, found, None, locks)
+            for t, (s, found) in zip(trainers, restored, strict=True)
+        ]
+        batches = cache.batches(
+            configs[0].batch_size, seed=configs[0].seed, start_batch=start, in_order_epochs=1
+        )
         command = "e2e-sae train-cached CONFIG... --cache DIR --resume"
         run_loop(runs, batches, int(cache.meta["n_ctx"]), progress, command)
     finally:
@@ -226,9 +245,12 @@ def train_from_cache(
 
 def _common_start(trainers: Sequence[Trainer], states: Sequence[TrainState]) -> int:
     """The shared stream's first micro-batch: where every unfinished run stands."""
-    at = {s.batches for t, s in zip(trainers, states, strict=True)
-          if s.step < n_grad_steps(t.config)}  # fmt: skip
+    at = {
+        s.batches for t, s in zip(trainers, states, strict=True) if s.step < n_grad_steps(t.config)
+    }
     if len(at) > 1:
-        raise UserError(f"--resume: the unfinished runs stand at different batches "
-                        f"({', '.join(map(str, sorted(at)))}); resume them separately")  # fmt: skip
+        raise UserError(
+            f"--resume: the unfinished runs stand at different batches "
+            f"({', '.join(map(str, sorted(at)))}); resume them separately"
+        )
     return at.pop() if at else 0

@@ -25,10 +25,20 @@ CURVES_FILE = "training_curves.png"
 _SKIP = {"samples", "step", "tokens_per_s", "epoch", "eval/n_tokens", "dead_window_tokens"}
 # Panels in this order first (those present), then the rest alphabetically.
 _FIRST = [
-    "loss", "logits_kl", "sparsity", "out_to_in", "in_to_orig", "out_to_orig",
-    "dead_dict_elements", "lr", "eval/ce_loss_increase", "eval/kl", "eval/l0",
-    "eval/explained_variance", "eval/alive_dict_elements",
-]  # fmt: skip
+    "loss",
+    "logits_kl",
+    "sparsity",
+    "out_to_in",
+    "in_to_orig",
+    "out_to_orig",
+    "dead_dict_elements",
+    "lr",
+    "eval/ce_loss_increase",
+    "eval/kl",
+    "eval/l0",
+    "eval/explained_variance",
+    "eval/alive_dict_elements",
+]
 MAX_PANELS = 12
 
 
@@ -72,16 +82,21 @@ def panel_title(name: str, records: list[dict[str, Any]]) -> str:
     """The panel's title; dead-latent counts name the window they were counted over."""
     if name == "dead_dict_elements":
         window = next((r["dead_window_tokens"] for r in records if "dead_window_tokens" in r), None)
-        return (f"dead latents (none of the last {window:,} train tokens)" if window
-                else "dead latents (train)")  # fmt: skip
+        return (
+            f"dead latents (none of the last {window:,} train tokens)"
+            if window
+            else "dead latents (train)"
+        )
     if name == "eval/dead_dict_elements":
         n = next((r["eval/n_tokens"] for r in records if "eval/n_tokens" in r), None)
         return f"eval dead latents (none of {int(n):,} eval tokens)" if n else name
     return _TITLES.get(name, name)
 
 
-_TITLES = {"eval/l0": "eval L0 (active latents / token)",
-           "eval/ce_loss_increase": "eval CE loss increase (nats)"}  # fmt: skip
+_TITLES = {
+    "eval/l0": "eval L0 (active latents / token)",
+    "eval/ce_loss_increase": "eval CE loss increase (nats)",
+}
 
 
 class PlainLogFormatter(LogFormatter):
@@ -138,8 +153,13 @@ def plot_training_curves(run_dir: Path, out: Path | None = None) -> Path:
 # --- several runs ---------------------------------------------------------------------------------
 OVERLAY_FILE = "training_curves_overlay"
 _LOSS_TERMS = ("loss", "sparsity", "logits_kl", "in_to_orig", "out_to_orig", "out_to_in")
-_OVERLAY_PANELS = ("l0", "eval/l0", "dead_dict_elements", "eval/dead_dict_elements",
-                   "eval/ce_loss_increase")  # fmt: skip
+_OVERLAY_PANELS = (
+    "l0",
+    "eval/l0",
+    "dead_dict_elements",
+    "eval/dead_dict_elements",
+    "eval/ce_loss_increase",
+)
 _LINESTYLES = ("-", "--", ":", "-.")
 
 
@@ -184,8 +204,15 @@ def plot_curves_overlay(run_dirs: Sequence[str | Path], out_dir: str | Path) -> 
         drawn = result.lines.setdefault(name, [])
         for (d, _, panels), color in zip(series, colors, strict=True):
             for label, (xs, ys) in panels.get(name, {}).items():
-                ax.plot(xs, ys, color=color, ls=style.get(label, "-"), lw=1.3,
-                        marker="o" if is_eval else None, ms=3.5)  # fmt: skip
+                ax.plot(
+                    xs,
+                    ys,
+                    color=color,
+                    ls=style.get(label, "-"),
+                    lw=1.3,
+                    marker="o" if is_eval else None,
+                    ms=3.5,
+                )
                 drawn.append((d.name, label))
         ys_all = [y for _, _, p in series for _, ys in p.get(name, {}).values() for y in ys]
         if ys_all and min(ys_all) > 0 and max(ys_all) > 20 * min(ys_all):

@@ -198,8 +198,9 @@ class Engine:
         for pos in self.trainable:
             sae, acts = self.sae(pos), inputs.sae_acts[pos]
             dead, tc = sae.tokens_since_fired >= window, pos in inputs.transcoder_targets
-            n = resample_dead_latents(sae, acts.input, inputs.target(pos), acts.output, dead,
-                                      self.optimizer, gen, tc)  # fmt: skip
+            n = resample_dead_latents(
+                sae, acts.input, inputs.target(pos), acts.output, dead, self.optimizer, gen, tc
+            )
             counts[f"resampled/{pos}"] = float(n)
         broadcast_state(self.saes, self.dist)  # rank 0's choice on every rank
         return counts
@@ -237,8 +238,9 @@ def check_tensors_finite(named: Iterable[tuple[str, Tensor | None]], what: str, 
     raise NumericalError(f"non-finite {what} at step {step}: saes.{name}", weights_step)
 
 
-def check_divergence(values: dict[str, float], state: TrainState, factor: float | None,
-                     terms: list[str]) -> None:  # fmt: skip
+def check_divergence(
+    values: dict[str, float], state: TrainState, factor: float | None, terms: list[str]
+) -> None:
     """Stop when this step's loss is over `factor` times the median of the last
     DIVERGENCE_WINDOW steps' losses (`divergence_factor`; None: off), naming the term that grew
     most; else add the step to the window. `state.step` is this step (already counted)."""

@@ -112,8 +112,13 @@ def run_loop(
     bs = runs[0].trainer.global_batch
     active = [r for r in runs if r.active]
     done = min((r.state.step for r in active), default=0)
-    bar = tqdm(total=max(r.n_steps for r in runs), initial=done, desc="train", unit="step",
-               disable=not progress or not d.is_main)  # fmt: skip
+    bar = tqdm(
+        total=max(r.n_steps for r in runs),
+        initial=done,
+        desc="train",
+        unit="step",
+        disable=not progress or not d.is_main,
+    )
     t0 = time.perf_counter()
     start = {id(r): r.state.n_samples for r in runs}
     rate = TokenRate(now=t0)
@@ -168,9 +173,13 @@ def step_run(r: Run, micro: list[Any], progress: bool, rate: Callable[[], float]
     r.values = values
     bs, every = t.global_batch, cfg.eval_every_n_samples
     if log_due:
-        rec = {"samples": state.n_samples, "step": state.step,
-               "lr": t.scheduler.get_last_lr()[0], **values,
-               "tokens_per_s": rate()}  # fmt: skip
+        rec = {
+            "samples": state.n_samples,
+            "step": state.step,
+            "lr": t.scheduler.get_last_lr()[0],
+            **values,
+            "tokens_per_s": rate(),
+        }
         rec.update(dead_counts(t.model, cfg.act_frequency_n_tokens))
         r.log.log(rec, step=state.n_samples)
     if every and crossed(state.n_samples, bs, every):
@@ -203,8 +212,9 @@ def log_eval(r: Run, progress: bool = False, desc: str = "eval") -> None:
     if result is None:
         return
     r.eval = result
-    r.log.log({"samples": state.n_samples, "step": state.step, **result.flat()},
-              step=state.n_samples)  # fmt: skip
+    r.log.log(
+        {"samples": state.n_samples, "step": state.step, **result.flat()}, step=state.n_samples
+    )
     freqs = {p: result.feature_frequency(p) for p in result.feature_counts}
     r.log.log_feature_frequencies(freqs, step=state.n_samples)
     if r.on_eval is not None:
@@ -233,8 +243,9 @@ def set_aside_bad_point(err: NumericalError, run_dir: Path, bs: int, d: Any) -> 
     kept = [p for p in points if p not in bad]
     names = ", ".join(p.samples_path.name for p in bad)
     last = kept[-1].samples_path.name if kept else "none"
-    return NumericalError(f"{err}; last checkpoint before it: {last} ({names} renamed "
-                          "*.diverged)", err.weights_step)  # fmt: skip
+    return NumericalError(
+        f"{err}; last checkpoint before it: {last} ({names} renamed *.diverged)", err.weights_step
+    )
 
 
 class TokenRate:

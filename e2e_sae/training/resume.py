@@ -88,13 +88,30 @@ DAMAGED_SUFFIX = ".damaged"
 # `effective_batch_size` may change with the number of ranks as long as the global batch stays the
 # same; checked separately.) Changing n_samples, device, compile or kl_chunk_tokens gives a valid
 # continuation that is no longer bit-identical to an uninterrupted run.
-RESUMABLE_CHANGES = frozenset({
-    "n_samples", "save_every_n_samples", "keep_last_n_checkpoints", "eval_every_n_samples",
-    "eval_n_samples", "eval_data", "log_every_n_grad_steps", "act_frequency_n_tokens",
-    "collect_act_frequency_every_n_samples", "wandb_project", "wandb_run_name",
-    "wandb_run_name_prefix", "run_name", "save_dir", "device", "compile", "kl_chunk_tokens",
-    "batch_size", "effective_batch_size", "divergence_factor",
-})  # fmt: skip
+RESUMABLE_CHANGES = frozenset(
+    {
+        "n_samples",
+        "save_every_n_samples",
+        "keep_last_n_checkpoints",
+        "eval_every_n_samples",
+        "eval_n_samples",
+        "eval_data",
+        "log_every_n_grad_steps",
+        "act_frequency_n_tokens",
+        "collect_act_frequency_every_n_samples",
+        "wandb_project",
+        "wandb_run_name",
+        "wandb_run_name_prefix",
+        "run_name",
+        "save_dir",
+        "device",
+        "compile",
+        "kl_chunk_tokens",
+        "batch_size",
+        "effective_batch_size",
+        "divergence_factor",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -478,8 +495,10 @@ def restore_point(t: Checkpointed, point: ResumePoint, state: Any, d: Dist) -> N
             value = getattr(state, f.name)
             setattr(state, f.name, type(value)(meta["state"].get(f.name, value)))
     except (KeyError, TypeError, ValueError, IndexError) as err:
-        raise UserError(f"resume file {path}: inconsistent contents ({type(err).__name__}: "
-                        f"{str(err).splitlines()[0] if str(err) else ''})") from None  # fmt: skip
+        raise UserError(
+            f"resume file {path}: inconsistent contents ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''})"
+        ) from None
 
 
 def _check_layout(old: dict[str, int], new: dict[str, int], path: Path) -> None:
@@ -494,8 +513,10 @@ def _check_layout(old: dict[str, int], new: dict[str, int], path: Path) -> None:
 def _load_optimizer(t: Checkpointed, meta: dict[str, Any], tensors: dict[str, Tensor], path: Path):
     names = _param_names(t)
     if meta["param_names"] != names:
-        raise UserError(f"resume file {path}: optimizer parameters {meta['param_names'][:3]}... "
-                        f"do not match this config's {names[:3]}...")  # fmt: skip
+        raise UserError(
+            f"resume file {path}: optimizer parameters {meta['param_names'][:3]}... "
+            f"do not match this config's {names[:3]}..."
+        )
     params = [p for g in t.optimizer.param_groups for p in g["params"]]
     state: dict[int, dict[str, Any]] = {}
     for key, v in tensors.items():

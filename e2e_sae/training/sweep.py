@@ -244,8 +244,7 @@ def _train_one(
         config = load_config(config_dict)
         assert isinstance(config, Config)
         results: list[EvalResult] = []
-        out = train(config, Path(run_dir), device=device, progress=progress,
-                    on_eval=results.append)  # fmt: skip
+        out = train(config, Path(run_dir), device=device, progress=progress, on_eval=results.append)
         if results:
             write_eval(results[-1], out / EVAL_JSON)
             record["eval"] = results[-1].to_json()
@@ -304,7 +303,7 @@ def run_sweep(
                     device,
                     threads,
                     False,
-                ): run  # fmt: skip
+                ): run
                 for run in todo
             }
             for fut in as_completed(futures):
@@ -316,8 +315,18 @@ def run_sweep(
 
 def summary_rows(sweep: Sweep, records: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
     """A table of the runs' final eval metrics: one row per run and SAE position."""
-    headers = ["run", *sweep.varied, "status", "sae_position", "l0", "alive",
-               "explained_variance", "ce_loss_increase", "kl", "ce_loss_score"]  # fmt: skip
+    headers = [
+        "run",
+        *sweep.varied,
+        "status",
+        "sae_position",
+        "l0",
+        "alive",
+        "explained_variance",
+        "ce_loss_increase",
+        "kl",
+        "ce_loss_score",
+    ]
     rows: list[list[Any]] = []
     for run, rec in zip(sweep.runs, records, strict=True):
         head = [run.run_dir.name, *(_label(run.overrides[k]) for k in sweep.varied), rec["status"]]
@@ -325,8 +334,16 @@ def summary_rows(sweep: Sweep, records: list[dict[str, Any]]) -> tuple[list[str]
         model_level = [ev.get(k, "") for k in ("ce_loss_increase", "kl", "ce_loss_score")]
         per_sae = ev.get("per_sae") or {"": {}}
         for pos, d in per_sae.items():
-            rows.append([*head, pos, d.get("l0", ""), d.get("alive_dict_elements", ""),
-                         d.get("explained_variance", ""), *model_level])  # fmt: skip
+            rows.append(
+                [
+                    *head,
+                    pos,
+                    d.get("l0", ""),
+                    d.get("alive_dict_elements", ""),
+                    d.get("explained_variance", ""),
+                    *model_level,
+                ]
+            )
     return headers, rows
 
 
@@ -401,8 +418,7 @@ def run_wandb_sweep(
         config = load_config(cfg)
         assert isinstance(config, Config)
         results: list[Any] = []
-        run_dir = train(config, sweep.out_dir / str(run.id), device=device,
-                        on_eval=results.append)  # fmt: skip
+        run_dir = train(config, sweep.out_dir / str(run.id), device=device, on_eval=results.append)
         for rec in read_metrics(run_dir):
             run.log(rec, step=rec.get("samples"))
         if results:

@@ -59,8 +59,13 @@ def get_run_name(config: Config) -> str:
     parts = [f"{positions}", f"ratio-{config.saes.dict_size_to_input_ratio}", f"lr-{config.lr}"]
     if config.saes.architecture != "relu":
         parts.insert(0, config.saes.architecture + (f"{config.saes.k}" if config.saes.k else ""))
-    short = {"sparsity": "lpcoeff", "out_to_in": "in-to-out", "out_to_orig": "out-to-orig",
-             "logits_kl": "logits-kl", "in_to_orig": "in-to-orig"}  # fmt: skip
+    short = {
+        "sparsity": "lpcoeff",
+        "out_to_in": "in-to-out",
+        "out_to_orig": "out-to-orig",
+        "logits_kl": "logits-kl",
+        "in_to_orig": "in-to-orig",
+    }
     for name, term in config.loss.enabled.items():
         parts.append(f"{short[name]}-{getattr(term, 'coeff', 0):g}")
     return config.wandb_run_name_prefix + "_".join(parts)
@@ -135,10 +140,12 @@ class Trainer(Engine):
         seed = cfg.seed + 42  # a different order from training, as in the original
         batches = self.batches(cfg.eval_data, seed)
         self.model.eval()
-        with tqdm(total=n_batches, desc=desc, unit="batch", leave=False,
-                  disable=not progress) as bar:  # fmt: skip
-            return evaluate(self.model, _counted(batches, bar), n_batches, self.eval_plan,
-                            self.loss_terms)  # fmt: skip
+        with tqdm(
+            total=n_batches, desc=desc, unit="batch", leave=False, disable=not progress
+        ) as bar:
+            return evaluate(
+                self.model, _counted(batches, bar), n_batches, self.eval_plan, self.loss_terms
+            )
 
     def check_eval_data(self) -> None:
         """Load the first eval batch now, so a bad eval dataset fails before anything is written."""
@@ -165,8 +172,10 @@ def setup(
     if config.n_samples is not None and config.n_samples < (
         global_batch := (config.effective_batch_size or config.batch_size) * dist.world_size
     ):
-        raise UserError(f"n_samples: {config.n_samples} is less than one optimizer step over "
-                        f"{dist.world_size} processes ({global_batch} samples)")  # fmt: skip
+        raise UserError(
+            f"n_samples: {config.n_samples} is less than one optimizer step over "
+            f"{dist.world_size} processes ({global_batch} samples)"
+        )
     s = config.saes
     if s.tied_init or s.init_b_dec != "zeros":  # before pretrained weights, which then win
         sample = None
@@ -192,9 +201,20 @@ def setup(
     optimizer, scheduler = make_optimizer(config, model.saes, dist.world_size)
     dev = next(model.saes.parameters()).device
     eval_plan = make_plan(model, config.loss, force_full_pass=True)
-    return Trainer(config, model.saes, trainable, loss_terms, optimizer, scheduler, dev,
-                   dist=dist, model=model, plan=plan, eval_plan=eval_plan,
-                   reference=reference)  # fmt: skip
+    return Trainer(
+        config,
+        model.saes,
+        trainable,
+        loss_terms,
+        optimizer,
+        scheduler,
+        dev,
+        dist=dist,
+        model=model,
+        plan=plan,
+        eval_plan=eval_plan,
+        reference=reference,
+    )
 
 
 def check_in_to_orig(model: SAETransformer, config: Config) -> None:
@@ -211,8 +231,10 @@ def check_in_to_orig(model: SAETransformer, config: Config) -> None:
     first = min(outputs, key=order.index)
     early = [h for h in hooks if order.index(h) <= order.index(first)]
     if early:
-        raise UserError(f"{field}: '{early[0]}' is not after the first SAE ('{first}'), where the "
-                        "spliced run equals the clean run (the term would be 0)")  # fmt: skip
+        raise UserError(
+            f"{field}: '{early[0]}' is not after the first SAE ('{first}'), where the "
+            "spliced run equals the clean run (the term would be 0)"
+        )
 
 
 def train(

@@ -64,11 +64,24 @@ BUDGETS = [366, 1171, 3660, TRAIN_WINDOWS]  # n_samples: 47k ... 1.5M tokens (32
 WARMUP_FRACTION = 0.1
 SEEDS_AT_LARGEST = (0, 1)
 # The architecture of shakespeare-lm (experiments/small_lm/shakespeare_lm.yaml), random weights.
-QUICK_MODEL = {"n_layers": 4, "d_model": 128, "n_heads": 4, "d_head": 32, "d_mlp": 512,
-               "n_ctx": 128, "d_vocab": 4096, "act_fn": "gelu", "normalization_type": "LN",
-               "seed": 0}  # fmt: skip
-QUICK = {"tlens_model_name": None, "tlens_config": QUICK_MODEL, "batch_size": 4,
-         "eval_n_samples": 8}  # fmt: skip
+QUICK_MODEL = {
+    "n_layers": 4,
+    "d_model": 128,
+    "n_heads": 4,
+    "d_head": 32,
+    "d_mlp": 512,
+    "n_ctx": 128,
+    "d_vocab": 4096,
+    "act_fn": "gelu",
+    "normalization_type": "LN",
+    "seed": 0,
+}
+QUICK = {
+    "tlens_model_name": None,
+    "tlens_config": QUICK_MODEL,
+    "batch_size": 4,
+    "eval_n_samples": 8,
+}
 QUICK_BUDGETS = [8, 16, 32, 64]
 
 
@@ -81,13 +94,21 @@ def plan(runs_root: Path, budgets: list[int], overrides: dict[str, Any]) -> Swee
         for seed in seeds:
             for kind, file in SWEEPS.items():
                 stem = file.removesuffix(".yaml")
-                extra = {**overrides, "n_samples": n, "seed": seed,
-                         "warmup_samples": int(n * WARMUP_FRACTION)}  # fmt: skip
-                sweep = load_sweep(CONFIGS / file, out_dir=runs_root / f"n{n}" / f"{stem}_s{seed}",
-                                   overrides=extra)  # fmt: skip
-                runs += [dataclasses.replace(r, overrides={**r.overrides, "n_samples": n,
-                                                           "seed": seed, "type": kind})
-                         for r in sweep.runs]  # fmt: skip
+                extra = {
+                    **overrides,
+                    "n_samples": n,
+                    "seed": seed,
+                    "warmup_samples": int(n * WARMUP_FRACTION),
+                }
+                sweep = load_sweep(
+                    CONFIGS / file, out_dir=runs_root / f"n{n}" / f"{stem}_s{seed}", overrides=extra
+                )
+                runs += [
+                    dataclasses.replace(
+                        r, overrides={**r.overrides, "n_samples": n, "seed": seed, "type": kind}
+                    )
+                    for r in sweep.runs
+                ]
     cost = {"local": 1.0, "e2e": 6.0, "e2e+ds": 6.5}  # relative time per token (measured)
     runs.sort(key=lambda r: -r.config.n_samples * cost[str(r.overrides["type"])])  # type: ignore[operator]
     runs = [dataclasses.replace(r, index=i) for i, r in enumerate(runs)]
@@ -111,9 +132,15 @@ def budget_summary(runs: list[RunInfo], seed: int) -> dict[str, Any]:
     for kind in ("e2e", "e2e+ds"):
         if kind in matched["types"] and "local" in matched["types"]:
             r = ratios(matched, kind)
-            out[kind] = {name: {"values": v, "gmean": _gmean(v),
-                                "min": min(v, default=math.nan), "max": max(v, default=math.nan)}
-                         for name, v in r.items()}  # fmt: skip
+            out[kind] = {
+                name: {
+                    "values": v,
+                    "gmean": _gmean(v),
+                    "min": min(v, default=math.nan),
+                    "max": max(v, default=math.nan),
+                }
+                for name, v in r.items()
+            }
     return out
 
 
@@ -123,9 +150,18 @@ def _run_row(r: RunInfo) -> list[str]:
     last = (
         down[max(down, key=lambda h: down[h]["layer"])]["explained_variance"] if down else math.nan
     )
-    return [r.sae_type, str(r.config.seed), _f(r.sparsity_coeff), _f(s["l0"]),
-            str(int(s["alive_dict_elements"])), _f(r.eval["ce_loss_increase"]), _f(r.eval["kl"]),
-            _f(s["explained_variance"]), _f(last), _f(train_minutes(r.run_dir), 2)]  # fmt: skip
+    return [
+        r.sae_type,
+        str(r.config.seed),
+        _f(r.sparsity_coeff),
+        _f(s["l0"]),
+        str(int(s["alive_dict_elements"])),
+        _f(r.eval["ce_loss_increase"]),
+        _f(r.eval["kl"]),
+        _f(s["explained_variance"]),
+        _f(last),
+        _f(train_minutes(r.run_dir), 2),
+    ]
 
 
 def plot_ratios(summary: dict[str, Any], budgets: list[int], out_dir: Path) -> list[Path]:
@@ -145,12 +181,25 @@ def plot_ratios(summary: dict[str, Any], budgets: list[int], out_dir: Path) -> l
                     ys.append(rec[key]["gmean"])
                     lo.append(rec[key]["gmean"] - rec[key]["min"])
                     hi.append(rec[key]["max"] - rec[key]["gmean"])
-            ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, color=TYPE_COLORS[kind],
-                        label=f"{kind} (seed 0; bars: range over the matched points)")  # fmt: skip
+            ax.errorbar(
+                xs,
+                ys,
+                yerr=[lo, hi],
+                marker="o",
+                capsize=3,
+                color=TYPE_COLORS[kind],
+                label=f"{kind} (seed 0; bars: range over the matched points)",
+            )
             other = summary[str(budgets[-1])]["seeds"].get("1", {}).get(kind)
             if other and other[key]["gmean"] == other[key]["gmean"]:
-                ax.plot([tokens[-1] * 1.08], [other[key]["gmean"]], marker="s", linestyle="none",
-                        color=TYPE_COLORS[kind], label=f"{kind} seed 1")  # fmt: skip
+                ax.plot(
+                    [tokens[-1] * 1.08],
+                    [other[key]["gmean"]],
+                    marker="s",
+                    linestyle="none",
+                    color=TYPE_COLORS[kind],
+                    label=f"{kind} seed 1",
+                )
         if isinstance(paper, tuple):
             ax.axhspan(*paper, color="grey", alpha=0.25, label="paper (GPT-2, 410M tokens)")
         else:
@@ -175,10 +224,15 @@ def plot_fronts(runs: list[RunInfo], budgets: list[int], out_dir: Path) -> list[
                 if not l0:
                     continue
                 order = sorted(range(len(l0)), key=lambda i: l0[i])
-                ax.plot([l0[i] for i in order], [ce[i] for i in order], marker=marker,
-                        color=TYPE_COLORS[kind], alpha=1.0 if seed == 0 else 0.5,
-                        linestyle="-" if seed == 0 else ":",
-                        label=f"{kind}" + (" seed 1" if seed else ""))  # fmt: skip
+                ax.plot(
+                    [l0[i] for i in order],
+                    [ce[i] for i in order],
+                    marker=marker,
+                    color=TYPE_COLORS[kind],
+                    alpha=1.0 if seed == 0 else 0.5,
+                    linestyle="-" if seed == 0 else ":",
+                    label=f"{kind}" + (" seed 1" if seed else ""),
+                )
         ax.set_xscale("log")
         if all(v > 0 for line in ax.get_lines() for v in line.get_ydata()):  # type: ignore[union-attr]
             ax.set_yscale("log")
@@ -197,14 +251,23 @@ def plot_by_coefficient(runs: list[RunInfo], budgets: list[int], out_dir: Path) 
     for kind in TYPE_ORDER:
         coeffs = sorted({c for r in seed0 if r.sae_type == kind and (c := r.sparsity_coeff)})
         for j, c in enumerate(coeffs):
-            rs = sorted((r for r in seed0 if r.sae_type == kind and r.sparsity_coeff == c),
-                        key=lambda r: r.config.n_samples or 0)  # fmt: skip
+            rs = sorted(
+                (r for r in seed0 if r.sae_type == kind and r.sparsity_coeff == c),
+                key=lambda r: r.config.n_samples or 0,
+            )
             xs = [(r.config.n_samples or 0) * 128 for r in rs]
             color, alpha = TYPE_COLORS[kind], 0.45 + 0.55 * (j + 1) / len(coeffs)
-            axes[0].plot(xs, [r.sae(POSITION)["l0"] for r in rs], label=f"{kind} λ={c:g}",
-                         color=color, marker="o", alpha=alpha)  # fmt: skip
-            axes[1].plot(xs, [r.eval["ce_loss_increase"] for r in rs], color=color, marker="o",
-                         alpha=alpha)  # fmt: skip
+            axes[0].plot(
+                xs,
+                [r.sae(POSITION)["l0"] for r in rs],
+                label=f"{kind} λ={c:g}",
+                color=color,
+                marker="o",
+                alpha=alpha,
+            )
+            axes[1].plot(
+                xs, [r.eval["ce_loss_increase"] for r in rs], color=color, marker="o", alpha=alpha
+            )
     for ax, label in zip(axes, ("L0", "CE-loss increase (nats)"), strict=True):
         ax.set_xscale("log")
         if all(v > 0 for line in ax.get_lines() for v in line.get_ydata()):  # type: ignore[union-attr]
@@ -224,10 +287,15 @@ def write_results(sweep: Sweep, root: Path, budgets: list[int], argv: list[str])
     for n in budgets:
         at = [r for r in runs if r.config.n_samples == n]
         seeds = sorted({r.config.seed for r in at})
-        summary[str(n)] = {"tokens": n * 128,
-                           "seeds": {str(s): budget_summary(at, s) for s in seeds}}  # fmt: skip
-    plots = (plot_ratios(summary, budgets, results) + plot_fronts(runs, budgets, results)
-             + plot_by_coefficient(runs, budgets, results))  # fmt: skip
+        summary[str(n)] = {
+            "tokens": n * 128,
+            "seeds": {str(s): budget_summary(at, s) for s in seeds},
+        }
+    plots = (
+        plot_ratios(summary, budgets, results)
+        + plot_fronts(runs, budgets, results)
+        + plot_by_coefficient(runs, budgets, results)
+    )
     timing_file = results / "timing.json"
     timing = json.loads(timing_file.read_text()) if timing_file.exists() else {}
     clean = runs[0].eval["ce_loss_clean"]
@@ -252,14 +320,31 @@ def write_results(sweep: Sweep, root: Path, budgets: list[int], argv: list[str])
             for kind in ("e2e", "e2e+ds"):
                 for key in ("ce_at_l0", "l0_at_ce"):
                     r = rec.get(kind, {}).get(key)
-                    row.append(f"{_f(r['gmean'], 2)} [{_f(r['min'], 2)}, {_f(r['max'], 2)}]"
-                               if r and r["values"] else "n/a")  # fmt: skip
+                    row.append(
+                        f"{_f(r['gmean'], 2)} [{_f(r['min'], 2)}, {_f(r['max'], 2)}]"
+                        if r and r["values"]
+                        else "n/a"
+                    )
             rows.append(row)
-    lines.append(md_table(["tokens", "seed", "e2e / local CE at equal L0",
-                           "local / e2e L0 at equal CE", "e2e+ds / local CE at equal L0",
-                           "local / e2e+ds L0 at equal CE"], rows))  # fmt: skip
-    lines += ["", f"Paper (GPT-2 small, ~410M tokens): CE ratio < {PAPER_CE_RATIO_AT_L0}, "
-              f"L0 ratio {PAPER_L0_RATIO_AT_CE[0]}-{PAPER_L0_RATIO_AT_CE[1]}.", ""]  # fmt: skip
+    lines.append(
+        md_table(
+            [
+                "tokens",
+                "seed",
+                "e2e / local CE at equal L0",
+                "local / e2e L0 at equal CE",
+                "e2e+ds / local CE at equal L0",
+                "local / e2e+ds L0 at equal CE",
+            ],
+            rows,
+        )
+    )
+    lines += [
+        "",
+        f"Paper (GPT-2 small, ~410M tokens): CE ratio < {PAPER_CE_RATIO_AT_L0}, "
+        f"L0 ratio {PAPER_L0_RATIO_AT_CE[0]}-{PAPER_L0_RATIO_AT_CE[1]}.",
+        "",
+    ]
     for n in budgets:
         lines += [f"## {n * 128:,} tokens ({n} windows)", ""]
         at = [r for r in runs if r.config.n_samples == n]
@@ -268,34 +353,77 @@ def write_results(sweep: Sweep, root: Path, budgets: list[int], argv: list[str])
             kinds = m["types"]
             if m["same_l0"]:
                 lines += [f"Same L0, CE-loss increase (seed {seed}):", ""]
-                lines.append(md_table(["L0", *kinds, "e2e / local", "e2e+ds / local"], [
-                    [_f(row["l0"]), *(_f(row[k]) for k in kinds),
-                     *(_f(row[k] / row["local"], 2) for k in ("e2e", "e2e+ds"))]
-                    for row in m["same_l0"]]))  # fmt: skip
+                lines.append(
+                    md_table(
+                        ["L0", *kinds, "e2e / local", "e2e+ds / local"],
+                        [
+                            [
+                                _f(row["l0"]),
+                                *(_f(row[k]) for k in kinds),
+                                *(_f(row[k] / row["local"], 2) for k in ("e2e", "e2e+ds")),
+                            ]
+                            for row in m["same_l0"]
+                        ],
+                    )
+                )
                 lines.append("")
             if m["same_ce"]:
                 lines += [f"Same CE-loss increase, L0 (alive latents) (seed {seed}):", ""]
-                lines.append(md_table(["CE increase", *kinds, "local / e2e", "local / e2e+ds"], [
-                    [_f(row["ce_loss_increase"]),
-                     *(f"{_f(row[k])} ({_f(row[f'{k}_alive'], 4)})" for k in kinds),
-                     *(_f(row["local"] / row[k], 2) for k in ("e2e", "e2e+ds"))]
-                    for row in m["same_ce"]]))  # fmt: skip
+                lines.append(
+                    md_table(
+                        ["CE increase", *kinds, "local / e2e", "local / e2e+ds"],
+                        [
+                            [
+                                _f(row["ce_loss_increase"]),
+                                *(f"{_f(row[k])} ({_f(row[f'{k}_alive'], 4)})" for k in kinds),
+                                *(_f(row["local"] / row[k], 2) for k in ("e2e", "e2e+ds")),
+                            ]
+                            for row in m["same_ce"]
+                        ],
+                    )
+                )
                 lines.append("")
         lines += ["Runs:", ""]
-        ordered = sorted(at, key=lambda r: (TYPE_ORDER.index(r.sae_type), r.config.seed,
-                                            r.sae(POSITION)["l0"]))  # fmt: skip
-        lines.append(md_table(["type", "seed", "sparsity coeff", "L0", "alive", "CE increase",
-                               "KL", "EV", "EV last layer", "train+eval min"],
-                              [_run_row(r) for r in ordered]))  # fmt: skip
+        ordered = sorted(
+            at, key=lambda r: (TYPE_ORDER.index(r.sae_type), r.config.seed, r.sae(POSITION)["l0"])
+        )
+        lines.append(
+            md_table(
+                [
+                    "type",
+                    "seed",
+                    "sparsity coeff",
+                    "L0",
+                    "alive",
+                    "CE increase",
+                    "KL",
+                    "EV",
+                    "EV last layer",
+                    "train+eval min",
+                ],
+                [_run_row(r) for r in ordered],
+            )
+        )
         lines.append("")
     lines += ["Plots: " + ", ".join(f"`{p.name}`" for p in plots if p.suffix == ".png"), ""]
     (results / "budget.md").write_text("\n".join(lines))
-    out = {"budgets": budgets, "summary": summary, "timing": timing,
-           "runs": [{"run": str(r.run_dir.relative_to(root)), "type": r.sae_type,
-                     "seed": r.config.seed, "n_samples": r.config.n_samples,
-                     "sparsity_coeff": r.sparsity_coeff,
-                     "train_minutes": train_minutes(r.run_dir), "eval": r.eval}
-                    for r in runs]}  # fmt: skip
+    out = {
+        "budgets": budgets,
+        "summary": summary,
+        "timing": timing,
+        "runs": [
+            {
+                "run": str(r.run_dir.relative_to(root)),
+                "type": r.sae_type,
+                "seed": r.config.seed,
+                "n_samples": r.config.n_samples,
+                "sparsity_coeff": r.sparsity_coeff,
+                "train_minutes": train_minutes(r.run_dir),
+                "eval": r.eval,
+            }
+            for r in runs
+        ],
+    }
     (results / "results.json").write_text(json.dumps(out, indent=2, default=str))
     print((results / "budget.md").read_text())
 
@@ -303,8 +431,12 @@ def write_results(sweep: Sweep, root: Path, budgets: list[int], argv: list[str])
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="random tiny-budget check of the script")
-    p.add_argument("--out-root", type=Path, default=None,
-                   help="folder for runs/ and results/ (default: here; --quick: /tmp)")  # fmt: skip
+    p.add_argument(
+        "--out-root",
+        type=Path,
+        default=None,
+        help="folder for runs/ and results/ (default: here; --quick: /tmp)",
+    )
     p.add_argument("--parallel", type=int, default=1, help="runs trained at a time")
     p.add_argument("--train-only", action="store_true", help="train, do not write results")
     args = p.parse_args(argv)
@@ -320,8 +452,11 @@ def main(argv: list[str] | None = None) -> int:
         nonlocal done
         done += 1
         err = f" {rec.get('error')}" if rec.get("error") else ""
-        print(f"[{done}/{n}] {time.perf_counter() - t0:7.0f}s "
-              f"{run.run_dir.relative_to(root)}: {rec['status']}{err}", flush=True)  # fmt: skip
+        print(
+            f"[{done}/{n}] {time.perf_counter() - t0:7.0f}s "
+            f"{run.run_dir.relative_to(root)}: {rec['status']}{err}",
+            flush=True,
+        )
 
     records = run_sweep(sweep, parallel=args.parallel, progress=False, on_done=report)
     failed = [r for r in records if r["status"] == "failed"]
@@ -334,10 +469,17 @@ def main(argv: list[str] | None = None) -> int:
     timing_file = results / "timing.json"
     wall = time.perf_counter() - t0
     if trained == n:  # the wall time of the invocation that trained every run
-        timing_file.write_text(json.dumps({"wall_s": wall, "parallel": args.parallel,
-                                           "load_average_15min": os.getloadavg()[2],
-                                           "finished": time.strftime("%Y-%m-%d %H:%M")},
-                                          indent=2))  # fmt: skip
+        timing_file.write_text(
+            json.dumps(
+                {
+                    "wall_s": wall,
+                    "parallel": args.parallel,
+                    "load_average_15min": os.getloadavg()[2],
+                    "finished": time.strftime("%Y-%m-%d %H:%M"),
+                },
+                indent=2,
+            )
+        )
     if args.train_only:
         return 0
     write_results(sweep, root, budgets, argv if argv is not None else sys.argv[1:])

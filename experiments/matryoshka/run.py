@@ -49,9 +49,12 @@ RUNS: dict[str, dict[str, Any]] = {
     "batchtopk e2e": {"arch": "batchtopk", "loss": "e2e", "n_samples": 600},
     "matryoshka e2e (all_prefixes)": {"arch": "matryoshka", "loss": "e2e", "n_samples": 600},
     "matryoshka e2e (full_kl_inner_mse)": {
-        "arch": "matryoshka", "loss": "e2e", "mode": "full_kl_inner_mse", "n_samples": 600,
+        "arch": "matryoshka",
+        "loss": "e2e",
+        "mode": "full_kl_inner_mse",
+        "n_samples": 600,
     },
-}  # fmt: skip
+}
 LOSSES = {"local": {"out_to_in": {"coeff": 1.0}}, "e2e": {"logits_kl": {"coeff": 1.0}}}
 
 
@@ -63,8 +66,12 @@ def config_for(
     if spec["arch"] == "matryoshka":
         kwargs["matryoshka_widths"] = WIDTHS
         kwargs["matryoshka_e2e"] = spec.get("mode", "all_prefixes")
-    raw["saes"] = {**raw["saes"], "architecture": spec["arch"], "k": K,
-                   "architecture_kwargs": kwargs}  # fmt: skip
+    raw["saes"] = {
+        **raw["saes"],
+        "architecture": spec["arch"],
+        "k": K,
+        "architecture_kwargs": kwargs,
+    }
     raw["loss"] = LOSSES[spec["loss"]]
     raw["save_dir"] = str(runs)
     raw["run_name"] = name.replace(" ", "_").replace("(", "").replace(")", "")
@@ -111,9 +118,14 @@ def bands(freq: Tensor) -> list[dict[str, float]]:
     out, lo = [], 0
     for w in WIDTHS:
         f = freq[lo:w]
-        out.append({"band": f"{lo}-{w}", "mean_freq": float(f.mean()),
-                    "l0_share": float(f.sum()) / total if total else 0.0,
-                    "alive": int((f > 0).sum())})  # fmt: skip
+        out.append(
+            {
+                "band": f"{lo}-{w}",
+                "mean_freq": float(f.mean()),
+                "l0_share": float(f.sum()) / total if total else 0.0,
+                "alive": int((f > 0).sum()),
+            }
+        )
         lo = w
     return out
 
@@ -125,8 +137,13 @@ def report(results: dict[str, Any]) -> str:
     head += [f"freq {b}" for b in ("0-64", "64-256", "256-1024")] + ["L0 share 0-64", "train s"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in results.items():
-        cells = [name, f"{r['ce_loss_increase']:.3f}", f"{r['l0']:.1f}", str(r["alive"]),
-                 f"{r['explained_variance']:.3f}"]  # fmt: skip
+        cells = [
+            name,
+            f"{r['ce_loss_increase']:.3f}",
+            f"{r['l0']:.1f}",
+            str(r["alive"]),
+            f"{r['explained_variance']:.3f}",
+        ]
         cells += [f"{p['ce_increase']:.3f}" for p in r["prefixes"]]
         cells += [f"{p['explained_variance']:.3f}" for p in r["prefixes"][:-1]]
         cells += [f"{b['mean_freq']:.4f}" for b in r["bands"]]

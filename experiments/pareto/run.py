@@ -36,18 +36,36 @@ SWEEPS = {"local": "local.yaml", "e2e": "e2e.yaml", "e2e+ds": "e2e_ds.yaml"}
 SEED_TYPES = ("local", "e2e")  # types that also get runs with other seeds (cross-seed geometry)
 POSITION = "blocks.2.hook_resid_pre"
 # The architecture of shakespeare-lm (experiments/small_lm/shakespeare_lm.yaml), random weights.
-QUICK_MODEL = {"n_layers": 4, "d_model": 128, "n_heads": 4, "d_head": 32, "d_mlp": 512,
-               "n_ctx": 128, "d_vocab": 4096, "act_fn": "gelu", "normalization_type": "LN",
-               "seed": 0}  # fmt: skip
-QUICK = {"tlens_model_name": None, "tlens_config": QUICK_MODEL, "n_samples": 32, "batch_size": 8,
-         "warmup_samples": 0, "eval_n_samples": 8}  # fmt: skip
+QUICK_MODEL = {
+    "n_layers": 4,
+    "d_model": 128,
+    "n_heads": 4,
+    "d_head": 32,
+    "d_mlp": 512,
+    "n_ctx": 128,
+    "d_vocab": 4096,
+    "act_fn": "gelu",
+    "normalization_type": "LN",
+    "seed": 0,
+}
+QUICK = {
+    "tlens_model_name": None,
+    "tlens_config": QUICK_MODEL,
+    "n_samples": 32,
+    "batch_size": 8,
+    "warmup_samples": 0,
+    "eval_n_samples": 8,
+}
 
 
 def build_sweeps(runs_root: Path, overrides: dict[str, Any], seeds: int) -> list[Sweep]:
     sweeps = []
     for kind, file in SWEEPS.items():
-        sweep = load_sweep(HERE / "configs" / file, out_dir=runs_root / file.removesuffix(".yaml"),
-                           overrides=overrides)  # fmt: skip
+        sweep = load_sweep(
+            HERE / "configs" / file,
+            out_dir=runs_root / file.removesuffix(".yaml"),
+            overrides=overrides,
+        )
         for seed in range(1, seeds if kind in SEED_TYPES else 1):  # at a middle coefficient
             extra = load_sweep(
                 HERE / "configs" / file,
@@ -83,8 +101,9 @@ def markdown(
         "",
     ]
     rows = []
-    for r in sorted(runs, key=lambda r: (TYPE_ORDER.index(r.sae_type), r.config.seed,
-                                         r.sae(POSITION)["l0"])):  # fmt: skip
+    for r in sorted(
+        runs, key=lambda r: (TYPE_ORDER.index(r.sae_type), r.config.seed, r.sae(POSITION)["l0"])
+    ):
         s = r.sae(POSITION)
         down = r.eval.get("downstream", {})
         last = (
@@ -92,14 +111,36 @@ def markdown(
             if down
             else math.nan
         )
-        rows.append([r.sae_type, str(r.config.seed), _f(r.sparsity_coeff),
-                     _f(s["l0"]), str(int(s["alive_dict_elements"])),
-                     _f(r.eval["ce_loss_increase"]), _f(r.eval["kl"]),
-                     _f(r.eval.get("ce_loss_score", math.nan)), _f(s["explained_variance"]),
-                     _f(s["explained_variance_ln"]), _f(last),
-                     _f(r.eval.get("train_minutes", math.nan), 2)])  # fmt: skip
-    headers = ["type", "seed", "sparsity coeff", "L0", "alive", "CE increase", "KL",
-               "CE recovered", "EV", "EV (LN)", "EV last layer", "train+eval min"]  # fmt: skip
+        rows.append(
+            [
+                r.sae_type,
+                str(r.config.seed),
+                _f(r.sparsity_coeff),
+                _f(s["l0"]),
+                str(int(s["alive_dict_elements"])),
+                _f(r.eval["ce_loss_increase"]),
+                _f(r.eval["kl"]),
+                _f(r.eval.get("ce_loss_score", math.nan)),
+                _f(s["explained_variance"]),
+                _f(s["explained_variance_ln"]),
+                _f(last),
+                _f(r.eval.get("train_minutes", math.nan), 2),
+            ]
+        )
+    headers = [
+        "type",
+        "seed",
+        "sparsity coeff",
+        "L0",
+        "alive",
+        "CE increase",
+        "KL",
+        "CE recovered",
+        "EV",
+        "EV (LN)",
+        "EV last layer",
+        "train+eval min",
+    ]
     lines.append(md_table(headers, rows))
     kinds = matched["types"]
     lines += ["", "## Same L0: CE-loss increase (interpolated on each type's Pareto front)", ""]
@@ -132,8 +173,12 @@ def markdown(
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="random tiny-budget check of the script")
-    p.add_argument("--out-root", type=Path, default=None,
-                   help="folder for runs/ and results/ (default: here; --quick: /tmp)")  # fmt: skip
+    p.add_argument(
+        "--out-root",
+        type=Path,
+        default=None,
+        help="folder for runs/ and results/ (default: here; --quick: /tmp)",
+    )
     p.add_argument("--n-samples", type=int, default=None, help="training windows per run")
     p.add_argument("--seeds", type=int, default=2, help="seeds of a middle local / e2e run")
     p.add_argument("--parallel", type=int, default=1, help="runs trained at a time")
@@ -157,8 +202,11 @@ def main(argv: list[str] | None = None) -> int:
             nonlocal done
             done += 1
             err = f" {rec.get('error')}" if rec.get("error") else ""
-            print(f"[{done}/{n}] {time.perf_counter() - t0:7.0f}s {run.run_dir.name}: "
-                  f"{rec['status']}{err}", flush=True)  # fmt: skip
+            print(
+                f"[{done}/{n}] {time.perf_counter() - t0:7.0f}s {run.run_dir.name}: "
+                f"{rec['status']}{err}",
+                flush=True,
+            )
 
         records = run_sweep(sweep, parallel=args.parallel, progress=False, on_done=report)
         done += sum(r["status"] == "skipped" for r in records)
@@ -178,8 +226,11 @@ def main(argv: list[str] | None = None) -> int:
     # (e.g. to redraw the plots) reports that measurement.
     timing_file = results / "timing.json"
     if trained == n:
-        timing = {"wall_s": wall, "load_average_15min": os.getloadavg()[2],
-                  "finished": time.strftime("%Y-%m-%d %H:%M")}  # fmt: skip
+        timing = {
+            "wall_s": wall,
+            "load_average_15min": os.getloadavg()[2],
+            "finished": time.strftime("%Y-%m-%d %H:%M"),
+        }
         timing_file.write_text(json.dumps(timing, indent=2))
     elif timing_file.exists():
         timing = json.loads(timing_file.read_text())
@@ -188,20 +239,42 @@ def main(argv: list[str] | None = None) -> int:
     cfg = runs[0].config
     meta = {
         "args": (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip(),
-        "cpus": os.cpu_count(), "device": str(runs[0].config.device or "cpu"),
-        "d_sae": int(cfg.saes.dict_size_to_input_ratio * 128), "n_samples": cfg.n_samples,
-        "n_ctx": cfg.train_data.n_ctx, "plots": plots, "timing": timing,
-    }  # fmt: skip
+        "cpus": os.cpu_count(),
+        "device": str(runs[0].config.device or "cpu"),
+        "d_sae": int(cfg.saes.dict_size_to_input_ratio * 128),
+        "n_samples": cfg.n_samples,
+        "n_ctx": cfg.train_data.n_ctx,
+        "plots": plots,
+        "timing": timing,
+    }
     (results / "pareto.md").write_text(markdown(runs, matched, timing["wall_s"], meta))
-    summary = {"meta": meta, "matched": matched,
-               "runs": [{"run": r.name, "type": r.sae_type, "seed": r.config.seed,
-                         "sparsity_coeff": r.sparsity_coeff, "eval": r.eval}
-                        for r in runs]}  # fmt: skip
+    summary = {
+        "meta": meta,
+        "matched": matched,
+        "runs": [
+            {
+                "run": r.name,
+                "type": r.sae_type,
+                "seed": r.config.seed,
+                "sparsity_coeff": r.sparsity_coeff,
+                "eval": r.eval,
+            }
+            for r in runs
+        ],
+    }
     (results / "results.json").write_text(json.dumps(summary, indent=2, default=str))
     headers = ["type", "seed", "L0", "alive", "CE increase", "KL"]
-    rows = [[r.sae_type, r.config.seed, r.sae(POSITION)["l0"],
-             r.sae(POSITION)["alive_dict_elements"], r.eval["ce_loss_increase"], r.eval["kl"]]
-            for r in runs]  # fmt: skip
+    rows = [
+        [
+            r.sae_type,
+            r.config.seed,
+            r.sae(POSITION)["l0"],
+            r.sae(POSITION)["alive_dict_elements"],
+            r.eval["ce_loss_increase"],
+            r.eval["kl"],
+        ]
+        for r in runs
+    ]
     print(table(headers, rows))
     print(f"\nwrote {results / 'pareto.md'} ({wall / 60:.1f} min)")
     return 0

@@ -65,21 +65,39 @@ def losses(kind: str, coeff: float, n_layers: int, layer: int) -> dict[str, Any]
     if kind == "e2e":
         return {"sparsity": sparsity, "logits_kl": {"coeff": 1.0}, "out_to_in": {"coeff": 0.0}}
     later = [f"blocks.{i}.hook_resid_post" for i in range(layer, n_layers)]
-    return {"sparsity": sparsity, "logits_kl": {"coeff": 0.5}, "out_to_in": {"coeff": 0.0},
-            "in_to_orig": {"hook_positions": later, "total_coeff": 1.0}}  # fmt: skip
+    return {
+        "sparsity": sparsity,
+        "logits_kl": {"coeff": 0.5},
+        "out_to_in": {"coeff": 0.0},
+        "in_to_orig": {"hook_positions": later, "total_coeff": 1.0},
+    }
 
 
 def base_config(args: argparse.Namespace) -> dict[str, Any]:
-    data = {"dataset_name": args.dataset, "is_tokenized": False, "streaming": False,
-            "tokenizer_name": "smollm2-135m", "n_ctx": args.n_ctx}  # fmt: skip
+    data = {
+        "dataset_name": args.dataset,
+        "is_tokenized": False,
+        "streaming": False,
+        "tokenizer_name": "smollm2-135m",
+        "n_ctx": args.n_ctx,
+    }
     cfg: dict[str, Any] = {
-        "tlens_model_name": "smollm2-135m", "seed": 0, "batch_size": args.batch_size,
-        "effective_batch_size": 2 * args.batch_size, "lr": 5e-4, "lr_schedule": "cosine",
-        "min_lr_factor": 0.1, "max_grad_norm": 10.0, "log_every_n_grad_steps": 50,
-        "eval_n_samples": args.eval_windows, "device": args.device, "precision": args.precision,
-        "train_data": {**data, "split": "train"}, "eval_data": {**data, "split": "validation"},
+        "tlens_model_name": "smollm2-135m",
+        "seed": 0,
+        "batch_size": args.batch_size,
+        "effective_batch_size": 2 * args.batch_size,
+        "lr": 5e-4,
+        "lr_schedule": "cosine",
+        "min_lr_factor": 0.1,
+        "max_grad_norm": 10.0,
+        "log_every_n_grad_steps": 50,
+        "eval_n_samples": args.eval_windows,
+        "device": args.device,
+        "precision": args.precision,
+        "train_data": {**data, "split": "train"},
+        "eval_data": {**data, "split": "validation"},
         "saes": {"sae_positions": [args.position], "dict_size_to_input_ratio": args.ratio},
-    }  # fmt: skip
+    }
     if args.tiny:  # a random-weight model of SmolLM2's family would need the hub: keep smollm2
         cfg.update(effective_batch_size=None, log_every_n_grad_steps=1)
     return cfg
@@ -88,8 +106,13 @@ def base_config(args: argparse.Namespace) -> dict[str, Any]:
 def run_config(args: argparse.Namespace, kind: str, coeff: float, tokens: float) -> Config:
     n = max(int(tokens // args.n_ctx), 2 * args.batch_size)
     layer = int(args.position.split(".")[1])
-    cfg = {**base_config(args), "loss": losses(kind, coeff, args.n_layers, layer), "n_samples": n,
-           "warmup_samples": n // 20, "run_name": f"{kind}_c{coeff:g}"}  # fmt: skip
+    cfg = {
+        **base_config(args),
+        "loss": losses(kind, coeff, args.n_layers, layer),
+        "n_samples": n,
+        "warmup_samples": n // 20,
+        "run_name": f"{kind}_c{coeff:g}",
+    }
     config = load_config(cfg)
     assert isinstance(config, Config)
     return config
@@ -101,8 +124,11 @@ def train_all(configs: list[tuple[str, Config, Path]], device: str | None) -> No
     t0 = time.perf_counter()
 
     def report(run: SweepRun, rec: dict[str, Any]) -> None:
-        print(f"{time.perf_counter() - t0:8.0f}s {run.run_dir.name}: {rec['status']} "
-              f"{rec.get('error', '')}", flush=True)  # fmt: skip
+        print(
+            f"{time.perf_counter() - t0:8.0f}s {run.run_dir.name}: {rec['status']} "
+            f"{rec.get('error', '')}",
+            flush=True,
+        )
 
     records = run_sweep(sweep, parallel=1, device=device, progress=True, on_done=report)
     failed = [r for r in records if r["status"] == "failed"]
@@ -135,8 +161,11 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
 
     # 1. calibration
-    calib = [(k, run_config(args, k, c, args.calib_tokens), runs_dir / "calib" / f"{k}_c{c:g}")
-             for k in TYPE_ORDER for c in CALIB_COEFFS[k]]  # fmt: skip
+    calib = [
+        (k, run_config(args, k, c, args.calib_tokens), runs_dir / "calib" / f"{k}_c{c:g}")
+        for k in TYPE_ORDER
+        for c in CALIB_COEFFS[k]
+    ]
     train_all(calib, args.device)
     t_calib = time.perf_counter() - t0
     cal_runs = load_runs([d for _, _, d in calib])
@@ -148,8 +177,11 @@ def main(argv: list[str] | None = None) -> int:
         chosen[kind] = sorted({float(f"{log_interp(xs, ys, t):.3g}") for t in TARGET_L0})
 
     # 2. the final runs
-    final = [(k, run_config(args, k, c, args.tokens), runs_dir / "final" / f"{k}_c{c:g}")
-             for k in TYPE_ORDER for c in chosen[k]]  # fmt: skip
+    final = [
+        (k, run_config(args, k, c, args.tokens), runs_dir / "final" / f"{k}_c{c:g}")
+        for k in TYPE_ORDER
+        for c in chosen[k]
+    ]
     train_all(final, args.device)
     wall = time.perf_counter() - t0
 
@@ -181,51 +213,120 @@ def write_report(
         s = r.sae(args.position)
         down = r.eval.get("downstream", {})
         last = max(down, key=lambda h: down[h]["layer"]) if down else None
-        return [r.sae_type, f(r.sparsity_coeff), f(s["l0"]),
-                str(int(s["alive_dict_elements"])), f(r.eval["ce_loss_increase"]), f(r.eval["kl"]),
-                f(s["explained_variance"]),
-                f(down[last]["explained_variance"] if last else float("nan"))]  # fmt: skip
+        return [
+            r.sae_type,
+            f(r.sparsity_coeff),
+            f(s["l0"]),
+            str(int(s["alive_dict_elements"])),
+            f(r.eval["ce_loss_increase"]),
+            f(r.eval["kl"]),
+            f(s["explained_variance"]),
+            f(down[last]["explained_variance"] if last else float("nan")),
+        ]
 
     cmd = " ".join(argv if argv is not None else sys.argv[1:])
     kinds = matched["types"]
     lines = [
-        "# Paper-scale local vs e2e vs e2e+ds SAEs on SmolLM2-135M-Instruct", "",
-        f"Command: `.venv/bin/python experiments/smollm2/paper_scale.py {cmd}`", "",
+        "# Paper-scale local vs e2e vs e2e+ds SAEs on SmolLM2-135M-Instruct",
+        "",
+        f"Command: `.venv/bin/python experiments/smollm2/paper_scale.py {cmd}`",
+        "",
         f"Wall time {wall / 60:.1f} min (calibration {t_calib / 60:.1f} min) on "
         f"{args.device or 'auto'}; {args.tokens:,.0f} tokens per run, windows of {args.n_ctx}, "
         f"{int(args.ratio * 576)} latents at `{args.position}`, data `{args.dataset}`, "
-        f"{args.precision}. {os.cpu_count()} CPU cores.", "",
-        "## Runs", "",
-        md_table(["type", "sparsity coeff", "L0", "alive", "CE increase", "KL", "EV at SAE",
-                  "EV last layer"], [row(r) for r in runs]), "",
-        "## Same L0: CE-loss increase", "",
-        md_table(["L0", *kinds, *(f"{k} / local" for k in kinds if k != "local")],
-                 [[f(m["l0"]), *(f(m[k]) for k in kinds),
-                   *(f(m[k] / m["local"], 2) for k in kinds if k != "local")]
-                  for m in matched["same_l0"]]) if matched["same_l0"] else "No common L0 range.",
-        "", f"Paper (GPT-2 small): e2e / local < {PAPER_CE_RATIO_AT_L0}.", "",
-        "## Same CE-loss increase: L0", "",
-        md_table(["CE increase", *kinds, *(f"local / {k}" for k in kinds if k != "local")],
-                 [[f(m["ce_loss_increase"]), *(f(m[k]) for k in kinds),
-                   *(f(m["local"] / m[k], 2) for k in kinds if k != "local")]
-                  for m in matched["same_ce"]]) if matched["same_ce"] else "No common CE range.",
-        "", f"Paper: local needs {PAPER_L0_RATIO_AT_CE[0]}-{PAPER_L0_RATIO_AT_CE[1]}x the L0.", "",
-        "## Calibration", "",
-        md_table(["type", "sparsity coeff", "L0", "CE increase"],
-                 [[r.sae_type, f(r.sparsity_coeff),
-                   f(r.sae(args.position)["l0"]), f(r.eval["ce_loss_increase"])]
-                  for r in cal_runs]), "",
-        "Chosen coefficients (target L0 " + ", ".join(f"{t:g}" for t in TARGET_L0) + "): "
-        + "; ".join(f"{k} {', '.join(f'{c:g}' for c in cs)}" for k, cs in chosen.items()), "",
-        "Plots: " + ", ".join(f"`{p.name}`" for p in plots if p.suffix == ".png"), "",
-    ]  # fmt: skip
+        f"{args.precision}. {os.cpu_count()} CPU cores.",
+        "",
+        "## Runs",
+        "",
+        md_table(
+            [
+                "type",
+                "sparsity coeff",
+                "L0",
+                "alive",
+                "CE increase",
+                "KL",
+                "EV at SAE",
+                "EV last layer",
+            ],
+            [row(r) for r in runs],
+        ),
+        "",
+        "## Same L0: CE-loss increase",
+        "",
+        md_table(
+            ["L0", *kinds, *(f"{k} / local" for k in kinds if k != "local")],
+            [
+                [
+                    f(m["l0"]),
+                    *(f(m[k]) for k in kinds),
+                    *(f(m[k] / m["local"], 2) for k in kinds if k != "local"),
+                ]
+                for m in matched["same_l0"]
+            ],
+        )
+        if matched["same_l0"]
+        else "No common L0 range.",
+        "",
+        f"Paper (GPT-2 small): e2e / local < {PAPER_CE_RATIO_AT_L0}.",
+        "",
+        "## Same CE-loss increase: L0",
+        "",
+        md_table(
+            ["CE increase", *kinds, *(f"local / {k}" for k in kinds if k != "local")],
+            [
+                [
+                    f(m["ce_loss_increase"]),
+                    *(f(m[k]) for k in kinds),
+                    *(f(m["local"] / m[k], 2) for k in kinds if k != "local"),
+                ]
+                for m in matched["same_ce"]
+            ],
+        )
+        if matched["same_ce"]
+        else "No common CE range.",
+        "",
+        f"Paper: local needs {PAPER_L0_RATIO_AT_CE[0]}-{PAPER_L0_RATIO_AT_CE[1]}x the L0.",
+        "",
+        "## Calibration",
+        "",
+        md_table(
+            ["type", "sparsity coeff", "L0", "CE increase"],
+            [
+                [
+                    r.sae_type,
+                    f(r.sparsity_coeff),
+                    f(r.sae(args.position)["l0"]),
+                    f(r.eval["ce_loss_increase"]),
+                ]
+                for r in cal_runs
+            ],
+        ),
+        "",
+        "Chosen coefficients (target L0 "
+        + ", ".join(f"{t:g}" for t in TARGET_L0)
+        + "): "
+        + "; ".join(f"{k} {', '.join(f'{c:g}' for c in cs)}" for k, cs in chosen.items()),
+        "",
+        "Plots: " + ", ".join(f"`{p.name}`" for p in plots if p.suffix == ".png"),
+        "",
+    ]
     out.mkdir(parents=True, exist_ok=True)
     (out / "paper_scale.md").write_text("\n".join(lines))
-    (out / "results.json").write_text(json.dumps({
-        "args": vars(args), "chosen": chosen, "matched": matched, "wall_s": wall,
-        "calibration_s": t_calib,
-        "runs": [{"run": r.name, "type": r.sae_type, "eval": r.eval} for r in runs],
-    }, indent=2, default=str))  # fmt: skip
+    (out / "results.json").write_text(
+        json.dumps(
+            {
+                "args": vars(args),
+                "chosen": chosen,
+                "matched": matched,
+                "wall_s": wall,
+                "calibration_s": t_calib,
+                "runs": [{"run": r.name, "type": r.sae_type, "eval": r.eval} for r in runs],
+            },
+            indent=2,
+            default=str,
+        )
+    )
     print("\n".join(lines))
 
 

@@ -46,18 +46,39 @@ TARGET_L0 = 40.0
 E2E_CALIB_COEFFS = (1.0, 4.0)
 LOCAL_CALIB_COEFFS = (0.3, 1.0, 3.0, 10.0)
 L0_BRACKET = (0.7, 1.0, 1.4)
-DATA = {"dataset_name": "shakespeare", "is_tokenized": False, "tokenizer_name": "smollm2-135m",
-        "streaming": False, "n_ctx": 128}  # fmt: skip
+DATA = {
+    "dataset_name": "shakespeare",
+    "is_tokenized": False,
+    "tokenizer_name": "smollm2-135m",
+    "streaming": False,
+    "n_ctx": 128,
+}
 BASE: dict[str, Any] = {
-    "tlens_model_name": "smollm2-135m", "seed": 0, "batch_size": 8, "lr": 1e-3,
-    "lr_schedule": "cosine", "min_lr_factor": 0.1, "max_grad_norm": 1.0,
-    "log_every_n_grad_steps": 10, "act_frequency_n_tokens": 100_000,
-    "train_data": {**DATA, "split": "train"}, "eval_data": {**DATA, "split": "validation"},
+    "tlens_model_name": "smollm2-135m",
+    "seed": 0,
+    "batch_size": 8,
+    "lr": 1e-3,
+    "lr_schedule": "cosine",
+    "min_lr_factor": 0.1,
+    "max_grad_norm": 1.0,
+    "log_every_n_grad_steps": 10,
+    "act_frequency_n_tokens": 100_000,
+    "train_data": {**DATA, "split": "train"},
+    "eval_data": {**DATA, "split": "validation"},
     "saes": {"sae_positions": [POSITION], "dict_size_to_input_ratio": 16.0},
-}  # fmt: skip
-QUICK_MODEL = {"n_layers": 4, "d_model": 64, "n_heads": 4, "d_head": 16, "d_mlp": 256,
-               "n_ctx": 128, "d_vocab": 4096, "act_fn": "gelu", "normalization_type": "LN",
-               "seed": 0}  # fmt: skip
+}
+QUICK_MODEL = {
+    "n_layers": 4,
+    "d_model": 64,
+    "n_heads": 4,
+    "d_head": 16,
+    "d_mlp": 256,
+    "n_ctx": 128,
+    "d_vocab": 4096,
+    "act_fn": "gelu",
+    "normalization_type": "LN",
+    "seed": 0,
+}
 
 
 def e2e_loss(coeff: float) -> dict[str, Any]:
@@ -75,19 +96,29 @@ class Study:
         self.e2e_windows, self.eval_windows = e2e_windows, eval_windows
         self.base = dict(BASE)
         if quick:
-            self.base.update(tlens_model_name=None, tlens_config=QUICK_MODEL,
-                             saes={"sae_positions": ["blocks.2.hook_resid_pre"],
-                                   "dict_size_to_input_ratio": 4.0},
-                             train_data={**DATA, "split": "train",
-                                         "tokenizer_name": "shakespeare-bpe"},
-                             eval_data={**DATA, "split": "validation",
-                                        "tokenizer_name": "shakespeare-bpe"})  # fmt: skip
+            self.base.update(
+                tlens_model_name=None,
+                tlens_config=QUICK_MODEL,
+                saes={
+                    "sae_positions": ["blocks.2.hook_resid_pre"],
+                    "dict_size_to_input_ratio": 4.0,
+                },
+                train_data={**DATA, "split": "train", "tokenizer_name": "shakespeare-bpe"},
+                eval_data={**DATA, "split": "validation", "tokenizer_name": "shakespeare-bpe"},
+            )
         self.position = self.base["saes"]["sae_positions"][0]
         self.timings: dict[str, float] = {}
 
     def config(self, name: str, loss: dict[str, Any], n: int, n_eval: int | None) -> Config:
-        cfg = {**self.base, "loss": loss, "n_samples": n, "warmup_samples": n // 10,
-               "eval_n_samples": n_eval, "run_name": name, "save_dir": str(self.runs)}  # fmt: skip
+        cfg = {
+            **self.base,
+            "loss": loss,
+            "n_samples": n,
+            "warmup_samples": n // 10,
+            "eval_n_samples": n_eval,
+            "run_name": name,
+            "save_dir": str(self.runs),
+        }
         config = load_config(cfg)
         assert isinstance(config, Config)
         return config
@@ -110,12 +141,19 @@ class Study:
         down = ev.get("downstream", {})
         last = max(down, key=lambda h: down[h]["layer"]) if down else None
         sp = config.loss.sparsity
-        return {"run_dir": str(run_dir.relative_to(self.root)), "coeff": sp.coeff if sp else None,
-                "n_samples": config.n_samples, "l0": s["l0"], "alive": s["alive_dict_elements"],
-                "ce_clean": ev["ce_loss_clean"], "ce_increase": ev["ce_loss_increase"],
-                "kl": ev["kl"], "ev_sae": s["explained_variance"],
-                "ev_last": down[last]["explained_variance"] if last else math.nan,
-                "last_hook": last}  # fmt: skip
+        return {
+            "run_dir": str(run_dir.relative_to(self.root)),
+            "coeff": sp.coeff if sp else None,
+            "n_samples": config.n_samples,
+            "l0": s["l0"],
+            "alive": s["alive_dict_elements"],
+            "ce_clean": ev["ce_loss_clean"],
+            "ce_increase": ev["ce_loss_increase"],
+            "kl": ev["kl"],
+            "ev_sae": s["explained_variance"],
+            "ev_last": down[last]["explained_variance"] if last else math.nan,
+            "last_hook": last,
+        }
 
     def train_lm_fed(self, config: Config) -> dict[str, Any]:
         from e2e_sae.eval.evaluate import EVAL_JSON, EvalResult, write_eval
@@ -196,31 +234,47 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
 
     def e2e_calibration() -> dict[str, Any]:
-        runs = [st.train_lm_fed(st.config(f"e2e_calib_c{c:g}", e2e_loss(c), n_calib, n_eval // 2))
-                for c in E2E_CALIB_COEFFS]  # fmt: skip
+        runs = [
+            st.train_lm_fed(st.config(f"e2e_calib_c{c:g}", e2e_loss(c), n_calib, n_eval // 2))
+            for c in E2E_CALIB_COEFFS
+        ]
         coeff = log_interp([r["coeff"] for r in runs], [r["l0"] for r in runs], TARGET_L0)
         return {"runs": runs, "coeff": coeff}
 
     calib = st.phase("e2e_calibration", e2e_calibration)
     e2e_coeff = args.e2e_coeff or float(f"{calib['coeff']:.3g}")
-    e2e = st.phase("e2e", lambda: st.train_lm_fed(
-        st.config(f"e2e_c{e2e_coeff:g}", e2e_loss(e2e_coeff), n_train, n_eval)))  # fmt: skip
+    e2e = st.phase(
+        "e2e",
+        lambda: st.train_lm_fed(
+            st.config(f"e2e_c{e2e_coeff:g}", e2e_loss(e2e_coeff), n_train, n_eval)
+        ),
+    )
     st.phase(
         "act_cache", lambda: st.build_cache(st.config("cache", local_loss(1.0), n_train, None))
     )
 
     def local_calibration() -> dict[str, Any]:
-        configs = [st.config(f"local_calib_c{c:g}", local_loss(c), n_calib, n_eval // 2)
-                   for c in LOCAL_CALIB_COEFFS]  # fmt: skip
+        configs = [
+            st.config(f"local_calib_c{c:g}", local_loss(c), n_calib, n_eval // 2)
+            for c in LOCAL_CALIB_COEFFS
+        ]
         runs = st.train_cached(configs)
-        coeffs = [log_interp([r["coeff"] for r in runs], [r["l0"] for r in runs], e2e["l0"] * f)
-                  for f in L0_BRACKET]  # fmt: skip
+        coeffs = [
+            log_interp([r["coeff"] for r in runs], [r["l0"] for r in runs], e2e["l0"] * f)
+            for f in L0_BRACKET
+        ]
         return {"runs": runs, "coeffs": distinct(coeffs)}
 
     lcal = st.phase("local_calibration", local_calibration)
     coeffs = [float(f"{c:.3g}") for c in lcal["coeffs"]]
-    local = st.phase("local", lambda: {"runs": st.train_cached(
-        [st.config(f"local_c{c:g}", local_loss(c), n_train, n_eval) for c in coeffs])})  # fmt: skip
+    local = st.phase(
+        "local",
+        lambda: {
+            "runs": st.train_cached(
+                [st.config(f"local_c{c:g}", local_loss(c), n_train, n_eval) for c in coeffs]
+            )
+        },
+    )
     write_results(st, calib, e2e, lcal, local["runs"], time.perf_counter() - t0, argv)
     return 0
 
@@ -237,52 +291,113 @@ def write_results(
     def f(v: Any, d: int = 3) -> str:
         return "n/a" if v is None or v != v else f"{v:.{d}g}" if isinstance(v, float) else str(v)
 
-    at_l0 = interpolate_y_at_x([r["l0"] for r in local], [r["ce_increase"] for r in local],
-                               e2e["l0"])  # fmt: skip
+    at_l0 = interpolate_y_at_x(
+        [r["l0"] for r in local], [r["ce_increase"] for r in local], e2e["l0"]
+    )
     kl_at_l0 = interpolate_y_at_x([r["l0"] for r in local], [r["kl"] for r in local], e2e["l0"])
     names = ("e2e_calibration", "e2e", "act_cache", "local_calibration", "local")
     phases = {n: json.loads((st.runs / f"{n}.json").read_text())["wall_s"] for n in names}
-    rows = [["e2e", f(e2e["coeff"]), f(e2e["l0"]), f(e2e["alive"]), f(e2e["ce_increase"]),
-             f(e2e["kl"]), f(e2e["ev_sae"]), f(e2e["ev_last"]), f(e2e["minutes"], 2)]]  # fmt: skip
-    rows += [["local", f(r["coeff"]), f(r["l0"]), f(r["alive"]), f(r["ce_increase"]), f(r["kl"]),
-              f(r["ev_sae"]), f(r["ev_last"]), f(r["minutes"], 2)]
-             for r in sorted(local, key=lambda r: r["l0"])]  # fmt: skip
-    headers = ["type", "sparsity coeff", "L0", "alive", "CE increase", "KL", "EV at SAE",
-               f"EV {e2e['last_hook']}", "train+eval min"]  # fmt: skip
-    calib_rows = [["e2e", f(r["coeff"]), f(r["n_samples"]), f(r["l0"]), f(r["ce_increase"])]
-                  for r in calib["runs"]]  # fmt: skip
-    calib_rows += [["local", f(r["coeff"]), f(r["n_samples"]), f(r["l0"]), f(r["ce_increase"])]
-                   for r in lcal["runs"]]  # fmt: skip
+    rows = [
+        [
+            "e2e",
+            f(e2e["coeff"]),
+            f(e2e["l0"]),
+            f(e2e["alive"]),
+            f(e2e["ce_increase"]),
+            f(e2e["kl"]),
+            f(e2e["ev_sae"]),
+            f(e2e["ev_last"]),
+            f(e2e["minutes"], 2),
+        ]
+    ]
+    rows += [
+        [
+            "local",
+            f(r["coeff"]),
+            f(r["l0"]),
+            f(r["alive"]),
+            f(r["ce_increase"]),
+            f(r["kl"]),
+            f(r["ev_sae"]),
+            f(r["ev_last"]),
+            f(r["minutes"], 2),
+        ]
+        for r in sorted(local, key=lambda r: r["l0"])
+    ]
+    headers = [
+        "type",
+        "sparsity coeff",
+        "L0",
+        "alive",
+        "CE increase",
+        "KL",
+        "EV at SAE",
+        f"EV {e2e['last_hook']}",
+        "train+eval min",
+    ]
+    calib_rows = [
+        ["e2e", f(r["coeff"]), f(r["n_samples"]), f(r["l0"]), f(r["ce_increase"])]
+        for r in calib["runs"]
+    ]
+    calib_rows += [
+        ["local", f(r["coeff"]), f(r["n_samples"]), f(r["l0"]), f(r["ce_increase"])]
+        for r in lcal["runs"]
+    ]
     model = "random-weight test model (--quick)" if st.quick else "SmolLM2-135M-Instruct"
     cmd = " ".join(argv if argv is not None else sys.argv[1:])
     lines = [
-        f"# Local vs e2e SAE on {model} at `{st.position}`", "",
-        f"Command: `.venv/bin/python experiments/smollm2/run.py{' ' + cmd if cmd else ''}`", "",
+        f"# Local vs e2e SAE on {model} at `{st.position}`",
+        "",
+        f"Command: `.venv/bin/python experiments/smollm2/run.py{' ' + cmd if cmd else ''}`",
+        "",
         f"Wall time {wall_s / 60:.1f} min for this invocation; phases (min): "
         + ", ".join(f"{k} {v / 60:.1f}" for k, v in phases.items())
         + f". {os.cpu_count()} CPU cores, 15-min load average at the end "
-        f"{os.getloadavg()[2]:.1f}.", "",
+        f"{os.getloadavg()[2]:.1f}.",
+        "",
         f"{st.e2e_windows} training windows of 128 tokens ({st.e2e_windows * 128:,} tokens) per "
         f"SAE, all SAEs on the same batches; eval on {st.eval_windows} validation windows. Clean "
-        f"CE loss {e2e['ce_clean']:.3f} nats.", "",
-        "## Runs", "", md_table(headers, rows), "",
-        "## Matched L0", "",
+        f"CE loss {e2e['ce_clean']:.3f} nats.",
+        "",
+        "## Runs",
+        "",
+        md_table(headers, rows),
+        "",
+        "## Matched L0",
+        "",
         f"Local SAEs' CE-loss increase interpolated at the e2e SAE's L0 ({e2e['l0']:.1f}): "
         f"{f(at_l0)} nats (KL {f(kl_at_l0)}), against {f(e2e['ce_increase'])} for e2e: ratio "
-        f"e2e / local = {f(e2e['ce_increase'] / at_l0, 2)}.", "",
-        "## Calibration runs", "", md_table(["type", "sparsity coeff", "windows", "L0",
-                                              "CE increase"], calib_rows), "",
+        f"e2e / local = {f(e2e['ce_increase'] / at_l0, 2)}.",
+        "",
+        "## Calibration runs",
+        "",
+        md_table(["type", "sparsity coeff", "windows", "L0", "CE increase"], calib_rows),
+        "",
         f"e2e coefficient for L0 {TARGET_L0:g}: {f(calib['coeff'])}; local coefficients for "
         f"{', '.join(f'{x:g}' for x in L0_BRACKET)} x the e2e L0: "
-        + ", ".join(f(c) for c in lcal["coeffs"]) + ".", "",
-    ]  # fmt: skip
+        + ", ".join(f(c) for c in lcal["coeffs"])
+        + ".",
+        "",
+    ]
     out = st.root / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / "smollm2.md").write_text("\n".join(lines))
-    (out / "results.json").write_text(json.dumps({
-        "e2e": e2e, "local": local, "e2e_calibration": calib, "local_calibration": lcal,
-        "local_ce_increase_at_e2e_l0": at_l0, "local_kl_at_e2e_l0": kl_at_l0,
-        "phases_wall_s": phases, "wall_s": wall_s}, indent=2, default=float))  # fmt: skip
+    (out / "results.json").write_text(
+        json.dumps(
+            {
+                "e2e": e2e,
+                "local": local,
+                "e2e_calibration": calib,
+                "local_calibration": lcal,
+                "local_ce_increase_at_e2e_l0": at_l0,
+                "local_kl_at_e2e_l0": kl_at_l0,
+                "phases_wall_s": phases,
+                "wall_s": wall_s,
+            },
+            indent=2,
+            default=float,
+        )
+    )
     print("\n".join(lines))
 
 
