@@ -35,6 +35,25 @@ TINY_TLENS: dict[str, Any] = {
 }
 
 
+def assert_close_scaled(
+    actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5, what: str = "values"
+) -> None:
+    """`actual` equals `expected` up to float rounding, on any CPU.
+
+    Kernels (AVX2, AVX-512, AMX, oneDNN, MKL, thread counts) sum in different orders, so the
+    rounding error of an entry scales with the magnitude of the whole computation, not with the
+    entry itself: an entry near zero may differ by rtol x the tensor's scale. So the error is
+    measured against the largest |expected| entry, never against an absolute 1e-7.
+    """
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    a, e = actual.detach().double(), expected.detach().double()
+    scale = e.abs().max().item()
+    err = (a - e).abs().max().item()
+    assert err <= rtol * scale, (
+        f"{what}: max |diff| {err:.3g} > {rtol:g} x max |expected| {scale:.3g}"
+    )
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["E2E_SAE_CACHE"] = str(tmp_path_factory.mktemp("e2e_sae_cache"))

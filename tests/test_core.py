@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from conftest import TINY_TLENS
+from conftest import TINY_TLENS, assert_close_scaled
 from pydantic import ValidationError
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
@@ -203,7 +203,7 @@ def test_fast_e2e_path_equals_reference_path() -> None:
         results.append((total.detach(), grads))
     assert torch.allclose(results[0][0], results[1][0], rtol=1e-5)
     for g0, g1 in zip(results[0][1], results[1][1], strict=True):
-        assert torch.allclose(g0, g1, rtol=1e-4, atol=1e-7)
+        assert_close_scaled(g1, g0, rtol=1e-5, what="SAE gradient")
     assert all(p.grad is None for p in model.tlens_model.parameters())
 
 
