@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from e2e_sae.analysis.autointerp.store import explanations_for_run
 from e2e_sae.data import create_data_loader
 from e2e_sae.data.tokenizer import load_tokenizer
 from e2e_sae.errors import UserError
@@ -633,6 +634,7 @@ def write_folder(
     page_size: int = 256,
     notes: Sequence[str] = (),
     ablation: Sequence[float | None] | None = None,
+    autointerp: dict[int, dict[str, Any]] | None = None,
 ) -> Path:
     """Write the browser folder `out`: index.html, data/index.js (one row per feature: the
     sortable columns) and data/page_<n>.js (features n*page_size .. of the index, with their
@@ -704,6 +706,9 @@ def write_folder(
                 qex.append([f"{lo}–{hi}", _r3(s_val[cell]), toks, acts, mark])
                 used.update(toks)
             f: dict[str, Any] = {"hist": hist[j], "top": top, "q": qex}
+            if autointerp and ids[j] in autointerp:
+                a = autointerp[ids[j]]
+                f["expl"] = [a["explanation"], a["simulation"], a["detection_auc"]]
             if effects is not None:
                 f["up"] = [[t, _r3(v)] for t, v in zip(up_ids[j], up_v[j], strict=True)]
                 f["down"] = [[t, _r3(v)] for t, v in zip(dn_ids[j], dn_v[j], strict=True)]
@@ -758,6 +763,16 @@ def write_folder(
                 "tokens where it fires; only for the most frequent features",
             }
         )
+    if autointerp:
+        columns.append(
+            {
+                "key": "autointerp",
+                "label": "autointerp",
+                "sort": True,
+                "title": "simulation score (Pearson r) of its autointerp explanation; "
+                "only for the features `e2e-sae autointerp` explained",
+            }
+        )
     columns.append({"key": "top_token", "label": "top token"})
     if effects is not None:
         columns.append({"key": "promoted", "label": "promotes"})
@@ -777,6 +792,9 @@ def write_folder(
     }
     if ablation is not None:
         index["ablation"] = list(ablation)
+    if autointerp:
+        sims = [(autointerp.get(i) or {}).get("simulation") for i in ids]
+        index["autointerp"] = [None if v is None else _r3(v) for v in sims]
     if effect is not None:
         index["effect"] = effect
         index["promoted"] = [" ".join(readable(index_text[t]) for t in row[:3]) for row in up_ids]
@@ -785,7 +803,8 @@ def write_folder(
         **index,
         **{
             c: [index[c][j] for j in alive]
-            for c in ("ids", "freq", "max", "mean", "top_token", "effect", "promoted", "ablation")
+            for c in ("ids", "freq", "max", "mean", "top_token", "effect", "promoted")
+            + ("ablation", "autointerp")
             if c in index
         },
     }
@@ -941,6 +960,12 @@ def write_browser(
     ]
     if effects is None:
         notes[2] = "Logit effect: not available (the SAE does not write to the residual size)."
+    interp = None if isinstance(run, SAETransformer) else explanations_for_run(run, position)
+    if interp:
+        notes.append(
+            f"Autointerp: {len(interp)} features explained (`e2e-sae autointerp`, "
+            "<run>/autointerp/); the column is the explanation's simulation score."
+        )
     return write_folder(
         fd,
         texts,
@@ -953,6 +978,7 @@ def write_browser(
         page_size=page_size,
         notes=notes,
         ablation=ablation if n_ablate > 0 else None,
+        autointerp=interp,
     )
 
 

@@ -175,6 +175,11 @@ function renderFeature(j, f, toks) {
   const stats = d.columns.filter((c) => c.key !== "ids" && typeof d[c.key][j] === "number")
     .map((c) => `${c.label} ${fmt(d[c.key][j])}`).join(" · ");
   det.append(el("h2", {text: `feature ${d.ids[j]}`}), el("p", {class: "meta", text: stats}));
+  if (f.expl) {
+    det.append(el("h3", {text: "explanation (autointerp)"}),
+      el("p", {class: "expl", text: f.expl[0] || "(empty)"}),
+      el("p", {class: "meta", text: `simulation score ${fmt(f.expl[1])} · detection AUC ${fmt(f.expl[2])}`}));
+  }
   det.append(el("h3", {text: "activation density"}),
     el("p", {class: "meta", text: `nonzero activations over the example tokens, ${d.hist_bins_per_decade} log-spaced bins per decade (hover a bar)`}),
     histogram(f.hist, d.hist_edges));
