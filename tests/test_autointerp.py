@@ -138,8 +138,14 @@ def test_prompt_scale_marks_and_parsers() -> None:
     ex = Example([" the", " king", " of", " France"], [0.0, 2.0, 0.04, 1.0])
     msgs = prompts.explainer_messages([ex])
     user = msgs[-1]["content"]
-    assert " the[[ king]] of[[ France]]" in user and '" king" (10), " France" (5)' in user
-    assert prompts.scale([0, 0.04, 0.06, 1.0], 1.0) == [0, 0, 1, 10]
+    assert " the[[ king]][[ of]][[ France]]" in user
+    assert 'active on " king" (10), " of" (1), " France" (5)' in user
+    assert prompts.scale([0, 0.04, 0.06, 1.0], 1.0) == [0, 1, 1, 10]
+    assert (
+        prompts.parse_explanation('the feature is active on "I" (5).')
+        == 'the feature is active on "I"'
+    )
+
     assert prompts.parse_explanation('Sure!\nExplanation: "royal titles".\n') == "royal titles"
     assert prompts.parse_explanation("  the word king  ") == "the word king"
     reply = "1\t the\t0\n3\t of\t2.5\n2\t king\t12\ngarbage\n9\tx\t4"
@@ -556,3 +562,13 @@ def test_smollm2_backend_explains_and_scores_two_features(
         assert all(abs(sum(d) - 1) < 1e-3 for d in dists)
         assert all(0 < c["score"] < 1 for c in rec["detection"]["contexts"])
         assert -1 <= row["simulation"] <= 1
+
+
+def test_demo_local_config_is_the_demo_with_a_local_loss() -> None:
+    """The README's autointerp example compares the demo's e2e SAE with this local one."""
+    repo = Path(__file__).resolve().parents[1]
+    demo = load_config(repo / "configs" / "demo.yaml")
+    local = load_config(repo / "configs" / "demo_local.yaml")
+    assert isinstance(demo, Config) and isinstance(local, Config)
+    assert demo.model_dump(exclude={"loss"}) == local.model_dump(exclude={"loss"})
+    assert local.loss.logits_kl is None and local.loss.out_to_in is not None

@@ -271,6 +271,10 @@ class LocalChat:
         dtype = next(self.model.parameters()).dtype
         add = torch.zeros(mask.shape, dtype=dtype, device=self.device)
         add.masked_fill_(~mask, torch.finfo(dtype).min)
-        logits = self.model(seq, attention_mask=add[None, None], position_ids=pos).logits[0]
+        # The unembedding only where a distribution is read (~20% of SmolLM2's forward otherwise).
+        keep = torch.tensor([*at, *range(n, n + k)], device=self.device)
+        logits = self.model(
+            seq, attention_mask=add[None, None], position_ids=pos, logits_to_keep=keep
+        ).logits[0]
         probs = torch.softmax(logits.float(), dim=-1).cpu()
-        return probs[list(at)], probs[n:]
+        return probs[: len(at)], probs[len(at) :]

@@ -5,9 +5,10 @@ feature the top-k sequences with the window around each one's maximum, and one r
 bin of the activation histogram). The top-k are split: the odd ranks 1, 3, 5, ... (up to
 `n_score_top`) are held out for scoring, the others explain; the quantile examples (the bins
 holding the 10/30/50/70/90% quantiles of the nonzero activations, as in the browser) are shown to
-the explainer too. Random windows of the scanned text (the same windows for every feature, with
-their true activations) are scored as well, and windows where a feature is silent throughout
-serve as its non-activating contexts for detection.
+the explainer too, unless they come from one of the feature's top-k sequences (a repeat, or a
+held-out example shown). Random windows of the scanned text (the same windows for every feature,
+with their true activations) are scored as well, and windows where a feature is silent
+throughout serve as its non-activating contexts for detection.
 """
 
 from __future__ import annotations
@@ -144,13 +145,15 @@ def build_examples(
             data.windows[rank, :, slot].tolist(),
         )
         (out.score_top if rank in held else out.explain).append(ex)
+    top_seqs = {int(data.sequences[r, slot]) for r in range(k) if data.top_values[r, slot] > 0}
     if data.hist is not None and data.sample_seqs is not None and data.sample_windows is not None:
         assert data.sample_starts is not None
         nb = data.hist.shape[1]
         for b in quantile_bins(data.hist[slot : slot + 1])[0]:
             cell = slot * nb + b
             seq = int(data.sample_seqs[cell])
-            if seq >= 0:
+            # not a top sequence again: no repeat for the explainer, no held-out one shown
+            if seq >= 0 and seq not in top_seqs:
                 start = int(data.sample_starts[cell])
                 out.quantile.append(window(seq, start, data.sample_windows[cell].tolist()))
     for i, (seq, start) in enumerate(random_windows):

@@ -20,15 +20,18 @@ SYSTEM = (
     "model: units that are active on some tokens of a text and silent on the others."
 )
 EXPLANATION_PREFIX = "Explanation:"
+# A local model's reply starts with this (a small model then names tokens, not the prompt).
+LOCAL_EXPLAIN_PREFILL = 'Explanation: the feature is active on "'
 # The simulator's reply: one line per token, the activation last (0-10).
 SIM_LINE = "{n}\t{token}\t"
 
 
 def scale(acts: Sequence[float], peak: float) -> list[int]:
-    """Activations on the 0-10 scale relative to `peak` (0 where peak <= 0)."""
+    """Activations on the 0-10 scale relative to `peak`; any positive activation is at least 1
+    (so every token the feature is active on is shown as such)."""
     if peak <= 0:
         return [0] * len(acts)
-    return [max(0, min(10, round(10 * a / peak))) for a in acts]
+    return [0 if a <= 0 else max(1, min(10, round(10 * a / peak))) for a in acts]
 
 
 def marked_text(ex: Example, levels: Sequence[int]) -> str:
@@ -37,30 +40,33 @@ def marked_text(ex: Example, levels: Sequence[int]) -> str:
 
 
 def explainer_messages(examples: Sequence[Example]) -> list[Message]:
-    """Ask for a one-phrase explanation from the examples (top first, then quantile ones)."""
+    """Ask for a one-phrase explanation from the examples (top first, then quantile ones). Each
+    excerpt lists the active tokens first, then its text (a small model copies what comes
+    first: the tokens, not the text)."""
     peak = max((max(ex.acts, default=0.0) for ex in examples), default=0.0)
     parts = []
     for i, ex in enumerate(examples, 1):
         levels = scale(ex.acts, peak)
         active = [f'"{t}" ({lv})' for t, lv in zip(ex.tokens, levels, strict=True) if lv >= 1]
         parts.append(
-            f"Excerpt {i}: {marked_text(ex, levels)}\nActive on: {', '.join(active) or 'none'}"
+            f"Excerpt {i}: active on {', '.join(active) or 'nothing'}\n"
+            f"Text: {marked_text(ex, levels)}"
         )
     user = (
-        "Below are text excerpts where one feature is active. The tokens it is active on are "
-        "marked [[like this]] and listed after each excerpt with the activation strength from "
-        "1 to 10 (10 is its strongest activation).\n\n"
+        "Below are text excerpts where one feature is active: each lists the tokens it is "
+        "active on with the activation strength from 1 to 10 (10 is its strongest activation), "
+        "then the text with those tokens marked [[like this]].\n\n"
         + "\n\n".join(parts)
-        + "\n\nWhat does the feature respond to? Look at the marked tokens and the words just "
-        "before them. Answer with one short phrase (at most 15 words) on one line that starts "
-        f'with "{EXPLANATION_PREFIX}".'
+        + "\n\nWhat does the feature respond to? Answer with a short phrase (at most 15 words) "
+        f'on one line starting with "{EXPLANATION_PREFIX}".'
     )
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
 
 
 def parse_explanation(reply: str) -> str:
     """The explanation in a reply: the text after the last "Explanation:" on its line, else the
-    first non-empty line; quotes, a trailing period and extra space removed (at most 300 chars)."""
+    first non-empty line; activation levels "(7)", quotes around it all, a trailing period and
+    extra space removed (at most 300 chars)."""
     lines = [ln.strip() for ln in reply.strip().splitlines() if ln.strip()]
     text = ""
     for ln in lines:
@@ -70,9 +76,10 @@ def parse_explanation(reply: str) -> str:
             break
     else:
         text = lines[0] if lines else ""
-    text = " ".join(text.split())
-    while text != (text := text.strip(" \"'*`").rstrip(".")):
-        pass
+    text = " ".join(re.sub(r"\s*\(\d+\)", "", text).split())  # activation levels copied over
+    text = text.strip().rstrip(".").strip()
+    while len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'`*":  # surrounding quotes
+        text = text[1:-1].strip().rstrip(".").strip()
     return text[:300]
 
 

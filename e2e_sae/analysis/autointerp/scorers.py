@@ -44,7 +44,7 @@ def explain(backend: ChatBackend, examples: Sequence[Example]) -> tuple[str, dic
     """(explanation, record of the prompt and the raw reply)."""
     messages = prompts.explainer_messages(examples)
     if isinstance(backend, LocalChat):
-        reply = backend.chat(messages, max_tokens=40, prefill=prompts.EXPLANATION_PREFIX)
+        reply = backend.chat(messages, max_tokens=40, prefill=prompts.LOCAL_EXPLAIN_PREFILL)
     else:
         reply = backend.chat(messages, max_tokens=100)
     return prompts.parse_explanation(reply.text), _record(messages, reply.raw, reply.text)
