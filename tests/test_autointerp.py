@@ -34,6 +34,7 @@ from e2e_sae.cli import main
 from e2e_sae.config import Config, load_config
 from e2e_sae.errors import UserError
 from e2e_sae.lm.splice import build_model
+from e2e_sae.training.runlog import read_metrics
 from e2e_sae.training.trainer import train
 
 
@@ -447,6 +448,10 @@ def test_cli_explains_scores_resumes_and_compares(
     assert "simulation (Pearson r)" in printed and "Δ simulation vs 1" in printed
     res = store.read_results(out / run.name)
     assert res["n_features"] == 6 and res["sae_type"] == "e2e"
+    # no eval.json: the CE increase of the last in-training evaluation
+    last = [m for m in read_metrics(run) if "eval/ce_loss_increase" in m][-1]
+    assert res["ce_loss_increase"] == pytest.approx(last["eval/ce_loss_increase"])
+    assert res["ce_loss_increase_source"].startswith("metrics.jsonl")
     assert res["explainer"] == {"kind": "http", "model": "fake-chat", "base_url": url}
     # per feature: 1 explain + 7 simulation requests (2 top + 5 random) + 1 detection request
     n_req = len(state.requests)
@@ -572,3 +577,43 @@ def test_demo_local_config_is_the_demo_with_a_local_loss() -> None:
     assert isinstance(demo, Config) and isinstance(local, Config)
     assert demo.model_dump(exclude={"loss"}) == local.model_dump(exclude={"loss"})
     assert local.loss.logits_kl is None and local.loss.out_to_in is not None
+
+
+def test_scores_figure_layout() -> None:
+    from e2e_sae.analysis.autointerp.report import scores_figure
+
+    rng = np.random.default_rng(0)
+
+    def res(kind: str, l0: float) -> dict[str, Any]:
+        feats = [
+            {
+                "feature": i,
+                "frequency": float(10 ** rng.uniform(-4, -1)),
+                "simulation": float(rng.normal(0.2, 0.2)),
+                "detection_auc": float(rng.uniform(0.3, 1)),
+                "detection_accuracy": 0.5,
+            }
+            for i in range(12)
+        ]
+        return {"sae_type": kind, "l0": l0, "features": feats}
+
+    runs = [res("e2e", 16.2), res("local", 16.1)]
+    fig = scores_figure(runs)
+    sim, det, freq = fig.axes
+    assert [t.get_text() for t in sim.get_xticklabels()] == ["1. e2e, L0 16.2", "2. local, L0 16.1"]
+    assert sim.get_ylabel() == "simulation score (Pearson r)"
+    assert det.get_ylabel() == "detection AUC"
+    assert freq.get_xlabel() == "firing frequency (fraction of tokens)"
+    assert freq.get_xscale() == "log"
+    # every feature a point; the black mean markers sit at the means
+    from matplotlib.collections import PathCollection
+
+    dots = [c for c in sim.collections if isinstance(c, PathCollection)]
+    assert sum(len(c.get_offsets()) for c in dots) == 24
+    means = sorted(float(ln.get_ydata()[0]) for ln in sim.lines if ln.get_marker() == "o")
+    assert means == pytest.approx(
+        sorted(np.mean([f["simulation"] for f in r["features"]]) for r in runs)
+    )
+    fig.canvas.draw()
+    legend = freq.get_legend()
+    assert legend is not None and legend.get_window_extent().y1 <= freq.get_window_extent().y0

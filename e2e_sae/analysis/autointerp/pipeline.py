@@ -41,6 +41,7 @@ from e2e_sae.data import create_data_loader
 from e2e_sae.errors import UserError
 from e2e_sae.eval.evaluate import eval_dataset, read_eval
 from e2e_sae.lm.splice import SAETransformer, load_run
+from e2e_sae.training.runlog import read_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -239,13 +240,14 @@ def run_autointerp(
         bar.update(1)
         bar.set_postfix(sim=f"{record['simulation']['score']:.2f}")
     bar.close()
-    ev = read_eval(run_dir) or {}
+    ce, ce_source = ce_increase(run_dir)
     results = {
         **ident,
         "run_dir": str(run_dir),
         "sae_type": sae_type(config),
         "l0": float(fd.counts.sum()) / fd.n_tokens,
-        "ce_loss_increase": ev.get("ce_loss_increase"),
+        "ce_loss_increase": ce,
+        "ce_loss_increase_source": ce_source,
         "n_tokens_scanned": fd.n_tokens,
         "n_alive": int((fd.counts > 0).sum()),
         "n_eligible": len(eligible),
@@ -257,6 +259,18 @@ def run_autointerp(
     }
     store.write_json(folder / store.RESULTS, results)
     return store.read_json(folder / store.RESULTS)
+
+
+def ce_increase(run_dir: Path) -> tuple[float | None, str | None]:
+    """The run's CE-loss increase with its SAEs spliced in: from `eval.json`, else the last
+    in-training evaluation in `metrics.jsonl`; (None, None) when there is neither."""
+    ev = read_eval(run_dir)
+    if ev and ev.get("ce_loss_increase") is not None:
+        return float(ev["ce_loss_increase"]), "eval.json"
+    for rec in reversed(read_metrics(run_dir)):
+        if rec.get("eval/ce_loss_increase") is not None:
+            return float(rec["eval/ce_loss_increase"]), "metrics.jsonl (last in-training eval)"
+    return None, None
 
 
 def _row(record: dict[str, Any]) -> dict[str, Any]:

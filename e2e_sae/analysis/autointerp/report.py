@@ -116,8 +116,9 @@ def comparison_table(cmp: dict[str, Any]) -> str:
     lines.append(
         f"Mean over the explained features [95% percentile bootstrap interval, "
         f"{cmp['n_resamples']} resamples, seed {cmp['seed']}]. Explainer: {ex.get('model')} "
-        f"({ex.get('kind')}); scorer: {sc.get('model')} ({sc.get('kind')}). CE increase from "
-        "the run's eval.json (– where the run was not evaluated)."
+        f"({ex.get('kind')}); scorer: {sc.get('model')} ({sc.get('kind')}). L0 over the "
+        "scanned tokens; CE increase from the run's eval.json, else its last in-training "
+        "evaluation (– where it has neither)."
     )
     return "\n".join(lines)
 
@@ -159,7 +160,9 @@ def scores_figure(results: Sequence[dict[str, Any]], seed: int = 0) -> Figure:
         f = np.array([r["frequency"] for r in res["features"]], dtype=float)
         v = np.array(_values(res, "simulation"))
         ok = np.isfinite(v) & (f > 0)
-        ax.scatter(f[ok], v[ok], s=12, alpha=0.6, label=labels[i])
+        color = TYPE_COLORS.get(res.get("sae_type", ""), "tab:gray")
+        marker = "os^Dvp*"[i % 7]  # runs of one type share a colour
+        ax.scatter(f[ok], v[ok], s=14, alpha=0.6, color=color, marker=marker, label=labels[i])
     ax.set_xscale("log")
     ax.set_xlabel("firing frequency (fraction of tokens)")
     ax.set_ylabel(SCORES[0][1])
