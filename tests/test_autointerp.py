@@ -484,6 +484,9 @@ def test_cli_explains_scores_resumes_and_compares(
     other_sims = [r["simulation"] for r in store.read_results(out / other.name)["features"]]
     assert d["mean"] == pytest.approx(np.nanmean(other_sims) - np.mean(sims))
     assert (out / "autointerp_scores.png").stat().st_size > 10_000
+    from e2e_sae.analysis.autointerp.report import load_run_results
+
+    assert load_run_results([run, other]) == ([], [run.name, other.name])  # results in --out
 
     # a rerun does nothing new; more features only do the new ones
     assert main(argv) == 0
@@ -526,6 +529,9 @@ def test_browser_shows_the_explanation(
     run = tiny_runs["local"]
     assert main(["autointerp", str(run), *ARGS, "--n-features", "3"]) == 0
     res = store.read_results(run / "autointerp")
+    from e2e_sae.analysis.autointerp.report import load_run_results
+
+    assert load_run_results([run]) == ([res], [])
     html = write_browser(run, tmp_path / "b", n_tokens=1024, page_size=1000)
     data = tmp_path / "b" / "data"
     index = _read_js(data / "index.js", "registerIndex")

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
+from e2e_sae.analysis.autointerp import store
 from e2e_sae.analysis.autointerp.metrics import bootstrap_ci, bootstrap_diff_ci
-from e2e_sae.analysis.autointerp.store import write_json
 from e2e_sae.analysis.plots import TYPE_COLORS, save_figure
 
 SCORES = (
@@ -29,6 +29,19 @@ SCORES = (
 
 def _values(res: dict[str, Any], key: str) -> list[float]:
     return [math.nan if r[key] is None else float(r[key]) for r in res["features"]]
+
+
+def load_run_results(run_dirs: Sequence[str | Path]) -> tuple[list[dict[str, Any]], list[str]]:
+    """The `<run>/autointerp/results.json` of each run that has one, and the names of those
+    that have none."""
+    found, missing = [], []
+    for d in run_dirs:
+        path = store.default_folder(d) / store.RESULTS
+        if path.is_file():
+            found.append(store.read_json(path))
+        else:
+            missing.append(Path(d).name)
+    return found, missing
 
 
 def short_label(res: dict[str, Any], i: int) -> str:
@@ -186,5 +199,5 @@ def autointerp_figures(
     md = out / "autointerp_comparison.md"
     md.write_text("# Autointerp comparison\n\n" + comparison_table(cmp) + "\n", encoding="utf-8")
     js = out / "autointerp_comparison.json"
-    write_json(js, cmp)
+    store.write_json(js, cmp)
     return [*paths, md, js]
