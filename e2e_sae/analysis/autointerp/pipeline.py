@@ -26,6 +26,7 @@ from e2e_sae.analysis.autointerp import store
 from e2e_sae.analysis.autointerp.backends import ChatBackend
 from e2e_sae.analysis.autointerp.examples import (
     Example,
+    FeatureExamples,
     build_examples,
     n_activating_sequences,
     random_windows,
@@ -34,7 +35,13 @@ from e2e_sae.analysis.autointerp.examples import (
 from e2e_sae.analysis.autointerp.metrics import bootstrap_ci
 from e2e_sae.analysis.autointerp.sampling import sample_features
 from e2e_sae.analysis.autointerp.scorers import detect, explain, score_simulation, simulate
-from e2e_sae.analysis.browser import _tokenizer_for, collect_feature_data, readable, token_text
+from e2e_sae.analysis.browser import (
+    FeatureData,
+    _tokenizer_for,
+    collect_feature_data,
+    readable,
+    token_text,
+)
 from e2e_sae.analysis.plots import sae_type
 from e2e_sae.config import parse_model
 from e2e_sae.data import create_data_loader
@@ -133,29 +140,9 @@ def run_autointerp(
     }
     _check_folder(folder, ident, overwrite)
 
-    ds = eval_dataset(config, None, None) if config.eval_data else config.train_data
-    n_tokens = settings.n_tokens or (config.eval_n_samples or 50) * ds.n_ctx
-    bs = config.batch_size
-    n_batches = max(1, math.ceil(n_tokens / (bs * ds.n_ctx)))
-    model.eval()
-    tokenizer = _tokenizer_for(model, ds.tokenizer_name)
-    special = list(getattr(tokenizer, "all_special_ids", None) or [])
-    top_k = settings.n_explain + settings.n_score_top
-    fd = collect_feature_data(
-        model,
-        position,
-        create_data_loader(ds, bs, config.seed + 42),
-        n_batches,
-        None,
-        top_k,
-        settings.before,
-        settings.after,
-        progress=progress,
-        skip_first=settings.skip_first,
-        special_ids=special,
-        bos_id=getattr(tokenizer, "bos_token_id", None),
-    )
+    fd, tokenizer = scan(model, position, settings, progress)
     freq = fd.frequency.tolist()
+    top_k = settings.n_explain + settings.n_score_top
     n_act = n_activating_sequences(fd).tolist()
     eligible = [j for j in range(len(freq)) if n_act[j] >= top_k]
     sample = sample_features(freq, eligible, settings.n_features, settings.seed, settings.n_strata)
@@ -165,14 +152,12 @@ def run_autointerp(
             "sequences (scan more tokens with --n-tokens, or lower --n-explain / --n-score-top)"
         )
     width = min(settings.before + settings.after + 1, fd.tokens.shape[1])  # as the scan
-    windows = random_windows(
-        fd.tokens.shape[0], fd.tokens.shape[1], width, RANDOM_POOL, settings.seed, fd.skip_first
-    )
-    texts = _texts(tokenizer)
-    done = sum(store.feature_path(folder, f).is_file() for f in sample.features)
+    n_seq, seq_len = fd.tokens.shape
+    windows = random_windows(n_seq, seq_len, width, RANDOM_POOL, settings.seed, fd.skip_first)
     todo = [f for f in sample.features if not store.feature_path(folder, f).is_file()]
     codes = window_codes(model, position, fd.tokens, windows, width, todo) if todo else None
     store.write_json(folder / store.SETTINGS, ident)
+    done = len(sample.features) - len(todo)
     if done:
         logger.info("%s: %d of %d features already done", folder, done, len(sample.features))
     bar = tqdm(total=len(sample.features), initial=done, desc="autointerp", disable=not progress)
@@ -186,55 +171,15 @@ def run_autointerp(
         ex = build_examples(
             fd,
             f,
-            texts,
+            _texts(tokenizer),
             n_score_top=settings.n_score_top,
             random_windows=windows,
             random_acts=codes[:, :, todo.index(f)],
             n_random=settings.n_random,
             n_nonactivating=settings.n_nonactivating,
         )
-        explanation, explain_rec = explain(explainer, ex.explain + ex.quantile)
-        sim_examples = ex.score_top + ex.score_random
-        sim = simulate(scorer, explanation, sim_examples)
-        det = detect(
-            scorer, explanation, ex.score_top, ex.nonactivating, seed=settings.seed * 100_003 + f
-        )
-        kinds = ["top"] * len(ex.score_top) + ["random"] * len(ex.score_random)
-        record = {
-            "feature": f,
-            "frequency": freq[f],
-            "stratum": stratum,
-            "explanation": explanation,
-            "simulation": {
-                "score": score_simulation(sim_examples, sim),
-                "unparsed_tokens": sim.unparsed_tokens,
-                "examples": [
-                    _ex_json(e, kind=k, predicted=list(pred))
-                    for e, k, pred in zip(sim_examples, kinds, sim.predicted, strict=True)
-                ],
-            },
-            "detection": {
-                "accuracy": det.accuracy,
-                "auc": det.auc,
-                "unparsed": det.unparsed,
-                "contexts": [
-                    _ex_json(e, label=lab, score=s)
-                    for e, lab, s in zip(
-                        [[*ex.score_top, *ex.nonactivating][i] for i in det.order],
-                        det.labels,
-                        det.scores,
-                        strict=True,
-                    )
-                ],
-            },
-            "explain_examples": [e.to_json() for e in ex.explain],
-            "quantile_examples": [e.to_json() for e in ex.quantile],
-            "records": {
-                "explain": explain_rec,
-                "simulation": sim.records,
-                "detection": det.records,
-            },
-        }
+        record = explain_and_score(ex, explainer, scorer, seed=settings.seed * 100_003 + f)
+        record = {"feature": f, "frequency": freq[f], "stratum": stratum, **record}
         store.write_json(path, record)
         rows.append(_row(record))
         bar.update(1)
@@ -259,6 +204,72 @@ def run_autointerp(
     }
     store.write_json(folder / store.RESULTS, results)
     return store.read_json(folder / store.RESULTS)
+
+
+def scan(
+    model: SAETransformer, position: str, settings: AutointerpSettings, progress: bool
+) -> tuple[FeatureData, Any]:
+    """The browser's scan of the run's eval tokens (as many as `e2e-sae eval` uses unless
+    `settings.n_tokens`), keeping each feature's top n_explain + n_score_top windows; and the
+    tokenizer that shows the tokens."""
+    config = model.run_config
+    assert config is not None
+    ds = eval_dataset(config, None, None) if config.eval_data else config.train_data
+    n_tokens = settings.n_tokens or (config.eval_n_samples or 50) * ds.n_ctx
+    bs = config.batch_size
+    model.eval()
+    tokenizer = _tokenizer_for(model, ds.tokenizer_name)
+    fd = collect_feature_data(
+        model,
+        position,
+        create_data_loader(ds, bs, config.seed + 42),
+        max(1, math.ceil(n_tokens / (bs * ds.n_ctx))),
+        None,
+        settings.n_explain + settings.n_score_top,
+        settings.before,
+        settings.after,
+        progress=progress,
+        skip_first=settings.skip_first,
+        special_ids=list(getattr(tokenizer, "all_special_ids", None) or []),
+        bos_id=getattr(tokenizer, "bos_token_id", None),
+    )
+    return fd, tokenizer
+
+
+def explain_and_score(
+    ex: FeatureExamples, explainer: ChatBackend, scorer: ChatBackend, seed: int
+) -> dict[str, Any]:
+    """One feature's explanation, simulation and detection, with every example, prompt and raw
+    reply (the record written to `features/<id>.json`)."""
+    explanation, explain_rec = explain(explainer, ex.explain + ex.quantile)
+    sim_examples = ex.score_top + ex.score_random
+    sim = simulate(scorer, explanation, sim_examples)
+    det = detect(scorer, explanation, ex.score_top, ex.nonactivating, seed=seed)
+    kinds = ["top"] * len(ex.score_top) + ["random"] * len(ex.score_random)
+    contexts = [*ex.score_top, *ex.nonactivating]
+    return {
+        "explanation": explanation,
+        "simulation": {
+            "score": score_simulation(sim_examples, sim),
+            "unparsed_tokens": sim.unparsed_tokens,
+            "examples": [
+                _ex_json(e, kind=k, predicted=list(pred))
+                for e, k, pred in zip(sim_examples, kinds, sim.predicted, strict=True)
+            ],
+        },
+        "detection": {
+            "accuracy": det.accuracy,
+            "auc": det.auc,
+            "unparsed": det.unparsed,
+            "contexts": [
+                _ex_json(contexts[i], label=lab, score=s)
+                for i, lab, s in zip(det.order, det.labels, det.scores, strict=True)
+            ],
+        },
+        "explain_examples": [e.to_json() for e in ex.explain],
+        "quantile_examples": [e.to_json() for e in ex.quantile],
+        "records": {"explain": explain_rec, "simulation": sim.records, "detection": det.records},
+    }
 
 
 def ce_increase(run_dir: Path) -> tuple[float | None, str | None]:
