@@ -140,7 +140,7 @@ def test_prompt_scale_marks_and_parsers() -> None:
     msgs = prompts.explainer_messages([ex])
     user = msgs[-1]["content"]
     assert " the[[ king]][[ of]][[ France]]" in user
-    assert 'active on " king" (10), " of" (1), " France" (5)' in user
+    assert '1. Tokens: " king" (10), " of" (1), " France" (5)' in user
     assert prompts.scale([0, 0.04, 0.06, 1.0], 1.0) == [0, 1, 1, 10]
     assert (
         prompts.parse_explanation('the feature is active on "I" (5).')

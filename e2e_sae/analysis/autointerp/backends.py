@@ -236,7 +236,8 @@ class LocalChat:
     def chat(
         self, messages: Sequence[Mapping[str, str]], max_tokens: int, prefill: str = ""
     ) -> Reply:
-        """Greedy generation; with `prefill` the reply starts with it (and stops at a newline)."""
+        """Greedy generation without repeated 3-grams (a small model otherwise loops: 'active on
+        "active on "...'); with `prefill` the reply starts with it (and stops at a newline)."""
         ids = torch.tensor([self.prompt_ids(messages, prefill)], device=self.device)
         eos = self.stop_ids() if prefill else [self.tokenizer.eos_token_id]
         out = self.model.generate(
@@ -244,6 +245,7 @@ class LocalChat:
             attention_mask=torch.ones_like(ids),
             max_new_tokens=max_tokens,
             do_sample=False,
+            no_repeat_ngram_size=3,
             eos_token_id=eos,
             pad_token_id=self.tokenizer.eos_token_id,
         )

@@ -49,14 +49,13 @@ def explainer_messages(examples: Sequence[Example]) -> list[Message]:
         levels = scale(ex.acts, peak)
         active = [f'"{t}" ({lv})' for t, lv in zip(ex.tokens, levels, strict=True) if lv >= 1]
         parts.append(
-            f"Excerpt {i}: active on {', '.join(active) or 'nothing'}\n"
-            f"Text: {marked_text(ex, levels)}"
+            f"{i}. Tokens: {', '.join(active) or 'none'}\n   Text: {marked_text(ex, levels)}"
         )
     user = (
-        "Below are text excerpts where one feature is active: each lists the tokens it is "
-        "active on with the activation strength from 1 to 10 (10 is its strongest activation), "
+        "Below are text excerpts where one feature of a language model is active. For each, "
+        "the tokens it is active on (with the activation from 1 to 10; 10 is its strongest), "
         "then the text with those tokens marked [[like this]].\n\n"
-        + "\n\n".join(parts)
+        + "\n".join(parts)
         + "\n\nWhat does the feature respond to? Answer with a short phrase (at most 15 words) "
         f'on one line starting with "{EXPLANATION_PREFIX}".'
     )
