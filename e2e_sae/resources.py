@@ -105,7 +105,7 @@ def check_disk(n_bytes: float, path: Path, field: str, what: str, hint: str = ""
     if n_bytes > free:
         raise UserError(
             f"{field}: {what} need {human_bytes(n_bytes)} on disk, more than the "
-            f"{human_bytes(free)} free where {path} goes{hint}"
+            f"{human_bytes(free)} free on the filesystem of {path}{hint}"
         )
 
 

@@ -238,7 +238,7 @@ def _write_arrays(
                 need = n_rows * n_ctx * 4 + sum(math.prod(sh) * item for sh in shapes.values())
                 check_disk(
                     need,
-                    folder,
+                    folder.parent,
                     "activation cache",
                     f"{n_rows} windows x {n_ctx} tokens at {len(hooks)} hook(s)",
                     " (cache fewer windows with --n-samples, or use --dtype float16)",
@@ -264,7 +264,10 @@ def _open_array(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> np.memma
     OSError here, not a SIGBUS when the map is written later."""
     array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
     with open(path, "r+b") as f:
-        reserve(f.fileno(), os.fstat(f.fileno()).st_size)
+        try:
+            reserve(f.fileno(), os.fstat(f.fileno()).st_size)
+        except OSError as err:
+            raise OSError(err.errno, err.strerror, str(path)) from None
     return array
 
 

@@ -75,8 +75,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:  # a full disk, a signal, ...: no temp file is left behind
+    except BaseException as err:  # a full disk, a signal, ...: no temp file is left behind
         tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.filename is None:  # (write / fsync: say which file)
+            raise OSError(err.errno, err.strerror, str(tmp)) from None
         raise
     fsync_dir(path.parent)
 
@@ -116,8 +118,10 @@ def atomic_save_tensors(
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:  # a full disk, a signal, ...: no temp file is left behind
+    except BaseException as err:  # a full disk, a signal, ...: no temp file is left behind
         tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.filename is None:  # (write / fsync: say which file)
+            raise OSError(err.errno, err.strerror, str(tmp)) from None
         raise
     fsync_dir(path.parent)
 
