@@ -390,6 +390,26 @@ def test_from_local_path_refuses_a_checkpoint_without_its_checksum(
         SAETransformer.from_local_path(run)
 
 
+def test_export_skips_a_damaged_newest_checkpoint_as_eval_does(
+    config_dict, tmp_path: Path, caplog
+) -> None:
+    import logging
+
+    from safetensors.torch import load_file
+
+    cfg = config_dict(n_samples=16, save_every_n_samples=8, keep_last_n_checkpoints=None, **LOCAL)
+    run = train_mod.train(_config(cfg), progress=False)
+    newest = run / "samples_16.safetensors"
+    newest.write_bytes(newest.read_bytes()[:100])
+    with caplog.at_level(logging.WARNING):
+        assert main(["export", str(run), str(tmp_path / "out")]) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "samples_16.safetensors" in warnings[0], warnings
+    exported = load_file(tmp_path / "out" / "blocks.1.hook_resid_pre" / "sae_weights.safetensors")
+    kept = read_tensors(run / "samples_8.safetensors")
+    assert torch.equal(exported["b_dec"], kept["blocks-1-hook_resid_pre.decoder.bias"])
+
+
 def test_resume_refuses_files_of_another_architecture(config_dict, tmp_path: Path, capsys) -> None:
     """A relu run whose newest checkpoint and resume file came from a topk run."""
     import shutil

@@ -50,6 +50,7 @@ from e2e_sae.lm.checkpoint import (
     atomic_save_tensors,
     atomic_write_bytes,
     list_checkpoints,
+    newest_intact,
     read_tensors,
     tensor_metadata,
 )
@@ -390,12 +391,12 @@ def _saes_of_run(
     if checkpoint is not None:
         ckpt = Path(checkpoint)
         ckpt = ckpt if ckpt.is_absolute() or ckpt.exists() else run_dir / ckpt
+        state = read_tensors(ckpt)
     else:
         ckpts = list_checkpoints(run_dir)
         if not ckpts:
             raise UserError(f"export: {run_dir} has no samples_<N>.safetensors checkpoint")
-        ckpt = ckpts[-1]
-    state = read_tensors(ckpt)
+        ckpt, state = newest_intact(ckpts, "export")  # (a damaged newest one: as eval does)
     meta = tensor_metadata(ckpt)
     if "sae_positions" not in meta or "init_kwargs" not in meta:
         return None  # an older checkpoint: rebuild through the model instead
