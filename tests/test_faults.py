@@ -253,6 +253,32 @@ def test_read_only_run_directory_as_a_user(config_dict, tmp_path: Path, capsys) 
     assert "--resume" in _error_line(capsys)
 
 
+@pytest.mark.parametrize("given", [False, True], ids=["new-run-directory", "given-folder"])
+def test_config_write_failing_at_start(
+    config_dict, tmp_path: Path, monkeypatch, given: bool
+) -> None:
+    """A run directory made for the run goes again; a folder the caller gave (a sweep's run
+    folder, perhaps holding an earlier attempt) is left as it was."""
+    from e2e_sae.errors import UserError
+
+    def full(path: Path, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(checkpoint_mod, "atomic_write_bytes", full)
+    config = _config(config_dict(**LOCAL))
+    folder = tmp_path / "given"
+    if given:
+        folder.mkdir()
+        (folder / "notes.txt").write_text("an earlier attempt")
+    with pytest.raises(UserError, match="No space left on device") as err:
+        train_mod.train(config, run_dir=folder if given else None, progress=False)
+    assert len(str(err.value).splitlines()) == 1
+    if given:
+        assert sorted(p.name for p in folder.iterdir()) == [".lock", "notes.txt"]
+    else:
+        assert list(Path(config.save_dir or "").iterdir()) == []
+
+
 def test_run_directory_deleted_mid_run_is_not_recreated(
     config_dict, tmp_path: Path, monkeypatch, capsys
 ) -> None:

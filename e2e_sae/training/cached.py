@@ -238,7 +238,7 @@ def train_from_cache(
                 for t, (s, found) in zip(trainers, restored, strict=True):
                     runs.append(open_run(t, s, found, None, locks))
                     dirs.append(runs[-1].run_dir)
-            except BaseException:  # the new directories of the configs opened before go too
+            except BaseException:  # the directories just made for the configs before go too
                 for run, (_, found) in zip(runs, restored, strict=False):
                     if found is None:
                         shutil.rmtree(run.run_dir, ignore_errors=True)

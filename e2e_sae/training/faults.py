@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from e2e_sae.errors import UserError
+from e2e_sae.lm.checkpoint import CONFIG_FILE
 from e2e_sae.training.resume import resume_points
 
 WRITE_FAULTS = {
@@ -42,9 +43,14 @@ def fault_message(err: OSError, run_dir: Path, resume_command: str) -> str:
         if points
         else "no checkpoint was complete yet"
     )
+    then = (
+        f"continue with `{resume_command} {run_dir}`"
+        if (run_dir / CONFIG_FILE).is_file()
+        else "start it again"  # (its config was not written: there is nothing to resume)
+    )
     return (
         f"cannot write {target}: {what} ({err.strerror}); training stopped and {kept}; "
-        f"make room or fix the permissions, then continue with `{resume_command} {run_dir}`"
+        f"make room or fix the permissions, then {then}"
     )
 
 

@@ -298,7 +298,7 @@ def train(
             first = next(batches)
         check_vocab(t.model, first, "train_data")
         t.check_eval_data()
-        dirs = [found.run_dir] if found is not None else []
+        dirs = [found.run_dir] if found is not None else [run_dir] if run_dir is not None else []
         with write_faults(dirs, RESUME_COMMAND):
             run = open_run(t, state, found, run_dir, locks, on_eval)
             dirs.append(run.run_dir)
@@ -338,6 +338,7 @@ def open_run(
     """The run's directory (a new locked one, or the resumed one) with its config written, and
     its metrics logger: the first writes, once every input has been checked."""
     d = t.dist
+    new = found is None and (run_dir is None or not run_dir.exists())
     if found is not None:
         run_dir = found.run_dir
     else:
@@ -348,9 +349,9 @@ def open_run(
     try:
         run_dir = prepare_run_dir(t.config, run_dir, found, d)
     except OSError as err:
-        if found is not None or run_dir is None:
-            raise  # (a resumed run: `write_faults` says how to continue)
-        shutil.rmtree(run_dir, ignore_errors=True)  # new, empty but for its lock: not left behind
+        if not new or run_dir is None:
+            raise  # (a resumed run or a given folder: `write_faults` says what happened)
+        shutil.rmtree(run_dir, ignore_errors=True)  # made just now, empty but for its lock
         raise UserError(
             f"save_dir: cannot write the run's {CONFIG_FILE} into {run_dir.parent} "
             f"({err.strerror}); no run directory was left"
