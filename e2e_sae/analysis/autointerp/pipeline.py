@@ -44,9 +44,14 @@ from e2e_sae.analysis.browser import (
 )
 from e2e_sae.analysis.plots import sae_type
 from e2e_sae.config import parse_model
-from e2e_sae.data import create_data_loader
+from e2e_sae.data import eval_batches
 from e2e_sae.errors import UserError
-from e2e_sae.eval.evaluate import eval_dataset, read_eval
+from e2e_sae.eval.evaluate import (
+    check_finite_weights,
+    eval_dataset,
+    eval_request,
+    read_eval,
+)
 from e2e_sae.lm.splice import SAETransformer, load_run
 from e2e_sae.training.runlog import read_metrics
 
@@ -124,6 +129,7 @@ def run_autointerp(
     config = model.run_config
     if config is None:
         raise UserError(f"{run_dir}: no run config (not a run directory?)")
+    check_finite_weights(model.saes, run_dir)
     if position is None:
         if len(model.sae_positions) != 1:
             raise UserError(f"--sae: the run has several SAEs ({', '.join(model.sae_positions)})")
@@ -215,15 +221,18 @@ def scan(
     config = model.run_config
     assert config is not None
     ds = eval_dataset(config, None, None) if config.eval_data else config.train_data
-    n_tokens = settings.n_tokens or (config.eval_n_samples or 50) * ds.n_ctx
+    asked = eval_request(config, settings.n_tokens)
+    n_tokens = settings.n_tokens or (config.eval_n_samples or 50) * ds.n_ctx  # as evaluate_run
     bs = config.batch_size
+    n_batches = max(1, math.ceil(n_tokens / (bs * ds.n_ctx)))
+    batches, n_batches = eval_batches(ds, bs, config.seed + 42, n_batches, asked)
     model.eval()
     tokenizer = _tokenizer_for(model, ds.tokenizer_name)
     fd = collect_feature_data(
         model,
         position,
-        create_data_loader(ds, bs, config.seed + 42),
-        max(1, math.ceil(n_tokens / (bs * ds.n_ctx))),
+        batches,
+        n_batches,
         None,
         settings.n_explain + settings.n_score_top,
         settings.before,
