@@ -499,6 +499,12 @@ def test_cli_explains_scores_resumes_and_compares(
     capsys.readouterr()
     assert main([*argv, "--n-random", "1"]) == 2
     assert "other settings" in capsys.readouterr().err
+    n_req = len(state.requests)
+    assert main([*argv, "--n-random", "1", "--overwrite"]) == 0
+    assert len(state.requests) == n_req + 6 * (1 + 3 + 1)
+    assert len(list((out / run.name / "features").iterdir())) == 6
+    rec = json.loads(next((out / run.name / "features").iterdir()).read_text())
+    assert [e["kind"] for e in rec["simulation"]["examples"]] == ["top", "top", "random"]
 
 
 def test_cli_user_errors_exit_2_without_writing(
