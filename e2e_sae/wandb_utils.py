@@ -17,10 +17,10 @@ from typing import Any
 from pydantic import BaseModel
 from torch import Tensor
 
-from e2e_sae.compat.original import samples_of
 from e2e_sae.config import config_to_yaml_dict
 from e2e_sae.data import cache_dir
 from e2e_sae.errors import UserError
+from e2e_sae.runs.original import samples_of
 
 logger = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from conftest import TINY_TLENS, make_config_dict, write_token_jsonl
 
 from e2e_sae.cli import main
 from e2e_sae.config import Config, load_config
-from e2e_sae.lm.checkpoint import save_checkpoint
 from e2e_sae.lm.splice import build_model
+from e2e_sae.runs.checkpoint import save_checkpoint
 
 
 @dataclass

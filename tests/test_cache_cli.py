@@ -17,7 +17,7 @@ from e2e_sae.caches.activations import ActivationCache, build_for_config, n_cach
 from e2e_sae.cli import main
 from e2e_sae.config import Config, load_config
 from e2e_sae.data import create_data_loader, load_windows
-from e2e_sae.lm.checkpoint import CONFIG_FILE, list_checkpoints, read_tensors
+from e2e_sae.runs.checkpoint import CONFIG_FILE, list_checkpoints, read_tensors
 from e2e_sae.training.cached import CachedTrainer, train_together
 from e2e_sae.training.runlog import read_metrics
 from e2e_sae.training.trainer import setup, train

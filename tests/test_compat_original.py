@@ -23,9 +23,9 @@ from e2e_sae.cli import main
 from e2e_sae.config import Config, LossConfig, load_config
 from e2e_sae.errors import ConfigError, UserError
 from e2e_sae.interop.pretrained import load_pretrained_saes
-from e2e_sae.lm.checkpoint import save_checkpoint, write_config
 from e2e_sae.lm.load import load_tlens_model_from_path
 from e2e_sae.lm.splice import SAETransformer, build_model, load_run
+from e2e_sae.runs.checkpoint import save_checkpoint, write_config
 
 POS = "blocks.1.hook_resid_pre"
 KEY = "blocks-1-hook_resid_pre"
@@ -211,7 +211,7 @@ def test_from_local_path_reads_an_original_run_dir(
     run, states = original_run
     norms = states[20][f"{KEY}.decoder.weight"].norm(dim=0)
     assert (norms - 1).abs().min() > 0.5  # the file's decoder is far from unit norm
-    with caplog.at_level(logging.INFO, logger="e2e_sae.compat.original"):
+    with caplog.at_level(logging.INFO, logger="e2e_sae.runs.original"):
         model = SAETransformer.from_local_path(run, device="cpu")
     ignored = [r.getMessage() for r in caplog.records if "ignoring keys" in r.getMessage()]
     assert len(ignored) == 1 and ignored[0].endswith(": cooldown_samples")

@@ -29,9 +29,9 @@ from e2e_sae.interop.saelens import (
     read_saelens_cfg,
     save_saelens,
 )
-from e2e_sae.lm.checkpoint import list_checkpoints
 from e2e_sae.lm.load import build_random_model
 from e2e_sae.lm.splice import build_model, load_run
+from e2e_sae.runs.checkpoint import list_checkpoints
 from e2e_sae.saes import SAEBase, build_sae
 from e2e_sae.training.trainer import train
 

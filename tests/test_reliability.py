@@ -25,8 +25,8 @@ from torch import Tensor
 from e2e_sae.cli import main
 from e2e_sae.config import Config, load_config
 from e2e_sae.errors import TrainingInterrupted
-from e2e_sae.lm.checkpoint import atomic_save_tensors, list_checkpoints, read_tensors
 from e2e_sae.lm.splice import load_run
+from e2e_sae.runs.checkpoint import atomic_save_tensors, list_checkpoints, read_tensors
 from e2e_sae.training import engine as engine_mod
 from e2e_sae.training import trainer as train_mod
 from e2e_sae.training.resume import RunLock, resume_points

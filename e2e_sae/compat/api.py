@@ -27,7 +27,7 @@ from transformer_lens.hook_points import HookPoint
 from e2e_sae.config import load_config as load_ours
 from e2e_sae.config import parse_model
 from e2e_sae.errors import ConfigError, UserError
-from e2e_sae.lm.checkpoint import atomic_save_tensors, atomic_write_bytes, read_tensors
+from e2e_sae.runs.checkpoint import atomic_save_tensors, atomic_write_bytes, read_tensors
 from e2e_sae.saes import CacheActs, SAEActs
 
 T = TypeVar("T", bound=BaseModel)

@@ -60,10 +60,11 @@ from tqdm.auto import tqdm
 from e2e_sae.config import Config, DatasetConfig
 from e2e_sae.data import create_data_loader
 from e2e_sae.errors import UserError
-from e2e_sae.lm.checkpoint import atomic_save_tensors, atomic_write_bytes
-from e2e_sae.lm.splice import SAETransformer, hook_layer, load_run, sae_key
+from e2e_sae.lm.splice import SAETransformer, hook_layer, load_run
 from e2e_sae.objective.forward import StepPlan, make_plan, run_forward, with_runner
 from e2e_sae.objective.losses import LossTerm, build_loss_terms, compute_losses, kl_clean_to_new
+from e2e_sae.runs.checkpoint import atomic_save_tensors, atomic_write_bytes
+from e2e_sae.saes import sae_key
 
 LN_EPS = 1e-5
 L2_RATIO_MIN_NORM = 1e-4  # SAEBench's: below it, l2_ratio divides by 1 instead of ||x||

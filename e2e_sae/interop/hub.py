@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from e2e_sae.errors import UserError
-from e2e_sae.lm.checkpoint import CONFIG_FILE, list_checkpoints
 from e2e_sae.lm.splice import load_run
+from e2e_sae.runs.checkpoint import CONFIG_FILE, list_checkpoints
 
 logger = logging.getLogger(__name__)
 

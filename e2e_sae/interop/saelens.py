@@ -45,7 +45,8 @@ from e2e_sae.errors import UserError, check_output_folder
 from e2e_sae.eval.evaluate import read_feature_frequency
 from e2e_sae.interop.hub import CFG_FILE, WEIGHTS_FILE, resolve_path
 from e2e_sae.lm.bridge import resolve_backend
-from e2e_sae.lm.checkpoint import (
+from e2e_sae.lm.splice import SAETransformer, hook_layer, load_run
+from e2e_sae.runs.checkpoint import (
     CONFIG_FILE,
     atomic_save_tensors,
     atomic_write_bytes,
@@ -53,8 +54,7 @@ from e2e_sae.lm.checkpoint import (
     read_tensors,
     tensor_metadata,
 )
-from e2e_sae.lm.splice import SAETransformer, hook_layer, load_run, sae_key
-from e2e_sae.saes import SAEBase, build_sae
+from e2e_sae.saes import SAEBase, build_sae, sae_key
 from e2e_sae.version import __version__
 
 if TYPE_CHECKING:

@@ -17,13 +17,6 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from e2e_sae.compat.original import (
-    CONFIG_FILE,
-    OPTIONAL_LM_BUFFERS,
-    original_lm_fields,
-    original_lm_file,
-    read_pt_state_dict,
-)
 from e2e_sae.data.tokenizer import is_gguf_model_name, load_tokenizer
 from e2e_sae.errors import ConfigError, UserError
 from e2e_sae.lm.bridge import is_local_folder, load_bridge, resolve_backend
@@ -34,6 +27,13 @@ from e2e_sae.lm.sources import (
     OFFLINE_MODELS_HINT,
     builtin_model_dir,
     first_line,
+)
+from e2e_sae.runs.original import (
+    CONFIG_FILE,
+    OPTIONAL_LM_BUFFERS,
+    original_lm_fields,
+    original_lm_file,
+    read_pt_state_dict,
 )
 
 if TYPE_CHECKING:

@@ -1,5 +1,5 @@
-"""Hook names and SAE keys: matching config patterns to a model's hook names, the block a hook
-is in, the ModuleDict key of an SAE, its dictionary size."""
+"""Hook names: matching config patterns to a model's hook names, the block a hook is in, the
+dictionary size of an SAE there."""
 
 from __future__ import annotations
 
@@ -9,11 +9,6 @@ from collections.abc import Sequence
 from e2e_sae.errors import ConfigError
 
 _LAYER_RE = re.compile(r"^blocks\.(\d+)\.")
-
-
-def sae_key(hook_name: str) -> str:
-    """ModuleDict keys may not contain '.', so the original library uses '-' instead."""
-    return hook_name.replace(".", "-")
 
 
 def hook_layer(hook_name: str, n_layers: int) -> int:

@@ -18,21 +18,21 @@ import torch
 from torch import Tensor, nn
 from transformer_lens.utilities import LocallyOverridenDefaults, sample_logits
 
-from e2e_sae.compat.original import load_run_config, samples_of
 from e2e_sae.config import Config
 from e2e_sae.errors import ConfigError, UserError
-from e2e_sae.lm.checkpoint import (
+from e2e_sae.lm.load import default_device, load_lm
+from e2e_sae.lm.names import dict_size, filter_names, hook_layer, one_hook
+from e2e_sae.lm.runner import LM, LMRunner, make_runner, move_to
+from e2e_sae.lm.runner import Hooks as _Hooks
+from e2e_sae.runs.checkpoint import (
     CONFIG_FILE,
     list_sae_checkpoints,
     load_sae_weights,
     newest_intact,
     read_tensors,
 )
-from e2e_sae.lm.load import default_device, load_lm
-from e2e_sae.lm.names import dict_size, filter_names, hook_layer, one_hook, sae_key
-from e2e_sae.lm.runner import LM, LMRunner, make_runner, move_to
-from e2e_sae.lm.runner import Hooks as _Hooks
-from e2e_sae.saes import CacheActs, SAEActs, SAEBase, build_sae
+from e2e_sae.runs.original import load_run_config, samples_of
+from e2e_sae.saes import CacheActs, SAEActs, SAEBase, build_sae, sae_key
 from e2e_sae.wandb_utils import download_wandb_run
 
 

@@ -22,14 +22,13 @@ from tqdm.auto import tqdm
 
 from e2e_sae.config import config_to_yaml_dict, load_config
 from e2e_sae.errors import ConfigError, UserError
-from e2e_sae.lm.checkpoint import atomic_save_tensors
 from e2e_sae.lm.load import default_device
-from e2e_sae.lm.splice import sae_key
 from e2e_sae.mlp.config import MLPConfig, MLPSAERunConfig, MLPTrainConfig
 from e2e_sae.mlp.data import Split, load_split
 from e2e_sae.mlp.model import MLP, MLP_FILE
 from e2e_sae.objective.losses import LossInputs, build_loss_terms, compute_losses, kl_clean_to_new
-from e2e_sae.saes import SAEActs, SAEBase, build_sae
+from e2e_sae.runs.checkpoint import atomic_save_tensors
+from e2e_sae.saes import SAEActs, SAEBase, build_sae, sae_key
 from e2e_sae.wandb_utils import init_wandb, log_feature_frequencies
 
 logger = logging.getLogger(__name__)

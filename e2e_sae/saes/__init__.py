@@ -5,7 +5,7 @@ skip_transcoder, matryoshka.
 """
 
 from e2e_sae.saes import relu as _relu  # noqa: F401  (registers "relu")
-from e2e_sae.saes.base import CacheActs, SAEActs, SAEBase
+from e2e_sae.saes.base import CacheActs, SAEActs, SAEBase, sae_key
 from e2e_sae.saes.batchtopk import BatchTopKSAE
 from e2e_sae.saes.gated import GatedSAE
 from e2e_sae.saes.jumprelu import JumpReLUSAE
@@ -29,4 +29,5 @@ __all__ = [
     "TopKSAE",
     "build_sae",
     "register_architecture",
+    "sae_key",
 ]

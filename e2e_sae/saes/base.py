@@ -79,6 +79,12 @@ def unit_columns(w: Tensor) -> Tensor:
     return out
 
 
+def sae_key(hook_name: str) -> str:
+    """The key of the SAE at `hook_name` in a model's `saes` ModuleDict and in checkpoints:
+    ModuleDict keys may not contain '.', so the original library uses '-' instead."""
+    return hook_name.replace(".", "-")
+
+
 class SAEActs(NamedTuple):
     """What a spliced SAE saw and produced at one position (as in the original library)."""
 

@@ -33,9 +33,9 @@ from e2e_sae.caches.activations import (
 from e2e_sae.config import Config
 from e2e_sae.errors import ConfigError, UserError
 from e2e_sae.lm.load import check_device
-from e2e_sae.lm.splice import SAETransformer, SpliceSite, dict_size, sae_key
+from e2e_sae.lm.splice import SAETransformer, SpliceSite, dict_size
 from e2e_sae.objective.losses import build_loss_terms
-from e2e_sae.saes import build_sae
+from e2e_sae.saes import build_sae, sae_key
 from e2e_sae.training.distributed import dist_from_env
 from e2e_sae.training.engine import Engine, TrainState, make_optimizer, n_grad_steps
 from e2e_sae.training.feeds import CacheFeed

@@ -23,10 +23,9 @@ from torch import Tensor, nn
 from e2e_sae.config import Config
 from e2e_sae.errors import UserError
 from e2e_sae.eval.evaluate import l0
-from e2e_sae.lm.splice import sae_key
 from e2e_sae.objective.forward import autocast
 from e2e_sae.objective.losses import LossInputs, LossTerm, compute_losses
-from e2e_sae.saes import SAEBase
+from e2e_sae.saes import SAEBase, sae_key
 from e2e_sae.saes.resample import resample_dead_latents
 from e2e_sae.training.distributed import (
     SINGLE,

@@ -43,7 +43,8 @@ from torch import Tensor
 
 from e2e_sae.config import Config, config_to_yaml_dict, load_config
 from e2e_sae.errors import ConfigError, TrainingInterrupted, UserError
-from e2e_sae.lm.checkpoint import (
+from e2e_sae.lm.splice import SAETransformer
+from e2e_sae.runs.checkpoint import (
     CONFIG_FILE,
     atomic_save_tensors,
     atomic_write_bytes,
@@ -54,7 +55,6 @@ from e2e_sae.lm.checkpoint import (
     tensor_digest,
     write_config,
 )
-from e2e_sae.lm.splice import SAETransformer
 from e2e_sae.training.distributed import SINGLE, Dist, broadcast_str, max_over_ranks
 
 try:

@@ -1,4 +1,4 @@
-"""SAE checkpoints as safetensors (never pickle), atomic writes, and rebuilding a run directory.
+"""SAE checkpoints as safetensors (never pickle), atomic writes, and reading them back.
 
 Layout of a run directory:
   final_config.yaml          the resolved config
@@ -6,7 +6,7 @@ Layout of a run directory:
   metrics.jsonl              one JSON object per log / eval step
 
 Loading also reads run directories of the original e2e_sae 2.1.1 (`samples_<N>.pt`, its
-`final_config.yaml`), through `e2e_sae.compat.original`.
+`final_config.yaml`), through `e2e_sae.runs.original`.
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from e2e_sae.compat.original import read_pt_state_dict
+from e2e_sae.runs.original import read_pt_state_dict
 from e2e_sae.config import Config, config_to_yaml_dict
 from e2e_sae.errors import DamagedFileError, UserError
-from e2e_sae.lm.names import sae_key
+from e2e_sae.saes import sae_key
 from e2e_sae.saes import SAEBase
 
 
