@@ -27,9 +27,10 @@ from e2e_sae.config import Config, load_config
 from e2e_sae.errors import TrainingInterrupted
 from e2e_sae.lm.splice import load_run
 from e2e_sae.runs.checkpoint import atomic_save_tensors, list_checkpoints, read_tensors
+from e2e_sae.runs.lock import RunLock
 from e2e_sae.training import engine as engine_mod
 from e2e_sae.training import trainer as train_mod
-from e2e_sae.training.resume import RunLock, resume_points
+from e2e_sae.training.resume import resume_points
 from e2e_sae.training.runlog import read_metrics
 
 LOCAL = {"loss": {"sparsity": {"coeff": 0.1}, "out_to_in": {"coeff": 1.0}}}

@@ -35,12 +35,12 @@ from e2e_sae.errors import ConfigError, UserError
 from e2e_sae.lm.load import check_device
 from e2e_sae.lm.splice import SAETransformer, SpliceSite, dict_size
 from e2e_sae.objective.losses import build_loss_terms
+from e2e_sae.runs.lock import RunLock
 from e2e_sae.saes import build_sae, sae_key
 from e2e_sae.training.distributed import dist_from_env
 from e2e_sae.training.engine import Engine, TrainState, make_optimizer, n_grad_steps
 from e2e_sae.training.feeds import CacheFeed
 from e2e_sae.training.loop import Run, run_loop
-from e2e_sae.training.resume import RunLock
 from e2e_sae.training.trainer import Trainer, open_run, restore_run, setup
 
 

@@ -17,6 +17,7 @@ from e2e_sae.config import Config
 from e2e_sae.eval.evaluate import EvalResult
 from e2e_sae.lm.splice import SAETransformer
 from e2e_sae.objective.losses import LossTerm
+from e2e_sae.training.cleanup import prune_points
 from e2e_sae.training.curves import plot_training_curves
 from e2e_sae.training.distributed import Dist
 from e2e_sae.training.engine import (
@@ -27,8 +28,9 @@ from e2e_sae.training.engine import (
     loss_term_keys,
     n_grad_steps,
 )
-from e2e_sae.training.resume import Checkpointed, StopOnSignal, resume_points, save_point
+from e2e_sae.training.resume import Checkpointed, resume_points, save_point
 from e2e_sae.training.runlog import RunLogger
+from e2e_sae.training.signals import StopOnSignal
 
 
 class LoopTrainer(Checkpointed, Protocol):
@@ -68,10 +70,16 @@ class Run:
     """n_samples of the last checkpoint written (a signal on a save step writes it once)."""
 
     def save(self, final: bool = False) -> None:
+        """A resume point, then (rank 0) all but the newest `keep_last_n_checkpoints` (+ the final
+        one) pruned."""
         if self.saved_at != self.state.n_samples or final:
-            t = self.trainer
-            self.log.save_file(save_point(self.run_dir, t, self.state, t.dist, final=final))
-            self.saved_at = self.state.n_samples
+            t, n = self.trainer, self.state.n_samples
+            path = save_point(self.run_dir, t, self.state, t.dist)
+            keep = self.config.keep_last_n_checkpoints
+            if path is not None and keep is not None:
+                prune_points(self.run_dir, keep + (1 if final else 0), upto=n)
+            self.log.save_file(path)
+            self.saved_at = n
 
     @property
     def config(self) -> Config:

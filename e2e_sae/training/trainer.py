@@ -27,19 +27,22 @@ from e2e_sae.interop.pretrained import load_pretrained_saes
 from e2e_sae.lm.splice import SAETransformer, build_model, check_vocab, filter_names
 from e2e_sae.objective.forward import StepPlan, make_plan
 from e2e_sae.objective.losses import build_loss_terms
-from e2e_sae.training.distributed import SINGLE, Dist, broadcast_state, init_distributed, shutdown
+from e2e_sae.runs.lock import RunLock
+from e2e_sae.training.cleanup import prepare_run_dir
+from e2e_sae.training.distributed import (
+    SINGLE,
+    Dist,
+    broadcast_state,
+    init_distributed,
+    on_main,
+    shutdown,
+)
 from e2e_sae.training.engine import Engine, TrainState, make_optimizer
 from e2e_sae.training.feeds import CacheFeed, LMFeed
+from e2e_sae.training.find_run import Resume, find_resume
 from e2e_sae.training.init import initialize_saes
 from e2e_sae.training.loop import Run, run_loop
-from e2e_sae.training.resume import (
-    Resume,
-    RunLock,
-    find_resume,
-    on_main,
-    prepare_run_dir,
-    restore_point,
-)
+from e2e_sae.training.resume import restore_point
 from e2e_sae.training.runlog import RunLogger
 
 logger = logging.getLogger(__name__)
