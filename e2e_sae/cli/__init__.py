@@ -8,7 +8,21 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from e2e_sae.cli import analysis, cache, compat, demo, interop, train
+from e2e_sae.cli import (
+    browse,
+    cache_acts,
+    cache_teacher,
+    convert,
+    demo,
+    export,
+    plot,
+    push,
+    sweep,
+    train,
+    train_cached,
+    train_lm,
+    train_mlp,
+)
 from e2e_sae.cli import eval as eval_cmd
 from e2e_sae.errors import TrainingInterrupted, UserError
 from e2e_sae.version import __version__
@@ -32,16 +46,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# The command table: each module's `register(subparsers)` adds its subcommands (in this order in
-# --help). The modules import the library inside their commands, so `--help` stays fast.
+# The command table: one module per command, named for it; each module's `register(subparsers)`
+# adds its subcommand (in this order in --help). The modules import the library inside their
+# commands, so `--help` stays fast.
 COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     train.register,
     eval_cmd.register,
     demo.register,
-    analysis.register,
-    interop.register,
-    cache.register,
-    compat.register,
+    train_lm.register,
+    sweep.register,
+    plot.register,
+    browse.register,
+    export.register,
+    push.register,
+    train_mlp.register,
+    cache_acts.register,
+    cache_teacher.register,
+    train_cached.register,
+    convert.register,
 )
 
 

@@ -26,11 +26,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from e2e_sae.runs.original import read_pt_state_dict
 from e2e_sae.config import Config, config_to_yaml_dict
 from e2e_sae.errors import DamagedFileError, UserError
-from e2e_sae.saes import sae_key
-from e2e_sae.saes import SAEBase
+from e2e_sae.runs.original import read_pt_state_dict
+from e2e_sae.saes import SAEBase, sae_key
 
 
 class SAETransformer(Protocol):
