@@ -19,7 +19,7 @@ from conftest import TINY_TLENS, make_config_dict, write_token_jsonl
 
 from e2e_sae.cli import main
 from e2e_sae.config import Config, load_config
-from e2e_sae.lm.splice import build_model
+from e2e_sae.lm.splice import SAETransformer
 from e2e_sae.runs.checkpoint import save_checkpoint
 
 
@@ -83,7 +83,7 @@ def _sae_file(e: Env, ratio: float = 2.0) -> str:
     """A checkpoint of the config's SAE (random weights), with `ratio` latents per input dim."""
     config = load_config(e.config(saes={"sae_positions": SAE, "dict_size_to_input_ratio": ratio}))
     assert isinstance(config, Config)
-    return str(save_checkpoint(e.root, build_model(config, device="cpu"), 0))
+    return str(save_checkpoint(e.root, SAETransformer.from_config(config, device="cpu"), 0))
 
 
 def _pretrained(e: Env, **extra: Any) -> list[str]:
@@ -104,7 +104,7 @@ def _run(e: Env, scale: float = 1.0) -> str:
     config = load_config(e.config(eval_n_samples=4))
     assert isinstance(config, Config)
     (run / "final_config.yaml").write_text(yaml.safe_dump(e.config(eval_n_samples=4)))
-    model = build_model(config, device="cpu")
+    model = SAETransformer.from_config(config, device="cpu")
     with torch.no_grad():
         for name, p in model.saes.named_parameters():
             if "encoder" in name:

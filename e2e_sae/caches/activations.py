@@ -41,7 +41,10 @@ from e2e_sae.errors import ConfigError, UserError
 from e2e_sae.lm import splice
 from e2e_sae.lm.bridge import resolve_backend
 from e2e_sae.lm.load import check_device
-from e2e_sae.lm.splice import SAETransformer, SpliceSite, build_model, check_vocab, filter_names
+from e2e_sae.lm.names import filter_names
+from e2e_sae.lm.runner import check_vocab
+from e2e_sae.lm.sites import SpliceSite
+from e2e_sae.lm.splice import SAETransformer
 from e2e_sae.objective.forward import StepPlan, run_forward, with_runner
 
 META = "meta.json"
@@ -400,7 +403,7 @@ def build_for_config(
     if path.exists():
         raise UserError(f"activation cache {path}: already exists")
     check_device(device or config.device)
-    model = build_model(config, device=device)
+    model = SAETransformer.from_config(config, device=device)
     batches = training_batches(config, model)
     info = {
         "model_source": model_source(config),
@@ -430,5 +433,5 @@ def training_batches(config: Config, model: SAETransformer) -> Iterator[Tensor]:
         first = next(loader, None)
     if first is None:
         raise UserError("train_data: the dataset yields no windows")
-    check_vocab(model, first, "train_data")
+    check_vocab(model.lm, first, "train_data")
     return itertools.chain([first], loader)

@@ -60,7 +60,8 @@ from tqdm.auto import tqdm
 from e2e_sae.config import Config, DatasetConfig
 from e2e_sae.data import create_data_loader
 from e2e_sae.errors import UserError
-from e2e_sae.lm.splice import SAETransformer, hook_layer, load_run
+from e2e_sae.lm.names import hook_layer
+from e2e_sae.lm.splice import SAETransformer
 from e2e_sae.objective.forward import StepPlan, make_plan, run_forward, with_runner
 from e2e_sae.objective.losses import LossTerm, build_loss_terms, compute_losses, kl_clean_to_new
 from e2e_sae.runs.checkpoint import atomic_save_tensors, atomic_write_bytes
@@ -398,13 +399,18 @@ def evaluate_run(
     device: str | None = None,
     progress: bool = False,
 ) -> EvalResult:
-    """Load a run directory (or take a model from `load_run`) and evaluate all its SAEs together.
+    """Load a run directory (or take a model from `SAETransformer.from_local_path`) and evaluate
+    all its SAEs together.
 
     `n_tokens` defaults to the run's `eval_n_samples` (else 50) windows; it is rounded up to whole
     batches. Batches come from the eval data in the order training's evaluation uses (seed + 42).
     """
 
-    model = run_dir if isinstance(run_dir, SAETransformer) else load_run(run_dir, device=device)
+    model = (
+        run_dir
+        if isinstance(run_dir, SAETransformer)
+        else SAETransformer.from_local_path(run_dir, device=device)
+    )
     config = model.run_config
     if config is None:
         raise UserError("eval: the model has no run config (load it with from_local_path)")

@@ -45,7 +45,8 @@ from e2e_sae.errors import UserError, check_output_folder
 from e2e_sae.eval.evaluate import read_feature_frequency
 from e2e_sae.interop.hub import CFG_FILE, WEIGHTS_FILE, resolve_path
 from e2e_sae.lm.bridge import resolve_backend
-from e2e_sae.lm.splice import SAETransformer, hook_layer, load_run
+from e2e_sae.lm.names import hook_layer
+from e2e_sae.lm.splice import SAETransformer
 from e2e_sae.runs.checkpoint import (
     CONFIG_FILE,
     atomic_save_tensors,
@@ -446,12 +447,12 @@ def export_run_saelens(
         if found is not None:
             config, saes = found
         else:
-            run = load_run(run_dir, checkpoint=checkpoint, device="cpu")
+            run = SAETransformer.from_local_path(run_dir, checkpoint=checkpoint, device="cpu")
     if saes is None:
         assert not isinstance(run, (str, Path))
         config = run.run_config
         saes = [(p, run.sites[p].input_hook, run.sae(p)) for p in run.sae_positions]
-        if run_dir is None:  # a model from `load_run` knows its run directory and checkpoint
+        if run_dir is None:  # a model from `from_local_path` knows its run directory and checkpoint
             run_dir, checkpoint = run.run_dir, run.checkpoint_path
     meta: dict[str, Any] = {}
     if config is not None:
@@ -687,8 +688,9 @@ def saelens_transformer(
     device: str | torch.device | None = None,
     allow_inexact: bool = False,
 ) -> SAETransformer:
-    """An `SAETransformer` with SAELens SAEs (folders or `hf://` URIs) spliced in at the hooks
-    their cfg.json names (transcoders read `hook_name` and replace `hook_name_out`)."""
+    """An `SAETransformer` (in eval mode) with SAELens SAEs (folders or `hf://` URIs) spliced in
+    at the hooks their cfg.json names (transcoders read `hook_name` and replace `hook_name_out`).
+    Exported as `e2e_sae.interop.saelens_transformer`."""
 
     if not paths:
         raise UserError("from_saelens: give at least one SAELens folder")
@@ -724,7 +726,7 @@ def saelens_transformer(
             )
         model.saes[sae_key(pos)] = sae
     target = device or tlens_model.cfg.device
-    return model.to(target) if target is not None else model
+    return (model.to(target) if target is not None else model).eval()
 
 
 def load_saelens_into(model: SAETransformer, path: str | os.PathLike[str]) -> list[str]:

@@ -22,8 +22,9 @@ from e2e_sae.errors import ConfigError, UserError
 from e2e_sae.lm.bridge import resolve_backend
 from e2e_sae.lm.gguf import smollm2_config
 from e2e_sae.lm.load import _CFG_KEYS
+from e2e_sae.lm.names import filter_names
+from e2e_sae.lm.sites import resolve_sites
 from e2e_sae.lm.sources import MODEL_CONFIG, builtin_model_dir
-from e2e_sae.lm.splice import filter_names, resolve_sites
 
 
 def model_config(config: Config) -> Any:

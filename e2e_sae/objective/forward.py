@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -33,8 +32,9 @@ from torch import Tensor
 
 from e2e_sae.config import LossConfigs
 from e2e_sae.errors import UserError
-from e2e_sae.lm.runner import LMRunner, move_to, step_runner
-from e2e_sae.lm.splice import SAETransformer, filter_names, hook_layer
+from e2e_sae.lm.names import filter_names, hook_layer
+from e2e_sae.lm.runner import LMRunner, cache_into, step_runner
+from e2e_sae.lm.splice import SAETransformer
 from e2e_sae.objective.losses import KLTarget, LossInputs
 from e2e_sae.saes import CacheActs, SAEActs
 from e2e_sae.saes.matryoshka import batched_prefix_passes, full_copy, prefix_passes
@@ -137,7 +137,7 @@ def run_forward(
         lm = plan.runner if plan.runner is not None else _choose_runner(model, plan)
     device = lm.device
     orig_acts: dict[str, Tensor] = {}
-    clean_hooks = [(h, _store(orig_acts, h, device)) for h in plan.orig_cache]
+    clean_hooks = [(h, cache_into(orig_acts, h, device)) for h in plan.orig_cache]
     saes = {p: model.sae(p) for p in plan.sae_positions}
     if not plan.e2e:
         if clean_hooks:
@@ -219,16 +219,6 @@ def _new_acts(
 ) -> dict[str, Tensor]:
     """The spliced pass's activations at the downstream-loss hooks (`plan.new_cache`)."""
     return {h: model.spliced_activation(h, acts[h]) for h in plan.new_cache if h in acts}
-
-
-def _store(store: dict[str, Tensor], name: str, device: torch.device) -> Callable[..., Tensor]:
-    # By the name asked for (a bridge calls hooks with its canonical name, not the alias), on
-    # the SAEs' device (a no-op unless the LM is spread over several devices).
-    def hook(x: Tensor, hook: object = None) -> Tensor:
-        store[name] = move_to(x, device)
-        return x
-
-    return hook
 
 
 def autocast(precision: str, device: torch.device | str) -> contextlib.AbstractContextManager:

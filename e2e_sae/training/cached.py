@@ -33,7 +33,9 @@ from e2e_sae.caches.activations import (
 from e2e_sae.config import Config
 from e2e_sae.errors import ConfigError, UserError
 from e2e_sae.lm.load import check_device
-from e2e_sae.lm.splice import SAETransformer, SpliceSite, dict_size
+from e2e_sae.lm.names import dict_size
+from e2e_sae.lm.sites import SpliceSite
+from e2e_sae.lm.splice import SAETransformer
 from e2e_sae.objective.losses import build_loss_terms
 from e2e_sae.runs.lock import RunLock
 from e2e_sae.saes import build_sae, sae_key

@@ -15,7 +15,8 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-from e2e_sae.lm.splice import SAETransformer, SpliceSite
+from e2e_sae.lm.sites import SpliceSite
+from e2e_sae.lm.splice import SAETransformer
 from e2e_sae.objective.forward import StepPlan, run_forward
 from e2e_sae.objective.losses import LossInputs
 from e2e_sae.saes import SAEActs, SAEBase, sae_key

@@ -5,7 +5,7 @@ A resume point N is two files in the run directory, written in this order (each 
   resume_<N>.safetensors   Adam moments (tensors) + JSON metadata: optimizer param groups, scheduler
                            state, python / numpy / torch RNG states, the step / sample / batch
                            counters (the batch counter is the data position) and the batch layout
-  samples_<N>.safetensors  SAE weights and buffers (what `load_run` and evaluation read)
+  samples_<N>.safetensors  SAE weights and buffers (what `from_local_path` and evaluation read)
 A point counts only when both files exist, so a run killed at any moment (SIGKILL) resumes from its
 last complete point. Each file's checksum covers its tensors and its metadata, and the resume file
 holds the checksum of the SAE weights, so a damaged or mismatched file is found before anything is

@@ -41,9 +41,9 @@ from typing import Any
 from e2e_sae.config import Config, config_to_yaml_dict, load_config, read_yaml, yaml_load
 from e2e_sae.errors import ConfigError, UserError
 from e2e_sae.eval.evaluate import EVAL_JSON, EvalResult, read_eval, write_eval
+from e2e_sae.runs.wandb import load_dotenv_file
 from e2e_sae.training.runlog import read_metrics
 from e2e_sae.training.trainer import train
-from e2e_sae.wandb_utils import load_dotenv_file
 
 logger = logging.getLogger(__name__)
 

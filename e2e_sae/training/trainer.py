@@ -24,7 +24,9 @@ from e2e_sae.data import create_data_loader, data_errors
 from e2e_sae.errors import UserError
 from e2e_sae.eval.evaluate import EvalResult, evaluate
 from e2e_sae.interop.pretrained import load_pretrained_saes
-from e2e_sae.lm.splice import SAETransformer, build_model, check_vocab, filter_names
+from e2e_sae.lm.names import filter_names
+from e2e_sae.lm.runner import check_vocab
+from e2e_sae.lm.splice import SAETransformer
 from e2e_sae.objective.forward import StepPlan, make_plan
 from e2e_sae.objective.losses import build_loss_terms
 from e2e_sae.runs.lock import RunLock
@@ -156,7 +158,7 @@ class Trainer(Engine):
         if cfg.eval_data is not None and cfg.eval_n_samples:
             with data_errors("eval_data"):
                 first = next(self.batches(cfg.eval_data, cfg.seed + 42))
-            check_vocab(self.model, first, "eval_data")
+            check_vocab(self.model.lm, first, "eval_data")
 
 
 def open_teacher_cache(config: Config) -> Any:
@@ -170,7 +172,7 @@ def setup(
 ) -> Trainer:
     """Load the LM, build the SAEs, and prepare optimizer and schedule (no files written)."""
     set_seed(config.seed)
-    model = build_model(config, device=device)
+    model = SAETransformer.from_config(config, device=device)
     check_in_to_orig(model, config)
     if config.n_samples is not None and config.n_samples < (
         global_batch := (config.effective_batch_size or config.batch_size) * dist.world_size
@@ -184,7 +186,7 @@ def setup(
         sample = None
         if s.init_b_dec != "zeros":  # a small data sample: the first training batch
             sample = next(create_data_loader(config.train_data, config.batch_size, config.seed))
-            check_vocab(model, sample, "train_data")
+            check_vocab(model.lm, sample, "train_data")
         initialize_saes(model, sample, tied=s.tied_init, b_dec=s.init_b_dec)
     frozen: set[str] = set()
     if config.saes.pretrained_sae_paths:
@@ -261,7 +263,7 @@ def train(
         with data_errors("train_data"):
             batches = t.batches(config.train_data, config.seed, start=state.batches, shard=True)
             first = next(batches)
-        check_vocab(t.model, first, "train_data")
+        check_vocab(t.model.lm, first, "train_data")
         t.check_eval_data()
         run = open_run(t, state, found, run_dir, locks, on_eval)
         run_loop([run], itertools.chain([first], batches), first.shape[1], progress)
