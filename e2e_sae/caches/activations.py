@@ -109,11 +109,7 @@ class ActivationCache:
         if path.exists():
             raise UserError(f"activation cache {path}: already exists")
         if hooks is None:
-            hooks = list(
-                dict.fromkeys(
-                    h for s in model.sites.values() for h in (s.input_hook, s.output_hook)
-                )
-            )
+            hooks = list(dict.fromkeys(h for s in model.sites.values() for h in s.hooks))
         hooks = filter_names(model.all_hook_names, list(hooks), "activation cache hooks")
         tmp = path.with_name(path.name + ".tmp")
         if tmp.exists():
@@ -346,7 +342,7 @@ def check_against_cache(config: Config, cache: ActivationCache) -> None:
             f"{key}: the activation cache {cache.path} was built from another model ({built})"
         )
     for site in resolve_sites(config, cache.meta["all_hook_names"]).values():
-        for h in (site.input_hook, site.output_hook):
+        for h in site.hooks:
             if h not in cache.hooks:
                 raise ConfigError(
                     f"{hook_field(site, h)}: '{h}' is not in the activation cache "
@@ -371,9 +367,7 @@ def check_model_against_cache(model: SAETransformer, cache: ActivationCache) -> 
             f"model: its hook names differ from those of the model the activation "
             f"cache {cache.path} was built with"
         )
-    hooks = list(
-        dict.fromkeys(h for s in model.sites.values() for h in (s.input_hook, s.output_hook))
-    )
+    hooks = list(dict.fromkeys(h for s in model.sites.values() for h in s.hooks))
     for h, shape in model.hook_shapes(hooks).items():
         if shape[-1] != cache.d(h):
             raise ConfigError(

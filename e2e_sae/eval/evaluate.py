@@ -341,8 +341,7 @@ def evaluate(
         for k, v in batch.items():
             sums[k] = sums.get(k, 0.0) + v
         for pos, acts in inputs.sae_acts.items():
-            target = inputs.orig_acts[pos] if pos in plan.transcoder_targets else acts.input
-            stats[pos].update(target, acts.c, acts.output)
+            stats[pos].update(inputs.target(pos), acts.c, acts.output)
         for h in later:
             down[h].update(inputs.orig_acts[h], inputs.new_acts[h])
         n, n_tok, n_pred = n + 1, n_tok + bt, n_pred + bp

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from torch import Tensor
@@ -54,15 +55,17 @@ class SpliceSite:
         output, c = sae(x)
         return SAEActs(x, c, output)
 
-    def splice(self, sae: SAEBase, acts: dict[str, Any]) -> Hooks:
+    def splice(self, sae: SAEBase, acts: dict[str, Any], copies: int = 1) -> Hooks:
         """Forward hooks that splice `sae` into a pass here, recording its `SAEActs` in
-        `acts[output_hook]` (for any runner that calls TransformerLens-style hooks)."""
+        `acts[output_hook]` (for any runner that calls TransformerLens-style hooks). `copies`:
+        the pass holds that many copies of the batch (`SAEBase.forward_copies`)."""
         pos = self.output_hook
+        run = sae if copies == 1 else partial(sae.forward_copies, n_copies=copies)
         if not self.is_transcoder:
-            return [(pos, _replace_hook(sae, pos, acts))]
+            return [(pos, _replace_hook(sae, run, pos, acts))]
         pending: dict[str, Tensor] = {}
         return [
-            (self.input_hook, _transcoder_read_hook(sae, pos, acts, pending)),
+            (self.input_hook, _transcoder_read_hook(sae, run, pos, acts, pending)),
             (pos, _transcoder_write_hook(pos, pending)),
         ]
 
@@ -98,12 +101,16 @@ def resolve_sites(
     return {p: sites[p] for p in sorted(sites, key=order.__getitem__)}
 
 
-# The hooks below keep everything on the SAE's device (a no-op unless the LM is spread over several
-# devices) and hand the LM back its activation's device.
-def _replace_hook(sae: SAEBase, pos: str, acts: dict[str, Any]) -> Callable[..., Tensor]:
+# The hooks below run the SAE (`run`: its forward, or its forward on several copies) on its own
+# device (a no-op unless the LM is spread over several devices) and hand the LM back its
+# activation's device.
+Run = Callable[[Tensor], tuple[Tensor, Tensor]]
+
+
+def _replace_hook(sae: SAEBase, run: Run, pos: str, acts: dict[str, Any]) -> Callable[..., Tensor]:
     def hook(x: Tensor, hook: Any = None) -> Tensor:
         x_in = move_to(x, sae.device)
-        output, c = sae(x_in)
+        output, c = run(x_in)
         acts[pos] = SAEActs(x_in, c, output)
         return move_to(output, x.device)
 
@@ -111,11 +118,11 @@ def _replace_hook(sae: SAEBase, pos: str, acts: dict[str, Any]) -> Callable[...,
 
 
 def _transcoder_read_hook(
-    sae: SAEBase, pos: str, acts: dict[str, Any], pending: dict[str, Tensor]
+    sae: SAEBase, run: Run, pos: str, acts: dict[str, Any], pending: dict[str, Tensor]
 ) -> Callable[..., Tensor]:
     def hook(x: Tensor, hook: Any = None) -> Tensor:
         x_in = move_to(x, sae.device)
-        output, c = sae(x_in)
+        output, c = run(x_in)
         acts[pos] = SAEActs(x_in, c, output)
         pending[pos] = output
         return x

@@ -26,7 +26,7 @@ from e2e_sae.lm.sites import SpliceSite, resolve_sites
 from e2e_sae.runs.checkpoint import load_sae_weights
 from e2e_sae.runs.locate import locate_run
 from e2e_sae.runs.wandb import download_wandb_run
-from e2e_sae.saes import CacheActs, SAEActs, SAEBase, build_sae, sae_key
+from e2e_sae.saes import CacheActs, SAEActs, SAEBase, SAEDict, build_sae, sae_key
 
 
 class HookShapes(dict[str, tuple[int, ...]]):
@@ -47,7 +47,7 @@ class HookShapes(dict[str, tuple[int, ...]]):
 
 class SAETransformer(nn.Module):
     """A frozen LM (HookedTransformer or TransformerBridge, `tlens_model`; run through `lm`) plus
-    a ModuleDict of SAEs keyed by `sae_key(position)`.
+    its SAEs (`saes`, an `SAEDict` keyed by `sae_key(position)`; `sae(position)`).
 
     `sae_positions` lists the hooks whose activations the SAEs replace (for transcoders, the output
     hook); `sites[pos]` says where each SAE reads. As in the original library, `raw_sae_positions`
@@ -92,7 +92,7 @@ class SAETransformer(nn.Module):
                 raise ConfigError(
                     f"saes.transcoders: input '{site.input_hook}' runs after output '{pos}'"
                 )
-        self.saes = nn.ModuleDict()
+        self.saes = SAEDict()
         self.architecture = architecture
         # Set by `from_local_path`: the run's config, its directory and the checkpoint file
         # loaded (None for a model built in code).
@@ -122,9 +122,7 @@ class SAETransformer(nn.Module):
         return self.lm.backend
 
     def sae(self, position: str) -> SAEBase:
-        sae = self.saes[sae_key(position)]
-        assert isinstance(sae, SAEBase)
-        return sae
+        return self.saes.at(position)
 
     @property
     def all_sae_positions(self) -> list[str]:
@@ -267,17 +265,21 @@ class SAETransformer(nn.Module):
         return logits, acts
 
     def splice_hooks(
-        self, sae_positions: Sequence[str], cache_positions: Sequence[str] | None = None
+        self,
+        sae_positions: Sequence[str],
+        cache_positions: Sequence[str] | None = None,
+        copies: int = 1,
     ) -> tuple[Hooks, dict[str, SAEActs | CacheActs]]:
         """Forward hooks that splice the SAEs in at `sae_positions` and cache `cache_positions`,
         and the dict they fill during the pass (for any runner that calls TL-style hooks).
+        `copies`: the pass runs that many copies of the batch (`SAEBase.forward_copies`).
 
         A cache position that is also a spliced SAE position keeps its `SAEActs` (as in the
         original); `spliced_activation` gives the value there that a downstream loss compares."""
         acts: dict[str, SAEActs | CacheActs] = {}
         hooks: Hooks = []
         for pos in sae_positions:
-            hooks += self.sites[pos].splice(self.sae(pos), acts)
+            hooks += self.sites[pos].splice(self.sae(pos), acts, copies)
         for h in cache_positions or []:
             if h not in sae_positions:
                 hooks.append((h, cache_into(acts, h, self.lm.device, wrap=CacheActs)))

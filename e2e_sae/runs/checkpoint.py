@@ -24,22 +24,20 @@ import torch
 import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from torch import Tensor, nn
+from torch import Tensor
 
 from e2e_sae.config import Config, config_to_yaml_dict
 from e2e_sae.errors import DamagedFileError, UserError
 from e2e_sae.runs.original import read_pt_state_dict
-from e2e_sae.saes import SAEBase, sae_key
+from e2e_sae.saes import SAEDict, sae_key
 
 
 class SAETransformer(Protocol):
     """The part of `lm.splice.SAETransformer` whose SAEs a checkpoint holds."""
 
-    saes: nn.ModuleDict
+    saes: SAEDict
     sae_positions: list[str]
     architecture: str
-
-    def sae(self, position: str) -> SAEBase: ...
 
 
 logger = logging.getLogger(__name__)
@@ -139,7 +137,9 @@ def save_checkpoint(run_dir: Path, model: SAETransformer, n_samples: int) -> Pat
     path = run_dir / f"samples_{n_samples}.safetensors"
     meta = {"architecture": model.architecture, "sae_positions": json.dumps(model.sae_positions)}
     # constructor options per SAE (k, thresholds' bandwidth, ...), for readers without the config
-    meta["init_kwargs"] = json.dumps({p: model.sae(p).init_kwargs() for p in model.sae_positions})
+    meta["init_kwargs"] = json.dumps(
+        {p: model.saes.at(p).init_kwargs() for p in model.sae_positions}
+    )
     atomic_save_tensors(sae_state(model), path, meta)
     return path
 
@@ -227,7 +227,7 @@ def load_sae_weights(
             if strict:
                 raise UserError(f"checkpoint {path}: no weights for SAE at '{pos}'")
             continue
-        target = model.sae(pos)
+        target = model.saes.at(pos)
         own = target.state_dict()
         for k, v in sub.items():
             if k in own and own[k].shape != v.shape:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from torch import Tensor, nn
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from e2e_sae.caches.activations import (
@@ -38,7 +38,7 @@ from e2e_sae.lm.sites import SpliceSite
 from e2e_sae.lm.splice import SAETransformer
 from e2e_sae.objective.losses import build_loss_terms
 from e2e_sae.runs.lock import RunLock
-from e2e_sae.saes import build_sae, sae_key
+from e2e_sae.saes import SAEDict, build_sae, sae_key
 from e2e_sae.training.distributed import dist_from_env
 from e2e_sae.training.engine import Engine, TrainState, make_optimizer, n_grad_steps
 from e2e_sae.training.feeds import CacheFeed
@@ -67,7 +67,7 @@ class CachedTrainer(Engine):
         kwargs: dict[str, Any] = dict(s.architecture_kwargs)
         if s.k is not None:
             kwargs["k"] = s.k
-        saes = nn.ModuleDict()
+        saes = SAEDict()
         for pos, site in sites.items():
             for h in (site.input_hook, site.output_hook):
                 if h not in dims:
@@ -85,7 +85,7 @@ class CachedTrainer(Engine):
 
     @classmethod
     def _assemble(
-        cls, config: Config, sites: dict[str, SpliceSite], saes: nn.ModuleDict
+        cls, config: Config, sites: dict[str, SpliceSite], saes: SAEDict
     ) -> CachedTrainer:
         """Loss terms, Adam over the trainable parameters and the schedule, as `train.setup`."""
         optimizer, scheduler = make_optimizer(config, saes)

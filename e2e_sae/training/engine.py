@@ -25,7 +25,7 @@ from e2e_sae.errors import UserError
 from e2e_sae.eval.evaluate import l0
 from e2e_sae.objective.forward import autocast
 from e2e_sae.objective.losses import LossInputs, LossTerm, compute_losses
-from e2e_sae.saes import SAEBase, sae_key
+from e2e_sae.saes import SAEDict, sae_key
 from e2e_sae.saes.resample import resample_dead_latents
 from e2e_sae.training.distributed import (
     SINGLE,
@@ -107,7 +107,7 @@ class Engine:
     whose SAEs train (the others are frozen and run as at inference)."""
 
     config: Config
-    saes: nn.ModuleDict
+    saes: SAEDict
     trainable: list[str]
     loss_terms: list[LossTerm]
     optimizer: torch.optim.Optimizer
@@ -119,11 +119,6 @@ class Engine:
 
     def __post_init__(self) -> None:
         self._trainable_keys = {sae_key(p) for p in self.trainable}
-
-    def sae(self, pos: str) -> SAEBase:
-        sae = self.saes[sae_key(pos)]
-        assert isinstance(sae, SAEBase)
-        return sae
 
     @property
     def global_batch(self) -> int:
@@ -154,14 +149,14 @@ class Engine:
                 f"{name}/{pos}": v
                 for pos, acts in inputs.sae_acts.items()
                 if pos in self.trainable
-                for name, v in self.sae(pos).aux_losses(acts, inputs.target(pos)).items()
+                for name, v in self.saes.at(pos).aux_losses(acts, inputs.target(pos)).items()
             }
             loss, values = compute_losses(self.loss_terms, inputs, aux)
             check_finite(loss, values, state.step + 1, self.dist)
             (loss / accum).backward()
             n_tokens = 0
             for pos, acts in inputs.sae_acts.items():
-                self.sae(pos).update_firing_stats(acts.c)
+                self.saes.at(pos).update_firing_stats(acts.c)
                 n_tokens = acts.c.numel() // acts.c.shape[-1]
                 if stats:
                     values[f"l0/{pos}"] = l0(acts.c)
@@ -195,8 +190,8 @@ class Engine:
         gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + step)
         counts = {}
         for pos in self.trainable:
-            sae, acts = self.sae(pos), inputs.sae_acts[pos]
-            dead, tc = sae.tokens_since_fired >= window, pos in inputs.transcoder_targets
+            sae, acts = self.saes.at(pos), inputs.sae_acts[pos]
+            dead, tc = sae.tokens_since_fired >= window, inputs.site(pos).is_transcoder
             n = resample_dead_latents(
                 sae, acts.input, inputs.target(pos), acts.output, dead, self.optimizer, gen, tc
             )

@@ -22,7 +22,7 @@ def initialize_saes(
         return
     if tokens is None:
         raise ValueError("initialize_saes: init_b_dec needs a data sample")
-    hooks = sorted({h for s in model.sites.values() for h in (s.input_hook, s.output_hook)})
+    hooks = sorted({h for s in model.sites.values() for h in s.hooks})
     device = next(model.saes.parameters()).device
     _, acts = model.forward_raw(tokens.to(device), run_entire_model=False, cache_positions=hooks)
     for pos, site in model.sites.items():
