@@ -10,7 +10,7 @@ from typing import Any, cast
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_TLENS
+from conftest import TINY_TLENS, train_on_same_batches
 from torch import Tensor, nn
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
@@ -23,7 +23,6 @@ from e2e_sae.lm.sites import SpliceSite
 from e2e_sae.objective.forward import make_plan, run_forward
 from e2e_sae.objective.losses import LossInputs, OutToInLoss, build_loss_terms, compute_losses
 from e2e_sae.saes import MatryoshkaSAE, SAEActs, build_sae
-from e2e_sae.training.cached import CachedTrainer, train_together
 from e2e_sae.training.engine import TrainState
 from e2e_sae.training.trainer import setup
 
@@ -308,11 +307,11 @@ def test_cache_training_matches_lm_training(config_dict: Any, tmp_path: Path) ->
     t = setup(cfg, device="cpu")
     token_batches = [next(t.batches(cfg.train_data, cfg.seed, start=i)) for i in range(3)]
     cache = ActivationCache.build(t.model, token_batches, 3, tmp_path / "acts", progress=False)
-    cached = CachedTrainer.from_model(cfg, t.model)
+    cached = setup(cfg, device="cpu").fed_from_cache()
     lm_batches, state = iter(token_batches), TrainState()
     for _ in range(3):
         t.train_step(lm_batches, state)
-    train_together([cached], cache.batches(cfg.batch_size, seed=None), n_steps=3, progress=False)
+    train_on_same_batches([cached], cache.batches(cfg.batch_size, seed=None), n_steps=3)
     for name, p in t.model.saes.state_dict().items():
         assert torch.allclose(cached.saes.state_dict()[name], p, rtol=1e-5, atol=1e-6), name
 

@@ -258,7 +258,8 @@ def lm_activation_batches(
     model: SAETransformer, token_batches: Iterable[Tensor], hooks: Sequence[str]
 ) -> Iterator[dict[str, Tensor]]:
     """One clean LM pass per token batch (fast local path), yielding {hook: activation}: feed it
-    to several `CachedTrainer`s to train them all on the same batches without a disk cache."""
+    to several cache-fed trainers (`Trainer.fed_from_cache`) to train them all on the same batches
+    without a disk cache."""
     plan = with_runner(model, StepPlan(sae_positions=[], orig_cache=list(hooks)))
     device = next(model.saes.parameters()).device
     for tokens in token_batches:

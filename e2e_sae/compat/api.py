@@ -10,7 +10,6 @@ with `torch.load(weights_only=True)` only, and a bad argument raises our `UserEr
 from __future__ import annotations
 
 import math
-import random
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -126,15 +125,6 @@ def get_hook_shapes(tlens_model: HookedTransformer, hook_names: list[str]) -> di
     wanted = set(hook_names)
     tlens_model.run_with_hooks(tokens, return_type=None, fwd_hooks=[(wanted.__contains__, record)])
     return shapes
-
-
-def set_seed(seed: int | None) -> None:
-    """Seed Python's, NumPy's and torch's generators (nothing when `seed` is None)."""
-    if seed is None:
-        return
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def load_config(config_path_or_obj: Path | str | T, config_model: type[T]) -> T:

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, model_validator
 
-from e2e_sae.config import LossConfigs, StrList, _Frozen
+from e2e_sae.config import LossConfigs, OptimizerConfig, StrList, _Frozen
 
 
 class MLPTrainConfig(_Frozen):
@@ -25,8 +25,9 @@ class MLPTrainConfig(_Frozen):
     weight_decay: NonNegativeFloat = 0.0
 
 
-class MLPSAERunConfig(_Frozen):
-    """One set of SAEs (all trained together, spliced in together when end-to-end)."""
+class MLPSAERunConfig(OptimizerConfig):
+    """One set of SAEs (all trained together, spliced in together when end-to-end), stepped as
+    every trainer here (`OptimizerConfig`; constant lr by default)."""
 
     name: str
     sae_positions: StrList
@@ -38,6 +39,7 @@ class MLPSAERunConfig(_Frozen):
     loss: LossConfigs
     lr: PositiveFloat = 1e-3
     batch_size: PositiveInt = 64
+    lr_schedule: Literal["linear", "cosine", "constant"] = "constant"
     n_epochs: PositiveInt = 40
 
 

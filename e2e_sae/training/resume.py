@@ -21,13 +21,11 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 from safetensors import safe_open
 from torch import Tensor
@@ -44,6 +42,7 @@ from e2e_sae.runs.checkpoint import (
     tensor_digest,
 )
 from e2e_sae.training.distributed import Dist
+from e2e_sae.training.rng import restore_rng, rng_state
 
 
 class Checkpointed(Protocol):
@@ -139,21 +138,6 @@ def point_step(point: ResumePoint) -> int:
 
 
 # --- writing -------------------------------------------------------------------------------------
-def _rng_state() -> tuple[dict[str, Tensor], dict[str, Any]]:
-    tensors = {"rng.torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng.cuda.{i}"] = s
-    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)  # type: ignore[misc]
-    tensors["rng.numpy"] = torch.from_numpy(np.asarray(keys, dtype=np.int64))
-    version, internal, gauss_next = random.getstate()
-    meta = {
-        "python": [version, list(internal), gauss_next],
-        "numpy": [name, int(pos), int(has_gauss), float(cached)],
-    }
-    return tensors, meta
-
-
 def _param_names(t: Checkpointed) -> list[str]:
     """Names of the optimizer's parameters in its own order (checked again on load)."""
     names = {id(p): n for n, p in t.model.saes.named_parameters()}
@@ -174,7 +158,7 @@ def save_point(run_dir: Path, t: Checkpointed, state: Any, d: Dist) -> Path | No
                 tensors[f"optimizer.{pid}.{k}"] = v
             else:
                 scalars.setdefault(str(pid), {})[k] = v
-    rng_tensors, rng_meta = _rng_state()
+    rng_tensors, rng_meta = rng_state()
     tensors.update(rng_tensors)
     meta = {
         "format": FORMAT,
@@ -229,7 +213,7 @@ def restore_point(t: Checkpointed, point: ResumePoint, state: Any, d: Dist) -> N
         load_sae_weights(t.model, point.samples_path)
         _load_optimizer(t, meta, tensors, path)
         t.scheduler.load_state_dict(meta["scheduler"])
-        _set_rng(meta["rng"], tensors)
+        restore_rng(meta["rng"], tensors)
         for f in fields(state):  # a counter added after the file was written keeps its default
             value = getattr(state, f.name)
             setattr(state, f.name, type(value)(meta["state"].get(f.name, value)))
@@ -272,15 +256,3 @@ def _load_optimizer(t: Checkpointed, meta: dict[str, Any], tensors: dict[str, Te
     for pid, extra in meta["optimizer"]["scalars"].items():
         state.setdefault(int(pid), {}).update(extra)
     t.optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
-
-
-def _set_rng(meta: dict[str, Any], tensors: dict[str, Tensor]) -> None:
-    version, internal, gauss_next = meta["python"]
-    random.setstate((version, tuple(internal), gauss_next))
-    name, pos, has_gauss, cached = meta["numpy"]
-    keys = tensors["rng.numpy"].numpy().astype(np.uint32)
-    np.random.set_state((name, keys, pos, has_gauss, cached))
-    torch.set_rng_state(tensors["rng.torch"])
-    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)

@@ -6,15 +6,12 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -39,21 +36,16 @@ from e2e_sae.training.distributed import (
     on_main,
     shutdown,
 )
-from e2e_sae.training.engine import Engine, TrainState, make_optimizer
+from e2e_sae.training.engine import Engine, Resampling, TrainState, make_optimizer, n_grad_steps
 from e2e_sae.training.feeds import CacheFeed, LMFeed
 from e2e_sae.training.find_run import Resume, find_resume
 from e2e_sae.training.init import initialize_saes
 from e2e_sae.training.loop import Run, run_loop
 from e2e_sae.training.resume import restore_point
+from e2e_sae.training.rng import set_seed
 from e2e_sae.training.runlog import RunLogger
 
 logger = logging.getLogger(__name__)
-
-
-def set_seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def get_run_name(config: Config) -> str:
@@ -110,7 +102,7 @@ def create_locked_run_dir(config: Config, run_dir: Path | None = None) -> tuple[
 
 
 @dataclass(kw_only=True)
-class Trainer(Engine):
+class Trainer(Engine[Config]):
     """An engine over the SAEs of an `SAETransformer`, whose LM evaluates them and, with the
     default `LMFeed`, computes their training activations (`fed_from_cache`: stored ones)."""
 
@@ -203,9 +195,16 @@ def setup(
     if config.teacher_cache is not None:
         plan = dataclasses.replace(plan, teacher=open_teacher_cache(config))
     loss_terms = build_loss_terms(config.loss, plan.new_cache, config.kl_chunk_tokens)
-    optimizer, scheduler = make_optimizer(config, model.saes, dist.world_size)
+    steps = n_grad_steps(config, dist.world_size)
+    optimizer, scheduler = make_optimizer(config, model.saes, steps, dist.world_size)
     dev = next(model.saes.parameters()).device
     eval_plan = make_plan(model, config.loss, force_full_pass=True)
+    every = config.saes.resample_every_n_samples
+    resampling = None
+    if every is not None:
+        resampling = Resampling(
+            every, config.n_samples or 0, config.act_frequency_n_tokens, config.seed
+        )
     return Trainer(
         config,
         model.saes,
@@ -215,6 +214,8 @@ def setup(
         scheduler,
         dev,
         dist=dist,
+        precision=config.precision,
+        resampling=resampling,
         model=model,
         plan=plan,
         eval_plan=eval_plan,
