@@ -181,7 +181,41 @@ class LMRunner(Protocol):
         ...
 
 
-class HookedRunner:
+class _TLRunner:
+    """What HookedTransformer and TransformerBridge share: sizes from their TransformerLens
+    config, the tokenizer, TransformerLens-style hooks."""
+
+    model: Any
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.model.cfg.n_layers)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.model.cfg.d_model)
+
+    @property
+    def d_vocab(self) -> int:
+        return int(self.model.cfg.d_vocab)
+
+    @property
+    def n_ctx(self) -> int:
+        return int(self.model.cfg.n_ctx)
+
+    @property
+    def is_split(self) -> bool:
+        return int(getattr(self.model.cfg, "n_devices", 1) or 1) > 1
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.model.tokenizer
+
+    def hooks(self, fwd_hooks: Hooks) -> AbstractContextManager[Any]:
+        return self.model.hooks(fwd_hooks=fwd_hooks)
+
+
+class HookedRunner(_TLRunner):
     """A HookedTransformer through TransformerLens' own forward."""
 
     backend = "hooked"
@@ -198,38 +232,11 @@ class HookedRunner:
         self.final_is_residual = (cfg.output_logits_soft_cap or -1) <= 0
 
     @property
-    def n_layers(self) -> int:
-        return self.model.cfg.n_layers
-
-    @property
-    def d_model(self) -> int:
-        return self.model.cfg.d_model
-
-    @property
-    def d_vocab(self) -> int:
-        return self.model.cfg.d_vocab
-
-    @property
-    def n_ctx(self) -> int:
-        return self.model.cfg.n_ctx
-
-    @property
     def device(self) -> torch.device:
         return self.model.embed.W_E.device
 
-    @property
-    def is_split(self) -> bool:
-        return self.model.cfg.n_devices > 1
-
-    @property
-    def tokenizer(self) -> Any:
-        return self.model.tokenizer
-
     def hook_names(self) -> list[str]:
         return list(self.model.hook_dict)  # modules in definition order, which is run order
-
-    def hooks(self, fwd_hooks: Hooks) -> AbstractContextManager[Any]:
-        return self.model.hooks(fwd_hooks=fwd_hooks)
 
     def run(
         self,
@@ -298,7 +305,7 @@ class HookedRunner:
         return None
 
 
-class BridgeRunner:
+class BridgeRunner(_TLRunner):
     """A TransformerBridge (any Hugging Face causal LM): hooks and `stop_at_layer` work; the
     bridge cannot start from a residual and has no lean forward, so callers run full passes."""
 
@@ -318,32 +325,8 @@ class BridgeRunner:
         return self._final_is_residual
 
     @property
-    def n_layers(self) -> int:
-        return int(self.model.cfg.n_layers)
-
-    @property
-    def d_model(self) -> int:
-        return int(self.model.cfg.d_model)
-
-    @property
-    def d_vocab(self) -> int:
-        return int(self.model.cfg.d_vocab)
-
-    @property
-    def n_ctx(self) -> int:
-        return int(self.model.cfg.n_ctx)
-
-    @property
     def device(self) -> torch.device:
         return self.embedding_weight().device
-
-    @property
-    def is_split(self) -> bool:
-        return int(getattr(self.model.cfg, "n_devices", 1) or 1) > 1
-
-    @property
-    def tokenizer(self) -> Any:
-        return self.model.tokenizer
 
     def hook_names(self) -> list[str]:
         if self._hook_names is None:
@@ -356,9 +339,6 @@ class BridgeRunner:
         # Spread over devices the final residual and `lm_head` sit on the last one, the losses
         # with the SAEs: the logits come back instead (as `run` returns them).
         self._final_is_residual = head_ok and not self.is_split
-
-    def hooks(self, fwd_hooks: Hooks) -> AbstractContextManager[Any]:
-        return self.model.hooks(fwd_hooks=fwd_hooks)
 
     def run(
         self,
