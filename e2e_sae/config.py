@@ -50,7 +50,7 @@ class OptimizerConfig(_Frozen):
     """How every trainer here steps (SAE runs, `train-lm`, the MLP's SAEs): micro-batches of
     `batch_size` accumulated to `effective_batch_size`, the lr warmed up linearly over
     `warmup_samples` and then decayed (`lr_schedule`) to `min_lr_factor` x lr at the last step,
-    gradients clipped to `max_grad_norm` (`e2e_sae.training.schedule`)."""
+    gradients clipped to `max_grad_norm` (`e2e_sae.training.engine`)."""
 
     batch_size: PositiveInt
     effective_batch_size: PositiveInt | None = None

@@ -10,7 +10,7 @@ from e2e_sae.compat.api import (
     save_module,
     to_numpy,
 )
-from e2e_sae.training.rng import set_seed
+from e2e_sae.training.trainer import set_seed
 
 __all__ = [
     "filter_names",

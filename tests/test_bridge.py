@@ -24,8 +24,8 @@ from e2e_sae.config import Config, LossConfigs, load_config
 from e2e_sae.data.tokenizer import load_tokenizer
 from e2e_sae.errors import ConfigError, UserError
 from e2e_sae.interop.saelens import saelens_transformer
-from e2e_sae.lm.bridge import load_bridge, resolve_backend
-from e2e_sae.lm.load import load_lm
+from e2e_sae.lm.bridge import load_bridge
+from e2e_sae.lm.load import load_lm, resolve_backend
 from e2e_sae.lm.splice import SAETransformer
 from e2e_sae.objective.forward import make_plan, run_forward
 from e2e_sae.objective.losses import build_loss_terms, compute_losses

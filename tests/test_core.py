@@ -30,8 +30,8 @@ from e2e_sae.objective.losses import (
     kl_clean_to_new,
 )
 from e2e_sae.saes import SAEActs
+from e2e_sae.training.engine import lr_schedule
 from e2e_sae.training.runlog import read_metrics
-from e2e_sae.training.schedule import lr_schedule
 from e2e_sae.training.trainer import train
 
 

@@ -39,8 +39,7 @@ from e2e_sae.config import Config
 from e2e_sae.data import create_data_loader, data_errors
 from e2e_sae.errors import ConfigError, UserError
 from e2e_sae.lm import splice
-from e2e_sae.lm.bridge import resolve_backend
-from e2e_sae.lm.load import check_device
+from e2e_sae.lm.load import check_device, resolve_backend
 from e2e_sae.lm.names import filter_names
 from e2e_sae.lm.runner import check_vocab
 from e2e_sae.lm.sites import SpliceSite

@@ -80,11 +80,7 @@ def make_plan(
     """What to run for these loss terms. `force_full_pass` (eval) always computes both logits."""
     downstream: list[str] = []
     if loss_cfg.in_to_orig is not None:
-        downstream = filter_names(
-            model.all_hook_names,
-            loss_cfg.in_to_orig.hook_positions,
-            "loss.in_to_orig.hook_positions",
-        )
+        downstream = in_to_orig_hooks(model, loss_cfg.in_to_orig.hook_positions)
     orig = list(dict.fromkeys(h for site in model.sites.values() for h in site.hooks))
     orig += [h for h in downstream if h not in orig]
     e2e = loss_cfg.needs_clean_run_past_saes or force_full_pass
@@ -101,6 +97,23 @@ def make_plan(
         spliced_copies=copies,
     )
     return with_runner(model, plan)
+
+
+def in_to_orig_hooks(model: SAETransformer, patterns: Sequence[str]) -> list[str]:
+    """The `in_to_orig` hooks: they must run after the first SAE's output; before it (or at it)
+    the spliced run equals the clean one, and the term would be 0 at every step."""
+    field = "loss.in_to_orig.hook_positions"
+    hooks = filter_names(model.all_hook_names, patterns, field)
+    outputs = [model.sites[p].output_hook for p in model.sae_positions]
+    order = list(model.hook_shapes([*outputs, *hooks]))  # in the order the forward pass runs
+    first = min(outputs, key=order.index)
+    early = [h for h in hooks if order.index(h) <= order.index(first)]
+    if early:
+        raise UserError(
+            f"{field}: '{early[0]}' is not after the first SAE ('{first}'), where the "
+            "spliced run equals the clean run (the term would be 0)"
+        )
+    return hooks
 
 
 def spliced_copies(saes: Sequence[SAEBase]) -> int:

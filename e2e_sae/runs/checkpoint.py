@@ -74,6 +74,17 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
+_TMP_RE = re.compile(r"^\..+\.tmp\d+$")
+"""Temp files of the atomic writes below: `.<name>.tmp<pid>`."""
+
+
+def clean_stale_temp_files(run_dir: Path) -> None:
+    """Temp files of writes that a kill interrupted (never renamed, so never read)."""
+    for p in run_dir.iterdir():
+        if _TMP_RE.match(p.name):
+            p.unlink(missing_ok=True)
+
+
 DIGEST_KEY = "e2e_sae.sha256"
 _FULL_DIGEST = "v2:"  # this prefix: the digest covers the metadata too (older files: tensors only)
 

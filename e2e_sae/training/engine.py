@@ -1,4 +1,5 @@
-"""One optimizer step over the SAEs, whatever feeds them.
+"""One optimizer step over the SAEs, whatever feeds them, and the lr schedule of every trainer here
+(`lr_schedule`: SAE runs, `train-lm`, the MLP's SAEs).
 
 `Engine.train_step` accumulates `grad_accum_steps` micro-batches (forward through the engine's
 `feed`, loss terms plus the architectures' aux losses, finite checks, backward, firing
@@ -19,6 +20,7 @@ from typing import Any, Generic, TypeVar
 
 import torch
 from torch import Tensor, nn
+from torch.optim.lr_scheduler import LambdaLR
 
 from e2e_sae.config import Config, OptimizerConfig
 from e2e_sae.errors import UserError
@@ -36,7 +38,6 @@ from e2e_sae.training.distributed import (
     reduce_mean,
     sync_firing_stats,
 )
-from e2e_sae.training.schedule import lr_schedule
 
 Feed = Callable[[Any], LossInputs]
 """One micro-batch (token windows, or {hook: activations}) -> what the loss terms read."""
@@ -58,6 +59,30 @@ class TrainState:
 def n_grad_steps(config: Config, world_size: int = 1) -> int:
     """Optimizer steps of the run: `n_samples` counts samples over all ranks."""
     return max(1, config.n_grad_steps // world_size)
+
+
+def lr_factor(
+    step: int, warmup_steps: int, total_steps: int, schedule: str, min_factor: float
+) -> float:
+    """Multiplier of the base lr for optimizer step `step` (0-based)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if schedule == "linear":
+        return 1 - (1 - min_factor) * progress
+    return min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def lr_schedule(
+    optimizer: torch.optim.Optimizer, optim: OptimizerConfig, total_steps: int, world_size: int = 1
+) -> LambdaLR:
+    """`optim`'s schedule over `total_steps` optimizer steps (`world_size` processes, each
+    stepping `samples_per_step` samples)."""
+    warmup = optim.warmup_samples // (optim.samples_per_step * world_size)
+    kind, lo = optim.lr_schedule, optim.min_lr_factor
+    return LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total_steps, kind, lo))
 
 
 def make_optimizer(

@@ -1,18 +1,28 @@
 """Which run `--resume` continues: the run directory given (or the newest run of this config
-under `save_dir`), checked against the config, locked, and its newest intact resume point."""
+under `save_dir`), checked against the config, locked, its newest intact resume point, and what
+is tidied before the run goes on (`Resume.tidy`; each file's owner cleans it: temp files
+`runs.checkpoint`, metrics `runlog`, old points `resume`)."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from e2e_sae.config import Config, config_to_yaml_dict, load_config
 from e2e_sae.errors import ConfigError, UserError
-from e2e_sae.runs.checkpoint import CONFIG_FILE
+from e2e_sae.runs.checkpoint import CONFIG_FILE, clean_stale_temp_files
 from e2e_sae.runs.lock import RunLock
 from e2e_sae.training.distributed import SINGLE, Dist, broadcast_str, on_main
-from e2e_sae.training.resume import ResumePoint, newest_intact_point, resume_points
+from e2e_sae.training.resume import (
+    DAMAGED_SUFFIX,
+    ResumePoint,
+    newest_intact_point,
+    point_step,
+    resume_points,
+)
+from e2e_sae.training.runlog import truncate_metrics
 
 LATEST = "latest"
 
@@ -127,6 +137,16 @@ class Resume:
     point: ResumePoint | None
     damaged: list[Path] = field(default_factory=list)
     lock: RunLock | None = None
+
+    def tidy(self) -> None:
+        """Before the run goes on (rank 0): the temp files of writes a kill interrupted, the
+        metric records past the point (they will be logged again) and the damaged files skipped
+        (renamed `*.damaged`) go."""
+        clean_stale_temp_files(self.run_dir)
+        for path in self.damaged:
+            if path.exists():
+                os.replace(path, path.with_name(path.name + DAMAGED_SUFFIX))
+        truncate_metrics(self.run_dir, point_step(self.point) if self.point is not None else 0)
 
 
 def find_resume(resume: str | Path, config: Config, d: Dist = SINGLE) -> Resume:

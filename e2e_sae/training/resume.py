@@ -13,19 +13,21 @@ loaded; `--resume` then falls back to the newest intact point (one warning line 
 which is renamed `*.damaged` once the run goes on). Only safetensors and JSON are read back: no
 pickle.
 
-Which run `--resume` continues is `find_run`'s job, tidying the directory it continues
-`cleanup`'s.
+Which run `--resume` continues, and tidying its directory before it goes on, is `find_run`'s job;
+old points beyond `keep_last_n_checkpoints` go as each new one is written (`prune_points`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import random
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from torch import Tensor
@@ -42,7 +44,6 @@ from e2e_sae.runs.checkpoint import (
     tensor_digest,
 )
 from e2e_sae.training.distributed import Dist
-from e2e_sae.training.rng import restore_rng, rng_state
 
 
 class Checkpointed(Protocol):
@@ -79,11 +80,6 @@ class ResumePoint:
 
 def _indices(run_dir: Path, pattern: re.Pattern[str]) -> set[int]:
     return {int(m.group(1)) for p in run_dir.iterdir() if (m := pattern.match(p.name))}
-
-
-def point_indices(run_dir: Path) -> set[int]:
-    """N of every samples_<N> and resume_<N> file, of complete points or not."""
-    return _indices(run_dir, _SAMPLES_RE) | _indices(run_dir, _RESUME_RE)
 
 
 def resume_points(run_dir: Path) -> list[ResumePoint]:
@@ -138,14 +134,46 @@ def point_step(point: ResumePoint) -> int:
 
 
 # --- writing -------------------------------------------------------------------------------------
+def _rng_state() -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The Python, NumPy, torch (and CUDA) generators' states as tensors and JSON metadata."""
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)  # type: ignore[misc]
+    tensors["rng.numpy"] = torch.from_numpy(np.asarray(keys, dtype=np.int64))
+    version, internal, gauss_next = random.getstate()
+    meta = {
+        "python": [version, list(internal), gauss_next],
+        "numpy": [name, int(pos), int(has_gauss), float(cached)],
+    }
+    return tensors, meta
+
+
+def _restore_rng(meta: dict[str, Any], tensors: dict[str, Tensor]) -> None:
+    """Set every generator to the state `rng_state` returned."""
+    version, internal, gauss_next = meta["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    name, pos, has_gauss, cached = meta["numpy"]
+    keys = tensors["rng.numpy"].numpy().astype(np.uint32)
+    np.random.set_state((name, keys, pos, has_gauss, cached))
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
 def _param_names(t: Checkpointed) -> list[str]:
     """Names of the optimizer's parameters in its own order (checked again on load)."""
     names = {id(p): n for n, p in t.model.saes.named_parameters()}
     return [names.get(id(p), "?") for g in t.optimizer.param_groups for p in g["params"]]
 
 
-def save_point(run_dir: Path, t: Checkpointed, state: Any, d: Dist) -> Path | None:
-    """Write resume_<N> then samples_<N> (rank 0 only); returns samples_<N>."""
+def save_point(
+    run_dir: Path, t: Checkpointed, state: Any, d: Dist, keep: int | None = None
+) -> Path | None:
+    """Write resume_<N> then samples_<N> (rank 0 only) and keep the newest `keep` points (None:
+    all); returns samples_<N>."""
     if not d.is_main:
         return None
     n = int(state.n_samples)
@@ -158,7 +186,7 @@ def save_point(run_dir: Path, t: Checkpointed, state: Any, d: Dist) -> Path | No
                 tensors[f"optimizer.{pid}.{k}"] = v
             else:
                 scalars.setdefault(str(pid), {})[k] = v
-    rng_tensors, rng_meta = rng_state()
+    rng_tensors, rng_meta = _rng_state()
     tensors.update(rng_tensors)
     meta = {
         "format": FORMAT,
@@ -171,7 +199,21 @@ def save_point(run_dir: Path, t: Checkpointed, state: Any, d: Dist) -> Path | No
         "samples_sha256": tensor_digest(sae_state(t.model)),  # ties the two files together
     }
     atomic_save_tensors(tensors, run_dir / f"resume_{n}.safetensors", {META_KEY: json.dumps(meta)})
-    return save_checkpoint(run_dir, t.model, n)
+    path = save_checkpoint(run_dir, t.model, n)
+    if keep is not None:
+        prune_points(run_dir, keep, upto=n)
+    return path
+
+
+def prune_points(run_dir: Path, keep: int, upto: int | None = None) -> None:
+    """Delete all but the newest `keep` checkpoints up to `upto` samples (samples first: a samples
+    file always has its resume file). Later files are left from before a resume (the run will
+    write them again): they must not count as newest."""
+    found = sorted(_indices(run_dir, _SAMPLES_RE) | _indices(run_dir, _RESUME_RE))
+    found = [n for n in found if upto is None or n <= upto]
+    for n in found[: max(0, len(found) - keep)]:
+        (run_dir / f"samples_{n}.safetensors").unlink(missing_ok=True)
+        (run_dir / f"resume_{n}.safetensors").unlink(missing_ok=True)
 
 
 def _layout(t: Checkpointed, d: Dist) -> dict[str, int]:
@@ -213,7 +255,7 @@ def restore_point(t: Checkpointed, point: ResumePoint, state: Any, d: Dist) -> N
         load_sae_weights(t.model, point.samples_path)
         _load_optimizer(t, meta, tensors, path)
         t.scheduler.load_state_dict(meta["scheduler"])
-        restore_rng(meta["rng"], tensors)
+        _restore_rng(meta["rng"], tensors)
         for f in fields(state):  # a counter added after the file was written keeps its default
             value = getattr(state, f.name)
             setattr(state, f.name, type(value)(meta["state"].get(f.name, value)))

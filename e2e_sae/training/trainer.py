@@ -1,4 +1,5 @@
-"""`train`: set up a config's LM and SAEs (`setup`), check its inputs, open (or resume) its run
+"""`train`: set up a config's LM and SAEs (`setup`: the LM, the SAEs' init options and pretrained
+weights, the step plan, loss terms and optimizer), check its inputs, open (or resume) its run
 directory, and hand the run to the loop (`e2e_sae.training`)."""
 
 from __future__ import annotations
@@ -6,12 +7,15 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -21,17 +25,18 @@ from e2e_sae.data import create_data_loader, data_errors
 from e2e_sae.errors import UserError
 from e2e_sae.eval.evaluate import EvalResult, evaluate
 from e2e_sae.interop.pretrained import load_pretrained_saes
-from e2e_sae.lm.names import filter_names
 from e2e_sae.lm.runner import check_vocab
 from e2e_sae.lm.splice import SAETransformer
 from e2e_sae.objective.forward import StepPlan, make_plan
 from e2e_sae.objective.losses import build_loss_terms
+from e2e_sae.runs.checkpoint import write_config
 from e2e_sae.runs.lock import RunLock
-from e2e_sae.training.cleanup import prepare_run_dir
+from e2e_sae.saes.init import Center, center, init_decoder_bias_, tie_encoder_
 from e2e_sae.training.distributed import (
     SINGLE,
     Dist,
     broadcast_state,
+    broadcast_str,
     init_distributed,
     on_main,
     shutdown,
@@ -39,13 +44,20 @@ from e2e_sae.training.distributed import (
 from e2e_sae.training.engine import Engine, Resampling, TrainState, make_optimizer, n_grad_steps
 from e2e_sae.training.feeds import CacheFeed, LMFeed
 from e2e_sae.training.find_run import Resume, find_resume
-from e2e_sae.training.init import initialize_saes
 from e2e_sae.training.loop import Run, run_loop
 from e2e_sae.training.resume import restore_point
-from e2e_sae.training.rng import set_seed
 from e2e_sae.training.runlog import RunLogger
 
 logger = logging.getLogger(__name__)
+
+
+def set_seed(seed: int | None) -> None:
+    """Seed Python's, NumPy's and torch's generators (nothing when `seed` is None)."""
+    if seed is None:
+        return
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def get_run_name(config: Config) -> str:
@@ -165,7 +177,6 @@ def setup(
     """Load the LM, build the SAEs, and prepare optimizer and schedule (no files written)."""
     set_seed(config.seed)
     model = SAETransformer.from_config(config, device=device)
-    check_in_to_orig(model, config)
     if config.n_samples is not None and config.n_samples < (
         global_batch := (config.effective_batch_size or config.batch_size) * dist.world_size
     ):
@@ -223,24 +234,26 @@ def setup(
     )
 
 
-def check_in_to_orig(model: SAETransformer, config: Config) -> None:
-    """`in_to_orig` hooks must run after the first SAE's output: before it (or at it) the spliced
-    run equals the clean one, and the term would be 0 at every step."""
-    term = config.loss.in_to_orig
-    if term is None:
+@torch.no_grad()
+def initialize_saes(
+    model: SAETransformer, tokens: Tensor | None, *, tied: bool, b_dec: Center
+) -> None:
+    """Apply the init options to every SAE of `model`; `tokens` [batch, pos] is the data sample
+    (needed unless b_dec is "zeros"). Tying happens first, so the bias shift uses the tied W_enc."""
+    if tied:
+        for pos in model.sae_positions:
+            tie_encoder_(model.sae(pos), pos)
+    if b_dec == "zeros":
         return
-
-    field = "loss.in_to_orig.hook_positions"
-    hooks = filter_names(model.all_hook_names, term.hook_positions, field)
-    outputs = [model.sites[p].output_hook for p in model.sae_positions]
-    order = list(model.hook_shapes([*outputs, *hooks]))  # in the order the forward pass runs
-    first = min(outputs, key=order.index)
-    early = [h for h in hooks if order.index(h) <= order.index(first)]
-    if early:
-        raise UserError(
-            f"{field}: '{early[0]}' is not after the first SAE ('{first}'), where the "
-            "spliced run equals the clean run (the term would be 0)"
-        )
+    if tokens is None:
+        raise ValueError("initialize_saes: init_b_dec needs a data sample")
+    hooks = sorted({h for s in model.sites.values() for h in s.hooks})
+    device = next(model.saes.parameters()).device
+    _, acts = model.forward_raw(tokens.to(device), run_entire_model=False, cache_positions=hooks)
+    for pos, site in model.sites.items():
+        out_c = center(acts[site.output_hook], b_dec)
+        in_c = center(acts[site.input_hook], b_dec) if site.is_transcoder else out_c
+        init_decoder_bias_(model.sae(pos), out_c, in_c)
 
 
 def train(
@@ -310,7 +323,14 @@ def open_run(
         if made is not None:
             run_dir = made[0]
             locks.append(made[1])
-    run_dir = prepare_run_dir(t.config, run_dir, found, d)
+    if d.is_main:
+        assert run_dir is not None
+        write_config(run_dir, t.config)
+        if found is not None:
+            found.tidy()
+    path = broadcast_str(str(run_dir) if run_dir is not None else None, d)  # for every rank
+    assert path is not None
+    run_dir = Path(path)
     return Run(t, state, run_dir, RunLogger(run_dir, t.config, enabled=d.is_main), on_eval)
 
 
