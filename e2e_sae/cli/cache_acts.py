@@ -79,6 +79,18 @@ def cmd_cache_acts(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_cache_options(p: argparse.ArgumentParser, default_out: str) -> None:
+    """--out, --n-samples and --device of the commands that build a cache from a config."""
+    p.add_argument("--out", type=Path, default=None, help=f"cache folder (default: {default_out})")
+    p.add_argument(
+        "--n-samples",
+        type=int,
+        default=None,
+        help="windows to cache, in whole batches (default: n_samples)",
+    )
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: auto)")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     c = sub.add_parser(
         "cache-acts",
@@ -86,19 +98,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "CONFIG's (local) SAEs read, for train-cached",
     )
     c.add_argument("config", type=Path, help="YAML config (its model, train_data, SAE hooks)")
-    c.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help="cache folder (default: <save_dir>/act_cache/<config>-<N>w)",
-    )
-    c.add_argument(
-        "--n-samples",
-        type=int,
-        default=None,
-        help="windows to cache, in whole batches (default: n_samples)",
-    )
-    c.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: auto)")
+    add_cache_options(c, "<save_dir>/act_cache/<config>-<N>w")
     c.add_argument(
         "--dtype",
         default="float32",

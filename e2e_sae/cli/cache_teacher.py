@@ -6,7 +6,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from e2e_sae.cli.cache_acts import check_n_samples, default_cache_dir, load_train_config, mib
+from e2e_sae.cli.cache_acts import (
+    add_cache_options,
+    check_n_samples,
+    default_cache_dir,
+    load_train_config,
+    mib,
+)
 
 
 def cmd_cache_teacher(args: argparse.Namespace) -> int:
@@ -40,17 +46,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     h.add_argument("config", type=Path, help="YAML config of a logits_kl run (no in_to_orig)")
     h.add_argument("--k", type=int, default=64, help="tokens kept per position (default 64)")
-    h.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help="cache folder (default: <save_dir>/teacher_cache/<config>-k<K>-<N>w)",
-    )
-    h.add_argument(
-        "--n-samples",
-        type=int,
-        default=None,
-        help="windows to cache, in whole batches (default: n_samples)",
-    )
-    h.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: auto)")
+    add_cache_options(h, "<save_dir>/teacher_cache/<config>-k<K>-<N>w")
     h.set_defaults(func=cmd_cache_teacher)

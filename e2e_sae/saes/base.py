@@ -100,7 +100,8 @@ class CacheActs(NamedTuple):
 
 
 class SAEBase(nn.Module):
-    """Encoder/decoder pair. Subclasses set `architecture` and implement `encode`.
+    """Encoder/decoder pair. Subclasses set `architecture` and implement `encode`; their options
+    are keywords after the sizes, which they pass on (`__init__(self, *args, k=..., **kwargs)`).
 
     Parameter names follow the original library (`encoder.0.weight` [d_sae, d_in], `encoder.0.bias`,
     `decoder.weight` [d_out, d_sae], `decoder.bias`) so checkpoints stay interchangeable.

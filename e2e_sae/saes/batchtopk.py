@@ -32,17 +32,11 @@ class BatchTopKSAE(TopKSAE):
 
     def __init__(
         self,
-        input_size: int,
-        n_dict_components: int,
-        init_decoder_orthogonal: bool = True,
-        output_size: int | None = None,
-        *,
+        *args: Any,
         threshold_momentum: float = 0.01,
         **topk_kwargs: Any,
     ) -> None:
-        super().__init__(
-            input_size, n_dict_components, init_decoder_orthogonal, output_size, **topk_kwargs
-        )
+        super().__init__(*args, **topk_kwargs)
         check_option(
             0 < threshold_momentum <= 1,
             "saes.architecture_kwargs.threshold_momentum",

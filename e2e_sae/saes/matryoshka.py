@@ -70,22 +70,16 @@ class MatryoshkaSAE(BatchTopKSAE):
 
     def __init__(
         self,
-        input_size: int,
-        n_dict_components: int,
-        init_decoder_orthogonal: bool = True,
-        output_size: int | None = None,
-        *,
+        *args: Any,
         matryoshka_widths: Sequence[int] | None = None,
         matryoshka_e2e: str = "all_prefixes",
         prefix_weights: Sequence[float] | None = None,
         inner_mse_coeff: float = 1.0,
         **batchtopk_kwargs: Any,
     ) -> None:
-        super().__init__(
-            input_size, n_dict_components, init_decoder_orthogonal, output_size, **batchtopk_kwargs
-        )
+        super().__init__(*args, **batchtopk_kwargs)
         kw = "saes.architecture_kwargs"
-        self.widths = _check_widths(matryoshka_widths, n_dict_components)
+        self.widths = _check_widths(matryoshka_widths, self.n_dict_components)
         check_option(
             matryoshka_e2e in E2E_MODES,
             f"{kw}.matryoshka_e2e",
