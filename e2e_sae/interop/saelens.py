@@ -693,7 +693,7 @@ def saelens_transformer(
     Exported as `e2e_sae.interop.saelens_transformer`."""
 
     if not paths:
-        raise UserError("from_saelens: give at least one SAELens folder")
+        raise UserError("saelens_transformer: give at least one SAELens folder")
     loaded = [load_saelens_sae(p, allow_inexact=allow_inexact) for p in paths]
     plain: list[str] = []
     transcoders: list[tuple[str, str]] = []
@@ -702,7 +702,7 @@ def saelens_transformer(
         if info.hook_name is None or info.position is None:
             raise UserError(f"{info.path}/{CFG_FILE}: no hook_name, so it cannot be spliced in")
         if info.position in seen:
-            raise UserError(f"from_saelens: two SAEs replace '{info.position}'")
+            raise UserError(f"saelens_transformer: two SAEs replace '{info.position}'")
         seen.add(info.position)
         if info.hook_name_out and info.hook_name_out != info.hook_name:
             transcoders.append((info.hook_name, info.hook_name_out))
@@ -710,7 +710,7 @@ def saelens_transformer(
             plain.append(info.hook_name)
     for name in [*plain, *[h for t in transcoders for h in t]]:
         if name not in tlens_model.hook_dict:
-            raise UserError(f"from_saelens: the model has no hook '{name}'")
+            raise UserError(f"saelens_transformer: the model has no hook '{name}'")
     # Build with placeholder SAEs (cheap), then swap in the loaded ones after checking sizes.
     model = SAETransformer(tlens_model, plain, 1.0, False, transcoders=transcoders)
     archs = {sae.architecture for sae, _ in loaded}
