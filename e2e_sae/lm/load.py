@@ -23,6 +23,7 @@ from e2e_sae.data.tokenizer import is_gguf_model_name, load_tokenizer
 from e2e_sae.errors import ConfigError, UserError, first_line
 from e2e_sae.lm.bridge import OFFLINE_MODELS_HINT, is_local_folder, load_bridge
 from e2e_sae.lm.gguf import GGUF_MODELS
+from e2e_sae.resources import check_memory
 from e2e_sae.runs.original import CONFIG_FILE, read_original_lm
 
 if TYPE_CHECKING:
@@ -57,10 +58,19 @@ def build_random_model(
         cfg = HookedTransformerConfig(**fields, device=device or fields.pop("device", "cpu"))
     except (TypeError, ValueError, AssertionError) as err:
         raise ConfigError(f"tlens_config: {str(err).splitlines()[0]}") from None
+    check_memory(weights_bytes(cfg), cfg.device, "tlens_config", "the model's weights")
     model = HookedTransformer(cfg)
     if tokenizer_name:
         cfg.tokenizer_name = tokenizer_name
     return model
+
+
+def weights_bytes(cfg: HookedTransformerConfig) -> int:
+    """The memory a HookedTransformer's weights take (blocks, embedding, unembedding, positions):
+    what building it allocates at least."""
+    n = cfg.n_params or 0
+    n += 2 * max(cfg.d_vocab, 0) * cfg.d_model + cfg.n_ctx * cfg.d_model
+    return n * torch.empty((), dtype=cfg.dtype).element_size()
 
 
 def save_tlens_model(model: HookedTransformer, out_dir: Path, extra: dict[str, Any] | None = None):

@@ -23,6 +23,7 @@ from e2e_sae.lm.load import default_device, load_lm
 from e2e_sae.lm.names import dict_size, filter_names
 from e2e_sae.lm.runner import LM, Hooks, LMRunner, cache_into, make_runner
 from e2e_sae.lm.sites import SpliceSite, resolve_sites
+from e2e_sae.resources import check_memory
 from e2e_sae.runs.checkpoint import load_sae_weights
 from e2e_sae.runs.locate import locate_run
 from e2e_sae.runs.wandb import download_wandb_run
@@ -99,13 +100,22 @@ class SAETransformer(nn.Module):
         self.run_config: Config | None = None
         self.run_dir: Path | None = None
         self.checkpoint_path: Path | None = None
+        sizes: dict[str, tuple[int, int, int]] = {}  # (d_in, d_sae, d_out) per SAE
         for pos, site in self.sites.items():
-            d_in = shapes[site.input_hook][-1]
-            d_out = shapes[site.output_hook][-1]
+            d_in, d_out = shapes[site.input_hook][-1], shapes[site.output_hook][-1]
+            sizes[pos] = (d_in, dict_size(d_in, dict_size_to_input_ratio, pos), d_out)
+        if sizes:  # the weights alone (fp32; + a few vectors) must fit before they are allocated
+            check_memory(
+                sum(4 * d_sae * (d_in + d_out + 3) for d_in, d_sae, d_out in sizes.values()),
+                self.lm.device,
+                "saes.dict_size_to_input_ratio",
+                f"{len(sizes)} SAE(s) of up to {max(s[1] for s in sizes.values()):,} latents",
+            )
+        for pos, (d_in, d_sae, d_out) in sizes.items():
             self.saes[sae_key(pos)] = build_sae(
                 architecture,
                 d_in,
-                dict_size(d_in, dict_size_to_input_ratio, pos),
+                d_sae,
                 init_decoder_orthogonal=init_decoder_orthogonal,
                 output_size=d_out,
                 **(architecture_kwargs or {}),

@@ -44,9 +44,13 @@ class RunLock:
                     f"{field}: {self.run_dir} is in use by a running training (pid {holder}); "
                     "let it finish or stop it first"
                 ) from None
-        os.ftruncate(fd, 0)
-        os.lseek(fd, 0, os.SEEK_SET)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError as err:  # (a full disk)
+            os.close(fd)
+            raise UserError(f"{field}: cannot write in {self.run_dir} ({err.strerror})") from None
         self._fd = fd
         return self
 

@@ -26,14 +26,22 @@ import yaml
 from pydantic import (
     NonNegativeFloat,
     PositiveFloat,
-    PositiveInt,
     model_validator,
 )
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from e2e_sae.config import DatasetConfig, OptimizerConfig, _Frozen, config_to_yaml_dict, load_config
+from e2e_sae.config import (
+    Count,
+    DatasetConfig,
+    OptimizerConfig,
+    PathComponent,
+    Seed,
+    _Frozen,
+    config_to_yaml_dict,
+    load_config,
+)
 from e2e_sae.data import TokenWindows, create_data_loader, load_windows
 from e2e_sae.data.corpora import get_builtin_corpus
 from e2e_sae.data.tokenizer import load_tokenizer
@@ -53,24 +61,25 @@ class LMTrainSettings(OptimizerConfig):
     (`OptimizerConfig`; AdamW here, clipping at 1.0 by default), plus epochs, weight decay,
     betas, saving and logging."""
 
-    n_epochs: PositiveInt
+    n_epochs: Count
     weight_decay: NonNegativeFloat = 0.1
     adam_betas: tuple[float, float] = (0.9, 0.95)
     max_grad_norm: PositiveFloat | None = 1.0
-    save_every_n_epochs: PositiveInt | None = None
-    samples_per_epoch: PositiveInt | None = None
+    save_every_n_epochs: Count | None = None
+    samples_per_epoch: Count | None = None
     """Windows per epoch (default: all windows of train_data; required for streaming hub data)."""
-    eval_n_samples: PositiveInt | None = None
+    eval_n_samples: Count | None = None
     """Eval windows per epoch (default: all windows of eval_data; required for streaming data)."""
-    log_every_n_grad_steps: PositiveInt = 20
+    log_every_n_grad_steps: Count = 20
 
 
 class TrainLMConfig(_Frozen):
     """A language model trained from scratch; the original library's `tiny_gpt2_lm.yaml` schema
     plus `train_data` / `eval_data` / `save_dir` / `device`."""
 
-    seed: int = 0
-    name: str
+    seed: Seed = 0
+    name: PathComponent
+    """The model's folder under save_dir: one folder name."""
     tlens_config: dict[str, Any]
     """HookedTransformerConfig fields + `tokenizer_name`; `d_vocab` defaults to the tokenizer's."""
     train: LMTrainSettings
@@ -82,8 +91,6 @@ class TrainLMConfig(_Frozen):
 
     @model_validator(mode="after")
     def _check(self) -> TrainLMConfig:
-        if not self.name or "/" in self.name or self.name in (".", ".."):
-            raise ValueError("name must be a plain folder name (it is created under save_dir)")
         if "n_ctx" not in self.tlens_config:
             raise ValueError("tlens_config.n_ctx is required")
         for key, data in (("train_data", self.train_data), ("eval_data", self.eval_data)):
