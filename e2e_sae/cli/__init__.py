@@ -71,7 +71,7 @@ COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; `argv` None: this process's own command line. Then SIGINT and SIGTERM
     end the command with one line and exit 130 / 143 wherever they arrive (a training saves
-    first, see `training.resume.StopOnSignal`), and signals after the first, or after the
+    first, see `training.loop.StopOnSignal`), and signals after the first, or after the
     command ended (e.g. a second Ctrl-C during shutdown), are ignored (`e2e_sae.interrupts`)."""
     if argv is None:
         interrupt_on_signals()
