@@ -40,9 +40,8 @@ from e2e_sae.data import create_data_loader, data_errors
 from e2e_sae.errors import ConfigError, UserError
 from e2e_sae.lm import splice
 from e2e_sae.lm.load import check_device, resolve_backend
-from e2e_sae.lm.names import filter_names
 from e2e_sae.lm.runner import check_vocab
-from e2e_sae.lm.sites import SpliceSite
+from e2e_sae.lm.sites import SpliceSite, filter_names
 from e2e_sae.lm.splice import SAETransformer
 from e2e_sae.objective.forward import StepPlan, run_forward, with_runner
 from e2e_sae.resources import check_disk, reserve

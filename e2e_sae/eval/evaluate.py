@@ -60,7 +60,7 @@ from tqdm.auto import tqdm
 from e2e_sae.config import Config, DatasetConfig
 from e2e_sae.data import eval_batches
 from e2e_sae.errors import UserError
-from e2e_sae.lm.names import hook_layer
+from e2e_sae.lm.sites import hook_layer
 from e2e_sae.lm.splice import SAETransformer
 from e2e_sae.objective.forward import StepPlan, make_plan, run_forward, with_runner
 from e2e_sae.objective.losses import LossTerm, build_loss_terms, compute_losses, kl_clean_to_new

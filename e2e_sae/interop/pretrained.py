@@ -10,7 +10,7 @@ from pathlib import Path
 from e2e_sae.errors import UserError
 from e2e_sae.interop.hub import is_saelens_dir, resolve_path
 from e2e_sae.interop.saelens import load_saelens_into
-from e2e_sae.lm.names import filter_names
+from e2e_sae.lm.sites import filter_names
 from e2e_sae.lm.splice import SAETransformer
 from e2e_sae.runs.checkpoint import (
     list_sae_checkpoints,

@@ -45,7 +45,7 @@ from e2e_sae.errors import UserError, check_output_folder
 from e2e_sae.eval.evaluate import check_finite_weights, read_feature_frequency
 from e2e_sae.interop.hub import CFG_FILE, WEIGHTS_FILE, resolve_path
 from e2e_sae.lm.load import resolve_backend
-from e2e_sae.lm.names import hook_layer
+from e2e_sae.lm.sites import hook_layer
 from e2e_sae.lm.splice import SAETransformer
 from e2e_sae.runs.checkpoint import (
     CONFIG_FILE,

@@ -20,9 +20,8 @@ from e2e_sae.config import Config
 from e2e_sae.errors import ConfigError, UserError
 from e2e_sae.lm import generate as generation
 from e2e_sae.lm.load import default_device, load_lm
-from e2e_sae.lm.names import dict_size, filter_names
 from e2e_sae.lm.runner import LM, Hooks, LMRunner, cache_into, make_runner
-from e2e_sae.lm.sites import SpliceSite, resolve_sites
+from e2e_sae.lm.sites import SpliceSite, dict_size, filter_names, resolve_sites
 from e2e_sae.resources import check_memory
 from e2e_sae.runs.checkpoint import load_sae_weights
 from e2e_sae.runs.locate import locate_run

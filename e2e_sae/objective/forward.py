@@ -33,8 +33,8 @@ from torch import Tensor
 
 from e2e_sae.config import LossConfigs
 from e2e_sae.errors import ConfigError, UserError
-from e2e_sae.lm.names import filter_names, hook_layer
 from e2e_sae.lm.runner import LMRunner, cache_into, step_runner
+from e2e_sae.lm.sites import filter_names, hook_layer
 from e2e_sae.lm.splice import SAETransformer
 from e2e_sae.objective.losses import KLTarget, LossInputs
 from e2e_sae.saes import CacheActs, SAEActs, SAEBase
