@@ -16,7 +16,8 @@ import json
 import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -63,16 +64,20 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file, flush + fsync, then rename over `path`."""
+_TMP_RE = re.compile(r"^\..+\.tmp\d+$")
+"""Temp files of the atomic writes below: `.<name>.tmp<pid>`."""
+
+
+@contextmanager
+def _replacing(path: Path) -> Iterator[Path]:
+    """The temp file to write `path`'s new contents to, renamed over `path` when the block ends
+    (then the folder is fsynced). On any failure (a full disk, a signal, ...) no temp file is left
+    behind, and an OSError without a file name names the temp file."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
         os.replace(tmp, path)
-    except BaseException as err:  # a full disk, a signal, ...: no temp file is left behind
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
         if isinstance(err, OSError) and err.filename is None:  # (write / fsync: say which file)
             raise OSError(err.errno, err.strerror, str(tmp)) from None
@@ -80,8 +85,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
-_TMP_RE = re.compile(r"^\..+\.tmp\d+$")
-"""Temp files of the atomic writes below: `.<name>.tmp<pid>`."""
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temp file, flush + fsync, then rename over `path`."""
+    with _replacing(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def clean_stale_temp_files(run_dir: Path) -> None:
@@ -117,21 +126,13 @@ def atomic_save_tensors(
 ) -> None:
     """Temp file + fsync + rename; the metadata gets a checksum over tensors and metadata that
     `read_tensors` verifies. Equal contents give byte-identical files."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     meta = {k: v for k, v in (metadata or {}).items() if k != DIGEST_KEY}
-    try:
+    with _replacing(path) as tmp:
         _save_file(cpu, tmp, {**meta, DIGEST_KEY: tensor_digest(cpu, meta)})
         _sort_header_metadata(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:  # a full disk, a signal, ...: no temp file is left behind
-        tmp.unlink(missing_ok=True)
-        if isinstance(err, OSError) and err.filename is None:  # (write / fsync: say which file)
-            raise OSError(err.errno, err.strerror, str(tmp)) from None
-        raise
-    fsync_dir(path.parent)
 
 
 def _save_file(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
