@@ -87,6 +87,39 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
+class OptimizerConfig(_Frozen):
+    """How every trainer here steps (SAE runs, `train-lm`, the MLP's SAEs): micro-batches of
+    `batch_size` accumulated to `effective_batch_size`, the lr warmed up linearly over
+    `warmup_samples` and then decayed (`lr_schedule`) to `min_lr_factor` x lr at the last step,
+    gradients clipped to `max_grad_norm` (`e2e_sae.training.engine`)."""
+
+    batch_size: Count
+    effective_batch_size: Count | None = None
+    lr: PositiveFloat
+    lr_schedule: Literal["linear", "cosine", "constant"] = "cosine"
+    min_lr_factor: NonNegativeFloat = 0.1
+    warmup_samples: Count0 = 0
+    max_grad_norm: PositiveFloat | None = None
+
+    @model_validator(mode="after")
+    def _accumulation(self) -> OptimizerConfig:
+        if self.effective_batch_size is not None and self.effective_batch_size % self.batch_size:
+            raise ValueError(
+                f"effective_batch_size ({self.effective_batch_size}) must be a multiple of "
+                f"batch_size ({self.batch_size})"
+            )
+        return self
+
+    @property
+    def samples_per_step(self) -> int:
+        """Samples per optimizer step (of one process)."""
+        return self.effective_batch_size or self.batch_size
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return self.samples_per_step // self.batch_size
+
+
 class DatasetConfig(_Frozen):
     """Where tokens come from: a hub dataset, a local path, or a built-in corpus (`shakespeare`)."""
 
@@ -203,7 +236,7 @@ MODEL_SOURCES = ("tlens_model_name", "tlens_model_path", "tlens_config", "hf_mod
 """The config keys that name the LM; exactly one is set."""
 
 
-class Config(_Frozen):
+class Config(OptimizerConfig):
     """A training run of one or more SAEs spliced into a TransformerLens model (a
     HookedTransformer, or a TransformerBridge around any Hugging Face causal LM)."""
 
@@ -243,13 +276,6 @@ class Config(_Frozen):
     log_every_n_grad_steps: Count = 20
     collect_act_frequency_every_n_samples: Count0 = 20_000
     act_frequency_n_tokens: Count = 100_000
-    batch_size: Count
-    effective_batch_size: Count | None = None
-    lr: PositiveFloat
-    lr_schedule: Literal["linear", "cosine", "constant"] = "cosine"
-    min_lr_factor: NonNegativeFloat = 0.1
-    warmup_samples: Count0 = 0
-    max_grad_norm: PositiveFloat | None = None
     divergence_factor: PositiveFloat | None = 1000.0
     """Stop training when a step's loss is over this many times the median loss of the last 100
     steps, naming the step and the loss term (the checkpoint of the weights that gave it is set
@@ -291,14 +317,9 @@ class Config(_Frozen):
                 )
             if self.n_devices is not None:
                 raise ValueError("device_map: give device_map or n_devices, not both")
-        if self.effective_batch_size is not None and self.effective_batch_size % self.batch_size:
-            raise ValueError(
-                f"effective_batch_size ({self.effective_batch_size}) must be a multiple of "
-                f"batch_size ({self.batch_size})"
-            )
         if self.n_samples is None:
             raise ValueError("n_samples is required")
-        batch = self.effective_batch_size or self.batch_size
+        batch = self.samples_per_step
         if self.n_samples < batch:
             name = "effective_batch_size" if self.effective_batch_size else "batch_size"
             raise ValueError(
@@ -333,13 +354,9 @@ class Config(_Frozen):
                 return
 
     @property
-    def grad_accum_steps(self) -> int:
-        return (self.effective_batch_size or self.batch_size) // self.batch_size
-
-    @property
     def n_grad_steps(self) -> int:
         assert self.n_samples is not None
-        return max(1, self.n_samples // (self.effective_batch_size or self.batch_size))
+        return max(1, self.n_samples // self.samples_per_step)
 
 
 def _model_at(cls: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:

@@ -9,6 +9,13 @@ class UserError(Exception):
     """
 
 
+def first_line(err: BaseException, limit: int | None = 160) -> str:
+    """The first line of an exception's message, at most `limit` characters (its type name if it
+    has none): what a one-line error quotes of a library's exception."""
+    text = str(err).strip()
+    return text.splitlines()[0][:limit] if text else type(err).__name__
+
+
 def check_output_folder(path: object, field: str) -> None:
     """`path` may be written as a folder: it does not exist yet or is a directory."""
     from pathlib import Path

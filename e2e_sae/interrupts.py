@@ -5,7 +5,7 @@ signal raise `SignalInterrupt` and ignores the ones after it, so the unwinding i
 short. A signal that lands inside an import is held back until the import is over: an exception
 raised in the middle of a module's import leaves it half-initialised (numpy then recurses forever,
 transformers reports a missing module), so it would end in someone else's traceback. A training
-run replaces these handlers while it trains (`training.resume.StopOnSignal`: finish the step,
+run replaces these handlers while it trains (`training.loop.StopOnSignal`: finish the step,
 save, then stop).
 """
 

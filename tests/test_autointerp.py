@@ -33,7 +33,7 @@ from e2e_sae.analysis.browser import collect_feature_data
 from e2e_sae.cli import main
 from e2e_sae.config import Config, load_config
 from e2e_sae.errors import UserError
-from e2e_sae.lm.splice import build_model
+from e2e_sae.lm.splice import SAETransformer
 from e2e_sae.training.runlog import read_metrics
 from e2e_sae.training.trainer import train
 
@@ -371,7 +371,7 @@ def test_examples_split_the_browser_scan_and_random_windows_are_exact(
     token_data: Path, tmp_path: Path
 ) -> None:
     cfg = _config(token_data, tmp_path)
-    model = build_model(cfg, device="cpu")
+    model = SAETransformer.from_config(cfg, device="cpu")
     pos = model.sae_positions[0]
     g = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, 97, (4, 16), generator=g) for _ in range(3)]

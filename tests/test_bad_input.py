@@ -20,8 +20,8 @@ from conftest import TINY_TLENS, make_config_dict, write_token_jsonl
 
 from e2e_sae.cli import main
 from e2e_sae.config import Config, load_config
-from e2e_sae.lm.checkpoint import save_checkpoint
-from e2e_sae.lm.splice import build_model
+from e2e_sae.lm.splice import SAETransformer
+from e2e_sae.runs.checkpoint import save_checkpoint
 
 
 @dataclass
@@ -87,7 +87,7 @@ def _sae_file(e: Env, ratio: float = 2.0) -> str:
     """A checkpoint of the config's SAE (random weights), with `ratio` latents per input dim."""
     config = load_config(e.config(saes={"sae_positions": SAE, "dict_size_to_input_ratio": ratio}))
     assert isinstance(config, Config)
-    return str(save_checkpoint(e.root, build_model(config, device="cpu"), 0))
+    return str(save_checkpoint(e.root, SAETransformer.from_config(config, device="cpu"), 0))
 
 
 def _pretrained(e: Env, **extra: Any) -> list[str]:
@@ -108,7 +108,7 @@ def _run(e: Env, scale: float = 1.0) -> str:
     config = load_config(e.config(eval_n_samples=4))
     assert isinstance(config, Config)
     (run / "final_config.yaml").write_text(yaml.safe_dump(e.config(eval_n_samples=4)))
-    model = build_model(config, device="cpu")
+    model = SAETransformer.from_config(config, device="cpu")
     with torch.no_grad():
         for name, p in model.saes.named_parameters():
             if "encoder" in name:
@@ -135,7 +135,7 @@ def _arch_file(e: Env, architecture: str, **saes: Any) -> Path:
     assert isinstance(config, Config)
     folder = e.root / f"{architecture}_sae"
     folder.mkdir(exist_ok=True)
-    return save_checkpoint(folder, build_model(config, device="cpu"), 8)
+    return save_checkpoint(folder, SAETransformer.from_config(config, device="cpu"), 8)
 
 
 def _pretrained_arch(e: Env, architecture: str, **saes: Any) -> list[str]:

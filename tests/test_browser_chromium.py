@@ -18,7 +18,7 @@ from conftest import make_config_dict
 
 from e2e_sae.analysis.browser import write_browser
 from e2e_sae.config import Config, load_config
-from e2e_sae.lm.splice import build_model
+from e2e_sae.lm.splice import SAETransformer
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -42,7 +42,7 @@ def _chromium(tmp: Path, *args: str) -> subprocess.CompletedProcess[str]:
 def test_browser_page_works_in_headless_chromium(token_data: Path, tmp_path: Path) -> None:
     cfg = load_config(make_config_dict(token_data, tmp_path / "runs"))
     assert isinstance(cfg, Config)
-    model = build_model(cfg, device="cpu")
+    model = SAETransformer.from_config(cfg, device="cpu")
     model.run_config = cfg  # type: ignore[attr-defined]
     page = write_browser(model, tmp_path / "browser", n_tokens=256, page_size=8)
     assert len(list((tmp_path / "browser" / "data").glob("page_*.js"))) > 1  # really paged

@@ -47,7 +47,7 @@ from e2e_sae.eval.evaluate import (
     top1_agreement,
     total_variation,
 )
-from e2e_sae.lm.splice import SAETransformer, build_model
+from e2e_sae.lm.splice import SAETransformer
 from e2e_sae.objective.forward import make_plan
 from e2e_sae.objective.losses import build_loss_terms
 from e2e_sae.saes import SAEActs
@@ -125,7 +125,7 @@ def model(token_data: Path, tmp_path: Path) -> SAETransformer:
         tmp_path,
         saes={"sae_positions": ["blocks.1.hook_resid_pre"], "dict_size_to_input_ratio": 2.0},
     )
-    m = build_model(cfg, device="cpu")
+    m = SAETransformer.from_config(cfg, device="cpu")
     m.run_config = cfg  # type: ignore[attr-defined]
     return m
 
@@ -570,9 +570,9 @@ def test_top_windows_update_matches_brute_force() -> None:
 
 def test_browser_page_shows_the_features(runs: dict[str, Path], tmp_path: Path) -> None:
     run = runs["local0"]
-    from e2e_sae.lm.splice import load_run
+    from e2e_sae.lm.splice import SAETransformer
 
-    model = load_run(run)
+    model = SAETransformer.from_local_path(run)
     out = tmp_path / "page.html"
     assert (
         main(
@@ -632,9 +632,14 @@ def test_browser_page_shows_the_features(runs: dict[str, Path], tmp_path: Path) 
 
 
 def test_browser_with_feature_list_and_model_object(runs: dict[str, Path], tmp_path: Path) -> None:
-    from e2e_sae.lm.splice import load_run
+    from e2e_sae.lm.splice import SAETransformer
 
-    out = write_browser(load_run(runs["e2e"]), tmp_path / "p.html", n_tokens=64, features=[3, 10])
+    out = write_browser(
+        SAETransformer.from_local_path(runs["e2e"]),
+        tmp_path / "p.html",
+        n_tokens=64,
+        features=[3, 10],
+    )
     page = out.read_text()
     assert len(re.findall(r"<section id=f(\d+) ", page)) <= 2
     assert set(re.findall(r"<section id=f(\d+) ", page)) <= {"3", "10"}
@@ -744,7 +749,7 @@ def _read_js(path: Path, fn: str) -> Any:
 def test_browser_folder_matches_direct_computation(runs: dict[str, Path], tmp_path: Path) -> None:
     from e2e_sae.analysis.browser import HIST_EDGES
     from e2e_sae.data import create_data_loader
-    from e2e_sae.lm.splice import load_run
+    from e2e_sae.lm.splice import SAETransformer
 
     run, other_run = runs["e2e"], runs["local0"]
     out = tmp_path / "browser"
@@ -779,7 +784,7 @@ def test_browser_folder_matches_direct_computation(runs: dict[str, Path], tmp_pa
     feats = [f for p in pages for f in p[1]["features"]]
     assert len(feats) == 10
     # Direct computation over the same 128 tokens (2 batches of the eval loader).
-    model = load_run(run)
+    model = SAETransformer.from_local_path(run)
     cfg = cast(Config, model.run_config)
     assert cfg.eval_data is not None
     loader = create_data_loader(cfg.eval_data, cfg.batch_size, cfg.seed + 42)
@@ -792,7 +797,7 @@ def test_browser_folder_matches_direct_computation(runs: dict[str, Path], tmp_pa
     assert index["ids"] == alive and index["slot"] == alive
     edges = torch.tensor(HIST_EDGES)
     d_all = model.sae(hook).dict_elements.detach()
-    d_other = load_run(other_run).sae(hook).dict_elements.detach()
+    d_other = SAETransformer.from_local_path(other_run).sae(hook).dict_elements.detach()
     tl = model.tlens_model
     w_ln = tl.ln_final.w
     assert isinstance(w_ln, torch.Tensor)

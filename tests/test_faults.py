@@ -27,8 +27,8 @@ import yaml
 
 from e2e_sae.cli import main
 from e2e_sae.config import Config, load_config
-from e2e_sae.lm import checkpoint as checkpoint_mod
-from e2e_sae.lm.checkpoint import list_checkpoints, read_tensors
+from e2e_sae.runs import checkpoint as checkpoint_mod
+from e2e_sae.runs.checkpoint import list_checkpoints, read_tensors
 from e2e_sae.training import trainer as train_mod
 from e2e_sae.training.faults import WRITE_FAULTS
 from e2e_sae.training.runlog import read_metrics

@@ -25,11 +25,12 @@ from torch import Tensor
 from e2e_sae.cli import main
 from e2e_sae.config import Config, load_config
 from e2e_sae.errors import TrainingInterrupted
-from e2e_sae.lm.checkpoint import atomic_save_tensors, list_checkpoints, read_tensors
-from e2e_sae.lm.splice import load_run
+from e2e_sae.lm.splice import SAETransformer
+from e2e_sae.runs.checkpoint import atomic_save_tensors, list_checkpoints, read_tensors
+from e2e_sae.runs.lock import RunLock
 from e2e_sae.training import engine as engine_mod
 from e2e_sae.training import trainer as train_mod
-from e2e_sae.training.resume import RunLock, resume_points
+from e2e_sae.training.resume import resume_points
 from e2e_sae.training.runlog import read_metrics
 
 LOCAL = {"loss": {"sparsity": {"coeff": 0.1}, "out_to_in": {"coeff": 1.0}}}
@@ -196,7 +197,7 @@ def _check_consistent(run: Path) -> int:
     assert points, "no complete checkpoint"
     samples = {p.name for p in run.glob("samples_*.safetensors")}
     assert samples == {p.samples_path.name for p in points}
-    load_run(run)
+    SAETransformer.from_local_path(run)
     read_tensors(points[-1].resume_path)
     return points[-1].n_samples
 

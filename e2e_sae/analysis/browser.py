@@ -48,7 +48,7 @@ from e2e_sae.data import eval_batches
 from e2e_sae.data.tokenizer import load_tokenizer
 from e2e_sae.errors import UserError
 from e2e_sae.eval.evaluate import check_count, check_finite_weights, eval_dataset, eval_request
-from e2e_sae.lm.splice import SAETransformer, load_run
+from e2e_sae.lm.splice import SAETransformer
 
 # Histogram / quantile-sample bins of a feature's nonzero activations: 4 per decade over
 # [1e-2, 1e4]; bin 0 takes everything <= 1e-2, the last everything above 1e4.
@@ -877,7 +877,11 @@ def write_browser(
     check_count(n_tokens, "--n-tokens")
     if out.suffix.lower() not in (".html", ".htm"):
         check_out_folder(out)  # before the scan
-    model = run if isinstance(run, SAETransformer) else load_run(run, device=device)
+    model = (
+        run
+        if isinstance(run, SAETransformer)
+        else SAETransformer.from_local_path(run, device=device)
+    )
     config = model.run_config
     if config is None:
         raise UserError("browse: the model has no run config (load it with from_local_path)")
@@ -889,7 +893,11 @@ def write_browser(
     other_dirs = None
     other_label = ""
     if compare is not None:
-        other = compare if isinstance(compare, SAETransformer) else load_run(compare, device="cpu")
+        other = (
+            compare
+            if isinstance(compare, SAETransformer)
+            else SAETransformer.from_local_path(compare, device="cpu")
+        )
         if position not in other.sites:
             raise UserError(f"--compare: that run has no SAE at '{position}'")
         other_dirs = other.sae(position).dict_elements.detach().cpu()

@@ -32,8 +32,8 @@ from e2e_sae.eval.evaluate import (
     read_feature_frequency,
     write_eval,
 )
-from e2e_sae.lm.checkpoint import CONFIG_FILE
-from e2e_sae.lm.splice import hook_layer
+from e2e_sae.lm.sites import hook_layer
+from e2e_sae.runs.checkpoint import CONFIG_FILE
 from e2e_sae.training.curves import plain_log_axis
 
 TYPE_ORDER = ("local", "e2e", "e2e+ds")

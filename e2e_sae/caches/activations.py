@@ -39,9 +39,10 @@ from e2e_sae.config import Config
 from e2e_sae.data import create_data_loader, data_errors
 from e2e_sae.errors import ConfigError, UserError
 from e2e_sae.lm import splice
-from e2e_sae.lm.bridge import resolve_backend
-from e2e_sae.lm.load import check_device
-from e2e_sae.lm.splice import SAETransformer, SpliceSite, build_model, check_vocab, filter_names
+from e2e_sae.lm.load import check_device, resolve_backend
+from e2e_sae.lm.runner import check_vocab
+from e2e_sae.lm.sites import SpliceSite, filter_names
+from e2e_sae.lm.splice import SAETransformer
 from e2e_sae.objective.forward import StepPlan, run_forward, with_runner
 from e2e_sae.resources import check_disk, reserve
 
@@ -107,11 +108,7 @@ class ActivationCache:
         if path.exists():
             raise UserError(f"activation cache {path}: already exists")
         if hooks is None:
-            hooks = list(
-                dict.fromkeys(
-                    h for s in model.sites.values() for h in (s.input_hook, s.output_hook)
-                )
-            )
+            hooks = list(dict.fromkeys(h for s in model.sites.values() for h in s.hooks))
         hooks = filter_names(model.all_hook_names, list(hooks), "activation cache hooks")
         tmp = path.with_name(path.name + ".tmp")
         if tmp.exists():
@@ -284,7 +281,8 @@ def lm_activation_batches(
     model: SAETransformer, token_batches: Iterable[Tensor], hooks: Sequence[str]
 ) -> Iterator[dict[str, Tensor]]:
     """One clean LM pass per token batch (fast local path), yielding {hook: activation}: feed it
-    to several `CachedTrainer`s to train them all on the same batches without a disk cache."""
+    to several cache-fed trainers (`Trainer.fed_from_cache`) to train them all on the same batches
+    without a disk cache."""
     plan = with_runner(model, StepPlan(sae_positions=[], orig_cache=list(hooks)))
     device = next(model.saes.parameters()).device
     for tokens in token_batches:
@@ -368,7 +366,7 @@ def check_against_cache(config: Config, cache: ActivationCache) -> None:
             f"{key}: the activation cache {cache.path} was built from another model ({built})"
         )
     for site in resolve_sites(config, cache.meta["all_hook_names"]).values():
-        for h in (site.input_hook, site.output_hook):
+        for h in site.hooks:
             if h not in cache.hooks:
                 raise ConfigError(
                     f"{hook_field(site, h)}: '{h}' is not in the activation cache "
@@ -393,9 +391,7 @@ def check_model_against_cache(model: SAETransformer, cache: ActivationCache) -> 
             f"model: its hook names differ from those of the model the activation "
             f"cache {cache.path} was built with"
         )
-    hooks = list(
-        dict.fromkeys(h for s in model.sites.values() for h in (s.input_hook, s.output_hook))
-    )
+    hooks = list(dict.fromkeys(h for s in model.sites.values() for h in s.hooks))
     for h, shape in model.hook_shapes(hooks).items():
         if shape[-1] != cache.d(h):
             raise ConfigError(
@@ -425,7 +421,7 @@ def build_for_config(
     if path.exists():
         raise UserError(f"activation cache {path}: already exists")
     check_device(device or config.device)
-    model = build_model(config, device=device)
+    model = SAETransformer.from_config(config, device=device)
     batches = training_batches(config, model)
     info = {
         "model_source": model_source(config),
@@ -455,5 +451,5 @@ def training_batches(config: Config, model: SAETransformer) -> Iterator[Tensor]:
         first = next(loader, None)
     if first is None:
         raise UserError("train_data: the dataset yields no windows")
-    check_vocab(model, first, "train_data")
+    check_vocab(model.lm, first, "train_data")
     return itertools.chain([first], loader)

@@ -8,7 +8,22 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from e2e_sae.cli import analysis, autointerp, cache, compat, demo, interop, train
+from e2e_sae.cli import (
+    autointerp,
+    browse,
+    cache_acts,
+    cache_teacher,
+    convert,
+    demo,
+    export,
+    plot,
+    push,
+    sweep,
+    train,
+    train_cached,
+    train_lm,
+    train_mlp,
+)
 from e2e_sae.cli import eval as eval_cmd
 from e2e_sae.errors import SignalInterrupt, TrainingInterrupted, UserError
 from e2e_sae.interrupts import ignore_signals, interrupt_on_signals
@@ -33,24 +48,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# The command table: each module's `register(subparsers)` adds its subcommands (in this order in
-# --help). The modules import the library inside their commands, so `--help` stays fast.
+# The command table: one module per command, named for it; each module's `register(subparsers)`
+# adds its subcommand (in this order in --help). The modules import the library inside their
+# commands, so `--help` stays fast.
 COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     train.register,
     eval_cmd.register,
     demo.register,
-    analysis.register,
+    train_lm.register,
+    sweep.register,
+    plot.register,
+    browse.register,
     autointerp.register,
-    interop.register,
-    cache.register,
-    compat.register,
+    export.register,
+    push.register,
+    train_mlp.register,
+    cache_acts.register,
+    cache_teacher.register,
+    train_cached.register,
+    convert.register,
 )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; `argv` None: this process's own command line. Then SIGINT and SIGTERM
     end the command with one line and exit 130 / 143 wherever they arrive (a training saves
-    first, see `training.resume.StopOnSignal`), and signals after the first, or after the
+    first, see `training.loop.StopOnSignal`), and signals after the first, or after the
     command ended (e.g. a second Ctrl-C during shutdown), are ignored (`e2e_sae.interrupts`)."""
     if argv is None:
         interrupt_on_signals()

@@ -60,10 +60,12 @@ from tqdm.auto import tqdm
 from e2e_sae.config import Config, DatasetConfig
 from e2e_sae.data import eval_batches
 from e2e_sae.errors import UserError
-from e2e_sae.lm.checkpoint import atomic_save_tensors, atomic_write_bytes
-from e2e_sae.lm.splice import SAETransformer, hook_layer, load_run, sae_key
+from e2e_sae.lm.sites import hook_layer
+from e2e_sae.lm.splice import SAETransformer
 from e2e_sae.objective.forward import StepPlan, make_plan, run_forward, with_runner
 from e2e_sae.objective.losses import LossTerm, build_loss_terms, compute_losses, kl_clean_to_new
+from e2e_sae.runs.checkpoint import atomic_save_tensors, atomic_write_bytes
+from e2e_sae.saes import sae_key
 
 LN_EPS = 1e-5
 L2_RATIO_MIN_NORM = 1e-4  # SAEBench's: below it, l2_ratio divides by 1 instead of ||x||
@@ -339,8 +341,7 @@ def evaluate(
         for k, v in batch.items():
             sums[k] = sums.get(k, 0.0) + v
         for pos, acts in inputs.sae_acts.items():
-            target = inputs.orig_acts[pos] if pos in plan.transcoder_targets else acts.input
-            stats[pos].update(target, acts.c, acts.output)
+            stats[pos].update(inputs.target(pos), acts.c, acts.output)
         for h in later:
             down[h].update(inputs.orig_acts[h], inputs.new_acts[h])
         n, n_tok, n_pred = n + 1, n_tok + bt, n_pred + bp
@@ -424,13 +425,18 @@ def evaluate_run(
     device: str | None = None,
     progress: bool = False,
 ) -> EvalResult:
-    """Load a run directory (or take a model from `load_run`) and evaluate all its SAEs together.
+    """Load a run directory (or take a model from `SAETransformer.from_local_path`) and evaluate
+    all its SAEs together.
 
     `n_tokens` defaults to the run's `eval_n_samples` (else 50) windows; it is rounded up to whole
     batches. Batches come from the eval data in the order training's evaluation uses (seed + 42).
     """
 
-    model = run_dir if isinstance(run_dir, SAETransformer) else load_run(run_dir, device=device)
+    model = (
+        run_dir
+        if isinstance(run_dir, SAETransformer)
+        else SAETransformer.from_local_path(run_dir, device=device)
+    )
     config = model.run_config
     if config is None:
         raise UserError("eval: the model has no run config (load it with from_local_path)")

@@ -19,11 +19,9 @@ import torch
 from e2e_sae.config import Config
 from e2e_sae.data.tokenizer import is_gguf_model_name
 from e2e_sae.errors import ConfigError, UserError
-from e2e_sae.lm.bridge import resolve_backend
 from e2e_sae.lm.gguf import smollm2_config
-from e2e_sae.lm.load import _CFG_KEYS
-from e2e_sae.lm.sources import MODEL_CONFIG, builtin_model_dir
-from e2e_sae.lm.splice import filter_names, resolve_sites
+from e2e_sae.lm.load import _CFG_KEYS, MODEL_CONFIG, builtin_model_dir, resolve_backend
+from e2e_sae.lm.sites import filter_names, resolve_sites
 
 
 def model_config(config: Config) -> Any:

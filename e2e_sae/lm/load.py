@@ -1,4 +1,5 @@
-"""Where the frozen LM comes from: a hub name, a GGUF (SmolLM2), a local checkpoint, or a config.
+"""Where the frozen LM comes from (a hub name, a GGUF (SmolLM2), a local checkpoint, or a config)
+and what runs it (`resolve_backend`).
 
 `load_tlens_model` gives HookedTransformers; `load_lm` also gives TransformerBridges around any
 Hugging Face causal LM (`hf_model_name`, `backend: bridge`; see `e2e_sae.lm.bridge`).
@@ -11,37 +12,36 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import Tensor
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from e2e_sae.compat.original import (
-    CONFIG_FILE,
-    OPTIONAL_LM_BUFFERS,
-    original_lm_fields,
-    original_lm_file,
-    read_pt_state_dict,
-)
 from e2e_sae.data.tokenizer import is_gguf_model_name, load_tokenizer
-from e2e_sae.errors import ConfigError, UserError
-from e2e_sae.lm.bridge import is_local_folder, load_bridge, resolve_backend
+from e2e_sae.errors import ConfigError, UserError, first_line
+from e2e_sae.lm.bridge import OFFLINE_MODELS_HINT, is_local_folder, load_bridge
 from e2e_sae.lm.gguf import GGUF_MODELS
-from e2e_sae.lm.sources import (
-    MODEL_CONFIG,
-    MODEL_WEIGHTS,
-    OFFLINE_MODELS_HINT,
-    builtin_model_dir,
-    first_line,
-)
 from e2e_sae.resources import check_memory
+from e2e_sae.runs.original import CONFIG_FILE, read_original_lm
 
 if TYPE_CHECKING:
     from e2e_sae.config import Config
     from e2e_sae.lm.runner import LM
 
 logger = logging.getLogger(__name__)
+
+MODEL_WEIGHTS = "model.safetensors"
+MODEL_CONFIG = "tlens_config.json"
+"""The files of a saved model folder (`save_tlens_model`, `e2e-sae train-lm`)."""
+Backend = Literal["hooked", "bridge"]
+
+
+def builtin_model_dir(name: str) -> Path | None:
+    """Folder of a model shipped with the package (e.g. `shakespeare-lm`), if any."""
+    folder = Path(__file__).resolve().parent.parent / "assets" / "models" / name
+    return folder if (folder / MODEL_CONFIG).exists() else None
 
 
 def build_random_model(
@@ -131,20 +131,19 @@ def _serialisable_cfg(cfg: HookedTransformerConfig) -> dict[str, Any]:
 def load_original_lm(path: str | os.PathLike[str], device: str | None = None) -> HookedTransformer:
     """A HookedTransformer from the original's `epoch_<N>.pt` (or a folder of them). Offline: the
     `tokenizer_name` of its config is recorded on `cfg` but not loaded."""
-    pt = original_lm_file(path)
-    assert pt is not None, path
-    if not pt.is_file():
-        raise UserError(f"tlens_model_path: file not found: {pt}")
-    fields = original_lm_fields(pt)
-    fields["init_weights"] = False  # every weight is overwritten below
+    found = read_original_lm(path)
+    if found is None:
+        raise UserError(f"tlens_model_path: {path} is not an original epoch_<N>.pt")
+    return _original_lm(*found, device=device)
+
+
+def _original_lm(
+    pt: Path, fields: dict[str, Any], state: dict[str, Tensor], device: str | None
+) -> HookedTransformer:
     try:
-        model = build_random_model(fields, device=device)
+        model = build_random_model({**fields, "init_weights": False}, device=device)
     except ConfigError as err:
         raise ConfigError(f"{pt.parent / CONFIG_FILE}: {err}") from None
-    state = read_pt_state_dict(pt, "tlens_model_path")
-    # derived buffers (causal mask, ...): TransformerLens versions store them differently (TL 3
-    # keeps an empty mask and builds it on use), so the model's own are kept
-    state = {k: v for k, v in state.items() if k.rsplit(".", 1)[-1] not in OPTIONAL_LM_BUFFERS}
     own = model.state_dict()
     params = dict(model.named_parameters())
     problem = next((f"lacks '{k}'" for k in params if k not in state), None)
@@ -169,8 +168,9 @@ def load_tlens_model_from_path(
     """Load a model saved by `save_tlens_model` (a folder, or its model.safetensors file), or one
     of the original e2e_sae's `epoch_<N>.pt` files (with its `final_config.yaml` beside it)."""
     path = Path(path).expanduser()
-    if original_lm_file(path) is not None and not (path / MODEL_CONFIG).exists():
-        return load_original_lm(path, device=device)
+    original = None if (path / MODEL_CONFIG).exists() else read_original_lm(path)
+    if original is not None:
+        return _original_lm(*original, device=device)
     folder = path.parent if path.is_file() else path
     weights = path if path.is_file() else folder / MODEL_WEIGHTS
     if not weights.exists() or not (folder / MODEL_CONFIG).exists():
@@ -259,6 +259,11 @@ def load_lm(config: Config, device: str | None = None) -> LM:
     name, field = model_name_field(config)
     if resolve_backend(config) == "bridge":
         assert name is not None  # the config validator refuses bridge without an HF model
+        if builtin_model_dir(name) is not None:
+            raise UserError(
+                f"backend: bridge cannot run '{name}' (a HookedTransformer shipped with e2e_sae, "
+                "not a Hugging Face model); use backend: hooked or auto"
+            )
         return load_bridge(name, field, device, config.device_map, config.n_devices)
     if config.hf_model_name is not None:
         if is_local_folder(config.hf_model_name):
@@ -275,6 +280,37 @@ def load_lm(config: Config, device: str | None = None) -> LM:
         device=device,
         n_devices=config.n_devices,
     )
+
+
+def hooked_supports(name: str) -> bool:
+    """Whether HookedTransformer.from_pretrained knows this hub name (TransformerLens' own list
+    of official names and aliases; no network)."""
+    from transformer_lens.loading_from_pretrained import get_official_model_name
+
+    try:
+        get_official_model_name(name)
+    except ValueError:
+        return False
+    return True
+
+
+def resolve_backend(config: Config) -> Backend:
+    """What runs the config's LM. `auto`: hooked for tlens_config / tlens_model_path / built-in
+    and GGUF names / names HookedTransformer supports; bridge for any other Hugging Face model,
+    and whenever `device_map` is set (HookedTransformer has none)."""
+    if config.backend != "auto":
+        return config.backend
+    if config.tlens_config is not None or config.tlens_model_path is not None:
+        return "hooked"
+    name = config.hf_model_name or config.tlens_model_name
+    assert name is not None
+    if config.device_map is not None:
+        return "bridge"
+    if is_gguf_model_name(name) or builtin_model_dir(name) is not None:
+        return "hooked"
+    if is_local_folder(name):
+        return "bridge"
+    return "hooked" if hooked_supports(name) else "bridge"
 
 
 def model_name_field(config: Config) -> tuple[str | None, str]:

@@ -12,7 +12,15 @@ from typing import Any, Literal
 
 from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, model_validator
 
-from e2e_sae.config import LossConfigs, PathComponent, Seed, StrList, _Frozen
+from e2e_sae.config import (
+    Count,
+    LossConfigs,
+    OptimizerConfig,
+    PathComponent,
+    Seed,
+    StrList,
+    _Frozen,
+)
 
 
 class MLPTrainConfig(_Frozen):
@@ -25,8 +33,9 @@ class MLPTrainConfig(_Frozen):
     weight_decay: NonNegativeFloat = 0.0
 
 
-class MLPSAERunConfig(_Frozen):
-    """One set of SAEs (all trained together, spliced in together when end-to-end)."""
+class MLPSAERunConfig(OptimizerConfig):
+    """One set of SAEs (all trained together, spliced in together when end-to-end), stepped as
+    every trainer here (`OptimizerConfig`; constant lr by default)."""
 
     name: PathComponent
     """Names its files (`sae_<name>.safetensors`): one file name, no '/'."""
@@ -38,7 +47,8 @@ class MLPSAERunConfig(_Frozen):
     architecture_kwargs: dict[str, Any] = Field(default_factory=dict)
     loss: LossConfigs
     lr: PositiveFloat = 1e-3
-    batch_size: PositiveInt = 64
+    batch_size: Count = 64
+    lr_schedule: Literal["linear", "cosine", "constant"] = "constant"
     n_epochs: PositiveInt = 40
 
 

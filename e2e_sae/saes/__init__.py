@@ -5,7 +5,7 @@ skip_transcoder, matryoshka.
 """
 
 from e2e_sae.saes import relu as _relu  # noqa: F401  (registers "relu")
-from e2e_sae.saes.base import CacheActs, SAEActs, SAEBase
+from e2e_sae.saes.base import CacheActs, SAEActs, SAEBase, SAEDict, sae_key
 from e2e_sae.saes.batchtopk import BatchTopKSAE
 from e2e_sae.saes.gated import GatedSAE
 from e2e_sae.saes.jumprelu import JumpReLUSAE
@@ -25,8 +25,10 @@ __all__ = [
     "MatryoshkaSAE",
     "SAEActs",
     "SAEBase",
+    "SAEDict",
     "SkipTranscoder",
     "TopKSAE",
     "build_sae",
     "register_architecture",
+    "sae_key",
 ]

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from e2e_sae.errors import UserError
-from e2e_sae.lm.checkpoint import CONFIG_FILE
+from e2e_sae.runs.checkpoint import CONFIG_FILE
 from e2e_sae.training.resume import resume_points
 
 WRITE_FAULTS = {

@@ -53,9 +53,9 @@ from e2e_sae.config import (
 from e2e_sae.errors import ConfigError, UserError
 from e2e_sae.eval.evaluate import EVAL_JSON, EvalResult, read_eval, write_eval
 from e2e_sae.lm.dry_run import check_hooks, hook_names
+from e2e_sae.runs.wandb import load_dotenv_file
 from e2e_sae.training.runlog import read_metrics
 from e2e_sae.training.trainer import train
-from e2e_sae.wandb_utils import load_dotenv_file
 
 logger = logging.getLogger(__name__)
 

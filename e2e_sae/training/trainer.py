@@ -1,4 +1,5 @@
-"""`train`: set up a config's LM and SAEs (`setup`), check its inputs, open (or resume) its run
+"""`train`: set up a config's LM and SAEs (`setup`: the LM, the SAEs' init options and pretrained
+weights, the step plan, loss terms and optimizer), check its inputs, open (or resume) its run
 directory, and hand the run to the loop (`e2e_sae.training`)."""
 
 from __future__ import annotations
@@ -26,31 +27,38 @@ from e2e_sae.data import create_data_loader, data_errors, eval_batches
 from e2e_sae.errors import UserError
 from e2e_sae.eval.evaluate import EvalResult, evaluate
 from e2e_sae.interop.pretrained import load_pretrained_saes
-from e2e_sae.lm.checkpoint import CONFIG_FILE
-from e2e_sae.lm.splice import SAETransformer, build_model, check_vocab, filter_names
+from e2e_sae.lm.runner import check_vocab
+from e2e_sae.lm.splice import SAETransformer
 from e2e_sae.objective.forward import StepPlan, make_plan
 from e2e_sae.objective.losses import build_loss_terms
 from e2e_sae.resources import check_memory
-from e2e_sae.training.distributed import SINGLE, Dist, broadcast_state, init_distributed, shutdown
-from e2e_sae.training.engine import Engine, TrainState, make_optimizer
+from e2e_sae.runs.checkpoint import CONFIG_FILE, write_config
+from e2e_sae.runs.lock import RunLock
+from e2e_sae.saes.init import Center, center, init_decoder_bias_, tie_encoder_
+from e2e_sae.training.distributed import (
+    SINGLE,
+    Dist,
+    broadcast_state,
+    broadcast_str,
+    init_distributed,
+    on_main,
+    shutdown,
+)
+from e2e_sae.training.engine import Engine, Resampling, TrainState, make_optimizer, n_grad_steps
 from e2e_sae.training.faults import write_faults
 from e2e_sae.training.feeds import CacheFeed, LMFeed
-from e2e_sae.training.init import initialize_saes
+from e2e_sae.training.find_run import Resume, find_resume
 from e2e_sae.training.loop import Run, run_loop
-from e2e_sae.training.resume import (
-    Resume,
-    RunLock,
-    find_resume,
-    on_main,
-    prepare_run_dir,
-    restore_point,
-)
+from e2e_sae.training.resume import restore_point
 from e2e_sae.training.runlog import RunLogger
 
 logger = logging.getLogger(__name__)
 
 
-def set_seed(seed: int) -> None:
+def set_seed(seed: int | None) -> None:
+    """Seed Python's, NumPy's and torch's generators (nothing when `seed` is None)."""
+    if seed is None:
+        return
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -127,7 +135,7 @@ def create_locked_run_dir(config: Config, run_dir: Path | None = None) -> tuple[
 
 
 @dataclass(kw_only=True)
-class Trainer(Engine):
+class Trainer(Engine[Config]):
     """An engine over the SAEs of an `SAETransformer`, whose LM evaluates them and, with the
     default `LMFeed`, computes their training activations (`fed_from_cache`: stored ones)."""
 
@@ -183,7 +191,7 @@ class Trainer(Engine):
         if cfg.eval_data is not None and cfg.eval_n_samples:
             with data_errors("eval_data"):
                 first = next(self.eval_batches()[0])
-            check_vocab(self.model, first, "eval_data")
+            check_vocab(self.model.lm, first, "eval_data")
 
 
 def open_teacher_cache(config: Config) -> Any:
@@ -197,8 +205,7 @@ def setup(
 ) -> Trainer:
     """Load the LM, build the SAEs, and prepare optimizer and schedule (no files written)."""
     set_seed(config.seed)
-    model = build_model(config, device=device)
-    check_in_to_orig(model, config)
+    model = SAETransformer.from_config(config, device=device)
     if config.n_samples is not None and config.n_samples < (
         global_batch := (config.effective_batch_size or config.batch_size) * dist.world_size
     ):
@@ -211,7 +218,7 @@ def setup(
         sample = None
         if s.init_b_dec != "zeros":  # a small data sample: the first training batch
             sample = next(create_data_loader(config.train_data, config.batch_size, config.seed))
-            check_vocab(model, sample, "train_data")
+            check_vocab(model.lm, sample, "train_data")
         initialize_saes(model, sample, tied=s.tied_init, b_dec=s.init_b_dec)
     frozen: set[str] = set()
     if config.saes.pretrained_sae_paths:
@@ -236,9 +243,16 @@ def setup(
     if config.teacher_cache is not None:
         plan = dataclasses.replace(plan, teacher=open_teacher_cache(config))
     loss_terms = build_loss_terms(config.loss, plan.new_cache, config.kl_chunk_tokens)
-    optimizer, scheduler = make_optimizer(config, model.saes, dist.world_size)
+    steps = n_grad_steps(config, dist.world_size)
+    optimizer, scheduler = make_optimizer(config, model.saes, steps, dist.world_size)
     dev = next(model.saes.parameters()).device
     eval_plan = make_plan(model, config.loss, force_full_pass=True)
+    every = config.saes.resample_every_n_samples
+    resampling = None
+    if every is not None:
+        resampling = Resampling(
+            every, config.n_samples or 0, config.act_frequency_n_tokens, config.seed
+        )
     return Trainer(
         config,
         model.saes,
@@ -248,6 +262,8 @@ def setup(
         scheduler,
         dev,
         dist=dist,
+        precision=config.precision,
+        resampling=resampling,
         model=model,
         plan=plan,
         eval_plan=eval_plan,
@@ -255,24 +271,26 @@ def setup(
     )
 
 
-def check_in_to_orig(model: SAETransformer, config: Config) -> None:
-    """`in_to_orig` hooks must run after the first SAE's output: before it (or at it) the spliced
-    run equals the clean one, and the term would be 0 at every step."""
-    term = config.loss.in_to_orig
-    if term is None:
+@torch.no_grad()
+def initialize_saes(
+    model: SAETransformer, tokens: Tensor | None, *, tied: bool, b_dec: Center
+) -> None:
+    """Apply the init options to every SAE of `model`; `tokens` [batch, pos] is the data sample
+    (needed unless b_dec is "zeros"). Tying happens first, so the bias shift uses the tied W_enc."""
+    if tied:
+        for pos in model.sae_positions:
+            tie_encoder_(model.sae(pos), pos)
+    if b_dec == "zeros":
         return
-
-    field = "loss.in_to_orig.hook_positions"
-    hooks = filter_names(model.all_hook_names, term.hook_positions, field)
-    outputs = [model.sites[p].output_hook for p in model.sae_positions]
-    order = list(model.hook_shapes([*outputs, *hooks]))  # in the order the forward pass runs
-    first = min(outputs, key=order.index)
-    early = [h for h in hooks if order.index(h) <= order.index(first)]
-    if early:
-        raise UserError(
-            f"{field}: '{early[0]}' is not after the first SAE ('{first}'), where the "
-            "spliced run equals the clean run (the term would be 0)"
-        )
+    if tokens is None:
+        raise ValueError("initialize_saes: init_b_dec needs a data sample")
+    hooks = sorted({h for s in model.sites.values() for h in s.hooks})
+    device = next(model.saes.parameters()).device
+    _, acts = model.forward_raw(tokens.to(device), run_entire_model=False, cache_positions=hooks)
+    for pos, site in model.sites.items():
+        out_c = center(acts[site.output_hook], b_dec)
+        in_c = center(acts[site.input_hook], b_dec) if site.is_transcoder else out_c
+        init_decoder_bias_(model.sae(pos), out_c, in_c)
 
 
 def train(
@@ -296,7 +314,7 @@ def train(
         with data_errors("train_data"):
             batches = t.batches(config.train_data, config.seed, start=state.batches, shard=True)
             first = next(batches)
-        check_vocab(t.model, first, "train_data")
+        check_vocab(t.model.lm, first, "train_data")
         t.check_eval_data()
         dirs = [found.run_dir] if found is not None else [run_dir] if run_dir is not None else []
         with write_faults(dirs, RESUME_COMMAND):
@@ -347,7 +365,11 @@ def open_run(
             run_dir = made[0]
             locks.append(made[1])
     try:
-        run_dir = prepare_run_dir(t.config, run_dir, found, d)
+        if d.is_main:
+            assert run_dir is not None
+            write_config(run_dir, t.config)
+            if found is not None:
+                found.tidy()
     except OSError as err:
         if not new or run_dir is None:
             raise  # (a resumed run or a given folder: `write_faults` says what happened)
@@ -356,6 +378,9 @@ def open_run(
             f"save_dir: cannot write the run's {CONFIG_FILE} into {run_dir.parent} "
             f"({err.strerror}); no run directory was left"
         ) from None
+    path = broadcast_str(str(run_dir) if run_dir is not None else None, d)  # for every rank
+    assert path is not None
+    run_dir = Path(path)
     return Run(t, state, run_dir, RunLogger(run_dir, t.config, enabled=d.is_main), on_eval)
 
 

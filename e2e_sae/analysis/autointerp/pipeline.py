@@ -52,7 +52,7 @@ from e2e_sae.eval.evaluate import (
     eval_request,
     read_eval,
 )
-from e2e_sae.lm.splice import SAETransformer, load_run
+from e2e_sae.lm.splice import SAETransformer
 from e2e_sae.training.runlog import read_metrics
 
 logger = logging.getLogger(__name__)
@@ -125,7 +125,7 @@ def run_autointerp(
     scorer = scorer or explainer
     run_dir = Path(run)
     folder = Path(out) if out is not None else store.default_folder(run_dir)
-    model = load_run(run_dir, device=device)
+    model = SAETransformer.from_local_path(run_dir, device=device)
     config = model.run_config
     if config is None:
         raise UserError(f"{run_dir}: no run config (not a run directory?)")
