@@ -8,7 +8,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from e2e_sae.cli import analysis, cache, compat, demo, interop, train
+from e2e_sae.cli import analysis, cache, compat, demo, interop, paper, train
 from e2e_sae.cli import eval as eval_cmd
 from e2e_sae.errors import TrainingInterrupted, UserError
 from e2e_sae.version import __version__
@@ -39,6 +39,7 @@ COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     eval_cmd.register,
     demo.register,
     analysis.register,
+    paper.register,
     interop.register,
     cache.register,
     compat.register,
