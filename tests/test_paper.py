@@ -597,3 +597,21 @@ def test_paper_sae_from_the_saelens_registry(tmp_path: Path, monkeypatch) -> Non
     x = torch.randn(4, d_in, generator=g)
     want = torch.relu(x @ tensors["W_enc"] + tensors["b_enc"]) @ w_dec + tensors["b_dec"]
     assert_close_scaled(model.sae(s.position)(x)[0].detach(), want, 1e-5)
+
+
+def test_umap_is_optional(fake_runs: list[RunInfo], tmp_path: Path, monkeypatch) -> None:
+    """Without umap-learn (an extra): asking for the UMAP is a one-line error naming the extra;
+    the default leaves it out, and paper-figures says so on its index page."""
+    from e2e_sae.analysis.paper import PaperContext, geometry_section
+    from e2e_sae.errors import UserError
+
+    monkeypatch.setattr(geo, "umap_available", lambda: False)
+    with pytest.raises(UserError, match=r"e2e-sae\[umap\]"):
+        geo.write_geometry(fake_runs, tmp_path / "a", umap=True)
+    paths = geo.write_geometry(fake_runs, tmp_path / "b")
+    assert paths and not any("umap" in p.name for p in paths)
+    monkeypatch.setattr("e2e_sae.analysis.paper.umap_available", lambda: False)
+    ctx = PaperContext(fake_runs, tmp_path / "c")
+    (tmp_path / "c").mkdir()
+    geometry_section(ctx)
+    assert ctx.notes and "umap-learn" in ctx.notes[0]

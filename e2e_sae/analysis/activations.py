@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -489,6 +490,7 @@ def directions_figure(report: ActivationReport) -> Figure:
         ax_e.legend(fontsize=7, frameon=False)
         for ax in (ax_s, ax_e):
             ax.grid(alpha=0.3)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     return fig
 
@@ -517,6 +519,7 @@ def resample_figure(report: ActivationReport) -> Figure:
         ax.set_xlabel("principal direction resample-ablated (0 = largest variance)")
         ax.set_ylabel("KL(unablated ‖ ablated) (nats/token)")
         ax.set_ylim(bottom=0)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(f"{short_position(pos)}: sensitivity to each direction", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, frameon=False)

@@ -235,6 +235,19 @@ class Embedding:
     """[n_points]: latent index within its dictionary."""
 
 
+UMAP_MISSING = (
+    "UMAP needs the umap-learn package: pip install 'e2e-sae[umap]' (make install has it), "
+    "or pass --no-umap"
+)
+
+
+def umap_available() -> bool:
+    """Whether umap-learn is installed (an optional extra, `e2e-sae[umap]`)."""
+    import importlib.util
+
+    return importlib.util.find_spec("umap") is not None
+
+
 def umap_embedding(
     dictionaries: Sequence[Dictionary],
     *,
@@ -245,6 +258,8 @@ def umap_embedding(
 ) -> Embedding:
     """UMAP (umap-learn, cosine metric) of the alive elements of `dictionaries` (one position),
     fitted jointly. `max_per_run` samples that many elements of a larger dictionary (seeded)."""
+    if not umap_available():
+        raise UserError(UMAP_MISSING)
     import umap  # umap-learn; numba compiles its kernels on first use (tens of seconds)
 
     if not dictionaries:
@@ -453,7 +468,7 @@ def pairs_figure(runs: Sequence[RunInfo], comps: Sequence[Comparison]) -> Figure
     for k, pos in enumerate(positions):
         at = sorted(
             (r for r in runs if pos in r.positions),
-            key=lambda r: (TYPE_ORDER.index(r.sae_type), r.sae(pos)["l0"], r.config.seed),
+            key=lambda r: (TYPE_ORDER.index(r.sae_type), r.sparsity_label, r.config.seed),
         )
         dicts = {r.run_dir: alive_dictionary(r, pos) for r in at}
         m = np.full((len(at), len(at)), np.nan)
@@ -613,15 +628,20 @@ def write_geometry(
     runs: Sequence[RunInfo],
     out_dir: str | Path,
     *,
-    umap: bool = True,
+    umap: bool | None = None,
     seed: int = 0,
     max_per_run: int | None = 5000,
 ) -> list[Path]:
     """Every geometry figure and table of `runs` into `out_dir`: dictionary_geometry (summary),
-    geometry_within_dictionary, geometry_all_pairs, geometry_umap_<position> (with `umap`),
-    geometry.md and geometry.json. Returns the files written."""
+    geometry_within_dictionary, geometry_all_pairs, geometry_umap_<position> (`umap`: True, or
+    None = when umap-learn is installed), geometry.md and geometry.json. Returns the files
+    written."""
     import json
 
+    if umap is None:
+        umap = umap_available()
+    elif umap and not umap_available():
+        raise UserError(UMAP_MISSING)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     comps = geometry_comparisons(runs)

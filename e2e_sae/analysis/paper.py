@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from e2e_sae.analysis.activations import activation_analysis, write_activations
-from e2e_sae.analysis.geometry import run_labels, write_geometry
+from e2e_sae.analysis.geometry import UMAP_MISSING, run_labels, umap_available, write_geometry
 from e2e_sae.analysis.matched import matched_tables, md_table
 from e2e_sae.analysis.plots import (
     RunInfo,
@@ -47,7 +47,8 @@ class PaperContext:
     n_tokens: int = 8192
     """Eval tokens for the activation analysis."""
     n_directions: int = 16
-    umap: bool = True
+    umap: bool | None = None
+    """UMAP figures: True, False, or None = when umap-learn is installed."""
     seed: int = 0
     device: str | None = None
     progress: bool = False
@@ -161,8 +162,10 @@ def geometry_section(ctx: PaperContext) -> list[Artifact]:
     for p in paths:
         if p.stem.startswith("geometry_umap_"):
             captions[p.stem] = f"UMAP of the alive dictionary elements at {p.stem[14:]}, by run"
-    if not ctx.umap:
+    if ctx.umap is False:
         ctx.notes.append("UMAP skipped (--no-umap).")
+    elif ctx.umap is None and not umap_available():
+        ctx.notes.append(f"UMAP skipped: {UMAP_MISSING}.")
     return [a for a in _files(paths, captions) if a.path.suffix != ".json"]
 
 
@@ -251,7 +254,7 @@ def paper_figures(
     sections: Sequence[tuple[str, Section]] | None = None,
     n_tokens: int = 8192,
     n_directions: int = 16,
-    umap: bool = True,
+    umap: bool | None = None,
     seed: int = 0,
     device: str | None = None,
     progress: bool = False,

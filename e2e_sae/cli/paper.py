@@ -105,7 +105,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     _common(f, tokens=True)
     f.add_argument(
-        "--umap", action=argparse.BooleanOptionalAction, default=True, help="UMAP figures"
+        "--umap",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="UMAP figures (default: when umap-learn is installed)",
     )
     f.set_defaults(func=cmd_paper_figures)
 
@@ -114,7 +117,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     _common(g, tokens=False)
     g.add_argument(
-        "--umap", action=argparse.BooleanOptionalAction, default=True, help="UMAP figures"
+        "--umap",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="UMAP figures (default: when umap-learn is installed)",
     )
     g.set_defaults(func=cmd_geometry)
 
