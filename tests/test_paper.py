@@ -615,3 +615,36 @@ def test_umap_is_optional(fake_runs: list[RunInfo], tmp_path: Path, monkeypatch)
     (tmp_path / "c").mkdir()
     geometry_section(ctx)
     assert ctx.notes and "umap-learn" in ctx.notes[0]
+
+
+def _experiment() -> Any:
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "experiments" / "paper_analyses" / "run.py"
+    spec = importlib.util.spec_from_file_location("paper_analyses_run", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_paper_experiment_plans_matched_runs_with_different_seeds() -> None:
+    mod = _experiment()
+    cfgs = mod.configs(quick=False)
+    assert list(cfgs) == ["local_s0", "local_s1", "e2e_s0", "e2e_s1", "e2e_ds_s2"]
+    kinds = {
+        n: (c.loss.logits_kl is not None, c.loss.in_to_orig is not None) for n, c in cfgs.items()
+    }
+    assert kinds["local_s0"] == (False, False) and kinds["e2e_s1"] == (True, False)
+    assert kinds["e2e_ds_s2"] == (True, True)
+    assert {c.saes.sae_positions[0] for c in cfgs.values()} == {mod.POSITION}
+    assert len({c.n_samples for c in cfgs.values()}) == 1  # one budget for all
+
+
+@pytest.mark.slow
+def test_paper_experiment_quick_mode_end_to_end(tmp_path: Path) -> None:
+    mod = _experiment()
+    assert mod.main(["--quick", "--out", str(tmp_path)]) == 0
+    index = (tmp_path / "results" / "index.md").read_text()
+    assert "resample_ablation_kl.png" in index and "geometry_all_pairs.png" in index
+    assert json.loads((tmp_path / "results" / "timing.json").read_text())["total_wall_s"] > 0
