@@ -526,8 +526,8 @@ def test_write_paper_run_downloads_the_pair_and_writes_a_run(hub, tmp_path: Path
     infos = load_runs([out])
     report = act.activation_analysis(infos, n_tokens=32, n_directions=2)
     assert len(report.runs) == 1 and len(report.clean_kl[pos]) == 2
-    # from_pretrained builds the same model without writing a run directory
-    direct = SAETransformer.from_pretrained("e2e_similar_ce_layer_2")
+    # load_paper_sae builds the same model without writing a run directory
+    direct = pre.load_paper_sae("e2e_similar_ce_layer_2")
     assert direct.run_config is not None and direct.sae_positions == [pos]
     assert_close_scaled(direct.sae(pos)(x)[0].detach(), want, 1e-5)
     assert main(["pretrained", "e2e_similar_ce_layer_2", "--out", str(out)]) == 2  # not empty
@@ -592,7 +592,7 @@ def test_paper_sae_from_the_saelens_registry(tmp_path: Path, monkeypatch) -> Non
     tiny = HookedTransformer(HookedTransformerConfig(**{**TINY_TLENS, "n_layers": 3}))
     monkeypatch.setattr(hub_mod, "snapshot_download", fake_snapshot)
     monkeypatch.setattr(pre, "load_pretrained", lambda name, device=None: tiny)
-    model = SAETransformer.from_pretrained("local_similar_ce_layer_2", source="saelens")
+    model = pre.load_paper_sae("local_similar_ce_layer_2", source="saelens")
     assert asked[0]["repo_id"] == repo and asked[0]["allow_patterns"] == [f"{folder}/*"]
     x = torch.randn(4, d_in, generator=g)
     want = torch.relu(x @ tensors["W_enc"] + tensors["b_enc"]) @ w_dec + tensors["b_dec"]

@@ -279,7 +279,8 @@ def load_paper_sae(
     device: str | None = None,
     revision: str | None = None,
 ) -> SAETransformer:
-    """A paper SAE spliced into GPT-2 small, by name (see `paper_sae`).
+    """A paper SAE spliced into GPT-2 small, by name (see `paper_sae`): an `SAETransformer`
+    in eval mode, as `SAETransformer.from_local_path` returns for a run.
 
     `source="hf"`: the `.pt` + `.yaml` pair from `PAPER_HF_REPO` (the model gets the run's
     config, so evaluation uses its data); `source="saelens"`: the same SAE's SAELens folder from

@@ -575,18 +575,6 @@ class SAETransformer(nn.Module):
         model = saelens_transformer(tlens_model, paths, device=device, allow_inexact=allow_inexact)
         return model.eval()
 
-    @classmethod
-    def from_pretrained(
-        cls, name: str, source: str = "hf", device: str | None = None
-    ) -> SAETransformer:
-        """One of the paper's GPT-2 small SAEs by name (`e2e_similar_ce_layer_6`, ...; listed by
-        `e2e-sae pretrained`) from the Hugging Face Hub (`source="hf"`, with its run config) or
-        SAELens' registry (`"saelens"`); see `e2e_sae.interop.pretrained`."""
-        # the contract's second upward import (pyproject.toml): interop builds SAETransformers
-        from e2e_sae.interop.pretrained import load_paper_sae  # keep lazy
-
-        return load_paper_sae(name, source=source, device=device)
-
 
 # The hook functions below key what they store by the name they were registered under (a bridge
 # calls them with its canonical hook point, not the alias asked for) and keep everything on the
