@@ -399,13 +399,22 @@ def _line_styles(runs: Sequence[RunInfo]) -> dict[Path, dict[str, Any]]:
     return out
 
 
+# Legends right of the panel (saved with bbox_inches="tight"), so they never hide a line.
+_OUTSIDE: dict[str, Any] = {
+    "fontsize": 7,
+    "frameon": False,
+    "loc": "upper left",
+    "bbox_to_anchor": (1.01, 1.0),
+}
+
+
 def norms_figure(report: ActivationReport) -> Figure:
     """Per SAE position: mean ||x_hat|| / ||x|| and mean cos(x, x_hat) against the sequence
     position, one line per run."""
     runs = [r.run for r in report.runs]
     labels, styles = run_labels(_unique(runs)), _line_styles(runs)
     positions = _positions(report)
-    fig = Figure(figsize=(10.5, 3.6 * len(positions)))
+    fig = Figure(figsize=(12.0, 3.6 * len(positions)))
     for i, pos in enumerate(positions):
         ax_n = fig.add_subplot(len(positions), 2, 2 * i + 1)
         ax_c = fig.add_subplot(len(positions), 2, 2 * i + 2)
@@ -422,7 +431,7 @@ def norms_figure(report: ActivationReport) -> Figure:
         for ax in (ax_n, ax_c):
             ax.set_xlabel("position in the context window (tokens)")
             ax.grid(alpha=0.3)
-        ax_n.legend(fontsize=7, frameon=False)
+        ax_c.legend(*ax_n.get_legend_handles_labels(), **_OUTSIDE)
     fig.tight_layout()
     return fig
 
@@ -462,7 +471,7 @@ def directions_figure(report: ActivationReport) -> Figure:
     runs = [r.run for r in report.runs]
     labels, styles = run_labels(_unique(runs)), _line_styles(runs)
     positions = _positions(report)
-    fig = Figure(figsize=(7.5 * len(positions), 6.4))
+    fig = Figure(figsize=(8.8 * len(positions), 6.4))
     for i, pos in enumerate(positions):
         share = report.variance_share[pos]
         k = np.arange(len(share))
@@ -487,7 +496,7 @@ def directions_figure(report: ActivationReport) -> Figure:
         ax_e.set_ylabel("variance along it explained")
         ax_e.set_xlabel("principal direction (0 = largest variance)")
         ax_e.set_title(f"{short_position(pos)}: reconstructed by each SAE", fontsize=10)
-        ax_e.legend(fontsize=7, frameon=False)
+        ax_e.legend(**_OUTSIDE)
         for ax in (ax_s, ax_e):
             ax.grid(alpha=0.3)
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,7 +80,7 @@ def runs_section(ctx: PaperContext) -> list[Artifact]:
             rows.append(
                 [
                     labels[r.run_dir],
-                    f"`{r.run_dir}`",
+                    f"`{os.path.relpath(r.run_dir, ctx.out)}`",
                     r.sae_type,
                     str(r.config.seed),
                     pos,
@@ -159,9 +160,9 @@ def geometry_section(ctx: PaperContext) -> list[Artifact]:
         "geometry_all_pairs": "Mean max cosine similarity between every two runs",
         "geometry": "Geometry tables: pooled means and every comparison",
     }
-    for p in paths:
-        if p.stem.startswith("geometry_umap_"):
-            captions[p.stem] = f"UMAP of the alive dictionary elements at {p.stem[14:]}, by run"
+    for pos in {p for r in ctx.runs for p in r.positions}:
+        stem = "geometry_umap_" + pos.replace(".", "_")
+        captions[stem] = f"UMAP of the alive dictionary elements at {pos}, coloured by run"
     if ctx.umap is False:
         ctx.notes.append("UMAP skipped (--no-umap).")
     elif ctx.umap is None and not umap_available():

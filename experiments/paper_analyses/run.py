@@ -12,7 +12,9 @@ settings of experiments/pareto/): local and e2e with seeds 0 and 1, e2e+ds with 
 sparsity coefficients chosen from experiments/pareto/ to land near L0 20 (local 6, e2e 1, e2e+ds
 9). Different seeds matter: two SAEs with the same seed start from the same dictionary, so the
 cross-type comparisons use pairs of different seeds. Then it evaluates each run on 16k validation
-tokens and writes every figure and table with an index into results/ (PNG + SVG, Markdown,
+tokens, runs the activation analysis on the first 2,048 of them (16 principal directions; one
+forward pass per direction, run and batch) and writes every figure and table with an index into
+results/ (PNG + SVG, Markdown,
 JSON; no weights), and results.md with the numbers the finding rests on. Run directories go to
 runs/ (gitignored); finished runs are skipped when the script is started again.
 
@@ -116,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="random-weight model, a few samples")
     p.add_argument("--out", type=Path, default=None, help="folder for runs/ and results/")
     p.add_argument("--device", default=None)
-    p.add_argument("--n-tokens", type=int, default=8192, help="tokens of the activation analysis")
+    p.add_argument("--n-tokens", type=int, default=2048, help="tokens of the activation analysis")
     p.add_argument(
         "--only",
         default=None,
