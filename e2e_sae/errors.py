@@ -46,3 +46,17 @@ class TrainingInterrupted(Exception):
     @property
     def exit_code(self) -> int:
         return 128 + self.signum
+
+
+class SignalInterrupt(KeyboardInterrupt):
+    """SIGINT / SIGTERM ending a command at once (outside a training step, or a second signal
+    during one). A KeyboardInterrupt, so that no `except Exception` on the way swallows it; the
+    CLI prints the message (if any) on one line and exits 128 + the signal number."""
+
+    def __init__(self, signum: int, message: str = "") -> None:
+        super().__init__(message)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from conftest import TINY_TLENS, make_config_dict
+from conftest import TINY_TLENS, assert_close_scaled, make_config_dict
 
 from e2e_sae import SAETransformer
 from e2e_sae.caches.activations import ActivationCache, build_for_config, n_cache_batches
@@ -147,7 +147,7 @@ def test_train_cached_equals_lm_training(
             # bit-identical on CPU today (the cache holds the exact fp32 activations the LM run
             # feeds its SAEs, then the same ops); the tolerance leaves room for another matmul
             # kernel on a strided vs a contiguous input
-            assert torch.allclose(got[name], w, rtol=1e-6, atol=1e-8), (point, name)
+            assert_close_scaled(got[name], w, rtol=1e-6, what=f"{point} {name}")
     lm_steps = [r for r in read_metrics(lm_dir) if "loss" in r]
     cached_steps = [r for r in read_metrics(cached_dir) if "loss" in r]
     assert [r["loss"] for r in cached_steps] == pytest.approx(

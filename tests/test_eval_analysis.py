@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from conftest import make_config_dict
+from conftest import TINY_TLENS, make_config_dict
 
 from e2e_sae.analysis.browser import (
     collect_feature_data,
@@ -34,6 +34,7 @@ from e2e_sae.analysis.plots import (
 )
 from e2e_sae.cli import main
 from e2e_sae.config import Config, load_config
+from e2e_sae.errors import ConfigError
 from e2e_sae.eval.evaluate import (
     _SAEStats,
     evaluate,
@@ -87,6 +88,7 @@ command:
 - ${program}
 - e2e_sae/scripts/train_tlens_saes/gpt2_e2e_recon.yaml
 """
+GPT2_DEPTH = {**TINY_TLENS, "n_layers": 12}  # (the hooks GPT-2 sweeps name exist)
 E2E_LOSS = {"sparsity": {"coeff": 0.1}, "logits_kl": {"coeff": 1.0}}
 DS_LOSS = {
     **E2E_LOSS,
@@ -390,6 +392,10 @@ def test_sweep_formats_expand_to_the_same_grid(token_data: Path, tmp_path: Path)
     # The original W&B sweep file: method grid, nested parameters, command naming a config.
     seed_sweep = tmp_path / "gpt2_e2e_recon_sweep.yaml"
     seed_sweep.write_text(WANDB_SWEEP)
+    with pytest.raises(ConfigError, match=r"run 0: .*'blocks.10.hook_resid_pre' matches no hook"):
+        load_sweep(seed_sweep, config=base)  # every run's hooks are checked: 3 layers here
+    deep = {**make_config_dict(token_data, tmp_path / "runs"), "tlens_config": GPT2_DEPTH}
+    base.write_text(yaml.safe_dump(deep))
     wb = load_sweep(seed_sweep, config=base)
     assert wb.wandb_format and len(wb.runs) == 6
     c = wb.runs[-1].config

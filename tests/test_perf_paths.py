@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_TLENS
+from conftest import TINY_TLENS, assert_close_scaled
 from transformer_lens import HookedTransformer
 
 from e2e_sae import SAETransformer, load_config
@@ -274,7 +274,7 @@ def test_cache_training_matches_lm_training(config_dict: Any, tmp_path: Path) ->
         t.train_step(lm_batches, state)
     train_together([cached], cache.batches(cfg.batch_size, seed=None), n_steps=4, progress=False)
     for name, p in t.model.saes.state_dict().items():
-        assert torch.allclose(cached.saes.state_dict()[name], p, rtol=1e-5, atol=1e-7), name
+        assert_close_scaled(cached.saes.state_dict()[name], p, rtol=1e-5, what=name)
     # on disk: raw arrays that load without pickle, plus a JSON description
     meta = json.loads((tmp_path / "acts" / "meta.json").read_text())
     assert meta["hooks"] == TWO_SAES and meta["n_windows"] == 16

@@ -246,7 +246,8 @@ def test_sigterm_and_sigkill_at_random_moments_then_resume(config_dict, tmp_path
 
 
 def test_interrupted_write_leaves_previous_checkpoint(tmp_path: Path, monkeypatch) -> None:
-    """A crash between writing the temp file and renaming it keeps the old file intact."""
+    """A failure between writing the temp file and renaming it keeps the old file intact and
+    removes the temp file (a kill leaves it; `--resume` removes those: `clean_stale_temp_files`)."""
     path = tmp_path / "samples_8.safetensors"
     atomic_save_tensors({"w": torch.ones(3)}, path)
 
@@ -258,7 +259,7 @@ def test_interrupted_write_leaves_previous_checkpoint(tmp_path: Path, monkeypatc
         atomic_save_tensors({"w": torch.zeros(3)}, path)
     monkeypatch.undo()
     assert torch.equal(read_tensors(path)["w"], torch.ones(3))
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # the torn temp file
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp file left
 
 
 # --- numerical faults ----------------------------------------------------------------------------

@@ -43,10 +43,10 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from e2e_sae.data import create_data_loader
+from e2e_sae.data import eval_batches
 from e2e_sae.data.tokenizer import load_tokenizer
 from e2e_sae.errors import UserError
-from e2e_sae.eval.evaluate import eval_dataset
+from e2e_sae.eval.evaluate import check_count, check_finite_weights, eval_dataset, eval_request
 from e2e_sae.lm.splice import SAETransformer, load_run
 
 # Histogram / quantile-sample bins of a feature's nonzero activations: 4 per decade over
@@ -852,12 +852,17 @@ def write_browser(
         raise UserError(f"--page-size: must be >= 1, got {page_size}")
     if ablate < 0:
         raise UserError(f"--ablate: must be >= 0, got {ablate}")
+    if top_k < 1:
+        raise UserError(f"--top-k: must be >= 1, got {top_k}")
+    check_count(batch_size, "--batch-size")
+    check_count(n_tokens, "--n-tokens")
     if out.suffix.lower() not in (".html", ".htm"):
         check_out_folder(out)  # before the scan
     model = run if isinstance(run, SAETransformer) else load_run(run, device=device)
     config = model.run_config
     if config is None:
         raise UserError("browse: the model has no run config (load it with from_local_path)")
+    check_finite_weights(model.saes, run if not isinstance(run, SAETransformer) else "model")
     if position is None:
         if len(model.sae_positions) != 1:
             raise UserError(f"--sae: the run has several SAEs ({', '.join(model.sae_positions)})")
@@ -876,9 +881,10 @@ def write_browser(
         else config.train_data
     )
     bs = batch_size or config.batch_size
+    asked = eval_request(config, n_tokens)
     n_tokens = n_tokens or (config.eval_n_samples or 50) * ds.n_ctx  # as evaluate_run
     n_batches = max(1, math.ceil(n_tokens / (bs * ds.n_ctx)))
-    batches = create_data_loader(ds, bs, config.seed + 42)
+    batches, n_batches = eval_batches(ds, bs, config.seed + 42, n_batches, asked)
     model.eval()
     tokenizer = _tokenizer_for(model, ds.tokenizer_name)
     special = list(getattr(tokenizer, "all_special_ids", None) or [])

@@ -43,6 +43,7 @@ from e2e_sae.lm.bridge import resolve_backend
 from e2e_sae.lm.load import check_device
 from e2e_sae.lm.splice import SAETransformer, SpliceSite, build_model, check_vocab, filter_names
 from e2e_sae.objective.forward import StepPlan, run_forward, with_runner
+from e2e_sae.resources import check_disk, reserve
 
 META = "meta.json"
 TOKENS = "tokens.npy"
@@ -121,8 +122,13 @@ class ActivationCache:
             tokens_out, arrays = _write_arrays(
                 model, batches, n_batches, tmp, hooks, dtype, progress
             )
-        except BaseException:  # no half-written cache is left behind
+        except BaseException as err:  # no half-written cache is left behind
             shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(err, OSError):  # (a full disk, a file size limit, ...)
+                raise UserError(
+                    f"activation cache {path}: cannot write {Path(str(err.filename or tmp)).name} "
+                    f"({err.strerror}); the partial cache was removed"
+                ) from None
             raise
         for a in [tokens_out, *arrays.values()]:
             a.flush()
@@ -227,13 +233,20 @@ def _write_arrays(
             b, n_ctx = tokens.shape
             if tokens_out is None:
                 n_rows = n_batches * b
-                tokens_out = np.lib.format.open_memmap(
-                    folder / TOKENS, mode="w+", dtype=np.int32, shape=(n_rows, n_ctx)
+                shapes = {h: (n_rows, *acts[h].shape[1:]) for h in hooks}
+                item = np.dtype(_NP_DTYPES[dtype]).itemsize
+                need = n_rows * n_ctx * 4 + sum(math.prod(sh) * item for sh in shapes.values())
+                check_disk(
+                    need,
+                    folder.parent,
+                    "activation cache",
+                    f"{n_rows} windows x {n_ctx} tokens at {len(hooks)} hook(s)",
+                    " (cache fewer windows with --n-samples, or use --dtype float16)",
                 )
+                tokens_out = _open_array(folder / TOKENS, np.dtype(np.int32), (n_rows, n_ctx))
                 for h in hooks:
-                    shape = (n_rows, *acts[h].shape[1:])
-                    arrays[h] = np.lib.format.open_memmap(
-                        folder / _file_name(h), mode="w+", dtype=_NP_DTYPES[dtype], shape=shape
+                    arrays[h] = _open_array(
+                        folder / _file_name(h), np.dtype(_NP_DTYPES[dtype]), shapes[h]
                     )
             if tokens.shape[0] * (i + 1) > tokens_out.shape[0]:
                 raise UserError("activation cache: batches must all have the same size")
@@ -244,6 +257,18 @@ def _write_arrays(
     if tokens_out is None:
         raise UserError("activation cache: got no batches")
     return tokens_out, arrays
+
+
+def _open_array(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> np.memmap:
+    """A new .npy file memory-mapped for writing, its blocks allocated now: a full disk is an
+    OSError here, not a SIGBUS when the map is written later."""
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    with open(path, "r+b") as f:
+        try:
+            reserve(f.fileno(), os.fstat(f.fileno()).st_size)
+        except OSError as err:
+            raise OSError(err.errno, err.strerror, str(path)) from None
+    return array
 
 
 def _load(path: Path) -> np.ndarray:

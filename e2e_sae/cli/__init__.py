@@ -10,7 +10,8 @@ from collections.abc import Callable, Sequence
 
 from e2e_sae.cli import analysis, cache, compat, demo, interop, paper, train
 from e2e_sae.cli import eval as eval_cmd
-from e2e_sae.errors import TrainingInterrupted, UserError
+from e2e_sae.errors import SignalInterrupt, TrainingInterrupted, UserError
+from e2e_sae.interrupts import ignore_signals, interrupt_on_signals
 from e2e_sae.version import __version__
 
 
@@ -47,28 +48,35 @@ COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one command; `argv` None: this process's own command line (then signals that arrive
-    after the command ended, e.g. a second Ctrl-C during shutdown, are ignored)."""
+    """Run one command; `argv` None: this process's own command line. Then SIGINT and SIGTERM
+    end the command with one line and exit 130 / 143 wherever they arrive (a training saves
+    first, see `training.resume.StopOnSignal`), and signals after the first, or after the
+    command ended (e.g. a second Ctrl-C during shutdown), are ignored (`e2e_sae.interrupts`)."""
+    if argv is None:
+        interrupt_on_signals()
+    _reported.clear()
     try:
         return _main(argv)
-    except KeyboardInterrupt:  # a second Ctrl-C while the first one was being handled
+    except KeyboardInterrupt as err:  # a second signal while the first one was being handled
         if argv is None:
-            _ignore_signals()
-        print("interrupted", file=sys.stderr)
-        return 130
+            ignore_signals()
+        return _interrupted(err)
     finally:
         if argv is None:
-            _ignore_signals()
+            ignore_signals()
 
 
-def _ignore_signals() -> None:
-    """The command is over: a late SIGINT / SIGTERM would otherwise raise inside an interpreter
-    exit handler (an 'Exception ignored in atexit callback' traceback) or kill the process
-    with another exit status than the one reported."""
-    import signal
+_reported: list[int] = []  # the exit status of the interruption already reported, if any
 
-    for s in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(s, signal.SIG_IGN)
+
+def _interrupted(err: KeyboardInterrupt) -> int:
+    """One line for a signal that ended the command (once: a signal that lands while the first
+    one is reported adds nothing); its exit status, 128 + the signal number."""
+    if not _reported:
+        message = str(err) if isinstance(err, SignalInterrupt) else ""
+        print(f"interrupted: {message}" if message else "interrupted", file=sys.stderr)
+        _reported.append(err.exit_code if isinstance(err, SignalInterrupt) else 130)
+    return _reported[0]
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -91,9 +99,8 @@ def _main(argv: Sequence[str] | None) -> int:
     except TrainingInterrupted as err:  # a checkpoint was written: exit 128 + signal number
         print(f"interrupted: {err}", file=sys.stderr)
         return err.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:
+        return _interrupted(err)
 
 
 def print_json(obj: object) -> None:

@@ -20,7 +20,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     overrides = parse_set(args.set)
     sweep = load_sweep(args.sweep, config=args.config, out_dir=args.out_dir, overrides=overrides)
-    print(f"sweep {sweep.name}: {len(sweep.runs)} runs into {sweep.out_dir}")
+    if sweep.method == "grid":
+        print(f"sweep {sweep.name}: {len(sweep.runs)} runs into {sweep.out_dir}")
+    else:  # (W&B picks the runs)
+        combos = 1
+        for values in sweep.grid.values():
+            combos *= len(values)
+        print(f"sweep {sweep.name}: {sweep.method} over {combos} combinations")
     if args.wandb:
         sweep_id = run_wandb_sweep(
             sweep, project=args.project, count=args.count, device=args.device

@@ -58,7 +58,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from e2e_sae.config import Config, DatasetConfig
-from e2e_sae.data import create_data_loader
+from e2e_sae.data import eval_batches
 from e2e_sae.errors import UserError
 from e2e_sae.lm.checkpoint import atomic_save_tensors, atomic_write_bytes
 from e2e_sae.lm.splice import SAETransformer, hook_layer, load_run, sae_key
@@ -370,6 +370,33 @@ def evaluate(
 
 
 # --- evaluating a run directory -------------------------------------------------------------------
+def check_count(value: int | None, option: str) -> None:
+    """A command-line count given must be positive (0 or less is a mistake, never 'the default')."""
+    if value is not None and value < 1:
+        raise UserError(f"{option}: expected a positive number, got {value}")
+
+
+def eval_request(config: Config, n_tokens: int | None) -> str | None:
+    """What an evaluation of a run was asked to cover, for `data.eval_batches`: `n_tokens`, else
+    the run's `eval_n_samples`; None when neither is set (the default of 50 windows, or the whole
+    eval set if it is smaller)."""
+    if n_tokens is not None:
+        return f"--n-tokens: {n_tokens} tokens"
+    if config.eval_n_samples:
+        return f"eval_n_samples: {config.eval_n_samples} windows (the run's; pass --n-tokens)"
+    return None
+
+
+def check_finite_weights(saes: torch.nn.Module, where: object) -> None:
+    """Refuse SAEs (`model.saes`, or one SAE) holding NaN / inf, as a diverged run leaves them:
+    their metrics, exports and feature pages would be meaningless."""
+    for name, t in saes.state_dict().items():
+        if t.is_floating_point() and not bool(t.isfinite().all()):
+            raise UserError(
+                f"{where}: the checkpoint holds non-finite weights (saes.{name}); the run diverged"
+            )
+
+
 def eval_dataset(
     config: Config, data: str | None = None, split: str | None = None
 ) -> DatasetConfig:
@@ -408,20 +435,17 @@ def evaluate_run(
     if config is None:
         raise UserError("eval: the model has no run config (load it with from_local_path)")
     ds = eval_dataset(config, data, split)
+    check_count(batch_size, "--batch-size")
+    check_count(n_tokens, "--n-tokens")
     bs = batch_size or config.batch_size
+    asked = eval_request(config, n_tokens)
     n_tokens = n_tokens or (config.eval_n_samples or 50) * ds.n_ctx
-    if n_tokens <= 0:
-        raise UserError(f"--n-tokens: expected a positive number, got {n_tokens}")
     n_batches = max(1, math.ceil(n_tokens / (bs * ds.n_ctx)))
     plan = make_plan(model, config.loss, force_full_pass=True)
     terms = build_loss_terms(config.loss, plan.new_cache)
     where = run_dir if not isinstance(run_dir, SAETransformer) else "model"
-    for name, t in model.saes.state_dict().items():
-        if t.is_floating_point() and not bool(t.isfinite().all()):
-            raise UserError(
-                f"{where}: the checkpoint holds non-finite weights (saes.{name}); the run diverged"
-            )
-    batches = create_data_loader(ds, bs, config.seed + 42)
+    check_finite_weights(model.saes, where)
+    batches, n_batches = eval_batches(ds, bs, config.seed + 42, n_batches, asked)
     model.eval()
     result = evaluate(model, batches, n_batches, plan, terms, progress=progress)
     bad = next(((k, v) for k, v in result.flat("").items() if not math.isfinite(v)), None)

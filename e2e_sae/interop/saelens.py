@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from e2e_sae.config import Config, config_to_yaml_dict, load_config
 from e2e_sae.errors import UserError, check_output_folder
-from e2e_sae.eval.evaluate import read_feature_frequency
+from e2e_sae.eval.evaluate import check_finite_weights, read_feature_frequency
 from e2e_sae.interop.hub import CFG_FILE, WEIGHTS_FILE, resolve_path
 from e2e_sae.lm.bridge import resolve_backend
 from e2e_sae.lm.checkpoint import (
@@ -50,6 +50,7 @@ from e2e_sae.lm.checkpoint import (
     atomic_save_tensors,
     atomic_write_bytes,
     list_checkpoints,
+    newest_intact,
     read_tensors,
     tensor_metadata,
 )
@@ -390,16 +391,21 @@ def _saes_of_run(
     if checkpoint is not None:
         ckpt = Path(checkpoint)
         ckpt = ckpt if ckpt.is_absolute() or ckpt.exists() else run_dir / ckpt
+        state = read_tensors(ckpt)
     else:
         ckpts = list_checkpoints(run_dir)
         if not ckpts:
             raise UserError(f"export: {run_dir} has no samples_<N>.safetensors checkpoint")
-        ckpt = ckpts[-1]
-    state = read_tensors(ckpt)
+        ckpt, state = newest_intact(ckpts, "export")  # (a damaged newest one: as eval does)
     meta = tensor_metadata(ckpt)
     if "sae_positions" not in meta or "init_kwargs" not in meta:
         return None  # an older checkpoint: rebuild through the model instead
     arch = meta.get("architecture", config.saes.architecture)
+    if arch != config.saes.architecture:
+        raise UserError(
+            f"export: {ckpt} holds {arch} SAEs, but {run_dir / CONFIG_FILE} says "
+            f"{config.saes.architecture} (saes.architecture)"
+        )
     init_kwargs = json.loads(meta["init_kwargs"])
     out = []
     for pos in json.loads(meta["sae_positions"]):
@@ -472,6 +478,8 @@ def export_run_saelens(
             "dataset_path": config.train_data.dataset_name,
             "e2e_sae_config": config_to_yaml_dict(config),
         }
+    for _, _, sae in saes:  # before anything is written
+        check_finite_weights(sae, checkpoint or run_dir or "export")
     freqs = _eval_feature_frequency(run_dir, checkpoint)
     for pos, _, _ in saes:
         old = out / pos

@@ -69,15 +69,24 @@ def fsync_dir(path: Path) -> None:
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temp file, flush + fsync, then rename over `path`."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:  # a full disk, a signal, ...: no temp file is left behind
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.filename is None:  # (write / fsync: say which file)
+            raise OSError(err.errno, err.strerror, str(tmp)) from None
+        raise
     fsync_dir(path.parent)
 
 
 DIGEST_KEY = "e2e_sae.sha256"
+OUR_METADATA = frozenset({"architecture", "sae_positions", "init_kwargs"})
+"""Metadata keys of the SAE checkpoints we write (with the checksum, always): a file that has them
+but no checksum is not trusted. Other safetensors files (no such keys) are read unchecked."""
 _FULL_DIGEST = "v2:"  # this prefix: the digest covers the metadata too (older files: tensors only)
 
 
@@ -103,12 +112,30 @@ def atomic_save_tensors(
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     meta = {k: v for k, v in (metadata or {}).items() if k != DIGEST_KEY}
-    save_file(cpu, str(tmp), {**meta, DIGEST_KEY: tensor_digest(cpu, meta)})
-    _sort_header_metadata(tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        _save_file(cpu, tmp, {**meta, DIGEST_KEY: tensor_digest(cpu, meta)})
+        _sort_header_metadata(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:  # a full disk, a signal, ...: no temp file is left behind
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.filename is None:  # (write / fsync: say which file)
+            raise OSError(err.errno, err.strerror, str(tmp)) from None
+        raise
     fsync_dir(path.parent)
+
+
+def _save_file(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """safetensors' `save_file`, whose I/O errors (a full disk, a file size limit) are raised as
+    the `OSError` they are, not as a `SafetensorError`."""
+    try:
+        save_file(tensors, str(path), metadata)
+    except SafetensorError as err:
+        code = re.search(r"os error (\d+)", str(err))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
 
 
 def _sort_header_metadata(path: Path) -> None:
@@ -183,6 +210,11 @@ def read_tensors(path: Path, what: str = "checkpoint") -> dict[str, Tensor]:
             f"{what}: {path} is not a readable safetensors file ({first})"
         ) from None
     digest = meta.pop(DIGEST_KEY, None)
+    if digest is None and any(k in OUR_METADATA or k.startswith("e2e_sae") for k in meta):
+        raise DamagedFileError(
+            f"{what}: {path} has no checksum ('{DIGEST_KEY}' is missing from a file e2e_sae "
+            "wrote, which always has one): it is damaged or was modified"
+        )
     full = digest is not None and digest.startswith(_FULL_DIGEST)
     if digest is not None and digest != tensor_digest(tensors, meta if full else None):
         raise DamagedFileError(f"{what}: {path} is corrupted or was modified (checksum mismatch)")
@@ -218,6 +250,7 @@ def load_sae_weights(
     already read). Every parameter must be there; missing buffers are allowed (see
     TRAINING_STAT_BUFFERS). Returns the positions loaded."""
     state = read_tensors(path) if state is None else state
+    check_architecture(model, path)
     loaded: list[str] = []
 
     wanted = positions if positions is not None else model.sae_positions
@@ -240,12 +273,35 @@ def load_sae_weights(
         missing = sorted((set(own) - set(sub)) & params)
         if missing and strict:
             raise UserError(f"checkpoint {path}: SAE '{pos}' lacks {key}.{missing[0]}")
+        extra = sorted(set(sub) - set(own))
+        if extra:  # weights of another architecture (e.g. a gated SAE's in a relu config)
+            raise UserError(
+                f"checkpoint {path}: '{key}.{extra[0]}' is not a weight of the config's "
+                f"{model.architecture} SAE (the file holds another kind of SAE)"
+            )
         stats = {
             b: torch.zeros_like(own[b]) for b in TRAINING_STAT_BUFFERS if b in own and b not in sub
         }
         target.load_state_dict({**own, **stats, **sub}, strict=False)
         loaded.append(pos)
     return loaded
+
+
+def check_architecture(model: SAETransformer, path: Path) -> None:
+    """The SAEs a checkpoint of ours holds are of the architecture the config builds (a topk file
+    in a relu run would load its encoder and decoder and silently act as a relu SAE)."""
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return
+    try:
+        held = tensor_metadata(path).get("architecture")
+    except Exception:  # noqa: BLE001 - unreadable files are reported by read_tensors
+        return
+    if held is not None and held != model.architecture:
+        raise UserError(
+            f"checkpoint {path}: holds {held} SAEs, but the config builds {model.architecture} "
+            "SAEs (saes.architecture)"
+        )
 
 
 def tensor_metadata(path: Path) -> dict[str, Any]:

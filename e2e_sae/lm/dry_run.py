@@ -78,13 +78,13 @@ def hook_names(config: Config) -> list[str]:
         return list(HookedTransformer(cfg).hook_dict)
 
 
-def check_hooks(config: Config) -> str:
+def check_hooks(config: Config, names: list[str] | None = None) -> str:
     """Resolve `saes.sae_positions`, `saes.transcoders` and `loss.in_to_orig.hook_positions` as
     the real run does (ConfigError naming the field when one matches nothing); returns a one-line
-    summary, or why the hooks could not be checked."""
+    summary, or why the hooks could not be checked. `names`: the model's hook names, if known."""
 
     try:
-        names = hook_names(config)
+        names = hook_names(config) if names is None else names
     except ConfigError:
         raise
     except UserError as err:

@@ -35,6 +35,7 @@ from e2e_sae.lm.sources import (
     builtin_model_dir,
     first_line,
 )
+from e2e_sae.resources import check_memory
 
 if TYPE_CHECKING:
     from e2e_sae.config import Config
@@ -57,10 +58,19 @@ def build_random_model(
         cfg = HookedTransformerConfig(**fields, device=device or fields.pop("device", "cpu"))
     except (TypeError, ValueError, AssertionError) as err:
         raise ConfigError(f"tlens_config: {str(err).splitlines()[0]}") from None
+    check_memory(weights_bytes(cfg), cfg.device, "tlens_config", "the model's weights")
     model = HookedTransformer(cfg)
     if tokenizer_name:
         cfg.tokenizer_name = tokenizer_name
     return model
+
+
+def weights_bytes(cfg: HookedTransformerConfig) -> int:
+    """The memory a HookedTransformer's weights take (blocks, embedding, unembedding, positions):
+    what building it allocates at least."""
+    n = cfg.n_params or 0
+    n += 2 * max(cfg.d_vocab, 0) * cfg.d_model + cfg.n_ctx * cfg.d_model
+    return n * torch.empty((), dtype=cfg.dtype).element_size()
 
 
 def save_tlens_model(model: HookedTransformer, out_dir: Path, extra: dict[str, Any] | None = None):

@@ -32,6 +32,7 @@ from e2e_sae.lm.load import default_device, load_lm
 from e2e_sae.lm.names import dict_size, filter_names, hook_layer, one_hook, sae_key
 from e2e_sae.lm.runner import LM, LMRunner, make_runner, move_to
 from e2e_sae.lm.runner import Hooks as _Hooks
+from e2e_sae.resources import check_memory
 from e2e_sae.saes import CacheActs, SAEActs, SAEBase, build_sae
 from e2e_sae.wandb_utils import download_wandb_run
 
@@ -153,13 +154,22 @@ class SAETransformer(nn.Module):
         self.run_config: Config | None = None
         self.run_dir: Path | None = None
         self.checkpoint_path: Path | None = None
+        sizes: dict[str, tuple[int, int, int]] = {}  # (d_in, d_sae, d_out) per SAE
         for pos, site in self.sites.items():
-            d_in = shapes[site.input_hook][-1]
-            d_out = shapes[site.output_hook][-1]
+            d_in, d_out = shapes[site.input_hook][-1], shapes[site.output_hook][-1]
+            sizes[pos] = (d_in, dict_size(d_in, dict_size_to_input_ratio, pos), d_out)
+        if sizes:  # the weights alone (fp32; + a few vectors) must fit before they are allocated
+            check_memory(
+                sum(4 * d_sae * (d_in + d_out + 3) for d_in, d_sae, d_out in sizes.values()),
+                self.lm.device,
+                "saes.dict_size_to_input_ratio",
+                f"{len(sizes)} SAE(s) of up to {max(s[1] for s in sizes.values()):,} latents",
+            )
+        for pos, (d_in, d_sae, d_out) in sizes.items():
             self.saes[sae_key(pos)] = build_sae(
                 architecture,
                 d_in,
-                dict_size(d_in, dict_size_to_input_ratio, pos),
+                d_sae,
                 init_decoder_orthogonal=init_decoder_orthogonal,
                 output_size=d_out,
                 **(architecture_kwargs or {}),

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, model_validator
 
-from e2e_sae.config import LossConfigs, StrList, _Frozen
+from e2e_sae.config import LossConfigs, PathComponent, Seed, StrList, _Frozen
 
 
 class MLPTrainConfig(_Frozen):
@@ -28,7 +28,8 @@ class MLPTrainConfig(_Frozen):
 class MLPSAERunConfig(_Frozen):
     """One set of SAEs (all trained together, spliced in together when end-to-end)."""
 
-    name: str
+    name: PathComponent
+    """Names its files (`sae_<name>.safetensors`): one file name, no '/'."""
     sae_positions: StrList
     """Hidden layers to replace: `hidden.0`, `hidden.1`, ... (the ReLU outputs)."""
     dict_size_to_input_ratio: PositiveFloat = 4.0
@@ -44,7 +45,7 @@ class MLPSAERunConfig(_Frozen):
 class MLPConfig(_Frozen):
     """`e2e-sae train-mlp CONFIG`: the MLP, then each entry of `saes` in turn."""
 
-    seed: int = 0
+    seed: Seed = 0
     dataset: Literal["digits", "mnist"] = "digits"
     """digits: scikit-learn's bundled 8x8 digits (offline); mnist: torchvision download."""
     data_dir: Path | None = None
@@ -56,7 +57,7 @@ class MLPConfig(_Frozen):
     """An `mlp.safetensors` (or a run folder holding one) to use instead of training the MLP."""
     saes: list[MLPSAERunConfig] = Field(default_factory=list)
     save_dir: Path | None = Path("runs")
-    run_name: str | None = None
+    run_name: PathComponent | None = None
     wandb_project: str | None = None
     device: str | None = None
 

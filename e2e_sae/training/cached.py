@@ -14,6 +14,7 @@ Both take their steps through the one engine (`e2e_sae.training.engine.Engine.tr
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ from e2e_sae.objective.losses import build_loss_terms
 from e2e_sae.saes import build_sae
 from e2e_sae.training.distributed import dist_from_env
 from e2e_sae.training.engine import Engine, TrainState, make_optimizer, n_grad_steps
+from e2e_sae.training.faults import write_faults
 from e2e_sae.training.feeds import CacheFeed
 from e2e_sae.training.loop import Run, run_loop
 from e2e_sae.training.resume import RunLock
@@ -228,15 +230,23 @@ def train_from_cache(
     try:
         restored = [restore_run(t, r, locks) for t, r in zip(trainers, resumes, strict=True)]
         start = _common_start(trainers, [s for s, _ in restored])
-        runs = [
-            open_run(t, s, found, None, locks)
-            for t, (s, found) in zip(trainers, restored, strict=True)
-        ]
-        batches = cache.batches(
-            configs[0].batch_size, seed=configs[0].seed, start_batch=start, in_order_epochs=1
-        )
         command = "e2e-sae train-cached CONFIG... --cache DIR --resume"
-        run_loop(runs, batches, int(cache.meta["n_ctx"]), progress, command)
+        dirs = [found.run_dir for _, found in restored if found is not None]
+        runs: list[Run] = []
+        with write_faults(dirs, command):
+            try:
+                for t, (s, found) in zip(trainers, restored, strict=True):
+                    runs.append(open_run(t, s, found, None, locks))
+                    dirs.append(runs[-1].run_dir)
+            except BaseException:  # the directories just made for the configs before go too
+                for run, (_, found) in zip(runs, restored, strict=False):
+                    if found is None:
+                        shutil.rmtree(run.run_dir, ignore_errors=True)
+                raise
+            batches = cache.batches(
+                configs[0].batch_size, seed=configs[0].seed, start_batch=start, in_order_epochs=1
+            )
+            run_loop(runs, batches, int(cache.meta["n_ctx"]), progress, command)
     finally:
         for lock in locks:
             lock.release()

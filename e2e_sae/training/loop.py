@@ -3,7 +3,9 @@ on one batch stream (a cache-fed sweep), each with its own directory, checkpoint
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -14,6 +16,7 @@ from typing import Any, Protocol
 from tqdm.auto import tqdm
 
 from e2e_sae.config import Config
+from e2e_sae.errors import SignalInterrupt
 from e2e_sae.eval.evaluate import EvalResult
 from e2e_sae.lm.splice import SAETransformer
 from e2e_sae.objective.losses import LossTerm
@@ -126,11 +129,11 @@ def run_loop(
     try:
         for r in runs:
             if r.error is None and not r.active:  # resumed after its last step: finish it
-                finish_run(r, progress)
+                finish_run(r, progress, stop)
         while active := [r for r in runs if r.active]:
             micro = [next(batches) for _ in range(accum)]
             for r in active:
-                step_run(r, micro, progress, lambda r=r: _rate(r, start[id(r)], n_ctx, t0))
+                step_run(r, micro, progress, lambda r=r: _rate(r, start[id(r)], n_ctx, t0), stop)
             loss = next((r.values["loss"] for r in active if "loss" in r.values), float("nan"))
             speed = format_rate(rate.update(bs * n_ctx))
             bar.set_postfix_str(f"loss={loss:.4g}, {speed}", refresh=False)
@@ -143,6 +146,13 @@ def run_loop(
                 if interrupted:
                     r = interrupted[0]
                     raise stop.interrupted(r.run_dir, r.state.step, signum, resume_command)
+        if stop.signum:  # came while the last runs were being finished: honoured, nothing lost
+            done_dirs = ", ".join(str(r.run_dir) for r in runs)
+            raise SignalInterrupt(
+                stop.signum,
+                f"stopped by {signal.Signals(stop.signum).name} after the run finished; its "
+                f"files are complete ({done_dirs})",
+            )
     finally:
         bar.close()
         stop.restore()
@@ -157,9 +167,15 @@ def _rate(r: Run, n0: int, n_ctx: int, t0: float) -> float:
     return (r.state.n_samples - n0) * n_ctx / elapsed if elapsed > 0 else 0.0
 
 
-def step_run(r: Run, micro: list[Any], progress: bool, rate: Callable[[], float]) -> None:
+def step_run(
+    r: Run,
+    micro: list[Any],
+    progress: bool,
+    rate: Callable[[], float],
+    stop: StopOnSignal | None = None,
+) -> None:
     """One optimizer step of `r` on `micro`, then its triggers (log, eval, save, finish);
-    `rate()`: the run's tokens per second so far (logged)."""
+    `rate()`: the run's tokens per second so far (logged); `stop`: see `finish_run`."""
     t, state, cfg = r.trainer, r.state, r.config
     log_due = (state.step + 1) % cfg.log_every_n_grad_steps == 0 or state.step == 0
     last = state.step + 1 == r.n_steps
@@ -188,16 +204,26 @@ def step_run(r: Run, micro: list[Any], progress: bool, rate: Callable[[], float]
     if not last and save_every and crossed(state.n_samples, bs, save_every):
         r.save()
     if last:
-        finish_run(r, progress)
+        finish_run(r, progress, stop)
 
 
-def finish_run(r: Run, progress: bool = False) -> None:
+def finish_run(r: Run, progress: bool = False, stop: StopOnSignal | None = None) -> None:
     """The final checkpoint, the final evaluation (unless the last step just had one), the
-    metrics log closed and the training curves drawn."""
+    metrics log closed and the training curves drawn. With `stop` (the loop's signal handling)
+    SIGINT / SIGTERM end the final evaluation at once: everything is saved before it."""
     t, state, every = r.trainer, r.state, r.config.eval_every_n_samples
     r.save(final=True)
     if not (every and state.n_samples % every == 0):
-        log_eval(r, progress=progress, desc="final eval")
+        ckpt = f"samples_{state.n_samples}.safetensors"
+
+        def message(signum: int) -> str:
+            return (
+                f"stopped by {signal.Signals(signum).name} during the final evaluation; the "
+                f"final checkpoint {ckpt} is saved; evaluate it with `e2e-sae eval {r.run_dir}`"
+            )
+
+        with stop.at_once(message) if stop is not None else contextlib.nullcontext():
+            log_eval(r, progress=progress, desc="final eval")
     r.log.finish()
     if t.dist.is_main:
         write_curves(r.run_dir)

@@ -30,7 +30,8 @@ import random
 import re
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import FrameType
@@ -42,7 +43,8 @@ from safetensors import safe_open
 from torch import Tensor
 
 from e2e_sae.config import Config, config_to_yaml_dict, load_config
-from e2e_sae.errors import ConfigError, TrainingInterrupted, UserError
+from e2e_sae.errors import ConfigError, SignalInterrupt, TrainingInterrupted, UserError
+from e2e_sae.interrupts import deliver_later, in_import
 from e2e_sae.lm.checkpoint import (
     CONFIG_FILE,
     atomic_save_tensors,
@@ -165,9 +167,13 @@ class RunLock:
                     f"{field}: {self.run_dir} is in use by a running training (pid {holder}); "
                     "let it finish or stop it first"
                 ) from None
-        os.ftruncate(fd, 0)
-        os.lseek(fd, 0, os.SEEK_SET)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError as err:  # (a full disk)
+            os.close(fd)
+            raise UserError(f"{field}: cannot write in {self.run_dir} ({err.strerror})") from None
         self._fd = fd
         return self
 
@@ -575,6 +581,33 @@ class StopOnSignal:
         for s, old in self._old.items():
             signal.signal(s, old)
         self._old.clear()
+
+    @contextmanager
+    def at_once(self, message: Callable[[int], str]) -> Iterator[None]:
+        """Within: SIGINT / SIGTERM (or one that came since `install`) end the run now, with a
+        `SignalInterrupt` carrying `message(signum)`: for work after the final checkpoint (the
+        final evaluation), which a stop would otherwise have to wait for."""
+        if self.signum:
+            raise SignalInterrupt(self.signum, message(self.signum))
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handle(signum: int, frame: FrameType | None) -> None:
+            if in_import(frame):  # (raised there, it would break the module being imported)
+                deliver_later(signum)
+                return
+            self.signum = signum
+            self.restore()  # (the handlers from before `install`: a further signal ends it all)
+            raise SignalInterrupt(signum, message(signum))
+
+        before = {s: signal.signal(s, handle) for s in self.SIGNALS}
+        try:
+            yield
+        finally:
+            if not self.signum:
+                for s, old in before.items():
+                    signal.signal(s, old)
 
     def requested(self, d: Dist) -> int:
         """The signal number if any rank got one (every rank must call this each step)."""

@@ -36,10 +36,13 @@ class RunLogger:
         if not self.enabled:
             return
         line = json.dumps({k: _clean(v) for k, v in record.items()}) + "\n"
-        with open(self.path, "a") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(self.path, "a") as f:
+                f.write(line)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as err:  # (a full disk, a size limit: say which file)
+            raise OSError(err.errno, err.strerror, str(self.path)) from None
         if self.wandb_run is not None:
             self.wandb_run.log({k: _clean(v) for k, v in record.items()}, step=step)
 

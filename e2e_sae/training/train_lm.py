@@ -28,16 +28,22 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     NonNegativeFloat,
-    NonNegativeInt,
     PositiveFloat,
-    PositiveInt,
     model_validator,
 )
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from e2e_sae.config import DatasetConfig, config_to_yaml_dict, load_config
+from e2e_sae.config import (
+    Count,
+    Count0,
+    DatasetConfig,
+    PathComponent,
+    Seed,
+    config_to_yaml_dict,
+    load_config,
+)
 from e2e_sae.data import TokenWindows, create_data_loader, load_windows
 from e2e_sae.data.corpora import get_builtin_corpus
 from e2e_sae.data.tokenizer import load_tokenizer
@@ -52,29 +58,29 @@ CONFIG_FILE = "train_lm_config.yaml"
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class LMTrainSettings(_Frozen):
     """Optimisation settings (the `train:` block)."""
 
-    n_epochs: PositiveInt
-    batch_size: PositiveInt
-    effective_batch_size: PositiveInt | None = None
+    n_epochs: Count
+    batch_size: Count
+    effective_batch_size: Count | None = None
     lr: PositiveFloat
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
     min_lr_factor: NonNegativeFloat = 0.1
     """The schedule decays to lr * min_lr_factor at the last step."""
-    warmup_samples: NonNegativeInt = 0
+    warmup_samples: Count0 = 0
     weight_decay: NonNegativeFloat = 0.1
     adam_betas: tuple[float, float] = (0.9, 0.95)
     max_grad_norm: PositiveFloat | None = 1.0
-    save_every_n_epochs: PositiveInt | None = None
-    samples_per_epoch: PositiveInt | None = None
+    save_every_n_epochs: Count | None = None
+    samples_per_epoch: Count | None = None
     """Windows per epoch (default: all windows of train_data; required for streaming hub data)."""
-    eval_n_samples: PositiveInt | None = None
+    eval_n_samples: Count | None = None
     """Eval windows per epoch (default: all windows of eval_data; required for streaming data)."""
-    log_every_n_grad_steps: PositiveInt = 20
+    log_every_n_grad_steps: Count = 20
 
     @model_validator(mode="after")
     def _check(self) -> LMTrainSettings:
@@ -98,8 +104,9 @@ class TrainLMConfig(_Frozen):
     """A language model trained from scratch; the original library's `tiny_gpt2_lm.yaml` schema
     plus `train_data` / `eval_data` / `save_dir` / `device`."""
 
-    seed: int = 0
-    name: str
+    seed: Seed = 0
+    name: PathComponent
+    """The model's folder under save_dir: one folder name."""
     tlens_config: dict[str, Any]
     """HookedTransformerConfig fields + `tokenizer_name`; `d_vocab` defaults to the tokenizer's."""
     train: LMTrainSettings
@@ -111,8 +118,6 @@ class TrainLMConfig(_Frozen):
 
     @model_validator(mode="after")
     def _check(self) -> TrainLMConfig:
-        if not self.name or "/" in self.name or self.name in (".", ".."):
-            raise ValueError("name must be a plain folder name (it is created under save_dir)")
         if "n_ctx" not in self.tlens_config:
             raise ValueError("tlens_config.n_ctx is required")
         for key, data in (("train_data", self.train_data), ("eval_data", self.eval_data)):

@@ -7,6 +7,8 @@ import dataclasses
 import itertools
 import logging
 import random
+import re
+import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -19,16 +21,19 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from e2e_sae.caches.teacher import TeacherCache, check_teacher_config
-from e2e_sae.config import Config, DatasetConfig
-from e2e_sae.data import create_data_loader, data_errors
+from e2e_sae.config import MAX_NAME_BYTES, Config, DatasetConfig
+from e2e_sae.data import create_data_loader, data_errors, eval_batches
 from e2e_sae.errors import UserError
 from e2e_sae.eval.evaluate import EvalResult, evaluate
 from e2e_sae.interop.pretrained import load_pretrained_saes
+from e2e_sae.lm.checkpoint import CONFIG_FILE
 from e2e_sae.lm.splice import SAETransformer, build_model, check_vocab, filter_names
 from e2e_sae.objective.forward import StepPlan, make_plan
 from e2e_sae.objective.losses import build_loss_terms
+from e2e_sae.resources import check_memory
 from e2e_sae.training.distributed import SINGLE, Dist, broadcast_state, init_distributed, shutdown
 from e2e_sae.training.engine import Engine, TrainState, make_optimizer
+from e2e_sae.training.faults import write_faults
 from e2e_sae.training.feeds import CacheFeed, LMFeed
 from e2e_sae.training.init import initialize_saes
 from e2e_sae.training.loop import Run, run_loop
@@ -68,7 +73,18 @@ def get_run_name(config: Config) -> str:
     }
     for name, term in config.loss.enabled.items():
         parts.append(f"{short[name]}-{getattr(term, 'coeff', 0):g}")
-    return config.wandb_run_name_prefix + "_".join(parts)
+    return folder_name(config.wandb_run_name_prefix + "_".join(parts))
+
+
+def folder_name(name: str) -> str:
+    """A name made of config values as one folder name: separators and control characters become
+    '_', cut to MAX_NAME_BYTES bytes (a name the user gave is checked by the config instead)."""
+    name = re.sub(r"[/\\\x00-\x1f\x7f]", "_", name).lstrip(".") or "run"
+    return name.encode()[:MAX_NAME_BYTES].decode(errors="ignore")
+
+
+RESUME_COMMAND = "e2e-sae train CONFIG --resume"
+"""How a stopped `train` run continues (+ its run directory), in the messages that stop it."""
 
 
 def _stamp() -> str:
@@ -100,8 +116,14 @@ def make_run_dir(config: Config, run_dir: Path | None = None) -> Path:
 
 def create_locked_run_dir(config: Config, run_dir: Path | None = None) -> tuple[Path, RunLock]:
     """`make_run_dir`, then its lock (a given `run_dir` that a live run holds is refused)."""
+    new = run_dir is None or not run_dir.exists()
     run_dir = make_run_dir(config, run_dir)
-    return run_dir, RunLock(run_dir).acquire("save_dir")
+    try:
+        return run_dir, RunLock(run_dir).acquire("save_dir")
+    except UserError:
+        if new:  # (e.g. a full disk): no directory holding only a `.lock` is left
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
 
 
 @dataclass(kw_only=True)
@@ -136,9 +158,7 @@ class Trainer(Engine):
         cfg = self.config
         if cfg.eval_data is None or not cfg.eval_n_samples:
             return None
-        n_batches = max(1, cfg.eval_n_samples // cfg.batch_size)
-        seed = cfg.seed + 42  # a different order from training, as in the original
-        batches = self.batches(cfg.eval_data, seed)
+        batches, n_batches = self.eval_batches()
         self.model.eval()
         with tqdm(
             total=n_batches, desc=desc, unit="batch", leave=False, disable=not progress
@@ -147,12 +167,22 @@ class Trainer(Engine):
                 self.model, _counted(batches, bar), n_batches, self.eval_plan, self.loss_terms
             )
 
+    def eval_batches(self) -> tuple[Iterator[Tensor], int]:
+        """The evaluation's batches and their number (`eval_n_samples` windows of the eval set,
+        each once: a set too small for them is a UserError)."""
+        cfg = self.config
+        assert cfg.eval_data is not None and cfg.eval_n_samples
+        n_batches = max(1, cfg.eval_n_samples // cfg.batch_size)
+        seed = cfg.seed + 42  # a different order from training, as in the original
+        asked = f"eval_n_samples: {cfg.eval_n_samples} windows"
+        return eval_batches(cfg.eval_data, cfg.batch_size, seed, n_batches, asked)
+
     def check_eval_data(self) -> None:
         """Load the first eval batch now, so a bad eval dataset fails before anything is written."""
         cfg = self.config
         if cfg.eval_data is not None and cfg.eval_n_samples:
             with data_errors("eval_data"):
-                first = next(self.batches(cfg.eval_data, cfg.seed + 42))
+                first = next(self.eval_batches()[0])
             check_vocab(self.model, first, "eval_data")
 
 
@@ -193,6 +223,14 @@ def setup(
     trainable = [p for p in model.sae_positions if p not in frozen]
     if not trainable:
         raise UserError("saes.retrain_saes: every SAE is frozen, so nothing would train")
+    params = [p for q in trainable for p in model.sae(q).parameters()]
+    n_bytes = sum(p.numel() * p.element_size() for p in params)
+    check_memory(  # (allocated at the first step; the weights themselves are checked at build)
+        3 * n_bytes,
+        next(model.saes.parameters()).device,
+        "saes.dict_size_to_input_ratio",
+        "the trained SAEs' gradients and Adam moments",
+    )
     broadcast_state(model.saes, dist)  # every rank starts from rank 0's SAEs, as DDP does
     plan = make_plan(model, config.loss, precision=config.precision)
     if config.teacher_cache is not None:
@@ -260,8 +298,11 @@ def train(
             first = next(batches)
         check_vocab(t.model, first, "train_data")
         t.check_eval_data()
-        run = open_run(t, state, found, run_dir, locks, on_eval)
-        run_loop([run], itertools.chain([first], batches), first.shape[1], progress)
+        dirs = [found.run_dir] if found is not None else [run_dir] if run_dir is not None else []
+        with write_faults(dirs, RESUME_COMMAND):
+            run = open_run(t, state, found, run_dir, locks, on_eval)
+            dirs.append(run.run_dir)
+            run_loop([run], itertools.chain([first], batches), first.shape[1], progress)
         shutdown(d)
         return run.run_dir
     finally:
@@ -297,6 +338,7 @@ def open_run(
     """The run's directory (a new locked one, or the resumed one) with its config written, and
     its metrics logger: the first writes, once every input has been checked."""
     d = t.dist
+    new = found is None and (run_dir is None or not run_dir.exists())
     if found is not None:
         run_dir = found.run_dir
     else:
@@ -304,7 +346,16 @@ def open_run(
         if made is not None:
             run_dir = made[0]
             locks.append(made[1])
-    run_dir = prepare_run_dir(t.config, run_dir, found, d)
+    try:
+        run_dir = prepare_run_dir(t.config, run_dir, found, d)
+    except OSError as err:
+        if not new or run_dir is None:
+            raise  # (a resumed run or a given folder: `write_faults` says what happened)
+        shutil.rmtree(run_dir, ignore_errors=True)  # made just now, empty but for its lock
+        raise UserError(
+            f"save_dir: cannot write the run's {CONFIG_FILE} into {run_dir.parent} "
+            f"({err.strerror}); no run directory was left"
+        ) from None
     return Run(t, state, run_dir, RunLogger(run_dir, t.config, enabled=d.is_main), on_eval)
 
 
