@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from e2e_sae.cli import (
+    activations,
     autointerp,
     browse,
     cache_acts,
@@ -16,7 +17,10 @@ from e2e_sae.cli import (
     convert,
     demo,
     export,
+    geometry,
+    paper_figures,
     plot,
+    pretrained,
     push,
     sweep,
     train,
@@ -58,6 +62,10 @@ COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     train_lm.register,
     sweep.register,
     plot.register,
+    paper_figures.register,
+    geometry.register,
+    activations.register,
+    pretrained.register,
     browse.register,
     autointerp.register,
     export.register,
