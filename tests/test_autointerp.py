@@ -629,3 +629,50 @@ def test_scores_figure_layout() -> None:
     fig.canvas.draw()
     legend = freq.get_legend()
     assert legend is not None and legend.get_window_extent().y1 <= freq.get_window_extent().y0
+
+
+def test_paper_figures_shows_the_runs_autointerp_comparison(
+    tiny_runs: dict[str, Path], chat_server, monkeypatch, tmp_path: Path
+) -> None:
+    """`paper-figures` on runs with autointerp results: the comparison table and figure of those
+    runs (in the order given), a note for a run without; with none, a note and no section."""
+    import shutil
+
+    from e2e_sae.analysis import paper
+    from e2e_sae.analysis.autointerp.report import compare, comparison_table
+    from e2e_sae.analysis.autointerp.section import TITLE, autointerp_section, register
+
+    monkeypatch.setattr(paper, "SECTIONS", list(paper.SECTIONS))
+    register()
+    register()  # once only
+    assert [t for t, _ in paper.SECTIONS].count(TITLE) == 1
+
+    url, _ = chat_server
+    _env(monkeypatch, url)
+    runs = {k: tmp_path / k for k in ("e2e", "local", "bare")}
+    shutil.copytree(tiny_runs["e2e"], runs["e2e"])
+    shutil.copytree(tiny_runs["local"], runs["local"])
+    shutil.copytree(tiny_runs["local"], runs["bare"])
+    for r in runs.values():
+        shutil.rmtree(r / "autointerp", ignore_errors=True)  # another test's results
+    sections = [("Runs", paper.runs_section), (TITLE, autointerp_section)]
+
+    paper.paper_figures(list(runs.values()), tmp_path / "none", sections=sections)
+    index = (tmp_path / "none" / "index.md").read_text()
+    assert "no run has results" in index and f"## {TITLE}" not in index
+    assert not list((tmp_path / "none").glob("autointerp_*"))
+
+    for name in ("local", "e2e"):
+        assert main(["autointerp", str(runs[name]), *ARGS, "--n-features", "3"]) == 0
+    out = tmp_path / "fig"
+    paper.paper_figures(list(runs.values()), out, sections=sections)
+    index = (out / "index.md").read_text()
+    assert f"## {TITLE}" in index and "(autointerp_scores.png)" in index
+    assert "[autointerp_comparison.md](autointerp_comparison.md)" in index
+    assert "no results for bare" in index
+    assert 'src="autointerp_scores.png"' in (out / "index.html").read_text()
+    results = [store.read_results(runs[n] / "autointerp") for n in ("e2e", "local")]
+    table = (out / "autointerp_comparison.md").read_text()
+    assert table == "# Autointerp comparison\n\n" + comparison_table(compare(results)) + "\n"
+    cmp = json.loads((out / "autointerp_comparison.json").read_text())
+    assert [r["run"] for r in cmp["runs"]] == ["e2e", "local"]
