@@ -293,6 +293,11 @@ class Config(OptimizerConfig):
     else fp32; a run records the precision it chose (final_config.yaml), and `--resume` keeps
     it. Default fp32 (configs of the original, which has no such key, train as they did).
     Evaluation is fp32."""
+    compile: bool = False
+    """`torch.compile` (inductor) the trained SAEs and the LM blocks a training pass hooks nothing
+    in (the lean forward's; `fastlm.LeanLM.compile`). Opt-in: the first steps compile (about a
+    minute); the losses are the same up to float rounding. Meant for GPUs (see the README's Speed
+    section for what it gave on CPUs)."""
     kl_chunk_tokens: Count | None = None
     """Tokens per chunk of the `logits_kl` term's [tokens, d_vocab] temporaries (null: ~8M
     elements per chunk). Only memory changes, not the value."""

@@ -27,13 +27,14 @@ from e2e_sae.data import create_data_loader, data_errors, eval_batches
 from e2e_sae.errors import UserError
 from e2e_sae.eval.evaluate import EvalResult, evaluate
 from e2e_sae.interop.pretrained import load_pretrained_saes
-from e2e_sae.lm.runner import check_vocab
+from e2e_sae.lm.runner import LeanRunner, check_vocab
 from e2e_sae.lm.splice import SAETransformer
 from e2e_sae.objective.forward import StepPlan, make_plan
 from e2e_sae.objective.losses import build_loss_terms
 from e2e_sae.resources import bf16_is_fast, check_memory
 from e2e_sae.runs.checkpoint import CONFIG_FILE, write_config
 from e2e_sae.runs.lock import RunLock
+from e2e_sae.saes import TopKSAE
 from e2e_sae.saes.init import Center, center, init_decoder_bias_, tie_encoder_
 from e2e_sae.training.distributed import (
     SINGLE,
@@ -245,6 +246,8 @@ def setup(
     plan = make_plan(model, config.loss, precision=config.precision)
     if config.teacher_cache is not None:
         plan = dataclasses.replace(plan, teacher=open_teacher_cache(config))
+    if config.compile:
+        compile_step(model, plan, trainable)
     loss_terms = build_loss_terms(config.loss, plan.new_cache, config.kl_chunk_tokens)
     steps = n_grad_steps(config, dist.world_size)
     optimizer, scheduler = make_optimizer(config, model.saes, steps, dist.world_size)
@@ -267,11 +270,26 @@ def setup(
         dist=dist,
         precision=config.precision,
         resampling=resampling,
+        divergence_factor=config.divergence_factor,
         model=model,
         plan=plan,
         eval_plan=eval_plan,
         reference=reference,
     )
+
+
+def compile_step(model: SAETransformer, plan: StepPlan, trainable: list[str]) -> None:
+    """`compile: true`: the trained SAEs' forward and the plan's hook-free LM blocks (where the
+    plan runs on the lean forward) go through `torch.compile`. A TopK SAE on its sparse path is
+    left as it is: one GEMM and sparse products that dynamo does not trace."""
+    for pos in trainable:
+        sae = model.sae(pos)
+        if not (isinstance(sae, TopKSAE) and sae.uses_sparse_path()):
+            sae.compile(dynamic=False)
+    if isinstance(plan.runner, LeanRunner):
+        plan.runner.lean(plan.precision).compile()  # type: ignore[union-attr]
+    else:
+        logger.info("compile: this LM runs without the lean forward; only the SAEs are compiled")
 
 
 def concrete_precision(config: Config, device: torch.device | str) -> Config:
