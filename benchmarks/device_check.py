@@ -322,6 +322,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse(argv)
+    # bench_train's helpers (layer count, vocabulary) read the one LM this process loads
+    bt.shared_lm = lambda model: lm_on(model, args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
