@@ -18,7 +18,8 @@ steps interleaved and rotated so that load hits them alike):
                  and loss difference (benchmarks/bench_compile.py runs this on the peers' setup)
 Tokens/s comes from the median step time (on CUDA the step is timed between synchronisations).
 Peak memory: CUDA: `torch.cuda.max_memory_allocated` over one step (all variants of a mode live in
-one process and share the LM, so `peak` includes the LM, every variant's SAE and Adam state;
+one process and share the LM (the compiled variants a copy of it), so `peak` includes the LM,
+every variant's SAE and Adam state;
 `step` is the peak minus what was allocated before the step: what the step itself needs).
 CPU: the peak resident set size over the step (VmHWM reset before it; the allocator's cached
 blocks make it approximate: `bench_train.py --memory` measures one variant per process).
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import functools
 import json
 import os
@@ -93,10 +95,18 @@ def lm_on(model: str, device: str) -> Any:
     )
 
 
+@functools.cache
+def lm_copy(model: str, device: str) -> Any:
+    """A second LM for the compiled variants: the lean forward's layout is cached per LM and
+    precision, so compiling it on the shared LM would compile the uncompiled variants' too."""
+    return copy.deepcopy(lm_on(model, device))
+
+
 @contextlib.contextmanager
-def lm_shared(model: str, device: str) -> Iterator[None]:
-    """Every variant splices its SAEs into the same LM (loaded once, on `device`)."""
-    lm = lm_on(model, device)
+def lm_shared(model: str, device: str, compiled: bool = False) -> Iterator[None]:
+    """Every variant splices its SAEs into the same LM (loaded once, on `device`); the compiled
+    variants into a copy of it."""
+    lm = lm_copy(model, device) if compiled else lm_on(model, device)
     with mock.patch("e2e_sae.lm.load.load_tlens_model", lambda *a, **k: lm):
         yield
 
@@ -106,7 +116,7 @@ def make_trainer(args: argparse.Namespace, mode: str, variant: str) -> Trainer:
     config = bt.make_config(args, mode, precision)
     if variant.endswith("+compile"):
         config = config.model_copy(update={"compile": True})
-    with lm_shared(args.model, args.device):
+    with lm_shared(args.model, args.device, compiled=variant.endswith("+compile")):
         return setup(config, device=args.device, reference=variant == "ref")
 
 

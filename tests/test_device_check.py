@@ -58,3 +58,33 @@ def test_device_check_refuses_unknown_names_and_a_missing_gpu(monkeypatch) -> No
         dc.parse(["--device", "cuda"])
     args = dc.parse(["--device", "cpu"])
     assert (args.model, args.batch_size, args.n_ctx) == ("tiny", 4, 128)
+
+
+def test_compiled_variants_leave_the_uncompiled_ones_alone(tmp_path: Path, monkeypatch) -> None:
+    """fp32+compile beside fp32 (dynamo's eager backend: traced, no code generated): the compiled
+    variant runs on its own copy of the LM, so the uncompiled one's lean blocks stay eager; the
+    losses agree and the report gives compile's ratio."""
+    import torch
+
+    from e2e_sae.lm.fastlm import get_lean_lm
+
+    real = torch.compile
+
+    def eager_compile(fn: object = None, **kwargs: object) -> object:
+        return real(fn, **{**kwargs, "backend": "eager"})
+
+    monkeypatch.setattr(torch, "compile", eager_compile)
+    dc = load_script()
+    argv = "--device cpu --no-tests --modes e2e --variants fp32,fp32+compile --steps 2"
+    argv += f" --warmup 1 --batch-size 1 --n-ctx 16 --out {tmp_path}"
+    result = dc.main(argv.split())
+    shared, copied = dc.lm_on("tiny", "cpu"), dc.lm_copy("tiny", "cpu")
+    assert shared is not copied
+    lean_shared, lean_copied = get_lean_lm(shared), get_lean_lm(copied)
+    assert lean_shared is not None and lean_copied is not None
+    assert lean_shared.compiled is None and lean_copied.compiled is not None
+    (row,) = [r for r in result["rows"] if r["variant"] == "fp32+compile"]
+    assert row["speedup_vs_uncompiled"] > 0
+    assert row["max_rel_loss_diff_vs_uncompiled"] < 1e-5
+    (md,) = tmp_path.glob("device-cpu-*.md")
+    assert "vs uncompiled" in md.read_text()
