@@ -36,7 +36,8 @@ def main() -> None:
     config = bt.make_config(ns, "e2e", args.precision)
     if args.compile:
         config = config.model_copy(update={"compile": True})
-    trainer = setup(config, device="cpu")
+    with bt.lm_shared("smollm2-135m"):  # (the LM make_config loaded; not a second copy)
+        trainer = setup(config, device="cpu")
     tokens = load_file(str(args.data / "tokens.safetensors"))["tokens"]
     n = args.warmup + args.steps
     assert tokens.shape[0] >= n * 4, "benchmarks/peers.py setup wrote too few windows"
