@@ -33,6 +33,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         hooks = check_hooks(config)  # a hook matching nothing fails here, as in the real run
         print(yaml.safe_dump(config_to_yaml_dict(config), sort_keys=False), end="")
         print(f"# {hooks}", file=sys.stderr)
+        if config.precision == "auto":
+            from e2e_sae.lm.load import default_device
+            from e2e_sae.resources import bf16_is_fast
+
+            device = args.device or config.device or default_device()
+            chosen = "bf16" if bf16_is_fast(device) else "fp32"
+            print(f"# precision: auto -> {chosen} on {device}", file=sys.stderr)
         return 0
     from e2e_sae.eval.report import eval_table
     from e2e_sae.training.trainer import train

@@ -150,7 +150,9 @@ class TopKSAE(SAEBase):
         decoder columns: nothing upstream (the LM, earlier SAEs) and no live latent.
         """
         zero = acts.output.new_zeros(())
-        dead = self.dead_mask().nonzero().squeeze(-1)
+        if self.aux_coeff == 0 or self.since_fired_bound() < self.dead_tokens_threshold:
+            return {"auxk": zero}  # (no latent can be dead yet: decided without a read)
+        dead = self.dead_mask().nonzero().squeeze(-1)  # (a read: the dead set's size)
         n_dead = dead.numel()
         if n_dead == 0 or self.aux_coeff == 0:
             return {"auxk": zero}

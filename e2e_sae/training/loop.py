@@ -30,14 +30,8 @@ from e2e_sae.lm.splice import SAETransformer
 from e2e_sae.objective.losses import LossTerm
 from e2e_sae.training.curves import plot_training_curves
 from e2e_sae.training.distributed import Dist, max_over_ranks
-from e2e_sae.training.engine import (
-    NumericalError,
-    TrainState,
-    check_divergence,
-    crossed,
-    loss_term_keys,
-    n_grad_steps,
-)
+from e2e_sae.training.engine import TrainState, crossed, n_grad_steps
+from e2e_sae.training.guard import NumericalError, StepValues
 from e2e_sae.training.resume import Checkpointed, resume_points, save_point
 from e2e_sae.training.runlog import RunLogger
 
@@ -54,7 +48,9 @@ class LoopTrainer(Checkpointed, Protocol):
 
     def train_step(
         self, micro_batches: Iterator[Any], state: TrainState, stats: bool = False
-    ) -> dict[str, float]: ...
+    ) -> StepValues: ...
+
+    def check(self, state: TrainState) -> None: ...
 
     def run_eval(self, progress: bool = False, desc: str = "eval") -> EvalResult | None: ...
 
@@ -78,8 +74,21 @@ class Run:
     saved_at: int = -1
     """n_samples of the last checkpoint written (a signal on a save step writes it once)."""
 
+    def sync(self) -> bool:
+        """Read what the device holds for this run (a host sync): False when the guard found a
+        numerical problem in the steps so far (then `error` holds it and the checkpoints of the
+        weights that caused it are set aside)."""
+        t = self.trainer
+        try:
+            t.check(self.state)
+        except NumericalError as err:
+            self.error = set_aside_bad_point(err, self.run_dir, t.global_batch, t.dist)
+            return False
+        return True
+
     def save(self, final: bool = False) -> None:
-        """A resume point; the newest `keep_last_n_checkpoints` (+ the final one) are kept."""
+        """A resume point; the newest `keep_last_n_checkpoints` (+ the final one) are kept. Call
+        it after a read (`sync`, or the step's values read): the guard's window goes into it."""
         if self.saved_at != self.state.n_samples or final:
             t, keep = self.trainer, self.config.keep_last_n_checkpoints
             keep = keep + (1 if final else 0) if keep is not None else None
@@ -150,13 +159,14 @@ def run_loop(
             bar.update(1)
             signum = stop.requested(d)  # SIGINT / SIGTERM: save, then stop
             if signum:
-                interrupted = [r for r in runs if r.active]
+                interrupted = [r for r in runs if r.active and r.sync()]
                 for r in interrupted:
                     r.save()
                 if interrupted:
                     r = interrupted[0]
                     raise stop.interrupted(r.run_dir, r.state.step, signum, resume_command)
-        if stop.signum:  # came while the last runs were being finished: honoured, nothing lost
+        errors = [r.error for r in runs if r.error is not None]
+        if stop.signum and not errors:  # came while the last runs were finishing: nothing lost
             done_dirs = ", ".join(str(r.run_dir) for r in runs)
             raise SignalInterrupt(
                 stop.signum,
@@ -166,7 +176,6 @@ def run_loop(
     finally:
         bar.close()
         stop.restore()
-    errors = [r.error for r in runs if r.error is not None]
     if errors:
         raise errors[0]
 
@@ -185,19 +194,24 @@ def step_run(
     stop: StopOnSignal | None = None,
 ) -> None:
     """One optimizer step of `r` on `micro`, then its triggers (log, eval, save, finish);
-    `rate()`: the run's tokens per second so far (logged); `stop`: see `finish_run`."""
+    `rate()`: the run's tokens per second so far (logged); `stop`: see `finish_run`.
+
+    Only a step with a trigger reads its values (and the guard's verdict) from the device: a
+    step without one leaves them there, so a GPU is never made to wait."""
     t, state, cfg = r.trainer, r.state, r.config
     log_due = (state.step + 1) % cfg.log_every_n_grad_steps == 0 or state.step == 0
     last = state.step + 1 == r.n_steps
+    bs, every, save_every = t.global_batch, cfg.eval_every_n_samples, cfg.save_every_n_samples
+    eval_due = bool(every) and crossed(state.n_samples + bs, bs, every or 1)
+    save_due = not last and bool(save_every) and crossed(state.n_samples + bs, bs, save_every or 1)
     try:
         values = t.train_step(iter(micro), state, stats=log_due or last)
-        terms = loss_term_keys(values, [term.name for term in t.loss_terms])
-        check_divergence(values, state, cfg.divergence_factor, terms)
+        if not (log_due or last or eval_due or save_due):
+            return
+        r.values = values.read()  # (raises a numerical problem of this or an earlier step)
     except NumericalError as err:
         r.error = set_aside_bad_point(err, r.run_dir, t.global_batch, t.dist)
         return
-    r.values = values
-    bs, every = t.global_batch, cfg.eval_every_n_samples
     if log_due:
         rec = {
             "samples": state.n_samples,
@@ -208,10 +222,9 @@ def step_run(
         }
         rec.update(dead_counts(t.model, cfg.act_frequency_n_tokens))
         r.log.log(rec, step=state.n_samples)
-    if every and crossed(state.n_samples, bs, every):
+    if eval_due:
         log_eval(r, progress=progress)
-    save_every = cfg.save_every_n_samples
-    if not last and save_every and crossed(state.n_samples, bs, save_every):
+    if save_due:
         r.save()
     if last:
         finish_run(r, progress, stop)

@@ -27,13 +27,14 @@ from e2e_sae.data import create_data_loader, data_errors, eval_batches
 from e2e_sae.errors import UserError
 from e2e_sae.eval.evaluate import EvalResult, evaluate
 from e2e_sae.interop.pretrained import load_pretrained_saes
-from e2e_sae.lm.runner import check_vocab
+from e2e_sae.lm.runner import LeanRunner, check_vocab
 from e2e_sae.lm.splice import SAETransformer
 from e2e_sae.objective.forward import StepPlan, make_plan
 from e2e_sae.objective.losses import build_loss_terms
-from e2e_sae.resources import check_memory
+from e2e_sae.resources import bf16_is_fast, check_memory
 from e2e_sae.runs.checkpoint import CONFIG_FILE, write_config
 from e2e_sae.runs.lock import RunLock
+from e2e_sae.saes import TopKSAE
 from e2e_sae.saes.init import Center, center, init_decoder_bias_, tie_encoder_
 from e2e_sae.training.distributed import (
     SINGLE,
@@ -47,7 +48,7 @@ from e2e_sae.training.distributed import (
 from e2e_sae.training.engine import Engine, Resampling, TrainState, make_optimizer, n_grad_steps
 from e2e_sae.training.faults import write_faults
 from e2e_sae.training.feeds import CacheFeed, LMFeed
-from e2e_sae.training.find_run import Resume, find_resume
+from e2e_sae.training.find_run import Resume, find_resume, recorded_precision
 from e2e_sae.training.loop import Run, run_loop
 from e2e_sae.training.resume import restore_point
 from e2e_sae.training.runlog import RunLogger
@@ -203,9 +204,12 @@ def open_teacher_cache(config: Config) -> Any:
 def setup(
     config: Config, device: str | None = None, reference: bool = False, dist: Dist = SINGLE
 ) -> Trainer:
-    """Load the LM, build the SAEs, and prepare optimizer and schedule (no files written)."""
+    """Load the LM, build the SAEs, and prepare optimizer and schedule (no files written).
+    `precision: auto` becomes the precision the SAEs' device runs fast (`concrete_precision`);
+    the trainer's `config` holds it, so the run directory records it."""
     set_seed(config.seed)
     model = SAETransformer.from_config(config, device=device)
+    config = concrete_precision(config, next(model.saes.parameters()).device)
     if config.n_samples is not None and config.n_samples < (
         global_batch := (config.effective_batch_size or config.batch_size) * dist.world_size
     ):
@@ -242,6 +246,8 @@ def setup(
     plan = make_plan(model, config.loss, precision=config.precision)
     if config.teacher_cache is not None:
         plan = dataclasses.replace(plan, teacher=open_teacher_cache(config))
+    if config.compile:
+        compile_step(model, plan, trainable)
     loss_terms = build_loss_terms(config.loss, plan.new_cache, config.kl_chunk_tokens)
     steps = n_grad_steps(config, dist.world_size)
     optimizer, scheduler = make_optimizer(config, model.saes, steps, dist.world_size)
@@ -264,11 +270,36 @@ def setup(
         dist=dist,
         precision=config.precision,
         resampling=resampling,
+        divergence_factor=config.divergence_factor,
         model=model,
         plan=plan,
         eval_plan=eval_plan,
         reference=reference,
     )
+
+
+def compile_step(model: SAETransformer, plan: StepPlan, trainable: list[str]) -> None:
+    """`compile: true`: the trained SAEs' forward and the plan's hook-free LM blocks (where the
+    plan runs on the lean forward) go through `torch.compile`. A TopK SAE on its sparse path is
+    left as it is: one GEMM and sparse products that dynamo does not trace."""
+    for pos in trainable:
+        sae = model.sae(pos)
+        if not (isinstance(sae, TopKSAE) and sae.uses_sparse_path()):
+            sae.compile(dynamic=False)
+    if isinstance(plan.runner, LeanRunner):
+        plan.runner.lean(plan.precision).compile()  # type: ignore[union-attr]
+    else:
+        logger.info("compile: this LM runs without the lean forward; only the SAEs are compiled")
+
+
+def concrete_precision(config: Config, device: torch.device | str) -> Config:
+    """`config` with `precision: auto` replaced by bf16 where `device` multiplies bf16 fast
+    (`resources.bf16_is_fast`), else fp32; any other precision as it is."""
+    if config.precision != "auto":
+        return config
+    precision = "bf16" if bf16_is_fast(device) else "fp32"
+    logger.info("precision: auto -> %s on %s", precision, device)
+    return config.model_copy(update={"precision": precision})
 
 
 @torch.no_grad()
@@ -307,6 +338,8 @@ def train(
     checkpoint. Under torchrun every rank calls this; see `e2e_sae.training.distributed`. Nothing is
     written before the inputs are checked. The run directory is locked while the run lasts."""
     d, device = init_distributed(device or config.device)
+    if resume is not None and config.precision == "auto":  # a run goes on as it was trained
+        config = config.model_copy(update={"precision": recorded_precision(resume, config)})
     t = setup(config, device=device, reference=reference, dist=d)
     locks: list[RunLock] = []
     try:
