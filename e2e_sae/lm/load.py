@@ -33,6 +33,7 @@ from e2e_sae.lm.sources import (
     MODEL_WEIGHTS,
     OFFLINE_MODELS_HINT,
     builtin_model_dir,
+    check_model_name,
     first_line,
 )
 
@@ -247,6 +248,8 @@ def load_lm(config: Config, device: str | None = None) -> LM:
     """The LM of a run config: a HookedTransformer or, for `backend` bridge (or auto on a model
     HookedTransformer does not support), a TransformerBridge (`e2e_sae.lm.bridge`)."""
     name, field = model_name_field(config)
+    if name is not None:
+        check_model_name(name, field)  # a typo of a built-in name: fail now, not after hub retries
     if resolve_backend(config) == "bridge":
         assert name is not None  # the config validator refuses bridge without an HF model
         return load_bridge(name, field, device, config.device_map, config.n_devices)
