@@ -268,6 +268,12 @@ class Config(_Frozen):
         return (self.effective_batch_size or self.batch_size) // self.batch_size
 
     @property
+    def train_tokens(self) -> int:
+        """Training tokens of the run: n_samples windows of train_data.n_ctx tokens."""
+        assert self.n_samples is not None
+        return self.n_samples * self.train_data.n_ctx
+
+    @property
     def n_grad_steps(self) -> int:
         assert self.n_samples is not None
         return max(1, self.n_samples // (self.effective_batch_size or self.batch_size))

@@ -32,7 +32,7 @@ from e2e_sae.lm.load import default_device, load_lm
 from e2e_sae.lm.names import dict_size, filter_names, hook_layer, one_hook, sae_key
 from e2e_sae.lm.runner import LM, LMRunner, make_runner, move_to
 from e2e_sae.lm.runner import Hooks as _Hooks
-from e2e_sae.saes import CacheActs, SAEActs, SAEBase, build_sae
+from e2e_sae.saes import CacheActs, SAEActs, SAEBase, build_sae, sae_kwargs
 from e2e_sae.wandb_utils import download_wandb_run
 
 
@@ -99,6 +99,27 @@ class HookShapes(dict[str, tuple[int, ...]]):
         return self._measure(hook_names)
 
 
+class SAEDict(nn.ModuleDict):
+    """A model's SAEs, keyed by `sae_key(position)` (ModuleDict keys may not hold '.', so
+    `blocks-2-hook_resid_pre`, as in the original library); indexing and `in` also take the hook
+    name itself (`saes["blocks.2.hook_resid_pre"]`)."""
+
+    def __getitem__(self, key: str) -> nn.Module:
+        try:
+            return super().__getitem__(sae_key(key))
+        except KeyError:
+            have = ", ".join(k.replace("-", ".") for k in self.keys())
+            raise KeyError(
+                f"no SAE at '{key}' (SAEs at: {have}); see model.sae(position)"
+            ) from None
+
+    def __setitem__(self, key: str, module: nn.Module) -> None:
+        super().__setitem__(sae_key(key), module)
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and super().__contains__(sae_key(key))
+
+
 class SAETransformer(nn.Module):
     """A frozen LM (HookedTransformer or TransformerBridge, `tlens_model`; run through `lm`) plus
     a ModuleDict of SAEs keyed by `sae_key(position)`.
@@ -146,7 +167,7 @@ class SAETransformer(nn.Module):
                 raise ConfigError(
                     f"saes.transcoders: input '{site.input_hook}' runs after output '{pos}'"
                 )
-        self.saes = nn.ModuleDict()
+        self.saes: nn.ModuleDict = SAEDict()
         self.architecture = architecture
         # Set by `from_local_path` / `checkpoint.load_run`: the run's config, its directory and
         # the checkpoint file loaded (None for a model built in code).
@@ -645,9 +666,7 @@ def build_model(config: Config, device: str | None = None) -> SAETransformer:
     # would be the same whatever `seed` the run config sets.
     torch.manual_seed(config.seed)
     s = config.saes
-    kwargs: dict[str, Any] = dict(s.architecture_kwargs)
-    if s.k is not None:
-        kwargs["k"] = s.k
+    kwargs = sae_kwargs(s.architecture, s.architecture_kwargs, s.k, config.train_tokens)
     model = SAETransformer(
         tlens,
         s.sae_positions,

@@ -165,6 +165,17 @@ class SAEBase(nn.Module):
         """Constructor arguments beyond sizes, stored with checkpoints."""
         return {}
 
+    @classmethod
+    def run_defaults(cls, run_tokens: int | None) -> dict[str, Any]:
+        """Defaults of constructor arguments that depend on the run's length in training tokens
+        (None: unknown); `architecture_kwargs` override them."""
+        return {}
+
+    def idle_aux_losses(self, run_tokens: int) -> list[str]:
+        """Why an auxiliary loss of this SAE can never act in a run of `run_tokens` training
+        tokens (one line each; empty when every one can)."""
+        return []
+
     @torch.no_grad()
     def center_input_(self, center: Tensor) -> None:
         """Shift the encoder's biases so that it sees x - center [d_in] (data-centred init)."""

@@ -35,7 +35,7 @@ from e2e_sae.errors import ConfigError, UserError
 from e2e_sae.lm.load import check_device
 from e2e_sae.lm.splice import SAETransformer, SpliceSite, dict_size, sae_key
 from e2e_sae.objective.losses import build_loss_terms
-from e2e_sae.saes import build_sae
+from e2e_sae.saes import build_sae, sae_kwargs
 from e2e_sae.training.distributed import dist_from_env
 from e2e_sae.training.engine import Engine, TrainState, make_optimizer, n_grad_steps
 from e2e_sae.training.feeds import CacheFeed
@@ -62,9 +62,7 @@ class CachedTrainer(Engine):
         check_cacheable(config)
         sites = resolve_sites(config, all_hook_names)
         s = config.saes
-        kwargs: dict[str, Any] = dict(s.architecture_kwargs)
-        if s.k is not None:
-            kwargs["k"] = s.k
+        kwargs = sae_kwargs(s.architecture, s.architecture_kwargs, s.k, config.train_tokens)
         saes = nn.ModuleDict()
         for pos, site in sites.items():
             for h in (site.input_hook, site.output_hook):

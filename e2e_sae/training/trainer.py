@@ -22,11 +22,13 @@ from e2e_sae.caches.teacher import TeacherCache, check_teacher_config
 from e2e_sae.config import Config, DatasetConfig
 from e2e_sae.data import create_data_loader, data_errors
 from e2e_sae.errors import UserError
-from e2e_sae.eval.evaluate import EvalResult, evaluate
+from e2e_sae.eval.evaluate import EvalResult, eval_batches, eval_settings, evaluate
 from e2e_sae.interop.pretrained import load_pretrained_saes
+from e2e_sae.lm.names import check_after_first_sae
 from e2e_sae.lm.splice import SAETransformer, build_model, check_vocab, filter_names
 from e2e_sae.objective.forward import StepPlan, make_plan
 from e2e_sae.objective.losses import build_loss_terms
+from e2e_sae.saes import idle_aux_warnings
 from e2e_sae.training.distributed import SINGLE, Dist, broadcast_state, init_distributed, shutdown
 from e2e_sae.training.engine import Engine, TrainState, make_optimizer
 from e2e_sae.training.feeds import CacheFeed, LMFeed
@@ -136,23 +138,25 @@ class Trainer(Engine):
         cfg = self.config
         if cfg.eval_data is None or not cfg.eval_n_samples:
             return None
-        n_batches = max(1, cfg.eval_n_samples // cfg.batch_size)
-        seed = cfg.seed + 42  # a different order from training, as in the original
-        batches = self.batches(cfg.eval_data, seed)
+        # the windows `e2e-sae eval` scans by default: eval_n_samples of them, in its order
+        n = cfg.eval_n_samples
+        batches, n_batches = eval_batches(cfg.eval_data, cfg.batch_size, n, cfg.seed)
         self.model.eval()
         with tqdm(
             total=n_batches, desc=desc, unit="batch", leave=False, disable=not progress
         ) as bar:
-            return evaluate(
+            result = evaluate(
                 self.model, _counted(batches, bar), n_batches, self.eval_plan, self.loss_terms
             )
+        result.settings = eval_settings(cfg.eval_data, n, cfg.batch_size, cfg.seed, None)
+        return result
 
     def check_eval_data(self) -> None:
         """Load the first eval batch now, so a bad eval dataset fails before anything is written."""
         cfg = self.config
         if cfg.eval_data is not None and cfg.eval_n_samples:
             with data_errors("eval_data"):
-                first = next(self.batches(cfg.eval_data, cfg.seed + 42))
+                first = next(eval_batches(cfg.eval_data, cfg.batch_size, 1, cfg.seed)[0])
             check_vocab(self.model, first, "eval_data")
 
 
@@ -191,6 +195,8 @@ def setup(
     for pos in frozen:
         model.sae(pos).requires_grad_(False)
     trainable = [p for p in model.sae_positions if p not in frozen]
+    for line in idle_aux_warnings(config, {p: model.sae(p) for p in trainable}):
+        logger.warning(line)
     if not trainable:
         raise UserError("saes.retrain_saes: every SAE is frozen, so nothing would train")
     broadcast_state(model.saes, dist)  # every rank starts from rank 0's SAEs, as DDP does
@@ -228,13 +234,7 @@ def check_in_to_orig(model: SAETransformer, config: Config) -> None:
     hooks = filter_names(model.all_hook_names, term.hook_positions, field)
     outputs = [model.sites[p].output_hook for p in model.sae_positions]
     order = list(model.hook_shapes([*outputs, *hooks]))  # in the order the forward pass runs
-    first = min(outputs, key=order.index)
-    early = [h for h in hooks if order.index(h) <= order.index(first)]
-    if early:
-        raise UserError(
-            f"{field}: '{early[0]}' is not after the first SAE ('{first}'), where the "
-            "spliced run equals the clean run (the term would be 0)"
-        )
+    check_after_first_sae(order, outputs, hooks, field)
 
 
 def train(
