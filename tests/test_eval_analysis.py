@@ -990,3 +990,50 @@ def test_paper_scale_script_builds_the_papers_settings() -> None:
     assert ds.loss.in_to_orig.hook_positions[0] == "blocks.15.hook_resid_post"
     assert len(ds.loss.in_to_orig.hook_positions) == 15 and ds.loss.logits_kl.coeff == 0.5
     assert mod.run_config(args, "e2e", 1.0, args.calib_tokens).n_samples == int(2e6 // 1024)
+
+
+# --- honest eval numbers --------------------------------------------------------------------------
+def test_eval_records_its_settings_and_never_silently_replaces_others(
+    token_data: Path, tmp_path: Path, capsys
+) -> None:
+    # eval_n_samples 6 is not a multiple of batch_size 4: training's evaluations and `eval` must
+    # still scan the same 6 windows (96 tokens), in the same order
+    cfg = _config(token_data, tmp_path, eval_n_samples=6, n_samples=16, eval_every_n_samples=8)
+    run = train(cfg, tmp_path / "run", progress=False)
+    evals = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+    last = [r for r in evals if "eval/kl" in r][-1]
+    assert last["eval/n_tokens"] == 96
+    assert main(["eval", str(run)]) == 0
+    ev = json.loads((run / "eval.json").read_text())
+    assert ev["n_tokens"] == 96 and ev["kl"] == pytest.approx(last["eval/kl"], rel=1e-5)
+    assert ev["per_sae"]["blocks.1.hook_resid_pre"]["l0"] == pytest.approx(
+        last["eval/l0/blocks.1.hook_resid_pre"], rel=1e-5
+    )
+    assert ev["settings"] == {
+        "dataset": str(token_data),
+        "split": "train",
+        "tokenizer_name": None,
+        "n_ctx": 16,
+        "n_windows": 6,
+        "n_tokens": 96,
+        "batch_size": 4,
+        "data_seed": 42,
+        "checkpoint": "samples_16.safetensors",
+    }
+    before = (run / "eval.json").read_text()
+    # The same settings again: rewritten (the same numbers). Other settings: refused, unchanged.
+    assert main(["eval", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(run), "--n-tokens", "32"]) == 2
+    err = capsys.readouterr().err
+    assert "n_windows: 6 -> 2" in err and "n_tokens: 96 -> 32" in err and "--overwrite" in err
+    assert (run / "eval.json").read_text() == before
+    assert main(["eval", str(run), "--n-tokens", "32", "--out", str(tmp_path / "e32.json")]) == 0
+    assert json.loads((tmp_path / "e32.json").read_text())["settings"]["n_tokens"] == 32
+    assert (tmp_path / "e32.feature_frequency.safetensors").is_file()
+    assert main(["eval", str(run), "--n-tokens", "32", "--overwrite"]) == 0
+    assert json.loads((run / "eval.json").read_text())["n_tokens"] == 32
+    # a file without settings (an older version's) is not replaced silently either
+    (run / "eval.json").write_text(json.dumps({"n_tokens": 96.0}))
+    assert main(["eval", str(run)]) == 2
+    assert "records no settings" in capsys.readouterr().err

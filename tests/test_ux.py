@@ -116,9 +116,89 @@ def test_dry_run_checks_hooks_against_the_model(config_dict, tmp_path: Path, cap
     assert main(["train", str(path), "--dry-run"]) == 0
     captured = capsys.readouterr()
     positions = ", ".join(f"blocks.{i}.hook_resid_pre" for i in range(3))
-    assert f"SAE positions: {positions}" in captured.err
+    assert f"\n# SAE positions: {positions} (relu)\n" in captured.out
+    assert captured.out.endswith("\n")  # the report lines are YAML comments: still a config
     assert yaml.safe_load(captured.out)["saes"]["sae_positions"] == ["hook_resid_pre"]
     assert not (tmp_path / "runs").exists()
+    # A pattern matches whole dot-separated parts: a truncated hook name matches nothing.
+    cfg["saes"]["sae_positions"] = ["blocks.1.hook_resid_pr"]
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(path), "--dry-run"]) == 2
+    assert "did you mean 'blocks.1.hook_resid_pre'?" in capsys.readouterr().err
+
+
+def test_hook_patterns_match_whole_name_parts() -> None:
+    from e2e_sae.lm.names import filter_names, matches_pattern
+
+    names = [
+        "hook_embed",
+        "blocks.1.hook_resid_pre",
+        "blocks.1.attn.hook_q",
+        "blocks.12.hook_resid_pre",
+    ]
+    assert filter_names(names, ["hook_resid_pre"], "f") == [names[1], names[3]]
+    assert filter_names(names, ["blocks.1"], "f") == names[1:3]  # not blocks.12
+    assert filter_names(names, ["attn.hook_q"], "f") == [names[2]]
+    for partial in ("blocks.1.hook_resid_pr", "resid_pre", "hook_resid", "locks.1"):
+        assert not any(matches_pattern(n, partial) for n in names), partial
+        with pytest.raises(ConfigError, match="matches no hook"):
+            filter_names(names, [partial], "saes.sae_positions")
+
+
+# Each of these passed `--dry-run` before and failed only in the real run (on the built-in
+# shakespeare-lm: d_vocab 4096, n_ctx 128).
+DRY_RUN_CATCHES = [
+    ({"saes.architecture": "TopK"}, "saes.architecture: unknown 'TopK' (did you mean 'topk'?"),
+    ({"saes.architecture": "topk"}, "saes.k: required for architecture 'topk'"),
+    (
+        {"saes.architecture": "matryoshka", "saes.k": 8},
+        "saes.architecture_kwargs.matryoshka_widths",
+    ),
+    (
+        {"train_data.tokenizer_name": "gpt2"},
+        "train_data.tokenizer_name: 'gpt2' has 50,257 tokens, more than the model's d_vocab 4,096",
+    ),
+    ({"eval_data.n_ctx": 512}, "eval_data.n_ctx: 512 is longer than the model's context n_ctx=128"),
+    ({"train_data.dataset_name": "./no/such/corpus"}, "path './no/such/corpus' does not exist"),
+    ({"train_data.dataset_name": "shakespear"}, "(did you mean 'shakespeare'?)"),
+    ({"eval_data.tokenizer_name": "shakespeare_bpe"}, "(did you mean 'shakespeare-bpe'?)"),
+    ({"tlens_model_name": "shakespeare_lm"}, "unknown model 'shakespeare_lm' (did you mean"),
+    (
+        {"saes.sae_positions": ["blocks.2.hook_resid_pr"]},
+        "(did you mean 'blocks.2.hook_resid_pre'?)",
+    ),
+    ({"teacher_cache": "no/such/cache"}, "teacher_cache: no/such/cache does not exist"),
+]
+
+
+@pytest.mark.parametrize(("change", "needle"), DRY_RUN_CATCHES, ids=lambda v: str(v)[:40])
+def test_dry_run_catches_what_the_run_catches(change, needle, tmp_path: Path, capsys) -> None:
+    from e2e_sae.cli.demo import demo_config_dict
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(demo_config_dict(save_dir=tmp_path / "runs")))
+    sets = [f"--set={k}={json.dumps(v)}" for k, v in change.items()]
+    assert main(["train", str(path), "--dry-run", *sets]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err, err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_dry_run_warns_when_an_aux_loss_can_never_act(tmp_path: Path, capsys) -> None:
+    from e2e_sae.cli.demo import demo_config_dict
+
+    path = tmp_path / "c.yaml"
+    cfg = demo_config_dict(save_dir=tmp_path / "runs")
+    cfg["saes"].update(architecture="topk", k=8)
+    path.write_text(yaml.safe_dump(cfg))
+    # the default dead threshold (a tenth of the run's 512,000 tokens) lets AuxK act
+    assert main(["train", str(path), "--dry-run"]) == 0
+    assert "warning" not in capsys.readouterr().out
+    fixed = "--set=saes.architecture_kwargs.dead_tokens_threshold=10000000"
+    assert main(["train", str(path), "--dry-run", fixed]) == 0
+    out = capsys.readouterr().out
+    assert "# warning: blocks.2.hook_resid_pre: AuxK can never act" in out
+    assert "(10,000,000 tokens) is not below the run's 512,000 training tokens" in out
 
 
 def test_dry_run_checks_in_to_orig_hooks_of_a_builtin_model(tmp_path: Path, capsys) -> None:
@@ -339,3 +419,63 @@ def test_eval_and_browse_count_dead_over_the_same_tokens(two_runs: list[Path], t
     assert (int(m.group(1)), int(m.group(2)), int(m.group(3))) == (n, dead, n)
     counts = result.feature_counts[POS]
     assert dead == int((counts == 0).sum())
+
+
+# --- small things ---------------------------------------------------------------------------------
+def test_train_takes_set_and_n_samples(config_dict, tmp_path: Path, capsys) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config_dict(n_samples=64, eval_n_samples=4)))
+    args = ["train", str(path), "--n-samples", "8", "--set", "loss.sparsity.coeff=2.5e-1"]
+    assert main([*args, "--set", "run_name=tiny"]) == 0
+    (run,) = (tmp_path / "runs").glob("tiny_*")
+    final = yaml.safe_load((run / "final_config.yaml").read_text())
+    assert final["n_samples"] == 8 and final["loss"]["sparsity"]["coeff"] == 0.25
+    assert [p.name for p in run.glob("samples_*.safetensors")] == ["samples_8.safetensors"]
+    assert main(["train", str(path), "--dry-run", "--set", "lr"]) == 2
+    assert "--set: expected KEY=VALUE" in capsys.readouterr().err
+    assert main(["train", str(path), "--dry-run", "--set", "saes.k=x"]) == 2
+    assert "c.yaml (with --set / --n-samples): saes.k" in capsys.readouterr().err
+
+
+def test_saes_are_indexed_by_hook_name_too(config_dict) -> None:
+    from e2e_sae.lm.splice import build_model
+
+    model = build_model(load_config(config_dict()), device="cpu")
+    pos = "blocks.1.hook_resid_pre"
+    assert model.saes[pos] is model.sae(pos) is model.saes["blocks-1-hook_resid_pre"]
+    assert pos in model.saes and "blocks.2.hook_resid_pre" not in model.saes
+    assert list(model.saes.keys()) == ["blocks-1-hook_resid_pre"]  # the original's keys
+    with pytest.raises(KeyError, match=r"no SAE at 'blocks.2.hook_resid_pre'.*model.sae\("):
+        model.saes["blocks.2.hook_resid_pre"]
+
+
+def test_auxk_dead_threshold_defaults_to_the_runs_length(config_dict, caplog) -> None:
+    from e2e_sae.lm.splice import build_model
+    from e2e_sae.saes import TopKSAE
+    from e2e_sae.training.trainer import setup
+
+    topk = {"sae_positions": ["blocks.1.hook_resid_pre"], "architecture": "topk", "k": 4}
+    for arch in ("topk", "batchtopk", "matryoshka"):
+        saes = {**topk, "architecture": arch}
+        if arch == "matryoshka":
+            saes["architecture_kwargs"] = {"matryoshka_widths": [16, 32]}
+        cfg = load_config(config_dict(saes=saes, loss={"out_to_in": {"coeff": 1.0}}))
+        sae = build_model(cfg, device="cpu").sae("blocks.1.hook_resid_pre")
+        assert isinstance(sae, TopKSAE)
+        assert sae.dead_tokens_threshold == 32 * 16 // 10  # a tenth of 512 training tokens
+    # Gao et al.'s 10M for long runs; a given threshold wins
+    big = load_config(config_dict(saes=topk, n_samples=10**7, loss={"out_to_in": {"coeff": 1}}))
+    assert build_model(big, device="cpu").sae("blocks.1.hook_resid_pre").dead_tokens_threshold == (
+        10_000_000
+    )
+    fixed = {**topk, "architecture_kwargs": {"dead_tokens_threshold": 10_000}}
+    cfg = load_config(config_dict(saes=fixed, loss={"out_to_in": {"coeff": 1.0}}))
+    with caplog.at_level("WARNING"):
+        setup(cfg, device="cpu")
+    assert "AuxK can never act" in caplog.text and "run's 512 training tokens" in caplog.text
+    # relu resampling that starts after the first half
+    caplog.clear()
+    late = {"sae_positions": ["blocks.1.hook_resid_pre"], "resample_every_n_samples": 20}
+    with caplog.at_level("WARNING"):
+        setup(load_config(config_dict(saes=late)), device="cpu")
+    assert "resampling can never act" in caplog.text

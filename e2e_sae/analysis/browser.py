@@ -43,10 +43,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from e2e_sae.data import create_data_loader
 from e2e_sae.data.tokenizer import load_tokenizer
 from e2e_sae.errors import UserError
-from e2e_sae.eval.evaluate import eval_dataset
+from e2e_sae.eval.evaluate import eval_batches, eval_dataset, eval_windows
 from e2e_sae.lm.splice import SAETransformer, load_run
 
 # Histogram / quantile-sample bins of a feature's nonzero activations: 4 per decade over
@@ -876,9 +875,8 @@ def write_browser(
         else config.train_data
     )
     bs = batch_size or config.batch_size
-    n_tokens = n_tokens or (config.eval_n_samples or 50) * ds.n_ctx  # as evaluate_run
-    n_batches = max(1, math.ceil(n_tokens / (bs * ds.n_ctx)))
-    batches = create_data_loader(ds, bs, config.seed + 42)
+    # the windows `e2e-sae eval` scans, in its order, so both count the same dead latents
+    batches, n_batches = eval_batches(ds, bs, eval_windows(config, n_tokens, ds.n_ctx), config.seed)
     model.eval()
     tokenizer = _tokenizer_for(model, ds.tokenizer_name)
     special = list(getattr(tokenizer, "all_special_ids", None) or [])

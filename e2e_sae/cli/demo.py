@@ -51,6 +51,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         getattr(args, "n_samples", None),
         getattr(args, "eval_n_samples", None),
     )
+    from e2e_sae.training.sweep import parse_set, set_dotted
+
+    for key, value in parse_set(getattr(args, "set", None) or []).items():
+        set_dotted(overrides, key, value)  # `e2e-sae train --set KEY=VALUE` without a config
     config = load_config(overrides)
     assert isinstance(config, Config)
     print(
