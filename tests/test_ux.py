@@ -225,6 +225,37 @@ def test_token_rate_is_current_not_cumulative() -> None:
     assert format_rate(2.5e6) == "2.5M tok/s"
 
 
+def test_speed_and_eta_leave_evaluation_out() -> None:
+    import io
+
+    from tqdm import tqdm
+
+    from e2e_sae.training.loop import pause_bar
+
+    # 10 steps of 1 s, then a 60 s evaluation, then a step: the current speed stays 1 step/s
+    r = TokenRate(window_s=5.0, now=0.0)
+    for t in range(1, 11):
+        r.update(100, now=float(t))
+    r.pause(60.0)
+    assert r.update(100, now=71.0) == pytest.approx(100.0)
+    clock = [0.0]
+    bar = tqdm(total=20, file=io.StringIO(), mininterval=0, smoothing=0)
+    bar._time = lambda: clock[0]  # type: ignore[attr-defined]
+    bar.start_t = bar.last_print_t = 0.0
+    for _ in range(10):
+        clock[0] += 1.0
+        bar.update(1)
+    clock[0] += 60.0  # the evaluation
+    pause_bar(bar, 60.0)
+    clock[0] += 1.0
+    bar.update(1)
+    info = bar.format_dict
+    assert info["elapsed"] == pytest.approx(11.0)
+    assert info["n"] / info["elapsed"] == pytest.approx(1.0)  # the rate tqdm shows and its ETA use
+    bar.close()
+    pause_bar(tqdm(total=1, disable=True), 1.0)  # a disabled bar has no clock: nothing to do
+
+
 # --- a training run: curves, progress, dead window ------------------------------------------------
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory: pytest.TempPathFactory, token_data: Path) -> list[Path]:
