@@ -537,8 +537,11 @@ def test_plots_from_run_dirs(runs: dict[str, Path], tmp_path: Path) -> None:
         assert "<svg" in (out / f"{stem}.svg").read_text()[:2000]
     # The SVGs carry their text as comments: the types and the panels are named.
     pareto = (out / "pareto_l0_ce_increase.svg").read_text()
-    for t in ("local (2 runs)", "e2e (1 runs)", "e2e+ds (1 runs)"):
+    for t in ("local · relu (2 runs)", "e2e · relu (1 run)", "e2e+ds · relu (1 run)"):
         assert t in pareto
+    assert (
+        "| local relu λ=0.1, seed=0 | local | relu | λ=0.1 | 0 |" in (out / "runs.md").read_text()
+    )
     geometry = (out / "dictionary_geometry.svg").read_text()
     assert "other seed" in geometry and "local vs e2e" in geometry
     assert [i.sae_type for i in infos] == ["local", "local", "e2e", "e2e+ds"]

@@ -10,6 +10,7 @@ import pytest
 import yaml
 from conftest import make_config_dict
 
+from e2e_sae.analysis.overlay import plot_curves_overlay
 from e2e_sae.analysis.plots import (
     RunInfo,
     downstream_figure,
@@ -20,7 +21,7 @@ from e2e_sae.analysis.plots import (
 from e2e_sae.cli import main
 from e2e_sae.config import Config, load_config, yaml_load
 from e2e_sae.errors import ConfigError
-from e2e_sae.training.curves import CURVES_FILE, panel_title, plot_curves_overlay
+from e2e_sae.training.curves import CURVES_FILE, panel_title
 from e2e_sae.training.loop import TokenRate, format_rate
 from e2e_sae.training.sweep import load_sweep, parse_set
 from e2e_sae.training.trainer import train
@@ -311,6 +312,7 @@ def test_curves_overlay_has_one_line_per_run(two_runs: list[Path], tmp_path: Pat
     assert [p.name for p in out.paths] == [
         "training_curves_overlay.png",
         "training_curves_overlay.svg",
+        "training_curves_overlay.md",  # the side table: label -> run directory
     ]
     assert out.paths[0].read_bytes()[:8] == PNG_MAGIC
     names = [d.name for d in two_runs]
@@ -372,10 +374,9 @@ def test_downstream_one_colour_per_run_and_full_names(token_data: Path, tmp_path
     ax_ev, ax_mse = fig.axes
     colors = [line.get_color() for line in ax_ev.get_lines()]
     assert len(colors) == 3 and len(set(colors)) == 3
-    legend = ax_ev.get_legend()
-    assert legend is not None
+    (legend,) = fig.legends
     texts = [t.get_text() for t in legend.get_texts()]
-    assert texts == [f"e2e: {LONG}-{i} (λ={c:g})" for i, c in enumerate((0.5, 1.0, 2.0))]
+    assert texts == [f"e2e relu λ={c:g}" for c in (0.5, 1.0, 2.0)]  # full names: runs.md
     # The MSE axis is logarithmic over less than a decade: its labels are plain numbers.
     fig.canvas.draw()
     labels = [t.get_text() for t in ax_mse.get_yticklabels(which="both") if t.get_text()]
@@ -398,11 +399,11 @@ def test_tradeoff_draws_the_front_and_labels_points(token_data: Path, tmp_path: 
     assert front.get_linestyle() == "-" and front.get_marker() == "o"
     assert list(rest.get_xdata()) == [20] and rest.get_linestyle() == "None"
     assert [t.get_text() for t in ax.texts] == ["λ=2", "λ=0.5", "λ=0.1"]  # sorted by L0
-    legend = ax.get_legend()
-    assert legend is not None
+    (legend,) = fig.legends
     assert [t.get_text() for t in legend.get_texts()] == [
-        "local (3 runs): Pareto front, 2 points",
-        "local: other runs",
+        "local · relu (3 runs)",
+        "filled, joined: its group's Pareto front",
+        "hollow: beaten in both by its group",
     ]
 
 
