@@ -459,15 +459,16 @@ def correlated_features(
     d_sae: int,
     features: Tensor,
     k: int = 8,
-    chunk: int = 512,
+    chunk: int = 1024,
 ) -> tuple[Tensor, Tensor]:
     """Per feature in `features`, the `k` other latents whose activations correlate most with its
     own over `n_tokens` tokens (Pearson r of the activations, zeros included; latents that never
     fire there are left out), from the code's nonzero entries (`rows` = token, `cols` = latent,
     `values`). Returns ([F, k] latent ids, [F, k] r); fewer than k live latents: padded with
     id -1, r nan."""
+    # float32 products and correlations (3 digits are shown); means and variances in float64
     c = torch.sparse_coo_tensor(
-        torch.stack([rows, cols]), values.double(), (n_tokens, d_sae), check_invariants=True
+        torch.stack([rows, cols]), values.float(), (n_tokens, d_sae), check_invariants=True
     ).coalesce()
     mean = torch.zeros(d_sae, dtype=torch.float64).index_add_(0, cols, values.double()) / n_tokens
     sq = torch.zeros(d_sae, dtype=torch.float64).index_add_(0, cols, values.double() ** 2)
@@ -476,24 +477,28 @@ def correlated_features(
     n_ok = int(live.sum())
     kk = min(k, max(0, n_ok - 1))
     ct = c.t().coalesce()
+    chunk = max(16, min(chunk, 2**24 // max(1, n_tokens)))  # [tokens, chunk] stays <= 64 MB
+    mean32, sd32 = mean.float(), sd.float()
+    slot_of = torch.full((d_sae,), -1, dtype=torch.long)
     ids_out, r_out = [], []
     for s in range(0, features.numel(), chunk):
         f = features[s : s + chunk]
-        dense = torch.zeros(n_tokens, f.numel(), dtype=torch.float64)
-        sel = torch.isin(cols, f)
-        pos = torch.searchsorted(f.sort().values, cols[sel])
-        order = f.argsort()
-        dense.index_put_((rows[sel], order[pos]), values[sel].double(), accumulate=True)
+        slot_of[f] = torch.arange(f.numel())
+        slot = slot_of[cols]
+        sel = slot >= 0
+        slot_of[f] = -1
+        dense = torch.zeros(n_tokens, f.numel())
+        dense.index_put_((rows[sel], slot[sel]), values[sel].float(), accumulate=True)
         gram = torch.sparse.mm(ct, dense).T  # [chunk, d_sae]: sum_t c_f(t) c_j(t)
-        cov = gram / n_tokens - mean[f][:, None] * mean[None, :]
-        r = cov / (sd[f][:, None] * sd[None, :]).clamp(min=1e-30)
+        r = gram.div_(n_tokens).sub_(mean32[f][:, None] * mean32[None, :])
+        r.div_((sd32[f][:, None] * sd32[None, :]).clamp_(min=1e-30))
         r[:, ~live] = -2.0
         r[torch.arange(f.numel()), f] = -2.0
         v, i = r.topk(kk, dim=1)
         dead_row = ~live[f]
         v[dead_row], i[dead_row] = float("nan"), -1
         ids_out.append(i)
-        r_out.append(v.float())
+        r_out.append(v)
     pad = k - kk
     ids, rs = torch.cat(ids_out), torch.cat(r_out)
     if pad:
