@@ -38,7 +38,6 @@ sys.path.insert(0, str(HERE))
 import bench_train as bt  # noqa: E402
 
 from e2e_sae.caches.activations import lm_activation_batches  # noqa: E402
-from e2e_sae.training.cached import CachedTrainer, train_together  # noqa: E402
 from e2e_sae.training.engine import TrainState  # noqa: E402
 from e2e_sae.training.trainer import setup  # noqa: E402
 
@@ -63,6 +62,7 @@ def import_old(checkout: Path) -> dict[str, ModuleType]:
         "config": first("config"),
         "trainer": first("training.trainer", "train"),
         "cached": first("training.cached", "cached_train"),
+        "engine": first("training.engine", "training.trainer", "train"),
         "acts": first("caches.activations", "act_cache"),
         "load": first("lm.load", "models"),
     }
@@ -94,24 +94,47 @@ def lm_fed(old: dict[str, ModuleType], was: Any, new: Any, batches: list, n: int
     )
 
 
+class CacheFed:
+    """A cache-fed trainer of one side with its own counters: `step(micro)` takes one engine
+    step on activations {hook: tensor} (`Trainer.fed_from_cache`; a checkout from before it had
+    `training.cached.CachedTrainer`)."""
+
+    def __init__(self, side: dict[str, ModuleType], trainer: Any, lm: Any) -> None:
+        if hasattr(side["cached"], "CachedTrainer"):
+            self.t = side["cached"].CachedTrainer.from_model(trainer.config, trainer.model)
+        else:
+            with mock.patch.object(side["load"], "load_tlens_model", lambda *_, **__: lm):
+                self.t = side["trainer"].setup(trainer.config, device="cpu").fed_from_cache()
+            self.t.saes.load_state_dict(trainer.model.saes.state_dict())
+        self.state = side["engine"].TrainState()
+
+    def step(self, micro: Any) -> None:
+        self.t.train_step(iter([micro]), self.state, stats=True)
+
+
 def cache_kinds(
-    old: dict[str, ModuleType], was: Any, new: Any, batches: list, n: int
+    old: dict[str, ModuleType], was: Any, new: Any, batches: list, n: int, lm: Any
 ) -> dict[str, list[float]]:
     """One config from stored activations, a 4-config sweep round, the clean LM pass."""
-    hooks = [new.model.sites[q].input_hook for q in new.model.sae_positions]
+    names = {"cached": "training.cached", "trainer": "training.trainer", "load": "lm.load"}
+    ours = {k: importlib.import_module(f"e2e_sae.{m}") for k, m in names.items()}
+    ours["engine"] = importlib.import_module("e2e_sae.training.engine")
+    hooks = [h for q in new.model.sae_positions for h in new.model.sites[q].hooks]
     acts = next(lm_activation_batches(new.model, iter(batches), hooks))
-    co = old["cached"].CachedTrainer.from_model(was.config, was.model)
-    cn = CachedTrainer.from_model(new.config, new.model)
-    mo = [old["cached"].CachedTrainer.from_model(was.config, was.model) for _ in range(4)]
-    mn = [CachedTrainer.from_model(new.config, new.model) for _ in range(4)]
+    co, cn = CacheFed(old, was, lm), CacheFed(ours, new, lm)
+    mo = [CacheFed(old, was, lm) for _ in range(4)]
+    mn = [CacheFed(ours, new, lm) for _ in range(4)]
     ao = old["acts"].lm_activation_batches(was.model, iter(batches * 100), hooks)
     an = lm_activation_batches(new.model, iter(batches * 100), hooks)
-    together = old["cached"].train_together
+
+    def round_of(members: list[CacheFed], stream: Any) -> None:
+        micro = next(stream)  # one LM pass, then every member's step on it
+        for m in members:
+            m.step(micro)
+
     return {
-        "cached_step": paired(lambda i: co.step(iter([acts])), lambda i: cn.step(iter([acts])), n),
-        "sweep_round": paired(
-            lambda i: together(mo, ao, 1, False), lambda i: train_together(mn, an, 1, False), n
-        ),
+        "cached_step": paired(lambda i: co.step(acts), lambda i: cn.step(acts), n),
+        "sweep_round": paired(lambda i: round_of(mo, ao), lambda i: round_of(mn, an), n),
         "lm_pass": paired(lambda i: next(ao), lambda i: next(an), n),
     }
 
@@ -152,7 +175,7 @@ def main() -> None:
             n = a.steps if mode == "local" else max(4, a.steps // 4)
             out[mode] = lm_fed(old, *both(mode), batches, n)
         elif mode == "cache":
-            out.update(cache_kinds(old, *both("local"), batches, a.steps))
+            out.update(cache_kinds(old, *both("local"), batches, a.steps, lm))
         else:
             p.error(f"--modes: unknown '{mode}' (cache, local, e2e)")
     print(json.dumps({"model": a.model, "old": str(a.old), "old_time/new_time": out}))

@@ -189,6 +189,12 @@ def make_trainer(args: argparse.Namespace, mode: str, variant: str) -> Trainer:
         return setup(make_config(args, mode, precision), device="cpu", reference=variant == "ref")
 
 
+def cache_fed(args: argparse.Namespace, config: Config) -> Trainer:
+    """A trainer of `config` (a local run) fed stored activations instead of the LM."""
+    with lm_shared(args.model):
+        return setup(config, device="cpu").fed_from_cache()
+
+
 # --- measurements ---------------------------------------------------------------------------------
 def peak_rss_reset() -> None:
     with contextlib.suppress(OSError):
@@ -328,7 +334,6 @@ def bench_cache(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Local training from an activation cache vs with the LM; a 4-config sparsity sweep from one
     LM pass per batch vs 4 separate fast local runs."""
     from e2e_sae.caches.activations import ActivationCache, lm_activation_batches
-    from e2e_sae.training.cached import CachedTrainer, train_together
 
     n = args.warmup + args.steps
     batches = token_batches(args, n)
@@ -341,14 +346,14 @@ def bench_cache(args: argparse.Namespace) -> list[dict[str, Any]]:
             lambda: ActivationCache.build(model, batches, n, Path(tmp) / "acts", progress=False)
         )
         cfg = trainers["fast"].config
-        cached = CachedTrainer.from_model(cfg, model)
+        cached = cache_fed(args, cfg)  # the same initial SAE weights
         cache_batches = cache.batches(args.batch_size, seed=None)
-        states = {v: TrainState() for v in variants}
+        states = {v: TrainState() for v in [*variants, "cache"]}
         fns: dict[str, Callable[[int], Any]] = {
             v: (lambda i, v=v: trainers[v].train_step(iter([batches[i]]), states[v]))
             for v in variants
         }
-        fns["cache"] = lambda i: cached.step(cache_batches)
+        fns["cache"] = lambda i: cached.train_step(cache_batches, states["cache"], stats=True)
         for i in range(args.warmup):
             for f in fns.values():
                 f(i)
@@ -381,12 +386,21 @@ def bench_cache(args: argparse.Namespace) -> list[dict[str, Any]]:
             )
             for c in (0.5, 1.0, 2.0, 4.0)
         ]
-    members = [CachedTrainer.from_model(c, model) for c in sweep_cfgs]
+    members = [cache_fed(args, c) for c in sweep_cfgs]
+    member_states = [TrainState() for _ in members]
     acts = lm_activation_batches(model, iter(batches * 2), hooks)
-    train_together(members, acts, n_steps=args.warmup, progress=False)
+
+    def sweep_round(i: int = 0) -> None:
+        """One LM pass, then one step of every member on its activations."""
+        micro = next(acts)
+        for m, st in zip(members, member_states, strict=True):
+            m.train_step(iter([micro]), st, stats=True)
+
+    for i in range(args.warmup):
+        sweep_round(i)
     sweep_t, _ = interleaved(
         {
-            "sweep": lambda i: train_together(members, acts, n_steps=1, progress=False),
+            "sweep": sweep_round,
             "fast": lambda i: trainers["fast"].train_step(iter([batches[i]]), TrainState()),
         },
         args.steps,

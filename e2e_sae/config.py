@@ -15,19 +15,59 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
     NonNegativeFloat,
-    NonNegativeInt,
     PositiveFloat,
-    PositiveInt,
     ValidationError,
     model_validator,
 )
 
 from e2e_sae.errors import ConfigError
+
+MAX_COUNT = 10**12
+"""The largest count (windows, samples, tokens per chunk, steps, ...) a config may hold: far above
+any run (a trillion windows), far below where int64 counters and seeded generators overflow."""
+MAX_TRAIN_TOKENS = 10**13
+"""The most tokens one run may train on (n_samples x n_ctx): 20 years at a million tokens/s."""
+MAX_SEED = 2**32 - 1
+"""Seeds are 0 .. 2**32 - 1 (numpy's range; larger ones overflow the data order's generator)."""
+MAX_NAME_BYTES = 200
+"""A run name becomes a directory name with `_<time>-<n>` appended (most filesystems: 255 bytes)."""
+
+Count = Annotated[int, Field(gt=0, le=MAX_COUNT)]
+"""A positive count, at most MAX_COUNT."""
+Count0 = Annotated[int, Field(ge=0, le=MAX_COUNT)]
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+
+
+def path_component_problem(name: str) -> str | None:
+    """Why `name` is not one safe path component (None when it is): no separator, NUL or control
+    character, not hidden, not `.` / `..`, not empty, at most MAX_NAME_BYTES bytes of UTF-8."""
+    if not name:
+        return "is empty"
+    bad = next((c for c in name if c in "/\\" or ord(c) < 32 or ord(c) == 127), None)
+    if bad is not None:
+        return f"holds {bad!r}; it must be one folder name (no '/', '\\' or control characters)"
+    if name.startswith("."):
+        return "starts with '.' (a hidden folder, or '..': outside save_dir)"
+    size = len(name.encode("utf-8", errors="surrogatepass"))
+    if size > MAX_NAME_BYTES:
+        return f"is {size} bytes long, over the {MAX_NAME_BYTES} a folder name may have here"
+    return None
+
+
+def _path_component(name: str | None) -> str | None:
+    if name is not None and (problem := path_component_problem(name)) is not None:
+        raise ValueError(f"{name[:40]!r}{'...' if len(name) > 40 else ''} {problem}")
+    return name
+
+
+PathComponent = Annotated[str, AfterValidator(_path_component)]
+"""A name that becomes a file or folder name (a run name): one safe path component."""
 
 
 def _to_list(v: Any) -> Any:
@@ -43,7 +83,41 @@ StrList = Annotated[list[str], BeforeValidator(_to_list)]
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: `lr: .inf` or a coefficient of .inf is refused naming the field
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+class OptimizerConfig(_Frozen):
+    """How every trainer here steps (SAE runs, `train-lm`, the MLP's SAEs): micro-batches of
+    `batch_size` accumulated to `effective_batch_size`, the lr warmed up linearly over
+    `warmup_samples` and then decayed (`lr_schedule`) to `min_lr_factor` x lr at the last step,
+    gradients clipped to `max_grad_norm` (`e2e_sae.training.engine`)."""
+
+    batch_size: Count
+    effective_batch_size: Count | None = None
+    lr: PositiveFloat
+    lr_schedule: Literal["linear", "cosine", "constant"] = "cosine"
+    min_lr_factor: NonNegativeFloat = 0.1
+    warmup_samples: Count0 = 0
+    max_grad_norm: PositiveFloat | None = None
+
+    @model_validator(mode="after")
+    def _accumulation(self) -> OptimizerConfig:
+        if self.effective_batch_size is not None and self.effective_batch_size % self.batch_size:
+            raise ValueError(
+                f"effective_batch_size ({self.effective_batch_size}) must be a multiple of "
+                f"batch_size ({self.batch_size})"
+            )
+        return self
+
+    @property
+    def samples_per_step(self) -> int:
+        """Samples per optimizer step (of one process)."""
+        return self.effective_batch_size or self.batch_size
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return self.samples_per_step // self.batch_size
 
 
 class DatasetConfig(_Frozen):
@@ -54,13 +128,13 @@ class DatasetConfig(_Frozen):
     tokenizer_name: str | None = None
     streaming: bool = True
     split: str = "train"
-    n_ctx: PositiveInt
-    seed: int | None = None
+    n_ctx: Count
+    seed: Seed | None = None
     column_name: str | None = None
     """Column holding token ids (default `input_ids`, then `tokens`) or text (default `text`)."""
     data_files: str | list[str] | None = None
     """Passed to `datasets.load_dataset` for hub datasets with several file sets."""
-    n_documents: PositiveInt | None = None
+    n_documents: Count | None = None
     """Only read this many documents/rows (useful for quick runs on large local datasets)."""
     decode_errors: Literal["strict", "replace"] = "strict"
     """Local .txt/.md files: `strict` refuses a file that is not UTF-8 text (or is binary);
@@ -132,7 +206,7 @@ class SAEsConfig(_Frozen):
     init_decoder_orthogonal: bool = True
     architecture: str = "relu"
     """A registered architecture (`e2e_sae.saes.ARCHITECTURES`): relu, topk, jumprelu, ..."""
-    k: PositiveInt | None = None
+    k: Count | None = None
     """Active latents per token for the TopK family."""
     architecture_kwargs: dict[str, Any] = Field(default_factory=dict)
     """Extra architecture options (see `e2e_sae.saes`). topk / batchtopk: `k_aux`, `aux_coeff`
@@ -142,7 +216,7 @@ class SAEsConfig(_Frozen):
     transcoders: list[TranscoderConfig] = Field(default_factory=list)
     init_b_dec: Literal["zeros", "mean", "geometric_median"] = "zeros"
     tied_init: bool = False
-    resample_every_n_samples: PositiveInt | None = None
+    resample_every_n_samples: Count | None = None
     """relu only, off by default: every this many training samples, re-initialise the latents
     that have not fired for `act_frequency_n_tokens` tokens from high-loss inputs
     (`e2e_sae.saes.resample`)."""
@@ -162,14 +236,15 @@ MODEL_SOURCES = ("tlens_model_name", "tlens_model_path", "tlens_config", "hf_mod
 """The config keys that name the LM; exactly one is set."""
 
 
-class Config(_Frozen):
+class Config(OptimizerConfig):
     """A training run of one or more SAEs spliced into a TransformerLens model (a
     HookedTransformer, or a TransformerBridge around any Hugging Face causal LM)."""
 
     wandb_project: str | None = None
     wandb_run_name: str | None = None
+    """The W&B run's name; also the run directory's name when `run_name` is not set."""
     wandb_run_name_prefix: str = ""
-    seed: int = 0
+    seed: Seed = 0
     tlens_model_name: str | None = None
     tlens_model_path: Path | None = None
     tlens_config: dict[str, Any] | None = None
@@ -186,27 +261,21 @@ class Config(_Frozen):
     device_map: str | dict[str, str | int] | None = None
     """Passed to Hugging Face `from_pretrained` (e.g. "auto", "cpu", or a module -> device
     mapping); backend bridge only. The SAEs live on the embedding's device."""
-    n_devices: PositiveInt | None = None
+    n_devices: Count | None = None
     """Split the LM over this many GPUs (HookedTransformer's `n_devices`; the bridge balances
     the layers over that many GPUs). Not together with device_map."""
     save_dir: Path | None = Path("runs")
-    run_name: str | None = None
-    n_samples: PositiveInt | None = None
-    save_every_n_samples: PositiveInt | None = None
-    keep_last_n_checkpoints: PositiveInt | None = 3
+    run_name: PathComponent | None = None
+    """The run directory's name (`<save_dir>/<run_name>_<time>`): one folder name, no '/'."""
+    n_samples: Count | None = None
+    save_every_n_samples: Count | None = None
+    keep_last_n_checkpoints: Count | None = 3
     """Keep this many newest checkpoints (+ the final one); null keeps all."""
-    eval_every_n_samples: PositiveInt | None = None
-    eval_n_samples: PositiveInt | None = None
-    log_every_n_grad_steps: PositiveInt = 20
-    collect_act_frequency_every_n_samples: NonNegativeInt = 20_000
-    act_frequency_n_tokens: PositiveInt = 100_000
-    batch_size: PositiveInt
-    effective_batch_size: PositiveInt | None = None
-    lr: PositiveFloat
-    lr_schedule: Literal["linear", "cosine", "constant"] = "cosine"
-    min_lr_factor: NonNegativeFloat = 0.1
-    warmup_samples: NonNegativeInt = 0
-    max_grad_norm: PositiveFloat | None = None
+    eval_every_n_samples: Count | None = None
+    eval_n_samples: Count | None = None
+    log_every_n_grad_steps: Count = 20
+    collect_act_frequency_every_n_samples: Count0 = 20_000
+    act_frequency_n_tokens: Count = 100_000
     divergence_factor: PositiveFloat | None = 1000.0
     """Stop training when a step's loss is over this many times the median loss of the last 100
     steps, naming the step and the loss term (the checkpoint of the weights that gave it is set
@@ -220,7 +289,7 @@ class Config(_Frozen):
     precision: Literal["fp32", "bf16"] = "fp32"
     """Training forward/backward precision. `bf16`: the LM's matmuls and attention and the SAEs
     under bf16 autocast (residual stream, norms, softmax and KL stay fp32). Evaluation is fp32."""
-    kl_chunk_tokens: PositiveInt | None = None
+    kl_chunk_tokens: Count | None = None
     """Tokens per chunk of the `logits_kl` term's [tokens, d_vocab] temporaries (null: ~8M
     elements per chunk). Only memory changes, not the value."""
     teacher_cache: Path | None = None
@@ -248,24 +317,41 @@ class Config(_Frozen):
                 )
             if self.n_devices is not None:
                 raise ValueError("device_map: give device_map or n_devices, not both")
-        if self.effective_batch_size is not None and self.effective_batch_size % self.batch_size:
-            raise ValueError(
-                f"effective_batch_size ({self.effective_batch_size}) must be a multiple of "
-                f"batch_size ({self.batch_size})"
-            )
         if self.n_samples is None:
             raise ValueError("n_samples is required")
-        batch = self.effective_batch_size or self.batch_size
+        batch = self.samples_per_step
         if self.n_samples < batch:
             name = "effective_batch_size" if self.effective_batch_size else "batch_size"
             raise ValueError(
                 f"n_samples: {self.n_samples} is less than one optimizer step ({name} {batch})"
             )
+        tokens = self.n_samples * self.train_data.n_ctx
+        if tokens > MAX_TRAIN_TOKENS:
+            raise ValueError(
+                f"n_samples: {self.n_samples:.3g} windows x n_ctx {self.train_data.n_ctx} = "
+                f"{tokens:.3g} tokens, over the {MAX_TRAIN_TOKENS:.0e} one run may train on "
+                f"(at a million tokens/s: {tokens / 1e6 / 3.156e7:.3g} years)"
+            )
+        self._check_run_dir_name()
         return self
 
-    @property
-    def grad_accum_steps(self) -> int:
-        return (self.effective_batch_size or self.batch_size) // self.batch_size
+    def _check_run_dir_name(self) -> None:
+        """The run directory is named after `run_name`, else `wandb_run_name`, else
+        `wandb_run_name_prefix` + a name made of the settings: each must stay one folder name."""
+        if self.run_name is not None:
+            return  # (checked by its type)
+        for key in ("wandb_run_name", "wandb_run_name_prefix"):
+            value = getattr(self, key)
+            if not value:
+                continue
+            problem = path_component_problem(value)
+            if problem is not None:
+                raise ValueError(
+                    f"{key}: {value[:40]!r} {problem} (it names the run directory when "
+                    "run_name is not set)"
+                )
+            if key == "wandb_run_name":
+                return
 
     @property
     def train_tokens(self) -> int:
@@ -276,7 +362,7 @@ class Config(_Frozen):
     @property
     def n_grad_steps(self) -> int:
         assert self.n_samples is not None
-        return max(1, self.n_samples // (self.effective_batch_size or self.batch_size))
+        return max(1, self.n_samples // self.samples_per_step)
 
 
 def _model_at(cls: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
@@ -344,9 +430,49 @@ def parse_model(cls: type[BaseModel], data: Any, source: str = "config") -> Any:
         raise ConfigError(format_validation_error(err, source, cls)) from None
 
 
+MAX_YAML_VALUES = 100_000
+"""The most values a YAML document may expand to, an alias counted in full each time it is used (a
+config has a few hundred; a 1 KB 'billion laughs' alias bomb has billions)."""
+
+
+class YAMLRefused(yaml.YAMLError):
+    """A YAML document that parses but is refused (a duplicate key, an alias bomb)."""
+
+    def __init__(self, message: str, line: int | None = None) -> None:
+        super().__init__(message)
+        self.line = line
+        """1-based line of the offending node, if known."""
+
+
 class YAMLLoader(yaml.SafeLoader):
-    """`yaml.SafeLoader` that also reads `5e-3` / `1.0e5` as floats: YAML 1.1 (PyYAML) needs a dot
-    and a signed exponent, so a config's `lr: 5e-3` would otherwise be the string '5e-3'."""
+    """`yaml.SafeLoader` that also reads `5e-3` / `1.0e5` as floats (YAML 1.1 (PyYAML) needs a dot
+    and a signed exponent, so a config's `lr: 5e-3` would otherwise be the string '5e-3'), and
+    refuses a key given twice in one mapping (PyYAML keeps the last silently; `<<` merges may
+    still be overridden) and documents whose aliases expand beyond `MAX_YAML_VALUES` values or
+    refer to themselves."""
+
+    def get_single_node(self) -> Any:
+        node = super().get_single_node()
+        if node is not None:
+            _check_expansion(node)
+        return node
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: the base class says so
+                    continue
+                line = key_node.start_mark.line + 1
+                if first is not None:
+                    raise YAMLRefused(f"duplicate key {key!r} (first at line {first})", line)
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 YAMLLoader.add_implicit_resolver(
@@ -356,22 +482,80 @@ YAMLLoader.add_implicit_resolver(
 )
 
 
+def _children(node: Any) -> list[Any]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return []
+
+
+def _check_expansion(root: Any) -> None:
+    """Count the values of the document with every alias expanded (each shared node once, in a
+    post-order walk): YAMLRefused past MAX_YAML_VALUES, or for an alias inside its own anchor."""
+    sizes: dict[int, int] = {}
+    on_path: set[int] = set()
+    stack: list[tuple[Any, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        key = id(node)
+        if done:
+            on_path.discard(key)
+            sizes[key] = 1 + sum(sizes[id(c)] for c in _children(node))
+            if sizes[key] > MAX_YAML_VALUES:
+                raise YAMLRefused(
+                    f"aliases expand to over {MAX_YAML_VALUES} values (an alias bomb?)",
+                    node.start_mark.line + 1,
+                )
+            continue
+        if key in sizes:
+            continue
+        if key in on_path:
+            raise YAMLRefused("an alias refers to itself (recursive)", node.start_mark.line + 1)
+        on_path.add(key)
+        stack.append((node, True))
+        stack.extend((c, False) for c in _children(node) if id(c) not in sizes)
+
+
 def yaml_load(stream: Any) -> Any:
-    """Parse YAML text or a file object safely (`YAMLLoader`: no Python objects, `5e-3` a float)."""
+    """Parse YAML text or a file object safely (`YAMLLoader`: no Python objects, `5e-3` a float,
+    duplicate keys and alias bombs refused with a `YAMLRefused`)."""
     loader = YAMLLoader(stream)
     try:
         return loader.get_single_data()
+    except RecursionError:
+        raise YAMLRefused("nested too deeply") from None
     finally:
         loader.dispose()
+
+
+def read_text_config(path: Path) -> str:
+    """A config file's text: UTF-8 (a BOM is allowed); binary or other encodings are one line."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read ({err.strerror})") from None
+    nul = data.find(b"\0")
+    if nul >= 0:
+        raise ConfigError(f"{path}: not a YAML text file (binary: NUL byte at offset {nul})")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{path}: not a UTF-8 text file (byte {data[err.start]:#04x} at offset {err.start})"
+        ) from None
 
 
 def read_yaml(path: str | Path) -> Any:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
+    text = read_text_config(path)
     try:
-        with path.open() as f:
-            return yaml_load(f)
+        return yaml_load(text)
+    except YAMLRefused as err:
+        where = f" line {err.line}" if err.line is not None else ""
+        raise ConfigError(f"{path}{where}: {err}") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""

@@ -9,6 +9,13 @@ class UserError(Exception):
     """
 
 
+def first_line(err: BaseException, limit: int | None = 160) -> str:
+    """The first line of an exception's message, at most `limit` characters (its type name if it
+    has none): what a one-line error quotes of a library's exception."""
+    text = str(err).strip()
+    return text.splitlines()[0][:limit] if text else type(err).__name__
+
+
 def check_output_folder(path: object, field: str) -> None:
     """`path` may be written as a folder: it does not exist yet or is a directory."""
     from pathlib import Path
@@ -40,6 +47,20 @@ class TrainingInterrupted(Exception):
     """
 
     def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+class SignalInterrupt(KeyboardInterrupt):
+    """SIGINT / SIGTERM ending a command at once (outside a training step, or a second signal
+    during one). A KeyboardInterrupt, so that no `except Exception` on the way swallows it; the
+    CLI prints the message (if any) on one line and exits 128 + the signal number."""
+
+    def __init__(self, signum: int, message: str = "") -> None:
         super().__init__(message)
         self.signum = signum
 

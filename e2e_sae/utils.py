@@ -8,9 +8,9 @@ from e2e_sae.compat.api import (
     load_config,
     replace_pydantic_model,
     save_module,
-    set_seed,
     to_numpy,
 )
+from e2e_sae.training.trainer import set_seed
 
 __all__ = [
     "filter_names",

@@ -105,3 +105,23 @@ def config_dict(token_data: Path, tmp_path: Path):
         return make_config_dict(token_data, tmp_path / "runs", **overrides)
 
     return make
+
+
+def train_on_same_batches(
+    trainers: list[Any], batches: Any, n_steps: int | None = None
+) -> list[list[dict[str, float]]]:
+    """Engine steps of several cache-fed trainers (`setup(c).fed_from_cache()`) on the same
+    micro-batches, each for `n_steps` (default: its config's steps), as `train-cached`'s loop
+    takes them; returns each trainer's logged values per step."""
+    from e2e_sae.training.engine import TrainState
+
+    todo = [n_steps or t.config.n_grad_steps for t in trainers]
+    states = [TrainState() for _ in trainers]
+    logs: list[list[dict[str, float]]] = [[] for _ in trainers]
+    accum = trainers[0].config.grad_accum_steps
+    for i in range(max(todo)):
+        micro = [next(batches) for _ in range(accum)]
+        for t, n, state, log in zip(trainers, todo, states, logs, strict=True):
+            if i < n:
+                log.append(t.train_step(iter(micro), state, stats=True))
+    return logs

@@ -19,10 +19,9 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 from e2e_sae import SAETransformer, load_config
 from e2e_sae.config import LossConfigs
 from e2e_sae.errors import ConfigError, UserError
-from e2e_sae.lm.checkpoint import list_checkpoints, save_checkpoint, tensor_metadata, write_config
-from e2e_sae.lm.splice import sae_key
 from e2e_sae.objective.forward import make_plan, run_forward
 from e2e_sae.objective.losses import LogitsKLLoss, LossInputs, OutToInLoss, SparsityLoss
+from e2e_sae.runs.checkpoint import list_checkpoints, save_checkpoint, tensor_metadata, write_config
 from e2e_sae.saes import (
     ARCHITECTURES,
     BatchTopKSAE,
@@ -32,6 +31,7 @@ from e2e_sae.saes import (
     SAEBase,
     TopKSAE,
     build_sae,
+    sae_key,
 )
 from e2e_sae.saes.init import geometric_median
 from e2e_sae.training.engine import TrainState

@@ -7,6 +7,7 @@ Each row of CASES builds its inputs in a temp folder and runs `e2e_sae.cli.main`
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +20,8 @@ from conftest import TINY_TLENS, make_config_dict, write_token_jsonl
 
 from e2e_sae.cli import main
 from e2e_sae.config import Config, load_config
-from e2e_sae.lm.checkpoint import save_checkpoint
-from e2e_sae.lm.splice import build_model
+from e2e_sae.lm.splice import SAETransformer
+from e2e_sae.runs.checkpoint import save_checkpoint
 
 
 @dataclass
@@ -37,7 +38,10 @@ class Env:
 
     def write(self, content: Any, name: str = "cfg.yaml") -> str:
         path = self.root / name
-        path.write_text(content if isinstance(content, str) else yaml.safe_dump(content))
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(content if isinstance(content, str) else yaml.safe_dump(content))
         return str(path)
 
     def train(self, **overrides: Any) -> list[str]:
@@ -83,7 +87,7 @@ def _sae_file(e: Env, ratio: float = 2.0) -> str:
     """A checkpoint of the config's SAE (random weights), with `ratio` latents per input dim."""
     config = load_config(e.config(saes={"sae_positions": SAE, "dict_size_to_input_ratio": ratio}))
     assert isinstance(config, Config)
-    return str(save_checkpoint(e.root, build_model(config, device="cpu"), 0))
+    return str(save_checkpoint(e.root, SAETransformer.from_config(config, device="cpu"), 0))
 
 
 def _pretrained(e: Env, **extra: Any) -> list[str]:
@@ -104,7 +108,7 @@ def _run(e: Env, scale: float = 1.0) -> str:
     config = load_config(e.config(eval_n_samples=4))
     assert isinstance(config, Config)
     (run / "final_config.yaml").write_text(yaml.safe_dump(e.config(eval_n_samples=4)))
-    model = build_model(config, device="cpu")
+    model = SAETransformer.from_config(config, device="cpu")
     with torch.no_grad():
         for name, p in model.saes.named_parameters():
             if "encoder" in name:
@@ -122,6 +126,68 @@ def _used_folder(e: Env) -> str:
     (e.root / "export").mkdir()
     (e.root / "export" / "notes.txt").write_text("an earlier export")
     return str(e.root / "export")
+
+
+def _arch_file(e: Env, architecture: str, **saes: Any) -> Path:
+    """A checkpoint (random weights) of the config's SAE built as `architecture`."""
+    spec = {"sae_positions": SAE, "dict_size_to_input_ratio": 2.0, "architecture": architecture}
+    config = load_config(e.config(saes={**spec, **saes}))
+    assert isinstance(config, Config)
+    folder = e.root / f"{architecture}_sae"
+    folder.mkdir(exist_ok=True)
+    return save_checkpoint(folder, SAETransformer.from_config(config, device="cpu"), 8)
+
+
+def _pretrained_arch(e: Env, architecture: str, **saes: Any) -> list[str]:
+    """A relu config whose pretrained_sae_paths names another architecture's checkpoint."""
+    return e.train(
+        saes={
+            "sae_positions": SAE,
+            "dict_size_to_input_ratio": 2.0,
+            "pretrained_sae_paths": str(_arch_file(e, architecture, **saes)),
+        }
+    )
+
+
+def _run_holding(e: Env, architecture: str, **saes: Any) -> str:
+    """A relu run directory whose samples file came from a run of `architecture`."""
+    run = _run(e)
+    shutil.copy(_arch_file(e, architecture, **saes), Path(run) / "samples_8.safetensors")
+    return run
+
+
+def _unchecked_tampered_run(e: Env) -> str:
+    """A run whose samples file had its checksum key renamed and a weight byte flipped."""
+    run = _run(e)
+    path = Path(run) / "samples_8.safetensors"
+    data = bytearray(path.read_bytes())
+    at = data.index(b"e2e_sae.sha256")
+    data[at : at + 14] = b"e2e_sae.sha257"
+    data[-5] ^= 0xFF
+    path.write_bytes(bytes(data))
+    return run
+
+
+def _yaml_with(e: Env, extra: str, **overrides: Any) -> list[str]:
+    """The config as YAML text with `extra` lines appended (a key twice, an alias bomb, ...)."""
+    return ["train", e.write(yaml.safe_dump(e.config(**overrides)) + extra)]
+
+
+ALIAS_BOMB = "".join(  # 10 levels of 10 references: 10^9 values once expanded, 1.3 KB of YAML
+    f"    l{i}: &l{i} [{', '.join([f'*l{i - 1}' if i else 'lol'] * 10)}]\n" for i in range(10)
+)
+
+
+def _alias_bomb(e: Env, *flags: str) -> list[str]:
+    cfg = e.config()
+    del cfg["saes"]
+    text = yaml.safe_dump(cfg) + f"saes:\n  sae_positions: {SAE}\n  architecture_kwargs:\n"
+    return ["train", e.write(text + ALIAS_BOMB), *flags]
+
+
+def _sweep(e: Env, parameters: dict[str, Any], *flags: str) -> list[str]:
+    base = e.write(e.config(), "base.yaml")
+    return ["sweep", e.write({"base_config": base, "parameters": parameters}, "sw.yaml"), *flags]
 
 
 TEXT_ROWS = [{"text": "hello world"}] * 4
@@ -223,6 +289,91 @@ CASES: list[tuple[str, Callable[[Env], list[str]], str]] = [
     ("plot-onto-a-file", lambda e: ["plot", _run(e), "--out", _file(e)], "--out"),
     ("eval-huge-weights", lambda e: ["eval", _run(e, scale=1e30)], "non-finite"),
     ("eval-inf-weights", lambda e: ["eval", _run(e, scale=float("inf"))], "non-finite weights"),
+    # --- issue 21: paths a run name can reach (one folder name inside save_dir) ---
+    ("run-name-escapes", lambda e: e.train(run_name="../../escape"), "run_name: '../../escape'"),
+    ("run-name-nested", lambda e: e.train(run_name="a/b"), "run_name: 'a/b' holds '/'"),
+    ("run-name-newline", lambda e: e.train(run_name="a\nb"), "run_name: 'a\\nb' holds"),
+    ("run-name-hidden", lambda e: e.train(run_name=".hidden"), "run_name: '.hidden' starts"),
+    ("run-name-dot", lambda e: e.train(run_name="."), "run_name: '.' starts"),
+    ("run-name-nul", lambda e: e.train(run_name="a\0b"), "run_name: 'a\\x00b' holds"),
+    ("run-name-backslash", lambda e: e.train(run_name="a\\b"), "run_name"),
+    ("run-name-5000-chars", lambda e: e.train(run_name="x" * 5000), "run_name: 'xxx"),
+    ("run-name-dry-run", lambda e: [*e.train(run_name="../x"), "--dry-run"], "run_name"),
+    ("wandb-run-name-as-dir", lambda e: e.train(wandb_run_name="a/../../b"), "wandb_run_name"),
+    ("sweep-name-escapes", lambda e: ["sweep", e.write({"base_config": e.write(e.config(),
+     "base.yaml"), "name": "../up", "parameters": {"lr": [0.1]}}, "sw.yaml")], "name: '../up'"),
+    # --- issue 21: sizes that never end or exhaust memory ---
+    ("n-samples-1e30", lambda e: e.train(n_samples=10**30), "n_samples: Input should be less"),
+    ("n-samples-tokens", lambda e: e.train(n_samples=10**12), "n_samples: 1e+12 windows x"),
+    ("eval-n-samples-1e15", lambda e: e.train(eval_n_samples=10**15), "eval_n_samples"),
+    ("eval-n-samples-over-the-set", lambda e: e.train(eval_n_samples=100),
+     "eval_n_samples: 100 windows in batches of 4, but the eval set"),
+    ("eval-n-tokens-1e12", lambda e: ["eval", _run(e), "--n-tokens", str(10**12)],
+     "--n-tokens: 1000000000000 tokens"),
+    ("eval-n-tokens-over-the-set", lambda e: ["eval", _run(e), "--n-tokens", "8192"],
+     "holds 64 windows of 16 tokens"),
+    ("ratio-1e12", lambda e: e.train(saes={"sae_positions": SAE,
+     "dict_size_to_input_ratio": 1e12}), "saes.dict_size_to_input_ratio: 1 SAE(s) of up to"),
+    ("ratio-inf", lambda e: e.train(saes={"sae_positions": SAE,
+     "dict_size_to_input_ratio": float("inf")}), "saes.dict_size_to_input_ratio: Input should"),
+    ("d-vocab-1e12", lambda e: e.train(tlens_config={**TINY_TLENS, "d_vocab": 10**12}),
+     "tlens_config: the model's weights need"),
+    ("seed-2-70", lambda e: e.train(seed=2**70), "seed: Input should be less than or equal"),
+    ("data-seed-2-64", lambda e: e.train(train_data={**e.config()["train_data"],
+     "seed": 2**64}), "train_data.seed"),
+    ("alias-bomb", _alias_bomb, "aliases expand to over 100000 values"),
+    ("alias-bomb-dry-run", lambda e: _alias_bomb(e, "--dry-run"), "aliases expand"),
+    ("alias-recursive", lambda e: _yaml_with(e, "eval_data: &r {a: [*r]}\n", eval_data=None),
+     "refers to itself"),
+    ("sweep-grid-1e6", lambda e: _sweep(e, {"lr": [1e-3] * 1000, "seed": list(range(1000))},
+     "--dry-run"), "the grid has 1,000,000 runs (1000 x 1000)"),
+    # --- issue 21: values that should never be accepted ---
+    ("lr-inf", lambda e: e.train(lr=float("inf")), "lr: Input should be a finite number"),
+    ("coeff-inf", lambda e: e.train(loss={"sparsity": {"coeff": float("inf")}, "out_to_in": {
+     "coeff": 1.0}}), "loss.sparsity.coeff: Input should be a finite number"),
+    ("coeff-nan", lambda e: e.train(loss={"sparsity": {"coeff": float("nan")}, "out_to_in": {
+     "coeff": 1.0}}), "loss.sparsity.coeff"),
+    ("data-float-token-ids", lambda e: e.train(train_data=e.data_file("f.jsonl",
+     [{"input_ids": [i + 0.5 for i in range(40)]}])), "holds 0.5; token ids are integers"),
+    ("data-integral-float-ids", lambda e: e.train(train_data=e.data_file("f.jsonl",
+     [{"input_ids": [float(i) for i in range(40)]}])), "holds 0.0; token ids are integers"),
+    ("yaml-duplicate-key", lambda e: _yaml_with(e, "lr: 0.5\n"),
+     "duplicate key 'lr' (first at line"),
+    ("yaml-duplicate-nested-key", lambda e: ["train", e.write("saes:\n  k: 1\n  k: 2\n")],
+     "cfg.yaml line 3: duplicate key 'k' (first at line 2)"),
+    ("config-random-bytes", lambda e: ["train", e.write(bytes(range(256)) * 4)], "text file"),
+    ("config-latin-1", lambda e: ["train", e.write("lr: 0.1 # caf\xe9\n".encode("latin-1"))],
+     "not a UTF-8 text file (byte 0xe9"),
+    ("browse-top-k-negative", lambda e: ["browse", _run(e), "--out", str(e.root / "b"),
+     "--top-k", "-1"], "--top-k: must be >= 1"),
+    ("browse-batch-size-0", lambda e: ["browse", _run(e), "--out", str(e.root / "b"),
+     "--batch-size", "0"], "--batch-size"),
+    ("eval-batch-size-0", lambda e: ["eval", _run(e), "--batch-size", "0"], "--batch-size"),
+    ("eval-n-tokens-0", lambda e: ["eval", _run(e), "--n-tokens", "0"], "--n-tokens"),
+    ("eval-out-a-folder", lambda e: ["eval", _run(e), "--out", str(e.root)], "--out"),
+    ("set-duplicate-key", lambda e: _sweep(e, {"lr": [0.1]}, "--set", "saes={k: 1, k: 2}"),
+     "--set saes: duplicate key 'k'"),
+    # --- issue 21: weights that are not what the run says ---
+    ("pretrained-topk-into-relu", lambda e: _pretrained_arch(e, "topk", k=4),
+     "holds topk SAEs, but the config builds relu SAEs"),
+    ("pretrained-gated-into-relu", lambda e: _pretrained_arch(e, "gated"),
+     "holds gated SAEs, but the config builds relu SAEs"),
+    ("eval-relu-run-jumprelu-files", lambda e: ["eval", _run_holding(e, "jumprelu")],
+     "holds jumprelu SAEs, but the config builds relu SAEs"),
+    ("export-relu-run-topk-files", lambda e: ["export", _run_holding(e, "topk", k=4),
+     str(e.root / "x")], "holds topk SAEs, but"),
+    ("export-nan-weights", lambda e: ["export", _run(e, scale=float("nan")),
+     str(e.root / "x")], "non-finite weights"),
+    ("browse-nan-weights", lambda e: ["browse", _run(e, scale=float("nan")), "--out",
+     str(e.root / "b")], "non-finite weights"),
+    ("eval-checksum-removed", lambda e: ["eval", _unchecked_tampered_run(e)], "has no checksum"),
+    ("export-checksum-removed", lambda e: ["export", _unchecked_tampered_run(e),
+     str(e.root / "x")], "has no checksum"),
+    # --- issue 21: a sweep validates every run before training any ---
+    ("sweep-second-run-invalid", lambda e: _sweep(e, {"saes.sae_positions": [SAE,
+     "blocks.9.hook_resid_pre"]}), "(run 1: "),
+    ("sweep-dry-run-second-run-invalid", lambda e: _sweep(e, {"saes.sae_positions": [SAE,
+     "blocks.9.hook_resid_pre"]}, "--dry-run"), "saes.sae_positions"),
 ]
 # fmt: on
 

@@ -23,9 +23,10 @@ from e2e_sae.cli import main
 from e2e_sae.config import Config, LossConfigs, load_config
 from e2e_sae.data.tokenizer import load_tokenizer
 from e2e_sae.errors import ConfigError, UserError
-from e2e_sae.lm.bridge import load_bridge, resolve_backend
-from e2e_sae.lm.load import load_lm
-from e2e_sae.lm.splice import SAETransformer, build_model, load_run
+from e2e_sae.interop.saelens import saelens_transformer
+from e2e_sae.lm.bridge import load_bridge
+from e2e_sae.lm.load import load_lm, resolve_backend
+from e2e_sae.lm.splice import SAETransformer
 from e2e_sae.objective.forward import make_plan, run_forward
 from e2e_sae.objective.losses import build_loss_terms, compute_losses
 
@@ -136,7 +137,7 @@ def test_auto_backend(config_dict: Any, bridge_config: Any) -> None:
 def test_hub_failure_is_one_line(bridge_config: Any) -> None:
     config = load_config(bridge_config(hf_model_name="no-such-org/no-such-model-e2e"))
     with pytest.raises(UserError) as err:
-        build_model(config, device="cpu")
+        SAETransformer.from_config(config, device="cpu")
     msg = str(err.value)
     assert "\n" not in msg
     assert msg.startswith("hf_model_name: cannot load 'no-such-org/no-such-model-e2e'"), msg
@@ -144,12 +145,16 @@ def test_hub_failure_is_one_line(bridge_config: Any) -> None:
 
 def test_local_folder_problems(bridge_config: Any, tmp_path: Path) -> None:
     with pytest.raises(UserError, match="hf_model_name: .* has no config.json"):
-        build_model(load_config(bridge_config(hf_model_name=str(tmp_path))), device="cpu")
+        SAETransformer.from_config(
+            load_config(bridge_config(hf_model_name=str(tmp_path))), device="cpu"
+        )
     with pytest.raises(UserError, match="hf_model_name: .* not found"):
-        build_model(load_config(bridge_config(hf_model_name=str(tmp_path / "x"))), device="cpu")
+        SAETransformer.from_config(
+            load_config(bridge_config(hf_model_name=str(tmp_path / "x"))), device="cpu"
+        )
     hooked = bridge_config(backend="hooked")
     with pytest.raises(UserError, match="backend: hooked cannot load the local folder"):
-        build_model(load_config(hooked), device="cpu")
+        SAETransformer.from_config(load_config(hooked), device="cpu")
 
 
 # --- the bridge against the HF model it wraps -----------------------------------------------------
@@ -232,7 +237,7 @@ def test_device_map_cpu_and_n_devices_1(bridge_config: Any, config_dict: Any) ->
     tokens = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(0))
     outs = []
     for extra in ({}, {"device_map": "cpu"}, {"n_devices": 1}):
-        model = build_model(load_config(bridge_config(**extra)), device="cpu")
+        model = SAETransformer.from_config(load_config(bridge_config(**extra)), device="cpu")
         assert model.lm.device == torch.device("cpu") and not model.lm.is_split
         with torch.no_grad():
             outs.append(model.forward_raw(tokens)[0])
@@ -240,8 +245,8 @@ def test_device_map_cpu_and_n_devices_1(bridge_config: Any, config_dict: Any) ->
         torch.testing.assert_close(out, outs[0])
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match=r"^n_devices: n_devices=2 requires CUDA"):
-            build_model(load_config(bridge_config(n_devices=2)), device="cpu")
-    hooked = build_model(load_config(config_dict(n_devices=1)), device="cpu")
+            SAETransformer.from_config(load_config(bridge_config(n_devices=2)), device="cpu")
+    hooked = SAETransformer.from_config(load_config(config_dict(n_devices=1)), device="cpu")
     assert hooked.backend == "hooked" and hooked.tlens_model.cfg.n_devices == 1
 
 
@@ -263,7 +268,7 @@ def bridge_run(bridge_config: Any, tmp_path: Path) -> Path:
 
 
 def test_train_eval_export_with_backend_bridge(bridge_run: Path, tmp_path: Path) -> None:
-    model = load_run(bridge_run, device="cpu")
+    model = SAETransformer.from_local_path(bridge_run, device="cpu")
     assert isinstance(model.tlens_model, TransformerBridge) and model.backend == "bridge"
     assert main(["eval", str(bridge_run), "--out", str(tmp_path / "eval.json")]) == 0
     metrics = json.loads((tmp_path / "eval.json").read_text())
@@ -273,7 +278,7 @@ def test_train_eval_export_with_backend_bridge(bridge_run: Path, tmp_path: Path)
     assert main(["export", str(bridge_run), str(out)]) == 0
     cfg = json.loads((out / "blocks.1.hook_resid_pre" / "cfg.json").read_text())
     assert cfg["metadata"]["model_class_name"] == "TransformerBridge"
-    again = SAETransformer.from_saelens(model.tlens_model, [out / "blocks.1.hook_resid_pre"])
+    again = saelens_transformer(model.tlens_model, [out / "blocks.1.hook_resid_pre"])
     x = torch.randn(3, 32)
     torch.testing.assert_close(
         again.sae("blocks.1.hook_resid_pre")(x)[0], model.sae("blocks.1.hook_resid_pre")(x)[0]
@@ -291,7 +296,7 @@ def test_local_training_with_backend_bridge(bridge_config: Any) -> None:
     config = load_config(bridge_config(n_samples=8, eval_n_samples=4))
     assert isinstance(config, Config)
     run_dir = train(config, device="cpu", progress=False)
-    assert load_run(run_dir, device="cpu").backend == "bridge"
+    assert SAETransformer.from_local_path(run_dir, device="cpu").backend == "bridge"
 
 
 # --- smollm2-135m: the bridge and the HookedTransformer on the same weights -----------------------

@@ -19,7 +19,7 @@ from conftest import make_config_dict
 
 from e2e_sae.analysis.browser import write_browser
 from e2e_sae.config import Config, load_config
-from e2e_sae.lm.splice import build_model
+from e2e_sae.lm.splice import SAETransformer
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -47,7 +47,7 @@ def _chromium(tmp: Path, *args: str) -> subprocess.CompletedProcess[str]:
 def test_browser_page_works_in_headless_chromium(token_data: Path, tmp_path: Path) -> None:
     cfg = load_config(make_config_dict(token_data, tmp_path / "runs"))
     assert isinstance(cfg, Config)
-    model = build_model(cfg, device="cpu")
+    model = SAETransformer.from_config(cfg, device="cpu")
     model.run_config = cfg  # type: ignore[attr-defined]
     with torch.no_grad():  # latent 5 never fires: a dead feature, whose URL must say so
         model.sae("blocks.1.hook_resid_pre").encoder[0].bias[5] = -1e4

@@ -10,15 +10,14 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from conftest import TINY_TLENS, make_config_dict
+from conftest import TINY_TLENS, assert_close_scaled, make_config_dict, train_on_same_batches
 
 from e2e_sae import SAETransformer
 from e2e_sae.caches.activations import ActivationCache, build_for_config, n_cache_batches
 from e2e_sae.cli import main
 from e2e_sae.config import Config, load_config
 from e2e_sae.data import create_data_loader, load_windows
-from e2e_sae.lm.checkpoint import CONFIG_FILE, list_checkpoints, read_tensors
-from e2e_sae.training.cached import CachedTrainer, train_together
+from e2e_sae.runs.checkpoint import CONFIG_FILE, list_checkpoints, read_tensors
 from e2e_sae.training.runlog import read_metrics
 from e2e_sae.training.trainer import setup, train
 
@@ -68,13 +67,13 @@ def test_cache_acts_then_train_cached_two_configs(
     # the same training directly with the library, on the same cache and initial SAEs
     configs: list[Config] = [load_config(d) for d in dicts]
     cache = ActivationCache(cache_dir)
-    direct = [CachedTrainer.from_model(c, setup(c, device="cpu").model) for c in configs]
+    direct = [setup(c, device="cpu").fed_from_cache() for c in configs]
     batches = cache.batches(configs[0].batch_size, seed=configs[0].seed, in_order_epochs=1)
-    train_together(direct, batches, progress=False)
-    by_coeff = {_coeff(c): t for c, t in zip(configs, direct, strict=True)}
+    logs = train_on_same_batches(direct, batches)
+    by_coeff = {_coeff(c): (t, h) for c, t, h in zip(configs, direct, logs, strict=True)}
     weights = []
     for run_dir in run_dirs:
-        want = by_coeff[_coeff(load_config(run_dir / CONFIG_FILE))]
+        want, history = by_coeff[_coeff(load_config(run_dir / CONFIG_FILE))]
         assert [p.name for p in list_checkpoints(run_dir)] == ["samples_24.safetensors"]
         model = SAETransformer.from_local_path(run_dir, device="cpu")
         got = model.saes.state_dict()
@@ -84,7 +83,7 @@ def test_cache_acts_then_train_cached_two_configs(
         records = read_metrics(run_dir)
         steps = [r for r in records if "loss" in r]
         assert [r["step"] for r in steps] == list(range(1, 7))  # log_every_n_grad_steps: 1
-        assert [r["loss"] for r in steps] == pytest.approx([h["loss"] for h in want.history])
+        assert [r["loss"] for r in steps] == pytest.approx([h["loss"] for h in history])
         assert all(f"l0/{HOOK}" in r and f"dead_dict_elements/{HOOK}" in r for r in steps)
         assert any(f"eval/l0/{HOOK}" in r for r in records)  # the final evaluation ran
         assert (run_dir / "training_curves.png").read_bytes()[:4] == b"\x89PNG"
@@ -147,7 +146,7 @@ def test_train_cached_equals_lm_training(
             # bit-identical on CPU today (the cache holds the exact fp32 activations the LM run
             # feeds its SAEs, then the same ops); the tolerance leaves room for another matmul
             # kernel on a strided vs a contiguous input
-            assert torch.allclose(got[name], w, rtol=1e-6, atol=1e-8), (point, name)
+            assert_close_scaled(got[name], w, rtol=1e-6, what=f"{point} {name}")
     lm_steps = [r for r in read_metrics(lm_dir) if "loss" in r]
     cached_steps = [r for r in read_metrics(cached_dir) if "loss" in r]
     assert [r["loss"] for r in cached_steps] == pytest.approx(

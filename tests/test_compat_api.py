@@ -17,7 +17,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from e2e_sae import Config, SAETransformer
 from e2e_sae.errors import ConfigError, UserError
-from e2e_sae.lm.sources import builtin_model_dir
+from e2e_sae.lm.load import builtin_model_dir
 from e2e_sae.saes import CacheActs, SAEActs
 
 POSITIONS = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_pre"]

@@ -23,9 +23,9 @@ from e2e_sae.cli import main
 from e2e_sae.config import Config, LossConfig, load_config
 from e2e_sae.errors import ConfigError, UserError
 from e2e_sae.interop.pretrained import load_pretrained_saes
-from e2e_sae.lm.checkpoint import save_checkpoint, write_config
 from e2e_sae.lm.load import load_tlens_model_from_path
-from e2e_sae.lm.splice import SAETransformer, build_model, load_run
+from e2e_sae.lm.splice import SAETransformer
+from e2e_sae.runs.checkpoint import save_checkpoint, write_config
 
 POS = "blocks.1.hook_resid_pre"
 KEY = "blocks-1-hook_resid_pre"
@@ -211,7 +211,7 @@ def test_from_local_path_reads_an_original_run_dir(
     run, states = original_run
     norms = states[20][f"{KEY}.decoder.weight"].norm(dim=0)
     assert (norms - 1).abs().min() > 0.5  # the file's decoder is far from unit norm
-    with caplog.at_level(logging.INFO, logger="e2e_sae.compat.original"):
+    with caplog.at_level(logging.INFO, logger="e2e_sae.runs.original"):
         model = SAETransformer.from_local_path(run, device="cpu")
     ignored = [r.getMessage() for r in caplog.records if "ignoring keys" in r.getMessage()]
     assert len(ignored) == 1 and ignored[0].endswith(": cooldown_samples")
@@ -252,7 +252,7 @@ def test_original_n_samples_null_and_strictness_for_our_configs(
     }
     old = {"saes": old_saes, "collect_output_metrics_every_n_samples": 100, "n_samples": None}
     states = write_original_run(run, lm_path, token_data, samples=(7,), **old)
-    model = load_run(run)
+    model = SAETransformer.from_local_path(run)
     assert model.run_config.n_samples == 7  # type: ignore[attr-defined]
     assert_loaded(model, states[7], lm_path)
     # our own final_config.yaml still rejects a key it does not know
@@ -260,12 +260,12 @@ def test_original_n_samples_null_and_strictness_for_our_configs(
     ours.update(precision="fp32", cooldown_samples=0)
     (run / "final_config.yaml").write_text(yaml.safe_dump(ours))
     with pytest.raises(ConfigError, match="every_n_samples: unknown key"):
-        load_run(run)
+        SAETransformer.from_local_path(run)
     write_original_run(
         run, lm_path, token_data, samples=(7,), saes={**old_saes, "type_of_sparsifier": "codebook"}
     )
     with pytest.raises(ConfigError, match="type_of_sparsifier: 'codebook' is not supported"):
-        load_run(run)
+        SAETransformer.from_local_path(run)
 
 
 class Sentinel:
@@ -304,7 +304,7 @@ def read_pretrained(config_dict, paths: list[Path], **saes: Any) -> SAETransform
     cfg = config_dict()
     cfg["tlens_config"] = {**LM_FIELDS, "d_mlp": 4 * D_MODEL}
     cfg["saes"] = {"sae_positions": [POS], "dict_size_to_input_ratio": RATIO, **saes}
-    model = build_model(load_config(cfg), device="cpu")
+    model = SAETransformer.from_config(load_config(cfg), device="cpu")
     model.frozen = load_pretrained_saes(model, paths, retrain=False)  # type: ignore[attr-defined]
     return model
 
@@ -506,7 +506,7 @@ def test_damaged_newest_safetensors_falls_back(
     run = tmp_path / "ours"
     run.mkdir()
     write_config(run, config)
-    model = build_model(config, device="cpu")
+    model = SAETransformer.from_config(config, device="cpu")
     old = save_checkpoint(run, model, 4)
     expected = {k: v.clone() for k, v in model.saes.state_dict().items()}
     enc = model.sae(POS).encoder[0]
@@ -516,7 +516,7 @@ def test_damaged_newest_safetensors_falls_back(
     newest = save_checkpoint(run, model, 8)
     _flip_tensor_byte(newest, enc.weight.detach())
     with caplog.at_level(logging.WARNING):
-        loaded = load_run(run)
+        loaded = SAETransformer.from_local_path(run)
     assert all(torch.equal(loaded.saes.state_dict()[k], v) for k, v in expected.items())
     (warning,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert str(newest) in warning and "checksum" in warning and old.name in warning
@@ -536,7 +536,7 @@ def test_loaded_models_are_in_eval_mode(config_dict, tmp_path: Path) -> None:
     run = tmp_path / "btk"
     run.mkdir()
     write_config(run, config)
-    model = build_model(config, device="cpu")
+    model = SAETransformer.from_config(config, device="cpu")
     model.sae(POS).threshold.fill_(0.05)  # type: ignore[operator]
     save_checkpoint(run, model, 4)
     loaded = SAETransformer.from_local_path(run)

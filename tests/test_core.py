@@ -30,7 +30,7 @@ from e2e_sae.objective.losses import (
     kl_clean_to_new,
 )
 from e2e_sae.saes import SAEActs
-from e2e_sae.training.engine import lr_lambda
+from e2e_sae.training.engine import lr_schedule
 from e2e_sae.training.runlog import read_metrics
 from e2e_sae.training.trainer import train
 
@@ -275,11 +275,13 @@ def test_lr_schedule_warmup_then_decay_to_min_factor(config_dict) -> None:
         cfg = load_config(
             config_dict(n_samples=400, batch_size=4, warmup_samples=40, lr_schedule=schedule)
         )
-        assert lr_lambda(0, cfg) == pytest.approx(0.1)
-        assert lr_lambda(9, cfg) == pytest.approx(1.0)
-        assert lr_lambda(10, cfg) == pytest.approx(1.0)
-        assert lr_lambda(100, cfg) == pytest.approx(0.1)
-        mid = lr_lambda(55, cfg)
+        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        lr_lambda = lr_schedule(opt, cfg, cfg.n_grad_steps).lr_lambdas[0]
+        assert lr_lambda(0) == pytest.approx(0.1)
+        assert lr_lambda(9) == pytest.approx(1.0)
+        assert lr_lambda(10) == pytest.approx(1.0)
+        assert lr_lambda(100) == pytest.approx(0.1)
+        mid = lr_lambda(55)
         assert mid == pytest.approx(0.55, abs=1e-6)  # half-way: both schedules give the midpoint
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from conftest import make_config_dict
+from conftest import TINY_TLENS, make_config_dict
 
 from e2e_sae.analysis.browser import (
     collect_feature_data,
@@ -33,6 +33,7 @@ from e2e_sae.analysis.plots import (
 )
 from e2e_sae.cli import main
 from e2e_sae.config import Config, load_config
+from e2e_sae.errors import ConfigError
 from e2e_sae.eval.evaluate import (
     _SAEStats,
     evaluate,
@@ -45,7 +46,7 @@ from e2e_sae.eval.evaluate import (
     top1_agreement,
     total_variation,
 )
-from e2e_sae.lm.splice import SAETransformer, build_model
+from e2e_sae.lm.splice import SAETransformer
 from e2e_sae.objective.forward import make_plan
 from e2e_sae.objective.losses import build_loss_terms
 from e2e_sae.saes import SAEActs
@@ -86,6 +87,7 @@ command:
 - ${program}
 - e2e_sae/scripts/train_tlens_saes/gpt2_e2e_recon.yaml
 """
+GPT2_DEPTH = {**TINY_TLENS, "n_layers": 12}  # (the hooks GPT-2 sweeps name exist)
 E2E_LOSS = {"sparsity": {"coeff": 0.1}, "logits_kl": {"coeff": 1.0}}
 DS_LOSS = {
     **E2E_LOSS,
@@ -122,7 +124,7 @@ def model(token_data: Path, tmp_path: Path) -> SAETransformer:
         tmp_path,
         saes={"sae_positions": ["blocks.1.hook_resid_pre"], "dict_size_to_input_ratio": 2.0},
     )
-    m = build_model(cfg, device="cpu")
+    m = SAETransformer.from_config(cfg, device="cpu")
     m.run_config = cfg  # type: ignore[attr-defined]
     return m
 
@@ -389,6 +391,10 @@ def test_sweep_formats_expand_to_the_same_grid(token_data: Path, tmp_path: Path)
     # The original W&B sweep file: method grid, nested parameters, command naming a config.
     seed_sweep = tmp_path / "gpt2_e2e_recon_sweep.yaml"
     seed_sweep.write_text(WANDB_SWEEP)
+    with pytest.raises(ConfigError, match=r"run 0: .*'blocks.10.hook_resid_pre' matches no hook"):
+        load_sweep(seed_sweep, config=base)  # every run's hooks are checked: 3 layers here
+    deep = {**make_config_dict(token_data, tmp_path / "runs"), "tlens_config": GPT2_DEPTH}
+    base.write_text(yaml.safe_dump(deep))
     wb = load_sweep(seed_sweep, config=base)
     assert wb.wandb_format and len(wb.runs) == 6
     c = wb.runs[-1].config
@@ -565,7 +571,7 @@ def test_top_windows_update_matches_brute_force() -> None:
 
 
 def test_browser_is_one_folder_format(runs: dict[str, Path], tmp_path: Path, capsys) -> None:
-    from e2e_sae.lm.splice import load_run
+    from e2e_sae.lm.splice import SAETransformer
 
     # `--out page.html` (the older single page) is a one-line error naming the folder to use
     argv = ["browse", str(runs["local0"]), "--n-tokens", "64", "--features", "4"]
@@ -574,7 +580,9 @@ def test_browser_is_one_folder_format(runs: dict[str, Path], tmp_path: Path, cap
     assert len(err.splitlines()) == 1 and "the browser is a folder" in err
     assert f"--out {tmp_path / 'page'}" in err and not (tmp_path / "page.html").exists()
     # a feature list and a loaded model: the pages hold exactly those features
-    out = write_browser(load_run(runs["e2e"]), tmp_path / "p", n_tokens=64, features=[3, 10])
+    out = write_browser(
+        SAETransformer.from_local_path(runs["e2e"]), tmp_path / "p", n_tokens=64, features=[3, 10]
+    )
     assert out == tmp_path / "p" / "index.html"
     index = _read_js(tmp_path / "p" / "data" / "index.js", "registerIndex")
     assert set(index["ids"]) | set(index["dead"]) == {3, 10}
@@ -690,7 +698,7 @@ def argv_base(run: Path, out: Path) -> list[str]:
 def test_browser_folder_matches_direct_computation(runs: dict[str, Path], tmp_path: Path) -> None:
     from e2e_sae.analysis.browser import HIST_EDGES
     from e2e_sae.data import create_data_loader
-    from e2e_sae.lm.splice import load_run
+    from e2e_sae.lm.splice import SAETransformer
 
     run, other_run = runs["e2e"], runs["local0"]
     out = tmp_path / "browser"
@@ -725,7 +733,7 @@ def test_browser_folder_matches_direct_computation(runs: dict[str, Path], tmp_pa
     feats = [f for p in pages for f in p[1]["features"]]
     assert len(feats) == 10
     # Direct computation over the same 128 tokens (2 batches of the eval loader).
-    model = load_run(run)
+    model = SAETransformer.from_local_path(run)
     cfg = cast(Config, model.run_config)
     assert cfg.eval_data is not None
     loader = create_data_loader(cfg.eval_data, cfg.batch_size, cfg.seed + 42)
@@ -735,7 +743,7 @@ def test_browser_folder_matches_direct_computation(runs: dict[str, Path], tmp_pa
         _, cache = model.forward_raw(tokens, run_entire_model=False, cache_positions=[hook])
         c_all = model.sae(hook).encode(cache[hook]).reshape(-1, 64)
         c = c_all.reshape(*tokens.shape, 64)[..., :10]
-        other_c = load_run(other_run).sae(hook).encode(cache[hook])
+        other_c = SAETransformer.from_local_path(other_run).sae(hook).encode(cache[hook])
     live = (c_all != 0).any(0)
     live_other = (other_c != 0).reshape(-1, other_c.shape[-1]).any(0)
     alive = [f for f in range(10) if (c[..., f] != 0).any()]
@@ -743,7 +751,7 @@ def test_browser_folder_matches_direct_computation(runs: dict[str, Path], tmp_pa
     assert index["dead"] == [f for f in range(10) if f not in alive]
     edges = torch.tensor(HIST_EDGES)
     d_all = model.sae(hook).dict_elements.detach()
-    d_other = load_run(other_run).sae(hook).dict_elements.detach()
+    d_other = SAETransformer.from_local_path(other_run).sae(hook).dict_elements.detach()
     tl = model.tlens_model
     w_ln = tl.ln_final.w
     assert isinstance(w_ln, torch.Tensor)
@@ -1066,7 +1074,7 @@ def test_matryoshka_browser_shows_the_prefix_band(token_data: Path, tmp_path: Pa
         "architecture_kwargs": {"matryoshka_widths": [8, 24]},
     }
     cfg = _config(token_data, tmp_path, saes=saes, loss={"out_to_in": {"coeff": 1.0}})
-    model = build_model(cfg, device="cpu")
+    model = SAETransformer.from_config(cfg, device="cpu")
     model.run_config = cfg  # type: ignore[attr-defined]
     write_browser(model, tmp_path / "b", n_tokens=64, ablate=0)
     index = _read_js(tmp_path / "b" / "data" / "index.js", "registerIndex")

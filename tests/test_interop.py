@@ -28,11 +28,11 @@ from e2e_sae.interop.saelens import (
     export_run_saelens,
     load_saelens_sae,
     read_saelens_cfg,
+    saelens_transformer,
     save_saelens,
 )
-from e2e_sae.lm.checkpoint import list_checkpoints
 from e2e_sae.lm.load import build_random_model
-from e2e_sae.lm.splice import build_model, load_run
+from e2e_sae.runs.checkpoint import list_checkpoints
 from e2e_sae.saes import SAEBase, build_sae
 from e2e_sae.training.trainer import train
 
@@ -336,13 +336,13 @@ def test_export_cli_and_from_saelens(trained_run: Path, token_data: Path, tmp_pa
     assert cfg["metadata"]["context_size"] == 16
     assert cfg["metadata"]["e2e_sae_config"]["saes"]["sae_positions"][0] == HOOK
 
-    model = load_run(trained_run, device="cpu")
+    model = SAETransformer.from_local_path(trained_run, device="cpu")
     # exporting the loaded model (instead of the directory, read without its LM) writes the same
     again = export_run_saelens(model, tmp_path / "again")
     for a, b in zip(folders, again, strict=True):
         ta, tb = (load_file(str(f / "sae_weights.safetensors")) for f in (a, b))
         assert all(torch.equal(ta[k], tb[k]) for k in ta) and ta.keys() == tb.keys()
-    spliced = SAETransformer.from_saelens(model.tlens_model, [str(f) for f in folders])
+    spliced = saelens_transformer(model.tlens_model, [str(f) for f in folders])
     assert spliced.sae_positions == model.sae_positions
     tokens = torch.randint(0, TINY_TLENS["d_vocab"], (2, 16))
     with torch.no_grad():
@@ -355,7 +355,7 @@ def test_export_cli_and_from_saelens(trained_run: Path, token_data: Path, tmp_pa
     # a SAELens folder as saes.pretrained_sae_paths, into a fresh model of the same config
     config = load_config(trained_run / "final_config.yaml")
     assert isinstance(config, Config)
-    fresh = build_model(config, device="cpu")
+    fresh = SAETransformer.from_config(config, device="cpu")
     frozen = load_pretrained_saes(fresh, [folders[0]], retrain=False)
     assert frozen == {HOOK}
     x = torch.randn(3, 32)
@@ -387,7 +387,7 @@ def test_export_cli_and_from_saelens(trained_run: Path, token_data: Path, tmp_pa
     assert main(["export", str(tmp_path / "nope"), str(out)]) == 2
     wrong = build_random_model(dict(TINY_TLENS, d_model=48, d_head=12))
     with pytest.raises(UserError, match="SAE maps 32"):
-        SAETransformer.from_saelens(wrong, [folders[0]])
+        saelens_transformer(wrong, [folders[0]])
 
 
 def test_export_writes_sparsity_from_the_runs_eval(trained_run: Path, tmp_path: Path) -> None:
@@ -407,7 +407,9 @@ def test_export_writes_sparsity_from_the_runs_eval(trained_run: Path, tmp_path: 
         sparsity = load_file(str(out / pos / "sparsity.safetensors"))["sparsity"]
         assert torch.equal(sparsity, torch.log10(freq.double() + 1e-10).float())
     # the same from the loaded model, which remembers its run directory
-    again = export_run_saelens(load_run(run, device="cpu"), tmp_path / "again")
+    again = export_run_saelens(
+        SAETransformer.from_local_path(run, device="cpu"), tmp_path / "again"
+    )
     assert torch.equal(
         load_file(str(again[0] / "sparsity.safetensors"))["sparsity"],
         load_file(str(out / HOOK / "sparsity.safetensors"))["sparsity"],
@@ -419,7 +421,7 @@ def test_export_writes_sparsity_from_the_runs_eval(trained_run: Path, tmp_path: 
     assert (tmp_path / "older" / HOOK / "cfg.json").is_file()
     assert not list((tmp_path / "older").rglob("sparsity.safetensors"))
     # eval.json names the checkpoint it measured: an eval of the older one serves its export
-    older_model = load_run(run, checkpoint=older.name, device="cpu")
+    older_model = SAETransformer.from_local_path(run, checkpoint=older.name, device="cpu")
     assert main(["eval", str(run), "--n-tokens", "128"]) == 0  # same settings: rewritten
     from e2e_sae.eval.evaluate import EVAL_JSON, evaluate_run, write_eval
 
@@ -523,8 +525,8 @@ def test_push_and_load_through_hub(trained_run: Path, tmp_path: Path, fake_hub: 
     assert (remote / HOOK / "cfg.json").is_file()
     assert "library_name: saelens" in (remote / "README.md").read_text()
 
-    model = load_run(trained_run, device="cpu")
-    spliced = SAETransformer.from_saelens(model.tlens_model, [f"hf://alice/saes/{HOOK}"])
+    model = SAETransformer.from_local_path(trained_run, device="cpu")
+    spliced = saelens_transformer(model.tlens_model, [f"hf://alice/saes/{HOOK}"])
     x = torch.randn(4, 32)
     with torch.no_grad():
         assert torch.allclose(spliced.sae(HOOK)(x)[0], model.sae(HOOK)(x)[0], atol=1e-5)
@@ -543,7 +545,7 @@ def test_push_and_load_through_hub(trained_run: Path, tmp_path: Path, fake_hub: 
     # hf:// inside pretrained_sae_paths (pydantic turns it into Path("hf:/alice/..."))
     config = load_config(trained_run / "final_config.yaml")
     assert isinstance(config, Config)
-    fresh = build_model(config, device="cpu")
+    fresh = SAETransformer.from_config(config, device="cpu")
     assert load_pretrained_saes(fresh, [Path(f"hf://alice/saes/{HOOK}")], True) == set()
 
     with pytest.raises(UserError, match="cannot download"):

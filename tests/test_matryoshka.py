@@ -10,7 +10,7 @@ from typing import Any, cast
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_TLENS
+from conftest import TINY_TLENS, train_on_same_batches
 from torch import Tensor, nn
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
@@ -19,10 +19,10 @@ from e2e_sae.caches.activations import ActivationCache
 from e2e_sae.caches.teacher import TeacherCache
 from e2e_sae.config import LossConfigs
 from e2e_sae.errors import ConfigError
+from e2e_sae.lm.sites import SpliceSite
 from e2e_sae.objective.forward import make_plan, run_forward
 from e2e_sae.objective.losses import LossInputs, OutToInLoss, build_loss_terms, compute_losses
 from e2e_sae.saes import MatryoshkaSAE, SAEActs, build_sae
-from e2e_sae.training.cached import CachedTrainer, train_together
 from e2e_sae.training.engine import TrainState
 from e2e_sae.training.trainer import setup
 
@@ -79,7 +79,7 @@ def test_local_loss_is_the_weighted_sum_of_prefix_mses(transcoder: bool) -> None
     inputs = LossInputs(
         {"p": acts},
         orig_acts={"t": target},
-        transcoder_targets={"p": "t"} if transcoder else {},
+        sites={"p": SpliceSite("x", "t")} if transcoder else {},
         saes={"p": sae},
     )
     got = OutToInLoss(1.0)(inputs)
@@ -105,7 +105,7 @@ def test_local_loss_is_the_weighted_sum_of_prefix_mses(transcoder: bool) -> None
     inputs2 = LossInputs(
         {"p": acts2},
         orig_acts=inputs.orig_acts,
-        transcoder_targets=inputs.transcoder_targets,
+        sites=inputs.sites,
         saes={"p": cheap},
     )
     torch.testing.assert_close(OutToInLoss(1.0)(inputs2), mses[2])
@@ -138,7 +138,7 @@ def test_prefix_reconstruction_uses_only_its_latents() -> None:
 
 def test_options_and_errors() -> None:
     sae = matryoshka(matryoshka_widths=[4, 10])  # d_sae is appended, as SAELens does
-    assert sae.widths == [4, 10, 24] and sae.e2e_prefix_passes == 3
+    assert sae.widths == [4, 10, 24] and sae.spliced_copies() == 3
     assert sae.init_kwargs()["matryoshka_widths"] == [4, 10, 24]
     bad = [
         ({"matryoshka_widths": None}, "required"),
@@ -242,7 +242,7 @@ def test_e2e_loss_is_the_mean_of_per_prefix_kls(path: str, with_transcoder: bool
         }
     )
     plan = make_plan(model, loss_cfg)
-    assert plan.prefix_passes == 3
+    assert plan.spliced_copies == 3
     terms = build_loss_terms(loss_cfg, plan.new_cache)
     tokens = torch.randint(0, TINY_TLENS["d_vocab"], (2, 8))
     inputs = run_forward(model, tokens, plan, reference=path == "reference")
@@ -270,14 +270,14 @@ def test_plans_one_pass_for_eval_local_and_the_cheap_variant() -> None:
     e2e = LossConfigs.model_validate({"logits_kl": {"coeff": 1.0}})
     local = LossConfigs.model_validate({"out_to_in": {"coeff": 1.0}})
     model = spliced_model(False)
-    assert make_plan(model, e2e).prefix_passes == 3
-    assert make_plan(model, e2e, force_full_pass=True).prefix_passes == 1
-    assert make_plan(model, local).prefix_passes == 1
+    assert make_plan(model, e2e).spliced_copies == 3
+    assert make_plan(model, e2e, force_full_pass=True).spliced_copies == 1
+    assert make_plan(model, local).spliced_copies == 1
     model.saes.requires_grad_(False)  # frozen (pretrained) SAEs decode their full dictionary
-    assert make_plan(model, e2e).prefix_passes == 1
+    assert make_plan(model, e2e).spliced_copies == 1
     cheap = spliced_model(False, matryoshka_e2e="full_kl_inner_mse")
     plan = make_plan(cheap, e2e)
-    assert plan.prefix_passes == 1
+    assert plan.spliced_copies == 1
     tokens = torch.randint(0, TINY_TLENS["d_vocab"], (2, 8))
     inputs = run_forward(cheap, tokens, plan)
     assert inputs.new_final is not None and inputs.new_final.shape[0] == 2
@@ -307,11 +307,11 @@ def test_cache_training_matches_lm_training(config_dict: Any, tmp_path: Path) ->
     t = setup(cfg, device="cpu")
     token_batches = [next(t.batches(cfg.train_data, cfg.seed, start=i)) for i in range(3)]
     cache = ActivationCache.build(t.model, token_batches, 3, tmp_path / "acts", progress=False)
-    cached = CachedTrainer.from_model(cfg, t.model)
+    cached = setup(cfg, device="cpu").fed_from_cache()
     lm_batches, state = iter(token_batches), TrainState()
     for _ in range(3):
         t.train_step(lm_batches, state)
-    train_together([cached], cache.batches(cfg.batch_size, seed=None), n_steps=3, progress=False)
+    train_on_same_batches([cached], cache.batches(cfg.batch_size, seed=None), n_steps=3)
     for name, p in t.model.saes.state_dict().items():
         assert torch.allclose(cached.saes.state_dict()[name], p, rtol=1e-5, atol=1e-6), name
 
@@ -323,7 +323,7 @@ def test_all_prefixes_with_a_full_teacher_cache_equals_the_clean_pass(
     the clean pass, for the P batched prefix passes too."""
     cfg = load_config(config_dict(loss={"logits_kl": {"coeff": 1.0}}, saes=MATRYOSHKA_SAES))
     t = setup(cfg, device="cpu")
-    assert t.plan.prefix_passes == 3
+    assert t.plan.spliced_copies == 3
     batches = [next(t.batches(cfg.train_data, cfg.seed, start=i)) for i in range(2)]
     TeacherCache.build(t.model, batches, 2, tmp_path / "teacher", k=97, progress=False)
     taught = setup(cfg.model_copy(update={"teacher_cache": tmp_path / "teacher"}), device="cpu")

@@ -10,7 +10,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from e2e_sae.lm.sources import builtin_model_dir
+from e2e_sae.lm.load import builtin_model_dir
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "demos" / "quickstart.ipynb"
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_TLENS
+from conftest import TINY_TLENS, assert_close_scaled, train_on_same_batches
 from transformer_lens import HookedTransformer
 
 from e2e_sae import SAETransformer, load_config
@@ -29,8 +29,9 @@ from e2e_sae.objective.losses import (
     kl_clean_to_new,
     kl_from_final,
 )
-from e2e_sae.training.cached import CachedTrainer, train_together
 from e2e_sae.training.engine import TrainState
+from e2e_sae.training.loop import Run, run_loop
+from e2e_sae.training.runlog import RunLogger
 from e2e_sae.training.trainer import setup
 
 # A SmolLM2-shaped miniature: RMS norms, rotary, grouped-query attention, gated SiLU MLP.
@@ -267,14 +268,14 @@ def test_cache_training_matches_lm_training(config_dict: Any, tmp_path: Path) ->
     t = setup(cfg, device="cpu")
     token_batches = [next(t.batches(cfg.train_data, cfg.seed, start=i)) for i in range(4)]
     cache = ActivationCache.build(t.model, token_batches, 4, tmp_path / "acts", progress=False)
-    cached = CachedTrainer.from_model(cfg, t.model)  # the same initial SAE weights
+    cached = setup(cfg, device="cpu").fed_from_cache()  # the same initial SAE weights
     state = TrainState()
     lm_batches = iter(token_batches)
     for _ in range(4):
         t.train_step(lm_batches, state)
-    train_together([cached], cache.batches(cfg.batch_size, seed=None), n_steps=4, progress=False)
+    train_on_same_batches([cached], cache.batches(cfg.batch_size, seed=None), n_steps=4)
     for name, p in t.model.saes.state_dict().items():
-        assert torch.allclose(cached.saes.state_dict()[name], p, rtol=1e-5, atol=1e-7), name
+        assert_close_scaled(cached.saes.state_dict()[name], p, rtol=1e-5, what=name)
     # on disk: raw arrays that load without pickle, plus a JSON description
     meta = json.loads((tmp_path / "acts" / "meta.json").read_text())
     assert meta["hooks"] == TWO_SAES and meta["n_windows"] == 16
@@ -289,12 +290,12 @@ def test_sweep_from_one_lm_pass_equals_separate_runs(config_dict: Any) -> None:
     calls = []
     acts = lm_activation_batches(t.model, token_batches, TWO_SAES)
     counted = (calls.append(1) or a for a in acts)
-    sweep = [CachedTrainer.from_model(c, t.model) for c in cfgs]
-    train_together(sweep, counted, n_steps=3, progress=False)
+    sweep = [setup(c, device="cpu").fed_from_cache() for c in cfgs]
+    train_on_same_batches(sweep, counted, n_steps=3)
     assert len(calls) == 3  # one LM pass per batch for both configs
     for c, trained in zip(cfgs, sweep, strict=True):
-        alone = CachedTrainer.from_model(c, t.model)
-        train_together([alone], lm_activation_batches(t.model, token_batches, TWO_SAES), 3, False)
+        alone = setup(c, device="cpu").fed_from_cache()
+        train_on_same_batches([alone], lm_activation_batches(t.model, token_batches, TWO_SAES), 3)
         for name, p in alone.saes.state_dict().items():
             assert torch.equal(trained.saes.state_dict()[name], p), name
     w0 = sweep[0].saes.state_dict()["blocks-1-hook_resid_pre.encoder.0.weight"]
@@ -326,17 +327,23 @@ def test_cache_build_that_runs_out_of_data_leaves_nothing(tmp_path: Path) -> Non
     assert list(tmp_path.iterdir()) == []  # neither the cache nor its temp folder
 
 
-def test_train_together_runs_each_config_for_its_own_steps(config_dict: Any) -> None:
+def test_the_loop_runs_each_config_for_its_own_steps(config_dict: Any, tmp_path: Path) -> None:
+    """Runs on one batch stream (`train-cached`'s loop) each take their own number of steps."""
     short, long = (_local_config(config_dict).model_copy(update={"n_samples": n}) for n in (8, 16))
     t = setup(short, device="cpu")
     token_batches = [next(t.batches(short.train_data, 0, start=i)) for i in range(4)]
-    both = [CachedTrainer.from_model(c, t.model) for c in (short, long)]
+    both = [setup(c, device="cpu").fed_from_cache() for c in (short, long)]
+    runs = []
+    for name, b in zip(("short", "long"), both, strict=True):
+        (tmp_path / name).mkdir()
+        runs.append(Run(b, TrainState(), tmp_path / name, RunLogger(tmp_path / name)))
     rounds: list[int] = []
     acts = lm_activation_batches(t.model, token_batches, TWO_SAES)
-    train_together(both, acts, progress=False, on_step=rounds.append)
-    assert [b.step_count for b in both] == [2, 4] and rounds == [1, 2, 3, 4]
-    alone = CachedTrainer.from_model(short, t.model)
-    train_together([alone], lm_activation_batches(t.model, token_batches, TWO_SAES), None, False)
+    counted = (rounds.append(len(rounds) + 1) or a for a in acts)
+    run_loop(runs, counted, token_batches[0].shape[1], progress=False)
+    assert [r.state.step for r in runs] == [2, 4] and rounds == [1, 2, 3, 4]
+    alone = setup(short, device="cpu").fed_from_cache()
+    train_on_same_batches([alone], lm_activation_batches(t.model, token_batches, TWO_SAES))
     for name, p in alone.saes.state_dict().items():
         assert torch.equal(both[0].saes.state_dict()[name], p), name
 

@@ -25,11 +25,12 @@ from torch import Tensor
 from e2e_sae.cli import main
 from e2e_sae.config import Config, load_config
 from e2e_sae.errors import TrainingInterrupted
-from e2e_sae.lm.checkpoint import atomic_save_tensors, list_checkpoints, read_tensors
-from e2e_sae.lm.splice import load_run
+from e2e_sae.lm.splice import SAETransformer
+from e2e_sae.runs.checkpoint import atomic_save_tensors, list_checkpoints, read_tensors
+from e2e_sae.runs.lock import RunLock
 from e2e_sae.training import engine as engine_mod
 from e2e_sae.training import trainer as train_mod
-from e2e_sae.training.resume import RunLock, resume_points
+from e2e_sae.training.resume import resume_points
 from e2e_sae.training.runlog import read_metrics
 
 LOCAL = {"loss": {"sparsity": {"coeff": 0.1}, "out_to_in": {"coeff": 1.0}}}
@@ -196,7 +197,7 @@ def _check_consistent(run: Path) -> int:
     assert points, "no complete checkpoint"
     samples = {p.name for p in run.glob("samples_*.safetensors")}
     assert samples == {p.samples_path.name for p in points}
-    load_run(run)
+    SAETransformer.from_local_path(run)
     read_tensors(points[-1].resume_path)
     return points[-1].n_samples
 
@@ -246,7 +247,8 @@ def test_sigterm_and_sigkill_at_random_moments_then_resume(config_dict, tmp_path
 
 
 def test_interrupted_write_leaves_previous_checkpoint(tmp_path: Path, monkeypatch) -> None:
-    """A crash between writing the temp file and renaming it keeps the old file intact."""
+    """A failure between writing the temp file and renaming it keeps the old file intact and
+    removes the temp file (a kill leaves it; `--resume` removes those: `clean_stale_temp_files`)."""
     path = tmp_path / "samples_8.safetensors"
     atomic_save_tensors({"w": torch.ones(3)}, path)
 
@@ -258,7 +260,7 @@ def test_interrupted_write_leaves_previous_checkpoint(tmp_path: Path, monkeypatc
         atomic_save_tensors({"w": torch.zeros(3)}, path)
     monkeypatch.undo()
     assert torch.equal(read_tensors(path)["w"], torch.ones(3))
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # the torn temp file
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp file left
 
 
 # --- numerical faults ----------------------------------------------------------------------------

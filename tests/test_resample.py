@@ -23,8 +23,7 @@ from torch import nn
 from e2e_sae import load_config
 from e2e_sae.cli import main
 from e2e_sae.errors import ConfigError
-from e2e_sae.lm.splice import sae_key
-from e2e_sae.saes import SAE
+from e2e_sae.saes import SAE, sae_key
 from e2e_sae.saes.resample import ENCODER_SCALE, resample_dead_latents
 from e2e_sae.training.runlog import read_metrics
 from e2e_sae.training.trainer import train

@@ -25,9 +25,8 @@ from e2e_sae.interop.saelens import (
     sae_from_saelens_tensors,
     save_saelens,
 )
-from e2e_sae.lm.checkpoint import save_checkpoint, write_config
-from e2e_sae.lm.splice import sae_key
-from e2e_sae.saes import ARCHITECTURES, SAEActs, SkipTranscoder, build_sae
+from e2e_sae.runs.checkpoint import save_checkpoint, write_config
+from e2e_sae.saes import ARCHITECTURES, SAEActs, SkipTranscoder, build_sae, sae_key
 from e2e_sae.training.engine import TrainState
 from e2e_sae.training.trainer import setup
 

@@ -15,12 +15,11 @@ from conftest import write_token_jsonl
 
 from e2e_sae.cli import main
 from e2e_sae.errors import ConfigError
-from e2e_sae.lm.load import load_tlens_model
-from e2e_sae.lm.sources import builtin_model_dir
+from e2e_sae.lm.load import builtin_model_dir, load_tlens_model
+from e2e_sae.training.engine import lr_factor
 from e2e_sae.training.train_lm import (
     TrainLMConfig,
     load_train_lm_config,
-    lr_factor,
     train_lm,
     unigram_ce,
     unigram_log_probs,

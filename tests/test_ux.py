@@ -129,7 +129,7 @@ def test_dry_run_checks_hooks_against_the_model(config_dict, tmp_path: Path, cap
 
 
 def test_hook_patterns_match_whole_name_parts() -> None:
-    from e2e_sae.lm.names import filter_names, matches_pattern
+    from e2e_sae.lm.sites import filter_names, matches_pattern
 
     names = [
         "hook_embed",
@@ -470,9 +470,9 @@ def test_train_takes_set_and_n_samples(config_dict, tmp_path: Path, capsys) -> N
 
 
 def test_saes_are_indexed_by_hook_name_too(config_dict) -> None:
-    from e2e_sae.lm.splice import build_model
+    from e2e_sae.lm.splice import SAETransformer
 
-    model = build_model(load_config(config_dict()), device="cpu")
+    model = SAETransformer.from_config(load_config(config_dict()), device="cpu")
     pos = "blocks.1.hook_resid_pre"
     assert model.saes[pos] is model.sae(pos) is model.saes["blocks-1-hook_resid_pre"]
     assert pos in model.saes and "blocks.2.hook_resid_pre" not in model.saes
@@ -482,7 +482,7 @@ def test_saes_are_indexed_by_hook_name_too(config_dict) -> None:
 
 
 def test_auxk_dead_threshold_defaults_to_the_runs_length(config_dict, caplog) -> None:
-    from e2e_sae.lm.splice import build_model
+    from e2e_sae.lm.splice import SAETransformer
     from e2e_sae.saes import TopKSAE
     from e2e_sae.training.trainer import setup
 
@@ -492,14 +492,14 @@ def test_auxk_dead_threshold_defaults_to_the_runs_length(config_dict, caplog) ->
         if arch == "matryoshka":
             saes["architecture_kwargs"] = {"matryoshka_widths": [16, 32]}
         cfg = load_config(config_dict(saes=saes, loss={"out_to_in": {"coeff": 1.0}}))
-        sae = build_model(cfg, device="cpu").sae("blocks.1.hook_resid_pre")
+        sae = SAETransformer.from_config(cfg, device="cpu").sae("blocks.1.hook_resid_pre")
         assert isinstance(sae, TopKSAE)
         assert sae.dead_tokens_threshold == 32 * 16 // 10  # a tenth of 512 training tokens
     # Gao et al.'s 10M for long runs; a given threshold wins
     big = load_config(config_dict(saes=topk, n_samples=10**7, loss={"out_to_in": {"coeff": 1}}))
-    assert build_model(big, device="cpu").sae("blocks.1.hook_resid_pre").dead_tokens_threshold == (
-        10_000_000
-    )
+    assert SAETransformer.from_config(big, device="cpu").sae(
+        "blocks.1.hook_resid_pre"
+    ).dead_tokens_threshold == (10_000_000)
     fixed = {**topk, "architecture_kwargs": {"dead_tokens_threshold": 10_000}}
     cfg = load_config(config_dict(saes=fixed, loss={"out_to_in": {"coeff": 1.0}}))
     with caplog.at_level("WARNING"):

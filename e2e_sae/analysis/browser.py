@@ -44,8 +44,15 @@ from tqdm.auto import tqdm
 
 from e2e_sae.data.tokenizer import load_tokenizer
 from e2e_sae.errors import UserError
-from e2e_sae.eval.evaluate import eval_batches, eval_dataset, eval_windows
-from e2e_sae.lm.splice import SAETransformer, load_run
+from e2e_sae.eval.evaluate import (
+    check_count,
+    check_finite_weights,
+    eval_dataset,
+    eval_request,
+    eval_window_batches,
+    eval_windows,
+)
+from e2e_sae.lm.splice import SAETransformer
 from e2e_sae.saes import SAEBase
 
 # Histogram / quantile-sample bins of a feature's nonzero activations: 4 per decade over
@@ -974,11 +981,20 @@ def write_browser(
         raise UserError(f"--page-size: must be >= 1, got {page_size}")
     if ablate < 0:
         raise UserError(f"--ablate: must be >= 0, got {ablate}")
+    if top_k < 1:
+        raise UserError(f"--top-k: must be >= 1, got {top_k}")
+    check_count(batch_size, "--batch-size")
+    check_count(n_tokens, "--n-tokens")
     check_out_folder(out)  # before the scan
-    model = run if isinstance(run, SAETransformer) else load_run(run, device=device)
+    model = (
+        run
+        if isinstance(run, SAETransformer)
+        else SAETransformer.from_local_path(run, device=device)
+    )
     config = model.run_config
     if config is None:
         raise UserError("browse: the model has no run config (load it with from_local_path)")
+    check_finite_weights(model.saes, run if not isinstance(run, SAETransformer) else "model")
     if position is None:
         if len(model.sae_positions) != 1:
             raise UserError(f"--sae: the run has several SAEs ({', '.join(model.sae_positions)})")
@@ -986,7 +1002,11 @@ def write_browser(
     other_sae = None
     other_label = other_href = ""
     if compare is not None:
-        other = compare if isinstance(compare, SAETransformer) else load_run(compare, device="cpu")
+        other = (
+            compare
+            if isinstance(compare, SAETransformer)
+            else SAETransformer.from_local_path(compare, device="cpu")
+        )
         if position not in other.sites:
             raise UserError(f"--compare: that run has no SAE at '{position}'")
         other_sae = other.sae(position)
@@ -1005,8 +1025,9 @@ def write_browser(
     )
     bs = batch_size or config.batch_size
     # the windows `e2e-sae eval` scans, in its order, so both count the same dead latents
+    asked = eval_request(config, n_tokens)
     n_windows = eval_windows(config, n_tokens, ds.n_ctx)
-    batches, n_batches = eval_batches(ds, bs, n_windows, config.seed)
+    batches, n_batches, _ = eval_window_batches(ds, bs, n_windows, config.seed, asked)
     model.eval()
     tokenizer = _tokenizer_for(model, ds.tokenizer_name)
     special = list(getattr(tokenizer, "all_special_ids", None) or [])

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from e2e_sae.errors import UserError
-from e2e_sae.lm.checkpoint import list_checkpoints, read_tensors
+from e2e_sae.runs.checkpoint import list_checkpoints, read_tensors
 
 
 def max_cosine_similarity(

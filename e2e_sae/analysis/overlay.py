@@ -24,7 +24,7 @@ from matplotlib.lines import Line2D
 from e2e_sae.analysis.labels import runs_table, unique_labels
 from e2e_sae.config import Config, load_config
 from e2e_sae.errors import UserError
-from e2e_sae.lm.checkpoint import CONFIG_FILE
+from e2e_sae.runs.checkpoint import CONFIG_FILE
 from e2e_sae.training.curves import (
     collect_series,
     panel_info,

@@ -40,8 +40,8 @@ from e2e_sae.eval.evaluate import (
     read_feature_frequency,
     write_eval,
 )
-from e2e_sae.lm.checkpoint import CONFIG_FILE, list_sae_checkpoints
-from e2e_sae.lm.splice import hook_layer
+from e2e_sae.lm.sites import hook_layer
+from e2e_sae.runs.checkpoint import CONFIG_FILE, list_sae_checkpoints
 from e2e_sae.training.curves import plain_log_axis
 
 TYPE_COLORS = {"local": "tab:blue", "e2e": "tab:orange", "e2e+ds": "tab:green"}

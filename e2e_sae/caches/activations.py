@@ -39,10 +39,12 @@ from e2e_sae.config import Config
 from e2e_sae.data import create_data_loader, data_errors
 from e2e_sae.errors import ConfigError, UserError
 from e2e_sae.lm import splice
-from e2e_sae.lm.bridge import resolve_backend
-from e2e_sae.lm.load import check_device
-from e2e_sae.lm.splice import SAETransformer, SpliceSite, build_model, check_vocab, filter_names
+from e2e_sae.lm.load import check_device, resolve_backend
+from e2e_sae.lm.runner import check_vocab
+from e2e_sae.lm.sites import SpliceSite, filter_names
+from e2e_sae.lm.splice import SAETransformer
 from e2e_sae.objective.forward import StepPlan, run_forward, with_runner
+from e2e_sae.resources import check_disk, reserve
 
 META = "meta.json"
 TOKENS = "tokens.npy"
@@ -106,11 +108,7 @@ class ActivationCache:
         if path.exists():
             raise UserError(f"activation cache {path}: already exists")
         if hooks is None:
-            hooks = list(
-                dict.fromkeys(
-                    h for s in model.sites.values() for h in (s.input_hook, s.output_hook)
-                )
-            )
+            hooks = list(dict.fromkeys(h for s in model.sites.values() for h in s.hooks))
         hooks = filter_names(model.all_hook_names, list(hooks), "activation cache hooks")
         tmp = path.with_name(path.name + ".tmp")
         if tmp.exists():
@@ -121,8 +119,13 @@ class ActivationCache:
             tokens_out, arrays = _write_arrays(
                 model, batches, n_batches, tmp, hooks, dtype, progress
             )
-        except BaseException:  # no half-written cache is left behind
+        except BaseException as err:  # no half-written cache is left behind
             shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(err, OSError):  # (a full disk, a file size limit, ...)
+                raise UserError(
+                    f"activation cache {path}: cannot write {Path(str(err.filename or tmp)).name} "
+                    f"({err.strerror}); the partial cache was removed"
+                ) from None
             raise
         for a in [tokens_out, *arrays.values()]:
             a.flush()
@@ -227,13 +230,20 @@ def _write_arrays(
             b, n_ctx = tokens.shape
             if tokens_out is None:
                 n_rows = n_batches * b
-                tokens_out = np.lib.format.open_memmap(
-                    folder / TOKENS, mode="w+", dtype=np.int32, shape=(n_rows, n_ctx)
+                shapes = {h: (n_rows, *acts[h].shape[1:]) for h in hooks}
+                item = np.dtype(_NP_DTYPES[dtype]).itemsize
+                need = n_rows * n_ctx * 4 + sum(math.prod(sh) * item for sh in shapes.values())
+                check_disk(
+                    need,
+                    folder.parent,
+                    "activation cache",
+                    f"{n_rows} windows x {n_ctx} tokens at {len(hooks)} hook(s)",
+                    " (cache fewer windows with --n-samples, or use --dtype float16)",
                 )
+                tokens_out = _open_array(folder / TOKENS, np.dtype(np.int32), (n_rows, n_ctx))
                 for h in hooks:
-                    shape = (n_rows, *acts[h].shape[1:])
-                    arrays[h] = np.lib.format.open_memmap(
-                        folder / _file_name(h), mode="w+", dtype=_NP_DTYPES[dtype], shape=shape
+                    arrays[h] = _open_array(
+                        folder / _file_name(h), np.dtype(_NP_DTYPES[dtype]), shapes[h]
                     )
             if tokens.shape[0] * (i + 1) > tokens_out.shape[0]:
                 raise UserError("activation cache: batches must all have the same size")
@@ -244,6 +254,18 @@ def _write_arrays(
     if tokens_out is None:
         raise UserError("activation cache: got no batches")
     return tokens_out, arrays
+
+
+def _open_array(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> np.memmap:
+    """A new .npy file memory-mapped for writing, its blocks allocated now: a full disk is an
+    OSError here, not a SIGBUS when the map is written later."""
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    with open(path, "r+b") as f:
+        try:
+            reserve(f.fileno(), os.fstat(f.fileno()).st_size)
+        except OSError as err:
+            raise OSError(err.errno, err.strerror, str(path)) from None
+    return array
 
 
 def _load(path: Path) -> np.ndarray:
@@ -259,7 +281,8 @@ def lm_activation_batches(
     model: SAETransformer, token_batches: Iterable[Tensor], hooks: Sequence[str]
 ) -> Iterator[dict[str, Tensor]]:
     """One clean LM pass per token batch (fast local path), yielding {hook: activation}: feed it
-    to several `CachedTrainer`s to train them all on the same batches without a disk cache."""
+    to several cache-fed trainers (`Trainer.fed_from_cache`) to train them all on the same batches
+    without a disk cache."""
     plan = with_runner(model, StepPlan(sae_positions=[], orig_cache=list(hooks)))
     device = next(model.saes.parameters()).device
     for tokens in token_batches:
@@ -343,7 +366,7 @@ def check_against_cache(config: Config, cache: ActivationCache) -> None:
             f"{key}: the activation cache {cache.path} was built from another model ({built})"
         )
     for site in resolve_sites(config, cache.meta["all_hook_names"]).values():
-        for h in (site.input_hook, site.output_hook):
+        for h in site.hooks:
             if h not in cache.hooks:
                 raise ConfigError(
                     f"{hook_field(site, h)}: '{h}' is not in the activation cache "
@@ -368,9 +391,7 @@ def check_model_against_cache(model: SAETransformer, cache: ActivationCache) -> 
             f"model: its hook names differ from those of the model the activation "
             f"cache {cache.path} was built with"
         )
-    hooks = list(
-        dict.fromkeys(h for s in model.sites.values() for h in (s.input_hook, s.output_hook))
-    )
+    hooks = list(dict.fromkeys(h for s in model.sites.values() for h in s.hooks))
     for h, shape in model.hook_shapes(hooks).items():
         if shape[-1] != cache.d(h):
             raise ConfigError(
@@ -400,7 +421,7 @@ def build_for_config(
     if path.exists():
         raise UserError(f"activation cache {path}: already exists")
     check_device(device or config.device)
-    model = build_model(config, device=device)
+    model = SAETransformer.from_config(config, device=device)
     batches = training_batches(config, model)
     info = {
         "model_source": model_source(config),
@@ -430,5 +451,5 @@ def training_batches(config: Config, model: SAETransformer) -> Iterator[Tensor]:
         first = next(loader, None)
     if first is None:
         raise UserError("train_data: the dataset yields no windows")
-    check_vocab(model, first, "train_data")
+    check_vocab(model.lm, first, "train_data")
     return itertools.chain([first], loader)

@@ -44,7 +44,7 @@ from e2e_sae.config import Config
 from e2e_sae.errors import ConfigError, UserError
 from e2e_sae.lm.load import check_device
 from e2e_sae.lm.runner import LMRunner, Unembedding, step_runner
-from e2e_sae.lm.splice import SAETransformer, build_model
+from e2e_sae.lm.splice import SAETransformer
 from e2e_sae.objective.losses import KLTarget, chunked_unembed_kl
 
 META = "meta.json"
@@ -236,7 +236,7 @@ def build_for_config(
     if Path(path).exists():
         raise UserError(f"teacher cache {path}: already exists")
     check_device(device or config.device)
-    model = build_model(config, device=device)
+    model = SAETransformer.from_config(config, device=device)
     d_vocab = model.lm.d_vocab
     if not 0 < k < d_vocab:
         raise UserError(f"--k: expected 1 to {d_vocab - 1} (the model's d_vocab - 1), got {k}")

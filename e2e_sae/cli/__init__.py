@@ -8,9 +8,24 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from e2e_sae.cli import analysis, cache, compat, demo, interop, train
+from e2e_sae.cli import (
+    browse,
+    cache_acts,
+    cache_teacher,
+    convert,
+    demo,
+    export,
+    plot,
+    push,
+    sweep,
+    train,
+    train_cached,
+    train_lm,
+    train_mlp,
+)
 from e2e_sae.cli import eval as eval_cmd
-from e2e_sae.errors import TrainingInterrupted, UserError
+from e2e_sae.errors import SignalInterrupt, TrainingInterrupted, UserError
+from e2e_sae.interrupts import ignore_signals, interrupt_on_signals
 from e2e_sae.version import __version__
 
 
@@ -32,42 +47,57 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# The command table: each module's `register(subparsers)` adds its subcommands (in this order in
-# --help). The modules import the library inside their commands, so `--help` stays fast.
+# The command table: one module per command, named for it; each module's `register(subparsers)`
+# adds its subcommand (in this order in --help). The modules import the library inside their
+# commands, so `--help` stays fast.
 COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     train.register,
     eval_cmd.register,
     demo.register,
-    analysis.register,
-    interop.register,
-    cache.register,
-    compat.register,
+    train_lm.register,
+    sweep.register,
+    plot.register,
+    browse.register,
+    export.register,
+    push.register,
+    train_mlp.register,
+    cache_acts.register,
+    cache_teacher.register,
+    train_cached.register,
+    convert.register,
 )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one command; `argv` None: this process's own command line (then signals that arrive
-    after the command ended, e.g. a second Ctrl-C during shutdown, are ignored)."""
+    """Run one command; `argv` None: this process's own command line. Then SIGINT and SIGTERM
+    end the command with one line and exit 130 / 143 wherever they arrive (a training saves
+    first, see `training.loop.StopOnSignal`), and signals after the first, or after the
+    command ended (e.g. a second Ctrl-C during shutdown), are ignored (`e2e_sae.interrupts`)."""
+    if argv is None:
+        interrupt_on_signals()
+    _reported.clear()
     try:
         return _main(argv)
-    except KeyboardInterrupt:  # a second Ctrl-C while the first one was being handled
+    except KeyboardInterrupt as err:  # a second signal while the first one was being handled
         if argv is None:
-            _ignore_signals()
-        print("interrupted", file=sys.stderr)
-        return 130
+            ignore_signals()
+        return _interrupted(err)
     finally:
         if argv is None:
-            _ignore_signals()
+            ignore_signals()
 
 
-def _ignore_signals() -> None:
-    """The command is over: a late SIGINT / SIGTERM would otherwise raise inside an interpreter
-    exit handler (an 'Exception ignored in atexit callback' traceback) or kill the process
-    with another exit status than the one reported."""
-    import signal
+_reported: list[int] = []  # the exit status of the interruption already reported, if any
 
-    for s in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(s, signal.SIG_IGN)
+
+def _interrupted(err: KeyboardInterrupt) -> int:
+    """One line for a signal that ended the command (once: a signal that lands while the first
+    one is reported adds nothing); its exit status, 128 + the signal number."""
+    if not _reported:
+        message = str(err) if isinstance(err, SignalInterrupt) else ""
+        print(f"interrupted: {message}" if message else "interrupted", file=sys.stderr)
+        _reported.append(err.exit_code if isinstance(err, SignalInterrupt) else 130)
+    return _reported[0]
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -90,9 +120,8 @@ def _main(argv: Sequence[str] | None) -> int:
     except TrainingInterrupted as err:  # a checkpoint was written: exit 128 + signal number
         print(f"interrupted: {err}", file=sys.stderr)
         return err.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:
+        return _interrupted(err)
 
 
 def print_json(obj: object) -> None:

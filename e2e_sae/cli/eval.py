@@ -11,15 +11,19 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from e2e_sae.eval.evaluate import EVAL_JSON, eval_dataset
-
-__all__ = ["eval_dataset", "register", "run_eval_command"]
+__all__ = ["register", "run_eval_command"]
 
 
 def run_eval_command(args: argparse.Namespace) -> int:
-    from e2e_sae.eval.evaluate import evaluate_run, write_eval
+    from e2e_sae.errors import UserError, check_output_folder
+    from e2e_sae.eval.evaluate import EVAL_JSON, evaluate_run, write_eval
     from e2e_sae.eval.report import downstream_table, eval_table
 
+    out = args.out or Path(args.run_dir) / EVAL_JSON
+    if args.out is not None:  # before the evaluation, not after it
+        if out.is_dir():
+            raise UserError(f"--out: {out} is a folder; give a file name (e.g. {out / EVAL_JSON})")
+        check_output_folder(out.parent, "--out")
     result = evaluate_run(
         args.run_dir,
         data=args.data,
@@ -29,7 +33,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
         device=args.device,
         progress=True,
     )
-    out = write_eval(result, args.out or Path(args.run_dir) / EVAL_JSON, overwrite=args.overwrite)
+    out = write_eval(result, out, overwrite=args.overwrite)
     print(eval_table(result))
     if result.downstream:
         print("\ndownstream reconstruction (SAE-spliced vs clean run)")

@@ -10,7 +10,6 @@ with `torch.load(weights_only=True)` only, and a bad argument raises our `UserEr
 from __future__ import annotations
 
 import math
-import random
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -27,7 +26,7 @@ from transformer_lens.hook_points import HookPoint
 from e2e_sae.config import load_config as load_ours
 from e2e_sae.config import parse_model
 from e2e_sae.errors import ConfigError, UserError
-from e2e_sae.lm.checkpoint import atomic_save_tensors, atomic_write_bytes, read_tensors
+from e2e_sae.runs.checkpoint import atomic_save_tensors, atomic_write_bytes, read_tensors
 from e2e_sae.saes import CacheActs, SAEActs
 
 T = TypeVar("T", bound=BaseModel)
@@ -126,15 +125,6 @@ def get_hook_shapes(tlens_model: HookedTransformer, hook_names: list[str]) -> di
     wanted = set(hook_names)
     tlens_model.run_with_hooks(tokens, return_type=None, fwd_hooks=[(wanted.__contains__, record)])
     return shapes
-
-
-def set_seed(seed: int | None) -> None:
-    """Seed Python's, NumPy's and torch's generators (nothing when `seed` is None)."""
-    if seed is None:
-        return
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def load_config(config_path_or_obj: Path | str | T, config_model: type[T]) -> T:

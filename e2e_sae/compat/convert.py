@@ -12,7 +12,16 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from e2e_sae.compat.original import (
+from e2e_sae.errors import UserError
+from e2e_sae.lm.load import load_original_lm, save_tlens_model
+from e2e_sae.runs.checkpoint import (
+    atomic_save_tensors,
+    list_sae_checkpoints,
+    newest_intact,
+    read_tensors,
+    write_config,
+)
+from e2e_sae.runs.original import (
     CONFIG_FILE,
     SAE_PARAMS,
     load_run_config,
@@ -20,15 +29,6 @@ from e2e_sae.compat.original import (
     original_lm_file,
     samples_of,
 )
-from e2e_sae.errors import UserError
-from e2e_sae.lm.checkpoint import (
-    atomic_save_tensors,
-    list_sae_checkpoints,
-    newest_intact,
-    read_tensors,
-    write_config,
-)
-from e2e_sae.lm.load import load_original_lm, save_tlens_model
 
 logger = logging.getLogger(__name__)
 

@@ -12,6 +12,7 @@ import difflib
 import hashlib
 import json
 import logging
+import numbers
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -214,14 +215,26 @@ def _token_stream(rows: list[list[int]], cfg: DatasetConfig, column: str) -> Ten
     """Pre-tokenized rows joined into one int64 stream (a text column or a negative id is a
     one-line error)."""
     try:
-        stream = torch.tensor([t for r in rows for t in r], dtype=torch.int64)
-    except (TypeError, ValueError, RuntimeError):
+        flat = [t for r in rows for t in r]
+        stream = torch.tensor(flat) if flat else torch.zeros(0, dtype=torch.int64)
+    except (TypeError, ValueError, RuntimeError, OverflowError):
         raise UserError(
             f"dataset {cfg.dataset_name}: column '{column}' does not hold lists of token ids "
             "(for text set is_tokenized: false and tokenizer_name)"
         ) from None
+    if stream.is_floating_point() or stream.dtype == torch.bool or stream.is_complex():
+        not_int = next(t for t in flat if not _is_token_id(t))
+        raise UserError(
+            f"dataset {cfg.dataset_name}: column '{column}' holds {not_int!r}; token ids are "
+            "integers (a float or bool column is not tokens)"
+        )
+    stream = stream.to(torch.int64)
     check_token_ids(stream, cfg, column)
     return stream
+
+
+def _is_token_id(t: Any) -> bool:
+    return isinstance(t, numbers.Integral) and not isinstance(t, bool)
 
 
 def check_token_ids(tokens: Tensor, cfg: DatasetConfig, column: str) -> None:
@@ -324,6 +337,12 @@ def stream_batches(
             buf.extend(tokenize_documents([row[col]], tokenizer).tolist())
         else:
             ids = list(row[col])
+            bad = next((t for t in ids if not _is_token_id(t)), None)
+            if bad is not None:
+                raise UserError(
+                    f"dataset {cfg.dataset_name}: column '{col}' holds {bad!r}; token ids are "
+                    "integers (a float or bool column is not tokens)"
+                )
             if ids and min(ids) < 0:
                 check_token_ids(torch.tensor(ids, dtype=torch.int64), cfg, col)
             buf.extend(ids)
@@ -362,6 +381,34 @@ def create_data_loader(
         return stream_batches(dataset_config, batch_size, seed, rank, world_size, start_batch)
     windows = load_windows(dataset_config)
     return windows.batches(batch_size, seed, rank, world_size, start_batch)
+
+
+def eval_batches(
+    cfg: DatasetConfig, batch_size: int, seed: int, n_batches: int, request: str | None
+) -> tuple[Iterator[Tensor], int]:
+    """(batches, how many to take) for an evaluation of `n_batches` batches of distinct windows.
+
+    A non-streaming eval set holding fewer whole batches would repeat windows (and count each
+    latent's firing twice): `request` (what was asked, e.g. "--n-tokens: 8192 tokens") then is
+    a one-line UserError saying how much the set holds; `request` None (a default size) takes
+    the whole set instead. A streaming set ends when it ends (a single pass)."""
+    if cfg.streaming and not Path(cfg.dataset_name).expanduser().exists():
+        if get_builtin_corpus(cfg.dataset_name) is None:
+            return create_data_loader(cfg, batch_size, seed), n_batches
+    windows = load_windows(cfg)
+    whole = len(windows) // batch_size
+    if 0 < whole < n_batches:
+        if request is not None:
+            raise UserError(
+                f"{request} in batches of {batch_size}, but the eval set {cfg.dataset_name} "
+                f"(split {cfg.split}) holds {len(windows)} windows of {cfg.n_ctx} tokens: at most "
+                f"{whole * batch_size} windows ({whole * batch_size * cfg.n_ctx} tokens) without "
+                "repeating one"
+            )
+        logger.info("eval: the eval set holds %d batches; evaluating on all of them", whole)
+        n_batches = whole
+    seed = cfg.seed if cfg.seed is not None else seed
+    return windows.batches(batch_size, seed), n_batches
 
 
 @contextmanager

@@ -34,7 +34,7 @@ from transformers import (  # GPT2TokenizerFast: a lazy alias of GPT2Tokenizer i
     PreTrainedTokenizerBase,
 )
 
-from e2e_sae.errors import UserError
+from e2e_sae.errors import UserError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -107,11 +107,6 @@ def _unavailable(name: str) -> UserError:
         f"tokenizer_name '{name}': cannot load from the Hugging Face Hub (offline?). "
         + _OFFLINE_HINT
     )
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _build_cached_folder(final: Path, fill: Callable[[Path], None]) -> Path:
@@ -214,7 +209,8 @@ def _load_local_folder(name: str, folder: Path) -> PreTrainedTokenizerBase:
             except Exception:
                 pass
         raise UserError(
-            f"tokenizer_name '{name}': cannot load a tokenizer from this folder: {_first_line(err)}"
+            f"tokenizer_name '{name}': cannot load a tokenizer from this folder: "
+            f"{first_line(err, None)}"
         ) from err
 
 

@@ -58,12 +58,14 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from e2e_sae.config import Config, DatasetConfig
-from e2e_sae.data import create_data_loader
+from e2e_sae.data import eval_batches
 from e2e_sae.errors import UserError
-from e2e_sae.lm.checkpoint import atomic_save_tensors, atomic_write_bytes
-from e2e_sae.lm.splice import SAETransformer, hook_layer, load_run, sae_key
+from e2e_sae.lm.sites import hook_layer
+from e2e_sae.lm.splice import SAETransformer
 from e2e_sae.objective.forward import StepPlan, make_plan, run_forward, with_runner
 from e2e_sae.objective.losses import LossTerm, build_loss_terms, compute_losses, kl_clean_to_new
+from e2e_sae.runs.checkpoint import atomic_save_tensors, atomic_write_bytes
+from e2e_sae.saes import sae_key
 
 LN_EPS = 1e-5
 L2_RATIO_MIN_NORM = 1e-4  # SAEBench's: below it, l2_ratio divides by 1 instead of ||x||
@@ -347,8 +349,7 @@ def evaluate(
         for k, v in batch.items():
             sums[k] = sums.get(k, 0.0) + v
         for pos, acts in inputs.sae_acts.items():
-            target = inputs.orig_acts[pos] if pos in plan.transcoder_targets else acts.input
-            stats[pos].update(target, acts.c, acts.output)
+            stats[pos].update(inputs.target(pos), acts.c, acts.output)
         for h in later:
             down[h].update(inputs.orig_acts[h], inputs.new_acts[h])
         n, n_tok, n_pred = n + 1, n_tok + bt, n_pred + bp
@@ -394,13 +395,17 @@ def eval_windows(config: Config, n_tokens: int | None, n_ctx: int) -> int:
     return math.ceil(n_tokens / n_ctx)
 
 
-def eval_batches(
-    data: DatasetConfig, batch_size: int, n_windows: int, seed: int
-) -> tuple[Iterator[Tensor], int]:
-    """(batches, how many): exactly `n_windows` eval windows in batches of `batch_size` (the last
+def eval_window_batches(
+    data: DatasetConfig, batch_size: int, n_windows: int, seed: int, request: str | None = None
+) -> tuple[Iterator[Tensor], int, int]:
+    """(batches, how many, windows): `n_windows` eval windows in batches of `batch_size` (the last
     one cut short), in the order every evaluation of the run uses (loader seed `seed + 42`), so
-    training's evaluations, `e2e-sae eval` and `browse` see the same tokens."""
-    loader = create_data_loader(data, batch_size, seed + EVAL_SEED_OFFSET)
+    training's evaluations, `e2e-sae eval` and `browse` see the same tokens. An eval set holding
+    fewer windows: see `data.eval_batches` (a UserError naming `request`; without one, the whole
+    set, and `windows` says how many that is)."""
+    n_batches = math.ceil(n_windows / batch_size)
+    loader, n_batches = eval_batches(data, batch_size, seed + EVAL_SEED_OFFSET, n_batches, request)
+    n_windows = min(n_windows, n_batches * batch_size)
 
     def cut() -> Iterator[Tensor]:
         left = n_windows
@@ -410,7 +415,7 @@ def eval_batches(
             if left <= 0:
                 return
 
-    return cut(), math.ceil(n_windows / batch_size)
+    return cut(), n_batches, n_windows
 
 
 def eval_settings(
@@ -432,6 +437,33 @@ def eval_settings(
 
 
 # --- evaluating a run directory -------------------------------------------------------------------
+def check_count(value: int | None, option: str) -> None:
+    """A command-line count given must be positive (0 or less is a mistake, never 'the default')."""
+    if value is not None and value < 1:
+        raise UserError(f"{option}: expected a positive number, got {value}")
+
+
+def eval_request(config: Config, n_tokens: int | None) -> str | None:
+    """What an evaluation of a run was asked to cover, for `data.eval_batches`: `n_tokens`, else
+    the run's `eval_n_samples`; None when neither is set (the default of 50 windows, or the whole
+    eval set if it is smaller)."""
+    if n_tokens is not None:
+        return f"--n-tokens: {n_tokens} tokens"
+    if config.eval_n_samples:
+        return f"eval_n_samples: {config.eval_n_samples} windows (the run's; pass --n-tokens)"
+    return None
+
+
+def check_finite_weights(saes: torch.nn.Module, where: object) -> None:
+    """Refuse SAEs (`model.saes`, or one SAE) holding NaN / inf, as a diverged run leaves them:
+    their metrics, exports and feature pages would be meaningless."""
+    for name, t in saes.state_dict().items():
+        if t.is_floating_point() and not bool(t.isfinite().all()):
+            raise UserError(
+                f"{where}: the checkpoint holds non-finite weights (saes.{name}); the run diverged"
+            )
+
+
 def eval_dataset(
     config: Config, data: str | None = None, split: str | None = None
 ) -> DatasetConfig:
@@ -459,29 +491,33 @@ def evaluate_run(
     device: str | None = None,
     progress: bool = False,
 ) -> EvalResult:
-    """Load a run directory (or take a model from `load_run`) and evaluate all its SAEs together.
+    """Load a run directory (or take a model from `SAETransformer.from_local_path`) and evaluate
+    all its SAEs together.
 
     `n_tokens` defaults to the run's `eval_n_samples` (else 50) windows; it is rounded up to whole
     windows. Batches come from the eval data in the order training's evaluation uses (seed + 42,
     `eval_batches`). The result's `settings` say what was evaluated on what.
     """
 
-    model = run_dir if isinstance(run_dir, SAETransformer) else load_run(run_dir, device=device)
+    model = (
+        run_dir
+        if isinstance(run_dir, SAETransformer)
+        else SAETransformer.from_local_path(run_dir, device=device)
+    )
     config = model.run_config
     if config is None:
         raise UserError("eval: the model has no run config (load it with from_local_path)")
     ds = eval_dataset(config, data, split)
+    check_count(batch_size, "--batch-size")
+    check_count(n_tokens, "--n-tokens")
     bs = batch_size or config.batch_size
+    asked = eval_request(config, n_tokens)
     n_windows = eval_windows(config, n_tokens, ds.n_ctx)
     plan = make_plan(model, config.loss, force_full_pass=True)
     terms = build_loss_terms(config.loss, plan.new_cache)
     where = run_dir if not isinstance(run_dir, SAETransformer) else "model"
-    for name, t in model.saes.state_dict().items():
-        if t.is_floating_point() and not bool(t.isfinite().all()):
-            raise UserError(
-                f"{where}: the checkpoint holds non-finite weights (saes.{name}); the run diverged"
-            )
-    batches, n_batches = eval_batches(ds, bs, n_windows, config.seed)
+    check_finite_weights(model.saes, where)
+    batches, n_batches, n_windows = eval_window_batches(ds, bs, n_windows, config.seed, asked)
     model.eval()
     result = evaluate(model, batches, n_batches, plan, terms, progress=progress)
     result.settings = eval_settings(ds, n_windows, bs, config.seed, model.checkpoint_path)

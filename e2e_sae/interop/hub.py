@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from e2e_sae.errors import UserError
-from e2e_sae.lm.checkpoint import CONFIG_FILE, list_checkpoints
-from e2e_sae.lm.splice import load_run
+from e2e_sae.lm.splice import SAETransformer
+from e2e_sae.runs.checkpoint import CONFIG_FILE, list_checkpoints
 
 logger = logging.getLogger(__name__)
 
@@ -133,8 +133,8 @@ def model_card(folder: Path, repo_id: str) -> str:
             "from sae_lens import SAE",
             f'sae = SAE.from_pretrained("{repo_id}", "{saes[0]}")  # SAELens 6',
             "# or, spliced into a TransformerLens model with e2e_sae:",
-            "from e2e_sae import SAETransformer",
-            f'model = SAETransformer.from_saelens(tlens_model, ["{uri}"])',
+            "from e2e_sae.interop import saelens_transformer",
+            f'model = saelens_transformer(tlens_model, ["{uri}"])',
             "```",
         ]
     else:
@@ -225,8 +225,8 @@ def push_to_hub(
 def load_from_hub(uri: str | os.PathLike[str], device: str | None = None) -> Any:
     """An `SAETransformer` from an `hf://` (or local) run directory.
 
-    For a SAELens export use `SAETransformer.from_saelens(tlens_model, [uri])`, which needs the
-    language model the SAEs belong to.
+    For a SAELens export use `e2e_sae.interop.saelens_transformer(tlens_model, [uri])`, which
+    needs the language model the SAEs belong to.
     """
 
-    return load_run(resolve_path(uri), device=device)
+    return SAETransformer.from_local_path(resolve_path(uri), device=device)

@@ -10,14 +10,15 @@ from pathlib import Path
 from e2e_sae.errors import UserError
 from e2e_sae.interop.hub import is_saelens_dir, resolve_path
 from e2e_sae.interop.saelens import load_saelens_into
-from e2e_sae.lm.checkpoint import (
+from e2e_sae.lm.sites import filter_names
+from e2e_sae.lm.splice import SAETransformer
+from e2e_sae.runs.checkpoint import (
     list_sae_checkpoints,
     load_sae_weights,
     newest_intact,
     read_tensors,
 )
-from e2e_sae.lm.names import filter_names, sae_key
-from e2e_sae.lm.splice import SAETransformer
+from e2e_sae.saes import sae_key
 
 
 def load_pretrained_saes(

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from e2e_sae.errors import UserError
 from e2e_sae.interop.saelens import saelens_state
-from e2e_sae.lm.splice import hook_layer
+from e2e_sae.lm.sites import hook_layer
 from e2e_sae.saes import SAEBase
 
 if TYPE_CHECKING:

@@ -43,19 +43,21 @@ from torch import Tensor, nn
 
 from e2e_sae.config import Config, config_to_yaml_dict, load_config
 from e2e_sae.errors import UserError, check_output_folder
-from e2e_sae.eval.evaluate import read_eval, read_feature_frequency
+from e2e_sae.eval.evaluate import check_finite_weights, read_eval, read_feature_frequency
 from e2e_sae.interop.hub import CFG_FILE, WEIGHTS_FILE, resolve_path
-from e2e_sae.lm.bridge import resolve_backend
-from e2e_sae.lm.checkpoint import (
+from e2e_sae.lm.load import resolve_backend
+from e2e_sae.lm.sites import hook_layer
+from e2e_sae.lm.splice import SAETransformer
+from e2e_sae.runs.checkpoint import (
     CONFIG_FILE,
     atomic_save_tensors,
     atomic_write_bytes,
     list_checkpoints,
+    newest_intact,
     read_tensors,
     tensor_metadata,
 )
-from e2e_sae.lm.splice import SAETransformer, hook_layer, load_run, sae_key
-from e2e_sae.saes import SAEBase, build_sae
+from e2e_sae.saes import SAEBase, build_sae, sae_key
 from e2e_sae.version import __version__
 
 if TYPE_CHECKING:
@@ -401,16 +403,21 @@ def _saes_of_run(
     if checkpoint is not None:
         ckpt = Path(checkpoint)
         ckpt = ckpt if ckpt.is_absolute() or ckpt.exists() else run_dir / ckpt
+        state = read_tensors(ckpt)
     else:
         ckpts = list_checkpoints(run_dir)
         if not ckpts:
             raise UserError(f"export: {run_dir} has no samples_<N>.safetensors checkpoint")
-        ckpt = ckpts[-1]
-    state = read_tensors(ckpt)
+        ckpt, state = newest_intact(ckpts, "export")  # (a damaged newest one: as eval does)
     meta = tensor_metadata(ckpt)
     if "sae_positions" not in meta or "init_kwargs" not in meta:
         return None  # an older checkpoint: rebuild through the model instead
     arch = meta.get("architecture", config.saes.architecture)
+    if arch != config.saes.architecture:
+        raise UserError(
+            f"export: {ckpt} holds {arch} SAEs, but {run_dir / CONFIG_FILE} says "
+            f"{config.saes.architecture} (saes.architecture)"
+        )
     init_kwargs = json.loads(meta["init_kwargs"])
     out = []
     for pos in json.loads(meta["sae_positions"]):
@@ -457,12 +464,12 @@ def export_run_saelens(
         if found is not None:
             config, saes = found
         else:
-            run = load_run(run_dir, checkpoint=checkpoint, device="cpu")
+            run = SAETransformer.from_local_path(run_dir, checkpoint=checkpoint, device="cpu")
     if saes is None:
         assert not isinstance(run, (str, Path))
         config = run.run_config
         saes = [(p, run.sites[p].input_hook, run.sae(p)) for p in run.sae_positions]
-        if run_dir is None:  # a model from `load_run` knows its run directory and checkpoint
+        if run_dir is None:  # a model from `from_local_path` knows its run directory and checkpoint
             run_dir, checkpoint = run.run_dir, run.checkpoint_path
     meta: dict[str, Any] = {}
     if config is not None:
@@ -483,6 +490,8 @@ def export_run_saelens(
             "dataset_path": config.train_data.dataset_name,
             "e2e_sae_config": config_to_yaml_dict(config),
         }
+    for _, _, sae in saes:  # before anything is written
+        check_finite_weights(sae, checkpoint or run_dir or "export")
     freqs = _eval_feature_frequency(run_dir, checkpoint)
     for pos, _, _ in saes:
         old = out / pos
@@ -704,11 +713,12 @@ def saelens_transformer(
     device: str | torch.device | None = None,
     allow_inexact: bool = False,
 ) -> SAETransformer:
-    """An `SAETransformer` with SAELens SAEs (folders or `hf://` URIs) spliced in at the hooks
-    their cfg.json names (transcoders read `hook_name` and replace `hook_name_out`)."""
+    """An `SAETransformer` (in eval mode) with SAELens SAEs (folders or `hf://` URIs) spliced in
+    at the hooks their cfg.json names (transcoders read `hook_name` and replace `hook_name_out`).
+    Exported as `e2e_sae.interop.saelens_transformer`."""
 
     if not paths:
-        raise UserError("from_saelens: give at least one SAELens folder")
+        raise UserError("saelens_transformer: give at least one SAELens folder")
     loaded = [load_saelens_sae(p, allow_inexact=allow_inexact) for p in paths]
     plain: list[str] = []
     transcoders: list[tuple[str, str]] = []
@@ -717,7 +727,7 @@ def saelens_transformer(
         if info.hook_name is None or info.position is None:
             raise UserError(f"{info.path}/{CFG_FILE}: no hook_name, so it cannot be spliced in")
         if info.position in seen:
-            raise UserError(f"from_saelens: two SAEs replace '{info.position}'")
+            raise UserError(f"saelens_transformer: two SAEs replace '{info.position}'")
         seen.add(info.position)
         if info.hook_name_out and info.hook_name_out != info.hook_name:
             transcoders.append((info.hook_name, info.hook_name_out))
@@ -725,7 +735,7 @@ def saelens_transformer(
             plain.append(info.hook_name)
     for name in [*plain, *[h for t in transcoders for h in t]]:
         if name not in tlens_model.hook_dict:
-            raise UserError(f"from_saelens: the model has no hook '{name}'")
+            raise UserError(f"saelens_transformer: the model has no hook '{name}'")
     # Build with placeholder SAEs (cheap), then swap in the loaded ones after checking sizes.
     model = SAETransformer(tlens_model, plain, 1.0, False, transcoders=transcoders)
     archs = {sae.architecture for sae, _ in loaded}
@@ -741,7 +751,7 @@ def saelens_transformer(
             )
         model.saes[sae_key(pos)] = sae
     target = device or tlens_model.cfg.device
-    return model.to(target) if target is not None else model
+    return (model.to(target) if target is not None else model).eval()
 
 
 def load_saelens_into(model: SAETransformer, path: str | os.PathLike[str]) -> list[str]:

@@ -4,7 +4,7 @@ The bridge wraps the stock Hugging Face model (its own forward, its own weights,
 centred) and exposes TransformerLens hook names (`blocks.N.hook_resid_pre` is an alias of
 `blocks.N.hook_in`, ...). `load_bridge` boots one from a hub name or a local folder (config.json +
 weights + tokenizer files), or, for `smollm2-135m`, from the HF model built offline from the
-packaged GGUF file. `resolve_backend` decides what `backend: auto` means for a config.
+packaged GGUF file. What `backend: auto` means for a config is `e2e_sae.lm.load.resolve_backend`.
 """
 
 from __future__ import annotations
@@ -14,59 +14,27 @@ import logging
 import time
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any
 
 import torch
 from transformer_lens.model_bridge import TransformerBridge
 
 from e2e_sae.data.tokenizer import SMOLLM2_HUB_ID, is_gguf_model_name, load_smollm2_tokenizer
-from e2e_sae.errors import UserError
+from e2e_sae.errors import UserError, first_line
 from e2e_sae.lm.gguf import load_smollm2_hf
-from e2e_sae.lm.sources import OFFLINE_MODELS_HINT, builtin_model_dir, first_line
-
-if TYPE_CHECKING:
-    from e2e_sae.config import Config
 
 logger = logging.getLogger(__name__)
 
 DeviceMap = str | dict[str, str | int]
-Backend = Literal["hooked", "bridge"]
+OFFLINE_MODELS_HINT = (
+    "offline models: smollm2-135m, shakespeare-lm, a tlens_model_path, a tlens_config, or a "
+    "local Hugging Face model folder as hf_model_name"
+)
 
 
 def is_local_folder(name: str) -> bool:
     """Whether a model name is meant as a local folder (it exists, or is written as a path)."""
     return Path(name).expanduser().exists() or name.startswith(("/", "./", "../", "~"))
-
-
-def hooked_supports(name: str) -> bool:
-    """Whether HookedTransformer.from_pretrained knows this hub name (TransformerLens' own list
-    of official names and aliases; no network)."""
-    from transformer_lens.loading_from_pretrained import get_official_model_name
-
-    try:
-        get_official_model_name(name)
-    except ValueError:
-        return False
-    return True
-
-
-def resolve_backend(config: Config) -> Backend:
-    """What runs the config's LM. `auto`: hooked for tlens_config / tlens_model_path / built-in
-    and GGUF names / names HookedTransformer supports; bridge for any other Hugging Face model,
-    and whenever `device_map` is set (HookedTransformer has none)."""
-    if config.backend != "auto":
-        return config.backend
-    if config.tlens_config is not None or config.tlens_model_path is not None:
-        return "hooked"
-    name = config.hf_model_name or config.tlens_model_name
-    assert name is not None
-    if config.device_map is not None:
-        return "bridge"
-    if is_gguf_model_name(name) or builtin_model_dir(name) is not None:
-        return "hooked"
-    if is_local_folder(name):
-        return "bridge"
-    return "hooked" if hooked_supports(name) else "bridge"
 
 
 def load_bridge(
@@ -81,11 +49,6 @@ def load_bridge(
     `from_pretrained`; `n_devices` > 1 balances the layers over that many GPUs."""
     if is_gguf_model_name(name):
         return load_smollm2_bridge(device, device_map, n_devices)
-    if builtin_model_dir(name) is not None:
-        raise UserError(
-            f"backend: bridge cannot run '{name}' (a HookedTransformer shipped with e2e_sae, not "
-            "a Hugging Face model); use backend: hooked or auto"
-        )
     local = is_local_folder(name)
     source = str(Path(name).expanduser()) if local else name
     if local and not (Path(source) / "config.json").is_file():

@@ -35,12 +35,16 @@ from e2e_sae.data.tokenizer import (
     loads_offline,
 )
 from e2e_sae.errors import ConfigError, UserError
-from e2e_sae.lm.bridge import resolve_backend
 from e2e_sae.lm.gguf import smollm2_config
-from e2e_sae.lm.load import _CFG_KEYS, model_name_field
-from e2e_sae.lm.names import check_after_first_sae, dict_size, filter_names
-from e2e_sae.lm.sources import MODEL_CONFIG, builtin_model_dir, check_model_name
-from e2e_sae.lm.splice import resolve_sites
+from e2e_sae.lm.load import (
+    _CFG_KEYS,
+    MODEL_CONFIG,
+    builtin_model_dir,
+    check_model_name,
+    model_name_field,
+    resolve_backend,
+)
+from e2e_sae.lm.sites import check_after_first_sae, dict_size, filter_names, resolve_sites
 from e2e_sae.saes import SAEBase, build_sae, idle_aux_warnings, sae_kwargs
 from e2e_sae.saes.registry import architecture_class
 
@@ -107,6 +111,39 @@ def hook_shapes(config: Config) -> dict[str, tuple[int, ...]]:
         model.run_with_hooks(tokens, fwd_hooks=[(lambda _: True, record)])
     # hooks that did not run (e.g. attention-pattern hooks of other code paths) come last
     return {**shapes, **{n: () for n in model.hook_dict if n not in shapes}}
+
+
+def hook_names(config: Config) -> list[str]:
+    """The model's hook names (construction order), from its config alone: no forward pass."""
+    from transformer_lens import HookedTransformer
+
+    cfg = dataclasses.replace(model_config(config), tokenizer_name=None, device="meta")
+    cfg.init_weights = False
+    with warnings.catch_warnings(), torch.device("meta"):
+        warnings.simplefilter("ignore")
+        return list(HookedTransformer(cfg).hook_dict)
+
+
+def check_hooks(config: Config, names: list[str] | None = None) -> str:
+    """Resolve `saes.sae_positions`, `saes.transcoders` and `loss.in_to_orig.hook_positions` as
+    the real run does (ConfigError naming the field when one matches nothing); returns a one-line
+    summary, or why the hooks could not be checked. `names`: the model's hook names, if known
+    (the sweep checks each of its runs this way; `dry_run` checks far more)."""
+
+    try:
+        names = hook_names(config) if names is None else names
+    except ConfigError:
+        raise
+    except UserError as err:
+        return f"hooks not checked: {err}"
+    s = config.saes
+    found = list(
+        resolve_sites(names, s.sae_positions, [(t.input, t.output) for t in s.transcoders])
+    )
+    if config.loss.in_to_orig is not None:
+        field = "loss.in_to_orig.hook_positions"
+        filter_names(names, config.loss.in_to_orig.hook_positions, field)
+    return f"SAE positions: {', '.join(found)}"
 
 
 def _datasets(config: Config) -> list[tuple[str, DatasetConfig]]:

@@ -50,10 +50,6 @@ _BLOCK_HOOK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-class _Stop(Exception):
-    """Raised once the hook named `until` has run (nothing later is computed)."""
-
-
 @dataclass
 class _Norm:
     kind: str  # "LN", "LNPre", "RMS", "RMSPre"
@@ -263,16 +259,6 @@ class LeanLM:
                 return False
         return True
 
-    def last_hook(self, hook_names: Sequence[str]) -> str:
-        """The hook among `hook_names` that runs last in a forward pass."""
-
-        def order(h: str) -> tuple[int, int]:
-            m = _BLOCK_HOOK_RE.match(h)
-            assert m is not None, h
-            return int(m.group(1)), BLOCK_HOOKS.index(m.group(2))
-
-        return max(hook_names, key=order)
-
     # --- the forward pass -----------------------------------------------------------------------
     def embed(self, tokens: Tensor) -> Tensor:
         """Residual stream before block 0 [batch, pos, d_model] (fp32)."""
@@ -286,13 +272,12 @@ class LeanLM:
         x: Tensor,
         start: int = 0,
         hooks: Sequence[tuple[Any, HookFn]] = (),
-        until: str | None = None,
         stop_at_layer: int | None = None,
-    ) -> Tensor | None:
+    ) -> Tensor:
         """Blocks `start .. stop_at_layer-1` (default: all, then the final norm) on residual x.
 
-        Returns the final normalised residual [batch, pos, d_model], the residual before block
-        `stop_at_layer`, or None once the hook `until` has run.
+        Returns the final normalised residual [batch, pos, d_model], or the residual before block
+        `stop_at_layer`. A hook may end the pass early by raising (`runner.run_blocks`' stop).
         """
         if not x.is_floating_point():
             assert start == 0, "token input needs start=0"
@@ -302,18 +287,13 @@ class LeanLM:
             assert isinstance(name, str), "the lean pass takes hook names, not filters"
             by_name.setdefault(name, []).append(fn)
         stop = self.n_layers if stop_at_layer is None else stop_at_layer
-        try:
-            for i in range(start, stop):
-                x = self._block(i, x, by_name, until)
-        except _Stop:
-            return None
+        for i in range(start, stop):
+            x = self._block(i, x, by_name)
         if stop_at_layer is not None:
             return x
         return self.ln_final(x) if self.ln_final is not None else x
 
-    def _hook(
-        self, name: str, x: Tensor, by_name: dict[str, list[HookFn]], until: str | None
-    ) -> Tensor:
+    def _hook(self, name: str, x: Tensor, by_name: dict[str, list[HookFn]]) -> Tensor:
         fns = by_name.get(name)
         if fns:
             hp = self.hook_points[name]
@@ -321,23 +301,19 @@ class LeanLM:
                 y = fn(x, hook=hp)
                 # An SAE run under autocast returns bf16; the residual stream stays in its dtype.
                 x = y if y.dtype == x.dtype else y.to(x.dtype)
-        if name == until:
-            raise _Stop
         return x
 
-    def _block(
-        self, i: int, x: Tensor, by_name: dict[str, list[HookFn]], until: str | None
-    ) -> Tensor:
+    def _block(self, i: int, x: Tensor, by_name: dict[str, list[HookFn]]) -> Tensor:
         blk = self.blocks[i]
         p = f"blocks.{i}."
-        x = self._hook(p + "hook_resid_pre", x, by_name, until)
-        h = self._normed(blk.ln1, p + "ln1.hook_normalized", x, by_name, until)
+        x = self._hook(p + "hook_resid_pre", x, by_name)
+        h = self._normed(blk.ln1, p + "ln1.hook_normalized", x, by_name)
         attn_out = self._attention(i, blk, h)
-        attn_out = self._hook(p + "hook_attn_out", attn_out, by_name, until)
+        attn_out = self._hook(p + "hook_attn_out", attn_out, by_name)
         if blk.mlp is None:
-            return self._hook(p + "hook_resid_post", x + attn_out, by_name, until)
-        x = self._hook(p + "hook_resid_mid", x + attn_out, by_name, until)
-        h = self._normed(blk.ln2, p + "ln2.hook_normalized", x, by_name, until)
+            return self._hook(p + "hook_resid_post", x + attn_out, by_name)
+        x = self._hook(p + "hook_resid_mid", x + attn_out, by_name)
+        h = self._normed(blk.ln2, p + "ln2.hook_normalized", x, by_name)
         m = blk.mlp
         h = h.to(self.dtype)
         pre = F.linear(h, m.w_in, m.b_in if m.w_gate is None else None)
@@ -348,21 +324,16 @@ class LeanLM:
                 post = post + m.b_in
         else:
             post = m.act(pre)
-        mlp_out = self._hook(p + "hook_mlp_out", F.linear(post, m.w_out, m.b_out), by_name, until)
-        return self._hook(p + "hook_resid_post", x + mlp_out, by_name, until)
+        mlp_out = self._hook(p + "hook_mlp_out", F.linear(post, m.w_out, m.b_out), by_name)
+        return self._hook(p + "hook_resid_post", x + mlp_out, by_name)
 
     def _normed(
-        self,
-        norm: _Norm | None,
-        name: str,
-        x: Tensor,
-        by_name: dict[str, list[HookFn]],
-        until: str | None,
+        self, norm: _Norm | None, name: str, x: Tensor, by_name: dict[str, list[HookFn]]
     ) -> Tensor:
         if norm is None:
             return x
-        if name in by_name or name == until:
-            return norm(x, lambda t: self._hook(name, t, by_name, until))
+        if name in by_name:
+            return norm(x, lambda t: self._hook(name, t, by_name))
         return norm(x)
 
     def _attention(self, i: int, blk: _Block, h: Tensor) -> Tensor:
@@ -469,7 +440,5 @@ def _max_logit_error(lean: LeanLM) -> float:
     if tl.cfg.normalization_type is not None:
         resid = type(tl.ln_final).forward(tl.ln_final, resid)
     want = type(tl.unembed).forward(tl.unembed, resid)
-    final = lean.run(tokens)
-    assert final is not None
-    got = lean.logits(final)
+    got = lean.logits(lean.run(tokens))
     return float((got - want).abs().max()) / max(1.0, float(want.abs().max()))

@@ -1,4 +1,5 @@
-"""Where the frozen LM comes from: a hub name, a GGUF (SmolLM2), a local checkpoint, or a config.
+"""Where the frozen LM comes from (a hub name, a GGUF (SmolLM2), a local checkpoint, or a config)
+and what runs it (`resolve_backend`).
 
 `load_tlens_model` gives HookedTransformers; `load_lm` also gives TransformerBridges around any
 Hugging Face causal LM (`hf_model_name`, `backend: bridge`; see `e2e_sae.lm.bridge`).
@@ -7,41 +8,60 @@ Hugging Face causal LM (`hf_model_name`, `backend: bridge`; see `e2e_sae.lm.brid
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import Tensor
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from e2e_sae.compat.original import (
-    CONFIG_FILE,
-    OPTIONAL_LM_BUFFERS,
-    original_lm_fields,
-    original_lm_file,
-    read_pt_state_dict,
-)
-from e2e_sae.data.tokenizer import is_gguf_model_name, load_tokenizer
-from e2e_sae.errors import ConfigError, UserError
-from e2e_sae.lm.bridge import is_local_folder, load_bridge, resolve_backend
+from e2e_sae.data.tokenizer import GGUF_MODEL_ALIASES, is_gguf_model_name, load_tokenizer
+from e2e_sae.errors import ConfigError, UserError, first_line
+from e2e_sae.lm.bridge import OFFLINE_MODELS_HINT, is_local_folder, load_bridge
 from e2e_sae.lm.gguf import GGUF_MODELS
-from e2e_sae.lm.sources import (
-    MODEL_CONFIG,
-    MODEL_WEIGHTS,
-    OFFLINE_MODELS_HINT,
-    builtin_model_dir,
-    check_model_name,
-    first_line,
-)
+from e2e_sae.resources import check_memory
+from e2e_sae.runs.original import CONFIG_FILE, read_original_lm
 
 if TYPE_CHECKING:
     from e2e_sae.config import Config
     from e2e_sae.lm.runner import LM
 
 logger = logging.getLogger(__name__)
+
+MODEL_WEIGHTS = "model.safetensors"
+MODEL_CONFIG = "tlens_config.json"
+"""The files of a saved model folder (`save_tlens_model`, `e2e-sae train-lm`)."""
+Backend = Literal["hooked", "bridge"]
+
+
+def builtin_model_dir(name: str) -> Path | None:
+    """Folder of a model shipped with the package (e.g. `shakespeare-lm`), if any."""
+    folder = Path(__file__).resolve().parent.parent / "assets" / "models" / name
+    return folder if (folder / MODEL_CONFIG).exists() else None
+
+
+def builtin_model_names() -> list[str]:
+    """The models shipped in the package (`shakespeare-lm`, ...)."""
+    root = Path(__file__).resolve().parent.parent / "assets" / "models"
+    return sorted(p.name for p in root.iterdir() if (p / MODEL_CONFIG).is_file())
+
+
+def check_model_name(name: str, field: str) -> None:
+    """Refuse a name that is not a built-in or GGUF model (nor a local folder) but close to one:
+    a typo such as `shakespeare_lm` would otherwise go to the Hugging Face Hub, retry there for
+    half a minute and fail. Other unknown names may be hub models and are left to the loader."""
+    builtin = builtin_model_names()
+    if name in builtin or is_gguf_model_name(name) or Path(name).expanduser().exists():
+        return
+    offline = [*builtin, *GGUF_MODEL_ALIASES]
+    close = difflib.get_close_matches(name.strip().lower(), offline, 1, 0.8)
+    if close:
+        raise UserError(f"{field}: unknown model '{name}' (did you mean '{close[0]}'?)")
 
 
 def build_random_model(
@@ -58,10 +78,19 @@ def build_random_model(
         cfg = HookedTransformerConfig(**fields, device=device or fields.pop("device", "cpu"))
     except (TypeError, ValueError, AssertionError) as err:
         raise ConfigError(f"tlens_config: {str(err).splitlines()[0]}") from None
+    check_memory(weights_bytes(cfg), cfg.device, "tlens_config", "the model's weights")
     model = HookedTransformer(cfg)
     if tokenizer_name:
         cfg.tokenizer_name = tokenizer_name
     return model
+
+
+def weights_bytes(cfg: HookedTransformerConfig) -> int:
+    """The memory a HookedTransformer's weights take (blocks, embedding, unembedding, positions):
+    what building it allocates at least."""
+    n = cfg.n_params or 0
+    n += 2 * max(cfg.d_vocab, 0) * cfg.d_model + cfg.n_ctx * cfg.d_model
+    return n * torch.empty((), dtype=cfg.dtype).element_size()
 
 
 def save_tlens_model(model: HookedTransformer, out_dir: Path, extra: dict[str, Any] | None = None):
@@ -122,20 +151,19 @@ def _serialisable_cfg(cfg: HookedTransformerConfig) -> dict[str, Any]:
 def load_original_lm(path: str | os.PathLike[str], device: str | None = None) -> HookedTransformer:
     """A HookedTransformer from the original's `epoch_<N>.pt` (or a folder of them). Offline: the
     `tokenizer_name` of its config is recorded on `cfg` but not loaded."""
-    pt = original_lm_file(path)
-    assert pt is not None, path
-    if not pt.is_file():
-        raise UserError(f"tlens_model_path: file not found: {pt}")
-    fields = original_lm_fields(pt)
-    fields["init_weights"] = False  # every weight is overwritten below
+    found = read_original_lm(path)
+    if found is None:
+        raise UserError(f"tlens_model_path: {path} is not an original epoch_<N>.pt")
+    return _original_lm(*found, device=device)
+
+
+def _original_lm(
+    pt: Path, fields: dict[str, Any], state: dict[str, Tensor], device: str | None
+) -> HookedTransformer:
     try:
-        model = build_random_model(fields, device=device)
+        model = build_random_model({**fields, "init_weights": False}, device=device)
     except ConfigError as err:
         raise ConfigError(f"{pt.parent / CONFIG_FILE}: {err}") from None
-    state = read_pt_state_dict(pt, "tlens_model_path")
-    # derived buffers (causal mask, ...): TransformerLens versions store them differently (TL 3
-    # keeps an empty mask and builds it on use), so the model's own are kept
-    state = {k: v for k, v in state.items() if k.rsplit(".", 1)[-1] not in OPTIONAL_LM_BUFFERS}
     own = model.state_dict()
     params = dict(model.named_parameters())
     problem = next((f"lacks '{k}'" for k in params if k not in state), None)
@@ -160,8 +188,9 @@ def load_tlens_model_from_path(
     """Load a model saved by `save_tlens_model` (a folder, or its model.safetensors file), or one
     of the original e2e_sae's `epoch_<N>.pt` files (with its `final_config.yaml` beside it)."""
     path = Path(path).expanduser()
-    if original_lm_file(path) is not None and not (path / MODEL_CONFIG).exists():
-        return load_original_lm(path, device=device)
+    original = None if (path / MODEL_CONFIG).exists() else read_original_lm(path)
+    if original is not None:
+        return _original_lm(*original, device=device)
     folder = path.parent if path.is_file() else path
     weights = path if path.is_file() else folder / MODEL_WEIGHTS
     if not weights.exists() or not (folder / MODEL_CONFIG).exists():
@@ -252,6 +281,11 @@ def load_lm(config: Config, device: str | None = None) -> LM:
         check_model_name(name, field)  # a typo of a built-in name: fail now, not after hub retries
     if resolve_backend(config) == "bridge":
         assert name is not None  # the config validator refuses bridge without an HF model
+        if builtin_model_dir(name) is not None:
+            raise UserError(
+                f"backend: bridge cannot run '{name}' (a HookedTransformer shipped with e2e_sae, "
+                "not a Hugging Face model); use backend: hooked or auto"
+            )
         return load_bridge(name, field, device, config.device_map, config.n_devices)
     if config.hf_model_name is not None:
         if is_local_folder(config.hf_model_name):
@@ -268,6 +302,37 @@ def load_lm(config: Config, device: str | None = None) -> LM:
         device=device,
         n_devices=config.n_devices,
     )
+
+
+def hooked_supports(name: str) -> bool:
+    """Whether HookedTransformer.from_pretrained knows this hub name (TransformerLens' own list
+    of official names and aliases; no network)."""
+    from transformer_lens.loading_from_pretrained import get_official_model_name
+
+    try:
+        get_official_model_name(name)
+    except ValueError:
+        return False
+    return True
+
+
+def resolve_backend(config: Config) -> Backend:
+    """What runs the config's LM. `auto`: hooked for tlens_config / tlens_model_path / built-in
+    and GGUF names / names HookedTransformer supports; bridge for any other Hugging Face model,
+    and whenever `device_map` is set (HookedTransformer has none)."""
+    if config.backend != "auto":
+        return config.backend
+    if config.tlens_config is not None or config.tlens_model_path is not None:
+        return "hooked"
+    name = config.hf_model_name or config.tlens_model_name
+    assert name is not None
+    if config.device_map is not None:
+        return "bridge"
+    if is_gguf_model_name(name) or builtin_model_dir(name) is not None:
+        return "hooked"
+    if is_local_folder(name):
+        return "bridge"
+    return "hooked" if hooked_supports(name) else "bridge"
 
 
 def model_name_field(config: Config) -> tuple[str | None, str]:

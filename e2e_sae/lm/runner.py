@@ -63,8 +63,8 @@ _NO_START = (
 
 
 class _Stop(Exception):
-    """Raised from a hook to end a pass (every hook in `stop_after` has run, or the final
-    residual is captured)."""
+    """Raised from a hook to end a pass early: the one way any pass here stops (every hook in
+    `stop_after` has run, or the bridge's final residual is captured); `run_blocks` catches it."""
 
 
 @dataclass(frozen=True)
@@ -181,7 +181,41 @@ class LMRunner(Protocol):
         ...
 
 
-class HookedRunner:
+class _TLRunner:
+    """What HookedTransformer and TransformerBridge share: sizes from their TransformerLens
+    config, the tokenizer, TransformerLens-style hooks."""
+
+    model: Any
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.model.cfg.n_layers)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.model.cfg.d_model)
+
+    @property
+    def d_vocab(self) -> int:
+        return int(self.model.cfg.d_vocab)
+
+    @property
+    def n_ctx(self) -> int:
+        return int(self.model.cfg.n_ctx)
+
+    @property
+    def is_split(self) -> bool:
+        return int(getattr(self.model.cfg, "n_devices", 1) or 1) > 1
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.model.tokenizer
+
+    def hooks(self, fwd_hooks: Hooks) -> AbstractContextManager[Any]:
+        return self.model.hooks(fwd_hooks=fwd_hooks)
+
+
+class HookedRunner(_TLRunner):
     """A HookedTransformer through TransformerLens' own forward."""
 
     backend = "hooked"
@@ -198,38 +232,11 @@ class HookedRunner:
         self.final_is_residual = (cfg.output_logits_soft_cap or -1) <= 0
 
     @property
-    def n_layers(self) -> int:
-        return self.model.cfg.n_layers
-
-    @property
-    def d_model(self) -> int:
-        return self.model.cfg.d_model
-
-    @property
-    def d_vocab(self) -> int:
-        return self.model.cfg.d_vocab
-
-    @property
-    def n_ctx(self) -> int:
-        return self.model.cfg.n_ctx
-
-    @property
     def device(self) -> torch.device:
         return self.model.embed.W_E.device
 
-    @property
-    def is_split(self) -> bool:
-        return self.model.cfg.n_devices > 1
-
-    @property
-    def tokenizer(self) -> Any:
-        return self.model.tokenizer
-
     def hook_names(self) -> list[str]:
         return list(self.model.hook_dict)  # modules in definition order, which is run order
-
-    def hooks(self, fwd_hooks: Hooks) -> AbstractContextManager[Any]:
-        return self.model.hooks(fwd_hooks=fwd_hooks)
 
     def run(
         self,
@@ -270,7 +277,7 @@ class HookedRunner:
         elif self.final_is_residual:
             kwargs["stop_at_layer"] = self.n_layers  # then the final norm, below
         try:
-            with self.model.hooks(fwd_hooks=[*hooks, *_stop_hooks(stop_after)]):
+            with self.model.hooks(fwd_hooks=_with_stop(hooks, stop_after)):
                 out = self.model(x, **kwargs)
                 if stop_at_layer is None and self.final_is_residual:
                     # What TransformerLens' forward does next, before the unembedding.
@@ -298,7 +305,7 @@ class HookedRunner:
         return None
 
 
-class BridgeRunner:
+class BridgeRunner(_TLRunner):
     """A TransformerBridge (any Hugging Face causal LM): hooks and `stop_at_layer` work; the
     bridge cannot start from a residual and has no lean forward, so callers run full passes."""
 
@@ -318,32 +325,8 @@ class BridgeRunner:
         return self._final_is_residual
 
     @property
-    def n_layers(self) -> int:
-        return int(self.model.cfg.n_layers)
-
-    @property
-    def d_model(self) -> int:
-        return int(self.model.cfg.d_model)
-
-    @property
-    def d_vocab(self) -> int:
-        return int(self.model.cfg.d_vocab)
-
-    @property
-    def n_ctx(self) -> int:
-        return int(self.model.cfg.n_ctx)
-
-    @property
     def device(self) -> torch.device:
         return self.embedding_weight().device
-
-    @property
-    def is_split(self) -> bool:
-        return int(getattr(self.model.cfg, "n_devices", 1) or 1) > 1
-
-    @property
-    def tokenizer(self) -> Any:
-        return self.model.tokenizer
 
     def hook_names(self) -> list[str]:
         if self._hook_names is None:
@@ -356,9 +339,6 @@ class BridgeRunner:
         # Spread over devices the final residual and `lm_head` sit on the last one, the losses
         # with the SAEs: the logits come back instead (as `run` returns them).
         self._final_is_residual = head_ok and not self.is_split
-
-    def hooks(self, fwd_hooks: Hooks) -> AbstractContextManager[Any]:
-        return self.model.hooks(fwd_hooks=fwd_hooks)
 
     def run(
         self,
@@ -393,17 +373,17 @@ class BridgeRunner:
     ) -> Tensor | None:
         if start != 0 or x.is_floating_point():
             raise UserError(_NO_START)
-        extra = _stop_hooks(stop_after)
+        all_hooks = _with_stop(hooks, stop_after)
         final: list[Tensor] = []
-        if stop_at_layer is None and self.final_is_residual:
+        if stop_at_layer is None and self.final_is_residual and not stop_after:
 
             def capture(resid: Tensor, hook: Any = None) -> Tensor:
                 final.append(resid)
                 raise _Stop
 
-            extra.append((_FINAL_HOOK, capture))
+            all_hooks = [*all_hooks, (_FINAL_HOOK, capture)]
         try:
-            with self.model.hooks(fwd_hooks=[*hooks, *extra]):
+            with self.model.hooks(fwd_hooks=all_hooks):
                 return self.run(x, stop_at_layer=stop_at_layer)
         except _Stop:
             return final[0] if final else None
@@ -475,8 +455,10 @@ class LeanRunner(HookedRunner):
         stop_at_layer: int | None = None,
     ) -> Tensor | None:
         lean = self._lean if x.is_floating_point() else self._fresh()
-        until = lean.last_hook(stop_after) if stop_after else None
-        return lean.run(x, start, hooks, until=until, stop_at_layer=stop_at_layer)
+        try:
+            return lean.run(x, start, _with_stop(hooks, stop_after), stop_at_layer=stop_at_layer)
+        except _Stop:
+            return None
 
     def unembedding_fn(self) -> Unembedding:
         return Unembedding(self._lean.w_u, self._lean.b_u)
@@ -542,9 +524,13 @@ def _probe(bridge: TransformerBridge, head: Unembedding) -> tuple[list[str], boo
     return order, head_ok
 
 
+def _with_stop(hooks: StepHooks, stop_after: Sequence[str]) -> Hooks:
+    """`hooks`, then hooks that raise `_Stop` once every hook in `stop_after` has run (registered
+    after the others at the same points, so those run first)."""
+    return [*hooks, *_stop_hooks(stop_after)] if stop_after else list(hooks)
+
+
 def _stop_hooks(names: Sequence[str]) -> Hooks:
-    """Hooks that raise `_Stop` once every hook in `names` has run (registered after the others
-    at the same points, so those run first)."""
     wanted = set(names)
     seen: set[str] = set()
 
@@ -565,6 +551,47 @@ def move_to(x: Tensor, device: torch.device) -> Tensor:
     return x if x.device == device else x.to(device)
 
 
+def cache_into(
+    store: dict[str, Any],
+    name: str,
+    device: torch.device,
+    wrap: Callable[[Tensor], Any] | None = None,
+) -> Callable[..., Tensor]:
+    """A hook that stores its activation (on `device`; `wrap`ped) as `store[name]` and leaves it
+    unchanged. Keyed by the name it was registered under: a bridge calls hooks with its canonical
+    hook point, not the alias asked for."""
+    if wrap is None:
+
+        def hook(x: Tensor, hook: Any = None) -> Tensor:
+            store[name] = move_to(x, device)
+            return x
+
+    else:
+
+        def hook(x: Tensor, hook: Any = None) -> Tensor:
+            store[name] = wrap(move_to(x, device))
+            return x
+
+    return hook
+
+
+def check_vocab(lm: LMRunner, tokens: Tensor, field: str) -> None:
+    """Token ids and window length must fit the model (a wrong tokenizer or n_ctx otherwise
+    fails deep inside the forward pass)."""
+    if tokens.shape[-1] > lm.n_ctx:
+        raise UserError(
+            f"{field}.n_ctx: {tokens.shape[-1]} is longer than the model's context n_ctx={lm.n_ctx}"
+        )
+    low, top = int(tokens.min()), int(tokens.max())
+    if low < 0:
+        raise UserError(f"{field}: token id {low} is negative (token ids are 0 .. d_vocab - 1)")
+    if top >= lm.d_vocab:
+        raise UserError(
+            f"{field}: token id {top} >= the model's d_vocab {lm.d_vocab} "
+            "(tokenizer_name does not match the model)"
+        )
+
+
 __all__ = [
     "BACKENDS",
     "LM",
@@ -574,6 +601,8 @@ __all__ = [
     "LMRunner",
     "LeanRunner",
     "StepHooks",
+    "cache_into",
+    "check_vocab",
     "make_runner",
     "move_to",
     "step_runner",

@@ -12,7 +12,15 @@ from typing import Any, Literal
 
 from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, model_validator
 
-from e2e_sae.config import LossConfigs, StrList, _Frozen
+from e2e_sae.config import (
+    Count,
+    LossConfigs,
+    OptimizerConfig,
+    PathComponent,
+    Seed,
+    StrList,
+    _Frozen,
+)
 
 
 class MLPTrainConfig(_Frozen):
@@ -25,10 +33,12 @@ class MLPTrainConfig(_Frozen):
     weight_decay: NonNegativeFloat = 0.0
 
 
-class MLPSAERunConfig(_Frozen):
-    """One set of SAEs (all trained together, spliced in together when end-to-end)."""
+class MLPSAERunConfig(OptimizerConfig):
+    """One set of SAEs (all trained together, spliced in together when end-to-end), stepped as
+    every trainer here (`OptimizerConfig`; constant lr by default)."""
 
-    name: str
+    name: PathComponent
+    """Names its files (`sae_<name>.safetensors`): one file name, no '/'."""
     sae_positions: StrList
     """Hidden layers to replace: `hidden.0`, `hidden.1`, ... (the ReLU outputs)."""
     dict_size_to_input_ratio: PositiveFloat = 4.0
@@ -37,14 +47,15 @@ class MLPSAERunConfig(_Frozen):
     architecture_kwargs: dict[str, Any] = Field(default_factory=dict)
     loss: LossConfigs
     lr: PositiveFloat = 1e-3
-    batch_size: PositiveInt = 64
+    batch_size: Count = 64
+    lr_schedule: Literal["linear", "cosine", "constant"] = "constant"
     n_epochs: PositiveInt = 40
 
 
 class MLPConfig(_Frozen):
     """`e2e-sae train-mlp CONFIG`: the MLP, then each entry of `saes` in turn."""
 
-    seed: int = 0
+    seed: Seed = 0
     dataset: Literal["digits", "mnist"] = "digits"
     """digits: scikit-learn's bundled 8x8 digits (offline); mnist: torchvision download."""
     data_dir: Path | None = None
@@ -56,7 +67,7 @@ class MLPConfig(_Frozen):
     """An `mlp.safetensors` (or a run folder holding one) to use instead of training the MLP."""
     saes: list[MLPSAERunConfig] = Field(default_factory=list)
     save_dir: Path | None = Path("runs")
-    run_name: str | None = None
+    run_name: PathComponent | None = None
     wandb_project: str | None = None
     device: str | None = None
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from e2e_sae.errors import UserError
-from e2e_sae.lm.checkpoint import atomic_save_tensors, read_tensors, tensor_metadata
+from e2e_sae.runs.checkpoint import atomic_save_tensors, read_tensors, tensor_metadata
 from e2e_sae.saes import SAEActs, SAEBase
 
 MLP_FILE = "mlp.safetensors"

@@ -1,13 +1,15 @@
 """Train the MLP, then SAEs on its hidden layers (locally or end-to-end), and evaluate them.
 
 A local SAE reads the clean activation and is trained on MSE to it; an e2e SAE is spliced in
-and trained on KL(P_clean || P_with_SAEs) of the class distribution, as in the LM setting.
+and trained on KL(P_clean || P_with_SAEs) of the class distribution, as in the LM setting, in the
+same optimizer step (`e2e_sae.training.engine`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -22,14 +24,14 @@ from tqdm.auto import tqdm
 
 from e2e_sae.config import config_to_yaml_dict, load_config
 from e2e_sae.errors import ConfigError, UserError
-from e2e_sae.lm.checkpoint import atomic_save_tensors
 from e2e_sae.lm.load import default_device
-from e2e_sae.lm.splice import sae_key
 from e2e_sae.mlp.config import MLPConfig, MLPSAERunConfig, MLPTrainConfig
 from e2e_sae.mlp.data import Split, load_split
 from e2e_sae.mlp.model import MLP, MLP_FILE
-from e2e_sae.objective.losses import LossInputs, build_loss_terms, compute_losses, kl_clean_to_new
-from e2e_sae.saes import SAEActs, SAEBase, build_sae
+from e2e_sae.objective.losses import LossInputs, build_loss_terms, kl_clean_to_new
+from e2e_sae.runs.checkpoint import atomic_save_tensors
+from e2e_sae.saes import SAEActs, SAEBase, SAEDict, build_sae, sae_key
+from e2e_sae.training.engine import Engine, NumericalError, TrainState, make_optimizer
 from e2e_sae.wandb_utils import init_wandb, log_feature_frequencies
 
 logger = logging.getLogger(__name__)
@@ -140,39 +142,44 @@ def train_mlp_saes(
     progress: bool = False,
     log: LogFn | None = None,
 ) -> list[dict[str, float]]:
-    """Train `saes` with the run's loss terms (the MLP stays frozen); returns per-epoch means."""
+    """Train `saes` with the run's loss terms (the MLP stays frozen) in the engine's optimizer
+    step (`e2e_sae.training.engine`, as SAEs on an LM); returns the per-epoch means of the logged
+    values (weighted by the examples of each step)."""
     hooks = _check_losses(mlp, run)
     mlp.eval().requires_grad_(False)
-    terms = build_loss_terms(run.loss, hooks)
     e2e = run.loss.needs_clean_run_past_saes
-    params = [p for s in saes.values() for p in s.parameters()]
-    opt = torch.optim.Adam(params, lr=run.lr)
     gen = torch.Generator().manual_seed(seed)
+    steps_per_epoch = math.ceil(len(train) / run.batch_size) // run.grad_accum_steps
+    modules = SAEDict({sae_key(p): sae for p, sae in saes.items()})
+    optimizer, scheduler = make_optimizer(run, modules, steps_per_epoch * run.n_epochs)
+    engine = Engine(
+        run,
+        modules,
+        list(saes),
+        build_loss_terms(run.loss, hooks),
+        optimizer,
+        scheduler,
+        train.x.device,
+        feed=lambda idx: sae_step_inputs(mlp, saes, train.x[idx], e2e),
+    )
+    state = TrainState()
     history: list[dict[str, float]] = []
-    for sae in saes.values():
-        sae.train()
+    accum = run.grad_accum_steps
     for epoch in tqdm(range(run.n_epochs), desc=run.name, disable=not progress, leave=False):
+        idxs = [idx.to(train.x.device) for idx in _batches(len(train), run.batch_size, gen)]
         sums: dict[str, float] = {}
-        for idx in _batches(len(train), run.batch_size, gen):
-            idx = idx.to(train.x.device)
-            inputs = sae_step_inputs(mlp, saes, train.x[idx], e2e)
-            aux = {
-                f"{name}/{pos}": v
-                for pos, acts in inputs.sae_acts.items()
-                for name, v in saes[pos].aux_losses(acts).items()
-            }
-            loss, values = compute_losses(terms, inputs, aux)
-            if not torch.isfinite(loss):
-                raise UserError(f"saes[{run.name}]: non-finite loss at epoch {epoch + 1}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            for pos, acts in inputs.sae_acts.items():
-                saes[pos].update_firing_stats(acts.c)
-            values["loss"] = loss
+        n_seen = 0
+        for i in range(steps_per_epoch):
+            micro = idxs[i * accum : (i + 1) * accum]
+            try:
+                values = engine.train_step(iter(micro), state)
+            except NumericalError as err:
+                raise UserError(f"saes[{run.name}]: {err} (epoch {epoch + 1})") from None
+            n = sum(len(idx) for idx in micro)
+            n_seen += n
             for k, v in values.items():
-                sums[k] = sums.get(k, 0.0) + v.item() * len(idx)
-        history.append({k: v / len(train) for k, v in sums.items()})
+                sums[k] = sums.get(k, 0.0) + v * n
+        history.append({k: v / n_seen for k, v in sums.items()})
         if log is not None:
             log(
                 {f"{run.name}/{k}": v for k, v in history[-1].items()}

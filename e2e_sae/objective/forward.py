@@ -24,20 +24,20 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, cast
 
 import torch
 from torch import Tensor
 
 from e2e_sae.config import LossConfigs
-from e2e_sae.errors import UserError
-from e2e_sae.lm.runner import LMRunner, move_to, step_runner
-from e2e_sae.lm.splice import SAETransformer, filter_names, hook_layer
+from e2e_sae.errors import ConfigError, UserError
+from e2e_sae.lm.runner import LMRunner, cache_into, step_runner
+from e2e_sae.lm.sites import check_after_first_sae, filter_names, hook_layer
+from e2e_sae.lm.splice import SAETransformer
 from e2e_sae.objective.losses import KLTarget, LossInputs
-from e2e_sae.saes import CacheActs, SAEActs
-from e2e_sae.saes.matryoshka import batched_prefix_passes, full_copy, prefix_passes
+from e2e_sae.saes import CacheActs, SAEActs, SAEBase
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,6 @@ class StepPlan:
     new_cache: list[str] = field(default_factory=list)
     """Spliced-run hooks to cache (downstream `in_to_orig` hooks)."""
     e2e: bool = False
-    transcoder_targets: dict[str, str] = field(default_factory=dict)
     logits: bool = False
     """Return both runs' logits (evaluation). Training's KL reads the final residuals instead."""
     precision: str = "fp32"
@@ -56,9 +55,11 @@ class StepPlan:
     teacher: Teacher | None = None
     """Cached clean next-token distributions (`teacher_cache`): the clean pass stops after the
     hooks in `orig_cache` and the KL is taken against the cache (top-k approximation)."""
-    prefix_passes: int = 1
-    """> 1: e2e training of Matryoshka SAEs on every prefix: the spliced pass runs this many
-    prefix-major copies of the batch at once (`saes.matryoshka`); the clean pass runs once."""
+    spliced_copies: int = 1
+    """Copies of the batch the spliced pass runs at once, copy-major (`SAEBase.spliced_copies`,
+    e.g. one per prefix of a Matryoshka SAE); the clean pass runs once. The loss terms on the
+    SAEs' activations see the last copy's (the SAEs as at inference); the KL and downstream terms
+    average over the copies."""
     runner: LMRunner | None = None
     """The LM runner for these hooks and this precision (`with_runner`); None (a plan built by
     hand): `run_forward` chooses one on every call."""
@@ -79,32 +80,46 @@ def make_plan(
     """What to run for these loss terms. `force_full_pass` (eval) always computes both logits."""
     downstream: list[str] = []
     if loss_cfg.in_to_orig is not None:
-        downstream = filter_names(
-            model.all_hook_names,
-            loss_cfg.in_to_orig.hook_positions,
-            "loss.in_to_orig.hook_positions",
-        )
-    orig: list[str] = []
-    for pos, site in model.sites.items():
-        for h in (site.input_hook, pos):
-            if h not in orig:
-                orig.append(h)
+        downstream = in_to_orig_hooks(model, loss_cfg.in_to_orig.hook_positions)
+    orig = list(dict.fromkeys(h for site in model.sites.values() for h in site.hooks))
     orig += [h for h in downstream if h not in orig]
     e2e = loss_cfg.needs_clean_run_past_saes or force_full_pass
-    passes = 1
-    if e2e and not force_full_pass:  # evaluation measures the full dictionary only
-        passes = prefix_passes(model.sae(p) for p in model.sae_positions)
+    copies = 1
+    if e2e and not force_full_pass:  # evaluation measures the SAEs as at inference only
+        copies = spliced_copies([model.sae(p) for p in model.sae_positions])
     plan = StepPlan(
         sae_positions=list(model.sae_positions),
         orig_cache=orig,
         new_cache=downstream,
         e2e=e2e,
-        transcoder_targets={p: p for p, s in model.sites.items() if s.is_transcoder},
         logits=force_full_pass,
         precision=precision,
-        prefix_passes=passes,
+        spliced_copies=copies,
     )
     return with_runner(model, plan)
+
+
+def in_to_orig_hooks(model: SAETransformer, patterns: Sequence[str]) -> list[str]:
+    """The `in_to_orig` hooks: they must run after the first SAE's output; before it (or at it)
+    the spliced run equals the clean one, and the term would be 0 at every step."""
+    field = "loss.in_to_orig.hook_positions"
+    hooks = filter_names(model.all_hook_names, patterns, field)
+    outputs = [model.sites[p].output_hook for p in model.sae_positions]
+    order = list(model.hook_shapes([*outputs, *hooks]))  # in the order the forward pass runs
+    check_after_first_sae(order, outputs, hooks, field)
+    return hooks
+
+
+def spliced_copies(saes: Sequence[SAEBase]) -> int:
+    """The copies of the batch an e2e step splices these SAEs into: 1, or the count the SAEs
+    that ask for more agree on (a one-line ConfigError when they do not)."""
+    counts = sorted({sae.spliced_copies() for sae in saes} - {1})
+    if len(counts) > 1:
+        raise ConfigError(
+            f"saes.architecture_kwargs: the SAEs ask for {counts} copies of the batch in one "
+            "spliced pass (a Matryoshka SAE: one per prefix); they must agree"
+        )
+    return counts[0] if counts else 1
 
 
 def with_runner(model: SAETransformer, plan: StepPlan) -> StepPlan:
@@ -114,15 +129,15 @@ def with_runner(model: SAETransformer, plan: StepPlan) -> StepPlan:
 
 
 def _choose_runner(model: SAETransformer, plan: StepPlan) -> LMRunner:
-    inputs = [model.sites[p].input_hook for p in plan.sae_positions]
-    hooks = list(dict.fromkeys(plan.sae_positions + inputs + plan.orig_cache + plan.new_cache))
+    sites = [h for p in plan.sae_positions for h in model.sites[p].hooks]
+    hooks = list(dict.fromkeys(sites + plan.orig_cache + plan.new_cache))
     return step_runner(model.lm, hooks, plan.precision)
 
 
 def _shared_start(model: SAETransformer, plan: StepPlan) -> int | None:
     """The block both passes start from (0: from the shared embedding), or None where a hook
     sits in the embedding (both passes then run from the tokens)."""
-    hooks = [model.sites[p].input_hook for p in plan.sae_positions] + plan.orig_cache
+    hooks = [h for p in plan.sae_positions for h in model.sites[p].hooks] + plan.orig_cache
     first = min(hook_layer(h, model.n_layers) for h in hooks)
     return None if first < 0 else first
 
@@ -137,7 +152,7 @@ def run_forward(
         lm = plan.runner if plan.runner is not None else _choose_runner(model, plan)
     device = lm.device
     orig_acts: dict[str, Tensor] = {}
-    clean_hooks = [(h, _store(orig_acts, h, device)) for h in plan.orig_cache]
+    clean_hooks = [(h, cache_into(orig_acts, h, device)) for h in plan.orig_cache]
     saes = {p: model.sae(p) for p in plan.sae_positions}
     if not plan.e2e:
         if clean_hooks:
@@ -145,9 +160,9 @@ def run_forward(
                 lm.run_blocks(tokens, 0, clean_hooks, stop_after=plan.orig_cache)
         _, acts = model.forward(tokens, plan.sae_positions, orig_acts=orig_acts)
         return LossInputs(
-            sae_acts=_sae_acts(acts),
+            sae_acts=_sae_acts(acts, plan.sae_positions),
             orig_acts=orig_acts,
-            transcoder_targets=plan.transcoder_targets,
+            sites=model.sites,
             saes=saes,
         )
     if plan.teacher is not None and not lm.final_is_residual:
@@ -172,17 +187,16 @@ def run_forward(
             orig_final = None
             if clean_hooks:
                 lm.run_blocks(resid, start, clean_hooks, stop_after=plan.orig_cache)
-    hooks, acts = model.splice_hooks(plan.sae_positions, plan.new_cache)
-    n = plan.prefix_passes
-    with _prefix_copies(model, plan):
-        new_final = lm.run_blocks(_tile(resid, n), start, hooks)
+    n = plan.spliced_copies
+    hooks, acts = model.splice_hooks(plan.sae_positions, plan.new_cache, copies=n)
+    new_final = lm.run_blocks(_tile(resid, n), start, hooks)
     assert new_final is not None
     inputs = LossInputs(
-        sae_acts=_sae_acts(acts, n),
+        sae_acts=_sae_acts(acts, plan.sae_positions, n),
         orig_acts=orig_acts,
         new_acts=_new_acts(model, acts, plan),
         kl_target=plan.teacher.kl_target(_tile(tokens, n)) if plan.teacher is not None else None,
-        transcoder_targets=plan.transcoder_targets,
+        sites=model.sites,
         saes=saes,
     )
     if not lm.final_is_residual:  # the runner handed over logits
@@ -196,22 +210,23 @@ def run_forward(
     return inputs
 
 
-def _sae_acts(acts: dict[str, SAEActs | CacheActs], n: int = 1) -> dict[str, SAEActs]:
-    """The SAEs' activations; of a batched prefix pass (n > 1), the full dictionary's copy."""
-    out = {k: v for k, v in acts.items() if isinstance(v, SAEActs)}
-    return out if n == 1 else {k: full_copy(v, n) for k, v in out.items()}
+def _sae_acts(
+    acts: dict[str, SAEActs | CacheActs], positions: list[str], n: int = 1
+) -> dict[str, SAEActs]:
+    """The SAEs' activations (at an SAE position the pass records `SAEActs`); of a pass over
+    n > 1 copies, the last copy's."""
+    out = {p: cast(SAEActs, acts[p]) for p in positions}
+    return out if n == 1 else {p: _last_copy(v, n) for p, v in out.items()}
+
+
+def _last_copy(acts: SAEActs, n: int) -> SAEActs:
+    m = acts.input.shape[0] // n
+    return SAEActs(acts.input[-m:], acts.c[-m:], acts.output[-m:])
 
 
 def _tile(x: Tensor, n: int) -> Tensor:
-    """n prefix-major copies of a batch along dim 0 (x itself for n == 1)."""
+    """n copy-major copies of a batch along dim 0 (x itself for n == 1)."""
     return x if n == 1 else x.repeat(n, *([1] * (x.dim() - 1)))
-
-
-def _prefix_copies(model: SAETransformer, plan: StepPlan) -> contextlib.AbstractContextManager:
-    if plan.prefix_passes == 1:
-        return contextlib.nullcontext()
-    saes = [model.sae(p) for p in plan.sae_positions]
-    return batched_prefix_passes(saes, plan.prefix_passes)
 
 
 def _new_acts(
@@ -219,16 +234,6 @@ def _new_acts(
 ) -> dict[str, Tensor]:
     """The spliced pass's activations at the downstream-loss hooks (`plan.new_cache`)."""
     return {h: model.spliced_activation(h, acts[h]) for h in plan.new_cache if h in acts}
-
-
-def _store(store: dict[str, Tensor], name: str, device: torch.device) -> Callable[..., Tensor]:
-    # By the name asked for (a bridge calls hooks with its canonical name, not the alias), on
-    # the SAEs' device (a no-op unless the LM is spread over several devices).
-    def hook(x: Tensor, hook: object = None) -> Tensor:
-        store[name] = move_to(x, device)
-        return x
-
-    return hook
 
 
 def autocast(precision: str, device: torch.device | str) -> contextlib.AbstractContextManager:

@@ -16,7 +16,8 @@ from torch import Tensor
 
 from e2e_sae.config import LossConfigs
 from e2e_sae.lm.runner import Unembedding
-from e2e_sae.saes import MatryoshkaSAE, SAEActs, SAEBase
+from e2e_sae.lm.sites import SpliceSite
+from e2e_sae.saes import SAEActs, SAEBase
 
 
 @dataclass
@@ -42,16 +43,19 @@ class LossInputs:
     unembed: Unembedding | None = None
     kl_target: KLTarget | None = None
     """The clean side of `logits_kl` when it comes from a teacher cache instead of a clean run."""
-    transcoder_targets: Mapping[str, str] = field(default_factory=dict)
-    """position -> hook whose clean activation a transcoder's output should match."""
+    sites: Mapping[str, SpliceSite] = field(default_factory=dict)
+    """position -> where its SAE reads and what it replaces (none given: it reads and replaces
+    `position`)."""
     saes: Mapping[str, SAEBase] = field(default_factory=dict)
-    """position -> the SAE module (for architecture-specific penalties such as JumpReLU's L0)."""
+    """position -> the SAE module (its own reconstruction loss and penalties, e.g. JumpReLU's
+    L0)."""
+
+    def site(self, pos: str) -> SpliceSite:
+        return self.sites.get(pos) or SpliceSite(pos, pos)
 
     def target(self, pos: str) -> Tensor:
-        """What the SAE at `pos` reconstructs: its input, or a transcoder's clean target."""
-        if pos in self.transcoder_targets:
-            return self.orig_acts[self.transcoder_targets[pos]]
-        return self.sae_acts[pos].input
+        """What the SAE at `pos` reconstructs (`SpliceSite.target`)."""
+        return self.site(pos).target(self.sae_acts[pos], self.orig_acts)
 
 
 def kl_clean_to_new(
@@ -189,19 +193,18 @@ class SparsityLoss(LossTerm):
 
 class OutToInLoss(LossTerm):
     """MSE between each SAE's output and its input (local reconstruction); summed over SAEs.
-    For a transcoder the target is the clean activation at the hook it replaces. A Matryoshka SAE
-    counts its prefixes' MSEs (`MatryoshkaSAE.reconstruction_loss`)."""
+    For a transcoder the target is the clean activation at the hook it replaces
+    (`LossInputs.target`). An SAE may count its own reconstruction loss
+    (`SAEBase.reconstruction_loss`, e.g. a Matryoshka SAE's prefixes)."""
 
     name = "out_to_in"
 
     def __call__(self, inputs: LossInputs) -> Tensor:
         total = torch.zeros(())
         for pos, acts in inputs.sae_acts.items():
-            target = acts.input
-            if pos in inputs.transcoder_targets:
-                target = inputs.orig_acts[inputs.transcoder_targets[pos]]
+            target = inputs.target(pos)
             sae = inputs.saes.get(pos)
-            if isinstance(sae, MatryoshkaSAE):
+            if sae is not None:
                 total = total + sae.reconstruction_loss(acts, target)
             else:
                 total = total + F.mse_loss(acts.output, target)
@@ -225,7 +228,7 @@ class InToOrigLoss(LossTerm):
 
     The config's `total_coeff` is split evenly over the hooks, i.e. coeff * mean == sum of
     (total_coeff / n_hooks) * mse per hook. When the spliced run holds n copies of the batch
-    (Matryoshka prefixes), each hook's MSE is the mean over the copies.
+    (`StepPlan.spliced_copies`), each hook's MSE is the mean over the copies.
     """
 
     name = "in_to_orig"
@@ -243,8 +246,8 @@ class InToOrigLoss(LossTerm):
 
 
 def tile_like(orig: Tensor, new: Tensor) -> Tensor:
-    """`orig` repeated along dim 0 to the batch of `new`, a spliced run of n prefix-major copies
-    of the batch (Matryoshka prefixes); `orig` itself when the batches agree."""
+    """`orig` repeated along dim 0 to the batch of `new`, a spliced run of n copy-major copies of
+    the batch (`StepPlan.spliced_copies`); `orig` itself when the batches agree."""
     if orig.shape[0] == new.shape[0]:
         return orig
     n = new.shape[0] // orig.shape[0]
@@ -254,7 +257,7 @@ def tile_like(orig: Tensor, new: Tensor) -> Tensor:
 
 class LogitsKLLoss(LossTerm):
     """KL(P_clean || P_with_SAEs) per token, mean over tokens (see `kl_clean_to_new`). When the
-    spliced run holds n copies of the batch (Matryoshka prefixes): the mean of their KLs."""
+    spliced run holds n copies of the batch (`StepPlan.spliced_copies`): the mean of their KLs."""
 
     name = "logits_kl"
 

@@ -5,7 +5,7 @@ skip_transcoder, matryoshka.
 """
 
 from e2e_sae.saes import relu as _relu  # noqa: F401  (registers "relu")
-from e2e_sae.saes.base import CacheActs, SAEActs, SAEBase
+from e2e_sae.saes.base import CacheActs, SAEActs, SAEBase, SAEDict, sae_key
 from e2e_sae.saes.batchtopk import BatchTopKSAE
 from e2e_sae.saes.gated import GatedSAE
 from e2e_sae.saes.jumprelu import JumpReLUSAE
@@ -31,10 +31,12 @@ __all__ = [
     "MatryoshkaSAE",
     "SAEActs",
     "SAEBase",
+    "SAEDict",
     "SkipTranscoder",
     "TopKSAE",
     "build_sae",
     "idle_aux_warnings",
     "sae_kwargs",
     "register_architecture",
+    "sae_key",
 ]

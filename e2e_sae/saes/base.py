@@ -79,6 +79,12 @@ def unit_columns(w: Tensor) -> Tensor:
     return out
 
 
+def sae_key(hook_name: str) -> str:
+    """The key of the SAE at `hook_name` in a model's `saes` ModuleDict and in checkpoints:
+    ModuleDict keys may not contain '.', so the original library uses '-' instead."""
+    return hook_name.replace(".", "-")
+
+
 class SAEActs(NamedTuple):
     """What a spliced SAE saw and produced at one position (as in the original library)."""
 
@@ -94,7 +100,8 @@ class CacheActs(NamedTuple):
 
 
 class SAEBase(nn.Module):
-    """Encoder/decoder pair. Subclasses set `architecture` and implement `encode`.
+    """Encoder/decoder pair. Subclasses set `architecture` and implement `encode`; their options
+    are keywords after the sizes, which they pass on (`__init__(self, *args, k=..., **kwargs)`).
 
     Parameter names follow the original library (`encoder.0.weight` [d_sae, d_in], `encoder.0.bias`,
     `decoder.weight` [d_out, d_sae], `decoder.bias`) so checkpoints stay interchangeable.
@@ -145,6 +152,26 @@ class SAEBase(nn.Module):
         """Returns (output, c) like the original SAE. Pure: no parameter or buffer is written."""
         c = self.encode(x)
         return self.decode(c), c
+
+    # --- training: what the generic step asks of an architecture ------------------------------
+    def spliced_copies(self) -> int:
+        """Copies of the batch an end-to-end training step should splice this SAE into (one
+        spliced pass over them, copy-major along dim 0; `forward_copies` says what it writes into
+        each). 1: the pass as at inference. The plan's count is the one every SAE asking for
+        more than 1 agrees on (`objective.forward.make_plan`)."""
+        return 1
+
+    def forward_copies(self, x: Tensor, n_copies: int) -> tuple[Tensor, Tensor]:
+        """(output, c) on input x holding `n_copies` copies of a batch along dim 0 (copy-major).
+        The last copy is always the ordinary forward (what losses on the SAE's activations,
+        firing statistics and evaluation see); this default processes every copy alike."""
+        return self(x)
+
+    def reconstruction_loss(self, acts: SAEActs, target: Tensor) -> Tensor:
+        """What the `out_to_in` term counts for this SAE: MSE(output, target). `target` is what
+        it reconstructs (`lm.sites.SpliceSite.target`: its input, or a transcoder's clean
+        output)."""
+        return F.mse_loss(acts.output, target)
 
     def aux_losses(self, acts: SAEActs, target: Tensor | None = None) -> dict[str, Tensor]:
         """Architecture-specific training losses, already multiplied by their coefficients.
@@ -208,3 +235,29 @@ class SAEBase(nn.Module):
 
     def n_dead(self, dead_after_tokens: int) -> int:
         return int((self.tokens_since_fired >= dead_after_tokens).sum())
+
+
+class SAEDict(nn.ModuleDict):
+    """A model's SAEs, each stored under `sae_key(position)` (so the state dict keys are the
+    original library's: `blocks-2-hook_resid_pre`); `at(position)` is the one way to get the SAE
+    at a hook. Indexing and `in` take the hook name too (`saes["blocks.2.hook_resid_pre"]`)."""
+
+    def __getitem__(self, key: str) -> nn.Module:
+        try:
+            return super().__getitem__(sae_key(key))
+        except KeyError:
+            have = ", ".join(k.replace("-", ".") for k in self.keys())
+            raise KeyError(
+                f"no SAE at '{key}' (SAEs at: {have}); see model.sae(position)"
+            ) from None
+
+    def __setitem__(self, key: str, module: nn.Module) -> None:
+        super().__setitem__(sae_key(key), module)
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and super().__contains__(sae_key(key))
+
+    def at(self, position: str) -> SAEBase:
+        sae = self[sae_key(position)]
+        assert isinstance(sae, SAEBase)
+        return sae

@@ -32,17 +32,11 @@ class BatchTopKSAE(TopKSAE):
 
     def __init__(
         self,
-        input_size: int,
-        n_dict_components: int,
-        init_decoder_orthogonal: bool = True,
-        output_size: int | None = None,
-        *,
+        *args: Any,
         threshold_momentum: float = 0.01,
         **topk_kwargs: Any,
     ) -> None:
-        super().__init__(
-            input_size, n_dict_components, init_decoder_orthogonal, output_size, **topk_kwargs
-        )
+        super().__init__(*args, **topk_kwargs)
         check_option(
             0 < threshold_momentum <= 1,
             "saes.architecture_kwargs.threshold_momentum",
@@ -53,19 +47,22 @@ class BatchTopKSAE(TopKSAE):
         self.register_buffer("threshold", torch.tensor(float("nan")))
 
     def encode(self, x: Tensor) -> Tensor:
-        pre = self.pre_acts(x)
-        if self.training:
-            return self._batch_topk(pre)
-        if torch.isnan(self.threshold):
-            return topk_code(pre, self.k)
-        return torch.where(pre > self.threshold, pre, torch.zeros_like(pre))
+        return self.code(self.pre_acts(x))
 
-    def _batch_topk(self, pre: Tensor) -> Tensor:
+    def code(self, pre: Tensor, update_threshold: bool = True) -> Tensor:
+        """The code of pre-activations [..., d_sae]: in training mode the batch's k x n_tokens
+        largest (moving the running threshold unless `update_threshold` is False), in eval mode
+        those over the threshold (per-token TopK before any training batch set it)."""
+        if not self.training:
+            if torch.isnan(self.threshold):
+                return topk_code(pre, self.k)
+            return torch.where(pre > self.threshold, pre, torch.zeros_like(pre))
         flat = pre.reshape(-1)
         n_tokens = flat.numel() // pre.shape[-1]
         values, idx = flat.topk(self.k * n_tokens, sorted=False)
         kept = positive_values(values)
-        self._update_threshold(kept.detach().min())
+        if update_threshold:
+            self._update_threshold(kept.detach().min())
         return torch.zeros_like(flat).scatter(0, idx, kept).reshape(pre.shape)
 
     @torch.no_grad()

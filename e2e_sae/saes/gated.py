@@ -52,22 +52,19 @@ class GatedSAE(SAEBase):
 
     def __init__(
         self,
-        input_size: int,
-        n_dict_components: int,
-        init_decoder_orthogonal: bool = True,
-        output_size: int | None = None,
-        *,
+        *args: Any,
         aux_coeff: float = 1.0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(input_size, n_dict_components, init_decoder_orthogonal, output_size)
+        super().__init__(*args, **kwargs)
         ok = isinstance(aux_coeff, (int, float)) and not isinstance(aux_coeff, bool)
         if not (ok and math.isfinite(aux_coeff) and aux_coeff >= 0):
             raise ConfigError(
                 f"saes.architecture_kwargs.aux_coeff: must be a number >= 0, got {aux_coeff!r}"
             )
         self.aux_coeff = float(aux_coeff)
-        self.r_mag = nn.Parameter(torch.zeros(n_dict_components))
-        self.b_mag = nn.Parameter(torch.zeros(n_dict_components))
+        self.r_mag = nn.Parameter(torch.zeros(self.n_dict_components))
+        self.b_mag = nn.Parameter(torch.zeros(self.n_dict_components))
 
     @property
     def gate(self) -> nn.Linear:

@@ -95,15 +95,12 @@ class JumpReLUSAE(SAEBase):
 
     def __init__(
         self,
-        input_size: int,
-        n_dict_components: int,
-        init_decoder_orthogonal: bool = True,
-        output_size: int | None = None,
-        *,
+        *args: Any,
         bandwidth: float = 0.001,
         init_threshold: float = 0.001,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(input_size, n_dict_components, init_decoder_orthogonal, output_size)
+        super().__init__(*args, **kwargs)
         for name, value in (("bandwidth", bandwidth), ("init_threshold", init_threshold)):
             if not value > 0:
                 raise ConfigError(f"saes.architecture_kwargs.{name}: must be positive, got {value}")
@@ -111,7 +108,7 @@ class JumpReLUSAE(SAEBase):
         self.init_threshold = float(init_threshold)
         # log-parametrised so thresholds stay positive
         self.log_threshold = nn.Parameter(
-            torch.full((n_dict_components,), math.log(init_threshold))
+            torch.full((self.n_dict_components,), math.log(init_threshold))
         )
 
     @property

@@ -16,8 +16,9 @@ How the prefixes are trained (`matryoshka_e2e`):
 - "all_prefixes" (default). Local: the `out_to_in` term is sum_p prefix_weights[p] *
   MSE(out_p, target) (weights default 1: SAELens' sum of the full and the inner MSEs).
   End-to-end: the spliced pass runs once per prefix, batched: the clean residual at the first SAE
-  layer is repeated P times along the batch (prefix-major), and in copy p every Matryoshka SAE
-  encodes its own input of that copy and writes out_p; `logits_kl` is then the mean over the P
+  layer is repeated P times along the batch (prefix-major; `spliced_copies` asks the step for P),
+  and in copy p every Matryoshka SAE encodes its own input of that copy and writes out_p
+  (`forward_copies`); `logits_kl` is then the mean over the P
   passes of their KL to the clean model, and `in_to_orig` the mean of their downstream MSEs.
   Memory: the spliced pass from the first SAE layer on, and the SAEs' activations, are P times
   those of one pass (activations saved for backward scale with P x batch); the clean pass is not
@@ -35,18 +36,17 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from e2e_sae.saes.base import SAEActs, SAEBase
+from e2e_sae.saes.base import SAEActs
 from e2e_sae.saes.batchtopk import BatchTopKSAE
 from e2e_sae.saes.registry import register_architecture
-from e2e_sae.saes.topk import check_option, positive_values, topk_code
+from e2e_sae.saes.topk import check_option
 
 logger = logging.getLogger(__name__)
 
@@ -70,22 +70,16 @@ class MatryoshkaSAE(BatchTopKSAE):
 
     def __init__(
         self,
-        input_size: int,
-        n_dict_components: int,
-        init_decoder_orthogonal: bool = True,
-        output_size: int | None = None,
-        *,
+        *args: Any,
         matryoshka_widths: Sequence[int] | None = None,
         matryoshka_e2e: str = "all_prefixes",
         prefix_weights: Sequence[float] | None = None,
         inner_mse_coeff: float = 1.0,
         **batchtopk_kwargs: Any,
     ) -> None:
-        super().__init__(
-            input_size, n_dict_components, init_decoder_orthogonal, output_size, **batchtopk_kwargs
-        )
+        super().__init__(*args, **batchtopk_kwargs)
         kw = "saes.architecture_kwargs"
-        self.widths = _check_widths(matryoshka_widths, n_dict_components)
+        self.widths = _check_widths(matryoshka_widths, self.n_dict_components)
         check_option(
             matryoshka_e2e in E2E_MODES,
             f"{kw}.matryoshka_e2e",
@@ -105,34 +99,12 @@ class MatryoshkaSAE(BatchTopKSAE):
             f"must be a number >= 0, got {inner_mse_coeff!r}",
         )
         self.inner_mse_coeff = float(inner_mse_coeff)
-        # > 1 only inside `batched_prefix_passes`: the input holds one copy per prefix.
-        self._prefix_passes = 0
 
     @property
     def n_prefixes(self) -> int:
         return len(self.widths)
 
-    @property
-    def e2e_prefix_passes(self) -> int:
-        """Spliced passes an e2e training step runs (one per prefix, or 1)."""
-        return self.n_prefixes if self.e2e_mode == "all_prefixes" else 1
-
     # --- codes and prefix reconstructions -------------------------------------------------------
-    def _code(self, x: Tensor, update_threshold: bool) -> Tensor:
-        """BatchTopK's code of x; the running threshold moves only when `update_threshold`."""
-        pre = self.pre_acts(x)
-        if not self.training:
-            if torch.isnan(self.threshold):
-                return topk_code(pre, self.k)
-            return torch.where(pre > self.threshold, pre, torch.zeros_like(pre))
-        flat = pre.reshape(-1)
-        n_tokens = flat.numel() // pre.shape[-1]
-        values, idx = flat.topk(self.k * n_tokens, sorted=False)
-        kept = positive_values(values)
-        if update_threshold:
-            self._update_threshold(kept.detach().min())
-        return torch.zeros_like(flat).scatter(0, idx, kept).reshape(pre.shape)
-
     def decode_prefix(self, c: Tensor, p: int) -> Tensor:
         """out_p [..., d_out]: the code's first widths[p] latents decoded, plus b_dec."""
         w = self.widths[p]
@@ -151,17 +123,28 @@ class MatryoshkaSAE(BatchTopKSAE):
             lo = w
         return outs
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        n = self._prefix_passes
-        if n <= 1:
-            return super().forward(x)
-        assert n == self.n_prefixes and x.shape[0] % n == 0, (n, x.shape)
-        chunks = x.unflatten(0, (n, -1))
-        codes = [self._code(chunks[p], update_threshold=p == n - 1) for p in range(n)]
+    # --- training ---------------------------------------------------------------------------------
+    def spliced_copies(self) -> int:
+        """ "all_prefixes" while it trains: one copy of the batch per prefix; else 1 (a frozen
+        Matryoshka SAE decodes its full dictionary in every copy)."""
+        if self.e2e_mode != "all_prefixes" or not any(p.requires_grad for p in self.parameters()):
+            return 1
+        return self.n_prefixes
+
+    def forward_copies(self, x: Tensor, n_copies: int) -> tuple[Tensor, Tensor]:
+        """With one copy per prefix (module doc): copy p encodes its own input and writes prefix
+        p's reconstruction; only the last copy (the full dictionary) moves the threshold."""
+        if n_copies != self.spliced_copies():
+            return self(x)
+        assert x.shape[0] % n_copies == 0, (n_copies, x.shape)
+        chunks = x.unflatten(0, (n_copies, -1))
+        last = n_copies - 1
+        codes = [
+            self.code(self.pre_acts(chunks[p]), update_threshold=p == last) for p in range(n_copies)
+        ]
         outs = [self.decode_prefix(c, p) for p, c in enumerate(codes)]
         return torch.cat(outs), torch.cat(codes)
 
-    # --- losses ----------------------------------------------------------------------------------
     def reconstruction_loss(self, acts: SAEActs, target: Tensor) -> Tensor:
         """What `out_to_in` counts for this SAE: sum_p prefix_weights[p] * MSE(out_p, target)
         ("all_prefixes"), or the full dictionary's MSE ("full_kl_inner_mse")."""
@@ -217,44 +200,3 @@ def _check_widths(widths: Sequence[int] | None, d_sae: int) -> list[int]:
         logger.info("matryoshka_widths: appending the full dictionary width %d", d_sae)
         out.append(d_sae)
     return out
-
-
-def _trains_prefixes(sae: SAEBase) -> bool:
-    """A Matryoshka SAE that trains (a frozen one decodes its full dictionary in every copy)."""
-    return isinstance(sae, MatryoshkaSAE) and any(p.requires_grad for p in sae.parameters())
-
-
-def prefix_passes(saes: Iterable[SAEBase]) -> int:
-    """Spliced passes an e2e training step needs for these SAEs (1 unless some trainable
-    Matryoshka SAE trains every prefix end-to-end); they must agree."""
-    counts = {
-        s.e2e_prefix_passes for s in saes if isinstance(s, MatryoshkaSAE) and _trains_prefixes(s)
-    }
-    counts.discard(1)
-    check_option(
-        len(counts) <= 1,
-        "saes.architecture_kwargs.matryoshka_widths",
-        f"every Matryoshka SAE needs the same number of prefixes, got {sorted(counts)}",
-    )
-    return counts.pop() if counts else 1
-
-
-@contextmanager
-def batched_prefix_passes(saes: Iterable[SAEBase], n: int) -> Iterator[None]:
-    """Inside: each trainable Matryoshka SAE reads inputs holding `n` prefix-major copies of a
-    batch and writes prefix p's reconstruction into copy p (see the module doc); other SAEs
-    process every copy alike."""
-    mats = [s for s in saes if isinstance(s, MatryoshkaSAE) and _trains_prefixes(s)]
-    for s in mats:
-        s._prefix_passes = n
-    try:
-        yield
-    finally:
-        for s in mats:
-            s._prefix_passes = 0
-
-
-def full_copy(acts: SAEActs, n: int) -> SAEActs:
-    """The full dictionary's copy (the last) of a batched pass's SAEActs."""
-    m = acts.input.shape[0] // n
-    return SAEActs(acts.input[-m:], acts.c[-m:], acts.output[-m:])

@@ -19,6 +19,8 @@ works with it, since they all call `forward`.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -31,15 +33,9 @@ from e2e_sae.saes.registry import register_architecture
 class SkipTranscoder(SAEBase):
     architecture = "skip_transcoder"
 
-    def __init__(
-        self,
-        input_size: int,
-        n_dict_components: int,
-        init_decoder_orthogonal: bool = True,
-        output_size: int | None = None,
-    ) -> None:
-        super().__init__(input_size, n_dict_components, init_decoder_orthogonal, output_size)
-        self.W_skip = nn.Parameter(torch.zeros(self.output_size, input_size))
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.W_skip = nn.Parameter(torch.zeros(self.output_size, self.input_size))
 
     def encode(self, x: Tensor) -> Tensor:
         return F.relu(self.pre_acts(x))

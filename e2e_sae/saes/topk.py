@@ -97,23 +97,20 @@ class TopKSAE(SAEBase):
 
     def __init__(
         self,
-        input_size: int,
-        n_dict_components: int,
-        init_decoder_orthogonal: bool = True,
-        output_size: int | None = None,
-        *,
+        *args: Any,
         k: int | None = None,
         k_aux: int | None = None,
         aux_coeff: float = 1 / 32,
         dead_tokens_threshold: int | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(input_size, n_dict_components, init_decoder_orthogonal, output_size)
+        super().__init__(*args, **kwargs)
         check_option(k is not None, "saes.k", f"required for architecture '{self.architecture}'")
         assert k is not None
         check_option(
-            0 < k <= n_dict_components,
+            0 < k <= self.n_dict_components,
             "saes.k",
-            f"must be in 1..{n_dict_components} (the dictionary size), got {k}",
+            f"must be in 1..{self.n_dict_components} (the dictionary size), got {k}",
         )
         k_aux = k_aux if k_aux is not None else max(1, self.output_size // 2)
         kw = "saes.architecture_kwargs"

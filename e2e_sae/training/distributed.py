@@ -18,8 +18,9 @@ of one process with batch N*b on the same data.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as tdist
@@ -229,3 +230,20 @@ __all__ = [
     "shutdown",
     "sync_firing_stats",
 ]
+
+
+def on_main(fn: Callable[[], Any], d: Dist) -> Any:
+    """`fn()` on rank 0 only (None elsewhere). A UserError there is raised on every rank, so the
+    other ranks do not wait forever at the next collective."""
+    if not d.enabled:
+        return fn()
+    result, message = None, None
+    if d.is_main:
+        try:
+            result = fn()
+        except UserError as err:
+            message = str(err)
+    message = broadcast_str(message, d)
+    if message is not None:
+        raise UserError(message)
+    return result

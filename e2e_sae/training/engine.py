@@ -1,4 +1,5 @@
-"""One optimizer step over the SAEs, whatever feeds them.
+"""One optimizer step over the SAEs, whatever feeds them, and the lr schedule of every trainer here
+(`lr_schedule`: SAE runs, `train-lm`, the MLP's SAEs).
 
 `Engine.train_step` accumulates `grad_accum_steps` micro-batches (forward through the engine's
 `feed`, loss terms plus the architectures' aux losses, finite checks, backward, firing
@@ -15,18 +16,18 @@ import math
 import statistics
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import torch
 from torch import Tensor, nn
+from torch.optim.lr_scheduler import LambdaLR
 
-from e2e_sae.config import Config
+from e2e_sae.config import Config, OptimizerConfig
 from e2e_sae.errors import UserError
 from e2e_sae.eval.evaluate import l0
-from e2e_sae.lm.splice import sae_key
 from e2e_sae.objective.forward import autocast
 from e2e_sae.objective.losses import LossInputs, LossTerm, compute_losses
-from e2e_sae.saes import SAEBase
+from e2e_sae.saes import SAEDict, sae_key
 from e2e_sae.saes.resample import resample_dead_latents
 from e2e_sae.training.distributed import (
     SINGLE,
@@ -55,37 +56,54 @@ class TrainState:
     """The last DIVERGENCE_WINDOW steps' loss and loss terms (for the divergence guard)."""
 
 
-def lr_lambda(step: int, config: Config, world_size: int = 1) -> float:
-    """Linear warmup over `warmup_samples`, then linear/cosine decay to `min_lr_factor`."""
-    bs = (config.effective_batch_size or config.batch_size) * world_size
-    warmup = config.warmup_samples // bs
-    total = n_grad_steps(config, world_size)
-    if step < warmup:
-        return (step + 1) / warmup
-    if config.lr_schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    lo = config.min_lr_factor
-    if config.lr_schedule == "linear":
-        return 1 - (1 - lo) * progress
-    return lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
 def n_grad_steps(config: Config, world_size: int = 1) -> int:
     """Optimizer steps of the run: `n_samples` counts samples over all ranks."""
     return max(1, config.n_grad_steps // world_size)
 
 
+def lr_factor(
+    step: int, warmup_steps: int, total_steps: int, schedule: str, min_factor: float
+) -> float:
+    """Multiplier of the base lr for optimizer step `step` (0-based)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if schedule == "linear":
+        return 1 - (1 - min_factor) * progress
+    return min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def lr_schedule(
+    optimizer: torch.optim.Optimizer, optim: OptimizerConfig, total_steps: int, world_size: int = 1
+) -> LambdaLR:
+    """`optim`'s schedule over `total_steps` optimizer steps (`world_size` processes, each
+    stepping `samples_per_step` samples)."""
+    warmup = optim.warmup_samples // (optim.samples_per_step * world_size)
+    kind, lo = optim.lr_schedule, optim.min_lr_factor
+    return LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total_steps, kind, lo))
+
+
 def make_optimizer(
-    config: Config, saes: nn.Module, world_size: int = 1
+    optim: OptimizerConfig, saes: nn.Module, total_steps: int, world_size: int = 1
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """Adam over the trainable SAE parameters and the warmup/decay schedule."""
+    """Adam over the trainable SAE parameters and `optim`'s schedule over `total_steps`."""
     params = [p for p in saes.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=config.lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_lambda(s, config, world_size)
-    )
-    return optimizer, schedule
+    optimizer = torch.optim.Adam(params, lr=optim.lr)
+    return optimizer, lr_schedule(optimizer, optim, total_steps, world_size)
+
+
+@dataclass(frozen=True)
+class Resampling:
+    """When the engine resamples dead latents (`saes.resample_every_n_samples`): every `every`
+    samples during the first half of a run of `total` samples, the latents that have not fired for
+    `dead_after` tokens, drawn with a generator seeded from `seed` and the step."""
+
+    every: int
+    total: int
+    dead_after: int
+    seed: int
 
 
 def crossed(n_samples: int, bs: int, every: int) -> bool:
@@ -101,14 +119,18 @@ def loss_term_keys(values: Iterable[str], term_names: Iterable[str]) -> list[str
     return keys + [k for k in values if "/" in k and not k.startswith(stats)]
 
 
-@dataclass
-class Engine:
-    """SAEs, their loss terms, optimizer and schedule, and the feed that turns a micro-batch into
-    loss inputs. `saes` holds every SAE (keyed by `sae_key`); `trainable`: the positions
-    whose SAEs train (the others are frozen and run as at inference)."""
+C = TypeVar("C", bound=OptimizerConfig)
 
-    config: Config
-    saes: nn.ModuleDict
+
+@dataclass
+class Engine(Generic[C]):
+    """SAEs, their loss terms, optimizer and schedule, and the feed that turns a micro-batch into
+    loss inputs. `config`: the batch layout and clipping (a run's `Config`, or any
+    `OptimizerConfig`); `saes` holds every SAE; `trainable`: the positions whose SAEs train (the
+    others are frozen and run as at inference)."""
+
+    config: C
+    saes: SAEDict
     trainable: list[str]
     loss_terms: list[LossTerm]
     optimizer: torch.optim.Optimizer
@@ -117,19 +139,17 @@ class Engine:
     feed: Feed | None = None
     """None: set by a subclass (`Trainer`: the LM)."""
     dist: Dist = SINGLE
+    precision: str = "fp32"
+    """"bf16": the forward under bf16 autocast (`Config.precision`)."""
+    resampling: Resampling | None = None
 
     def __post_init__(self) -> None:
         self._trainable_keys = {sae_key(p) for p in self.trainable}
 
-    def sae(self, pos: str) -> SAEBase:
-        sae = self.saes[sae_key(pos)]
-        assert isinstance(sae, SAEBase)
-        return sae
-
     @property
     def global_batch(self) -> int:
         """Samples per optimizer step over all ranks."""
-        return (self.config.effective_batch_size or self.config.batch_size) * self.dist.world_size
+        return self.config.samples_per_step * self.dist.world_size
 
     def set_modes(self) -> None:
         """Trainable SAEs in training mode; frozen ones as at inference (BatchTopK threshold)."""
@@ -149,20 +169,20 @@ class Engine:
             batch = next(micro_batches)
             state.batches += 1
             assert self.feed is not None
-            with autocast(self.config.precision, self.device):
+            with autocast(self.precision, self.device):
                 inputs = self.feed(batch)
             aux = {
                 f"{name}/{pos}": v
                 for pos, acts in inputs.sae_acts.items()
                 if pos in self.trainable
-                for name, v in self.sae(pos).aux_losses(acts, inputs.target(pos)).items()
+                for name, v in self.saes.at(pos).aux_losses(acts, inputs.target(pos)).items()
             }
             loss, values = compute_losses(self.loss_terms, inputs, aux)
             check_finite(loss, values, state.step + 1, self.dist)
             (loss / accum).backward()
             n_tokens = 0
             for pos, acts in inputs.sae_acts.items():
-                self.sae(pos).update_firing_stats(acts.c)
+                self.saes.at(pos).update_firing_stats(acts.c)
                 n_tokens = acts.c.numel() // acts.c.shape[-1]
                 if stats:
                     values[f"l0/{pos}"] = l0(acts.c)
@@ -188,16 +208,20 @@ class Engine:
         return reduce_mean(logged, self.dist)
 
     def maybe_resample(self, inputs: LossInputs, n_samples: int, step: int) -> dict[str, float]:
-        """Re-initialise dead latents when this step crossed `resample_every_n_samples`."""
-        every, total = self.config.saes.resample_every_n_samples, self.config.n_samples or 0
-        if not every or not crossed(n_samples, self.global_batch, every) or 2 * n_samples > total:
+        """Re-initialise dead latents when this step crossed a multiple of `resampling.every`."""
+        r = self.resampling
+        if (
+            r is None
+            or not crossed(n_samples, self.global_batch, r.every)
+            or 2 * n_samples > r.total
+        ):
             return {}  # (only in the first half: the second lets resampled latents settle)
-        window = self.config.act_frequency_n_tokens
-        gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + step)
+        window = r.dead_after
+        gen = torch.Generator().manual_seed(r.seed * 1_000_003 + step)
         counts = {}
         for pos in self.trainable:
-            sae, acts = self.sae(pos), inputs.sae_acts[pos]
-            dead, tc = sae.tokens_since_fired >= window, pos in inputs.transcoder_targets
+            sae, acts = self.saes.at(pos), inputs.sae_acts[pos]
+            dead, tc = sae.tokens_since_fired >= window, inputs.site(pos).is_transcoder
             n = resample_dead_latents(
                 sae, acts.input, inputs.target(pos), acts.output, dead, self.optimizer, gen, tc
             )

@@ -13,12 +13,13 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from e2e_sae.lm.splice import SAETransformer, SpliceSite, sae_key
+from e2e_sae.lm.sites import SpliceSite
+from e2e_sae.lm.splice import SAETransformer
 from e2e_sae.objective.forward import StepPlan, run_forward
 from e2e_sae.objective.losses import LossInputs
-from e2e_sae.saes import SAEActs, SAEBase
+from e2e_sae.saes import SAEDict
 
 
 class PlanHolder(Protocol):
@@ -46,18 +47,11 @@ class CacheFeed:
     activation at its input hook; a transcoder's target is the one at its output hook."""
 
     sites: Mapping[str, SpliceSite]
-    saes: nn.ModuleDict
+    saes: SAEDict
     device: torch.device
 
     def __call__(self, acts: Mapping[str, Tensor]) -> LossInputs:
         acts = {h: v.to(self.device, non_blocking=True) for h, v in acts.items()}
-        sae_acts: dict[str, SAEActs] = {}
-        saes: dict[str, SAEBase] = {}
-        for pos, site in self.sites.items():
-            sae = self.saes[sae_key(pos)]
-            assert isinstance(sae, SAEBase)
-            x = acts[site.input_hook]
-            output, c = sae(x)
-            sae_acts[pos], saes[pos] = SAEActs(x, c, output), sae
-        targets = {p: p for p, s in self.sites.items() if s.is_transcoder}
-        return LossInputs(sae_acts, orig_acts=acts, transcoder_targets=targets, saes=saes)
+        saes = {pos: self.saes.at(pos) for pos in self.sites}
+        sae_acts = {pos: site.run(saes[pos], acts) for pos, site in self.sites.items()}
+        return LossInputs(sae_acts, orig_acts=acts, sites=self.sites, saes=saes)

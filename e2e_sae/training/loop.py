@@ -1,24 +1,36 @@
 """The loop around the engine: log / eval / save / signal triggers, for one run or several runs
-on one batch stream (a cache-fed sweep), each with its own directory, checkpoints and resume."""
+on one batch stream (`train-cached`), each with its own directory, checkpoints and resume.
+
+SIGINT / SIGTERM do not kill a training run (`StopOnSignal`): the current step finishes, a resume
+point is written, and `TrainingInterrupted` ends the run (the CLI exits 128 + signal number:
+130 / 143)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from types import FrameType
 from typing import Any, Protocol
 
 from tqdm.auto import tqdm
 
 from e2e_sae.config import Config
+from e2e_sae.errors import SignalInterrupt, TrainingInterrupted
 from e2e_sae.eval.evaluate import EvalResult
+from e2e_sae.interrupts import deliver_later, in_import
 from e2e_sae.lm.splice import SAETransformer
 from e2e_sae.objective.losses import LossTerm
 from e2e_sae.training.curves import plot_training_curves
-from e2e_sae.training.distributed import Dist
+from e2e_sae.training.distributed import Dist, max_over_ranks
 from e2e_sae.training.engine import (
     NumericalError,
     TrainState,
@@ -27,7 +39,7 @@ from e2e_sae.training.engine import (
     loss_term_keys,
     n_grad_steps,
 )
-from e2e_sae.training.resume import Checkpointed, StopOnSignal, resume_points, save_point
+from e2e_sae.training.resume import Checkpointed, resume_points, save_point
 from e2e_sae.training.runlog import RunLogger
 
 
@@ -70,9 +82,11 @@ class Run:
     """n_samples of the last checkpoint written (a signal on a save step writes it once)."""
 
     def save(self, final: bool = False) -> None:
+        """A resume point; the newest `keep_last_n_checkpoints` (+ the final one) are kept."""
         if self.saved_at != self.state.n_samples or final:
-            t = self.trainer
-            self.log.save_file(save_point(self.run_dir, t, self.state, t.dist, final=final))
+            t, keep = self.trainer, self.config.keep_last_n_checkpoints
+            keep = keep + (1 if final else 0) if keep is not None else None
+            self.log.save_file(save_point(self.run_dir, t, self.state, t.dist, keep))
             self.saved_at = self.state.n_samples
 
     @property
@@ -133,11 +147,13 @@ def run_loop(
     try:
         for r in runs:
             if r.error is None and not r.active:  # resumed after its last step: finish it
-                finish_run(r, progress)
+                finish_run(r, progress, stop)
         while active := [r for r in runs if r.active]:
             micro = [next(batches) for _ in range(accum)]
             for r in active:
-                step_run(r, micro, progress, lambda r=r: _rate(r, start[id(r)], n_ctx, t0, evals()))
+                step_run(
+                    r, micro, progress, partial(_rate, r, start[id(r)], n_ctx, t0, evals), stop
+                )
             if (dt := evals() - paused) > 0:  # speed and ETA are of training, not evaluation
                 paused += dt
                 pause_bar(bar, dt)
@@ -154,6 +170,13 @@ def run_loop(
                 if interrupted:
                     r = interrupted[0]
                     raise stop.interrupted(r.run_dir, r.state.step, signum, resume_command)
+        if stop.signum:  # came while the last runs were being finished: honoured, nothing lost
+            done_dirs = ", ".join(str(r.run_dir) for r in runs)
+            raise SignalInterrupt(
+                stop.signum,
+                f"stopped by {signal.Signals(stop.signum).name} after the run finished; its "
+                f"files are complete ({done_dirs})",
+            )
     finally:
         bar.close()
         stop.restore()
@@ -162,10 +185,10 @@ def run_loop(
         raise errors[0]
 
 
-def _rate(r: Run, n0: int, n_ctx: int, t0: float, eval_s: float = 0.0) -> float:
+def _rate(r: Run, n0: int, n_ctx: int, t0: float, evals: Callable[[], float]) -> float:
     """Training tokens per second of `r` since the loop started (`n0`: its samples then), not
-    counting the `eval_s` seconds spent evaluating."""
-    elapsed = time.perf_counter() - t0 - eval_s
+    counting the `evals()` seconds spent evaluating."""
+    elapsed = time.perf_counter() - t0 - evals()
     return (r.state.n_samples - n0) * n_ctx / elapsed if elapsed > 0 else 0.0
 
 
@@ -178,9 +201,15 @@ def pause_bar(bar: Any, seconds: float) -> None:
     bar.last_print_t += seconds
 
 
-def step_run(r: Run, micro: list[Any], progress: bool, rate: Callable[[], float]) -> None:
+def step_run(
+    r: Run,
+    micro: list[Any],
+    progress: bool,
+    rate: Callable[[], float],
+    stop: StopOnSignal | None = None,
+) -> None:
     """One optimizer step of `r` on `micro`, then its triggers (log, eval, save, finish);
-    `rate()`: the run's tokens per second so far (logged)."""
+    `rate()`: the run's tokens per second so far (logged); `stop`: see `finish_run`."""
     t, state, cfg = r.trainer, r.state, r.config
     log_due = (state.step + 1) % cfg.log_every_n_grad_steps == 0 or state.step == 0
     last = state.step + 1 == r.n_steps
@@ -209,16 +238,26 @@ def step_run(r: Run, micro: list[Any], progress: bool, rate: Callable[[], float]
     if not last and save_every and crossed(state.n_samples, bs, save_every):
         r.save()
     if last:
-        finish_run(r, progress)
+        finish_run(r, progress, stop)
 
 
-def finish_run(r: Run, progress: bool = False) -> None:
+def finish_run(r: Run, progress: bool = False, stop: StopOnSignal | None = None) -> None:
     """The final checkpoint, the final evaluation (unless the last step just had one), the
-    metrics log closed and the training curves drawn."""
+    metrics log closed and the training curves drawn. With `stop` (the loop's signal handling)
+    SIGINT / SIGTERM end the final evaluation at once: everything is saved before it."""
     t, state, every = r.trainer, r.state, r.config.eval_every_n_samples
     r.save(final=True)
     if not (every and state.n_samples % every == 0):
-        log_eval(r, progress=progress, desc="final eval")
+        ckpt = f"samples_{state.n_samples}.safetensors"
+
+        def message(signum: int) -> str:
+            return (
+                f"stopped by {signal.Signals(signum).name} during the final evaluation; the "
+                f"final checkpoint {ckpt} is saved; evaluate it with `e2e-sae eval {r.run_dir}`"
+            )
+
+        with stop.at_once(message) if stop is not None else contextlib.nullcontext():
+            log_eval(r, progress=progress, desc="final eval")
     r.log.finish()
     if t.dist.is_main:
         write_curves(r.run_dir)
@@ -310,3 +349,74 @@ def write_curves(run_dir: Path) -> Path | None:
     except Exception as err:  # noqa: BLE001
         logger.warning("could not write the training curves of %s: %s", run_dir, err)
         return None
+
+
+class StopOnSignal:
+    """After `install()`, SIGINT / SIGTERM only set `signum`; the loop checks `requested()` after
+    each step, saves, and raises `interrupted()`. The handlers are removed after the first signal,
+    so a second one acts as usual (KeyboardInterrupt / termination). A no-op outside the main
+    thread (signals are only delivered there)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._old: dict[int, Any] = {}
+
+    def install(self) -> StopOnSignal:
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.signum = signum
+        logger.warning("got %s: finishing this step, then saving", signal.Signals(signum).name)
+        self.restore()
+
+    def restore(self) -> None:
+        for s, old in self._old.items():
+            signal.signal(s, old)
+        self._old.clear()
+
+    @contextmanager
+    def at_once(self, message: Callable[[int], str]) -> Iterator[None]:
+        """Within: SIGINT / SIGTERM (or one that came since `install`) end the run now, with a
+        `SignalInterrupt` carrying `message(signum)`: for work after the final checkpoint (the
+        final evaluation), which a stop would otherwise have to wait for."""
+        if self.signum:
+            raise SignalInterrupt(self.signum, message(self.signum))
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handle(signum: int, frame: FrameType | None) -> None:
+            if in_import(frame):  # (raised there, it would break the module being imported)
+                deliver_later(signum)
+                return
+            self.signum = signum
+            self.restore()  # (the handlers from before `install`: a further signal ends it all)
+            raise SignalInterrupt(signum, message(signum))
+
+        before = {s: signal.signal(s, handle) for s in self.SIGNALS}
+        try:
+            yield
+        finally:
+            if not self.signum:
+                for s, old in before.items():
+                    signal.signal(s, old)
+
+    def requested(self, d: Dist) -> int:
+        """The signal number if any rank got one (every rank must call this each step)."""
+        return max_over_ranks(self.signum, d)
+
+    @staticmethod
+    def interrupted(
+        run_dir: Path, step: int, signum: int, command: str = "e2e-sae train CONFIG --resume"
+    ) -> TrainingInterrupted:
+        """The exception that ends the run once the checkpoint for `signum` is written."""
+        return TrainingInterrupted(
+            f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint saved, "
+            f"continue with `{command} {run_dir}`",
+            signum,
+        )

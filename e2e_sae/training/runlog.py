@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from e2e_sae.config import Config
+from e2e_sae.runs.checkpoint import atomic_write_bytes
 from e2e_sae.wandb_utils import init_wandb, log_feature_frequencies, save_file_to_wandb
 
 
@@ -36,10 +37,13 @@ class RunLogger:
         if not self.enabled:
             return
         line = json.dumps({k: _clean(v) for k, v in record.items()}) + "\n"
-        with open(self.path, "a") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(self.path, "a") as f:
+                f.write(line)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as err:  # (a full disk, a size limit: say which file)
+            raise OSError(err.errno, err.strerror, str(self.path)) from None
         if self.wandb_run is not None:
             self.wandb_run.log({k: _clean(v) for k, v in record.items()}, step=step)
 
@@ -71,3 +75,19 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue
     return out
+
+
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """Keep the metrics.jsonl records up to `step` (later ones will be logged again)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return
+    kept: list[str] = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a torn last line
+        if not isinstance(rec, dict) or int(rec.get("step", 0)) <= step:
+            kept.append(line)
+    atomic_write_bytes(path, "".join(f"{ln}\n" for ln in kept).encode())

@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 import logging
+import math
 import os
 import re
 import traceback
@@ -38,15 +40,27 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-from e2e_sae.config import Config, config_to_yaml_dict, load_config, read_yaml, yaml_load
+from e2e_sae.config import (
+    MODEL_SOURCES,
+    Config,
+    YAMLRefused,
+    config_to_yaml_dict,
+    load_config,
+    path_component_problem,
+    read_yaml,
+    yaml_load,
+)
 from e2e_sae.errors import ConfigError, UserError
 from e2e_sae.eval.evaluate import EVAL_JSON, EvalResult, read_eval, write_eval
+from e2e_sae.lm.dry_run import check_hooks, hook_names
+from e2e_sae.runs.wandb import load_dotenv_file
 from e2e_sae.training.runlog import read_metrics
 from e2e_sae.training.trainer import train
-from e2e_sae.wandb_utils import load_dotenv_file
 
 logger = logging.getLogger(__name__)
 
+MAX_SWEEP_RUNS = 10_000
+"""The most runs a grid may have (each is validated before any trains; larger grids are split)."""
 WANDB_KEYS = {"method", "program", "command", "metric", "early_terminate", "project", "entity"}
 
 
@@ -135,6 +149,8 @@ def parse_set(items: Iterable[str]) -> dict[str, Any]:
             raise UserError(f"--set: expected KEY=VALUE (e.g. n_samples=1000), got '{item}'")
         try:
             out[key.strip()] = yaml_load(value)
+        except YAMLRefused as err:
+            raise UserError(f"--set {key}: {err}") from None
         except yaml.YAMLError:
             raise UserError(f"--set {key}: '{value}' is not a YAML value") from None
     return out
@@ -208,10 +224,21 @@ def load_sweep(
         set_dotted(base, k, v)
     grid = flatten_parameters(raw["parameters"], str(path))
     name = str(raw.get("name") or path.stem)
+    if (problem := path_component_problem(name)) is not None:
+        raise ConfigError(f"{path}: name: {name[:40]!r} {problem}")
+    n_runs = math.prod(len(v) for v in grid.values())
+    if method == "grid" and n_runs > MAX_SWEEP_RUNS:
+        sizes = " x ".join(str(len(v)) for v in grid.values())
+        raise ConfigError(
+            f"{path}: parameters: the grid has {n_runs:,} runs ({sizes}), over the "
+            f"{MAX_SWEEP_RUNS:,} one sweep may hold; split it into smaller sweeps"
+        )
     if out_dir is None:
         out_dir = raw.get("out_dir")
         out_dir = path.parent / out_dir if out_dir else Path(base.get("save_dir") or "runs") / name
     sweep = Sweep(name, Path(out_dir), base, grid, [], wandb_format, method, raw)
+    if method != "grid":  # (W&B samples the runs itself; each is validated when it comes)
+        return sweep
     keys = list(grid)
     for i, combo in enumerate(itertools.product(*(grid[k] for k in keys))):
         overrides = dict(zip(keys, combo, strict=True))
@@ -227,7 +254,37 @@ def load_sweep(
             raise ConfigError(f"{src}: {str(err).removeprefix('config: ')}") from None
         assert isinstance(config_obj, Config)
         sweep.runs.append(SweepRun(i, overrides, config_obj, sweep.out_dir / f"{i:02d}_{label}"))
+    check_runs(sweep, path)
     return sweep
+
+
+def check_runs(sweep: Sweep, path: Path) -> None:
+    """Resolve every run's hooks against its model's config, as `train --dry-run` does, so that
+    a run the model would refuse stops the sweep before any run trains (each model's hook names
+    are read once; runs that differ only in other values are checked once)."""
+    names: dict[str, list[str] | None] = {}
+    checked: set[str] = set()
+    for run in sweep.runs:
+        cfg = config_to_yaml_dict(run.config)
+        model = json.dumps({k: cfg.get(k) for k in (*MODEL_SOURCES, "backend")}, sort_keys=True)
+        hooks = json.dumps([model, cfg["saes"], cfg["loss"].get("in_to_orig")], sort_keys=True)
+        if hooks in checked:
+            continue
+        checked.add(hooks)
+        if model not in names:
+            try:
+                names[model] = hook_names(run.config)
+            except ConfigError as err:
+                raise ConfigError(f"{path} (run {run.index}: {run.run_dir.name}): {err}") from None
+            except UserError:  # (the model's config cannot be had here: train checks them)
+                names[model] = None
+        known = names[model]
+        if known is None:
+            continue
+        try:
+            check_hooks(run.config, known)
+        except UserError as err:
+            raise ConfigError(f"{path} (run {run.index}: {run.run_dir.name}): {err}") from None
 
 
 # --- running it -----------------------------------------------------------------------------------

@@ -15,34 +15,39 @@ Output folder `save_dir/name/`:
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 import yaml
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     NonNegativeFloat,
-    NonNegativeInt,
     PositiveFloat,
-    PositiveInt,
     model_validator,
 )
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from e2e_sae.config import DatasetConfig, config_to_yaml_dict, load_config
+from e2e_sae.config import (
+    Count,
+    DatasetConfig,
+    OptimizerConfig,
+    PathComponent,
+    Seed,
+    _Frozen,
+    config_to_yaml_dict,
+    load_config,
+)
 from e2e_sae.data import TokenWindows, create_data_loader, load_windows
 from e2e_sae.data.corpora import get_builtin_corpus
 from e2e_sae.data.tokenizer import load_tokenizer
 from e2e_sae.errors import ConfigError, UserError
 from e2e_sae.lm.load import build_random_model, default_device, save_tlens_model
+from e2e_sae.training.engine import lr_schedule
 from e2e_sae.training.runlog import RunLogger
 from e2e_sae.wandb_utils import init_wandb
 
@@ -51,55 +56,30 @@ logger = logging.getLogger(__name__)
 CONFIG_FILE = "train_lm_config.yaml"
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class LMTrainSettings(OptimizerConfig):
+    """Optimisation settings (the `train:` block): the optimizer settings every trainer here has
+    (`OptimizerConfig`; AdamW here, clipping at 1.0 by default), plus epochs, weight decay,
+    betas, saving and logging."""
 
-
-class LMTrainSettings(_Frozen):
-    """Optimisation settings (the `train:` block)."""
-
-    n_epochs: PositiveInt
-    batch_size: PositiveInt
-    effective_batch_size: PositiveInt | None = None
-    lr: PositiveFloat
-    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    min_lr_factor: NonNegativeFloat = 0.1
-    """The schedule decays to lr * min_lr_factor at the last step."""
-    warmup_samples: NonNegativeInt = 0
+    n_epochs: Count
     weight_decay: NonNegativeFloat = 0.1
     adam_betas: tuple[float, float] = (0.9, 0.95)
     max_grad_norm: PositiveFloat | None = 1.0
-    save_every_n_epochs: PositiveInt | None = None
-    samples_per_epoch: PositiveInt | None = None
+    save_every_n_epochs: Count | None = None
+    samples_per_epoch: Count | None = None
     """Windows per epoch (default: all windows of train_data; required for streaming hub data)."""
-    eval_n_samples: PositiveInt | None = None
+    eval_n_samples: Count | None = None
     """Eval windows per epoch (default: all windows of eval_data; required for streaming data)."""
-    log_every_n_grad_steps: PositiveInt = 20
-
-    @model_validator(mode="after")
-    def _check(self) -> LMTrainSettings:
-        if self.effective_batch_size is not None and self.effective_batch_size % self.batch_size:
-            raise ValueError(
-                f"effective_batch_size ({self.effective_batch_size}) must be a multiple of "
-                f"batch_size ({self.batch_size})"
-            )
-        return self
-
-    @property
-    def samples_per_step(self) -> int:
-        return self.effective_batch_size or self.batch_size
-
-    @property
-    def grad_accum_steps(self) -> int:
-        return self.samples_per_step // self.batch_size
+    log_every_n_grad_steps: Count = 20
 
 
 class TrainLMConfig(_Frozen):
     """A language model trained from scratch; the original library's `tiny_gpt2_lm.yaml` schema
     plus `train_data` / `eval_data` / `save_dir` / `device`."""
 
-    seed: int = 0
-    name: str
+    seed: Seed = 0
+    name: PathComponent
+    """The model's folder under save_dir: one folder name."""
     tlens_config: dict[str, Any]
     """HookedTransformerConfig fields + `tokenizer_name`; `d_vocab` defaults to the tokenizer's."""
     train: LMTrainSettings
@@ -111,8 +91,6 @@ class TrainLMConfig(_Frozen):
 
     @model_validator(mode="after")
     def _check(self) -> TrainLMConfig:
-        if not self.name or "/" in self.name or self.name in (".", ".."):
-            raise ValueError("name must be a plain folder name (it is created under save_dir)")
         if "n_ctx" not in self.tlens_config:
             raise ValueError("tlens_config.n_ctx is required")
         for key, data in (("train_data", self.train_data), ("eval_data", self.eval_data)):
@@ -188,18 +166,6 @@ def unigram_log_probs(train_tokens: Tensor, d_vocab: int) -> Tensor:
 def unigram_ce(log_probs: Tensor, windows: Tensor) -> float:
     """CE of a unigram model on the positions next_token_ce scores (tokens[:, 1:])."""
     return float(-log_probs[windows[:, 1:].reshape(-1)].mean())
-
-
-def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str, min_factor: float):
-    """Multiplier of the base lr before optimizer step `step` (0-based)."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    if schedule == "linear":
-        return 1 - (1 - min_factor) * progress
-    return min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 # ----------------------------------------------------------------------------- setup
@@ -310,10 +276,7 @@ def train_lm(
         lr=s.lr,
         betas=s.adam_betas,
     )
-    warmup = s.warmup_samples // s.samples_per_step
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda i: lr_factor(i, warmup, total_steps, s.lr_schedule, s.min_lr_factor)
-    )
+    scheduler = lr_schedule(optimizer, s, total_steps)
 
     out = config.out_dir
     out.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,5 @@
-"""`train`: set up a config's LM and SAEs (`setup`), check its inputs, open (or resume) its run
+"""`train`: set up a config's LM and SAEs (`setup`: the LM, the SAEs' init options and pretrained
+weights, the step plan, loss terms and optimizer), check its inputs, open (or resume) its run
 directory, and hand the run to the loop (`e2e_sae.training`)."""
 
 from __future__ import annotations
@@ -7,6 +8,8 @@ import dataclasses
 import itertools
 import logging
 import random
+import re
+import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -19,35 +22,44 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from e2e_sae.caches.teacher import TeacherCache, check_teacher_config
-from e2e_sae.config import Config, DatasetConfig
+from e2e_sae.config import MAX_NAME_BYTES, Config, DatasetConfig
 from e2e_sae.data import create_data_loader, data_errors
 from e2e_sae.errors import UserError
-from e2e_sae.eval.evaluate import EvalResult, eval_batches, eval_settings, evaluate
+from e2e_sae.eval.evaluate import EvalResult, eval_settings, eval_window_batches, evaluate
 from e2e_sae.interop.pretrained import load_pretrained_saes
-from e2e_sae.lm.names import check_after_first_sae
-from e2e_sae.lm.splice import SAETransformer, build_model, check_vocab, filter_names
+from e2e_sae.lm.runner import check_vocab
+from e2e_sae.lm.splice import SAETransformer
 from e2e_sae.objective.forward import StepPlan, make_plan
 from e2e_sae.objective.losses import build_loss_terms
+from e2e_sae.resources import check_memory
+from e2e_sae.runs.checkpoint import CONFIG_FILE, write_config
+from e2e_sae.runs.lock import RunLock
 from e2e_sae.saes import idle_aux_warnings
-from e2e_sae.training.distributed import SINGLE, Dist, broadcast_state, init_distributed, shutdown
-from e2e_sae.training.engine import Engine, TrainState, make_optimizer
-from e2e_sae.training.feeds import CacheFeed, LMFeed
-from e2e_sae.training.init import initialize_saes
-from e2e_sae.training.loop import Run, run_loop
-from e2e_sae.training.resume import (
-    Resume,
-    RunLock,
-    find_resume,
+from e2e_sae.saes.init import Center, center, init_decoder_bias_, tie_encoder_
+from e2e_sae.training.distributed import (
+    SINGLE,
+    Dist,
+    broadcast_state,
+    broadcast_str,
+    init_distributed,
     on_main,
-    prepare_run_dir,
-    restore_point,
+    shutdown,
 )
+from e2e_sae.training.engine import Engine, Resampling, TrainState, make_optimizer, n_grad_steps
+from e2e_sae.training.faults import write_faults
+from e2e_sae.training.feeds import CacheFeed, LMFeed
+from e2e_sae.training.find_run import Resume, find_resume
+from e2e_sae.training.loop import Run, run_loop
+from e2e_sae.training.resume import restore_point
 from e2e_sae.training.runlog import RunLogger
 
 logger = logging.getLogger(__name__)
 
 
-def set_seed(seed: int) -> None:
+def set_seed(seed: int | None) -> None:
+    """Seed Python's, NumPy's and torch's generators (nothing when `seed` is None)."""
+    if seed is None:
+        return
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -70,7 +82,18 @@ def get_run_name(config: Config) -> str:
     }
     for name, term in config.loss.enabled.items():
         parts.append(f"{short[name]}-{getattr(term, 'coeff', 0):g}")
-    return config.wandb_run_name_prefix + "_".join(parts)
+    return folder_name(config.wandb_run_name_prefix + "_".join(parts))
+
+
+def folder_name(name: str) -> str:
+    """A name made of config values as one folder name: separators and control characters become
+    '_', cut to MAX_NAME_BYTES bytes (a name the user gave is checked by the config instead)."""
+    name = re.sub(r"[/\\\x00-\x1f\x7f]", "_", name).lstrip(".") or "run"
+    return name.encode()[:MAX_NAME_BYTES].decode(errors="ignore")
+
+
+RESUME_COMMAND = "e2e-sae train CONFIG --resume"
+"""How a stopped `train` run continues (+ its run directory), in the messages that stop it."""
 
 
 def _stamp() -> str:
@@ -102,12 +125,18 @@ def make_run_dir(config: Config, run_dir: Path | None = None) -> Path:
 
 def create_locked_run_dir(config: Config, run_dir: Path | None = None) -> tuple[Path, RunLock]:
     """`make_run_dir`, then its lock (a given `run_dir` that a live run holds is refused)."""
+    new = run_dir is None or not run_dir.exists()
     run_dir = make_run_dir(config, run_dir)
-    return run_dir, RunLock(run_dir).acquire("save_dir")
+    try:
+        return run_dir, RunLock(run_dir).acquire("save_dir")
+    except UserError:
+        if new:  # (e.g. a full disk): no directory holding only a `.lock` is left
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
 
 
 @dataclass(kw_only=True)
-class Trainer(Engine):
+class Trainer(Engine[Config]):
     """An engine over the SAEs of an `SAETransformer`, whose LM evaluates them and, with the
     default `LMFeed`, computes their training activations (`fed_from_cache`: stored ones)."""
 
@@ -138,9 +167,7 @@ class Trainer(Engine):
         cfg = self.config
         if cfg.eval_data is None or not cfg.eval_n_samples:
             return None
-        # the windows `e2e-sae eval` scans by default: eval_n_samples of them, in its order
-        n = cfg.eval_n_samples
-        batches, n_batches = eval_batches(cfg.eval_data, cfg.batch_size, n, cfg.seed)
+        batches, n_batches, n = self.eval_batches()
         self.model.eval()
         with tqdm(
             total=n_batches, desc=desc, unit="batch", leave=False, disable=not progress
@@ -151,13 +178,23 @@ class Trainer(Engine):
         result.settings = eval_settings(cfg.eval_data, n, cfg.batch_size, cfg.seed, None)
         return result
 
+    def eval_batches(self) -> tuple[Iterator[Tensor], int, int]:
+        """The evaluation's batches, their number and the windows they hold: `eval_n_samples`
+        windows of the eval set, each once (a set too small for them is a UserError), the
+        windows and order `e2e-sae eval` takes by default."""
+        cfg = self.config
+        assert cfg.eval_data is not None and cfg.eval_n_samples
+        asked = f"eval_n_samples: {cfg.eval_n_samples} windows"
+        n = cfg.eval_n_samples
+        return eval_window_batches(cfg.eval_data, cfg.batch_size, n, cfg.seed, asked)
+
     def check_eval_data(self) -> None:
         """Load the first eval batch now, so a bad eval dataset fails before anything is written."""
         cfg = self.config
         if cfg.eval_data is not None and cfg.eval_n_samples:
             with data_errors("eval_data"):
-                first = next(eval_batches(cfg.eval_data, cfg.batch_size, 1, cfg.seed)[0])
-            check_vocab(self.model, first, "eval_data")
+                first = next(self.eval_batches()[0])
+            check_vocab(self.model.lm, first, "eval_data")
 
 
 def open_teacher_cache(config: Config) -> Any:
@@ -171,8 +208,7 @@ def setup(
 ) -> Trainer:
     """Load the LM, build the SAEs, and prepare optimizer and schedule (no files written)."""
     set_seed(config.seed)
-    model = build_model(config, device=device)
-    check_in_to_orig(model, config)
+    model = SAETransformer.from_config(config, device=device)
     if config.n_samples is not None and config.n_samples < (
         global_batch := (config.effective_batch_size or config.batch_size) * dist.world_size
     ):
@@ -185,7 +221,7 @@ def setup(
         sample = None
         if s.init_b_dec != "zeros":  # a small data sample: the first training batch
             sample = next(create_data_loader(config.train_data, config.batch_size, config.seed))
-            check_vocab(model, sample, "train_data")
+            check_vocab(model.lm, sample, "train_data")
         initialize_saes(model, sample, tied=s.tied_init, b_dec=s.init_b_dec)
     frozen: set[str] = set()
     if config.saes.pretrained_sae_paths:
@@ -199,14 +235,29 @@ def setup(
         logger.warning(line)
     if not trainable:
         raise UserError("saes.retrain_saes: every SAE is frozen, so nothing would train")
+    params = [p for q in trainable for p in model.sae(q).parameters()]
+    n_bytes = sum(p.numel() * p.element_size() for p in params)
+    check_memory(  # (allocated at the first step; the weights themselves are checked at build)
+        3 * n_bytes,
+        next(model.saes.parameters()).device,
+        "saes.dict_size_to_input_ratio",
+        "the trained SAEs' gradients and Adam moments",
+    )
     broadcast_state(model.saes, dist)  # every rank starts from rank 0's SAEs, as DDP does
     plan = make_plan(model, config.loss, precision=config.precision)
     if config.teacher_cache is not None:
         plan = dataclasses.replace(plan, teacher=open_teacher_cache(config))
     loss_terms = build_loss_terms(config.loss, plan.new_cache, config.kl_chunk_tokens)
-    optimizer, scheduler = make_optimizer(config, model.saes, dist.world_size)
+    steps = n_grad_steps(config, dist.world_size)
+    optimizer, scheduler = make_optimizer(config, model.saes, steps, dist.world_size)
     dev = next(model.saes.parameters()).device
     eval_plan = make_plan(model, config.loss, force_full_pass=True)
+    every = config.saes.resample_every_n_samples
+    resampling = None
+    if every is not None:
+        resampling = Resampling(
+            every, config.n_samples or 0, config.act_frequency_n_tokens, config.seed
+        )
     return Trainer(
         config,
         model.saes,
@@ -216,6 +267,8 @@ def setup(
         scheduler,
         dev,
         dist=dist,
+        precision=config.precision,
+        resampling=resampling,
         model=model,
         plan=plan,
         eval_plan=eval_plan,
@@ -223,18 +276,26 @@ def setup(
     )
 
 
-def check_in_to_orig(model: SAETransformer, config: Config) -> None:
-    """`in_to_orig` hooks must run after the first SAE's output: before it (or at it) the spliced
-    run equals the clean one, and the term would be 0 at every step."""
-    term = config.loss.in_to_orig
-    if term is None:
+@torch.no_grad()
+def initialize_saes(
+    model: SAETransformer, tokens: Tensor | None, *, tied: bool, b_dec: Center
+) -> None:
+    """Apply the init options to every SAE of `model`; `tokens` [batch, pos] is the data sample
+    (needed unless b_dec is "zeros"). Tying happens first, so the bias shift uses the tied W_enc."""
+    if tied:
+        for pos in model.sae_positions:
+            tie_encoder_(model.sae(pos), pos)
+    if b_dec == "zeros":
         return
-
-    field = "loss.in_to_orig.hook_positions"
-    hooks = filter_names(model.all_hook_names, term.hook_positions, field)
-    outputs = [model.sites[p].output_hook for p in model.sae_positions]
-    order = list(model.hook_shapes([*outputs, *hooks]))  # in the order the forward pass runs
-    check_after_first_sae(order, outputs, hooks, field)
+    if tokens is None:
+        raise ValueError("initialize_saes: init_b_dec needs a data sample")
+    hooks = sorted({h for s in model.sites.values() for h in s.hooks})
+    device = next(model.saes.parameters()).device
+    _, acts = model.forward_raw(tokens.to(device), run_entire_model=False, cache_positions=hooks)
+    for pos, site in model.sites.items():
+        out_c = center(acts[site.output_hook], b_dec)
+        in_c = center(acts[site.input_hook], b_dec) if site.is_transcoder else out_c
+        init_decoder_bias_(model.sae(pos), out_c, in_c)
 
 
 def train(
@@ -258,10 +319,13 @@ def train(
         with data_errors("train_data"):
             batches = t.batches(config.train_data, config.seed, start=state.batches, shard=True)
             first = next(batches)
-        check_vocab(t.model, first, "train_data")
+        check_vocab(t.model.lm, first, "train_data")
         t.check_eval_data()
-        run = open_run(t, state, found, run_dir, locks, on_eval)
-        run_loop([run], itertools.chain([first], batches), first.shape[1], progress)
+        dirs = [found.run_dir] if found is not None else [run_dir] if run_dir is not None else []
+        with write_faults(dirs, RESUME_COMMAND):
+            run = open_run(t, state, found, run_dir, locks, on_eval)
+            dirs.append(run.run_dir)
+            run_loop([run], itertools.chain([first], batches), first.shape[1], progress)
         shutdown(d)
         return run.run_dir
     finally:
@@ -297,6 +361,7 @@ def open_run(
     """The run's directory (a new locked one, or the resumed one) with its config written, and
     its metrics logger: the first writes, once every input has been checked."""
     d = t.dist
+    new = found is None and (run_dir is None or not run_dir.exists())
     if found is not None:
         run_dir = found.run_dir
     else:
@@ -304,7 +369,23 @@ def open_run(
         if made is not None:
             run_dir = made[0]
             locks.append(made[1])
-    run_dir = prepare_run_dir(t.config, run_dir, found, d)
+    try:
+        if d.is_main:
+            assert run_dir is not None
+            write_config(run_dir, t.config)
+            if found is not None:
+                found.tidy()
+    except OSError as err:
+        if not new or run_dir is None:
+            raise  # (a resumed run or a given folder: `write_faults` says what happened)
+        shutil.rmtree(run_dir, ignore_errors=True)  # made just now, empty but for its lock
+        raise UserError(
+            f"save_dir: cannot write the run's {CONFIG_FILE} into {run_dir.parent} "
+            f"({err.strerror}); no run directory was left"
+        ) from None
+    path = broadcast_str(str(run_dir) if run_dir is not None else None, d)  # for every rank
+    assert path is not None
+    run_dir = Path(path)
     return Run(t, state, run_dir, RunLogger(run_dir, t.config, enabled=d.is_main), on_eval)
 
 

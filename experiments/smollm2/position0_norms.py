@@ -11,13 +11,13 @@ import torch
 
 from e2e_sae.config import Config, load_config
 from e2e_sae.data import load_windows
-from e2e_sae.lm.splice import build_model
+from e2e_sae.lm.splice import SAETransformer
 
 HOOK = "blocks.15.hook_resid_pre"
 torch.set_num_threads(1)
 cfg = load_config(Path(__file__).resolve().parent / "runs" / "e2e_c12" / "final_config.yaml")
 assert isinstance(cfg, Config) and cfg.eval_data is not None
-model = build_model(cfg, device="cpu")
+model = SAETransformer.from_config(cfg, device="cpu")
 tokens = load_windows(cfg.eval_data).tokens[:16]
 _, cache = model.run_until(tokens, [HOOK])
 x = cache[HOOK]

@@ -1,4 +1,5 @@
-"""`e2e-sae convert`: rewrite a run directory of the original e2e_sae 2.1.1 as one of ours."""
+"""`e2e-sae convert RUN_DIR OUT`: rewrite a run directory of the original e2e_sae 2.1.1 as one of
+ours."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""SAE checkpoints as safetensors (never pickle), atomic writes, and rebuilding a run directory.
+"""SAE checkpoints as safetensors (never pickle), atomic writes, and reading them back.
 
 Layout of a run directory:
   final_config.yaml          the resolved config
@@ -6,7 +6,7 @@ Layout of a run directory:
   metrics.jsonl              one JSON object per log / eval step
 
 Loading also reads run directories of the original e2e_sae 2.1.1 (`samples_<N>.pt`, its
-`final_config.yaml`), through `e2e_sae.compat.original`.
+`final_config.yaml`), through `e2e_sae.runs.original`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import json
 import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -24,23 +25,20 @@ import torch
 import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from torch import Tensor, nn
+from torch import Tensor
 
-from e2e_sae.compat.original import read_pt_state_dict
 from e2e_sae.config import Config, config_to_yaml_dict
 from e2e_sae.errors import DamagedFileError, UserError
-from e2e_sae.lm.names import sae_key
-from e2e_sae.saes import SAEBase
+from e2e_sae.runs.original import read_pt_state_dict
+from e2e_sae.saes import SAEDict, sae_key
 
 
 class SAETransformer(Protocol):
     """The part of `lm.splice.SAETransformer` whose SAEs a checkpoint holds."""
 
-    saes: nn.ModuleDict
+    saes: SAEDict
     sae_positions: list[str]
     architecture: str
-
-    def sae(self, position: str) -> SAEBase: ...
 
 
 logger = logging.getLogger(__name__)
@@ -66,18 +64,46 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file, flush + fsync, then rename over `path`."""
+_TMP_RE = re.compile(r"^\..+\.tmp\d+$")
+"""Temp files of the atomic writes below: `.<name>.tmp<pid>`."""
+
+
+@contextmanager
+def _replacing(path: Path) -> Iterator[Path]:
+    """The temp file to write `path`'s new contents to, renamed over `path` when the block ends
+    (then the folder is fsynced). On any failure (a full disk, a signal, ...) no temp file is left
+    behind, and an OSError without a file name names the temp file."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.filename is None:  # (write / fsync: say which file)
+            raise OSError(err.errno, err.strerror, str(tmp)) from None
+        raise
     fsync_dir(path.parent)
 
 
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temp file, flush + fsync, then rename over `path`."""
+    with _replacing(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def clean_stale_temp_files(run_dir: Path) -> None:
+    """Temp files of writes that a kill interrupted (never renamed, so never read)."""
+    for p in run_dir.iterdir():
+        if _TMP_RE.match(p.name):
+            p.unlink(missing_ok=True)
+
+
 DIGEST_KEY = "e2e_sae.sha256"
+OUR_METADATA = frozenset({"architecture", "sae_positions", "init_kwargs"})
+"""Metadata keys of the SAE checkpoints we write (with the checksum, always): a file that has them
+but no checksum is not trusted. Other safetensors files (no such keys) are read unchecked."""
 _FULL_DIGEST = "v2:"  # this prefix: the digest covers the metadata too (older files: tensors only)
 
 
@@ -100,15 +126,25 @@ def atomic_save_tensors(
 ) -> None:
     """Temp file + fsync + rename; the metadata gets a checksum over tensors and metadata that
     `read_tensors` verifies. Equal contents give byte-identical files."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     meta = {k: v for k, v in (metadata or {}).items() if k != DIGEST_KEY}
-    save_file(cpu, str(tmp), {**meta, DIGEST_KEY: tensor_digest(cpu, meta)})
-    _sort_header_metadata(tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    with _replacing(path) as tmp:
+        _save_file(cpu, tmp, {**meta, DIGEST_KEY: tensor_digest(cpu, meta)})
+        _sort_header_metadata(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+
+
+def _save_file(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """safetensors' `save_file`, whose I/O errors (a full disk, a file size limit) are raised as
+    the `OSError` they are, not as a `SafetensorError`."""
+    try:
+        save_file(tensors, str(path), metadata)
+    except SafetensorError as err:
+        code = re.search(r"os error (\d+)", str(err))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
 
 
 def _sort_header_metadata(path: Path) -> None:
@@ -140,7 +176,9 @@ def save_checkpoint(run_dir: Path, model: SAETransformer, n_samples: int) -> Pat
     path = run_dir / f"samples_{n_samples}.safetensors"
     meta = {"architecture": model.architecture, "sae_positions": json.dumps(model.sae_positions)}
     # constructor options per SAE (k, thresholds' bandwidth, ...), for readers without the config
-    meta["init_kwargs"] = json.dumps({p: model.sae(p).init_kwargs() for p in model.sae_positions})
+    meta["init_kwargs"] = json.dumps(
+        {p: model.saes.at(p).init_kwargs() for p in model.sae_positions}
+    )
     atomic_save_tensors(sae_state(model), path, meta)
     return path
 
@@ -183,6 +221,11 @@ def read_tensors(path: Path, what: str = "checkpoint") -> dict[str, Tensor]:
             f"{what}: {path} is not a readable safetensors file ({first})"
         ) from None
     digest = meta.pop(DIGEST_KEY, None)
+    if digest is None and any(k in OUR_METADATA or k.startswith("e2e_sae") for k in meta):
+        raise DamagedFileError(
+            f"{what}: {path} has no checksum ('{DIGEST_KEY}' is missing from a file e2e_sae "
+            "wrote, which always has one): it is damaged or was modified"
+        )
     full = digest is not None and digest.startswith(_FULL_DIGEST)
     if digest is not None and digest != tensor_digest(tensors, meta if full else None):
         raise DamagedFileError(f"{what}: {path} is corrupted or was modified (checksum mismatch)")
@@ -218,6 +261,7 @@ def load_sae_weights(
     already read). Every parameter must be there; missing buffers are allowed (see
     TRAINING_STAT_BUFFERS). Returns the positions loaded."""
     state = read_tensors(path) if state is None else state
+    check_architecture(model, path)
     loaded: list[str] = []
 
     wanted = positions if positions is not None else model.sae_positions
@@ -228,7 +272,7 @@ def load_sae_weights(
             if strict:
                 raise UserError(f"checkpoint {path}: no weights for SAE at '{pos}'")
             continue
-        target = model.sae(pos)
+        target = model.saes.at(pos)
         own = target.state_dict()
         for k, v in sub.items():
             if k in own and own[k].shape != v.shape:
@@ -240,12 +284,35 @@ def load_sae_weights(
         missing = sorted((set(own) - set(sub)) & params)
         if missing and strict:
             raise UserError(f"checkpoint {path}: SAE '{pos}' lacks {key}.{missing[0]}")
+        extra = sorted(set(sub) - set(own))
+        if extra:  # weights of another architecture (e.g. a gated SAE's in a relu config)
+            raise UserError(
+                f"checkpoint {path}: '{key}.{extra[0]}' is not a weight of the config's "
+                f"{model.architecture} SAE (the file holds another kind of SAE)"
+            )
         stats = {
             b: torch.zeros_like(own[b]) for b in TRAINING_STAT_BUFFERS if b in own and b not in sub
         }
         target.load_state_dict({**own, **stats, **sub}, strict=False)
         loaded.append(pos)
     return loaded
+
+
+def check_architecture(model: SAETransformer, path: Path) -> None:
+    """The SAEs a checkpoint of ours holds are of the architecture the config builds (a topk file
+    in a relu run would load its encoder and decoder and silently act as a relu SAE)."""
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return
+    try:
+        held = tensor_metadata(path).get("architecture")
+    except Exception:  # noqa: BLE001 - unreadable files are reported by read_tensors
+        return
+    if held is not None and held != model.architecture:
+        raise UserError(
+            f"checkpoint {path}: holds {held} SAEs, but the config builds {model.architecture} "
+            "SAEs (saes.architecture)"
+        )
 
 
 def tensor_metadata(path: Path) -> dict[str, Any]:

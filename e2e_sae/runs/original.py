@@ -33,7 +33,7 @@ from pydantic import BaseModel
 from torch import Tensor
 
 from e2e_sae.config import Config, parse_model, read_yaml
-from e2e_sae.errors import ConfigError, DamagedFileError, UserError
+from e2e_sae.errors import ConfigError, DamagedFileError, UserError, first_line
 
 if typing.TYPE_CHECKING:
     pass
@@ -57,11 +57,6 @@ OPTIONAL_LM_BUFFERS = ("mask", "IGNORE", "rotary_sin", "rotary_cos")
 
 
 # --- .pt state dicts -----------------------------------------------------------------------------
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:160] if text else type(err).__name__
-
-
 def _zip_damage(path: Path) -> str | None:
     """Why a zip-format `torch.save` file is damaged (a member failing its CRC32, a broken
     directory), or None. Non-zip files (legacy format, or truncated past recognition) are left to
@@ -72,7 +67,7 @@ def _zip_damage(path: Path) -> str | None:
         with zipfile.ZipFile(path) as z:
             bad = z.testzip()
     except (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError) as err:
-        return _first_line(err)
+        return first_line(err)
     return f"CRC mismatch in {bad}" if bad is not None else None
 
 
@@ -98,7 +93,7 @@ def read_pt_state_dict(path: str | os.PathLike[str], what: str = "checkpoint") -
             "tensor state dicts are read (torch.load weights_only=True)"
         ) from None
     except Exception as err:  # noqa: BLE001 - EOFError, OSError, RuntimeError from a broken file
-        raise DamagedFileError(f"{what}: {path} is damaged ({_first_line(err)})") from None
+        raise DamagedFileError(f"{what}: {path} is damaged ({first_line(err)})") from None
     if not isinstance(obj, Mapping) or not all(
         isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()
     ):
@@ -224,3 +219,21 @@ def original_lm_fields(pt: Path) -> dict[str, Any]:
             )
         fields["dtype"] = _DTYPES[dtype]
     return fields
+
+
+def read_original_lm(
+    path: str | os.PathLike[str],
+) -> tuple[Path, dict[str, Any], dict[str, Tensor]] | None:
+    """(the `epoch_<N>.pt` file, its HookedTransformerConfig fields, its weights without the
+    derived buffers) when `path` names one of the original's language models, else None."""
+    pt = original_lm_file(path)
+    if pt is None:
+        return None
+    if not pt.is_file():
+        raise UserError(f"tlens_model_path: file not found: {pt}")
+    fields = original_lm_fields(pt)
+    state = read_pt_state_dict(pt, "tlens_model_path")
+    # derived buffers (causal mask, ...): TransformerLens versions store them differently (TL 3
+    # keeps an empty mask and builds it on use), so the model's own are kept
+    state = {k: v for k, v in state.items() if k.rsplit(".", 1)[-1] not in OPTIONAL_LM_BUFFERS}
+    return pt, fields, state

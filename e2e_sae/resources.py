@@ -1,0 +1,124 @@
+"""What a job needs against what the machine has: memory on a device, space on a filesystem.
+
+Checks run before anything large is allocated or written and compare a lower bound of the need
+(e.g. the weights alone) with what is free now, so a refusal means the job cannot fit, never that
+it merely might not. A `ConfigError` names the config field that asked for the size.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from pathlib import Path
+
+from e2e_sae.errors import ConfigError, UserError
+
+
+def human_bytes(n: float) -> str:
+    """'1.5 GB' style (powers of 1000)."""
+    for unit in ("B", "KB", "MB", "GB", "TB", "PB", "EB"):
+        if abs(n) < 1000 or unit == "EB":
+            return f"{n:.3g} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def _meminfo() -> dict[str, int]:
+    out: dict[str, int] = {}
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                parts = rest.split()
+                if parts and parts[0].isdigit():
+                    out[key] = int(parts[0]) * 1024
+    except OSError:
+        pass
+    return out
+
+
+def _cgroup_room() -> int | None:
+    """Bytes this process's cgroup may still allocate (None without a limit)."""
+    for limit_file, usage_file in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        (
+            "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+            "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+        ),
+    ):
+        try:
+            limit = Path(limit_file).read_text().strip()
+            usage = int(Path(usage_file).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < 2**60:
+            return max(0, int(limit) - usage)
+    return None
+
+
+def available_memory(device: object = "cpu") -> int | None:
+    """Bytes that can be allocated on `device` now (None: unknown, e.g. `meta` or no /proc).
+
+    CPU: the kernel's MemAvailable plus free swap, capped by the cgroup's limit; CUDA: the free
+    memory `torch.cuda.mem_get_info` reports."""
+    kind = str(device).split(":")[0]
+    if kind == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        index = str(device).partition(":")[2]
+        free, _ = torch.cuda.mem_get_info(int(index) if index.isdigit() else None)
+        return int(free)
+    if kind != "cpu":
+        return None
+    info = _meminfo()
+    if "MemAvailable" not in info:
+        return None
+    room = info["MemAvailable"] + info.get("SwapFree", 0)
+    cgroup = _cgroup_room()
+    return room if cgroup is None else min(room, cgroup)
+
+
+def check_memory(n_bytes: float, device: object, field: str, what: str) -> None:
+    """ConfigError naming `field` when `n_bytes` (`what` needs them) exceed the free memory."""
+    free = available_memory(device)
+    if free is not None and n_bytes > free:
+        raise ConfigError(
+            f"{field}: {what} need {human_bytes(n_bytes)} of memory, more than the "
+            f"{human_bytes(free)} free on {device}"
+        )
+
+
+def free_disk(path: Path) -> int:
+    """Free bytes on the filesystem that holds `path` (or would: its nearest existing parent)."""
+    p = Path(path).expanduser().absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+def check_disk(n_bytes: float, path: Path, field: str, what: str, hint: str = "") -> None:
+    """UserError naming `field` when `n_bytes` (`what` needs them) exceed the free space there."""
+    free = free_disk(path)
+    if n_bytes > free:
+        raise UserError(
+            f"{field}: {what} need {human_bytes(n_bytes)} on disk, more than the "
+            f"{human_bytes(free)} free on the filesystem of {path}{hint}"
+        )
+
+
+def reserve(fd: int, n_bytes: int) -> None:
+    """Allocate `n_bytes` for an open file now, so that a full disk is an `OSError` (ENOSPC) here
+    rather than a SIGBUS later when a memory map of the file is written."""
+    if n_bytes <= 0:
+        return
+    fallocate = getattr(os, "posix_fallocate", None)  # (none on macOS / Windows)
+    if fallocate is None:
+        return
+    try:
+        fallocate(fd, 0, n_bytes)
+    except OSError as err:
+        if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # (a filesystem without it)
+            raise
