@@ -548,7 +548,7 @@ def test_plots_from_run_dirs(runs: dict[str, Path], tmp_path: Path) -> None:
         "| local relu λ=0.1, seed=0 | local | relu | λ=0.1 | 0 |" in (out / "runs.md").read_text()
     )
     geometry = (out / "dictionary_geometry.svg").read_text()
-    assert "other seed" in geometry and "local vs e2e" in geometry
+    assert "across seeds" in geometry and "e2e → local" in geometry
     assert [i.sae_type for i in infos] == ["local", "local", "e2e", "e2e+ds"]
 
 
