@@ -33,7 +33,7 @@ from e2e_sae.analysis.plots import (
 )
 from e2e_sae.cli import main
 from e2e_sae.config import Config, load_config
-from e2e_sae.errors import ConfigError
+from e2e_sae.errors import ConfigError, UserError
 from e2e_sae.eval.evaluate import (
     _SAEStats,
     evaluate,
@@ -1082,3 +1082,21 @@ def test_matryoshka_browser_shows_the_prefix_band(token_data: Path, tmp_path: Pa
     want = [8 if i < 8 else 24 if i < 24 else 64 for i in index["ids"]]
     assert index["prefix"] == want and len(set(want)) > 1
     assert "Matryoshka prefixes (first N latents): 8, 24, 64." in index["notes"]
+
+
+def test_unset_batchtopk_threshold_is_not_divergence() -> None:
+    from e2e_sae.eval.evaluate import check_finite_weights
+    from e2e_sae.saes import BatchTopKSAE
+
+    sae = BatchTopKSAE(4, 8, k=2)
+    assert torch.isnan(sae.threshold)  # no training batch yet
+    check_finite_weights(sae, "untrained")  # accepted: eval falls back to per-token TopK
+    with torch.no_grad():
+        sae.threshold.fill_(float("inf"))
+    with pytest.raises(UserError, match=r"non-finite weights \(saes.threshold\)"):
+        check_finite_weights(sae, "x")
+    with torch.no_grad():
+        sae.threshold.fill_(float("nan"))
+        next(sae.parameters()).view(-1)[0] = float("nan")
+    with pytest.raises(UserError, match="non-finite weights"):
+        check_finite_weights(sae, "x")

@@ -456,12 +456,16 @@ def eval_request(config: Config, n_tokens: int | None) -> str | None:
 
 def check_finite_weights(saes: torch.nn.Module, where: object) -> None:
     """Refuse SAEs (`model.saes`, or one SAE) holding NaN / inf, as a diverged run leaves them:
-    their metrics, exports and feature pages would be meaningless."""
+    their metrics, exports and feature pages would be meaningless. An all-NaN `threshold` is
+    BatchTopK's unset threshold (no training batch yet; eval uses per-token TopK), not divergence."""
     for name, t in saes.state_dict().items():
-        if t.is_floating_point() and not bool(t.isfinite().all()):
-            raise UserError(
-                f"{where}: the checkpoint holds non-finite weights (saes.{name}); the run diverged"
-            )
+        if not t.is_floating_point() or bool(t.isfinite().all()):
+            continue
+        if name.rsplit(".", 1)[-1] == "threshold" and bool(t.isnan().all()):
+            continue
+        raise UserError(
+            f"{where}: the checkpoint holds non-finite weights (saes.{name}); the run diverged"
+        )
 
 
 def eval_dataset(
