@@ -457,7 +457,8 @@ def eval_request(config: Config, n_tokens: int | None) -> str | None:
 def check_finite_weights(saes: torch.nn.Module, where: object) -> None:
     """Refuse SAEs (`model.saes`, or one SAE) holding NaN / inf, as a diverged run leaves them:
     their metrics, exports and feature pages would be meaningless. An all-NaN `threshold` is
-    BatchTopK's unset threshold (no training batch yet; eval uses per-token TopK), not divergence."""
+    BatchTopK's unset threshold (no training batch yet; eval uses per-token TopK), not a
+    divergence."""
     for name, t in saes.state_dict().items():
         if not t.is_floating_point() or bool(t.isfinite().all()):
             continue
