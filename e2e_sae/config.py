@@ -363,6 +363,12 @@ class Config(OptimizerConfig):
                 return
 
     @property
+    def train_tokens(self) -> int:
+        """Training tokens of the run: n_samples windows of train_data.n_ctx tokens."""
+        assert self.n_samples is not None
+        return self.n_samples * self.train_data.n_ctx
+
+    @property
     def n_grad_steps(self) -> int:
         assert self.n_samples is not None
         return max(1, self.n_samples // self.samples_per_step)
@@ -575,3 +581,12 @@ def load_config(path_or_dict: str | Path | dict[str, Any], config_model: type[Ba
 def config_to_yaml_dict(config: BaseModel) -> dict[str, Any]:
     """A plain dict (paths as strings) that `load_config` reads back to an equal config."""
     return config.model_dump(mode="json")
+
+
+DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
+"""The packaged demo config (`e2e-sae demo`; a copy is configs/demo.yaml in the repository)."""
+
+
+def demo_config() -> dict[str, Any]:
+    """The demo config as a plain dict: change any field, then `load_config` it."""
+    return dict(read_yaml(DEMO_CONFIG))

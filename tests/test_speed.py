@@ -119,7 +119,7 @@ def test_dry_run_says_what_auto_chooses(config_dict, tmp_path: Path, monkeypatch
     assert main(["train", str(path), "--dry-run", "--device", "cpu"]) == 0
     captured = capsys.readouterr()
     assert "precision: auto" in captured.out
-    assert "# precision: auto -> bf16 on cpu" in captured.err
+    assert "# precision: auto -> bf16 on cpu" in captured.out
 
 
 # --- a loop that does not wait on the host --------------------------------------------------------

@@ -193,6 +193,17 @@ class SAEBase(nn.Module):
         """Constructor arguments beyond sizes, stored with checkpoints."""
         return {}
 
+    @classmethod
+    def run_defaults(cls, run_tokens: int | None) -> dict[str, Any]:
+        """Defaults of constructor arguments that depend on the run's length in training tokens
+        (None: unknown); `architecture_kwargs` override them."""
+        return {}
+
+    def idle_aux_losses(self, run_tokens: int) -> list[str]:
+        """Why an auxiliary loss of this SAE can never act in a run of `run_tokens` training
+        tokens (one line each; empty when every one can)."""
+        return []
+
     @torch.no_grad()
     def center_input_(self, center: Tensor) -> None:
         """Shift the encoder's biases so that it sees x - center [d_in] (data-centred init)."""
@@ -252,7 +263,23 @@ class SAEBase(nn.Module):
 
 class SAEDict(nn.ModuleDict):
     """A model's SAEs, each stored under `sae_key(position)` (so the state dict keys are the
-    original library's); `at(position)` is the one way to get the SAE at a hook."""
+    original library's: `blocks-2-hook_resid_pre`); `at(position)` is the one way to get the SAE
+    at a hook. Indexing and `in` take the hook name too (`saes["blocks.2.hook_resid_pre"]`)."""
+
+    def __getitem__(self, key: str) -> nn.Module:
+        try:
+            return super().__getitem__(sae_key(key))
+        except KeyError:
+            have = ", ".join(k.replace("-", ".") for k in self.keys())
+            raise KeyError(
+                f"no SAE at '{key}' (SAEs at: {have}); see model.sae(position)"
+            ) from None
+
+    def __setitem__(self, key: str, module: nn.Module) -> None:
+        super().__setitem__(sae_key(key), module)
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and super().__contains__(sae_key(key))
 
     def at(self, position: str) -> SAEBase:
         sae = self[sae_key(position)]

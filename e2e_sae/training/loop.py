@@ -16,6 +16,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from types import FrameType
 from typing import Any, Protocol
@@ -71,6 +72,8 @@ class Run:
     values: dict[str, float] = field(default_factory=dict)
     eval: EvalResult | None = None
     error: NumericalError | None = None
+    eval_seconds: float = 0.0
+    """Wall time spent in this run's evaluations (left out of the training speed and ETA)."""
     saved_at: int = -1
     """n_samples of the last checkpoint written (a signal on a save step writes it once)."""
 
@@ -144,6 +147,11 @@ def run_loop(
     t0 = time.perf_counter()
     start = {id(r): r.state.n_samples for r in runs}
     rate = TokenRate(now=t0)
+
+    def evals() -> float:
+        return sum(r.eval_seconds for r in runs)
+
+    paused = evals()
     stop = StopOnSignal().install()
     try:
         for r in runs:
@@ -152,7 +160,13 @@ def run_loop(
         while active := [r for r in runs if r.active]:
             micro = [next(batches) for _ in range(accum)]
             for r in active:
-                step_run(r, micro, progress, lambda r=r: _rate(r, start[id(r)], n_ctx, t0), stop)
+                step_run(
+                    r, micro, progress, partial(_rate, r, start[id(r)], n_ctx, t0, evals), stop
+                )
+            if (dt := evals() - paused) > 0:  # speed and ETA are of training, not evaluation
+                paused += dt
+                pause_bar(bar, dt)
+                rate.pause(dt)
             loss = next((r.values["loss"] for r in active if "loss" in r.values), float("nan"))
             speed = format_rate(rate.update(bs * n_ctx))
             bar.set_postfix_str(f"loss={loss:.4g}, {speed}", refresh=False)
@@ -180,10 +194,20 @@ def run_loop(
         raise errors[0]
 
 
-def _rate(r: Run, n0: int, n_ctx: int, t0: float) -> float:
-    """Training tokens per second of `r` since the loop started (`n0`: its samples then)."""
-    elapsed = time.perf_counter() - t0
+def _rate(r: Run, n0: int, n_ctx: int, t0: float, evals: Callable[[], float]) -> float:
+    """Training tokens per second of `r` since the loop started (`n0`: its samples then), not
+    counting the `evals()` seconds spent evaluating."""
+    elapsed = time.perf_counter() - t0 - evals()
     return (r.state.n_samples - n0) * n_ctx / elapsed if elapsed > 0 else 0.0
+
+
+def pause_bar(bar: Any, seconds: float) -> None:
+    """Leave `seconds` just spent elsewhere (an evaluation, which has its own bar) out of a tqdm
+    bar's elapsed time, rate and ETA: as if its clock had stopped for them."""
+    if getattr(bar, "disable", True):
+        return
+    bar.start_t += seconds
+    bar.last_print_t += seconds
 
 
 def step_run(
@@ -257,7 +281,9 @@ def log_eval(r: Run, progress: bool = False, desc: str = "eval") -> None:
     t, state = r.trainer, r.state
     if not t.dist.is_main:
         return
+    t0 = time.perf_counter()
     result = t.run_eval(progress=progress, desc=desc)
+    r.eval_seconds += time.perf_counter() - t0
     if result is None:
         return
     r.eval = result
@@ -306,6 +332,10 @@ class TokenRate:
         self.marks: deque[tuple[float, int]] = deque(
             [(time.perf_counter() if now is None else now, 0)]
         )
+
+    def pause(self, seconds: float) -> None:
+        """Leave `seconds` just spent on something else out of the rate (shift the marks)."""
+        self.marks = deque((t + seconds, n) for t, n in self.marks)
 
     def update(self, n_tokens: int, now: float | None = None) -> float:
         """Add `n_tokens` just processed; returns the current rate (tokens/s)."""

@@ -23,9 +23,9 @@ from tqdm.auto import tqdm
 
 from e2e_sae.caches.teacher import TeacherCache, check_teacher_config
 from e2e_sae.config import MAX_NAME_BYTES, Config, DatasetConfig
-from e2e_sae.data import create_data_loader, data_errors, eval_batches
+from e2e_sae.data import create_data_loader, data_errors
 from e2e_sae.errors import UserError
-from e2e_sae.eval.evaluate import EvalResult, evaluate
+from e2e_sae.eval.evaluate import EvalResult, eval_settings, eval_window_batches, evaluate
 from e2e_sae.interop.pretrained import load_pretrained_saes
 from e2e_sae.lm.runner import LeanRunner, check_vocab
 from e2e_sae.lm.splice import SAETransformer
@@ -34,7 +34,7 @@ from e2e_sae.objective.losses import build_loss_terms
 from e2e_sae.resources import bf16_is_fast, check_memory
 from e2e_sae.runs.checkpoint import CONFIG_FILE, write_config
 from e2e_sae.runs.lock import RunLock
-from e2e_sae.saes import TopKSAE
+from e2e_sae.saes import TopKSAE, idle_aux_warnings
 from e2e_sae.saes.init import Center, center, init_decoder_bias_, tie_encoder_
 from e2e_sae.training.distributed import (
     SINGLE,
@@ -167,24 +167,26 @@ class Trainer(Engine[Config]):
         cfg = self.config
         if cfg.eval_data is None or not cfg.eval_n_samples:
             return None
-        batches, n_batches = self.eval_batches()
+        batches, n_batches, n = self.eval_batches()
         self.model.eval()
         with tqdm(
             total=n_batches, desc=desc, unit="batch", leave=False, disable=not progress
         ) as bar:
-            return evaluate(
+            result = evaluate(
                 self.model, _counted(batches, bar), n_batches, self.eval_plan, self.loss_terms
             )
+        result.settings = eval_settings(cfg.eval_data, n, cfg.batch_size, cfg.seed, None)
+        return result
 
-    def eval_batches(self) -> tuple[Iterator[Tensor], int]:
-        """The evaluation's batches and their number (`eval_n_samples` windows of the eval set,
-        each once: a set too small for them is a UserError)."""
+    def eval_batches(self) -> tuple[Iterator[Tensor], int, int]:
+        """The evaluation's batches, their number and the windows they hold: `eval_n_samples`
+        windows of the eval set, each once (a set too small for them is a UserError), the
+        windows and order `e2e-sae eval` takes by default."""
         cfg = self.config
         assert cfg.eval_data is not None and cfg.eval_n_samples
-        n_batches = max(1, cfg.eval_n_samples // cfg.batch_size)
-        seed = cfg.seed + 42  # a different order from training, as in the original
         asked = f"eval_n_samples: {cfg.eval_n_samples} windows"
-        return eval_batches(cfg.eval_data, cfg.batch_size, seed, n_batches, asked)
+        n = cfg.eval_n_samples
+        return eval_window_batches(cfg.eval_data, cfg.batch_size, n, cfg.seed, asked)
 
     def check_eval_data(self) -> None:
         """Load the first eval batch now, so a bad eval dataset fails before anything is written."""
@@ -232,6 +234,8 @@ def setup(
     for pos in frozen:
         model.sae(pos).requires_grad_(False)
     trainable = [p for p in model.sae_positions if p not in frozen]
+    for line in idle_aux_warnings(config, {p: model.sae(p) for p in trainable}):
+        logger.warning(line)
     if not trainable:
         raise UserError("saes.retrain_saes: every SAE is frozen, so nothing would train")
     params = [p for q in trainable for p in model.sae(q).parameters()]
