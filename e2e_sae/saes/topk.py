@@ -165,22 +165,24 @@ class TopKSAE(SAEBase):
         z_aux keeps each token's k_aux largest dead pre-activations (ReLU'd), computed from the
         detached input. Gradients reach only the dead latents' encoder rows, encoder biases and
         decoder columns: nothing upstream (the LM, earlier SAEs) and no live latent.
+
+        The dead set stays a mask on the device (live latents' pre-activations are -inf, so they
+        are never picked, and ReLU sends any -inf that fills a row short of k_aux dead latents to
+        0): selecting the dead latents by index would make the host wait for their count every
+        step. Zero when no latent is dead, decided on the device too.
         """
         zero = acts.output.new_zeros(())
         if self.aux_coeff == 0 or self.since_fired_bound() < self.dead_tokens_threshold:
             return {"auxk": zero}  # (no latent can be dead yet: decided without a read)
-        dead = self.dead_mask().nonzero().squeeze(-1)  # (a read: the dead set's size)
-        n_dead = dead.numel()
-        if n_dead == 0 or self.aux_coeff == 0:
-            return {"auxk": zero}
+        dead = self.dead_mask()
         target = acts.input if target is None else target
         residual = (target - acts.output).detach()
         enc = cast(nn.Linear, self.encoder[0])
-        pre = F.linear(acts.input.detach(), enc.weight[dead], enc.bias[dead])
-        values, idx = pre.topk(min(self.k_aux, n_dead), dim=-1, sorted=False)
+        pre = F.linear(acts.input.detach(), enc.weight, enc.bias).masked_fill(~dead, -torch.inf)
+        values, idx = pre.topk(min(self.k_aux, pre.shape[-1]), dim=-1, sorted=False)
         z = torch.zeros_like(pre).scatter(-1, idx, F.relu(values))
-        recon = F.linear(z, F.normalize(self.decoder.weight[:, dead], dim=0))
-        return {"auxk": self.aux_coeff * F.mse_loss(recon, residual)}
+        recon = F.linear(z, F.normalize(self.decoder.weight, dim=0))
+        return {"auxk": torch.where(dead.any(), self.aux_coeff * F.mse_loss(recon, residual), zero)}
 
     @classmethod
     def run_defaults(cls, run_tokens: int | None) -> dict[str, Any]:
