@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from e2e_sae.analysis.browser import FeatureData, quantile_bins
+from e2e_sae.analysis.browser import FeatureData, quantile_rows
 from e2e_sae.lm.splice import SAETransformer
 
 
@@ -148,9 +148,14 @@ def build_examples(
     top_seqs = {int(data.sequences[r, slot]) for r in range(k) if data.top_values[r, slot] > 0}
     if data.hist is not None and data.sample_seqs is not None and data.sample_windows is not None:
         assert data.sample_starts is not None
-        nb = data.hist.shape[1]
-        for b in quantile_bins(data.hist[slot : slot + 1])[0]:
-            cell = slot * nb + b
+        n_feat, nb = data.hist.shape
+        m = data.sample_seqs.numel() // (n_feat * nb)  # examples kept per bin
+        available = (data.sample_seqs.view(n_feat, nb, m)[slot : slot + 1] >= 0).sum(2)
+        cells = [
+            (slot * nb + b) * m + k
+            for _, b, k in quantile_rows(data.hist[slot : slot + 1], available)[0]
+        ]
+        for cell in dict.fromkeys(cells):  # the browser's quantile rows, each example once
             seq = int(data.sample_seqs[cell])
             # not a top sequence again: no repeat for the explainer, no held-out one shown
             if seq >= 0 and seq not in top_seqs:
