@@ -647,6 +647,8 @@ def test_paper_experiment_plans_matched_runs_with_different_seeds() -> None:
     assert kinds["e2e_ds_s2"] == (True, True)
     assert {c.saes.sae_positions[0] for c in cfgs.values()} == {mod.POSITION}
     assert len({c.n_samples for c in cfgs.values()}) == 1  # one budget for all
+    # autointerp: one run of each type, the local one first (the comparison's baseline)
+    assert [kinds[n] for n in mod.AUTOINTERP_RUNS] == [(False, False), (True, False), (True, True)]
 
 
 @pytest.mark.slow
@@ -655,4 +657,7 @@ def test_paper_experiment_quick_mode_end_to_end(tmp_path: Path) -> None:
     assert mod.main(["--quick", "--out", str(tmp_path)]) == 0
     index = (tmp_path / "results" / "index.md").read_text()
     assert "resample_ablation_kl.png" in index and "geometry_all_pairs.png" in index
+    assert "(autointerp_scores.png)" in index  # one feature per run of each type
+    cmp = json.loads((tmp_path / "results" / "autointerp_comparison.json").read_text())
+    assert [r["run"] for r in cmp["runs"]] == list(mod.AUTOINTERP_RUNS)
     assert json.loads((tmp_path / "results" / "timing.json").read_text())["total_wall_s"] > 0

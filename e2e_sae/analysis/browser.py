@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from e2e_sae.analysis.autointerp.store import explanations_for_run
 from e2e_sae.data.tokenizer import load_tokenizer
 from e2e_sae.errors import UserError
 from e2e_sae.eval.evaluate import (
@@ -735,6 +736,7 @@ def write_folder(
     notes: Sequence[str] = (),
     summary: str = "",
     ablation: Sequence[float | None] | None = None,
+    autointerp: dict[int, dict[str, Any]] | None = None,
     prefix: Sequence[int] | None = None,
 ) -> Path:
     """Write the browser folder `out`: index.html, data/index.js (one row per live feature: the
@@ -818,6 +820,9 @@ def write_folder(
                 qex.append([f"{q:.0%}", f"{lo}–{hi}", _r3(s_val[cell]), toks, acts, mark])
                 used.update(toks)
             f: dict[str, Any] = {"hist": hist[j], "top": top, "q": qex}
+            if autointerp and ids[j] in autointerp:
+                a = autointerp[ids[j]]
+                f["expl"] = [a["explanation"], a["simulation"], a["detection_auc"]]
             if effects is not None:
                 f["up"] = [[t, _r3(v)] for t, v in zip(up_ids[j], up_v[j], strict=True)]
                 f["down"] = [[t, _r3(v)] for t, v in zip(dn_ids[j], dn_v[j], strict=True)]
@@ -879,6 +884,16 @@ def write_folder(
                 "tokens where it fires; only for the most frequent features",
             }
         )
+    if autointerp:
+        columns.append(
+            {
+                "key": "autointerp",
+                "label": "autointerp",
+                "sort": True,
+                "title": "simulation score (Pearson r) of its autointerp explanation; "
+                "only for the features `e2e-sae autointerp` explained",
+            }
+        )
     columns.append({"key": "top_token", "label": "top token"})
     if effects is not None:
         columns.append({"key": "promoted", "label": "promotes"})
@@ -919,6 +934,9 @@ def write_folder(
     if effect is not None:
         index["effect"] = [effect[j] for j in alive]
         index["promoted"] = [[index_text[t] for t in up_ids[j][:3]] for j in alive]
+    if autointerp:
+        sims = [(autointerp.get(ids[j]) or {}).get("simulation") for j in alive]
+        index["autointerp"] = [None if v is None else _r3(v) for v in sims]
     (tmp / "data" / "index.js").write_text(js_call("registerIndex", index), encoding="utf-8")
     css = (_ASSETS / "app.css").read_text(encoding="utf-8")
     js = (_ASSETS / "app.js").read_text(encoding="utf-8")
@@ -1122,6 +1140,12 @@ def write_browser(
         notes.append(f"Matryoshka prefixes (first N latents): {widths}.")
     if effects is None:
         notes[3] = "Logit effect: not available (the SAE does not write to the residual size)."
+    interp = None if isinstance(run, SAETransformer) else explanations_for_run(run, position)
+    if interp:
+        notes.append(
+            f"Autointerp: {len(interp)} features explained (`e2e-sae autointerp`, "
+            "<run>/autointerp/); the column is the explanation's simulation score."
+        )
     return write_folder(
         fd,
         texts,
@@ -1135,6 +1159,7 @@ def write_browser(
         notes=notes,
         summary=summary,
         ablation=ablation if n_ablate > 0 else None,
+        autointerp=interp,
         prefix=prefix,
     )
 

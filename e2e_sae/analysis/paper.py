@@ -218,6 +218,8 @@ def write_index(
         md.append(f"> {n}")
         body.append(f"<p><em>{html.escape(n)}</em></p>")
     for title, arts in done:
+        if not arts:  # e.g. autointerp when no run has results (a note says so)
+            continue
         md += ["", f"## {title}", ""]
         body.append(f"<h2>{html.escape(title)}</h2>")
         for a in arts:

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 
 from e2e_sae.cli import (
     activations,
+    autointerp,
     browse,
     cache_acts,
     cache_teacher,
@@ -66,6 +67,7 @@ COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     activations.register,
     pretrained.register,
     browse.register,
+    autointerp.register,
     export.register,
     push.register,
     train_mlp.register,

@@ -1,5 +1,6 @@
 """`e2e-sae paper-figures RUN... --out DIR`: every figure and table of the paper's analyses for a
-set of runs (Pareto, downstream, dictionary geometry, activation analysis), with an index page."""
+set of runs (Pareto, downstream, dictionary geometry, activation analysis, and the autointerp
+comparison of runs that have autointerp results), with an index page."""
 
 from __future__ import annotations
 
@@ -38,7 +39,10 @@ def add_analysis_options(p: argparse.ArgumentParser, *, tokens: bool, umap: bool
 
 
 def cmd_paper_figures(args: argparse.Namespace) -> int:
+    from e2e_sae.analysis.autointerp.section import register
     from e2e_sae.analysis.paper import paper_figures
+
+    register()  # runs with autointerp results: their comparison joins the figures
 
     paths = paper_figures(
         args.run_dirs,

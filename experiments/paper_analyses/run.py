@@ -21,8 +21,12 @@ runs/ (gitignored); finished runs are skipped when the script is started again.
 `--quick` runs the pipeline on a random-weight model of the same shape with a few samples into a
 scratch folder (a minute or two), to check the script.
 
-Automated interpretability (issue 23, item 1) is not part of this run yet: its section goes where
-results.md says "Autointerp".
+Automated interpretability: before the figures it runs `e2e-sae autointerp`'s pipeline on
+AUTOINTERP_RUNS (one run per type) with the local SmolLM2-135M-Instruct as explainer and scorer,
+`--autointerp-features` features each (default 8; 0 skips it), into each run's autointerp/
+folder (resumable: finished features are kept), and `paper_figures` adds the comparison
+(autointerp_comparison.md, autointerp_scores.png). In `--quick` mode one feature per run with
+fewer examples, to check the path.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from e2e_sae.analysis.autointerp.section import register as register_autointerp
 from e2e_sae.analysis.paper import paper_figures
 from e2e_sae.config import Config, load_config
 from e2e_sae.eval.evaluate import EVAL_JSON, evaluate_run, write_eval
@@ -59,6 +64,10 @@ LOSSES: dict[str, dict[str, Any]] = {
 # (loss, seed): two seeds of local and e2e (cross-seed geometry; cross-type pairs of different
 # seeds), one e2e+ds run with a third seed (different from both).
 RUNS = (("local", 0), ("local", 1), ("e2e", 0), ("e2e", 1), ("e2e_ds", 2))
+# Autointerp costs minutes per feature on a CPU: one run of each type, local first (the baseline
+# of the comparison's differences).
+AUTOINTERP_RUNS = ("local_s0", "e2e_s0", "e2e_ds_s2")
+QUICK_AUTOINTERP = {"n_explain": 2, "n_score_top": 1, "n_random": 1, "n_nonactivating": 1}
 QUICK_MODEL = {
     "n_layers": 4,
     "d_model": 128,
@@ -113,12 +122,36 @@ def train_all(cfgs: dict[str, Config], runs_root: Path, device: str | None) -> d
     return minutes
 
 
+def autointerp(runs: list[Path], n_features: int, quick: bool, device: str | None) -> None:
+    """Explain and score `n_features` features of each run with the bundled SmolLM2 (results in
+    each run's autointerp/ folder, where `paper_figures`' autointerp section reads them)."""
+    from e2e_sae.analysis.autointerp.backends import LocalChat
+    from e2e_sae.analysis.autointerp.pipeline import make_settings, run_autointerp
+
+    chat = LocalChat.load(device=device)
+    settings = make_settings(n_features=n_features, **(QUICK_AUTOINTERP if quick else {}))
+    for run in runs:
+        res = run_autointerp(run, chat, settings=settings, device=device, progress=True)
+        s = res["summary"]
+        print(
+            f"{run.name}: autointerp of {res['n_features']} features: simulation "
+            f"{s['simulation']['mean']:.3f}, detection AUC {s['detection_auc']['mean']:.3f}",
+            flush=True,
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="random-weight model, a few samples")
     p.add_argument("--out", type=Path, default=None, help="folder for runs/ and results/")
     p.add_argument("--device", default=None)
     p.add_argument("--n-tokens", type=int, default=2048, help="tokens of the activation analysis")
+    p.add_argument(
+        "--autointerp-features",
+        type=int,
+        default=8,
+        help="autointerp: features per run of AUTOINTERP_RUNS (default 8; 0: none)",
+    )
     p.add_argument(
         "--only",
         default=None,
@@ -138,8 +171,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     minutes = train_all(cfgs, root / "runs", args.device)
     t_train = time.perf_counter() - t0
+    n_ai = min(args.autointerp_features, 1) if args.quick else args.autointerp_features
+    if n_ai > 0:
+        autointerp([root / "runs" / n for n in AUTOINTERP_RUNS], n_ai, args.quick, args.device)
+    t_autointerp = time.perf_counter() - t0 - t_train
     results = root / "results"
     shutil.rmtree(results, ignore_errors=True)
+    register_autointerp()
     paper_figures(
         [root / "runs" / n for n in cfgs],
         results,
@@ -149,7 +187,12 @@ def main(argv: list[str] | None = None) -> int:
         progress=True,
     )
     t_all = time.perf_counter() - t0
-    timing = {"train_minutes": minutes, "train_wall_s": t_train, "total_wall_s": t_all}
+    timing = {
+        "train_minutes": minutes,
+        "train_wall_s": t_train,
+        "autointerp_wall_s": t_autointerp,
+        "total_wall_s": t_all,
+    }
     (results / "timing.json").write_text(json.dumps(timing, indent=2))
     print(f"\nwrote {results} in {t_all / 60:.1f} min (training {t_train / 60:.1f} min)")
     print(f"index: {results / 'index.md'}")

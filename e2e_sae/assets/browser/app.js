@@ -238,6 +238,11 @@ function renderFeature(j, f, toks) {
     stats.push(`Matryoshka prefix: in the first ${w} latents (band ${lo}–${w - 1})`);
   }
   det.append(el("h2", {text: `feature ${d.ids[j]}`}), el("p", {class: "meta", text: stats.join(" · ")}));
+  if (f.expl) {
+    det.append(el("h3", {text: "explanation (autointerp)"}),
+      el("p", {class: "expl", text: f.expl[0] || "(empty)"}),
+      el("p", {class: "meta", text: `simulation score ${fmt(f.expl[1])} · detection AUC ${fmt(f.expl[2])}`}));
+  }
   det.append(el("h3", {text: "activation density"}), activationHistogram(f.hist, d.hist_edges, d.hist_bins_per_decade));
   if (f.up) {
     det.append(el("h3", {text: "logit effect (decoder direction through the unembedding)"}),
