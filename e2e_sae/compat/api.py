@@ -20,7 +20,6 @@ import yaml
 from pydantic import BaseModel
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
-from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
 from e2e_sae.config import load_config as load_ours
@@ -113,7 +112,7 @@ def filter_names(all_names: list[str], filter_names: list[str] | str) -> list[st
 
 
 @torch.no_grad()
-def get_hook_shapes(tlens_model: HookedTransformer, hook_names: list[str]) -> dict[str, list[int]]:
+def get_hook_shapes(tlens_model: Any, hook_names: list[str]) -> dict[str, list[int]]:
     """Activation shapes at `hook_names` for a one-token prompt ([1, 1, ...])."""
     shapes: dict[str, list[int]] = {}
 

@@ -4,7 +4,9 @@ The model is built from its HookedTransformerConfig on the meta device (no memor
 tokenizer), so its hook names are exactly those of the real run and the same `filter_names` rules
 apply. Hub models need their config from the Hugging Face Hub (or its cache); when it cannot be
 had, the hooks are not checked and `check_hooks` says why. Neither are they for `backend: bridge`
-(a TransformerBridge's hook names come from the loaded Hugging Face model).
+(a TransformerBridge's hook names come from the loaded Hugging Face model). On TransformerLens
+4.x our own models' hook names come from their native TransformerBridge built on the meta device;
+hub models and `smollm2-135m` are not checked there.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from e2e_sae.errors import ConfigError, UserError
 from e2e_sae.lm.gguf import smollm2_config
 from e2e_sae.lm.load import _CFG_KEYS, MODEL_CONFIG, builtin_model_dir, resolve_backend
 from e2e_sae.lm.sites import filter_names, resolve_sites
+from e2e_sae.lm.tl import HAS_HOOKED, TL_VERSION
 
 
 def model_config(config: Config) -> Any:
@@ -43,6 +46,9 @@ def model_config(config: Config) -> Any:
         name = config.tlens_model_name or config.hf_model_name
         assert name is not None
 
+        if not HAS_HOOKED and builtin_model_dir(name) is None:
+            raise UserError(f"TransformerLens {TL_VERSION} has the hook names of '{name}' only "
+                            "once the model is loaded")
         if is_gguf_model_name(name):
             return smollm2_config(device="meta")
         folder = builtin_model_dir(name)
@@ -59,6 +65,8 @@ def model_config(config: Config) -> Any:
     assert fields is not None
     fields = {k: v for k, v in fields.items() if k in _CFG_KEYS}
     fields.pop("tokenizer_name", None)
+    if not HAS_HOOKED:
+        return fields  # TransformerLens 4.x: the fields themselves (`hook_names`)
     try:
         return HookedTransformerConfig(**{**fields, "device": "meta"})
     except (TypeError, ValueError, AssertionError) as err:
@@ -67,6 +75,8 @@ def model_config(config: Config) -> Any:
 
 def hook_names(config: Config) -> list[str]:
     """The model's hook names in execution order, from its config alone."""
+    if not HAS_HOOKED:
+        return _native_hook_names(model_config(config))
     from transformer_lens import HookedTransformer
 
     cfg = dataclasses.replace(model_config(config), tokenizer_name=None, device="meta")
@@ -74,6 +84,21 @@ def hook_names(config: Config) -> list[str]:
     with warnings.catch_warnings(), torch.device("meta"):
         warnings.simplefilter("ignore")
         return list(HookedTransformer(cfg).hook_dict)
+
+
+def _native_hook_names(fields: dict[str, Any]) -> list[str]:
+    """TransformerLens 4.x: the hook names of the native TransformerBridge of these fields."""
+    import copy
+
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from e2e_sae.lm import native
+
+    cfg = native.bridge_config(native.resolved_fields(fields))
+    with warnings.catch_warnings(), torch.device("meta"):
+        warnings.simplefilter("ignore")
+        bridge = TransformerBridge.boot_native(copy.deepcopy(cfg))  # type: ignore[attr-defined]
+    return list(bridge.hook_dict)
 
 
 def check_hooks(config: Config, names: list[str] | None = None) -> str:

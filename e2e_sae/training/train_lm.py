@@ -30,8 +30,6 @@ from pydantic import (
 )
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
-
 from e2e_sae.config import (
     Count,
     DatasetConfig,
@@ -47,6 +45,7 @@ from e2e_sae.data.corpora import get_builtin_corpus
 from e2e_sae.data.tokenizer import load_tokenizer
 from e2e_sae.errors import ConfigError, UserError
 from e2e_sae.lm.load import build_random_model, default_device, save_tlens_model
+from e2e_sae.lm.tl import HookedTransformer
 from e2e_sae.training.engine import lr_schedule
 from e2e_sae.training.runlog import RunLogger
 from e2e_sae.wandb_utils import init_wandb
