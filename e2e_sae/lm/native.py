@@ -391,4 +391,9 @@ def build_bridge(
             f"lacks '{missing[0]}'" if missing else f"has an unexpected '{result.unexpected_keys[0]}'"
         )
         raise UserError(f"{what}: the weights do not fit the config ({problem})")
+    head: Any = bridge.unembed.original_component
+    if not isinstance(head.bias, torch.nn.Parameter):
+        # The native head is built without a bias and the bridge loads HookedTransformer's b_U as
+        # a plain tensor; as a parameter it trains (train-lm) as it does on HookedTransformer.
+        head.bias = torch.nn.Parameter(head.bias, requires_grad=True)
     return bridge.eval()
