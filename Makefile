@@ -1,11 +1,19 @@
 PY ?= python3.11
 # TL=4: a second environment, .venv-tl4, with TransformerLens 4.x (TransformerBridge only; SAELens
-# pins transformer-lens<4, so that extra is left out there). `make install TL=4`, `make test TL=4`.
+# pins transformer-lens<4, so that extra is left out there). `make install TL=4`, `make test TL=4`
+# (there: the tests of the LM layer and of what runs on it, TESTS below; `make test TL=4 TESTS=`
+# runs everything, the 3.x-only tests skipping or failing on HookedTransformer's absence).
 TL ?= 3
 ifeq ($(TL),4)
 VENV ?= .venv-tl4
 TL_SPEC ?= transformer-lens==4.3.0
 EXTRAS ?= dev
+TESTS ?= tests/test_tl_versions.py tests/test_tl4.py tests/test_core.py tests/test_runners.py \
+	tests/test_bridge.py tests/test_compat_original.py tests/test_compat_api.py \
+	tests/test_train_lm.py tests/test_demo.py tests/test_interop.py \
+	tests/test_reliability.py::test_signal_then_resume_is_bit_exact \
+	tests/test_eval_analysis.py::test_eval_cli_writes_eval_json \
+	tests/test_eval_analysis.py::test_browser_page_shows_the_features
 else
 VENV ?= .venv
 TL_SPEC ?= transformer-lens>=3.9,<4
@@ -32,7 +40,7 @@ install-dev: install
 	$(BIN)/pip install -q -e ".[dev,saelens,umap,wandb]"
 
 test:
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(TESTS)
 
 test-all:
 	$(BIN)/python -m pytest -q -m "slow or not slow"

@@ -116,13 +116,18 @@ def get_hook_shapes(tlens_model: Any, hook_names: list[str]) -> dict[str, list[i
     """Activation shapes at `hook_names` for a one-token prompt ([1, 1, ...])."""
     shapes: dict[str, list[int]] = {}
 
-    def record(x: Tensor, hook: HookPoint) -> None:
-        assert hook.name is not None
-        shapes[hook.name] = list(x.shape)
+    def record(name: str) -> Callable[[Tensor, HookPoint], None]:
+        def fn(x: Tensor, hook: HookPoint) -> None:
+            shapes[name] = list(x.shape)
 
+        return fn
+
+    # by the names asked for (a TransformerBridge's hook points carry its own names; the
+    # TransformerLens names are aliases of them); names the model lacks are left out
+    hook_dict = tlens_model.hook_dict
+    hooks = [(name, record(name)) for name in dict.fromkeys(hook_names) if name in hook_dict]
     tokens = torch.zeros(1, 1, dtype=torch.long, device=tlens_model.cfg.device)
-    wanted = set(hook_names)
-    tlens_model.run_with_hooks(tokens, return_type=None, fwd_hooks=[(wanted.__contains__, record)])
+    tlens_model.run_with_hooks(tokens, return_type=None, fwd_hooks=hooks)
     return shapes
 
 

@@ -28,9 +28,8 @@ from e2e_sae.lm.tl import HAS_HOOKED, TL_VERSION
 
 
 def model_config(config: Config) -> Any:
-    """The HookedTransformerConfig the run would load (raises UserError if it cannot be had)."""
-    from transformer_lens import HookedTransformerConfig
-
+    """The HookedTransformerConfig the run would load (raises UserError if it cannot be had;
+    on TransformerLens 4.x its fields)."""
     if resolve_backend(config) == "bridge":
         raise UserError("backend bridge: the TransformerBridge's hook names need the loaded model")
     fields: dict[str, Any] | None = None
@@ -47,8 +46,10 @@ def model_config(config: Config) -> Any:
         assert name is not None
 
         if not HAS_HOOKED and builtin_model_dir(name) is None:
-            raise UserError(f"TransformerLens {TL_VERSION} has the hook names of '{name}' only "
-                            "once the model is loaded")
+            raise UserError(
+                f"TransformerLens {TL_VERSION} has the hook names of '{name}' only "
+                "once the model is loaded"
+            )
         if is_gguf_model_name(name):
             return smollm2_config(device="meta")
         folder = builtin_model_dir(name)
@@ -67,6 +68,8 @@ def model_config(config: Config) -> Any:
     fields.pop("tokenizer_name", None)
     if not HAS_HOOKED:
         return fields  # TransformerLens 4.x: the fields themselves (`hook_names`)
+    from transformer_lens import HookedTransformerConfig
+
     try:
         return HookedTransformerConfig(**{**fields, "device": "meta"})
     except (TypeError, ValueError, AssertionError) as err:

@@ -275,13 +275,14 @@ def load_pretrained(
 
     if is_gguf_model_name(name):
         if not HAS_HOOKED:  # its HF model as it is: RMSNorm, so the residual is HT's too
-            return load_smollm2_bridge(device, None, n_devices)
+            smollm2: Any = load_smollm2_bridge(device, None, n_devices)
+            return smollm2
         return GGUF_MODELS[name.lower()](device=device or "cpu", n_devices=n_devices or 1)
     folder = builtin_model_dir(name)
     if folder is not None:
         return load_tlens_model_from_path(folder, device=device, n_devices=n_devices)
     if not HAS_HOOKED:  # HookedTransformer's weight processing, on TransformerLens 4.x
-        bridge = load_bridge(name, field, device, None, n_devices)
+        bridge: Any = load_bridge(name, field, device, None, n_devices)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             bridge.enable_compatibility_mode(disable_warnings=True)  # type: ignore[attr-defined]
@@ -350,7 +351,11 @@ def hooked_supports(name: str) -> bool:
     if HAS_HOOKED:
         from transformer_lens.loading_from_pretrained import get_official_model_name
     else:
-        from transformer_lens.supported_models import get_official_model_name
+        import importlib
+
+        get_official_model_name = importlib.import_module(
+            "transformer_lens.supported_models"
+        ).get_official_model_name
 
     try:
         get_official_model_name(name)

@@ -146,8 +146,10 @@ def resolved_fields(tlens_config: dict[str, Any]) -> dict[str, Any]:
                 raise _unsupported(key, value)
             continue
         if key == "attn_scale" and fields.get("use_attn_scale", True):
-            if value is not None and float(value) > 0 and not math.isclose(
-                float(value), math.sqrt(fields["d_head"])
+            if (
+                value is not None
+                and float(value) > 0
+                and not math.isclose(float(value), math.sqrt(fields["d_head"]))
             ):
                 raise _unsupported(key, value)
             continue
@@ -295,7 +297,9 @@ def _rotary_perm(fields: dict[str, Any]) -> Tensor | None:
 def to_native(state: dict[str, Tensor], fields: dict[str, Any], what: str) -> dict[str, Tensor]:
     """A HookedTransformer state dict as the native bridge's state dict (`what` names the source
     in errors)."""
-    from transformer_lens.utilities.tl_checkpoint_conversion import convert_tl_checkpoint
+    from transformer_lens.utilities.tl_checkpoint_conversion import (  # pyright: ignore[reportMissingImports]
+        convert_tl_checkpoint,
+    )
 
     state = {k: v for k, v in state.items() if not k.endswith(("rotary_sin", "rotary_cos"))}
     for name in list(state):
@@ -321,9 +325,8 @@ def to_native(state: dict[str, Tensor], fields: dict[str, Any], what: str) -> di
 
 def from_native(bridge: Any, fields: dict[str, Any]) -> dict[str, Tensor]:
     """The bridge's weights as the HookedTransformer state dict (what `to_native` reads)."""
-    h, dh = fields["n_heads"], fields["d_head"]
+    h = fields["n_heads"]
     n_kv = fields["n_key_value_heads"] or h
-    k = "_" if fields["n_key_value_heads"] is not None else ""
     perm = _rotary_perm(fields)
     inv = None if perm is None else torch.argsort(perm)
     own = {n: t.detach() for n, t in bridge.state_dict().items()}
@@ -358,7 +361,6 @@ def from_native(bridge: Any, fields: dict[str, Any]) -> dict[str, Tensor]:
             t = t[..., inv]
         out[name] = t.contiguous()
         assert tuple(out[name].shape) == shape, (name, out[name].shape, shape)
-    del k
     return out
 
 
@@ -388,7 +390,9 @@ def build_bridge(
     missing = [k for k in result.missing_keys if not k.endswith(("causal_mask", "_cached"))]
     if missing or result.unexpected_keys:
         problem = (
-            f"lacks '{missing[0]}'" if missing else f"has an unexpected '{result.unexpected_keys[0]}'"
+            f"lacks '{missing[0]}'"
+            if missing
+            else f"has an unexpected '{result.unexpected_keys[0]}'"
         )
         raise UserError(f"{what}: the weights do not fit the config ({problem})")
     head: Any = bridge.unembed.original_component

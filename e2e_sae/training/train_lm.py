@@ -35,6 +35,7 @@ from pydantic import (
 )
 from torch import Tensor
 from tqdm.auto import tqdm
+
 from e2e_sae.config import (
     Count,
     DatasetConfig,
