@@ -42,6 +42,19 @@ TINY_TLENS: dict[str, Any] = {
 }
 
 
+def hooked_state(fields: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """A random HookedTransformer's state dict for HookedTransformerConfig fields (on
+    TransformerLens 4.x the same draws, by `e2e_sae.lm.native`; tests/test_tl_versions.py checks
+    that the models agree)."""
+    if HAS_HOOKED:
+        from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+        return HookedTransformer(HookedTransformerConfig(**fields)).state_dict()
+    from e2e_sae.lm import native
+
+    return native.hooked_init(native.resolved_fields(fields))
+
+
 def assert_close_scaled(
     actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5, what: str = "values"
 ) -> None:

@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from conftest import hooked_state
 from safetensors.torch import load_file
 from torch import Tensor
 
@@ -73,16 +74,6 @@ def write_original_lm(folder: Path, dtype: str = "float32", epochs: int = 1) -> 
     }
     (folder / "final_config.yaml").write_text(yaml.dump(config))
     return folder / f"epoch_{epochs}.pt"
-
-
-def hooked_state(fields: dict[str, Any]) -> dict[str, Tensor]:
-    """A random HookedTransformer's state dict (on TransformerLens 4.x the same draws, by
-    `e2e_sae.lm.native`; tests/test_tl_versions.py checks they agree)."""
-    if HAS_HOOKED:
-        from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-        return HookedTransformer(HookedTransformerConfig(**fields)).state_dict()
-    return native.hooked_init(native.resolved_fields(fields))
 
 
 def original_sae_state(seed: int) -> dict[str, Tensor]:
