@@ -1,7 +1,9 @@
 """`e2e-sae eval RUN_DIR`: load a run, splice all its SAEs in, measure on held-out data.
 
 Writes RUN_DIR/eval.json (or --out) and, next to it, the per-latent firing frequencies
-(`eval.feature_frequency.safetensors`) that `e2e-sae plot` draws density histograms from.
+(`eval.feature_frequency.safetensors`) that `e2e-sae plot` draws density histograms from. The file
+records its settings (dataset, split, tokens, checkpoint, ...); one of other settings is replaced
+only with --overwrite.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
         device=args.device,
         progress=True,
     )
-    out = write_eval(result, out)
+    out = write_eval(result, out, overwrite=args.overwrite)
     print(eval_table(result))
     if result.downstream:
         print("\ndownstream reconstruction (SAE-spliced vs clean run)")
@@ -51,6 +53,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--batch-size", type=int, default=None)
     e.add_argument(
         "--out", type=Path, default=None, help="write JSON here (default RUN_DIR/eval.json)"
+    )
+    e.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing eval file that records other settings (split, tokens, "
+        "checkpoint, ...); without it that is an error",
     )
     e.add_argument("--device", default=None)
     e.set_defaults(func=run_eval_command)

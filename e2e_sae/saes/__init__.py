@@ -10,7 +10,13 @@ from e2e_sae.saes.batchtopk import BatchTopKSAE
 from e2e_sae.saes.gated import GatedSAE
 from e2e_sae.saes.jumprelu import JumpReLUSAE
 from e2e_sae.saes.matryoshka import MatryoshkaSAE
-from e2e_sae.saes.registry import ARCHITECTURES, build_sae, register_architecture
+from e2e_sae.saes.registry import (
+    ARCHITECTURES,
+    build_sae,
+    idle_aux_warnings,
+    register_architecture,
+    sae_kwargs,
+)
 from e2e_sae.saes.relu import SAE
 from e2e_sae.saes.skip_transcoder import SkipTranscoder
 from e2e_sae.saes.topk import TopKSAE
@@ -29,6 +35,8 @@ __all__ = [
     "SkipTranscoder",
     "TopKSAE",
     "build_sae",
+    "idle_aux_warnings",
+    "sae_kwargs",
     "register_architecture",
     "sae_key",
 ]
