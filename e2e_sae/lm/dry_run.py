@@ -161,17 +161,20 @@ def _native_hook_shapes(cfg: Any) -> dict[str, tuple[int, ...]]:
     """TransformerLens 4.x: `hook_shapes` through the native bridge (by the names asked for: a
     bridge's hook points carry its own names, the TransformerLens names are aliases)."""
     bridge = _native_bridge(cfg)
-    shapes: dict[str, tuple[int, ...]] = {}
+    by_point: dict[int, tuple[int, ...]] = {}
 
-    def record(name: str) -> Any:
-        return lambda x, hook: shapes.__setitem__(name, tuple(x.shape))
+    def record(x: torch.Tensor, hook: Any) -> None:
+        by_point[id(hook)] = tuple(x.shape)
 
     with warnings.catch_warnings(), torch.device("meta"):
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("ignore")  # "filter matched gated-off hook name ..."
         tokens = torch.zeros(1, 2, dtype=torch.long)
-        hooks = [(name, record(name)) for name in bridge.hook_dict]
-        bridge.run_with_hooks(tokens, fwd_hooks=hooks)
-    return {**shapes, **{n: () for n in bridge.hook_dict if n not in shapes}}
+        bridge.run_with_hooks(tokens, fwd_hooks=[(lambda _: True, record)])
+    hook_dict = bridge.hook_dict
+    fired = {point: i for i, point in enumerate(by_point)}  # execution order
+    late = len(fired)
+    names = sorted(hook_dict, key=lambda n: fired.get(id(hook_dict[n]), late))  # stable
+    return {n: by_point.get(id(hook_dict[n]), ()) for n in names}
 
 
 def check_hooks(config: Config, names: list[str] | None = None) -> str:
