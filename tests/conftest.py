@@ -14,12 +14,19 @@ from typing import Any
 import pytest
 import torch
 
+from e2e_sae.lm.tl import HAS_HOOKED, TL_VERSION
+
 # The tests use tiny tensors: one thread avoids thread-pool overhead (~4x faster on 2 cores).
 torch.set_num_threads(1)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
+
+needs_hooked = pytest.mark.skipif(
+    not HAS_HOOKED, reason=f"needs HookedTransformer (TransformerLens 3.x); {TL_VERSION} installed"
+)
+"""For tests of what only TransformerLens 3.x has: HookedTransformer itself, the lean runner."""
 
 TINY_TLENS: dict[str, Any] = {
     "d_model": 32,
@@ -33,6 +40,19 @@ TINY_TLENS: dict[str, Any] = {
     "normalization_type": "LN",
     "seed": 0,
 }
+
+
+def hooked_state(fields: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """A random HookedTransformer's state dict for HookedTransformerConfig fields (on
+    TransformerLens 4.x the same draws, by `e2e_sae.lm.native`; tests/test_tl_versions.py checks
+    that the models agree)."""
+    if HAS_HOOKED:
+        from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+        return HookedTransformer(HookedTransformerConfig(**fields)).state_dict()
+    from e2e_sae.lm import native
+
+    return native.hooked_init(native.resolved_fields(fields))
 
 
 def assert_close_scaled(

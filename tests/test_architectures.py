@@ -14,11 +14,13 @@ import torch.nn.functional as F
 from conftest import TINY_TLENS
 from safetensors.torch import load_file
 from torch import nn
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from e2e_sae import SAETransformer, load_config
 from e2e_sae.config import LossConfigs
 from e2e_sae.errors import ConfigError, UserError
+from e2e_sae.lm import native
+from e2e_sae.lm.load import build_random_model
+from e2e_sae.lm.tl import HAS_HOOKED, HookedTransformer
 from e2e_sae.objective.forward import make_plan, run_forward
 from e2e_sae.objective.losses import LogitsKLLoss, LossInputs, OutToInLoss, SparsityLoss
 from e2e_sae.runs.checkpoint import list_checkpoints, save_checkpoint, tensor_metadata, write_config
@@ -76,7 +78,7 @@ def enc(sae: SAEBase) -> nn.Linear:
 
 
 def tiny_model() -> HookedTransformer:
-    return HookedTransformer(HookedTransformerConfig(**{**TINY_TLENS, "device": "cpu"}))
+    return build_random_model(TINY_TLENS, device="cpu").train()
 
 
 def forward_on_path(model: SAETransformer, path: str) -> LossInputs:
@@ -478,7 +480,10 @@ def test_transcoder_replaces_its_output_hook_and_leaves_its_input_hook() -> None
     assert isinstance(tc, SAEActs)
     torch.testing.assert_close(tc.input, clean[TC_IN])  # reads the clean input hook...
     torch.testing.assert_close(acts[TC_IN].input, clean[TC_IN])  # ...and leaves it as it was
-    params = dict(model.tlens_model.named_parameters())
+    tl = model.tlens_model
+    params = (
+        dict(tl.named_parameters()) if HAS_HOOKED else native.from_native(tl, native.FIELDS[tl])
+    )
     w_out, b_out = params["blocks.0.mlp.W_out"], params["blocks.0.mlp.b_out"]
     # the MLP continues from the transcoder's output instead of its own hook_post
     want_mlp_out = tc.output @ w_out + b_out

@@ -15,16 +15,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from conftest import hooked_state
 from safetensors.torch import load_file
 from torch import Tensor
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from e2e_sae.cli import main
 from e2e_sae.config import Config, LossConfig, load_config
 from e2e_sae.errors import ConfigError, UserError
 from e2e_sae.interop.pretrained import load_pretrained_saes
+from e2e_sae.lm import native
 from e2e_sae.lm.load import load_tlens_model_from_path
 from e2e_sae.lm.splice import SAETransformer
+from e2e_sae.lm.tl import HAS_HOOKED
 from e2e_sae.runs.checkpoint import save_checkpoint, write_config
 
 POS = "blocks.1.hook_resid_pre"
@@ -49,11 +51,10 @@ def write_original_lm(folder: Path, dtype: str = "float32", epochs: int = 1) -> 
     folder.mkdir(parents=True, exist_ok=True)
     torch_dtype = {"float32": torch.float32, "float64": torch.float64}[dtype]
     for epoch in range(1, epochs + 1):
-        torch.manual_seed(100 + epoch)
-        cfg = HookedTransformerConfig(**LM_FIELDS, dtype=torch_dtype, seed=100 + epoch)
-        state = HookedTransformer(cfg).state_dict()
-        for i in range(cfg.n_layers):  # the TransformerLens 2 it ran on stored the full mask
+        state = hooked_state({**LM_FIELDS, "dtype": torch_dtype, "seed": 100 + epoch})
+        for i in range(LM_FIELDS["n_layers"]):  # the TransformerLens 2 it ran on: the full mask
             state[f"blocks.{i}.attn.mask"] = torch.tril(torch.ones(16, 16, dtype=torch.bool))
+            state[f"blocks.{i}.attn.IGNORE"] = torch.tensor(-torch.inf)
         torch.save(state, folder / f"epoch_{epoch}.pt")
     tlens_config = {**LM_FIELDS, "dtype": dtype, "tokenizer_name": UNAVAILABLE_TOKENIZER}
     config = {
@@ -166,27 +167,39 @@ def original_run(tmp_path: Path, lm_path: Path, token_data: Path):
 
 
 # --- the original's model computed by hand --------------------------------------------------------
-def hand_lm(pt: Path) -> HookedTransformer:
-    lm = HookedTransformer(HookedTransformerConfig(**LM_FIELDS, dtype=torch.float32))
-    state = torch.load(pt, weights_only=True)
-    missing, unexpected = lm.load_state_dict(
-        {k: v for k, v in state.items() if not k.endswith(".attn.mask")}, strict=False
-    )
-    assert all(k.endswith(".attn.mask") for k in missing) and not unexpected
-    return lm.eval()
+def _ln(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
+    x = x - x.mean(-1, keepdim=True)
+    return x / (x.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt() * w + b
 
 
 def hand_logits(pt: Path, state: dict[str, Tensor], tokens: Tensor) -> Tensor:
-    """The original's forward: c = relu(x W_enc^T + b_enc), x_hat = c (unit-norm W_dec cols)^T."""
+    """The original's LM (pre-LN GPT-2 style, gelu; no TransformerLens) with its SAE spliced in
+    at POS: c = relu(x W_enc^T + b_enc), x_hat = c (unit-norm W_dec cols)^T + b_dec."""
     w_enc, b_enc = state[f"{KEY}.encoder.0.weight"], state[f"{KEY}.encoder.0.bias"]
     w_dec, b_dec = state[f"{KEY}.decoder.weight"], state[f"{KEY}.decoder.bias"]
-
-    def splice(x: Tensor, hook: Any) -> Tensor:
-        c = torch.relu(x @ w_enc.T + b_enc)
-        return c @ F.normalize(w_dec, dim=0).T + b_dec
-
+    lm = torch.load(pt, weights_only=True)
+    n = tokens.shape[1]
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
     with torch.no_grad():
-        return hand_lm(pt).run_with_hooks(tokens, fwd_hooks=[(POS, splice)])
+        x = lm["embed.W_E"][tokens] + lm["pos_embed.W_pos"][:n]
+        for i in range(LM_FIELDS["n_layers"]):
+            if f"blocks.{i}.hook_resid_pre" == POS:
+                x = torch.relu(x @ w_enc.T + b_enc) @ F.normalize(w_dec, dim=0).T + b_dec
+            p = f"blocks.{i}"
+            h = _ln(x, lm[f"{p}.ln1.w"], lm[f"{p}.ln1.b"])
+            q, k, v = (
+                torch.einsum("bpm,nmh->bpnh", h, lm[f"{p}.attn.W_{c}"]) + lm[f"{p}.attn.b_{c}"]
+                for c in "QKV"
+            )
+            scores = torch.einsum("bqnh,bknh->bnqk", q, k) / q.shape[-1] ** 0.5
+            pattern = scores.masked_fill(~causal, -torch.inf).softmax(-1)
+            z = torch.einsum("bnqk,bknh->bqnh", pattern, v)
+            x = x + torch.einsum("bqnh,nhm->bqm", z, lm[f"{p}.attn.W_O"]) + lm[f"{p}.attn.b_O"]
+            h = _ln(x, lm[f"{p}.ln2.w"], lm[f"{p}.ln2.b"])
+            h = F.gelu(h @ lm[f"{p}.mlp.W_in"] + lm[f"{p}.mlp.b_in"])
+            x = x + h @ lm[f"{p}.mlp.W_out"] + lm[f"{p}.mlp.b_out"]
+        x = _ln(x, lm["ln_final.w"], lm["ln_final.b"])
+        return x @ lm["unembed.W_U"] + lm["unembed.b_U"]
 
 
 TOKENS = torch.randint(0, 97, (3, 16), generator=torch.Generator().manual_seed(0))
@@ -355,7 +368,9 @@ def test_tlens_model_path_to_an_epoch_pt(tmp_path: Path, lm_path: Path) -> None:
     saved = torch.load(lm_path, weights_only=True)
     for path in (lm_path, lm_path.parent):  # the file, or the folder (its newest epoch)
         lm = load_tlens_model_from_path(path, device="cpu")
-        params = dict(lm.named_parameters())
+        params = (
+            dict(lm.named_parameters()) if HAS_HOOKED else native.from_native(lm, native.FIELDS[lm])
+        )
         assert len(params) == 6 + 2 * 16  # W_E, W_pos, ln_final w/b, W_U/b_U; 16 per block
         assert all(torch.equal(saved[k], v) for k, v in params.items())
         assert lm.cfg.tokenizer_name == UNAVAILABLE_TOKENIZER and lm.tokenizer is None

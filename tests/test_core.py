@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -11,12 +12,12 @@ import torch.nn.functional as F
 import yaml
 from conftest import TINY_TLENS, assert_close_scaled
 from pydantic import ValidationError
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from e2e_sae import SAE, Config, SAETransformer, load_config
 from e2e_sae.cli import main
 from e2e_sae.config import LossConfigs
 from e2e_sae.errors import ConfigError
+from e2e_sae.lm.load import build_random_model
 from e2e_sae.objective.forward import make_plan, run_forward
 from e2e_sae.objective.losses import (
     InToOrigLoss,
@@ -35,9 +36,9 @@ from e2e_sae.training.runlog import read_metrics
 from e2e_sae.training.trainer import train
 
 
-def tiny_model() -> HookedTransformer:
-    cfg = HookedTransformerConfig(**{**TINY_TLENS, "device": "cpu"})
-    return HookedTransformer(cfg)
+def tiny_model() -> Any:
+    """A random TINY_TLENS model (a HookedTransformer; on TransformerLens 4.x a bridge)."""
+    return build_random_model(TINY_TLENS, device="cpu").train()
 
 
 # --- losses ---

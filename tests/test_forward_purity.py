@@ -10,13 +10,13 @@ from typing import Any
 import pytest
 import torch
 from conftest import TINY_TLENS
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from e2e_sae import SAETransformer
 from e2e_sae.analysis.browser import collect_feature_data, promoted_tokens
 from e2e_sae.config import LossConfigs
 from e2e_sae.eval.evaluate import evaluate
 from e2e_sae.interop.saelens import save_saelens
+from e2e_sae.lm.load import build_random_model
 from e2e_sae.objective.forward import make_plan
 from e2e_sae.objective.losses import build_loss_terms
 from e2e_sae.saes import ARCHITECTURES, build_sae
@@ -68,7 +68,7 @@ def test_sae_forward_is_pure(arch: str, grad: bool) -> None:
 
 @pytest.fixture
 def model() -> SAETransformer:
-    tl = HookedTransformer(HookedTransformerConfig(**{**TINY_TLENS, "device": "cpu"}))
+    tl = build_random_model(TINY_TLENS, device="cpu").train()
     m = SAETransformer(tl, [POS], 2.0)
     far_from_unit_norm(m.sae(POS))
     return m.eval()

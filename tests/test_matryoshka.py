@@ -12,14 +12,15 @@ import torch
 import torch.nn.functional as F
 from conftest import TINY_TLENS, train_on_same_batches
 from torch import Tensor, nn
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from e2e_sae import SAETransformer, load_config
 from e2e_sae.caches.activations import ActivationCache
 from e2e_sae.caches.teacher import TeacherCache
 from e2e_sae.config import LossConfigs
 from e2e_sae.errors import ConfigError
+from e2e_sae.lm.load import build_random_model
 from e2e_sae.lm.sites import SpliceSite
+from e2e_sae.lm.tl import HookedTransformer
 from e2e_sae.objective.forward import make_plan, run_forward
 from e2e_sae.objective.losses import LossInputs, OutToInLoss, build_loss_terms, compute_losses
 from e2e_sae.saes import MatryoshkaSAE, SAEActs, build_sae
@@ -157,7 +158,7 @@ def test_options_and_errors() -> None:
 
 # --- e2e: the mean of the per-prefix KLs ----------------------------------------------------------
 def tiny_lm() -> HookedTransformer:
-    return HookedTransformer(HookedTransformerConfig(**{**TINY_TLENS, "device": "cpu"}))
+    return build_random_model(TINY_TLENS, device="cpu").train()
 
 
 def spliced_model(with_transcoder: bool, **kw: Any) -> SAETransformer:
@@ -216,7 +217,7 @@ def direct_e2e(
         clean_cache: dict[str, Tensor] = {}
 
         def keep(x: Tensor, hook: Any) -> Tensor:
-            clean_cache[hook.name] = x
+            clean_cache[DOWNSTREAM] = x  # (hook.name: a bridge's own name for it)
             return x
 
         clean = tl.run_with_hooks(tokens, fwd_hooks=[(DOWNSTREAM, keep)])

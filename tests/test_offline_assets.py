@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformer_lens import HookedTransformer
+from conftest import needs_hooked
 from transformers import PreTrainedModel
 
 from e2e_sae.data import corpora
@@ -32,6 +32,7 @@ from e2e_sae.data.tokenizer import (
 from e2e_sae.errors import UserError
 from e2e_sae.lm import gguf
 from e2e_sae.lm.gguf import GGUF_MODELS, load_gguf_model, load_smollm2_hf, smollm2_from_hf
+from e2e_sae.lm.tl import HookedTransformer
 
 SENTENCE = (
     "Friends, Romans, countrymen, lend me your ears; I come to bury Caesar, not to praise him."
@@ -223,6 +224,7 @@ def _log_probs(
     return ours, theirs
 
 
+@needs_hooked
 def test_smollm2_matches_hf(smollm2: tuple[PreTrainedModel, HookedTransformer]) -> None:
     hf_model, model = smollm2
     assert (model.cfg.n_layers, model.cfg.d_model, model.cfg.d_vocab) == (30, 576, 49152)
@@ -233,6 +235,7 @@ def test_smollm2_matches_hf(smollm2: tuple[PreTrainedModel, HookedTransformer]) 
     assert (ours - theirs).abs().max().item() < 1e-4
 
 
+@needs_hooked
 def test_smollm2_on_a_long_passage(smollm2: tuple[PreTrainedModel, HookedTransformer]) -> None:
     """Float32 rotary angles drift apart slowly with position (HF computes them in float32 even
     in float64), so a 256-token passage is held to a looser bound."""
@@ -248,6 +251,7 @@ def test_smollm2_on_a_long_passage(smollm2: tuple[PreTrainedModel, HookedTransfo
     assert loss < 5.0
 
 
+@needs_hooked
 def test_smollm2_tokenizer_is_attached(smollm2: tuple[PreTrainedModel, HookedTransformer]) -> None:
     _, model = smollm2
     assert model.tokenizer is not None
@@ -257,6 +261,7 @@ def test_smollm2_tokenizer_is_attached(smollm2: tuple[PreTrainedModel, HookedTra
     assert with_bos == [model.tokenizer.bos_token_id, 19556, 905]
 
 
+@needs_hooked
 def test_load_smollm2_through_the_registry(
     smollm2: tuple[PreTrainedModel, HookedTransformer], monkeypatch: pytest.MonkeyPatch
 ) -> None:

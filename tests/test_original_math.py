@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from conftest import make_config_dict
 from torch import Tensor, nn
-from transformer_lens import HookedTransformer
 
 from e2e_sae.config import load_config
+from e2e_sae.lm.tl import HookedTransformer
 from e2e_sae.training.engine import TrainState
 from e2e_sae.training.trainer import Trainer, setup
 
@@ -81,11 +81,10 @@ def original_loss(lm: HookedTransformer, sae: OriginalSAE, tokens: Tensor, kind:
         seen["c"], seen["d_in"] = c, torch.tensor(x.shape[-1])
         return out
 
-    def keep(x: Tensor, hook: Any) -> Tensor:
-        seen[hook.name] = x
-        return x
+    def keep(name: str) -> Any:  # by the name asked for (a bridge's hook.name is its own)
+        return lambda x, hook: seen.__setitem__(name, x)
 
-    hooks = [(SAE_POS, splice)] + [(h, keep) for h in DOWNSTREAM]
+    hooks = [(SAE_POS, splice)] + [(h, keep(h)) for h in DOWNSTREAM]
     new_logits = lm.run_with_hooks(tokens, fwd_hooks=hooks)
     vocab = new_logits.shape[-1]
     kl = F.kl_div(

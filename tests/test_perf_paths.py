@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_TLENS, assert_close_scaled, train_on_same_batches
-from transformer_lens import HookedTransformer
+from conftest import TINY_TLENS, assert_close_scaled, needs_hooked, train_on_same_batches
 
 from e2e_sae import SAETransformer, load_config
 from e2e_sae.caches.activations import ActivationCache, lm_activation_batches
@@ -21,6 +20,7 @@ from e2e_sae.config import Config, LossConfigs
 from e2e_sae.errors import UserError
 from e2e_sae.lm.fastlm import LeanLM, get_lean_lm
 from e2e_sae.lm.load import build_random_model
+from e2e_sae.lm.tl import HookedTransformer
 from e2e_sae.objective.forward import make_plan, run_forward
 from e2e_sae.objective.losses import (
     Unembedding,
@@ -88,6 +88,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # --- fastlm: the same function as TransformerLens -------------------------------------------------
+@needs_hooked
 @pytest.mark.parametrize("tlens", [TINY_TLENS, LLAMA_TINY], ids=["ln-gelu", "llama"])
 def test_lean_forward_matches_tlens_with_hooks(tlens: dict[str, Any]) -> None:
     model = _model(tlens, ["blocks.1.hook_resid_pre"])
@@ -120,6 +121,7 @@ def test_lean_forward_matches_tlens_with_hooks(tlens: dict[str, Any]) -> None:
         assert _rel(got, want) < 1e-5, name
 
 
+@needs_hooked
 def test_lean_local_run_stops_at_its_last_hook(monkeypatch: pytest.MonkeyPatch) -> None:
     model = _model(TINY_TLENS, ["blocks.1.hook_resid_pre"])
     lean = get_lean_lm(model.tlens_model)
@@ -135,6 +137,7 @@ def test_lean_local_run_stops_at_its_last_hook(monkeypatch: pytest.MonkeyPatch) 
     assert inputs.orig_logits is None and inputs.orig_final is None
 
 
+@needs_hooked
 def test_unsupported_models_fall_back_to_transformer_lens() -> None:
     model = _model({**TINY_TLENS, "positional_embedding_type": "shortformer"}, TWO_SAES)
     assert get_lean_lm(model.tlens_model) is None
@@ -209,6 +212,7 @@ def test_in_to_orig_at_an_sae_position_keeps_that_saes_acts(reference: bool) -> 
     assert not torch.allclose(inputs.new_acts[pos], inputs.orig_acts[pos])
 
 
+@needs_hooked
 def test_bf16_step_runs_and_is_close_to_fp32(config_dict: Any) -> None:
     cfg = load_config(
         config_dict(loss=E2E, saes={"sae_positions": TWO_SAES, "dict_size_to_input_ratio": 2.0})
@@ -425,6 +429,7 @@ def test_training_with_a_teacher_cache(config_dict: Any, tmp_path: Path, k: int)
         taught.train_step(iter([torch.zeros_like(batches[0])]), TrainState())
 
 
+@needs_hooked
 def test_layout_cache_follows_weight_changes_and_does_not_keep_models_alive() -> None:
     import gc
     import weakref

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import TINY_TLENS
+from conftest import TINY_TLENS, needs_hooked
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from e2e_sae import SAETransformer
@@ -80,6 +80,7 @@ def _assert_same(got: Step, want: Step, rel: float = 1e-5) -> None:
         assert float((got[1][n] - g).norm()) <= rel * max(float(g.norm()), 1e-12), n
 
 
+@needs_hooked
 def test_the_runner_is_chosen_once_per_plan(monkeypatch: pytest.MonkeyPatch) -> None:
     model = _hooked()
     plan = make_plan(model, E2E)
@@ -105,6 +106,7 @@ def test_the_runner_is_chosen_once_per_plan(monkeypatch: pytest.MonkeyPatch) -> 
     run_forward(model, tokens, attn)
 
 
+@needs_hooked
 def test_chunked_kl_and_teacher_cache_agree_with_and_without_the_lean_runner(
     tmp_path: Path,
 ) -> None:
@@ -149,6 +151,7 @@ def test_the_lean_runner_follows_weight_changes() -> None:
     _assert_same(after, _step(model, plan, tokens, ref=True))
 
 
+@needs_hooked
 def test_soft_capped_logits_reach_the_kl_as_logits(tmp_path: Path) -> None:
     """A soft cap after the unembedding: the runner hands over logits (no teacher cache)."""
     model = _hooked(output_logits_soft_cap=2.0)

@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from conftest import TINY_TLENS
 from safetensors.torch import load_file
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from e2e_sae import SAETransformer, load_config
 from e2e_sae.errors import UserError
@@ -25,6 +24,8 @@ from e2e_sae.interop.saelens import (
     sae_from_saelens_tensors,
     save_saelens,
 )
+from e2e_sae.lm.load import build_random_model
+from e2e_sae.lm.tl import HookedTransformer
 from e2e_sae.runs.checkpoint import save_checkpoint, write_config
 from e2e_sae.saes import ARCHITECTURES, SAEActs, SkipTranscoder, build_sae, sae_key
 from e2e_sae.training.engine import TrainState
@@ -182,7 +183,7 @@ def test_saelens_export_import(d_out: int, hook_out: str | None, tmp_path: Path)
 
 
 def tiny_lm() -> HookedTransformer:
-    return HookedTransformer(HookedTransformerConfig(**{**TINY_TLENS, "device": "cpu"}))
+    return build_random_model(TINY_TLENS, device="cpu").train()
 
 
 def test_saebench_adapter_refuses_the_skip_term() -> None:

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from conftest import TINY_TLENS
 from torch import Tensor, nn
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from e2e_sae import SAETransformer
+from e2e_sae.lm.load import build_random_model
 from e2e_sae.saes import BatchTopKSAE, SAEActs, TopKSAE
 from e2e_sae.saes.sparse_ops import scatter_outer, scatter_outer_t
 from e2e_sae.saes.topk import SPARSE_MAX_DENSITY
@@ -252,7 +252,7 @@ def test_two_spliced_saes_backpropagate_through_the_later_input() -> None:
     """e2e with two SAEs: the later SAE's input depends on the earlier one, so the sparse path's
     input gradient carries the KL-like loss back into the earlier SAE."""
     positions = ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre"]
-    tl = HookedTransformer(HookedTransformerConfig(**{**TINY_TLENS, "device": "cpu"}))
+    tl = build_random_model(TINY_TLENS, device="cpu").train()
     kwargs: dict[str, Any] = {"architecture": "topk", "architecture_kwargs": {"k": 3}}
     sparse = SAETransformer(tl, positions, 8.0, **kwargs)  # d_sae 256: k / d_sae ~ 0.012
     dense = copy.deepcopy(sparse)

@@ -20,7 +20,6 @@ import yaml
 from pydantic import BaseModel
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
-from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
 from e2e_sae.config import load_config as load_ours
@@ -113,17 +112,22 @@ def filter_names(all_names: list[str], filter_names: list[str] | str) -> list[st
 
 
 @torch.no_grad()
-def get_hook_shapes(tlens_model: HookedTransformer, hook_names: list[str]) -> dict[str, list[int]]:
+def get_hook_shapes(tlens_model: Any, hook_names: list[str]) -> dict[str, list[int]]:
     """Activation shapes at `hook_names` for a one-token prompt ([1, 1, ...])."""
     shapes: dict[str, list[int]] = {}
 
-    def record(x: Tensor, hook: HookPoint) -> None:
-        assert hook.name is not None
-        shapes[hook.name] = list(x.shape)
+    def record(name: str) -> Callable[[Tensor, HookPoint], None]:
+        def fn(x: Tensor, hook: HookPoint) -> None:
+            shapes[name] = list(x.shape)
 
+        return fn
+
+    # by the names asked for (a TransformerBridge's hook points carry its own names; the
+    # TransformerLens names are aliases of them); names the model lacks are left out
+    hook_dict = tlens_model.hook_dict
+    hooks = [(name, record(name)) for name in dict.fromkeys(hook_names) if name in hook_dict]
     tokens = torch.zeros(1, 1, dtype=torch.long, device=tlens_model.cfg.device)
-    wanted = set(hook_names)
-    tlens_model.run_with_hooks(tokens, return_type=None, fwd_hooks=[(wanted.__contains__, record)])
+    tlens_model.run_with_hooks(tokens, return_type=None, fwd_hooks=hooks)
     return shapes
 
 

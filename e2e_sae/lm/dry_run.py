@@ -12,7 +12,9 @@ in a run this long (a warning, as in the real run).
 
 Hub models need their config from the Hugging Face Hub (or its cache); when it cannot be had the
 model-dependent checks are skipped and the report says why. So are they for `backend: bridge` (a
-TransformerBridge's hook names come from the loaded Hugging Face model).
+TransformerBridge's hook names come from the loaded Hugging Face model). On TransformerLens
+4.x our own models are checked through their native TransformerBridge built on the meta device;
+hub models and `smollm2-135m` are not checked there.
 """
 
 from __future__ import annotations
@@ -45,14 +47,14 @@ from e2e_sae.lm.load import (
     resolve_backend,
 )
 from e2e_sae.lm.sites import check_after_first_sae, dict_size, filter_names, resolve_sites
+from e2e_sae.lm.tl import HAS_HOOKED, TL_VERSION
 from e2e_sae.saes import SAEBase, build_sae, idle_aux_warnings, sae_kwargs
 from e2e_sae.saes.registry import architecture_class
 
 
 def model_config(config: Config) -> Any:
-    """The HookedTransformerConfig the run would load (raises UserError if it cannot be had)."""
-    from transformer_lens import HookedTransformerConfig
-
+    """The HookedTransformerConfig the run would load (raises UserError if it cannot be had; on
+    TransformerLens 4.x its resolved fields as attributes)."""
     if resolve_backend(config) == "bridge":
         raise UserError("backend bridge: the TransformerBridge's hook names need the loaded model")
     fields: dict[str, Any] | None = None
@@ -67,7 +69,11 @@ def model_config(config: Config) -> Any:
     else:
         name = config.tlens_model_name or config.hf_model_name
         assert name is not None
-
+        if not HAS_HOOKED and builtin_model_dir(name) is None:
+            raise UserError(
+                f"TransformerLens {TL_VERSION} has the hook names of '{name}' only once the "
+                "model is loaded"
+            )
         if is_gguf_model_name(name):
             return smollm2_config(device="meta")
         folder = builtin_model_dir(name)
@@ -86,6 +92,14 @@ def model_config(config: Config) -> Any:
     assert fields is not None
     fields = {k: v for k, v in fields.items() if k in _CFG_KEYS}
     fields.pop("tokenizer_name", None)
+    if not HAS_HOOKED:  # TransformerLens 4.x
+        from types import SimpleNamespace
+
+        from e2e_sae.lm import native
+
+        return SimpleNamespace(**native.resolved_fields(fields))
+    from transformer_lens import HookedTransformerConfig
+
     try:
         return HookedTransformerConfig(**{**fields, "device": "meta"})
     except (TypeError, ValueError, AssertionError) as err:
@@ -95,6 +109,8 @@ def model_config(config: Config) -> Any:
 def hook_shapes(config: Config) -> dict[str, tuple[int, ...]]:
     """{hook name: activation shape} of the model, in execution order, from its config alone
     (a forward pass on the meta device; [batch, pos, ...] for a [1, 2] token batch)."""
+    if not HAS_HOOKED:
+        return _native_hook_shapes(model_config(config))
     from transformer_lens import HookedTransformer
 
     cfg = dataclasses.replace(model_config(config), tokenizer_name=None, device="meta")
@@ -115,6 +131,8 @@ def hook_shapes(config: Config) -> dict[str, tuple[int, ...]]:
 
 def hook_names(config: Config) -> list[str]:
     """The model's hook names (construction order), from its config alone: no forward pass."""
+    if not HAS_HOOKED:
+        return list(_native_bridge(model_config(config)).hook_dict)
     from transformer_lens import HookedTransformer
 
     cfg = dataclasses.replace(model_config(config), tokenizer_name=None, device="meta")
@@ -122,6 +140,41 @@ def hook_names(config: Config) -> list[str]:
     with warnings.catch_warnings(), torch.device("meta"):
         warnings.simplefilter("ignore")
         return list(HookedTransformer(cfg).hook_dict)
+
+
+def _native_bridge(cfg: Any) -> Any:
+    """TransformerLens 4.x: the native TransformerBridge of resolved fields, on the meta device."""
+    import copy
+
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from e2e_sae.lm import native
+
+    with warnings.catch_warnings(), torch.device("meta"):
+        warnings.simplefilter("ignore")
+        return TransformerBridge.boot_native(  # type: ignore[attr-defined]
+            copy.deepcopy(native.bridge_config(vars(cfg)))
+        )
+
+
+def _native_hook_shapes(cfg: Any) -> dict[str, tuple[int, ...]]:
+    """TransformerLens 4.x: `hook_shapes` through the native bridge (by the names asked for: a
+    bridge's hook points carry its own names, the TransformerLens names are aliases)."""
+    bridge = _native_bridge(cfg)
+    by_point: dict[int, tuple[int, ...]] = {}
+
+    def record(x: torch.Tensor, hook: Any) -> None:
+        by_point[id(hook)] = tuple(x.shape)
+
+    with warnings.catch_warnings(), torch.device("meta"):
+        warnings.simplefilter("ignore")  # "filter matched gated-off hook name ..."
+        tokens = torch.zeros(1, 2, dtype=torch.long)
+        bridge.run_with_hooks(tokens, fwd_hooks=[(lambda _: True, record)])
+    hook_dict = bridge.hook_dict
+    fired = {point: i for i, point in enumerate(by_point)}  # execution order
+    late = len(fired)
+    names = sorted(hook_dict, key=lambda n: fired.get(id(hook_dict[n]), late))  # stable
+    return {n: by_point.get(id(hook_dict[n]), ()) for n in names}
 
 
 def check_hooks(config: Config, names: list[str] | None = None) -> str:

@@ -29,8 +29,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
+
+from e2e_sae.lm.tl import HookedTransformer
 
 logger = logging.getLogger(__name__)
 

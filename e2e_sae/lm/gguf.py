@@ -21,8 +21,6 @@ from typing import Any
 
 import torch
 import transformers
-from transformer_lens import HookedTransformer, HookedTransformerConfig
-from transformer_lens.pretrained.weight_conversions import convert_llama_weights
 from transformers import AutoModelForCausalLM
 
 from e2e_sae.data.tokenizer import (
@@ -37,6 +35,7 @@ from e2e_sae.data.tokenizer import (
     smollm2_gguf_path,
 )
 from e2e_sae.errors import UserError
+from e2e_sae.lm.tl import HookedTransformer, HookedTransformerConfig, require_hooked
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +127,9 @@ def smollm2_from_hf(
 ) -> HookedTransformer:
     """Convert a loaded SmolLM2 HF model into a HookedTransformer (the HF model is left intact;
     `n_devices` > 1 spreads the blocks over that many GPUs, as HookedTransformer does)."""
+    require_hooked("smollm2_from_hf")
+    from transformer_lens.pretrained.weight_conversions import convert_llama_weights
+
     cfg = smollm2_config(
         float(hf_model.config.rms_norm_eps), device=device, dtype=dtype, n_devices=n_devices
     )

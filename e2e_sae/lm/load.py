@@ -3,6 +3,11 @@ and what runs it (`resolve_backend`).
 
 `load_tlens_model` gives HookedTransformers; `load_lm` also gives TransformerBridges around any
 Hugging Face causal LM (`hf_model_name`, `backend: bridge`; see `e2e_sae.lm.bridge`).
+
+On TransformerLens 4.x (no HookedTransformer) every source gives a TransformerBridge with the
+HookedTransformer's numbers: our TransformerLens-format models over TL's native model
+(`e2e_sae.lm.native`), hub models with TransformerLens' weight processing
+(`enable_compatibility_mode`), `smollm2-135m` as its HF model (see `load_pretrained`).
 """
 
 from __future__ import annotations
@@ -11,19 +16,27 @@ import copy
 import difflib
 import json
 import logging
+import math
 import os
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from e2e_sae.data.tokenizer import GGUF_MODEL_ALIASES, is_gguf_model_name, load_tokenizer
 from e2e_sae.errors import ConfigError, UserError, first_line
-from e2e_sae.lm.bridge import OFFLINE_MODELS_HINT, is_local_folder, load_bridge
+from e2e_sae.lm import native
+from e2e_sae.lm.bridge import (
+    OFFLINE_MODELS_HINT,
+    is_local_folder,
+    load_bridge,
+    load_smollm2_bridge,
+)
 from e2e_sae.lm.gguf import GGUF_MODELS
+from e2e_sae.lm.tl import HAS_HOOKED, HookedTransformer, HookedTransformerConfig
 from e2e_sae.resources import check_memory
 from e2e_sae.runs.original import CONFIG_FILE, read_original_lm
 
@@ -68,11 +81,14 @@ def build_random_model(
     tlens_config: dict[str, Any], device: str | None = None, n_devices: int | None = None
 ) -> HookedTransformer:
     """A random-weight HookedTransformer from HookedTransformerConfig fields (+ `seed`);
-    `n_devices` overrides the config's."""
+    `n_devices` overrides the config's. On TransformerLens 4.x the same model (same weights for
+    a seed) as a TransformerBridge (`e2e_sae.lm.native`)."""
     fields = dict(tlens_config)
     fields.setdefault("seed", 0)
     if n_devices is not None:
         fields["n_devices"] = n_devices
+    if not HAS_HOOKED:
+        return _native_model(fields, None, device, "tlens_config")
     tokenizer_name = fields.pop("tokenizer_name", None)
     try:
         cfg = HookedTransformerConfig(**fields, device=device or fields.pop("device", "cpu"))
@@ -82,6 +98,23 @@ def build_random_model(
     model = HookedTransformer(cfg)
     if tokenizer_name:
         cfg.tokenizer_name = tokenizer_name
+    return model
+
+
+def _native_model(
+    fields: dict[str, Any], state: dict[str, Tensor] | None, device: str | None, what: str
+) -> Any:
+    """TransformerLens 4.x: the TransformerBridge of HookedTransformerConfig fields and a
+    HookedTransformer state dict (None: random init), with its tokenizer if it names one."""
+    fields = {k: v for k, v in fields.items() if k != "device"}
+    resolved = native.resolved_fields(fields)
+    n = sum(math.prod(shape) for _, shape in native.hooked_param_shapes(resolved))
+    size = torch.empty((), dtype=resolved["dtype"]).element_size()
+    check_memory(n * size, device or "cpu", what, "the model's weights")
+    model = native.build_bridge(resolved, state, device or "cpu", what)
+    native.FIELDS[model] = resolved
+    if resolved.get("tokenizer_name"):
+        attach_tokenizer(model, str(resolved["tokenizer_name"]))
     return model
 
 
@@ -96,11 +129,16 @@ def weights_bytes(cfg: HookedTransformerConfig) -> int:
 def save_tlens_model(model: HookedTransformer, out_dir: Path, extra: dict[str, Any] | None = None):
     """Weights as safetensors + the HookedTransformerConfig as JSON (atomic writes)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    fields = native.FIELDS.get(model) if not HAS_HOOKED else None
+    if fields is not None:  # TransformerLens 4.x: written as HookedTransformer's state dict
+        state = native.from_native(model, fields)
+    else:
+        state = model.state_dict()
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     tmp = out_dir / (MODEL_WEIGHTS + ".tmp")
     save_file(state, str(tmp))
     os.replace(tmp, out_dir / MODEL_WEIGHTS)
-    cfg = _serialisable_cfg(model.cfg)
+    cfg = _serialisable_cfg(model.cfg if fields is None else _Fields(fields))
     cfg.update(extra or {})
     tmp = out_dir / (MODEL_CONFIG + ".tmp")
     tmp.write_text(json.dumps(cfg, indent=2))
@@ -138,7 +176,14 @@ _CFG_KEYS = (
 )
 
 
-def _serialisable_cfg(cfg: HookedTransformerConfig) -> dict[str, Any]:
+class _Fields:
+    """Config fields as attributes (what `_serialisable_cfg` reads)."""
+
+    def __init__(self, fields: dict[str, Any]) -> None:
+        self.__dict__.update(fields)
+
+
+def _serialisable_cfg(cfg: Any) -> dict[str, Any]:
     out = {}
     for k in _CFG_KEYS:
         v = getattr(cfg, k, None)
@@ -160,6 +205,11 @@ def load_original_lm(path: str | os.PathLike[str], device: str | None = None) ->
 def _original_lm(
     pt: Path, fields: dict[str, Any], state: dict[str, Tensor], device: str | None
 ) -> HookedTransformer:
+    if not HAS_HOOKED:
+        try:
+            return _native_model(fields, state, device, f"tlens_model_path: {pt}")
+        except ConfigError as err:
+            raise ConfigError(f"{pt.parent / CONFIG_FILE}: {err}") from None
     try:
         model = build_random_model({**fields, "init_weights": False}, device=device)
     except ConfigError as err:
@@ -201,6 +251,10 @@ def load_tlens_model_from_path(
     fields = json.loads((folder / MODEL_CONFIG).read_text())
     fields = {k: v for k, v in fields.items() if k in _CFG_KEYS}
     fields["init_weights"] = False
+    if not HAS_HOOKED:
+        if n_devices is not None:
+            fields["n_devices"] = n_devices
+        return _native_model(fields, load_file(str(weights)), device, f"tlens_model_path: {path}")
     model = build_random_model(fields, device=device, n_devices=n_devices)
     try:
         state = load_file(str(weights), device=str(model.cfg.device))
@@ -214,7 +268,7 @@ def load_tlens_model_from_path(
     return model
 
 
-def attach_tokenizer(model: HookedTransformer, tokenizer_name: str) -> None:
+def attach_tokenizer(model: Any, tokenizer_name: str) -> None:
     """Give `model` its tokenizer (for `to_tokens`, `to_string`, `generate` on text), loaded
     offline where `load_tokenizer` can; if it cannot be loaded the model stays without one."""
 
@@ -240,10 +294,19 @@ def load_pretrained(
 ) -> HookedTransformer:
 
     if is_gguf_model_name(name):
+        if not HAS_HOOKED:  # its HF model as it is: RMSNorm, so the residual is HT's too
+            smollm2: Any = load_smollm2_bridge(device, None, n_devices)
+            return smollm2
         return GGUF_MODELS[name.lower()](device=device or "cpu", n_devices=n_devices or 1)
     folder = builtin_model_dir(name)
     if folder is not None:
         return load_tlens_model_from_path(folder, device=device, n_devices=n_devices)
+    if not HAS_HOOKED:  # HookedTransformer's weight processing, on TransformerLens 4.x
+        bridge: Any = load_bridge(name, field, device, None, n_devices)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            bridge.enable_compatibility_mode(disable_warnings=True)  # type: ignore[attr-defined]
+        return bridge.eval()
     try:
         return HookedTransformer.from_pretrained(name, device=device, n_devices=n_devices or 1)
     except Exception as err:  # noqa: BLE001 - any hub/network failure becomes one line
@@ -306,8 +369,15 @@ def load_lm(config: Config, device: str | None = None) -> LM:
 
 def hooked_supports(name: str) -> bool:
     """Whether HookedTransformer.from_pretrained knows this hub name (TransformerLens' own list
-    of official names and aliases; no network)."""
-    from transformer_lens.loading_from_pretrained import get_official_model_name
+    of official names and aliases; no network; on 4.x the list it keeps of them)."""
+    if HAS_HOOKED:
+        from transformer_lens.loading_from_pretrained import get_official_model_name
+    else:
+        import importlib
+
+        get_official_model_name = importlib.import_module(
+            "transformer_lens.supported_models"
+        ).get_official_model_name
 
     try:
         get_official_model_name(name)

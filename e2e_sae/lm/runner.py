@@ -37,11 +37,11 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from transformer_lens import HookedTransformer
 from transformer_lens.model_bridge import TransformerBridge
 
 from e2e_sae.errors import UserError
 from e2e_sae.lm.fastlm import LeanLM, get_lean_lm
+from e2e_sae.lm.tl import HookedTransformer
 
 Hooks = list[tuple[str | Callable[..., Any], Callable[..., Any]]]
 """TransformerLens forward hooks: (hook name or name filter, fn(activation, hook) -> activation)."""

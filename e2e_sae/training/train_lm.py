@@ -1,5 +1,9 @@
 """Train a HookedTransformer language model from scratch (`e2e-sae train-lm CONFIG.yaml`).
 
+On TransformerLens 4.x the same model (same init for a seed) is a TransformerBridge over TL's
+native model (`e2e_sae.lm.native`), trained with the same optimizer groups and saved in the same
+HookedTransformer format, so either version loads what either wrote.
+
 AdamW, linear warmup then cosine (or linear / constant) decay, gradient accumulation and clipping.
 After every epoch the mean next-token CE on the eval split is measured (and logged next to a
 unigram baseline fitted on the training tokens). The result is written with `save_tlens_model`
@@ -15,6 +19,7 @@ Output folder `save_dir/name/`:
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +35,6 @@ from pydantic import (
 )
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
 from e2e_sae.config import (
     Count,
@@ -47,6 +51,7 @@ from e2e_sae.data.corpora import get_builtin_corpus
 from e2e_sae.data.tokenizer import load_tokenizer
 from e2e_sae.errors import ConfigError, UserError
 from e2e_sae.lm.load import build_random_model, default_device, save_tlens_model
+from e2e_sae.lm.tl import HookedTransformer
 from e2e_sae.training.engine import lr_schedule
 from e2e_sae.training.runlog import RunLogger
 from e2e_sae.wandb_utils import init_wandb
@@ -148,7 +153,7 @@ def eval_ce(model: HookedTransformer, windows: Tensor, batch_size: int) -> float
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    device = model.cfg.device
+    device = next(model.parameters()).device
     for lo in range(0, windows.shape[0], batch_size):
         tokens = windows[lo : lo + batch_size].to(device)
         total += float(next_token_ce(model(tokens), tokens, reduction="sum"))
@@ -266,8 +271,8 @@ def train_lm(
     if eval_windows is not None and train_windows is not None:
         uni_ce = unigram_ce(unigram_log_probs(train_windows.tokens, d_vocab), eval_windows)
 
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "W_pos" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "W_pos" not in n)]
+    decay = [p for n, p in model.named_parameters() if _decays(n, p)]
+    no_decay = [p for n, p in model.named_parameters() if not _decays(n, p)]
     optimizer = torch.optim.AdamW(
         [
             {"params": decay, "weight_decay": s.weight_decay},
@@ -330,6 +335,19 @@ def train_lm(
     save_tlens_model(model, out)
     result.model = model.eval()
     return result
+
+
+_BRIDGE_QKV_BIAS = re.compile(r"\.attn\.[qkv]\.bias$")
+
+
+def _decays(name: str, p: Tensor) -> bool:
+    """Weight decay for the matrices, as on HookedTransformer: every parameter of 2 or more dims
+    but the position embedding (W_pos). A HookedTransformer's per-head query / key / value biases
+    are 2-D ([n_heads, d_head]), so they decay too; in a TransformerBridge they are 1-D."""
+    name = name.replace("._original_component", "")
+    if _BRIDGE_QKV_BIAS.search(name):
+        return True
+    return p.dim() >= 2 and "W_pos" not in name and not name.startswith("pos.")
 
 
 def _train_step(model: HookedTransformer, batches: Iterator[Tensor], accum: int, device: str):
