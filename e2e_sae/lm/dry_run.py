@@ -21,7 +21,7 @@ from e2e_sae.data.tokenizer import is_gguf_model_name
 from e2e_sae.errors import ConfigError, UserError
 from e2e_sae.lm.gguf import smollm2_config
 from e2e_sae.lm.load import _CFG_KEYS, MODEL_CONFIG, builtin_model_dir, resolve_backend
-from e2e_sae.lm.sites import filter_names, resolve_sites
+from e2e_sae.lm.sites import config_sites, filter_names
 
 
 def model_config(config: Config) -> Any:
@@ -77,7 +77,8 @@ def hook_names(config: Config) -> list[str]:
 
 
 def check_hooks(config: Config, names: list[str] | None = None) -> str:
-    """Resolve `saes.sae_positions`, `saes.transcoders` and `loss.in_to_orig.hook_positions` as
+    """Resolve `saes.sae_positions`, `saes.transcoders`, `saes.transcoder_set` and
+    `loss.in_to_orig.hook_positions` as
     the real run does (ConfigError naming the field when one matches nothing); returns a one-line
     summary, or why the hooks could not be checked. `names`: the model's hook names, if known."""
 
@@ -87,10 +88,7 @@ def check_hooks(config: Config, names: list[str] | None = None) -> str:
         raise
     except UserError as err:
         return f"hooks not checked: {err}"
-    s = config.saes
-    found = list(
-        resolve_sites(names, s.sae_positions, [(t.input, t.output) for t in s.transcoders])
-    )
+    found = list(config_sites(config, names))
     if config.loss.in_to_orig is not None:
         field = "loss.in_to_orig.hook_positions"
         filter_names(names, config.loss.in_to_orig.hook_positions, field)
