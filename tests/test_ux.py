@@ -13,8 +13,6 @@ from conftest import make_config_dict
 from e2e_sae.analysis.plots import (
     RunInfo,
     downstream_figure,
-    geometry_pairs,
-    geometry_panels,
     tradeoff_figure,
 )
 from e2e_sae.cli import main
@@ -218,7 +216,7 @@ def test_plot_curves_cli(two_runs: list[Path], tmp_path: Path, capsys) -> None:
     assert "training_curves_overlay.png" in capsys.readouterr().out
 
 
-# --- plot: colours, Pareto front, labels, legends, log axes, geometry per run ---------------------
+# --- plot: colours, Pareto front, labels, legends, log axes (geometry: test_paper.py) -----------
 POS = "blocks.1.hook_resid_pre"
 LONG = "a-run-directory-name-much-longer-than-twenty-eight-characters"
 
@@ -293,28 +291,6 @@ def test_tradeoff_draws_the_front_and_labels_points(token_data: Path, tmp_path: 
         "local (3 runs): Pareto front, 2 points",
         "local: other runs",
     ]
-
-
-def test_geometry_has_a_within_histogram_per_run(token_data: Path, tmp_path: Path) -> None:
-    import torch
-
-    runs = [
-        _info(token_data, tmp_path, f"r{i}", _e2e(c), 10, 0.1 * i, seed=i % 2)
-        for i, c in enumerate((0.5, 1.0, 2.0))
-    ]
-    runs.append(_info(token_data, tmp_path, "loc", _local(1.0), 10, 0.15))
-    pairs = geometry_pairs(runs)
-    within = [(a.name, b.name) for kind, _, a, b in pairs if kind == "within"]
-    assert within == [("r0", "r0"), ("r1", "r1"), ("r2", "r2"), ("loc", "loc")]
-    sims = [
-        (kind, pos, a, b, torch.full((4,), 0.25 * (j + 1)))
-        for j, (kind, pos, a, b) in enumerate(pairs)
-    ]
-    panels = geometry_panels(sims)
-    assert len(panels) == 4 + 1  # one per run, then the cross-type comparisons
-    assert [len(series) for _, series in panels[:4]] == [1, 1, 1, 1]
-    assert "r0" in panels[0][0] and "mean 0.25" in panels[0][0]
-    assert panels[4][0] == "nearest direction in another type's dictionary"
 
 
 def test_eval_and_browse_count_dead_over_the_same_tokens(two_runs: list[Path], tmp_path) -> None:

@@ -22,7 +22,6 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from e2e_sae.analysis.geometry import load_dictionary, max_cosine_similarity
 from e2e_sae.config import Config, load_config
 from e2e_sae.errors import UserError, check_output_folder
 from e2e_sae.eval.evaluate import (
@@ -396,134 +395,9 @@ def downstream_figure(runs: Sequence[RunInfo]) -> Figure:
     return fig
 
 
-# --- dictionary geometry --------------------------------------------------------------------------
-def geometry_pairs(runs: Sequence[RunInfo]) -> list[tuple[str, str, RunInfo, RunInfo]]:
-    """(kind, position, A, B) comparisons to draw: `within` (every run), `cross-type` (for
-    each pair of types, the two runs with the closest CE increase, preferring runs with different
-    seeds: same-seed SAEs start from the same dictionary, which short runs never leave far) and
-    `cross-seed` (runs whose configs differ only by seed)."""
-    pairs: list[tuple[str, str, RunInfo, RunInfo]] = []
-    for pos in _positions(runs):
-        at = [r for r in runs if pos in r.positions]
-        by_type = {t: [r for r in at if r.sae_type == t] for t in _types(at)}
-        pairs += [("within", pos, r, r) for r in at]
-        types = list(by_type)
-        for i, ta in enumerate(types):
-            for tb in types[i + 1 :]:
-                a, b = min(
-                    ((a, b) for a in by_type[ta] for b in by_type[tb]),
-                    key=lambda p: (
-                        p[0].config.seed == p[1].config.seed,
-                        abs(p[0].eval["ce_loss_increase"] - p[1].eval["ce_loss_increase"]),
-                    ),
-                )
-                pairs.append(("cross-type", pos, a, b))
-        groups: dict[str, list[RunInfo]] = {}
-        for r in at:
-            groups.setdefault(r.learning_key(), []).append(r)
-        for rs in groups.values():
-            seeds = sorted(rs, key=lambda r: r.config.seed)
-            if len(seeds) >= 2 and seeds[0].config.seed != seeds[1].config.seed:
-                pairs.append(("cross-seed", pos, seeds[0], seeds[1]))
-    return pairs
-
-
-def geometry_similarities(
-    pairs: Sequence[tuple[str, str, RunInfo, RunInfo]], alive_only: bool = True
-) -> list[tuple[str, str, RunInfo, RunInfo, Tensor]]:
-    """Max cosine similarity of each (alive) direction of A to the (alive) directions of B."""
-
-    out = []
-    for kind, pos, a, b in pairs:
-        _, da = load_dictionary(a.run_dir, pos)
-        _, db = load_dictionary(b.run_dir, pos)
-        if alive_only and pos in a.frequencies and pos in b.frequencies:
-            keep_a, keep_b = a.frequencies[pos] > 0, b.frequencies[pos] > 0
-            if kind == "within":
-                keep_b = keep_a
-            da, db = da[:, keep_a], db[:, keep_b]
-        if da.shape[1] == 0 or db.shape[1] < (2 if kind == "within" else 1):
-            continue
-        sims = max_cosine_similarity(da, db, exclude_self=kind == "within")
-        out.append((kind, pos, a, b, sims))
-    return out
-
-
-def geometry_panels(
-    sims: Sequence[tuple[str, str, RunInfo, RunInfo, Tensor]],
-) -> list[tuple[str, list[tuple[str, Tensor, Any]]]]:
-    """(title, [(label, similarities, colour)]) per panel: one panel per run's own dictionary
-    (`within`), then one for the cross-type and one for the cross-seed comparisons."""
-    import textwrap
-
-    panels: list[tuple[str, list[tuple[str, Tensor, Any]]]] = []
-    for _, pos, a, _, s in (x for x in sims if x[0] == "within"):
-        title = (
-            f"{a.label} ({a.sparsity_label}), {_short(pos)}: nearest other direction, "
-            f"mean {float(s.mean()):.2f}"
-        )
-        panels.append((title, [("", s, TYPE_COLORS[a.sae_type])]))
-    for kind, title in (
-        ("cross-type", "nearest direction in another type's dictionary"),
-        ("cross-seed", "nearest direction, other seed"),
-    ):
-        series = []
-        for _, pos, a, b, s in (x for x in sims if x[0] == kind):
-            label = (
-                f"{a.sae_type} vs {b.sae_type}"
-                if kind == "cross-type"
-                else f"{a.sae_type} seed {a.config.seed} vs {b.config.seed}"
-            )
-            label = f"{label}, {_short(pos)}, mean {float(s.mean()):.2f}: {a.name} vs {b.name}"
-            series.append(
-                (textwrap.fill(label, 60, subsequent_indent="  ", break_on_hyphens=False), s, None)
-            )
-        if series:
-            panels.append((title, series))
-    return panels
-
-
-def plot_geometry(runs: Sequence[RunInfo], out_dir: Path) -> list[Path]:
-    """`geometry_figure` saved as OUT_DIR/dictionary_geometry.png and .svg (none: nothing to
-    compare)."""
-    fig = geometry_figure(runs)
-    return save_figure(fig, out_dir, "dictionary_geometry") if fig is not None else []
-
-
-def geometry_figure(runs: Sequence[RunInfo]) -> Figure | None:
-    """Histograms of the max cosine similarity between dictionaries: one panel per run (each
-    direction's nearest other direction in the same dictionary), then across SAE types and across
-    seeds."""
-    import textwrap
-
-    panels = geometry_panels(geometry_similarities(geometry_pairs(runs)))
-    if not panels:
-        return None
-    ncols = min(4, len(panels))
-    nrows = math.ceil(len(panels) / ncols)
-    fig = Figure(figsize=(4.6 * ncols, 3.9 * nrows))
-    edges = np.linspace(-0.1, 1.0, 45).tolist()
-    for i, (title, series) in enumerate(panels):
-        ax = fig.add_subplot(nrows, ncols, i + 1)
-        for label, s, color in series:
-            ax.hist(
-                s.numpy(),
-                bins=edges,
-                histtype="step",
-                density=True,
-                color=color,
-                label=label or None,
-            )
-        ax.set_xlabel("max cosine similarity")
-        ax.set_ylabel("density")
-        ax.set_title(textwrap.fill(title, 52, break_on_hyphens=False), fontsize=8)
-        _legend_below(ax)
-    fig.tight_layout()
-    return fig
-
-
 def make_plots(runs: Sequence[RunInfo], out_dir: str | Path) -> list[Path]:
-    """All plots for these runs into `out_dir`; returns the files written."""
+    """The Pareto, alive, density and downstream plots of these runs into `out_dir`; returns the
+    files written. (Dictionary geometry: `e2e_sae.analysis.geometry.plot_geometry`.)"""
     out = Path(out_dir)
     if not runs:
         raise UserError("plot: no run directories given")
@@ -533,5 +407,4 @@ def make_plots(runs: Sequence[RunInfo], out_dir: str | Path) -> list[Path]:
     paths += plot_alive_vs_ce(runs, out)
     paths += plot_feature_density(runs, out)
     paths += plot_downstream(runs, out)
-    paths += plot_geometry(runs, out)
     return paths

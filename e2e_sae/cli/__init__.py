@@ -9,13 +9,17 @@ import sys
 from collections.abc import Callable, Sequence
 
 from e2e_sae.cli import (
+    activations,
     browse,
     cache_acts,
     cache_teacher,
     convert,
     demo,
     export,
+    geometry,
+    paper_figures,
     plot,
+    pretrained,
     push,
     sweep,
     train,
@@ -57,6 +61,10 @@ COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     train_lm.register,
     sweep.register,
     plot.register,
+    paper_figures.register,
+    geometry.register,
+    activations.register,
+    pretrained.register,
     browse.register,
     export.register,
     push.register,

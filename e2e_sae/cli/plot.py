@@ -14,12 +14,13 @@ def cmd_plot(args: argparse.Namespace) -> int:
         for p in plot_curves_overlay(args.run_dirs, args.out).paths:
             print(p)
         return 0
+    from e2e_sae.analysis.geometry import plot_geometry
     from e2e_sae.analysis.plots import load_runs, make_plots
     from e2e_sae.errors import check_output_folder
 
     check_output_folder(args.out, "--out")  # before evaluating any run
     runs = load_runs(args.run_dirs, n_tokens=args.n_tokens, device=args.device, progress=True)
-    paths = make_plots(runs, args.out)
+    paths = make_plots(runs, args.out) + plot_geometry(runs, args.out)
     for p in paths:
         print(p)
     return 0

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from e2e_sae.analysis.geometry import plot_geometry
 from e2e_sae.analysis.matched import matched_tables, md_table
 from e2e_sae.analysis.plots import TYPE_ORDER, RunInfo, load_runs, make_plots, train_minutes
 from e2e_sae.eval.report import table
@@ -219,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in runs:
         r.eval["train_minutes"] = train_minutes(r.run_dir)
     results = root / "results"
-    plots = [str(p.relative_to(root)) for p in make_plots(runs, results)]
+    files = make_plots(runs, results) + plot_geometry(runs, results)
+    plots = [str(p.relative_to(root)) for p in files]
     matched = matched_tables(runs, POSITION)
     wall = time.perf_counter() - t0
     # The wall time of an invocation that trained every run; a later one that reuses the runs

@@ -40,6 +40,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from run import log_interp  # noqa: E402  (the calibration helper of the CPU study next to this file)
 
+from e2e_sae.analysis.geometry import plot_geometry  # noqa: E402
 from e2e_sae.analysis.matched import (  # noqa: E402
     PAPER_CE_RATIO_AT_L0,
     PAPER_L0_RATIO_AT_CE,
@@ -188,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     # 3. results
     runs = load_runs([d for _, _, d in final])
     out = root / "results" / "paper_scale"
-    plots = make_plots(runs, out)
+    plots = make_plots(runs, out) + plot_geometry(runs, out)
     matched = matched_tables(runs, args.position)
     write_report(args, runs, cal_runs, chosen, matched, plots, out, t_calib, wall, argv)
     return 0
