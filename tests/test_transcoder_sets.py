@@ -118,7 +118,7 @@ def direct_spliced_logits(model: SAETransformer, toks: torch.Tensor) -> torch.Te
     return model.tlens_model.run_with_hooks(toks, fwd_hooks=hooks)
 
 
-# --- sites ------------------------------------------------------------------------------------------
+# --- sites ----------------------------------------------------------------------------------------
 def test_sites_of_a_set_and_of_a_subset() -> None:
     m = tset_model()
     assert m.sae_positions == [f"blocks.{i}.{OUT}" for i in range(L)]
@@ -141,7 +141,7 @@ def test_config_entry_builds_the_same_sites(config_dict) -> None:
     assert model.sae(f"blocks.0.{OUT}").input_size == TINY_TLENS["d_model"]
 
 
-# --- one spliced pass, values against direct computations ------------------------------------------
+# --- one spliced pass, values against direct computations -----------------------------------------
 @pytest.mark.parametrize("arch", ["relu", "clt"])
 def test_e2e_is_one_spliced_pass_and_equals_hooks(arch: str, monkeypatch) -> None:
     model = tset_model(arch)
@@ -256,7 +256,7 @@ def test_clt_penalties_against_direct_computation() -> None:
     assert int((c != 0).sum(-1).max()) <= 3
 
 
-# --- training under each loss, save / load ---------------------------------------------------------
+# --- training under each loss, save / load --------------------------------------------------------
 ARCHS: dict[str, dict[str, Any]] = {
     "relu": {},
     "topk": {"k": 4},
@@ -330,7 +330,7 @@ def test_two_stage_recipe_fine_tunes_a_local_set_with_kl(config_dict, tmp_path: 
     assert any(not torch.equal(w2[k], w1[k]) for k in w1 if k in w2)
 
 
-# --- exact resume, torchrun, the activation cache --------------------------------------------------
+# --- exact resume, torchrun, the activation cache -------------------------------------------------
 def test_clt_signal_then_resume_is_bit_exact(config_dict, tmp_path: Path, monkeypatch) -> None:
     from test_reliability import _assert_bit_exact, _interrupt_after, _newest_weights, _only_run
     from test_reliability import _write as write_yaml
@@ -391,7 +391,7 @@ def test_train_cached_equals_lm_training(config_dict, tmp_path: Path, capsys) ->
         assert_close_scaled(got[k], w, rtol=1e-6, what=k)
 
 
-# --- bad input --------------------------------------------------------------------------------------
+# --- bad input ------------------------------------------------------------------------------------
 def test_bad_input(config_dict, tmp_path: Path, capsys) -> None:
     with pytest.raises(ConfigError, match=r"transcoder_set.input: block 0 has no hook"):
         SAETransformer(tiny(attn_only=True), [], 2.0, transcoder_set=TranscoderSet(None, IN, OUT))
