@@ -3,11 +3,11 @@ circuits.run_worker` calls this file with that environment's Python. It imports 
 e2e_sae, only circuit-tracer, TransformerLens, transformers, torch, safetensors and PyYAML; it
 prints one JSON object on its last line.
 
-  python circuit_tracer_worker.py check EXPORT ACTS
-      Load EXPORT (written by `e2e-sae export --format circuit-tracer`) with circuit-tracer's own
-      loaders and compare, per layer, its features (`encode_layer`) and the reconstructions its
-      attribution uses (`compute_attribution_components`) with ours, saved in ACTS
-      (safetensors: `input_<l>`, `c_<l>`, `output_<l>` on clean inputs, [tokens, d]); with
+  python circuit_tracer_worker.py check EXPORT ACTS [EXPORT ACTS ...]
+      For each pair: load EXPORT (written by `e2e-sae export --format circuit-tracer`) with
+      circuit-tracer's own loaders and compare, per layer, its features (`encode_layer`) and the
+      reconstructions its attribution uses (`compute_attribution_components`) with ours, saved in
+      ACTS (safetensors: `input_<l>`, `c_<l>`, `output_<l>` on clean inputs, [tokens, d]); with
       `tokens` and `logits` there too, also the clean logits of the ReplacementModel built from
       EXPORT/lm against ours.
   python circuit_tracer_worker.py graphs EXPORT PROMPTS [--save DIR] [--max-feature-nodes N]
@@ -101,8 +101,15 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
 
 
 def cmd_check(args: argparse.Namespace) -> dict[str, Any]:
-    transcoders = load_export(args.export)
-    acts = load_file(args.acts)
+    pairs = args.pairs
+    if len(pairs) % 2:
+        raise SystemExit("check: give EXPORT ACTS pairs")
+    return {"checks": [check_one(pairs[i], pairs[i + 1]) for i in range(0, len(pairs), 2)]}
+
+
+def check_one(export: str, acts_file: str) -> dict[str, Any]:
+    transcoders = load_export(export)
+    acts = load_file(acts_file)
     n_layers = sum(1 for k in acts if k.startswith("input_"))
     inputs = torch.stack([acts[f"input_{layer}"] for layer in range(n_layers)])
     comps = transcoders.compute_attribution_components(inputs, zero_positions=slice(0, 0))
@@ -125,8 +132,8 @@ def cmd_check(args: argparse.Namespace) -> dict[str, Any]:
             }
         )
     out: dict[str, Any] = {"kind": type(transcoders).__name__, "layers": layers}
-    if "tokens" in acts and os.path.isdir(os.path.join(args.export, "lm")):
-        model = replacement_model(args.export, transcoders)
+    if "tokens" in acts and os.path.isdir(os.path.join(export, "lm")):
+        model = replacement_model(export, transcoders)
         with torch.no_grad():
             logits = model(acts["tokens"].long())
         err, scale = _rel_err(logits, acts["logits"])
@@ -195,8 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="circuit-tracer checks and graphs of an export")
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("check")
-    c.add_argument("export")
-    c.add_argument("acts")
+    c.add_argument("pairs", nargs="+", metavar="EXPORT ACTS")
     g = sub.add_parser("graphs")
     g.add_argument("export")
     g.add_argument("prompts")

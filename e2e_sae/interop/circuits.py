@@ -322,6 +322,52 @@ def export_run_circuit_tracer(
     return export_circuit_tracer(model, out_dir, overwrite=overwrite, with_lm=with_lm, where=run)
 
 
+def check_acts(
+    model: SAETransformer, tokens: Tensor, with_logits: bool = True
+) -> dict[str, Tensor]:
+    """What `circuit_tracer_worker.py check` compares an export of `model` with: per layer l of
+    its transcoders, on the clean activations of `tokens`, what it reads (`input_<l>`), its code
+    (`c_<l>`) and its reconstruction (`output_<l>`, a CLT's summed over the earlier layers),
+    flattened over tokens; with `with_logits` the tokens and the clean logits too (the
+    replacement model's clean pass must give them)."""
+    from e2e_sae.lm.sites import run_sites
+
+    sites = {p: model.sites[p] for p in model.sae_positions}
+    with torch.no_grad():
+        logits, clean = model.forward_raw(
+            tokens, cache_positions=[s.input_hook for s in sites.values()]
+        )
+        acts = run_sites(sites, {p: model.sae(p) for p in sites}, clean)
+    out: dict[str, Tensor] = {}
+    for layer, pos in enumerate(model.sae_positions):
+        a = acts[pos]
+        for key, v in (("input", a.input), ("c", a.c), ("output", a.output)):
+            out[f"{key}_{layer}"] = v.reshape(-1, v.shape[-1]).float().contiguous().cpu()
+    if with_logits:
+        assert logits is not None
+        out["tokens"] = tokens.long().contiguous().cpu()
+        out["logits"] = logits.float().contiguous().cpu()
+    return out
+
+
+def check_exports(
+    items: Sequence[tuple[Path, dict[str, Tensor]]],
+    ct_python: str | Path | None = None,
+    timeout: float | None = None,
+) -> list[dict[str, Any]]:
+    """Load each export with circuit-tracer's own loaders (in its environment, one process) and
+    compare with `check_acts`' tensors: per layer the max |difference| of features and
+    reconstructions and the scale of ours (`circuit_tracer_worker.py check`)."""
+    python = Path(ct_python) if ct_python is not None else default_ct_python()
+    with tempfile.TemporaryDirectory(prefix="e2e_sae_ct_check_") as tmp:
+        args = ["check"]
+        for i, (export, acts) in enumerate(items):
+            path = Path(tmp) / f"acts_{i}.safetensors"
+            atomic_save_tensors(acts, path)
+            args += [str(export), str(path)]
+        return run_worker(python, args, timeout=timeout)["checks"]
+
+
 # --- circuit-tracer's own environment -------------------------------------------------------------
 def run_worker(python: str | Path, args: Sequence[str], timeout: float | None = None) -> Any:
     """Run `circuit_tracer_worker.py` with circuit-tracer's Python (its own virtualenv: it pins
