@@ -6,6 +6,7 @@ offline. Runs in CI: a missing `.venv-ct` fails, it does not skip."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +145,18 @@ def test_shakespeare_run_exported_checked_and_graphed(
     printed = capsys.readouterr().out
     assert "replacement" in printed and "completeness" in printed and "mean" in printed
     assert (tmp_path / "graphs" / "graph_0.pt").is_file()
+    if arch == "relu":  # eval of the replacement model with graph scores on fixed eval prompts
+        args = ["eval", str(run), "--n-tokens", "64", "--graph-prompts", "2",
+                "--graph-prompt-tokens", "6", "--ct-python", str(ct_python)]  # fmt: skip
+        assert main(args) == 0
+        ev = json.loads((run / "eval.json").read_text())
+        assert len(ev["graphs"]) == 2
+        for key in ("graph_replacement_score", "graph_completeness_score"):
+            assert 0 < ev[key] <= 1, key
+            mean = sum(g[key.removeprefix("graph_")] for g in ev["graphs"]) / 2
+            assert ev[key] == pytest.approx(mean)
+        layer0 = ev["per_sae"][f"blocks.0.{OUT}"]
+        assert "explained_variance_local" in layer0 and ev["ce_loss_increase"] > 0
 
 
 def test_export_bad_input(tmp_path: Path, capsys, config_dict) -> None:

@@ -409,3 +409,45 @@ def test_bad_input(config_dict, tmp_path: Path, capsys) -> None:
     err = capsys.readouterr().err
     assert "transcoder_set.layers" in err and "consecutive" in err and "Traceback" not in err
     assert not Path(bad["save_dir"]).exists() or not any(Path(bad["save_dir"]).iterdir())
+
+
+# --- eval: the replacement model ------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["relu", "clt"])
+def test_eval_measures_the_replacement_model(arch: str) -> None:
+    from e2e_sae.eval.evaluate import evaluate
+
+    model = tset_model(arch).eval()
+    perturb_(model)
+    toks = tokens(3)
+    plan = make_plan(model, LossConfigs.model_validate(KL), force_full_pass=True)
+    result = evaluate(model, iter([toks]), 1, plan, [], zero_ablation=False, downstream=False)
+    with torch.no_grad():
+        new = direct_spliced_logits(model, toks)
+        clean, cache = model.tlens_model.run_with_cache(toks)
+
+        def ce(logits: torch.Tensor) -> float:
+            return float(F.cross_entropy(logits[:, :-1].flatten(0, 1), toks[:, 1:].flatten()))
+
+        kl = F.kl_div(F.log_softmax(new, -1), F.log_softmax(clean, -1), log_target=True,
+                      reduction="none").sum(-1).mean()  # fmt: skip
+        xs = [cache[f"blocks.{i}.{IN}"] for i in range(L)]
+        local = direct_clt(model, xs) if arch == "clt" else [
+            model.sae(f"blocks.{i}.{OUT}")(x)[0] for i, x in enumerate(xs)
+        ]  # fmt: skip
+    m = result.metrics
+    assert m["ce_loss_increase"] == pytest.approx(ce(new) - ce(clean), rel=1e-4, abs=1e-6)
+    assert m["kl"] == pytest.approx(float(kl), rel=1e-4)
+    for i in range(L):
+        target = cache[f"blocks.{i}.{OUT}"].double()
+        fve = (
+            1
+            - ((target - local[i].double()) ** 2).sum()
+            / ((target - target.mean((0, 1))) ** 2).sum()
+        )
+        got = result.per_sae[f"blocks.{i}.{OUT}"]
+        assert got["explained_variance_local"] == pytest.approx(float(fve), rel=1e-4, abs=1e-6)
+        assert got["l0"] > 0
+    # layer 0 reads a clean input in the spliced pass too; later layers read compounded errors
+    first = result.per_sae[f"blocks.0.{OUT}"]
+    if arch == "relu":
+        assert first["explained_variance"] == pytest.approx(first["explained_variance_local"])
