@@ -451,3 +451,23 @@ def test_eval_measures_the_replacement_model(arch: str) -> None:
     first = result.per_sae[f"blocks.0.{OUT}"]
     if arch == "relu":
         assert first["explained_variance"] == pytest.approx(first["explained_variance_local"])
+
+
+@pytest.mark.parametrize("arch", ["relu", "clt"])
+def test_browser_opens_transcoder_and_clt_features(arch: str, config_dict, tmp_path: Path) -> None:
+    from e2e_sae.analysis.browser import write_browser
+
+    saes = {"transcoder_set": {"layers": "all"}, "architecture": arch,
+            "dict_size_to_input_ratio": 2.0}  # fmt: skip
+    cfg = load_config(config_dict(saes=saes))
+    model = SAETransformer.from_config(cfg, device="cpu")
+    run = tmp_path / "run"
+    run.mkdir()
+    write_config(run, cfg)
+    save_checkpoint(run, model, 0)
+    out = write_browser(run, tmp_path / "b", position=f"blocks.0.{OUT}", n_tokens=64, ablate=4)
+    text = "".join(p.read_text() for p in out.parent.rglob("*") if p.is_file())
+    writes = (
+        f"blocks.0.{OUT}, blocks.1.{OUT}, blocks.2.{OUT}" if arch == "clt" else f"blocks.0.{OUT}"
+    )
+    assert f"read blocks.0.{IN} and write to {writes}" in text

@@ -388,8 +388,9 @@ def ablation_kl(
     _, cache = model.forward_raw(
         tokens, run_entire_model=False, cache_positions=[site.input_hook], cache_sae_positions=False
     )
-    c = sae.encode(cache[site.input_hook])
-    out = sae.decode(c)
+    x = cache[site.input_hook]
+    c = sae.encode(x)
+    out = sae.add_skip(sae.decode(c), x)  # (a skip transcoder's skip path stays in)
 
     def logprobs(act: Tensor) -> Tensor:
         def put(a: Tensor, hook: Any) -> Tensor:
@@ -929,7 +930,10 @@ def write_browser(
         far = nearest_features(dirs[:, fd.indices], other_dirs, 8)
     n_dead = int((fd.counts == 0).sum())
     ablation: list[float | None] = [None] * len(fd.indices)
-    n_ablate = min(ablate, len(fd.indices) - n_dead)
+    site = model.sites[position]
+    # a CLT layer's features write to later layers too, where the other layers' features write:
+    # ablating one feature needs the whole CLT spliced in, which `ablation_kl` does not do
+    n_ablate = 0 if site.later_outputs else min(ablate, len(fd.indices) - n_dead)
     n_abl_tok = 0
     if n_ablate > 0:
         order = fd.counts.argsort(descending=True, stable=True)[:n_ablate].tolist()
@@ -953,8 +957,21 @@ def write_browser(
         f"the first {n_abl_tok} scanned tokens where the feature fires of KL(SAE spliced in || "
         "SAE spliced in with this feature's contribution removed); only this SAE is spliced.",
     ]
+    if site.is_transcoder:
+        kind = "cross-layer transcoder layer" if site.later_outputs else "transcoder"
+        notes.insert(
+            0,
+            f"A {kind}: its features read {site.input_hook} and write to "
+            f"{', '.join(site.targets)}"
+            + (
+                " (decoder directions, logit effects and nearest features use the sum of its "
+                "decoders over those layers; ablation KL is not computed for a CLT)."
+                if site.later_outputs
+                else "."
+            ),
+        )
     if effects is None:
-        notes[2] = "Logit effect: not available (the SAE does not write to the residual size)."
+        notes[-3] = "Logit effect: not available (the SAE does not write to the residual size)."
     return write_folder(
         fd,
         texts,
