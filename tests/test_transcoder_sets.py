@@ -471,3 +471,29 @@ def test_browser_opens_transcoder_and_clt_features(arch: str, config_dict, tmp_p
         f"blocks.0.{OUT}, blocks.1.{OUT}, blocks.2.{OUT}" if arch == "clt" else f"blocks.0.{OUT}"
     )
     assert f"read blocks.0.{IN} and write to {writes}" in text
+
+
+def test_sweep_over_transcoder_sets(token_data: Path, tmp_path: Path, capsys) -> None:
+    import json
+
+    import yaml
+    from conftest import make_config_dict
+
+    base = make_config_dict(token_data, tmp_path / "runs", n_samples=8)
+    base["saes"] = {
+        "transcoder_set": {"layers": "all"},
+        "architecture": "clt",
+        "dict_size_to_input_ratio": 1.0,
+        "architecture_kwargs": {"activation": "relu"},
+    }
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    sweep_file = tmp_path / "s.yaml"
+    params = {"saes.transcoder_set.layers": [[0, 1], [1, 2]]}
+    sweep_file.write_text(yaml.safe_dump({"base_config": "base.yaml", "parameters": params}))
+    assert main(["sweep", str(sweep_file), "--out-dir", str(tmp_path / "out")]) == 0
+    records = json.loads((tmp_path / "out" / "sweep_summary.json").read_text())
+    assert [r["status"] for r in records] == ["ok", "ok"]
+    assert [sorted(r["eval"]["per_sae"]) for r in records] == [
+        [f"blocks.0.{OUT}", f"blocks.1.{OUT}"],
+        [f"blocks.1.{OUT}", f"blocks.2.{OUT}"],
+    ]
