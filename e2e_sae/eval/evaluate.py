@@ -69,7 +69,7 @@ from tqdm.auto import tqdm
 from e2e_sae.config import Config, DatasetConfig
 from e2e_sae.data import eval_batches
 from e2e_sae.errors import UserError
-from e2e_sae.lm.sites import hook_layer
+from e2e_sae.lm.sites import hook_layer, run_sites
 from e2e_sae.lm.splice import SAETransformer
 from e2e_sae.objective.forward import StepPlan, make_plan, run_forward, with_runner
 from e2e_sae.objective.losses import LossTerm, build_loss_terms, compute_losses, kl_clean_to_new
@@ -357,7 +357,8 @@ def evaluate(
         for pos, acts in inputs.sae_acts.items():
             stats[pos].update(inputs.target(pos), acts.c, acts.output)
         if local:
-            _, clean_run = model.forward(tokens, plan.sae_positions, orig_acts=inputs.orig_acts)
+            sites = {p: model.sites[p] for p in local}
+            clean_run = run_sites(sites, {p: model.sae(p) for p in local}, inputs.orig_acts)
             for pos, ev in local.items():
                 ev.update(inputs.target(pos), clean_run[pos].output)
         for h in later:
