@@ -159,7 +159,7 @@ def write_results(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "replacement_vs_l0.png", dpi=120)
-    print(f"wrote {out}")
+    plt.close(fig)
 
 
 def main() -> None:
@@ -179,7 +179,7 @@ def main() -> None:
             for k in K:
                 if only is None or f"{kind}_{loss}_k{k}" in only:
                     rows.append(run_one(kind, loss, k, args))
-    write_results(rows, args)
+                    write_results(rows, args)  # after every run: partial results survive a stop
 
 
 if __name__ == "__main__":
