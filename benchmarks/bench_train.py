@@ -82,12 +82,26 @@ TINY: dict[str, Any] = dict(
     normalization_type="LN",
     seed=0,
 )
+# GPT-2 small's shape (random weights; benchmarks/device_check.py's GPU model)
+GPT2_SMALL: dict[str, Any] = dict(
+    d_model=768,
+    d_head=64,
+    n_heads=12,
+    d_mlp=3072,
+    n_layers=12,
+    n_ctx=1024,
+    d_vocab=50257,
+    act_fn="gelu_new",
+    normalization_type="LN",
+    seed=0,
+)
 # model -> (config source, SAE layer, tokenizer for the Shakespeare corpus or None = random tokens)
 MODELS: dict[str, tuple[dict[str, Any], int, str | None]] = {
     "smollm2-135m": ({"tlens_model_name": "smollm2-135m"}, 6, "smollm2-135m"),
     "smollm2-random": ({"tlens_config": SMOLLM2_SHAPE}, 6, None),
     "shakespeare-lm": ({"tlens_model_name": "shakespeare-lm"}, 2, "shakespeare-bpe"),
     "tiny": ({"tlens_config": TINY}, 2, None),
+    "gpt2-small-random": ({"tlens_config": GPT2_SMALL}, 6, None),
 }
 
 

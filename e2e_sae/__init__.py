@@ -13,8 +13,11 @@ from typing import TYPE_CHECKING, Any
 from e2e_sae.version import __version__
 
 if TYPE_CHECKING:
-    from e2e_sae.config import Config, DatasetConfig, LossConfigs, load_config
+    from e2e_sae.analysis.browser import write_browser
+    from e2e_sae.config import Config, DatasetConfig, LossConfigs, demo_config, load_config
     from e2e_sae.errors import ConfigError, UserError
+    from e2e_sae.eval.evaluate import evaluate_run, write_eval
+    from e2e_sae.eval.report import eval_table
     from e2e_sae.lm.splice import SAETransformer
     from e2e_sae.saes import (
         ARCHITECTURES,
@@ -28,12 +31,19 @@ if TYPE_CHECKING:
         TopKSAE,
         build_sae,
     )
+    from e2e_sae.training.trainer import train
 
 _WHERE = {
     "Config": "e2e_sae.config",
     "DatasetConfig": "e2e_sae.config",
     "LossConfigs": "e2e_sae.config",
     "load_config": "e2e_sae.config",
+    "demo_config": "e2e_sae.config",
+    "train": "e2e_sae.training.trainer",
+    "evaluate_run": "e2e_sae.eval.evaluate",
+    "write_eval": "e2e_sae.eval.evaluate",
+    "eval_table": "e2e_sae.eval.report",
+    "write_browser": "e2e_sae.analysis.browser",
     "ConfigError": "e2e_sae.errors",
     "UserError": "e2e_sae.errors",
     "SAETransformer": "e2e_sae.lm.splice",
@@ -85,5 +95,11 @@ __all__ = [
     "TopKSAE",
     "UserError",
     "build_sae",
+    "demo_config",
+    "eval_table",
+    "evaluate_run",
     "load_config",
+    "train",
+    "write_browser",
+    "write_eval",
 ]

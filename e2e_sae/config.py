@@ -335,9 +335,18 @@ class Config(OptimizerConfig):
     saes: SAEsConfig
     device: str | None = None
     """`cpu`, `cuda`, ... (default: cuda when available)."""
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16"] = "fp32"
     """Training forward/backward precision. `bf16`: the LM's matmuls and attention and the SAEs
-    under bf16 autocast (residual stream, norms, softmax and KL stay fp32). Evaluation is fp32."""
+    under bf16 autocast (residual stream, norms, softmax and KL stay fp32). `auto`: bf16 where
+    the device multiplies bf16 fast (`resources.bf16_is_fast`: CUDA with bf16, CPUs with AMX),
+    else fp32; a run records the precision it chose (final_config.yaml), and `--resume` keeps
+    it. Default fp32 (configs of the original, which has no such key, train as they did).
+    Evaluation is fp32."""
+    compile: bool = False
+    """`torch.compile` (inductor) the trained SAEs and the LM blocks a training pass hooks nothing
+    in (the lean forward's; `fastlm.LeanLM.compile`). Opt-in: the first steps compile (about a
+    minute); the losses are the same up to float rounding. Meant for GPUs (see the README's Speed
+    section for what it gave on CPUs)."""
     kl_chunk_tokens: Count | None = None
     """Tokens per chunk of the `logits_kl` term's [tokens, d_vocab] temporaries (null: ~8M
     elements per chunk). Only memory changes, not the value."""
@@ -401,6 +410,12 @@ class Config(OptimizerConfig):
                 )
             if key == "wandb_run_name":
                 return
+
+    @property
+    def train_tokens(self) -> int:
+        """Training tokens of the run: n_samples windows of train_data.n_ctx tokens."""
+        assert self.n_samples is not None
+        return self.n_samples * self.train_data.n_ctx
 
     @property
     def n_grad_steps(self) -> int:
@@ -615,3 +630,12 @@ def load_config(path_or_dict: str | Path | dict[str, Any], config_model: type[Ba
 def config_to_yaml_dict(config: BaseModel) -> dict[str, Any]:
     """A plain dict (paths as strings) that `load_config` reads back to an equal config."""
     return config.model_dump(mode="json")
+
+
+DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
+"""The packaged demo config (`e2e-sae demo`; a copy is configs/demo.yaml in the repository)."""
+
+
+def demo_config() -> dict[str, Any]:
+    """The demo config as a plain dict: change any field, then `load_config` it."""
+    return dict(read_yaml(DEMO_CONFIG))

@@ -1,4 +1,5 @@
-"""What a job needs against what the machine has: memory on a device, space on a filesystem.
+"""What a job needs against what the machine has: memory on a device, space on a filesystem;
+and what the machine does fast (`bf16_is_fast`: whether `precision: auto` picks bf16).
 
 Checks run before anything large is allocated or written and compare a lower bound of the need
 (e.g. the weights alone) with what is free now, so a refusal means the job cannot fit, never that
@@ -122,3 +123,30 @@ def reserve(fd: int, n_bytes: int) -> None:
     except OSError as err:
         if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # (a filesystem without it)
             raise
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none, e.g. macOS)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return set()
+
+
+def bf16_is_fast(device: object = "cpu") -> bool:
+    """Whether `device` multiplies bf16 matrices faster than fp32 ones: a CUDA GPU with native
+    bf16 (Ampere and later), or a CPU with AMX tiles (`amx_bf16`, recent Xeons). A CPU with only
+    AVX512-BF16 does not count: measured on one (benchmarks/results/README.md), its bf16 GEMMs
+    run at about half its fp32 speed."""
+    import torch
+
+    kind = str(device).split(":")[0]
+    if kind == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    if kind != "cpu":
+        return False
+    return "amx_bf16" in cpu_flags()

@@ -377,7 +377,7 @@ def test_dry_run_and_cache_source_with_backend_bridge(
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(bridge_config()))
     assert main(["train", str(path), "--dry-run"]) == 0
-    assert "hooks not checked: backend bridge" in capsys.readouterr().err
+    assert "# not checked against the model: backend bridge" in capsys.readouterr().out
     config = load_config(bridge_config())
     assert model_source(config) == {"hf_model_name": config.hf_model_name, "backend": "bridge"}
     hooked = load_config(bridge_config(hf_model_name="gpt2", backend="auto"))

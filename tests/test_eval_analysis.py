@@ -20,7 +20,6 @@ from conftest import TINY_TLENS, make_config_dict
 from e2e_sae.analysis.browser import (
     collect_feature_data,
     parse_features,
-    promoted_tokens,
     top_windows_update,
     write_browser,
 )
@@ -34,7 +33,7 @@ from e2e_sae.analysis.plots import (
 )
 from e2e_sae.cli import main
 from e2e_sae.config import Config, load_config
-from e2e_sae.errors import ConfigError
+from e2e_sae.errors import ConfigError, UserError
 from e2e_sae.eval.evaluate import (
     _SAEStats,
     evaluate,
@@ -543,8 +542,11 @@ def test_plots_from_run_dirs(runs: dict[str, Path], tmp_path: Path) -> None:
         assert "<svg" in (out / f"{stem}.svg").read_text()[:2000]
     # The SVGs carry their text as comments: the types and the panels are named.
     pareto = (out / "pareto_l0_ce_increase.svg").read_text()
-    for t in ("local (2 runs)", "e2e (1 runs)", "e2e+ds (1 runs)"):
+    for t in ("local · relu (2 runs)", "e2e · relu (1 run)", "e2e+ds · relu (1 run)"):
         assert t in pareto
+    assert (
+        "| local relu λ=0.1, seed=0 | local | relu | λ=0.1 | 0 |" in (out / "runs.md").read_text()
+    )
     geometry = (out / "dictionary_geometry.svg").read_text()
     assert "across seeds" in geometry and "e2e → local" in geometry
     assert [i.sae_type for i in infos] == ["local", "local", "e2e", "e2e+ds"]
@@ -568,85 +570,28 @@ def test_top_windows_update_matches_brute_force() -> None:
             assert c[seq, start : start + 4, f].max() == want.values[j]
 
 
-def test_browser_page_shows_the_features(runs: dict[str, Path], tmp_path: Path) -> None:
-    run = runs["local0"]
+def test_browser_is_one_folder_format(runs: dict[str, Path], tmp_path: Path, capsys) -> None:
     from e2e_sae.lm.splice import SAETransformer
 
-    model = SAETransformer.from_local_path(run)
-    out = tmp_path / "page.html"
-    assert (
-        main(
-            [
-                "browse",
-                str(run),
-                "--out",
-                str(out),
-                "--n-tokens",
-                "128",
-                "--features",
-                "6",
-                "--top-k",
-                "3",
-                "--no-skip-first",
-            ]
-        )
-        == 0
-    )
-    page = out.read_text()
-    assert "<script src" not in page and "<link" not in page  # self-contained
-    # Direct computation over the same 128 tokens (2 batches of the eval loader).
-    from e2e_sae.data import create_data_loader
-
-    cfg = cast(Config, model.run_config)
-    assert cfg.eval_data is not None
-    loader = create_data_loader(cfg.eval_data, cfg.batch_size, cfg.seed + 42)
-    tokens = torch.cat([next(loader) for _ in range(2)])
-    hook = "blocks.1.hook_resid_pre"
-    with torch.no_grad():
-        _, cache = model.forward_raw(tokens, run_entire_model=False, cache_positions=[hook])
-        c = model.sae(hook).encode(cache[hook])[..., :6]
-    fd = collect_feature_data(model, hook, iter([tokens]), 1, range(6), top_k=3)
-    assert fd.counts.tolist() == (c != 0).sum((0, 1)).tolist()
-    for f in range(6):
-        if fd.counts[f] == 0:
-            assert f"id=f{f} " not in page
-            continue
-        section = re.search(rf"<section id=f{f} .*?</section>", page, re.S)
-        assert section is not None
-        assert f"fires on {int((c[..., f] != 0).sum())} tokens" in section.group(0)
-        assert f"max activation {float(c[..., f].max()):.3g}" in section.group(0)
-        assert section.group(0).count("<div class=ex>") == min(
-            3, int((c[..., f].amax(1) > 0).sum())
-        )
-        assert "promotes:" in section.group(0)
-    assert "id=f6 " not in page
-    # Promoted tokens: top tokens of (w_ln * centered direction) @ W_U.
-    tl = model.tlens_model
-    d = model.sae(hook).dict_elements[:, :6]
-    w_ln = tl.ln_final.w
-    assert isinstance(w_ln, torch.Tensor)
-    d = (d - d.mean(0)) * w_ln[:, None]
-    ids, _ = promoted_tokens(model, hook, torch.arange(6), n=5)  # type: ignore[misc]
-    assert ids.tolist() == (d.T @ tl.W_U).topk(5, dim=1).indices.tolist()
-    assert parse_features("3") == [0, 1, 2] and parse_features("4,9") == [4, 9]
-
-
-def test_browser_with_feature_list_and_model_object(runs: dict[str, Path], tmp_path: Path) -> None:
-    from e2e_sae.lm.splice import SAETransformer
-
+    # `--out page.html` (the older single page) is a one-line error naming the folder to use
+    argv = ["browse", str(runs["local0"]), "--n-tokens", "64", "--features", "4"]
+    assert main([*argv, "--out", str(tmp_path / "page.html")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "the browser is a folder" in err
+    assert f"--out {tmp_path / 'page'}" in err and not (tmp_path / "page.html").exists()
+    # a feature list and a loaded model: the pages hold exactly those features
     out = write_browser(
-        SAETransformer.from_local_path(runs["e2e"]),
-        tmp_path / "p.html",
-        n_tokens=64,
-        features=[3, 10],
+        SAETransformer.from_local_path(runs["e2e"]), tmp_path / "p", n_tokens=64, features=[3, 10]
     )
-    page = out.read_text()
-    assert len(re.findall(r"<section id=f(\d+) ", page)) <= 2
-    assert set(re.findall(r"<section id=f(\d+) ", page)) <= {"3", "10"}
+    assert out == tmp_path / "p" / "index.html"
+    index = _read_js(tmp_path / "p" / "data" / "index.js", "registerIndex")
+    assert set(index["ids"]) | set(index["dead"]) == {3, 10}
+    (page,) = [_read_js(p, "registerPage") for p in (tmp_path / "p" / "data").glob("page_*.js")]
+    assert len(page[1]["features"]) == 2
     assert (
-        main(["browse", str(runs["e2e"]), "--out", str(tmp_path / "x.html"), "--features", "999"])
-        == 2
+        main(["browse", str(runs["e2e"]), "--out", str(tmp_path / "x"), "--features", "999"]) == 2
     )
+    assert parse_features("3") == [0, 1, 2] and parse_features("4,9") == [4, 9]
 
 
 def test_matched_tables_interpolate_on_each_types_front(token_data: Path, tmp_path: Path) -> None:
@@ -746,6 +691,10 @@ def _read_js(path: Path, fn: str) -> Any:
     return args[0] if len(args) == 1 else args
 
 
+def argv_base(run: Path, out: Path) -> list[str]:
+    return ["browse", str(run), "--out", str(out), "--n-tokens", "128", "--features", "10"]
+
+
 def test_browser_folder_matches_direct_computation(runs: dict[str, Path], tmp_path: Path) -> None:
     from e2e_sae.analysis.browser import HIST_EDGES
     from e2e_sae.data import create_data_loader
@@ -792,9 +741,14 @@ def test_browser_folder_matches_direct_computation(runs: dict[str, Path], tmp_pa
     hook = "blocks.1.hook_resid_pre"
     with torch.no_grad():
         _, cache = model.forward_raw(tokens, run_entire_model=False, cache_positions=[hook])
-        c = model.sae(hook).encode(cache[hook])[..., :10]
+        c_all = model.sae(hook).encode(cache[hook]).reshape(-1, 64)
+        c = c_all.reshape(*tokens.shape, 64)[..., :10]
+        other_c = SAETransformer.from_local_path(other_run).sae(hook).encode(cache[hook])
+    live = (c_all != 0).any(0)
+    live_other = (other_c != 0).reshape(-1, other_c.shape[-1]).any(0)
     alive = [f for f in range(10) if (c[..., f] != 0).any()]
     assert index["ids"] == alive and index["slot"] == alive
+    assert index["dead"] == [f for f in range(10) if f not in alive]
     edges = torch.tensor(HIST_EDGES)
     d_all = model.sae(hook).dict_elements.detach()
     d_other = SAETransformer.from_local_path(other_run).sae(hook).dict_elements.detach()
@@ -812,13 +766,22 @@ def test_browser_folder_matches_direct_computation(runs: dict[str, Path], tmp_pa
         assert page["hist"] == torch.bincount(torch.bucketize(nz, edges), minlength=26).tolist()
         assert len(page["top"]) == min(3, int((cf.amax(1) > 0).sum()))
         assert page["top"][0][0] == pytest.approx(float(cf.max()), rel=1e-2)
-        # Each quantile example is a real token of that feature inside its bin.
-        assert 1 <= len(page["q"]) <= 5
-        for _, value, toks, acts, mark in page["q"]:
+        # Always five quantile rows, named by quantile; each example is a real token of that
+        # feature inside the bin holding that quantile, a different one per row while the bin
+        # has enough.
+        assert [q for q, *_ in page["q"]] == ["10%", "30%", "50%", "70%", "90%"]
+        cum = torch.tensor(page["hist"]).cumsum(0)
+        shown: dict[int, list[float]] = {}
+        for (_q, _, value, toks, acts, mark), frac in zip(
+            page["q"], (0.1, 0.3, 0.5, 0.7, 0.9), strict=True
+        ):
             b = int(torch.bucketize(torch.tensor(value), edges))
-            assert page["hist"][b] > 0
+            assert b == int(torch.searchsorted(cum.double(), frac * float(cum[-1])))
             assert (nz - value).abs().min() <= 1e-3 * max(1.0, value)
             assert acts[mark] == value and len(toks) == len(acts)
+            shown.setdefault(b, []).append(value)
+        for b, values in shown.items():
+            assert len(set(values)) == min(len(values), page["hist"][b]), (b, values)
         for value, _, acts, mark in page["top"]:
             assert acts[mark] == value == max(acts)
         # Promoted / suppressed: extremes of (w_ln * centred direction) @ W_U.
@@ -828,14 +791,37 @@ def test_browser_folder_matches_direct_computation(runs: dict[str, Path], tmp_pa
         assert [t for t, _ in page["down"]] == logit.topk(10, largest=False).indices.tolist()
         rms = float((logit - logit.mean()).pow(2).mean().sqrt())
         assert index["effect"][row] == pytest.approx(float(nz.mean()) * rms, rel=2e-2)
-        # Nearest features within the dictionary (itself excluded) and in the other run.
+        # Nearest live features within the dictionary (itself excluded) and in the other run.
         cos = F.normalize(d_all, dim=0).T @ F.normalize(d, dim=0)
         cos[f] = -2
+        cos[~live] = -3
         assert [i for i, _ in page["near"]] == cos.topk(8).indices.tolist()
         cos_o = F.normalize(d_other, dim=0).T @ F.normalize(d, dim=0)
+        cos_o[~live_other] = -3
         assert [i for i, _ in page["far"]] == cos_o.topk(8).indices.tolist()
+        assert all(live[i] for i, _ in page["near"]) and all(live_other[i] for i, _ in page["far"])
+        # Correlated features: Pearson r of the activations over the scanned tokens.
+        r = torch.corrcoef(torch.cat([c_all[:, f : f + 1], c_all], 1).T.double())[0, 1:]
+        r[f] = -2
+        r[~live] = -2
+        want = r.topk(8)
+        assert [i for i, _ in page["corr"]] == want.indices.tolist()
+        assert [v for _, v in page["corr"]] == pytest.approx(want.values.tolist(), rel=1e-2)
+        # The direct logit effect's histogram covers the whole vocabulary.
+        assert sum(page["lhist"]) == tl.cfg.d_vocab
+        assert page["lrange"] == pytest.approx([float(logit.min()), float(logit.max())], rel=1e-2)
     # Ablation KL for every live feature (fewer than the default 64), nonnegative.
     assert all(v is not None and v >= 0 for v in index["ablation"])
+    # The other run's features link to its browser folder (default: named after the run, next
+    # to this one); the search text holds the top snippets' context.
+    assert index["other_href"] == f"../{other_run.name}"
+    assert all(isinstance(x, str) and x for x in index["ctx"])
+    assert not any("the 0 most frequent" in n for n in index["notes"])
+    assert main([*argv_base(run, out), "--ablate", "0"]) == 0
+    index0 = _read_js(out / "data" / "index.js", "registerIndex")
+    assert "ablation" not in index0
+    assert "Ablation KL: not computed (--ablate 0)." in index0["notes"]
+    assert not any("0 most frequent" in n for n in index0["notes"])
     # Writing again replaces the folder; a folder that is not a browser's is refused.
     assert main(["browse", str(run), "--out", str(out), "--n-tokens", "64", "--features", "3"]) == 0
     assert not (out / "data" / "page_1.js").exists()
@@ -880,13 +866,12 @@ def test_browser_skip_first_position(model: SAETransformer) -> None:
 
 
 def test_js_data_and_html_are_escaped() -> None:
-    from e2e_sae.analysis.browser import _visible, js_call, readable
+    from e2e_sae.analysis.browser import js_call, readable
 
     evil = "</script><img src=x onerror=alert(1)>\u2028"
     js = js_call("registerPage", 0, {"tokens": {"1": evil}})
     assert "</" not in js and "\u2028" not in js
     assert json.loads(js[len("registerPage(0,") : -3]) == {"tokens": {"1": evil}}
-    assert _visible("<b>&") == "&lt;b&gt;&amp;"
     assert readable("a\nb\tc\x1b\u200b") == "a⏎b⇥c⟨0x1B⟩⟨U+200B⟩"
     app = (Path(__file__).resolve().parent.parent / "e2e_sae/assets/browser/app.js").read_text()
     assert "innerHTML" not in app  # data reaches the DOM only as textContent
@@ -1001,3 +986,117 @@ def test_paper_scale_script_builds_the_papers_settings() -> None:
     assert ds.loss.in_to_orig.hook_positions[0] == "blocks.15.hook_resid_post"
     assert len(ds.loss.in_to_orig.hook_positions) == 15 and ds.loss.logits_kl.coeff == 0.5
     assert mod.run_config(args, "e2e", 1.0, args.calib_tokens).n_samples == int(2e6 // 1024)
+
+
+# --- honest eval numbers --------------------------------------------------------------------------
+def test_eval_records_its_settings_and_never_silently_replaces_others(
+    token_data: Path, tmp_path: Path, capsys
+) -> None:
+    # eval_n_samples 6 is not a multiple of batch_size 4: training's evaluations and `eval` must
+    # still scan the same 6 windows (96 tokens), in the same order
+    cfg = _config(token_data, tmp_path, eval_n_samples=6, n_samples=16, eval_every_n_samples=8)
+    run = train(cfg, tmp_path / "run", progress=False)
+    evals = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+    last = [r for r in evals if "eval/kl" in r][-1]
+    assert last["eval/n_tokens"] == 96
+    assert main(["eval", str(run)]) == 0
+    ev = json.loads((run / "eval.json").read_text())
+    assert ev["n_tokens"] == 96 and ev["kl"] == pytest.approx(last["eval/kl"], rel=1e-5)
+    assert ev["per_sae"]["blocks.1.hook_resid_pre"]["l0"] == pytest.approx(
+        last["eval/l0/blocks.1.hook_resid_pre"], rel=1e-5
+    )
+    assert ev["settings"] == {
+        "dataset": str(token_data),
+        "split": "train",
+        "tokenizer_name": None,
+        "n_ctx": 16,
+        "n_windows": 6,
+        "n_tokens": 96,
+        "batch_size": 4,
+        "data_seed": 42,
+        "checkpoint": "samples_16.safetensors",
+    }
+    before = (run / "eval.json").read_text()
+    # The same settings again: rewritten (the same numbers). Other settings: refused, unchanged.
+    assert main(["eval", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(run), "--n-tokens", "32"]) == 2
+    err = capsys.readouterr().err
+    assert "n_windows: 6 -> 2" in err and "n_tokens: 96 -> 32" in err and "--overwrite" in err
+    assert (run / "eval.json").read_text() == before
+    assert main(["eval", str(run), "--n-tokens", "32", "--out", str(tmp_path / "e32.json")]) == 0
+    assert json.loads((tmp_path / "e32.json").read_text())["settings"]["n_tokens"] == 32
+    assert (tmp_path / "e32.feature_frequency.safetensors").is_file()
+    assert main(["eval", str(run), "--n-tokens", "32", "--overwrite"]) == 0
+    assert json.loads((run / "eval.json").read_text())["n_tokens"] == 32
+    # a file without settings (an older version's) is not replaced silently either
+    (run / "eval.json").write_text(json.dumps({"n_tokens": 96.0}))
+    assert main(["eval", str(run)]) == 2
+    assert "records no settings" in capsys.readouterr().err
+
+
+def test_quantile_examples_are_uniform_subsets_of_their_bin() -> None:
+    from e2e_sae.analysis.browser import HIST_EDGES, sample_update
+
+    # one feature, 20 activations in one histogram bin (1.1 .. 1.29), in 3 batches
+    values = torch.linspace(1.1, 1.29, 20)
+    c = values.view(4, 5, 1)
+    nb = len(HIST_EDGES) + 1
+    b = int(torch.bucketize(values[0], torch.tensor(HIST_EDGES)))
+    chosen = torch.zeros(20)
+    trials = 600
+    for seed in range(trials):
+        state: dict[str, torch.Tensor] = {}
+        gen = torch.Generator().manual_seed(seed)
+        for s in (0, 1, 3):  # batches of 1, 2, 1 sequences
+            e = {0: 1, 1: 3, 3: 4}[s]
+            sample_update(c[s:e], s, state, before=1, after=1, generator=gen, per_bin=5)
+        assert int(state["hist"][b]) == 20 and int(state["hist"].sum()) == 20
+        slots = state["value"][b * 5 : b * 5 + 5]
+        assert (state["seq"][b * 5 : b * 5 + 5] >= 0).all()
+        idx = torch.searchsorted(values, slots)
+        assert torch.equal(values[idx], slots) and idx.unique().numel() == 5  # 5 distinct
+        for k in range(5):  # the window and position belong to the kept token
+            seq, pos = int(state["seq"][b * 5 + k]), int(state["pos"][b * 5 + k])
+            assert float(c[seq, pos, 0]) == float(slots[k])
+        chosen[idx] += 1
+    # each of the 20 is kept with probability 5/20: expected 150 of 600 trials
+    assert state["key"][nb * 5 - 1] == -1  # untouched cells stay empty
+    assert chosen.min() > 110 and chosen.max() < 190, chosen
+
+
+def test_matryoshka_browser_shows_the_prefix_band(token_data: Path, tmp_path: Path) -> None:
+    saes = {
+        "sae_positions": ["blocks.1.hook_resid_pre"],
+        "dict_size_to_input_ratio": 2.0,
+        "architecture": "matryoshka",
+        "k": 4,
+        "architecture_kwargs": {"matryoshka_widths": [8, 24]},
+    }
+    cfg = _config(token_data, tmp_path, saes=saes, loss={"out_to_in": {"coeff": 1.0}})
+    model = SAETransformer.from_config(cfg, device="cpu")
+    model.run_config = cfg  # type: ignore[attr-defined]
+    write_browser(model, tmp_path / "b", n_tokens=64, ablate=0)
+    index = _read_js(tmp_path / "b" / "data" / "index.js", "registerIndex")
+    assert "prefix" in [c["key"] for c in index["columns"]]
+    want = [8 if i < 8 else 24 if i < 24 else 64 for i in index["ids"]]
+    assert index["prefix"] == want and len(set(want)) > 1
+    assert "Matryoshka prefixes (first N latents): 8, 24, 64." in index["notes"]
+
+
+def test_unset_batchtopk_threshold_is_not_divergence() -> None:
+    from e2e_sae.eval.evaluate import check_finite_weights
+    from e2e_sae.saes import BatchTopKSAE
+
+    sae = BatchTopKSAE(4, 8, k=2)
+    assert torch.isnan(sae.threshold)  # no training batch yet
+    check_finite_weights(sae, "untrained")  # accepted: eval falls back to per-token TopK
+    with torch.no_grad():
+        sae.threshold.fill_(float("inf"))
+    with pytest.raises(UserError, match=r"non-finite weights \(saes.threshold\)"):
+        check_finite_weights(sae, "x")
+    with torch.no_grad():
+        sae.threshold.fill_(float("nan"))
+        next(sae.parameters()).view(-1)[0] = float("nan")
+    with pytest.raises(UserError, match="non-finite weights"):
+        check_finite_weights(sae, "x")

@@ -3,6 +3,7 @@ mocked API) and the SAEBench adapter."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import shutil
 import struct
@@ -117,6 +118,12 @@ def test_export_import_roundtrip(arch: str, kwargs: dict[str, Any], tmp_path: Pa
     assert cfg["apply_b_dec_to_input"] is False and cfg["normalize_activations"] == "none"
     assert cfg["metadata"]["hook_name"] == HOOK and cfg["metadata"]["model_name"] == "tiny"
     assert cfg["hook_layer"] == 1
+    # the SAELens version the export was written for: the installed one (else the format's)
+    try:
+        installed = importlib.metadata.version("sae-lens")
+    except importlib.metadata.PackageNotFoundError:
+        installed = "6.0.0"
+    assert cfg["metadata"]["sae_lens_version"] == installed
     tensors = load_file(str(folder / "sae_weights.safetensors"))
     assert tensors["W_enc"].shape == (16, 48) and tensors["W_dec"].shape == (48, 16)
     assert torch.allclose(tensors["W_dec"].norm(dim=1), torch.ones(48), atol=1e-6)
@@ -413,6 +420,17 @@ def test_export_writes_sparsity_from_the_runs_eval(trained_run: Path, tmp_path: 
     export_run_saelens(run, tmp_path / "older", checkpoint=older.name)
     assert (tmp_path / "older" / HOOK / "cfg.json").is_file()
     assert not list((tmp_path / "older").rglob("sparsity.safetensors"))
+    # eval.json names the checkpoint it measured: an eval of the older one serves its export
+    older_model = SAETransformer.from_local_path(run, checkpoint=older.name, device="cpu")
+    assert main(["eval", str(run), "--n-tokens", "128"]) == 0  # same settings: rewritten
+    from e2e_sae.eval.evaluate import EVAL_JSON, evaluate_run, write_eval
+
+    write_eval(evaluate_run(older_model, n_tokens=128), run / EVAL_JSON, overwrite=True)
+    assert json.loads((run / EVAL_JSON).read_text())["settings"]["checkpoint"] == older.name
+    export_run_saelens(run, tmp_path / "older2", checkpoint=older.name)
+    assert (tmp_path / "older2" / HOOK / "sparsity.safetensors").is_file()
+    export_run_saelens(run, tmp_path / "newest")  # the newest was not measured: none
+    assert not list((tmp_path / "newest").rglob("sparsity.safetensors"))
 
 
 # --- Hugging Face Hub against a local folder -----------------------------------------------------

@@ -37,6 +37,11 @@ def test_quickstart_notebook_executes(tmp_path: Path, monkeypatch: pytest.Monkey
     run_dir = tmp_path / "runs" / "demo"
     ev = json.loads((run_dir / "eval.json").read_text())
     assert ev["n_tokens"] == 8 * 128 and "blocks.2.hook_resid_pre" in ev["per_sae"]
-    page = (run_dir / "features.html").read_text()
-    shown = [int(i) for i in re.findall(r"<section id=f(\d+) ", page)]
+    assert (run_dir / "features" / "index.html").is_file()
+    index = (run_dir / "features" / "data" / "index.js").read_text()
+    shown = json.loads(index[len("registerIndex(") : -3])["ids"]
     assert shown and max(shown) < 64  # the notebook asks for the first 64 features
+    # public API only: everything it imports comes from the package itself
+    sources = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    imports = re.findall(r"^\s*(?:from|import) (\S+)", sources, re.M)
+    assert {m for m in imports if m.startswith("e2e_sae")} == {"e2e_sae"}

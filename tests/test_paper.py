@@ -20,7 +20,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from e2e_sae.analysis import activations as act
 from e2e_sae.analysis import geometry as geo
-from e2e_sae.analysis.plots import RunInfo, load_runs
+from e2e_sae.analysis.plots import RunInfo, load_runs, run_labels
 from e2e_sae.cli import main
 from e2e_sae.config import Config, load_config
 from e2e_sae.interop import pretrained as pre
@@ -143,8 +143,8 @@ def test_pooled_density_weights_each_comparison_equally() -> None:
 def test_geometry_figures_layout_and_labels(fake_runs: list[RunInfo]) -> None:
     comps = geo.geometry_comparisons(fake_runs)
     labels = geo.run_labels(fake_runs)
-    assert labels[fake_runs[0].run_dir] == "local λ=0.1 s0"
-    assert labels[fake_runs[4].run_dir] == "e2e+ds λ=0.1"
+    assert labels[fake_runs[0].run_dir] == "local relu λ=0.1, seed=0"
+    assert labels[fake_runs[4].run_dir] == "e2e+ds relu λ=0.1"
     summary = geo.summary_figure(fake_runs, comps)
     assert summary is not None
     check_layout(summary)
@@ -350,6 +350,14 @@ def test_paper_figures_writes_every_file_and_an_index(runs: list[Path], tmp_path
         assert f"({stem}.png)" in index and f'src="{stem}.png"' in page, stem
     for table in ("runs.md", "geometry.md", "activations.md"):
         assert f"[{table}]({table})" in index
+    # one short label per run, the same in runs.md and in the figures (plots.run_labels)
+    labels = run_labels(load_runs(runs))
+    assert labels == ["local relu λ=0.1, seed=0", "local relu λ=0.1, seed=1", "e2e relu λ=0.1",
+                      "e2e+ds relu λ=0.1"]  # fmt: skip
+    table = (out / "runs.md").read_text()
+    within = (out / "geometry_within_dictionary.svg").read_text()
+    for label in labels:
+        assert f"| {label} |" in table and label in within, label
     acts = json.loads((out / "activations.json").read_text())
     runs_at = acts["positions"][POS]["runs"]
     assert {v["type"] for v in runs_at.values()} == {"local", "e2e", "e2e+ds"}

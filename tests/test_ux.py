@@ -10,6 +10,7 @@ import pytest
 import yaml
 from conftest import make_config_dict
 
+from e2e_sae.analysis.overlay import plot_curves_overlay
 from e2e_sae.analysis.plots import (
     RunInfo,
     downstream_figure,
@@ -18,7 +19,7 @@ from e2e_sae.analysis.plots import (
 from e2e_sae.cli import main
 from e2e_sae.config import Config, load_config, yaml_load
 from e2e_sae.errors import ConfigError
-from e2e_sae.training.curves import CURVES_FILE, panel_title, plot_curves_overlay
+from e2e_sae.training.curves import CURVES_FILE, panel_title
 from e2e_sae.training.loop import TokenRate, format_rate
 from e2e_sae.training.sweep import load_sweep, parse_set
 from e2e_sae.training.trainer import train
@@ -114,9 +115,89 @@ def test_dry_run_checks_hooks_against_the_model(config_dict, tmp_path: Path, cap
     assert main(["train", str(path), "--dry-run"]) == 0
     captured = capsys.readouterr()
     positions = ", ".join(f"blocks.{i}.hook_resid_pre" for i in range(3))
-    assert f"SAE positions: {positions}" in captured.err
+    assert f"\n# SAE positions: {positions} (relu)\n" in captured.out
+    assert captured.out.endswith("\n")  # the report lines are YAML comments: still a config
     assert yaml.safe_load(captured.out)["saes"]["sae_positions"] == ["hook_resid_pre"]
     assert not (tmp_path / "runs").exists()
+    # A pattern matches whole dot-separated parts: a truncated hook name matches nothing.
+    cfg["saes"]["sae_positions"] = ["blocks.1.hook_resid_pr"]
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(path), "--dry-run"]) == 2
+    assert "did you mean 'blocks.1.hook_resid_pre'?" in capsys.readouterr().err
+
+
+def test_hook_patterns_match_whole_name_parts() -> None:
+    from e2e_sae.lm.sites import filter_names, matches_pattern
+
+    names = [
+        "hook_embed",
+        "blocks.1.hook_resid_pre",
+        "blocks.1.attn.hook_q",
+        "blocks.12.hook_resid_pre",
+    ]
+    assert filter_names(names, ["hook_resid_pre"], "f") == [names[1], names[3]]
+    assert filter_names(names, ["blocks.1"], "f") == names[1:3]  # not blocks.12
+    assert filter_names(names, ["attn.hook_q"], "f") == [names[2]]
+    for partial in ("blocks.1.hook_resid_pr", "resid_pre", "hook_resid", "locks.1"):
+        assert not any(matches_pattern(n, partial) for n in names), partial
+        with pytest.raises(ConfigError, match="matches no hook"):
+            filter_names(names, [partial], "saes.sae_positions")
+
+
+# Each of these passed `--dry-run` before and failed only in the real run (on the built-in
+# shakespeare-lm: d_vocab 4096, n_ctx 128).
+DRY_RUN_CATCHES = [
+    ({"saes.architecture": "TopK"}, "saes.architecture: unknown 'TopK' (did you mean 'topk'?"),
+    ({"saes.architecture": "topk"}, "saes.k: required for architecture 'topk'"),
+    (
+        {"saes.architecture": "matryoshka", "saes.k": 8},
+        "saes.architecture_kwargs.matryoshka_widths",
+    ),
+    (
+        {"train_data.tokenizer_name": "gpt2"},
+        "train_data.tokenizer_name: 'gpt2' has 50,257 tokens, more than the model's d_vocab 4,096",
+    ),
+    ({"eval_data.n_ctx": 512}, "eval_data.n_ctx: 512 is longer than the model's context n_ctx=128"),
+    ({"train_data.dataset_name": "./no/such/corpus"}, "path './no/such/corpus' does not exist"),
+    ({"train_data.dataset_name": "shakespear"}, "(did you mean 'shakespeare'?)"),
+    ({"eval_data.tokenizer_name": "shakespeare_bpe"}, "(did you mean 'shakespeare-bpe'?)"),
+    ({"tlens_model_name": "shakespeare_lm"}, "unknown model 'shakespeare_lm' (did you mean"),
+    (
+        {"saes.sae_positions": ["blocks.2.hook_resid_pr"]},
+        "(did you mean 'blocks.2.hook_resid_pre'?)",
+    ),
+    ({"teacher_cache": "no/such/cache"}, "teacher_cache: no/such/cache does not exist"),
+]
+
+
+@pytest.mark.parametrize(("change", "needle"), DRY_RUN_CATCHES, ids=lambda v: str(v)[:40])
+def test_dry_run_catches_what_the_run_catches(change, needle, tmp_path: Path, capsys) -> None:
+    from e2e_sae.cli.demo import demo_config_dict
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(demo_config_dict(save_dir=tmp_path / "runs")))
+    sets = [f"--set={k}={json.dumps(v)}" for k, v in change.items()]
+    assert main(["train", str(path), "--dry-run", *sets]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err, err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_dry_run_warns_when_an_aux_loss_can_never_act(tmp_path: Path, capsys) -> None:
+    from e2e_sae.cli.demo import demo_config_dict
+
+    path = tmp_path / "c.yaml"
+    cfg = demo_config_dict(save_dir=tmp_path / "runs")
+    cfg["saes"].update(architecture="topk", k=8)
+    path.write_text(yaml.safe_dump(cfg))
+    # the default dead threshold (a tenth of the run's 512,000 tokens) lets AuxK act
+    assert main(["train", str(path), "--dry-run"]) == 0
+    assert "warning" not in capsys.readouterr().out
+    fixed = "--set=saes.architecture_kwargs.dead_tokens_threshold=10000000"
+    assert main(["train", str(path), "--dry-run", fixed]) == 0
+    out = capsys.readouterr().out
+    assert "# warning: blocks.2.hook_resid_pre: AuxK can never act" in out
+    assert "(10,000,000 tokens) is not below the run's 512,000 training tokens" in out
 
 
 def test_dry_run_checks_in_to_orig_hooks_of_a_builtin_model(tmp_path: Path, capsys) -> None:
@@ -141,6 +222,37 @@ def test_token_rate_is_current_not_cumulative() -> None:
     assert rate == pytest.approx(100.0)
     assert format_rate(1234.0) == "1.23k tok/s" and format_rate(12.0) == "12 tok/s"
     assert format_rate(2.5e6) == "2.5M tok/s"
+
+
+def test_speed_and_eta_leave_evaluation_out() -> None:
+    import io
+
+    from tqdm import tqdm
+
+    from e2e_sae.training.loop import pause_bar
+
+    # 10 steps of 1 s, then a 60 s evaluation, then a step: the current speed stays 1 step/s
+    r = TokenRate(window_s=5.0, now=0.0)
+    for t in range(1, 11):
+        r.update(100, now=float(t))
+    r.pause(60.0)
+    assert r.update(100, now=71.0) == pytest.approx(100.0)
+    clock = [0.0]
+    bar = tqdm(total=20, file=io.StringIO(), mininterval=0, smoothing=0)
+    bar._time = lambda: clock[0]  # type: ignore[attr-defined]
+    bar.start_t = bar.last_print_t = 0.0
+    for _ in range(10):
+        clock[0] += 1.0
+        bar.update(1)
+    clock[0] += 60.0  # the evaluation
+    pause_bar(bar, 60.0)
+    clock[0] += 1.0
+    bar.update(1)
+    info = bar.format_dict
+    assert info["elapsed"] == pytest.approx(11.0)
+    assert info["n"] / info["elapsed"] == pytest.approx(1.0)  # the rate tqdm shows and its ETA use
+    bar.close()
+    pause_bar(tqdm(total=1, disable=True), 1.0)  # a disabled bar has no clock: nothing to do
 
 
 # --- a training run: curves, progress, dead window ------------------------------------------------
@@ -198,6 +310,7 @@ def test_curves_overlay_has_one_line_per_run(two_runs: list[Path], tmp_path: Pat
     assert [p.name for p in out.paths] == [
         "training_curves_overlay.png",
         "training_curves_overlay.svg",
+        "training_curves_overlay.md",  # the side table: label -> run directory
     ]
     assert out.paths[0].read_bytes()[:8] == PNG_MAGIC
     names = [d.name for d in two_runs]
@@ -259,10 +372,9 @@ def test_downstream_one_colour_per_run_and_full_names(token_data: Path, tmp_path
     ax_ev, ax_mse = fig.axes
     colors = [line.get_color() for line in ax_ev.get_lines()]
     assert len(colors) == 3 and len(set(colors)) == 3
-    legend = ax_ev.get_legend()
-    assert legend is not None
+    (legend,) = fig.legends
     texts = [t.get_text() for t in legend.get_texts()]
-    assert texts == [f"e2e: {LONG}-{i} (λ={c:g})" for i, c in enumerate((0.5, 1.0, 2.0))]
+    assert texts == [f"e2e relu λ={c:g}" for c in (0.5, 1.0, 2.0)]  # full names: runs.md
     # The MSE axis is logarithmic over less than a decade: its labels are plain numbers.
     fig.canvas.draw()
     labels = [t.get_text() for t in ax_mse.get_yticklabels(which="both") if t.get_text()]
@@ -285,11 +397,11 @@ def test_tradeoff_draws_the_front_and_labels_points(token_data: Path, tmp_path: 
     assert front.get_linestyle() == "-" and front.get_marker() == "o"
     assert list(rest.get_xdata()) == [20] and rest.get_linestyle() == "None"
     assert [t.get_text() for t in ax.texts] == ["λ=2", "λ=0.5", "λ=0.1"]  # sorted by L0
-    legend = ax.get_legend()
-    assert legend is not None
+    (legend,) = fig.legends
     assert [t.get_text() for t in legend.get_texts()] == [
-        "local (3 runs): Pareto front, 2 points",
-        "local: other runs",
+        "local · relu (3 runs)",
+        "filled, joined: its group's Pareto front",
+        "hollow: beaten in both by its group",
     ]
 
 
@@ -305,13 +417,73 @@ def test_eval_and_browse_count_dead_over_the_same_tokens(two_runs: list[Path], t
     n = int(result.metrics["n_tokens"])
     dead = int(result.per_sae[POS]["dead_dict_elements"])
     assert f"(dead: fired on none of the {n:,} eval tokens)" in eval_table(result)
-    page = write_browser(run, tmp_path / "b.html", device="cpu").read_text()
+    write_browser(run, tmp_path / "b", device="cpu", ablate=0)
+    page = (tmp_path / "b" / "data" / "index.js").read_text(encoding="utf-8").replace(",", "")
     m = re.search(
-        r"(\d+) tokens scanned; \d+ features shown; (\d+) dead \(fired on none of the "
-        r"(\d+) tokens scanned\)",
+        r"(\d+) tokens scanned \([^)]*\); \d+ features (\d+) dead \(fired on none of them\)",
         page,
     )
     assert m is not None
-    assert (int(m.group(1)), int(m.group(2)), int(m.group(3))) == (n, dead, n)
+    assert (int(m.group(1)), int(m.group(2))) == (n, dead)
     counts = result.feature_counts[POS]
     assert dead == int((counts == 0).sum())
+
+
+# --- small things ---------------------------------------------------------------------------------
+def test_train_takes_set_and_n_samples(config_dict, tmp_path: Path, capsys) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config_dict(n_samples=64, eval_n_samples=4)))
+    args = ["train", str(path), "--n-samples", "8", "--set", "loss.sparsity.coeff=2.5e-1"]
+    assert main([*args, "--set", "run_name=tiny"]) == 0
+    (run,) = (tmp_path / "runs").glob("tiny_*")
+    final = yaml.safe_load((run / "final_config.yaml").read_text())
+    assert final["n_samples"] == 8 and final["loss"]["sparsity"]["coeff"] == 0.25
+    assert [p.name for p in run.glob("samples_*.safetensors")] == ["samples_8.safetensors"]
+    assert main(["train", str(path), "--dry-run", "--set", "lr"]) == 2
+    assert "--set: expected KEY=VALUE" in capsys.readouterr().err
+    assert main(["train", str(path), "--dry-run", "--set", "saes.k=x"]) == 2
+    assert "c.yaml (with --set / --n-samples): saes.k" in capsys.readouterr().err
+
+
+def test_saes_are_indexed_by_hook_name_too(config_dict) -> None:
+    from e2e_sae.lm.splice import SAETransformer
+
+    model = SAETransformer.from_config(load_config(config_dict()), device="cpu")
+    pos = "blocks.1.hook_resid_pre"
+    assert model.saes[pos] is model.sae(pos) is model.saes["blocks-1-hook_resid_pre"]
+    assert pos in model.saes and "blocks.2.hook_resid_pre" not in model.saes
+    assert list(model.saes.keys()) == ["blocks-1-hook_resid_pre"]  # the original's keys
+    with pytest.raises(KeyError, match=r"no SAE at 'blocks.2.hook_resid_pre'.*model.sae\("):
+        model.saes["blocks.2.hook_resid_pre"]
+
+
+def test_auxk_dead_threshold_defaults_to_the_runs_length(config_dict, caplog) -> None:
+    from e2e_sae.lm.splice import SAETransformer
+    from e2e_sae.saes import TopKSAE
+    from e2e_sae.training.trainer import setup
+
+    topk = {"sae_positions": ["blocks.1.hook_resid_pre"], "architecture": "topk", "k": 4}
+    for arch in ("topk", "batchtopk", "matryoshka"):
+        saes = {**topk, "architecture": arch}
+        if arch == "matryoshka":
+            saes["architecture_kwargs"] = {"matryoshka_widths": [16, 32]}
+        cfg = load_config(config_dict(saes=saes, loss={"out_to_in": {"coeff": 1.0}}))
+        sae = SAETransformer.from_config(cfg, device="cpu").sae("blocks.1.hook_resid_pre")
+        assert isinstance(sae, TopKSAE)
+        assert sae.dead_tokens_threshold == 32 * 16 // 10  # a tenth of 512 training tokens
+    # Gao et al.'s 10M for long runs; a given threshold wins
+    big = load_config(config_dict(saes=topk, n_samples=10**7, loss={"out_to_in": {"coeff": 1}}))
+    assert SAETransformer.from_config(big, device="cpu").sae(
+        "blocks.1.hook_resid_pre"
+    ).dead_tokens_threshold == (10_000_000)
+    fixed = {**topk, "architecture_kwargs": {"dead_tokens_threshold": 10_000}}
+    cfg = load_config(config_dict(saes=fixed, loss={"out_to_in": {"coeff": 1.0}}))
+    with caplog.at_level("WARNING"):
+        setup(cfg, device="cpu")
+    assert "AuxK can never act" in caplog.text and "run's 512 training tokens" in caplog.text
+    # relu resampling that starts after the first half
+    caplog.clear()
+    late = {"sae_positions": ["blocks.1.hook_resid_pre"], "resample_every_n_samples": 20}
+    with caplog.at_level("WARNING"):
+        setup(load_config(config_dict(saes=late)), device="cpu")
+    assert "resampling can never act" in caplog.text

@@ -40,6 +40,7 @@ from e2e_sae.analysis.plots import (
     RunInfo,
     save_figure,
 )
+from e2e_sae.analysis.plots import run_labels as plots_run_labels
 from e2e_sae.errors import UserError
 from e2e_sae.runs.checkpoint import list_checkpoints, read_tensors
 
@@ -296,22 +297,9 @@ def umap_embedding(
 
 # --- labels ---------------------------------------------------------------------------------------
 def run_labels(runs: Sequence[RunInfo]) -> dict[Path, str]:
-    """Short legend labels: type and sparsity (`e2e λ=1`), plus the seed where runs that share
-    type and sparsity differ in it, plus `#i` where two runs would still read the same."""
-    base = {r.run_dir: f"{r.sae_type} {r.sparsity_label}".strip() for r in runs}
-    counts: dict[str, int] = {}
-    for v in base.values():
-        counts[v] = counts.get(v, 0) + 1
-    out = {
-        r.run_dir: base[r.run_dir] + (f" s{r.config.seed}" if counts[base[r.run_dir]] > 1 else "")
-        for r in runs
-    }
-    seen: dict[str, int] = {}
-    for r in runs:
-        n = seen[out[r.run_dir]] = seen.get(out[r.run_dir], 0) + 1
-        if n > 1:
-            out[r.run_dir] += f" #{n}"
-    return out
+    """Each run's short label, as in the Pareto figures and runs.md (`plots.run_labels`: type,
+    architecture, sparsity, plus what tells look-alike runs apart, e.g. `e2e relu λ=1, seed=1`)."""
+    return dict(zip((r.run_dir for r in runs), plots_run_labels(runs), strict=True))
 
 
 def short_position(position: str) -> str:

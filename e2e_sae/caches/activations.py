@@ -306,7 +306,7 @@ def check_cacheable(config: Config) -> None:
                 f"loss.{name}: needs the LM past the SAEs; training from cached activations "
                 f"supports only {', '.join(LOCAL_TERMS)}"
             )
-    if config.precision != "fp32":
+    if config.precision == "bf16":
         raise ConfigError("precision: training from cached activations runs in fp32; set fp32")
 
 

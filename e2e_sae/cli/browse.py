@@ -25,11 +25,11 @@ def cmd_browse(args: argparse.Namespace) -> int:
         progress=True,
         skip_first=args.skip_first,
         compare=args.compare,
+        compare_browser=args.compare_browser,
         page_size=args.page_size,
         ablate=args.ablate,
     )
-    single = args.out.suffix.lower() in (".html", ".htm")
-    files = [out] if single else [p for p in out.parent.rglob("*") if p.is_file()]
+    files = [p for p in out.parent.rglob("*") if p.is_file()]
     size = sum(p.stat().st_size for p in files) / 1e6
     print(f"wrote {out} ({len(files)} files, {size:.1f} MB) in {time.perf_counter() - t0:.1f} s")
     return 0
@@ -42,8 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--out",
         type=Path,
         required=True,
-        help="folder to write (index.html + data/, opens from disk); a name ending in "
-        ".html writes the older single-file page instead",
+        help="folder to write (index.html + data/, opens from disk)",
     )
     b.add_argument("--sae", default=None, help="SAE position (needed when the run has several)")
     b.add_argument(
@@ -72,6 +71,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="a second run: list each feature's nearest decoder directions in its SAE "
         "at the same position",
+    )
+    b.add_argument(
+        "--compare-browser",
+        type=Path,
+        default=None,
+        help="the --compare run's browser folder, where its features are linked (default: a "
+        "folder named after that run next to --out)",
     )
     b.add_argument("--page-size", type=int, default=256, help="features per lazily loaded file")
     b.add_argument(

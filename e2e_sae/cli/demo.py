@@ -9,25 +9,24 @@ from __future__ import annotations
 
 import argparse
 import time
-from importlib import resources
 from pathlib import Path
 from typing import Any
-
-DEMO_CONFIG = "demo.yaml"
 
 
 def demo_config_path() -> Path:
     """The packaged demo config (e2e_sae/configs/demo.yaml)."""
-    return Path(str(resources.files("e2e_sae") / "configs" / DEMO_CONFIG))
+    from e2e_sae.config import DEMO_CONFIG
+
+    return DEMO_CONFIG
 
 
 def demo_config_dict(
     save_dir: Path | None = None, n_samples: int | None = None, eval_n_samples: int | None = None
 ) -> dict[str, Any]:
     """The demo config as a dict, with the CLI overrides applied."""
-    from e2e_sae.config import read_yaml
+    from e2e_sae.config import demo_config
 
-    cfg = dict(read_yaml(demo_config_path()))
+    cfg = demo_config()
     if save_dir is not None:
         cfg["save_dir"] = str(save_dir)
     if n_samples is not None:
@@ -51,6 +50,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         getattr(args, "n_samples", None),
         getattr(args, "eval_n_samples", None),
     )
+    from e2e_sae.training.sweep import parse_set, set_dotted
+
+    for key, value in parse_set(getattr(args, "set", None) or []).items():
+        set_dotted(overrides, key, value)  # `e2e-sae train --set KEY=VALUE` without a config
     config = load_config(overrides)
     assert isinstance(config, Config)
     print(

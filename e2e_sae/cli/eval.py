@@ -1,7 +1,9 @@
 """`e2e-sae eval RUN_DIR`: load a run, splice all its SAEs in, measure on held-out data.
 
 Writes RUN_DIR/eval.json (or --out) and, next to it, the per-latent firing frequencies
-(`eval.feature_frequency.safetensors`) that `e2e-sae plot` draws density histograms from.
+(`eval.feature_frequency.safetensors`) that `e2e-sae plot` draws density histograms from. The file
+records its settings (dataset, split, tokens, checkpoint, ...); one of other settings is replaced
+only with --overwrite.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
         result.metrics["graph_replacement_score"] = scores["replacement_score"]
         result.metrics["graph_completeness_score"] = scores["completeness_score"]
         result.graphs = scores["per_prompt"]
-    out = write_eval(result, out)
+    out = write_eval(result, out, overwrite=args.overwrite)
     print(eval_table(result))
     if result.downstream:
         print("\ndownstream reconstruction (SAE-spliced vs clean run)")
@@ -72,6 +74,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--batch-size", type=int, default=None)
     e.add_argument(
         "--out", type=Path, default=None, help="write JSON here (default RUN_DIR/eval.json)"
+    )
+    e.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing eval file that records other settings (split, tokens, "
+        "checkpoint, ...); without it that is an error",
     )
     e.add_argument("--device", default=None)
     e.add_argument(

@@ -9,18 +9,19 @@ from pathlib import Path
 
 def cmd_plot(args: argparse.Namespace) -> int:
     if args.curves:
-        from e2e_sae.training.curves import plot_curves_overlay
+        from e2e_sae.analysis.overlay import plot_curves_overlay
 
-        for p in plot_curves_overlay(args.run_dirs, args.out).paths:
-            print(p)
-        return 0
-    from e2e_sae.analysis.geometry import plot_geometry
-    from e2e_sae.analysis.plots import load_runs, make_plots
-    from e2e_sae.errors import check_output_folder
+        paths = plot_curves_overlay(args.run_dirs, args.out).paths
+    else:
+        from e2e_sae.analysis.geometry import plot_geometry
+        from e2e_sae.analysis.plots import load_runs, make_plots
+        from e2e_sae.errors import check_output_folder
 
-    check_output_folder(args.out, "--out")  # before evaluating any run
-    runs = load_runs(args.run_dirs, n_tokens=args.n_tokens, device=args.device, progress=True)
-    paths = make_plots(runs, args.out) + plot_geometry(runs, args.out)
+        check_output_folder(args.out, "--out")  # before evaluating any run
+        runs = load_runs(args.run_dirs, n_tokens=args.n_tokens, device=args.device, progress=True)
+        paths = make_plots(runs, args.out) + plot_geometry(runs, args.out)
+    for t in (p for p in paths if p.suffix == ".md"):  # the runs as the figures name them
+        print(t.read_text(encoding="utf-8"))
     for p in paths:
         print(p)
     return 0

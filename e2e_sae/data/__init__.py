@@ -8,6 +8,7 @@ and can resume at any batch. Streaming hub datasets go through a seeded buffer s
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import logging
@@ -24,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from e2e_sae.config import DatasetConfig
-from e2e_sae.data.corpora import get_builtin_corpus
+from e2e_sae.data.corpora import BUILTIN_CORPORA, get_builtin_corpus
 from e2e_sae.data.tokenizer import load_tokenizer
 from e2e_sae.errors import UserError
 
@@ -140,6 +141,25 @@ def read_text_file(path: Path, errors: str = "strict") -> str:
         ) from None
 
 
+def check_dataset_name(name: str) -> None:
+    """A dataset name that is no built-in corpus and no existing path must be a hub name: refuse
+    a missing path (it starts with '.', '/' or '~', ends in a data file suffix, or its first folder
+    exists here) and a near miss of a built-in corpus (`shakespear`), which would otherwise go to
+    the hub and fail there."""
+    if get_builtin_corpus(name) is not None or Path(name).expanduser().exists():
+        return
+    first = Path(name).parts[0] if Path(name).parts else ""
+    if (
+        name.startswith((".", "/", "~"))
+        or name.endswith((".txt", ".md", ".jsonl", ".json", ".parquet", ".arrow"))
+        or ("/" in name and Path(first).is_dir())
+    ):
+        raise UserError(f"dataset_name: path '{name}' does not exist")
+    close = difflib.get_close_matches(name.strip().lower(), list(BUILTIN_CORPORA), 1, 0.85)
+    if close and "/" not in name:
+        raise UserError(f"dataset_name: unknown dataset '{name}' (did you mean '{close[0]}'?)")
+
+
 def _load_rows(cfg: DatasetConfig, streaming: bool) -> Any:
     """Rows of the requested split as a `datasets` object or a {column: list} dict."""
 
@@ -149,10 +169,7 @@ def _load_rows(cfg: DatasetConfig, streaming: bool) -> Any:
     path = Path(cfg.dataset_name).expanduser()
     if path.exists():
         return _read_local_dataset(path, cfg)
-    if cfg.dataset_name.startswith((".", "/", "~")) or cfg.dataset_name.endswith(
-        (".txt", ".jsonl", ".parquet")
-    ):
-        raise UserError(f"dataset_name: path '{cfg.dataset_name}' does not exist")
+    check_dataset_name(cfg.dataset_name)
     import datasets
 
     try:

@@ -15,6 +15,7 @@ Loaded tokenizers are cached per name and shared: callers must not mutate them.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import importlib.util
 import logging
@@ -223,6 +224,41 @@ def _load_from_hub(name: str) -> PreTrainedTokenizerBase:
         raise _unavailable(name) from err
 
 
+def builtin_tokenizer_dir(name: str) -> Path | None:
+    """Folder of a tokenizer shipped in the package (e.g. `shakespeare-bpe`), if any."""
+    folder = Path(__file__).resolve().parent.parent / "assets" / "tokenizers" / name.strip()
+    ok = name.strip() and "/" not in name and (folder / "tokenizer_config.json").is_file()
+    return folder if ok else None
+
+
+def offline_tokenizer_names() -> list[str]:
+    """The tokenizer names that load without the network (besides local folders)."""
+    root = Path(__file__).resolve().parent.parent / "assets" / "tokenizers"
+    shipped = [p.name for p in root.iterdir() if (p / "tokenizer_config.json").is_file()]
+    return [*sorted(shipped), *sorted(GPT2_NAMES), *GGUF_MODEL_ALIASES]
+
+
+def check_tokenizer_name(name: str) -> None:
+    """Refuse a near miss of an offline tokenizer name (`shakespeare_bpe`), which would otherwise
+    go to the hub and fail there."""
+    if loads_offline(name):
+        return
+    close = difflib.get_close_matches(name.strip().lower(), offline_tokenizer_names(), 1, 0.8)
+    if close:
+        raise UserError(f"tokenizer_name '{name}': unknown tokenizer (did you mean '{close[0]}'?)")
+
+
+def loads_offline(name: str) -> bool:
+    """Whether `load_tokenizer(name)` needs no network (a local folder or an offline name)."""
+    n = name.strip()
+    return bool(n) and (
+        Path(n).expanduser().is_dir()
+        or builtin_tokenizer_dir(n) is not None
+        or is_gguf_model_name(n)
+        or n.lower() in GPT2_NAMES
+    )
+
+
 @functools.lru_cache(maxsize=16)
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     """Load a tokenizer by hub name, built-in offline name or local folder (see module docs).
@@ -234,8 +270,8 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     if name and folder.is_dir():
         return _finalise(_load_local_folder(name, folder))
     # Tokenizers shipped in the package (e.g. `shakespeare-bpe`, the one of `shakespeare-lm`).
-    builtin = Path(__file__).resolve().parent.parent / "assets" / "tokenizers" / name
-    if name and "/" not in name and (builtin / "tokenizer_config.json").is_file():
+    builtin = builtin_tokenizer_dir(name)
+    if builtin is not None:
         return _finalise(_load_local_folder(name, builtin))
 
     if is_gguf_model_name(name):
@@ -251,6 +287,7 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
 
     if not name or name.startswith(("/", "./", "../", "~")):
         raise UserError(f"tokenizer_name '{name}': no such folder. {_OFFLINE_HINT}")
+    check_tokenizer_name(name)
     return _finalise(_load_from_hub(name))
 
 

@@ -268,6 +268,8 @@ class EvalResult:
     feature_counts: dict[str, Tensor] = field(default_factory=dict)
     graphs: list[dict[str, Any]] = field(default_factory=list)
     """circuit-tracer's attribution graphs' scores per prompt (`--graph-prompts`), else empty."""
+    settings: dict[str, Any] = field(default_factory=dict)
+    """What was evaluated on what (`eval_settings`): the same settings give the same numbers."""
 
     def flat(self, prefix: str = "eval/") -> dict[str, float]:
         out = {f"{prefix}{k}": v for k, v in self.metrics.items()}
@@ -282,8 +284,14 @@ class EvalResult:
         return self.feature_counts[position].double() / self.metrics["n_tokens"]
 
     def to_json(self) -> dict[str, Any]:
-        """What `eval.json` holds: model-level metrics at the top, then `per_sae`, `downstream`."""
-        out = {**self.metrics, "per_sae": self.per_sae, "downstream": self.downstream}
+        """What `eval.json` holds: `settings`, model-level metrics at the top, then `per_sae`,
+        `downstream` (and `graphs` with `--graph-prompts`)."""
+        out = {
+            "settings": self.settings,
+            **self.metrics,
+            "per_sae": self.per_sae,
+            "downstream": self.downstream,
+        }
         return {**out, "graphs": self.graphs} if self.graphs else out
 
 
@@ -392,6 +400,64 @@ def evaluate(
     )
 
 
+# --- the eval windows -----------------------------------------------------------------------------
+EVAL_SEED_OFFSET = 42
+"""Eval batches come from the data loader seeded `seed + 42` (another order than training's, as in
+the original)."""
+DEFAULT_EVAL_WINDOWS = 50
+
+
+def eval_windows(config: Config, n_tokens: int | None, n_ctx: int) -> int:
+    """Windows an evaluation scans: `n_tokens` rounded up to whole windows of `n_ctx`, by
+    default the run's `eval_n_samples` (else 50), as in training's evaluations."""
+    if n_tokens is None:
+        return config.eval_n_samples or DEFAULT_EVAL_WINDOWS
+    if n_tokens <= 0:
+        raise UserError(f"--n-tokens: expected a positive number, got {n_tokens}")
+    return math.ceil(n_tokens / n_ctx)
+
+
+def eval_window_batches(
+    data: DatasetConfig, batch_size: int, n_windows: int, seed: int, request: str | None = None
+) -> tuple[Iterator[Tensor], int, int]:
+    """(batches, how many, windows): `n_windows` eval windows in batches of `batch_size` (the last
+    one cut short), in the order every evaluation of the run uses (loader seed `seed + 42`), so
+    training's evaluations, `e2e-sae eval` and `browse` see the same tokens. An eval set holding
+    fewer windows: see `data.eval_batches` (a UserError naming `request`; without one, the whole
+    set, and `windows` says how many that is)."""
+    n_batches = math.ceil(n_windows / batch_size)
+    loader, n_batches = eval_batches(data, batch_size, seed + EVAL_SEED_OFFSET, n_batches, request)
+    n_windows = min(n_windows, n_batches * batch_size)
+
+    def cut() -> Iterator[Tensor]:
+        left = n_windows
+        for batch in loader:  # a streaming dataset may end first
+            yield batch[:left]
+            left -= batch.shape[0]
+            if left <= 0:
+                return
+
+    return cut(), n_batches, n_windows
+
+
+def eval_settings(
+    data: DatasetConfig, n_windows: int, batch_size: int, seed: int, checkpoint: Path | None
+) -> dict[str, Any]:
+    """The settings an `eval.json` records: dataset, split, tokenizer, window length, windows and
+    tokens, batch size, the loader's seed and the checkpoint file evaluated."""
+    return {
+        "dataset": data.dataset_name,
+        "split": data.split,
+        "tokenizer_name": data.tokenizer_name,
+        "n_ctx": data.n_ctx,
+        "n_windows": n_windows,
+        "n_tokens": n_windows * data.n_ctx,
+        "batch_size": batch_size,
+        "data_seed": seed + EVAL_SEED_OFFSET,
+        "checkpoint": checkpoint.name if checkpoint is not None else None,
+    }
+
+
 # --- evaluating a run directory -------------------------------------------------------------------
 def check_count(value: int | None, option: str) -> None:
     """A command-line count given must be positive (0 or less is a mistake, never 'the default')."""
@@ -412,12 +478,17 @@ def eval_request(config: Config, n_tokens: int | None) -> str | None:
 
 def check_finite_weights(saes: torch.nn.Module, where: object) -> None:
     """Refuse SAEs (`model.saes`, or one SAE) holding NaN / inf, as a diverged run leaves them:
-    their metrics, exports and feature pages would be meaningless."""
+    their metrics, exports and feature pages would be meaningless. An all-NaN `threshold` is
+    BatchTopK's unset threshold (no training batch yet; eval uses per-token TopK), not a
+    divergence."""
     for name, t in saes.state_dict().items():
-        if t.is_floating_point() and not bool(t.isfinite().all()):
-            raise UserError(
-                f"{where}: the checkpoint holds non-finite weights (saes.{name}); the run diverged"
-            )
+        if not t.is_floating_point() or bool(t.isfinite().all()):
+            continue
+        if name.rsplit(".", 1)[-1] == "threshold" and bool(t.isnan().all()):
+            continue
+        raise UserError(
+            f"{where}: the checkpoint holds non-finite weights (saes.{name}); the run diverged"
+        )
 
 
 def eval_dataset(
@@ -451,7 +522,8 @@ def evaluate_run(
     all its SAEs together.
 
     `n_tokens` defaults to the run's `eval_n_samples` (else 50) windows; it is rounded up to whole
-    batches. Batches come from the eval data in the order training's evaluation uses (seed + 42).
+    windows. Batches come from the eval data in the order training's evaluation uses (seed + 42,
+    `eval_batches`). The result's `settings` say what was evaluated on what.
     """
 
     model = (
@@ -467,15 +539,15 @@ def evaluate_run(
     check_count(n_tokens, "--n-tokens")
     bs = batch_size or config.batch_size
     asked = eval_request(config, n_tokens)
-    n_tokens = n_tokens or (config.eval_n_samples or 50) * ds.n_ctx
-    n_batches = max(1, math.ceil(n_tokens / (bs * ds.n_ctx)))
+    n_windows = eval_windows(config, n_tokens, ds.n_ctx)
     plan = make_plan(model, config.loss, force_full_pass=True)
     terms = build_loss_terms(config.loss, plan.new_cache)
     where = run_dir if not isinstance(run_dir, SAETransformer) else "model"
     check_finite_weights(model.saes, where)
-    batches, n_batches = eval_batches(ds, bs, config.seed + 42, n_batches, asked)
+    batches, n_batches, n_windows = eval_window_batches(ds, bs, n_windows, config.seed, asked)
     model.eval()
     result = evaluate(model, batches, n_batches, plan, terms, progress=progress)
+    result.settings = eval_settings(ds, n_windows, bs, config.seed, model.checkpoint_path)
     bad = next(((k, v) for k, v in result.flat("").items() if not math.isfinite(v)), None)
     if bad is not None:
         raise UserError(
@@ -490,10 +562,38 @@ def feature_frequency_path(eval_json: Path) -> Path:
     return eval_json.with_name(eval_json.stem + ".feature_frequency.safetensors")
 
 
-def write_eval(result: EvalResult, out: Path) -> Path:
-    """Write `out` (JSON, see `EvalResult.to_json`) and the per-latent firing frequencies next to it
-    (safetensors, one [d_sae] float32 tensor per SAE keyed by `sae_key(position)`)."""
+def settings_change(old: dict[str, Any] | None, new: dict[str, Any]) -> str | None:
+    """How the settings of an existing eval file differ from `new` ('split: validation -> test,
+    ...'), None if they are the same."""
+    if old is None:
+        return "it records no settings (an older e2e_sae wrote it)"
+    keys = [k for k in new if old.get(k) != new[k]] + [k for k in old if k not in new]
+    if not keys:
+        return None
+    return ", ".join(f"{k}: {old.get(k)} -> {new.get(k)}" for k in keys)
 
+
+def write_eval(result: EvalResult, out: Path, overwrite: bool = False) -> Path:
+    """Write `out` (JSON, see `EvalResult.to_json`) and the per-latent firing frequencies next to it
+    (safetensors, one [d_sae] float32 tensor per SAE keyed by `sae_key(position)`).
+
+    An existing `out` that records other settings (another split, token count, checkpoint, ...) is
+    replaced only with `overwrite`: an evaluation never silently replaces one of other settings."""
+
+    out = Path(out)
+    if out.is_file() and not overwrite:
+        try:
+            old = json.loads(out.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            old = {}
+        change = settings_change(
+            old.get("settings") if isinstance(old, dict) else None, result.settings
+        )
+        if change is not None:
+            raise UserError(
+                f"{out} holds an evaluation of other settings ({change}); write this one "
+                "elsewhere with --out FILE, or replace it with --overwrite"
+            )
     out.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(result.to_json(), indent=2, default=_json_default)
     atomic_write_bytes(out, text.encode())

@@ -34,6 +34,7 @@ import os
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,7 +43,7 @@ from torch import Tensor, nn
 
 from e2e_sae.config import Config, config_to_yaml_dict, load_config
 from e2e_sae.errors import UserError, check_output_folder
-from e2e_sae.eval.evaluate import check_finite_weights, read_feature_frequency
+from e2e_sae.eval.evaluate import check_finite_weights, read_eval, read_feature_frequency
 from e2e_sae.interop.hub import CFG_FILE, WEIGHTS_FILE, resolve_path
 from e2e_sae.lm.load import resolve_backend
 from e2e_sae.lm.sites import hook_layer
@@ -77,6 +78,16 @@ UNIT_NORM_ATOL = 1e-4
 
 
 # --- helpers -------------------------------------------------------------------------------------
+def saelens_version() -> str:
+    """`metadata.sae_lens_version` of an export: the installed SAELens' version, the one the export
+    was written for and is tested with; without SAELens installed, FORMAT_VERSION (6.0.0, the
+    first release whose layout we write)."""
+    try:
+        return version("sae-lens")
+    except PackageNotFoundError:
+        return FORMAT_VERSION
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -327,7 +338,7 @@ def save_saelens(
     # Without the model its n_layers is unknown: hooks after the blocks get -1 ("not in a block").
     layer = hook_layer(hook_name, 10**6)
     meta: dict[str, Any] = {
-        "sae_lens_version": FORMAT_VERSION,
+        "sae_lens_version": saelens_version(),
         "sae_lens_training_version": f"e2e_sae-{__version__}",
         "model_name": model_name,
         "model_class_name": "HookedTransformer",
@@ -505,19 +516,25 @@ def export_run_saelens(
 def _eval_feature_frequency(
     run_dir: Path | None, checkpoint: str | Path | None
 ) -> dict[str, Tensor]:
-    """The firing frequencies of the run's `eval.json`, {} without one. `e2e-sae eval` measures the
-    newest checkpoint, so exporting an older one gets no `sparsity.safetensors`."""
+    """The firing frequencies of the run's `eval.json`, {} without one or when it measured another
+    checkpoint than the exported one (the file records which; one without that record measured
+    the newest checkpoint)."""
 
     if run_dir is None:
         return {}
     freqs = read_feature_frequency(run_dir)
-    if freqs and checkpoint is not None:
-        ckpts = list_checkpoints(run_dir)
-        ckpt = Path(checkpoint)
-        ckpt = ckpt if ckpt.is_absolute() or ckpt.exists() else run_dir / ckpt
-        if not ckpts or ckpt.resolve() != ckpts[-1].resolve():
-            logger.info("export: %s is not the evaluated (newest) checkpoint: no sparsity", ckpt)
-            return {}
+    if not freqs:
+        return {}
+    ckpts = list_checkpoints(run_dir)
+    evaluated = (read_eval(run_dir) or {}).get("settings", {}).get("checkpoint")
+    if evaluated is None and ckpts:
+        evaluated = ckpts[-1].name
+    exported = (
+        Path(checkpoint).name if checkpoint is not None else ckpts[-1].name if ckpts else None
+    )
+    if exported != evaluated:
+        logger.info("export: eval.json measured %s, not %s: no sparsity", evaluated, exported)
+        return {}
     return freqs
 
 

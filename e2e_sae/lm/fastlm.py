@@ -102,6 +102,73 @@ class _MLP:
     act: Callable[[Tensor], Tensor]
 
 
+def _rope(x: Tensor, cos: Tensor, sin: Tensor, adjacent: bool) -> Tensor:
+    rd = cos.shape[-1]
+    x_rot, x_pass = x[..., :rd], x[..., rd:]
+    if adjacent:
+        flip = torch.stack([-x_rot[..., 1::2], x_rot[..., ::2]], dim=-1).flatten(-2)
+    else:
+        half = rd // 2
+        flip = torch.cat([-x_rot[..., half:], x_rot[..., :half]], dim=-1)
+    out = x_rot * cos + flip * sin
+    return out if x_pass.shape[-1] == 0 else torch.cat([out, x_pass], dim=-1)
+
+
+def _attention(
+    blk: _Block,
+    h: Tensor,
+    rope: tuple[Tensor, Tensor] | None,
+    dtype: torch.dtype,
+    adjacent: bool,
+) -> Tensor:
+    b, n, _ = h.shape
+    nq, nkv, dh = blk.n_heads, blk.n_kv, blk.d_head
+    qkv = F.linear(h.to(dtype), blk.w_qkv, blk.b_qkv).view(b, n, nq + 2 * nkv, dh)
+    qk, v = qkv.split([nq + nkv, nkv], dim=2)
+    if rope is not None:
+        qk = _rope(qk, *rope, adjacent)  # queries and keys in one go: fewer, larger ops
+    q, k = qk.split([nq, nkv], dim=2)
+    z = F.scaled_dot_product_attention(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        is_causal=True,
+        scale=blk.scale,
+        enable_gqa=nkv != nq,
+    )
+    z = z.transpose(1, 2).reshape(b, n, nq * dh)
+    return F.linear(z, blk.w_o, blk.b_o)
+
+
+def _mlp(m: _MLP, h: Tensor, dtype: torch.dtype) -> Tensor:
+    h = h.to(dtype)
+    pre = F.linear(h, m.w_in, m.b_in if m.w_gate is None else None)
+    if m.w_gate is not None:
+        # TransformerLens: act(x W_gate) * (x W_in) + b_in
+        post = m.act(F.linear(h, m.w_gate)) * pre
+        if m.b_in is not None:
+            post = post + m.b_in
+    else:
+        post = m.act(pre)
+    return F.linear(post, m.w_out, m.b_out)
+
+
+def _plain_block(
+    blk: _Block,
+    x: Tensor,
+    rope: tuple[Tensor, Tensor] | None,
+    dtype: torch.dtype,
+    adjacent: bool,
+) -> Tensor:
+    """One block with no hook in it (what `LeanLM.compile` compiles)."""
+    h = blk.ln1(x) if blk.ln1 is not None else x
+    x = x + _attention(blk, h, rope, dtype, adjacent)
+    if blk.mlp is None:
+        return x
+    h = blk.ln2(x) if blk.ln2 is not None else x
+    return x + _mlp(blk.mlp, h, dtype)
+
+
 def _nonzero(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     """None for a missing or all-zero bias (adding zeros is exact, so skipping it is too)."""
     if t is None or not bool(t.detach().ne(0).any()):
@@ -159,6 +226,11 @@ class LeanLM:
         self.precision = precision
         self.dtype = DTYPES[precision]
         self.n_layers = tl.cfg.n_layers
+        self.rotary = tl.cfg.positional_embedding_type == "rotary"
+        self.adjacent = bool(tl.cfg.rotary_adjacent_pairs)
+        self.compiled: Callable[..., Tensor] | None = None
+        """`compile()`d hook-free blocks (None: eager)."""
+        self._rope_cache: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
         self._versions = self._weight_versions()
         self._build()
 
@@ -306,25 +378,18 @@ class LeanLM:
     def _block(self, i: int, x: Tensor, by_name: dict[str, list[HookFn]]) -> Tensor:
         blk = self.blocks[i]
         p = f"blocks.{i}."
+        rope = self._rotary(i, x.shape[1]) if self.rotary else None
+        if self.compiled is not None and not any(k.startswith(p) for k in by_name):
+            return self.compiled(blk, x, rope, self.dtype, self.adjacent)
         x = self._hook(p + "hook_resid_pre", x, by_name)
         h = self._normed(blk.ln1, p + "ln1.hook_normalized", x, by_name)
-        attn_out = self._attention(i, blk, h)
+        attn_out = _attention(blk, h, rope, self.dtype, self.adjacent)
         attn_out = self._hook(p + "hook_attn_out", attn_out, by_name)
         if blk.mlp is None:
             return self._hook(p + "hook_resid_post", x + attn_out, by_name)
         x = self._hook(p + "hook_resid_mid", x + attn_out, by_name)
         h = self._normed(blk.ln2, p + "ln2.hook_normalized", x, by_name)
-        m = blk.mlp
-        h = h.to(self.dtype)
-        pre = F.linear(h, m.w_in, m.b_in if m.w_gate is None else None)
-        if m.w_gate is not None:
-            # TransformerLens: act(x W_gate) * (x W_in) + b_in
-            post = m.act(F.linear(h, m.w_gate)) * pre
-            if m.b_in is not None:
-                post = post + m.b_in
-        else:
-            post = m.act(pre)
-        mlp_out = self._hook(p + "hook_mlp_out", F.linear(post, m.w_out, m.b_out), by_name)
+        mlp_out = self._hook(p + "hook_mlp_out", _mlp(blk.mlp, h, self.dtype), by_name)
         return self._hook(p + "hook_resid_post", x + mlp_out, by_name)
 
     def _normed(
@@ -336,46 +401,28 @@ class LeanLM:
             return norm(x, lambda t: self._hook(name, t, by_name))
         return norm(x)
 
-    def _attention(self, i: int, blk: _Block, h: Tensor) -> Tensor:
-        b, n, _ = h.shape
-        nq, nkv, dh = blk.n_heads, blk.n_kv, blk.d_head
-        qkv = F.linear(h.to(self.dtype), blk.w_qkv, blk.b_qkv).view(b, n, nq + 2 * nkv, dh)
-        qk, v = qkv.split([nq + nkv, nkv], dim=2)
-        if self.cfg.positional_embedding_type == "rotary":
-            cos, sin = self._rotary(i, n, qk.dtype)
-            qk = self._rope(qk, cos, sin)  # queries and keys in one go: fewer, larger ops
-        q, k = qk.split([nq, nkv], dim=2)
-        z = F.scaled_dot_product_attention(
-            q.transpose(1, 2),
-            k.transpose(1, 2),
-            v.transpose(1, 2),
-            is_causal=True,
-            scale=blk.scale,
-            enable_gqa=nkv != nq,
-        )
-        z = z.transpose(1, 2).reshape(b, n, nq * dh)
-        return F.linear(z, blk.w_o, blk.b_o)
-
-    def _rotary(self, i: int, n: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    def _rotary(self, i: int, n: int) -> tuple[Tensor, Tensor]:
+        """Block i's rotary tables for n positions, in the matmul dtype (cast once per length,
+        not once per block and pass)."""
+        cached = self._rope_cache.get((i, n))
+        if cached is not None:
+            return cached
         attn = self.tl.blocks[i].attn
         if n > attn.rotary_cos.shape[0]:
             attn._extend_rotary_embeddings(
                 min(self.cfg.n_ctx, max(n, 2 * attn.rotary_cos.shape[0]))
             )
-        cos = attn.rotary_cos[None, :n, None, :].to(dtype)
-        sin = attn.rotary_sin[None, :n, None, :].to(dtype)
+        cos = attn.rotary_cos[None, :n, None, :].to(self.dtype)
+        sin = attn.rotary_sin[None, :n, None, :].to(self.dtype)
+        self._rope_cache[(i, n)] = (cos, sin)
         return cos, sin
 
-    def _rope(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        rd = cos.shape[-1]
-        x_rot, x_pass = x[..., :rd], x[..., rd:]
-        if self.cfg.rotary_adjacent_pairs:
-            flip = torch.stack([-x_rot[..., 1::2], x_rot[..., ::2]], dim=-1).flatten(-2)
-        else:
-            half = rd // 2
-            flip = torch.cat([-x_rot[..., half:], x_rot[..., :half]], dim=-1)
-        out = x_rot * cos + flip * sin
-        return out if x_pass.shape[-1] == 0 else torch.cat([out, x_pass], dim=-1)
+    def compile(self) -> None:
+        """Run the blocks that a pass hooks nothing in through `torch.compile` (inductor): after
+        the first SAE that is every block of the clean pass and, without downstream hooks, of
+        the spliced one. One graph serves all blocks of a shape (the weights are its inputs)."""
+        if self.compiled is None:
+            self.compiled = torch.compile(_plain_block, dynamic=False)
 
     # --- the unembedding ------------------------------------------------------------------------
     def logits(self, final: Tensor) -> Tensor:

@@ -8,6 +8,7 @@ Hugging Face causal LM (`hf_model_name`, `backend: bridge`; see `e2e_sae.lm.brid
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from e2e_sae.data.tokenizer import is_gguf_model_name, load_tokenizer
+from e2e_sae.data.tokenizer import GGUF_MODEL_ALIASES, is_gguf_model_name, load_tokenizer
 from e2e_sae.errors import ConfigError, UserError, first_line
 from e2e_sae.lm.bridge import OFFLINE_MODELS_HINT, is_local_folder, load_bridge
 from e2e_sae.lm.gguf import GGUF_MODELS
@@ -42,6 +43,25 @@ def builtin_model_dir(name: str) -> Path | None:
     """Folder of a model shipped with the package (e.g. `shakespeare-lm`), if any."""
     folder = Path(__file__).resolve().parent.parent / "assets" / "models" / name
     return folder if (folder / MODEL_CONFIG).exists() else None
+
+
+def builtin_model_names() -> list[str]:
+    """The models shipped in the package (`shakespeare-lm`, ...)."""
+    root = Path(__file__).resolve().parent.parent / "assets" / "models"
+    return sorted(p.name for p in root.iterdir() if (p / MODEL_CONFIG).is_file())
+
+
+def check_model_name(name: str, field: str) -> None:
+    """Refuse a name that is not a built-in or GGUF model (nor a local folder) but close to one:
+    a typo such as `shakespeare_lm` would otherwise go to the Hugging Face Hub, retry there for
+    half a minute and fail. Other unknown names may be hub models and are left to the loader."""
+    builtin = builtin_model_names()
+    if name in builtin or is_gguf_model_name(name) or Path(name).expanduser().exists():
+        return
+    offline = [*builtin, *GGUF_MODEL_ALIASES]
+    close = difflib.get_close_matches(name.strip().lower(), offline, 1, 0.8)
+    if close:
+        raise UserError(f"{field}: unknown model '{name}' (did you mean '{close[0]}'?)")
 
 
 def build_random_model(
@@ -257,6 +277,8 @@ def load_lm(config: Config, device: str | None = None) -> LM:
     """The LM of a run config: a HookedTransformer or, for `backend` bridge (or auto on a model
     HookedTransformer does not support), a TransformerBridge (`e2e_sae.lm.bridge`)."""
     name, field = model_name_field(config)
+    if name is not None:
+        check_model_name(name, field)  # a typo of a built-in name: fail now, not after hub retries
     if resolve_backend(config) == "bridge":
         assert name is not None  # the config validator refuses bridge without an HF model
         if builtin_model_dir(name) is not None:

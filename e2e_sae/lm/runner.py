@@ -439,6 +439,8 @@ class LeanRunner(HookedRunner):
                     "the LM's weights changed and the lean forward no longer "
                     "matches TransformerLens; make the step plan again"
                 )
+            if self._lean.compiled is not None:
+                lean.compile()
             self._lean = lean
         return self._lean
 

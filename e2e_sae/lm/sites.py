@@ -18,6 +18,7 @@ hook is replaced by the sum when the pass reaches it. On clean activations (loca
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -54,18 +55,47 @@ def dict_size(d_in: int, ratio: float, position: str) -> int:
     return n
 
 
+def matches_pattern(name: str, pattern: str) -> bool:
+    """Whether `pattern` is `name` or a run of whole dot-separated parts of it: `hook_resid_pre`
+    and `blocks.2` match `blocks.2.hook_resid_pre`; `blocks.2.hook_resid_pr` and `resid_pre` do
+    not (a typo must not match a longer name)."""
+    if pattern == name:
+        return True
+    parts, want = name.split("."), pattern.split(".")
+    n = len(want)
+    return any(parts[i : i + n] == want for i in range(len(parts) - n + 1))
+
+
 def filter_names(all_names: Sequence[str], patterns: Sequence[str], field: str) -> list[str]:
-    """Resolve hook names or substrings (`hook_resid_pre` matches every layer), in model order."""
+    """Resolve hook names or runs of whole name parts (`hook_resid_pre` matches every layer; see
+    `matches_pattern`), in model order. A pattern matching nothing is a ConfigError naming the
+    field, with the closest hook name."""
     out: list[str] = []
     for pat in patterns:
-        matches = [pat] if pat in all_names else [n for n in all_names if pat in n]
+        matches = [n for n in all_names if matches_pattern(n, pat)]
         if not matches:
-            raise ConfigError(
-                f"{field}: '{pat}' matches no hook of the model (e.g. {all_names[1]})"
-            )
+            close = difflib.get_close_matches(pat, list(all_names), 1, 0.6)
+            example = all_names[min(1, len(all_names) - 1)]
+            hint = f"did you mean '{close[0]}'?" if close else f"e.g. {example}"
+            raise ConfigError(f"{field}: '{pat}' matches no hook of the model ({hint})")
         out.extend(m for m in matches if m not in out)
     order = {n: i for i, n in enumerate(all_names)}
     return sorted(out, key=order.__getitem__)
+
+
+def check_after_first_sae(
+    order: Sequence[str], outputs: Sequence[str], hooks: Sequence[str], field: str
+) -> None:
+    """Downstream (`in_to_orig`) hooks must run after the first SAE output: before it (or at it)
+    the spliced run equals the clean one and the term would be 0 at every step. `order`: hook
+    names in the order the forward pass runs them."""
+    first = min(outputs, key=order.index)
+    early = [h for h in hooks if order.index(h) <= order.index(first)]
+    if early:
+        raise ConfigError(
+            f"{field}: '{early[0]}' is not after the first SAE ('{first}'), where the "
+            "spliced run equals the clean run (the term would be 0)"
+        )
 
 
 def one_hook(all_names: Sequence[str], pattern: str, field: str) -> str:

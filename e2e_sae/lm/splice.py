@@ -37,7 +37,16 @@ from e2e_sae.resources import check_memory
 from e2e_sae.runs.checkpoint import load_sae_weights
 from e2e_sae.runs.locate import locate_run
 from e2e_sae.runs.wandb import download_wandb_run
-from e2e_sae.saes import CacheActs, SAEActs, SAEBase, SAEDict, build_sae, is_cross_layer, sae_key
+from e2e_sae.saes import (
+    CacheActs,
+    SAEActs,
+    SAEBase,
+    SAEDict,
+    build_sae,
+    is_cross_layer,
+    sae_key,
+    sae_kwargs,
+)
 
 
 class HookShapes(dict[str, tuple[int, ...]]):
@@ -345,9 +354,7 @@ class SAETransformer(nn.Module):
         # would be the same whatever `seed` the run config sets.
         torch.manual_seed(config.seed)
         s = config.saes
-        kwargs: dict[str, Any] = dict(s.architecture_kwargs)
-        if s.k is not None:
-            kwargs["k"] = s.k
+        kwargs = sae_kwargs(s.architecture, s.architecture_kwargs, s.k, config.train_tokens)
         model = cls(
             tlens,
             s.sae_positions,

@@ -31,7 +31,8 @@ from e2e_sae.mlp.model import MLP, MLP_FILE
 from e2e_sae.objective.losses import LossInputs, build_loss_terms, kl_clean_to_new
 from e2e_sae.runs.checkpoint import atomic_save_tensors
 from e2e_sae.saes import SAEActs, SAEBase, SAEDict, build_sae, sae_key
-from e2e_sae.training.engine import Engine, NumericalError, TrainState, make_optimizer
+from e2e_sae.training.engine import Engine, TrainState, make_optimizer
+from e2e_sae.training.guard import NumericalError
 from e2e_sae.wandb_utils import init_wandb, log_feature_frequencies
 
 logger = logging.getLogger(__name__)
@@ -172,7 +173,7 @@ def train_mlp_saes(
         for i in range(steps_per_epoch):
             micro = idxs[i * accum : (i + 1) * accum]
             try:
-                values = engine.train_step(iter(micro), state)
+                values = engine.train_step(iter(micro), state).read()
             except NumericalError as err:
                 raise UserError(f"saes[{run.name}]: {err} (epoch {epoch + 1})") from None
             n = sum(len(idx) for idx in micro)

@@ -34,7 +34,7 @@ from torch import Tensor
 from e2e_sae.config import LossConfigs
 from e2e_sae.errors import ConfigError, UserError
 from e2e_sae.lm.runner import LMRunner, cache_into, step_runner
-from e2e_sae.lm.sites import filter_names, hook_layer
+from e2e_sae.lm.sites import check_after_first_sae, filter_names, hook_layer
 from e2e_sae.lm.splice import SAETransformer
 from e2e_sae.objective.losses import KLTarget, LossInputs
 from e2e_sae.saes import CacheActs, SAEActs, SAEBase
@@ -106,13 +106,7 @@ def in_to_orig_hooks(model: SAETransformer, patterns: Sequence[str]) -> list[str
     hooks = filter_names(model.all_hook_names, patterns, field)
     outputs = [model.sites[p].output_hook for p in model.sae_positions]
     order = list(model.hook_shapes([*outputs, *hooks]))  # in the order the forward pass runs
-    first = min(outputs, key=order.index)
-    early = [h for h in hooks if order.index(h) <= order.index(first)]
-    if early:
-        raise UserError(
-            f"{field}: '{early[0]}' is not after the first SAE ('{first}'), where the "
-            "spliced run equals the clean run (the term would be 0)"
-        )
+    check_after_first_sae(order, outputs, hooks, field)
     return hooks
 
 

@@ -14,8 +14,10 @@ from e2e_sae.saes.matryoshka import MatryoshkaSAE
 from e2e_sae.saes.registry import (
     ARCHITECTURES,
     build_sae,
+    idle_aux_warnings,
     is_cross_layer,
     register_architecture,
+    sae_kwargs,
 )
 from e2e_sae.saes.relu import SAE
 from e2e_sae.saes.skip_transcoder import SkipTranscoder
@@ -36,7 +38,9 @@ __all__ = [
     "SkipTranscoder",
     "TopKSAE",
     "build_sae",
+    "idle_aux_warnings",
     "is_cross_layer",
+    "sae_kwargs",
     "register_architecture",
     "sae_key",
 ]

@@ -146,6 +146,7 @@ class SAEBase(nn.Module):
             self.W_skip = nn.Parameter(torch.zeros(self.output_size, input_size))
         else:
             self.register_parameter("W_skip", None)
+        self._since_bound: tuple[tuple[int, int], int] | None = None  # see `since_fired_bound`
 
     # --- the interface -------------------------------------------------------------------------
     def pre_acts(self, x: Tensor) -> Tensor:
@@ -219,6 +220,17 @@ class SAEBase(nn.Module):
         """`init_kwargs` plus the options every architecture takes (`skip`): what rebuilds it."""
         return {**self.init_kwargs(), **({"skip": True} if self.W_skip is not None else {})}
 
+    @classmethod
+    def run_defaults(cls, run_tokens: int | None) -> dict[str, Any]:
+        """Defaults of constructor arguments that depend on the run's length in training tokens
+        (None: unknown); `architecture_kwargs` override them."""
+        return {}
+
+    def idle_aux_losses(self, run_tokens: int) -> list[str]:
+        """Why an auxiliary loss of this SAE can never act in a run of `run_tokens` training
+        tokens (one line each; empty when every one can)."""
+        return []
+
     @torch.no_grad()
     def center_input_(self, center: Tensor) -> None:
         """Shift the encoder's biases so that it sees x - center [d_in] (data-centred init)."""
@@ -246,8 +258,31 @@ class SAEBase(nn.Module):
     def update_firing_stats(self, c: Tensor) -> None:
         fired = (c.reshape(-1, c.shape[-1]) != 0).any(dim=0)
         n_tokens = c.numel() // c.shape[-1]
-        self.tokens_since_fired += n_tokens
-        self.tokens_since_fired[fired] = 0
+        known = self._bound_now()
+        self.tokens_since_fired.add_(n_tokens).masked_fill_(fired, 0)  # (no read: no mask index)
+        if known is not None:
+            self._since_bound = (self._buffer_key(), known + n_tokens)
+
+    def since_fired_bound(self) -> int:
+        """An upper bound of `tokens_since_fired.max()` known on the host: the counters are read
+        (a host sync) only when the bound is unknown, i.e. after something other than
+        `update_firing_stats` wrote them (loading, resampling, merging over ranks); each update
+        raises it by the tokens seen. So "may a latent be dead yet?" costs no read while none can
+        be (AuxK's dead set)."""
+        known = self._bound_now()
+        if known is None:
+            buf = self.tokens_since_fired
+            known = int(buf.max()) if buf.numel() else 0
+            self._since_bound = (self._buffer_key(), known)
+        return known
+
+    def _buffer_key(self) -> tuple[int, int]:
+        buf = self.tokens_since_fired
+        return buf.data_ptr(), buf._version
+
+    def _bound_now(self) -> int | None:
+        b = self._since_bound
+        return b[1] if b is not None and b[0] == self._buffer_key() else None
 
     def n_dead(self, dead_after_tokens: int) -> int:
         return int((self.tokens_since_fired >= dead_after_tokens).sum())
@@ -255,7 +290,23 @@ class SAEBase(nn.Module):
 
 class SAEDict(nn.ModuleDict):
     """A model's SAEs, each stored under `sae_key(position)` (so the state dict keys are the
-    original library's); `at(position)` is the one way to get the SAE at a hook."""
+    original library's: `blocks-2-hook_resid_pre`); `at(position)` is the one way to get the SAE
+    at a hook. Indexing and `in` take the hook name too (`saes["blocks.2.hook_resid_pre"]`)."""
+
+    def __getitem__(self, key: str) -> nn.Module:
+        try:
+            return super().__getitem__(sae_key(key))
+        except KeyError:
+            have = ", ".join(k.replace("-", ".") for k in self.keys())
+            raise KeyError(
+                f"no SAE at '{key}' (SAEs at: {have}); see model.sae(position)"
+            ) from None
+
+    def __setitem__(self, key: str, module: nn.Module) -> None:
+        super().__setitem__(sae_key(key), module)
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and super().__contains__(sae_key(key))
 
     def at(self, position: str) -> SAEBase:
         sae = self[sae_key(position)]

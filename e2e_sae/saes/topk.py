@@ -56,6 +56,20 @@ def topk_code(pre: Tensor, k: int) -> Tensor:
     return torch.zeros_like(pre).scatter(-1, idx, positive_values(values))
 
 
+GAO_DEAD_TOKENS = 10_000_000
+"""Gao et al. 2024's AuxK dead threshold (tokens without firing)."""
+
+
+def default_dead_tokens_threshold(run_tokens: int | None) -> int:
+    """AuxK's default dead threshold: a tenth of the run's training tokens, at most Gao et al.'s
+    10M (their runs are far longer than 100M tokens). A fixed 10M would never be reached in a
+    shorter run: AuxK would stay exactly 0 and dead latents stay dead. None (length unknown,
+    e.g. an SAE built in code): 10M."""
+    if run_tokens is None:
+        return GAO_DEAD_TOKENS
+    return max(1, min(GAO_DEAD_TOKENS, run_tokens // 10))
+
+
 def check_option(cond: bool, field: str, what: str) -> None:
     """Raise a one-line ConfigError naming `field` unless `cond` holds."""
     if not cond:
@@ -70,7 +84,8 @@ class TopKSAE(SAEBase):
       k_aux: dead latents used by AuxK per token (default output size // 2).
       aux_coeff: weight of the AuxK loss (default 1/32, as in Gao et al.; 0 turns it off).
       dead_tokens_threshold: a latent is dead after this many training tokens without firing
-        (default 10M, as in Gao et al.; shorten it for small runs).
+        (default: `default_dead_tokens_threshold` of the run's length; 10M, as in Gao et al.,
+        for runs of 100M tokens or more).
 
     `sparse_max_density` (class attribute, default SPARSE_MAX_DENSITY) picks the forward: the
     sparse path when k <= sparse_max_density * d_sae. Set it on an instance to force one path
@@ -86,7 +101,7 @@ class TopKSAE(SAEBase):
         k: int | None = None,
         k_aux: int | None = None,
         aux_coeff: float = 1 / 32,
-        dead_tokens_threshold: int = 10_000_000,
+        dead_tokens_threshold: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -99,6 +114,8 @@ class TopKSAE(SAEBase):
         )
         k_aux = k_aux if k_aux is not None else max(1, self.output_size // 2)
         kw = "saes.architecture_kwargs"
+        if dead_tokens_threshold is None:
+            dead_tokens_threshold = default_dead_tokens_threshold(None)
         check_option(k_aux > 0, f"{kw}.k_aux", f"must be positive, got {k_aux}")
         check_option(aux_coeff >= 0, f"{kw}.aux_coeff", f"must be >= 0, got {aux_coeff}")
         check_option(
@@ -149,20 +166,37 @@ class TopKSAE(SAEBase):
         z_aux keeps each token's k_aux largest dead pre-activations (ReLU'd), computed from the
         detached input. Gradients reach only the dead latents' encoder rows, encoder biases and
         decoder columns: nothing upstream (the LM, earlier SAEs) and no live latent.
+
+        The dead set stays a mask on the device (live latents' pre-activations are -inf, so they
+        are never picked, and ReLU sends any -inf that fills a row short of k_aux dead latents to
+        0): selecting the dead latents by index would make the host wait for their count every
+        step. Zero when no latent is dead, decided on the device too.
         """
         zero = acts.output.new_zeros(())
-        dead = self.dead_mask().nonzero().squeeze(-1)
-        n_dead = dead.numel()
-        if n_dead == 0 or self.aux_coeff == 0:
-            return {"auxk": zero}
+        if self.aux_coeff == 0 or self.since_fired_bound() < self.dead_tokens_threshold:
+            return {"auxk": zero}  # (no latent can be dead yet: decided without a read)
+        dead = self.dead_mask()
         target = acts.input if target is None else target
         residual = (target - acts.output).detach()
         enc = cast(nn.Linear, self.encoder[0])
-        pre = F.linear(acts.input.detach(), enc.weight[dead], enc.bias[dead])
-        values, idx = pre.topk(min(self.k_aux, n_dead), dim=-1, sorted=False)
+        pre = F.linear(acts.input.detach(), enc.weight, enc.bias).masked_fill(~dead, -torch.inf)
+        values, idx = pre.topk(min(self.k_aux, pre.shape[-1]), dim=-1, sorted=False)
         z = torch.zeros_like(pre).scatter(-1, idx, F.relu(values))
-        recon = F.linear(z, F.normalize(self.decoder.weight[:, dead], dim=0))
-        return {"auxk": self.aux_coeff * F.mse_loss(recon, residual)}
+        recon = F.linear(z, F.normalize(self.decoder.weight, dim=0))
+        return {"auxk": torch.where(dead.any(), self.aux_coeff * F.mse_loss(recon, residual), zero)}
+
+    @classmethod
+    def run_defaults(cls, run_tokens: int | None) -> dict[str, Any]:
+        return {"dead_tokens_threshold": default_dead_tokens_threshold(run_tokens)}
+
+    def idle_aux_losses(self, run_tokens: int) -> list[str]:
+        if self.aux_coeff == 0 or self.dead_tokens_threshold < run_tokens:
+            return []
+        return [
+            f"AuxK can never act: saes.architecture_kwargs.dead_tokens_threshold "
+            f"({self.dead_tokens_threshold:,} tokens) is not below the run's "
+            f"{run_tokens:,} training tokens, so no latent counts as dead"
+        ]
 
     def init_kwargs(self) -> dict[str, Any]:
         return {

@@ -57,6 +57,7 @@ def prepare_runs(
     trainers = []
     for c in configs:
         check_device(device or c.device)
+        c = c.model_copy(update={"precision": "fp32"})  # (`auto` too: cached training is fp32)
         t = setup(c, device=device)
         check_model_against_cache(t.model, cache)
         t.check_eval_data()

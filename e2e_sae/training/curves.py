@@ -1,17 +1,16 @@
-"""Training curves of a run as one PNG, from its metrics.jsonl; and several runs overlaid.
+"""Training curves of a run as one PNG, from its metrics.jsonl.
 
 One panel per quantity, x = training samples. Keys of the form `name/<sae position>` share a
-panel with one line per position; evaluation keys (`eval/...`) are drawn as points. Uses the Agg
-canvas directly (no pyplot), so it works headless and leaves the global matplotlib state alone.
-`train` writes RUN_DIR/training_curves.png at the end of every run; `plot_curves_overlay` (`e2e-sae
-plot --curves RUN...`) draws the loss terms, L0, dead latents and CE increase of several runs.
+panel with one line per position; evaluation keys (`eval/...`) are drawn as points. Each panel is
+titled by what it shows and its y axis says the unit (`PANELS`). Uses the Agg canvas directly (no
+pyplot), so it works headless and leaves the global matplotlib state alone. `train` writes
+RUN_DIR/training_curves.png at the end of every run; several runs overlaid (`e2e-sae plot --curves
+RUN...`): `e2e_sae.analysis.overlay`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +20,21 @@ from e2e_sae.errors import UserError
 from e2e_sae.training.runlog import read_metrics
 
 CURVES_FILE = "training_curves.png"
-# Counters and rates: the x axis or not worth a panel.
-_SKIP = {"samples", "step", "tokens_per_s", "epoch", "eval/n_tokens", "dead_window_tokens"}
+# Counters and rates: the x axis or not worth a panel; eval values that repeat others (the CE
+# increase and score hold the clean / with-SAE / zero-ablation CEs) or never change.
+_SKIP = {
+    "samples",
+    "step",
+    "tokens_per_s",
+    "epoch",
+    "eval/n_tokens",
+    "dead_window_tokens",
+    "eval/ce_loss_clean",
+    "eval/ce_loss_with_saes",
+    "eval/ce_loss_zero_abl",
+    "eval/ce_loss_recovered",
+    "eval/kl_zero_abl",
+}
 # Panels in this order first (those present), then the rest alphabetically.
 _FIRST = [
     "loss",
@@ -31,15 +43,54 @@ _FIRST = [
     "out_to_in",
     "in_to_orig",
     "out_to_orig",
+    "l0",
     "dead_dict_elements",
-    "lr",
     "eval/ce_loss_increase",
     "eval/kl",
     "eval/l0",
     "eval/explained_variance",
     "eval/alive_dict_elements",
+    "lr",
 ]
 MAX_PANELS = 12
+X_LABEL = "training samples (windows of n_ctx tokens)"
+_MSE = "activation units squared"
+PANELS: dict[str, tuple[str, str]] = {
+    "loss": ("total loss", "sum of the weighted terms"),
+    "logits_kl": ("KL(clean ‖ spliced)", "nats / token"),
+    "sparsity": ("sparsity penalty", "‖c‖ₚ / d_in per token"),
+    "out_to_in": ("reconstruction MSE", _MSE),
+    "in_to_orig": ("downstream MSE", _MSE),
+    "out_to_orig": ("MSE to the clean activation", _MSE),
+    "auxk": ("AuxK loss (weighted)", _MSE),
+    "gated_aux": ("gate auxiliary loss (weighted)", _MSE),
+    "matryoshka_inner": ("inner prefixes' MSE (weighted)", _MSE),
+    "l0": ("L0 (train batches)", "active latents / token"),
+    "dead_dict_elements": ("dead latents (train)", "latents"),
+    "resampled": ("resampled latents", "latents"),
+    "lr": ("learning rate", "learning rate"),
+    "grad_norm": ("gradient norm", "norm before clipping"),
+    "eval/ce_loss_increase": ("eval: CE loss increase", "nats / token"),
+    "eval/ce_loss_score": ("eval: CE loss recovered", "fraction"),
+    "eval/kl": ("eval: KL(clean ‖ spliced)", "nats / token"),
+    "eval/kl_div_score": ("eval: KL score", "fraction"),
+    "eval/top1_agreement": ("eval: top-1 agreement", "fraction of tokens"),
+    "eval/tvd": ("eval: total variation", "per token"),
+    "eval/l0": ("eval: L0", "active latents / token"),
+    "eval/l1": ("eval: L1 of the code", "per token"),
+    "eval/explained_variance": ("eval: explained variance", "fraction"),
+    "eval/explained_variance_ln": ("eval: explained variance after LN", "fraction"),
+    "eval/mse": ("eval: reconstruction MSE", _MSE),
+    "eval/alive_dict_elements": ("eval: alive latents", "latents"),
+    "eval/dead_dict_elements": ("eval: dead latents", "latents"),
+    "eval/cossim": ("eval: cosine(input, output)", "per token"),
+    "eval/l2_ratio": ("eval: ‖output‖ / ‖input‖", "per token"),
+    "eval/relative_reconstruction_bias": ("eval: reconstruction bias", "ratio"),
+    "eval/downstream_mse": ("eval: downstream MSE", _MSE),
+    "eval/downstream_explained_variance": ("eval: downstream explained variance", "fraction"),
+}
+"""Per panel: (title, y-axis label with its unit). Eval losses (`eval/logits_kl`, ...) take their
+training term's entry with `eval: ` in front."""
 
 
 def _is_number(v: Any) -> bool:
@@ -78,25 +129,43 @@ def _panel_order(names: list[str]) -> list[str]:
     return first + sorted(n for n in names if n not in first)
 
 
+def drop_repeats(panels: dict[str, dict[str, tuple[list[float], list[float]]]]) -> list[str]:
+    """Panel names to draw: `loss` is left out when it repeats the only loss term."""
+    names = list(panels)
+    if "loss" in panels:
+        same = [n for n in names if n != "loss" and panels[n] == panels["loss"]]
+        if same:
+            names.remove("loss")
+    return names
+
+
+def panel_info(name: str) -> tuple[str, str]:
+    """(title, y label) of a panel; unknown keys get their name and a generic label."""
+    if name in PANELS:
+        return PANELS[name]
+    if name.startswith("eval/") and name[5:] in PANELS:
+        title, unit = PANELS[name[5:]]
+        return f"eval: {title}", unit
+    return name.replace("eval/", "eval: ").replace("_", " "), "value (logged)"
+
+
+def _window(records: list[dict[str, Any]], key: str) -> int | None:
+    return next((int(r[key]) for r in records if key in r and _is_number(r[key])), None)
+
+
 def panel_title(name: str, records: list[dict[str, Any]]) -> str:
     """The panel's title; dead-latent counts name the window they were counted over."""
     if name == "dead_dict_elements":
-        window = next((r["dead_window_tokens"] for r in records if "dead_window_tokens" in r), None)
+        window = _window(records, "dead_window_tokens")
         return (
             f"dead latents (none of the last {window:,} train tokens)"
             if window
-            else "dead latents (train)"
+            else ("dead latents (train)")
         )
     if name == "eval/dead_dict_elements":
-        n = next((r["eval/n_tokens"] for r in records if "eval/n_tokens" in r), None)
-        return f"eval dead latents (none of {int(n):,} eval tokens)" if n else name
-    return _TITLES.get(name, name)
-
-
-_TITLES = {
-    "eval/l0": "eval L0 (active latents / token)",
-    "eval/ce_loss_increase": "eval CE loss increase (nats)",
-}
+        n = _window(records, "eval/n_tokens")
+        return f"eval dead latents (none of {n:,} eval tokens)" if n else "eval: dead latents"
+    return panel_info(name)[0]
 
 
 class PlainLogFormatter(LogFormatter):
@@ -104,7 +173,9 @@ class PlainLogFormatter(LogFormatter):
     is still matplotlib's choice."""
 
     def __call__(self, x: float, pos: int | None = None) -> str:
-        return f"{x:.3g}" if super().__call__(x, pos) else ""
+        if not super().__call__(x, pos):
+            return ""
+        return f"{x:,.0f}" if x >= 1000 and x == round(x) else f"{x:.3g}"
 
 
 def plain_log_axis(ax: Any, axis: str = "y") -> None:
@@ -115,122 +186,67 @@ def plain_log_axis(ax: Any, axis: str = "y") -> None:
     a.set_minor_formatter(PlainLogFormatter(labelOnlyBase=False))
 
 
+def style_panel(ax: Any, name: str, title: str, series: dict[str, Any]) -> None:
+    """Title, axis labels (with units), log scale where early values dwarf the rest, grid."""
+    ys_all = [y for _, ys in series.values() for y in ys]
+    if ys_all and min(ys_all) > 0 and max(ys_all) > 20 * min(ys_all):
+        plain_log_axis(ax)
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel(X_LABEL, fontsize=8)
+    ax.set_ylabel(panel_info(name)[1], fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+
+
 def plot_training_curves(run_dir: Path, out: Path | None = None) -> Path:
     """Write the curves of `run_dir` to `out` (default RUN_DIR/training_curves.png); returns it."""
+    fig = training_curves_figure(run_dir)
+    out = Path(out) if out is not None else Path(run_dir) / CURVES_FILE
+    fig.savefig(out, dpi=110)
+    return out
+
+
+def training_curves_figure(run_dir: Path) -> Any:
+    """One panel per logged quantity (at most MAX_PANELS), x = training samples; evaluations are
+    points. Lines are labelled by SAE position when the run has several SAEs (one SAE: its
+    position is in the figure's title)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
 
     run_dir = Path(run_dir)
     records = read_metrics(run_dir)
     panels = collect_series(records)
     if not panels:
         raise UserError(f"run directory {run_dir}: no metrics to plot in metrics.jsonl")
-    names = _panel_order(list(panels))[:MAX_PANELS]
+    names = _panel_order(drop_repeats(panels))[:MAX_PANELS]
+    positions = sae_positions(panels)
+    color = {pos: f"C{i % 10}" for i, pos in enumerate(positions)}
     ncols = min(3, len(names))
     nrows = math.ceil(len(names) / ncols)
-    fig = Figure(figsize=(4.2 * ncols, 2.9 * nrows), layout="constrained")
+    fig = Figure(figsize=(4.4 * ncols, 3.0 * nrows + 0.5), layout="constrained")
     FigureCanvasAgg(fig)
     for i, name in enumerate(names):
         ax = fig.add_subplot(nrows, ncols, i + 1)
         is_eval = name.startswith("eval/")
         for label, (xs, ys) in panels[name].items():
-            ax.plot(xs, ys, marker="o" if is_eval else None, ms=3, lw=1.2, label=label or None)
-        if any(panels[name]):  # some line is labelled by its SAE position
-            ax.legend(fontsize=6)
-        ys_all = [y for _, ys in panels[name].values() for y in ys]
-        if min(ys_all) > 0 and max(ys_all) > 20 * min(ys_all):  # early losses dwarf the rest
-            plain_log_axis(ax)
-        ax.set_title(panel_title(name, records), fontsize=9)
-        ax.set_xlabel("training samples", fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.grid(alpha=0.3)
-    fig.suptitle(run_dir.name, fontsize=9)
-    out = Path(out) if out is not None else run_dir / CURVES_FILE
-    fig.savefig(out, dpi=110)
-    return out
+            ax.plot(xs, ys, marker="o" if is_eval else None, ms=3, lw=1.2, color=color.get(label))
+        style_panel(ax, name, panel_title(name, records), panels[name])
+    if len(positions) > 1:  # one legend for all panels: the colour of each SAE position
+        handles = [Line2D([], [], color=color[p], lw=2, label=p) for p in positions]
+        fig.legend(
+            handles=handles,
+            loc="outside lower center",
+            ncols=min(4, len(handles)),
+            fontsize=8,
+            frameon=False,
+        )
+    where = f": SAE at {positions[0]}" if len(positions) == 1 else ""
+    fig.suptitle(f"{run_dir.name}{where}", fontsize=9)
+    return fig
 
 
-# --- several runs ---------------------------------------------------------------------------------
-OVERLAY_FILE = "training_curves_overlay"
-_LOSS_TERMS = ("loss", "sparsity", "logits_kl", "in_to_orig", "out_to_orig", "out_to_in")
-_OVERLAY_PANELS = (
-    "l0",
-    "eval/l0",
-    "dead_dict_elements",
-    "eval/dead_dict_elements",
-    "eval/ce_loss_increase",
-)
-_LINESTYLES = ("-", "--", ":", "-.")
-
-
-@dataclass
-class Overlay:
-    """What `plot_curves_overlay` drew: the files, and per panel the (run, SAE position) of each
-    line in drawing order (position '' for run-level values)."""
-
-    paths: list[Path]
-    lines: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
-
-
-def plot_curves_overlay(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Overlay:
-    """Overlay the curves of several runs: each loss term, eval L0, dead latents (train window and
-    eval), CE-loss increase at the eval points. One colour per run (named in full in one legend
-    under the panels), one line style per SAE position. Writes OUT_DIR/training_curves_overlay.png
-    and .svg."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
-
-    if not run_dirs:
-        raise UserError("plot --curves: no run directories given")
-    runs = [(Path(d), read_metrics(Path(d))) for d in run_dirs]
-    series = [(d, recs, collect_series(recs)) for d, recs in runs]
-    for d, _, panels in series:
-        if not panels:
-            raise UserError(f"run directory {d}: no metrics to plot in metrics.jsonl")
-    present = {name for _, _, panels in series for name in panels}
-    names = [n for n in (*_LOSS_TERMS, *_OVERLAY_PANELS) if n in present]
-    ncols = min(3, len(names))
-    nrows = math.ceil(len(names) / ncols)
-    fig = Figure(figsize=(4.6 * ncols, 3.1 * nrows + 0.3 * len(runs) + 0.4), layout="constrained")
-    FigureCanvasAgg(fig)
-    colors = [f"C{i % 10}" for i in range(len(runs))]
-    positions = sorted({lbl for _, _, p in series for n in names for lbl in p.get(n, {}) if lbl})
-    style = {pos: _LINESTYLES[i % len(_LINESTYLES)] for i, pos in enumerate(positions)}
-    result = Overlay([])
-    for i, name in enumerate(names):
-        ax = fig.add_subplot(nrows, ncols, i + 1)
-        is_eval = name.startswith("eval/")
-        drawn = result.lines.setdefault(name, [])
-        for (d, _, panels), color in zip(series, colors, strict=True):
-            for label, (xs, ys) in panels.get(name, {}).items():
-                ax.plot(
-                    xs,
-                    ys,
-                    color=color,
-                    ls=style.get(label, "-"),
-                    lw=1.3,
-                    marker="o" if is_eval else None,
-                    ms=3.5,
-                )
-                drawn.append((d.name, label))
-        ys_all = [y for _, _, p in series for _, ys in p.get(name, {}).values() for y in ys]
-        if ys_all and min(ys_all) > 0 and max(ys_all) > 20 * min(ys_all):
-            plain_log_axis(ax)
-        ax.set_title(panel_title(name, runs[0][1]), fontsize=9)
-        ax.set_xlabel("training samples", fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.grid(alpha=0.3)
-    handles = [
-        Line2D([], [], color=c, lw=2, label=d.name) for (d, _), c in zip(runs, colors, strict=True)
-    ]
-    if len(positions) > 1:
-        handles += [Line2D([], [], color="gray", ls=style[p], label=p) for p in positions]
-    fig.legend(handles=handles, loc="outside lower center", ncols=1, fontsize=8, frameon=False)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for ext in ("png", "svg"):
-        path = out / f"{OVERLAY_FILE}.{ext}"
-        fig.savefig(path, dpi=110)
-        result.paths.append(path)
-    return result
+def sae_positions(panels: dict[str, dict[str, Any]]) -> list[str]:
+    """The run's SAE positions: the lines of its per-SAE panels (not the downstream hooks)."""
+    per_sae = ("l0", "eval/l0", "dead_dict_elements", "eval/dead_dict_elements")
+    return sorted({label for n in per_sae for label in panels.get(n, {}) if label})

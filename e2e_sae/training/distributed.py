@@ -159,7 +159,7 @@ def sync_firing_stats(saes: nn.Module, d: Dist, n_local_tokens: int) -> None:
             continue
         merged = _comm_device(buf.clone())
         tdist.all_reduce(merged, op=tdist.ReduceOp.MIN)
-        merged[merged > 0] += n_local_tokens * (d.world_size - 1)
+        merged.add_(merged.gt(0).long(), alpha=n_local_tokens * (d.world_size - 1))  # no read
         buf.copy_(merged)
 
 
@@ -188,6 +188,16 @@ def reduce_mean(values: Mapping[str, float], d: Dist) -> dict[str, float]:
     tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
     mean = {k: float(v) / d.world_size for k, v in zip(keys, t.tolist(), strict=True)}
     return {k: mean[k] for k in values}  # the caller's key order
+
+
+def mean_over_ranks_(t: Tensor, d: Dist) -> Tensor:
+    """`t` replaced by its mean over ranks, on its device (no host read: the loop reads it
+    later). The same float64 arithmetic as `reduce_mean`."""
+    if d.enabled:
+        buf = _comm_device(t)
+        tdist.all_reduce(buf, op=tdist.ReduceOp.SUM)
+        t.copy_(buf / d.world_size)
+    return t
 
 
 def max_over_ranks(value: int, d: Dist) -> int:
@@ -226,6 +236,7 @@ __all__ = [
     "dist_from_env",
     "init_distributed",
     "max_over_ranks",
+    "mean_over_ranks_",
     "reduce_mean",
     "shutdown",
     "sync_firing_stats",

@@ -2,19 +2,20 @@
 (`lr_schedule`: SAE runs, `train-lm`, the MLP's SAEs).
 
 `Engine.train_step` accumulates `grad_accum_steps` micro-batches (forward through the engine's
-`feed`, loss terms plus the architectures' aux losses, finite checks, backward, firing
-statistics), then averages gradients over ranks, clips, steps Adam and the schedule, checks the
-weights and resamples dead latents when due. A feed turns one micro-batch into `LossInputs`: token
-windows through the LM (`feeds.LMFeed`) or stored activations (`feeds.CacheFeed`); nothing else
-differs between an LM-fed and a cache-fed run.
+`feed`, loss terms plus the architectures' aux losses, backward, firing statistics), then averages
+gradients over ranks, clips, steps Adam and the schedule and resamples dead latents when due. It
+reads no tensor value (a GPU runs ahead of it): the logged values stay on the device
+(`guard.StepValues`) and the checks for non-finite losses, gradients and weights and for a
+diverging loss are recorded there (`guard.Guard`), read when the loop reads the values. A feed
+turns one micro-batch into `LossInputs`: token windows through the LM (`feeds.LMFeed`) or stored
+activations (`feeds.CacheFeed`); nothing else differs between an LM-fed and a cache-fed run.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import statistics
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -23,7 +24,6 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from e2e_sae.config import Config, OptimizerConfig
-from e2e_sae.errors import UserError
 from e2e_sae.eval.evaluate import l0
 from e2e_sae.objective.forward import autocast
 from e2e_sae.objective.losses import LossInputs, LossTerm, compute_losses
@@ -34,15 +34,14 @@ from e2e_sae.training.distributed import (
     Dist,
     average_gradients,
     broadcast_state,
-    max_over_ranks,
+    mean_over_ranks_,
     reduce_mean,
     sync_firing_stats,
 )
+from e2e_sae.training.guard import GRADIENT, WEIGHT, Guard, StepValues
 
 Feed = Callable[[Any], LossInputs]
 """One micro-batch (token windows, or {hook: activations}) -> what the loss terms read."""
-
-DIVERGENCE_WINDOW = 100  # steps whose median loss the divergence guard compares against
 
 
 @dataclass
@@ -53,7 +52,8 @@ class TrainState:
     n_samples: int = 0  # training samples consumed
     batches: int = 0  # micro-batches drawn from the loader
     recent_losses: dict[str, list[float]] = dataclasses.field(default_factory=dict)
-    """The last DIVERGENCE_WINDOW steps' loss and loss terms (for the divergence guard)."""
+    """The last `guard.DIVERGENCE_WINDOW` steps' loss and loss terms (for the divergence guard; the
+    guard keeps them on the device and writes them here when the loop reads it)."""
 
 
 def n_grad_steps(config: Config, world_size: int = 1) -> int:
@@ -111,14 +111,6 @@ def crossed(n_samples: int, bs: int, every: int) -> bool:
     return (n_samples // every) > ((n_samples - bs) // every)
 
 
-def loss_term_keys(values: Iterable[str], term_names: Iterable[str]) -> list[str]:
-    """The logged keys that make up the loss: the loss terms and the aux losses (`name/pos`),
-    not the per-step statistics (`l0/`, `resampled/`, `grad_norm`)."""
-    keys = list(term_names)
-    stats = ("l0/", "resampled/")
-    return keys + [k for k in values if "/" in k and not k.startswith(stats)]
-
-
 C = TypeVar("C", bound=OptimizerConfig)
 
 
@@ -142,9 +134,12 @@ class Engine(Generic[C]):
     precision: str = "fp32"
     """"bf16": the forward under bf16 autocast (`Config.precision`)."""
     resampling: Resampling | None = None
+    divergence_factor: float | None = None
+    """`Config.divergence_factor` (None: no divergence check, e.g. the MLP's SAEs)."""
 
     def __post_init__(self) -> None:
         self._trainable_keys = {sae_key(p) for p in self.trainable}
+        self.guard = Guard(self.divergence_factor)
 
     @property
     def global_batch(self) -> int:
@@ -158,13 +153,18 @@ class Engine(Generic[C]):
 
     def train_step(
         self, micro_batches: Iterator[Any], state: TrainState, stats: bool = False
-    ) -> dict[str, float]:
+    ) -> StepValues:
         """One optimizer step over `grad_accum_steps` micro-batches; returns the logged values
-        (averaged over micro-batches and ranks). `stats`: also log each SAE's L0 (the loop asks on
-        logged steps only: the count costs a few % of a small model's step)."""
+        (averaged over micro-batches and ranks) where they were computed: the step reads no
+        tensor value, and a numerical problem is raised when they are read (`guard`).
+        `stats`: also log each SAE's L0 (the loop asks on logged steps only: the count costs a
+        few % of a small model's step)."""
         self.set_modes()
-        accum = self.config.grad_accum_steps
-        logged: dict[str, float] = {}
+        self.guard.begin(state)
+        accum, step = self.config.grad_accum_steps, state.step + 1
+        total: Tensor | None = None  # float64: the terms, the aux losses, L0s, then the loss
+        keys: list[str] = []
+        n_terms = 0
         for _ in range(accum):
             batch = next(micro_batches)
             state.batches += 1
@@ -178,7 +178,7 @@ class Engine(Generic[C]):
                 for name, v in self.saes.at(pos).aux_losses(acts, inputs.target(pos)).items()
             }
             loss, values = compute_losses(self.loss_terms, inputs, aux)
-            check_finite(loss, values, state.step + 1, self.dist)
+            n_terms = len(values)  # the loss terms and the aux losses (what the loss is made of)
             (loss / accum).backward()
             n_tokens = 0
             for pos, acts in inputs.sae_acts.items():
@@ -188,24 +188,43 @@ class Engine(Generic[C]):
                     values[f"l0/{pos}"] = l0(acts.c)
             sync_firing_stats(self.saes, self.dist, n_tokens)
             values["loss"] = loss
-            for k, v in values.items():
-                logged[k] = logged.get(k, 0.0) + float(v.detach()) / accum
+            keys = list(values)
+            part = torch.stack([v.detach().double() for v in values.values()]) / accum
+            total = part if total is None else total + part
+        assert total is not None
+        self.guard.check_loss(
+            torch.cat([total[:n_terms], total[-1:]]), [*keys[:n_terms], "loss"], step
+        )
         named = [(n, p) for n, p in self.saes.named_parameters() if p.requires_grad]
         params = [p for _, p in named]
         average_gradients(params, self.dist)
-        check_tensors_finite(((n, p.grad) for n, p in named), "gradient", state.step + 1)
+        self.guard.check_tensors([(n, p.grad) for n, p in named], GRADIENT, step)
         if self.config.max_grad_norm is not None:
             gn = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
-            logged["grad_norm"] = float(gn)
+            keys.append("grad_norm")
+            total = torch.cat([total, gn.detach().double().reshape(1)])
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        check_tensors_finite(named, "weight", state.step + 1)
-        logged.update(self.maybe_resample(inputs, state.n_samples + self.global_batch, state.step))
+        self.guard.check_tensors(named, WEIGHT, step)
+        host = self.maybe_resample(inputs, state.n_samples + self.global_batch, state.step)
         broadcast_state(self.saes, self.dist, buffers_only=True)
+        mean_over_ranks_(total, self.dist)
+        loss_at = keys.index("loss")
+        self.guard.check_divergence(
+            torch.cat([total[loss_at : loss_at + 1], total[:n_terms]]),
+            ["loss", *keys[:n_terms]],
+            step,
+        )
         state.step += 1
         state.n_samples += self.global_batch
-        return reduce_mean(logged, self.dist)
+        self.guard.end(state)
+        return StepValues(total, keys, reduce_mean(host, self.dist), self.guard, state, self.dist)
+
+    def check(self, state: TrainState) -> None:
+        """Read the guard now (a host sync): raise the first numerical problem of the steps so
+        far; else the divergence window goes into `state` (for a resume point)."""
+        self.guard.check(state, self.dist)
 
     def maybe_resample(self, inputs: LossInputs, n_samples: int, step: int) -> dict[str, float]:
         """Re-initialise dead latents when this step crossed a multiple of `resampling.every`."""
@@ -228,64 +247,3 @@ class Engine(Generic[C]):
             counts[f"resampled/{pos}"] = float(n)
         broadcast_state(self.saes, self.dist)  # rank 0's choice on every rank
         return counts
-
-
-class NumericalError(UserError):
-    """NaN / inf in a loss, gradient or weight, or a diverging loss. `weights_step`: the step
-    after which the weights that caused it were in place (their checkpoint is not to be kept)."""
-
-    def __init__(self, message: str, weights_step: int | None = None) -> None:
-        super().__init__(message)
-        self.weights_step = weights_step
-
-
-def check_finite(loss: Tensor, values: dict[str, Tensor], step: int, d: Dist = SINGLE) -> None:
-    """Stop (on every rank alike) when the loss is NaN / inf, naming the term that is."""
-    here = not bool(torch.isfinite(loss))
-    if not max_over_ranks(int(here), d):
-        return
-    if not here:
-        raise NumericalError(f"non-finite loss at step {step} on another rank", step - 1)
-    bad = next((k for k, v in values.items() if not torch.isfinite(v)), "loss")
-    value = float(values.get(bad, loss).detach())
-    raise NumericalError(f"non-finite loss at step {step}: term '{bad}' is {value}", step - 1)
-
-
-def check_tensors_finite(named: Iterable[tuple[str, Tensor | None]], what: str, step: int) -> None:
-    """Stop when a gradient / weight holds NaN / inf, naming the parameter (one sync per call)."""
-    pairs = [(n, t) for n, t in named if t is not None]
-    if not pairs or bool(torch.stack([t.isfinite().all() for _, t in pairs]).all()):
-        return
-    name = next(n for n, t in pairs if not bool(t.isfinite().all()))
-    # a gradient comes from the weights before this step; a weight is this step's result
-    weights_step = step - 1 if what == "gradient" else step
-    raise NumericalError(f"non-finite {what} at step {step}: saes.{name}", weights_step)
-
-
-def check_divergence(
-    values: dict[str, float], state: TrainState, factor: float | None, terms: list[str]
-) -> None:
-    """Stop when this step's loss is over `factor` times the median of the last
-    DIVERGENCE_WINDOW steps' losses (`divergence_factor`; None: off), naming the term that grew
-    most; else add the step to the window. `state.step` is this step (already counted)."""
-    hist = state.recent_losses
-    if factor is not None and hist.get("loss"):
-        median = statistics.median(hist["loss"])
-        if median > 0 and values["loss"] > factor * median:
-
-            def growth(k: str) -> float:
-                m = statistics.median(hist[k]) if hist.get(k) else 0.0
-                return values[k] / m if m > 0 else (math.inf if values[k] > 0 else 0.0)
-
-            term = max((k for k in terms if k in values), key=growth, default="loss")
-            raise NumericalError(
-                f"loss diverged at step {state.step}: {values['loss']:.4g} is over {factor:g}x "
-                f"the median {median:.4g} of the last {len(hist['loss'])} steps; term "
-                f"'{term}' is {values[term]:.4g} (divergence_factor tunes this, null disables)",
-                state.step - 1,
-            )
-    for k in ["loss", *terms]:
-        if k in values:
-            window = hist.setdefault(k, [])
-            window.append(float(values[k]))
-            del window[:-DIVERGENCE_WINDOW]

@@ -22,6 +22,18 @@ from e2e_sae.objective.losses import LossInputs
 from e2e_sae.saes import SAEDict
 
 
+def to_device(t: Tensor, device: torch.device) -> Tensor:
+    """`t` on `device`. From host memory to a GPU it goes through pinned (page-locked) memory as
+    a non-blocking copy: the host queues it and moves on, where a copy from ordinary (pageable)
+    memory would wait for everything queued on the GPU first. (The pinned buffer outlives the
+    copy: torch's pinned-memory allocator reuses a block only after the copies reading it.)"""
+    if t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 class PlanHolder(Protocol):
     model: SAETransformer
     plan: StepPlan
@@ -38,7 +50,7 @@ class LMFeed:
 
     def __call__(self, tokens: Tensor) -> LossInputs:
         h = self.holder
-        return run_forward(h.model, tokens.to(h.device), h.plan, h.reference)
+        return run_forward(h.model, to_device(tokens, h.device), h.plan, h.reference)
 
 
 @dataclass(frozen=True)
@@ -52,7 +64,7 @@ class CacheFeed:
     device: torch.device
 
     def __call__(self, acts: Mapping[str, Tensor]) -> LossInputs:
-        acts = {h: v.to(self.device, non_blocking=True) for h, v in acts.items()}
+        acts = {h: to_device(v, self.device) for h, v in acts.items()}
         saes = {pos: self.saes.at(pos) for pos in self.sites}
         sae_acts = run_sites(self.sites, saes, acts)
         return LossInputs(sae_acts, orig_acts=acts, sites=self.sites, saes=saes)

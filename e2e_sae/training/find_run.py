@@ -84,6 +84,8 @@ def check_same_run(run_dir: Path, config: Config) -> None:
     """The given config must train the same thing as the run's own config (one-line error)."""
     old = config_to_yaml_dict(run_config(run_dir))
     new = config_to_yaml_dict(config)
+    if new.get("precision") == "auto":  # the run recorded what `auto` chose for it
+        new["precision"] = old.get("precision")
     diff = first_difference(old, new)
     if diff is not None:
 
@@ -125,6 +127,15 @@ def find_run_dir(resume: str | Path, config: Config) -> Path:
             f"--resume: no run of this config under save_dir {save_dir} (pass --resume RUN_DIR)"
         )
     return max(found)[1]
+
+
+def recorded_precision(resume: str | Path, config: Config) -> str:
+    """The precision the run that `resume` names was trained in (`auto` when there is no such
+    run: `find_resume` then says what is wrong)."""
+    try:
+        return run_config(find_run_dir(resume, config)).precision
+    except UserError:
+        return config.precision
 
 
 @dataclass

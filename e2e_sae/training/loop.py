@@ -16,6 +16,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from types import FrameType
 from typing import Any, Protocol
@@ -30,14 +31,8 @@ from e2e_sae.lm.splice import SAETransformer
 from e2e_sae.objective.losses import LossTerm
 from e2e_sae.training.curves import plot_training_curves
 from e2e_sae.training.distributed import Dist, max_over_ranks
-from e2e_sae.training.engine import (
-    NumericalError,
-    TrainState,
-    check_divergence,
-    crossed,
-    loss_term_keys,
-    n_grad_steps,
-)
+from e2e_sae.training.engine import TrainState, crossed, n_grad_steps
+from e2e_sae.training.guard import NumericalError, StepValues
 from e2e_sae.training.resume import Checkpointed, resume_points, save_point
 from e2e_sae.training.runlog import RunLogger
 
@@ -54,7 +49,9 @@ class LoopTrainer(Checkpointed, Protocol):
 
     def train_step(
         self, micro_batches: Iterator[Any], state: TrainState, stats: bool = False
-    ) -> dict[str, float]: ...
+    ) -> StepValues: ...
+
+    def check(self, state: TrainState) -> None: ...
 
     def run_eval(self, progress: bool = False, desc: str = "eval") -> EvalResult | None: ...
 
@@ -75,11 +72,26 @@ class Run:
     values: dict[str, float] = field(default_factory=dict)
     eval: EvalResult | None = None
     error: NumericalError | None = None
+    eval_seconds: float = 0.0
+    """Wall time spent in this run's evaluations (left out of the training speed and ETA)."""
     saved_at: int = -1
     """n_samples of the last checkpoint written (a signal on a save step writes it once)."""
 
+    def sync(self) -> bool:
+        """Read what the device holds for this run (a host sync): False when the guard found a
+        numerical problem in the steps so far (then `error` holds it and the checkpoints of the
+        weights that caused it are set aside)."""
+        t = self.trainer
+        try:
+            t.check(self.state)
+        except NumericalError as err:
+            self.error = set_aside_bad_point(err, self.run_dir, t.global_batch, t.dist)
+            return False
+        return True
+
     def save(self, final: bool = False) -> None:
-        """A resume point; the newest `keep_last_n_checkpoints` (+ the final one) are kept."""
+        """A resume point; the newest `keep_last_n_checkpoints` (+ the final one) are kept. Call
+        it after a read (`sync`, or the step's values read): the guard's window goes into it."""
         if self.saved_at != self.state.n_samples or final:
             t, keep = self.trainer, self.config.keep_last_n_checkpoints
             keep = keep + (1 if final else 0) if keep is not None else None
@@ -135,6 +147,11 @@ def run_loop(
     t0 = time.perf_counter()
     start = {id(r): r.state.n_samples for r in runs}
     rate = TokenRate(now=t0)
+
+    def evals() -> float:
+        return sum(r.eval_seconds for r in runs)
+
+    paused = evals()
     stop = StopOnSignal().install()
     try:
         for r in runs:
@@ -143,20 +160,27 @@ def run_loop(
         while active := [r for r in runs if r.active]:
             micro = [next(batches) for _ in range(accum)]
             for r in active:
-                step_run(r, micro, progress, lambda r=r: _rate(r, start[id(r)], n_ctx, t0), stop)
+                step_run(
+                    r, micro, progress, partial(_rate, r, start[id(r)], n_ctx, t0, evals), stop
+                )
+            if (dt := evals() - paused) > 0:  # speed and ETA are of training, not evaluation
+                paused += dt
+                pause_bar(bar, dt)
+                rate.pause(dt)
             loss = next((r.values["loss"] for r in active if "loss" in r.values), float("nan"))
             speed = format_rate(rate.update(bs * n_ctx))
             bar.set_postfix_str(f"loss={loss:.4g}, {speed}", refresh=False)
             bar.update(1)
             signum = stop.requested(d)  # SIGINT / SIGTERM: save, then stop
             if signum:
-                interrupted = [r for r in runs if r.active]
+                interrupted = [r for r in runs if r.active and r.sync()]
                 for r in interrupted:
                     r.save()
                 if interrupted:
                     r = interrupted[0]
                     raise stop.interrupted(r.run_dir, r.state.step, signum, resume_command)
-        if stop.signum:  # came while the last runs were being finished: honoured, nothing lost
+        errors = [r.error for r in runs if r.error is not None]
+        if stop.signum and not errors:  # came while the last runs were finishing: nothing lost
             done_dirs = ", ".join(str(r.run_dir) for r in runs)
             raise SignalInterrupt(
                 stop.signum,
@@ -166,15 +190,24 @@ def run_loop(
     finally:
         bar.close()
         stop.restore()
-    errors = [r.error for r in runs if r.error is not None]
     if errors:
         raise errors[0]
 
 
-def _rate(r: Run, n0: int, n_ctx: int, t0: float) -> float:
-    """Training tokens per second of `r` since the loop started (`n0`: its samples then)."""
-    elapsed = time.perf_counter() - t0
+def _rate(r: Run, n0: int, n_ctx: int, t0: float, evals: Callable[[], float]) -> float:
+    """Training tokens per second of `r` since the loop started (`n0`: its samples then), not
+    counting the `evals()` seconds spent evaluating."""
+    elapsed = time.perf_counter() - t0 - evals()
     return (r.state.n_samples - n0) * n_ctx / elapsed if elapsed > 0 else 0.0
+
+
+def pause_bar(bar: Any, seconds: float) -> None:
+    """Leave `seconds` just spent elsewhere (an evaluation, which has its own bar) out of a tqdm
+    bar's elapsed time, rate and ETA: as if its clock had stopped for them."""
+    if getattr(bar, "disable", True):
+        return
+    bar.start_t += seconds
+    bar.last_print_t += seconds
 
 
 def step_run(
@@ -185,19 +218,24 @@ def step_run(
     stop: StopOnSignal | None = None,
 ) -> None:
     """One optimizer step of `r` on `micro`, then its triggers (log, eval, save, finish);
-    `rate()`: the run's tokens per second so far (logged); `stop`: see `finish_run`."""
+    `rate()`: the run's tokens per second so far (logged); `stop`: see `finish_run`.
+
+    Only a step with a trigger reads its values (and the guard's verdict) from the device: a
+    step without one leaves them there, so a GPU is never made to wait."""
     t, state, cfg = r.trainer, r.state, r.config
     log_due = (state.step + 1) % cfg.log_every_n_grad_steps == 0 or state.step == 0
     last = state.step + 1 == r.n_steps
+    bs, every, save_every = t.global_batch, cfg.eval_every_n_samples, cfg.save_every_n_samples
+    eval_due = bool(every) and crossed(state.n_samples + bs, bs, every or 1)
+    save_due = not last and bool(save_every) and crossed(state.n_samples + bs, bs, save_every or 1)
     try:
         values = t.train_step(iter(micro), state, stats=log_due or last)
-        terms = loss_term_keys(values, [term.name for term in t.loss_terms])
-        check_divergence(values, state, cfg.divergence_factor, terms)
+        if not (log_due or last or eval_due or save_due):
+            return
+        r.values = values.read()  # (raises a numerical problem of this or an earlier step)
     except NumericalError as err:
         r.error = set_aside_bad_point(err, r.run_dir, t.global_batch, t.dist)
         return
-    r.values = values
-    bs, every = t.global_batch, cfg.eval_every_n_samples
     if log_due:
         rec = {
             "samples": state.n_samples,
@@ -208,10 +246,9 @@ def step_run(
         }
         rec.update(dead_counts(t.model, cfg.act_frequency_n_tokens))
         r.log.log(rec, step=state.n_samples)
-    if every and crossed(state.n_samples, bs, every):
+    if eval_due:
         log_eval(r, progress=progress)
-    save_every = cfg.save_every_n_samples
-    if not last and save_every and crossed(state.n_samples, bs, save_every):
+    if save_due:
         r.save()
     if last:
         finish_run(r, progress, stop)
@@ -244,7 +281,9 @@ def log_eval(r: Run, progress: bool = False, desc: str = "eval") -> None:
     t, state = r.trainer, r.state
     if not t.dist.is_main:
         return
+    t0 = time.perf_counter()
     result = t.run_eval(progress=progress, desc=desc)
+    r.eval_seconds += time.perf_counter() - t0
     if result is None:
         return
     r.eval = result
@@ -293,6 +332,10 @@ class TokenRate:
         self.marks: deque[tuple[float, int]] = deque(
             [(time.perf_counter() if now is None else now, 0)]
         )
+
+    def pause(self, seconds: float) -> None:
+        """Leave `seconds` just spent on something else out of the rate (shift the marks)."""
+        self.marks = deque((t + seconds, n) for t, n in self.marks)
 
     def update(self, n_tokens: int, now: float | None = None) -> float:
         """Add `n_tokens` just processed; returns the current rate (tokens/s)."""

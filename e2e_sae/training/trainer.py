@@ -23,17 +23,18 @@ from tqdm.auto import tqdm
 
 from e2e_sae.caches.teacher import TeacherCache, check_teacher_config
 from e2e_sae.config import MAX_NAME_BYTES, Config, DatasetConfig
-from e2e_sae.data import create_data_loader, data_errors, eval_batches
+from e2e_sae.data import create_data_loader, data_errors
 from e2e_sae.errors import UserError
-from e2e_sae.eval.evaluate import EvalResult, evaluate
+from e2e_sae.eval.evaluate import EvalResult, eval_settings, eval_window_batches, evaluate
 from e2e_sae.interop.pretrained import load_pretrained_saes
-from e2e_sae.lm.runner import check_vocab
+from e2e_sae.lm.runner import LeanRunner, check_vocab
 from e2e_sae.lm.splice import SAETransformer
 from e2e_sae.objective.forward import StepPlan, make_plan
 from e2e_sae.objective.losses import build_loss_terms
-from e2e_sae.resources import check_memory
+from e2e_sae.resources import bf16_is_fast, check_memory
 from e2e_sae.runs.checkpoint import CONFIG_FILE, write_config
 from e2e_sae.runs.lock import RunLock
+from e2e_sae.saes import TopKSAE, idle_aux_warnings
 from e2e_sae.saes.init import Center, center, init_decoder_bias_, tie_encoder_
 from e2e_sae.training.distributed import (
     SINGLE,
@@ -47,7 +48,7 @@ from e2e_sae.training.distributed import (
 from e2e_sae.training.engine import Engine, Resampling, TrainState, make_optimizer, n_grad_steps
 from e2e_sae.training.faults import write_faults
 from e2e_sae.training.feeds import CacheFeed, LMFeed
-from e2e_sae.training.find_run import Resume, find_resume
+from e2e_sae.training.find_run import Resume, find_resume, recorded_precision
 from e2e_sae.training.loop import Run, run_loop
 from e2e_sae.training.resume import restore_point
 from e2e_sae.training.runlog import RunLogger
@@ -166,24 +167,26 @@ class Trainer(Engine[Config]):
         cfg = self.config
         if cfg.eval_data is None or not cfg.eval_n_samples:
             return None
-        batches, n_batches = self.eval_batches()
+        batches, n_batches, n = self.eval_batches()
         self.model.eval()
         with tqdm(
             total=n_batches, desc=desc, unit="batch", leave=False, disable=not progress
         ) as bar:
-            return evaluate(
+            result = evaluate(
                 self.model, _counted(batches, bar), n_batches, self.eval_plan, self.loss_terms
             )
+        result.settings = eval_settings(cfg.eval_data, n, cfg.batch_size, cfg.seed, None)
+        return result
 
-    def eval_batches(self) -> tuple[Iterator[Tensor], int]:
-        """The evaluation's batches and their number (`eval_n_samples` windows of the eval set,
-        each once: a set too small for them is a UserError)."""
+    def eval_batches(self) -> tuple[Iterator[Tensor], int, int]:
+        """The evaluation's batches, their number and the windows they hold: `eval_n_samples`
+        windows of the eval set, each once (a set too small for them is a UserError), the
+        windows and order `e2e-sae eval` takes by default."""
         cfg = self.config
         assert cfg.eval_data is not None and cfg.eval_n_samples
-        n_batches = max(1, cfg.eval_n_samples // cfg.batch_size)
-        seed = cfg.seed + 42  # a different order from training, as in the original
         asked = f"eval_n_samples: {cfg.eval_n_samples} windows"
-        return eval_batches(cfg.eval_data, cfg.batch_size, seed, n_batches, asked)
+        n = cfg.eval_n_samples
+        return eval_window_batches(cfg.eval_data, cfg.batch_size, n, cfg.seed, asked)
 
     def check_eval_data(self) -> None:
         """Load the first eval batch now, so a bad eval dataset fails before anything is written."""
@@ -203,9 +206,12 @@ def open_teacher_cache(config: Config) -> Any:
 def setup(
     config: Config, device: str | None = None, reference: bool = False, dist: Dist = SINGLE
 ) -> Trainer:
-    """Load the LM, build the SAEs, and prepare optimizer and schedule (no files written)."""
+    """Load the LM, build the SAEs, and prepare optimizer and schedule (no files written).
+    `precision: auto` becomes the precision the SAEs' device runs fast (`concrete_precision`);
+    the trainer's `config` holds it, so the run directory records it."""
     set_seed(config.seed)
     model = SAETransformer.from_config(config, device=device)
+    config = concrete_precision(config, next(model.saes.parameters()).device)
     if config.n_samples is not None and config.n_samples < (
         global_batch := (config.effective_batch_size or config.batch_size) * dist.world_size
     ):
@@ -228,6 +234,8 @@ def setup(
     for pos in frozen:
         model.sae(pos).requires_grad_(False)
     trainable = [p for p in model.sae_positions if p not in frozen]
+    for line in idle_aux_warnings(config, {p: model.sae(p) for p in trainable}):
+        logger.warning(line)
     if not trainable:
         raise UserError("saes.retrain_saes: every SAE is frozen, so nothing would train")
     params = [p for q in trainable for p in model.sae(q).parameters()]
@@ -242,6 +250,8 @@ def setup(
     plan = make_plan(model, config.loss, precision=config.precision)
     if config.teacher_cache is not None:
         plan = dataclasses.replace(plan, teacher=open_teacher_cache(config))
+    if config.compile:
+        compile_step(model, plan, trainable)
     loss_terms = build_loss_terms(config.loss, plan.new_cache, config.kl_chunk_tokens)
     steps = n_grad_steps(config, dist.world_size)
     optimizer, scheduler = make_optimizer(config, model.saes, steps, dist.world_size)
@@ -264,11 +274,36 @@ def setup(
         dist=dist,
         precision=config.precision,
         resampling=resampling,
+        divergence_factor=config.divergence_factor,
         model=model,
         plan=plan,
         eval_plan=eval_plan,
         reference=reference,
     )
+
+
+def compile_step(model: SAETransformer, plan: StepPlan, trainable: list[str]) -> None:
+    """`compile: true`: the trained SAEs' forward and the plan's hook-free LM blocks (where the
+    plan runs on the lean forward) go through `torch.compile`. A TopK SAE on its sparse path is
+    left as it is: one GEMM and sparse products that dynamo does not trace."""
+    for pos in trainable:
+        sae = model.sae(pos)
+        if not (isinstance(sae, TopKSAE) and sae.uses_sparse_path()):
+            sae.compile(dynamic=False)
+    if isinstance(plan.runner, LeanRunner):
+        plan.runner.lean(plan.precision).compile()  # type: ignore[union-attr]
+    else:
+        logger.info("compile: this LM runs without the lean forward; only the SAEs are compiled")
+
+
+def concrete_precision(config: Config, device: torch.device | str) -> Config:
+    """`config` with `precision: auto` replaced by bf16 where `device` multiplies bf16 fast
+    (`resources.bf16_is_fast`), else fp32; any other precision as it is."""
+    if config.precision != "auto":
+        return config
+    precision = "bf16" if bf16_is_fast(device) else "fp32"
+    logger.info("precision: auto -> %s on %s", precision, device)
+    return config.model_copy(update={"precision": precision})
 
 
 @torch.no_grad()
@@ -307,6 +342,8 @@ def train(
     checkpoint. Under torchrun every rank calls this; see `e2e_sae.training.distributed`. Nothing is
     written before the inputs are checked. The run directory is locked while the run lasts."""
     d, device = init_distributed(device or config.device)
+    if resume is not None and config.precision == "auto":  # a run goes on as it was trained
+        config = config.model_copy(update={"precision": recorded_precision(resume, config)})
     t = setup(config, device=device, reference=reference, dist=d)
     locks: list[RunLock] = []
     try:
