@@ -191,7 +191,9 @@ def check_architecture(config: Config) -> None:
     """Without the model's sizes: the architecture's name, and `k` where it needs one."""
     cls = architecture_class(config.saes.architecture)
     params = inspect.signature(cls.__init__).parameters
-    if "k" in params and config.saes.k is None and "k" not in config.saes.architecture_kwargs:
+    # (a CLT takes k only with activation topk; its constructor says so in `build_meta_saes`)
+    needs_k = "k" in params and not cls.cross_layer
+    if needs_k and config.saes.k is None and "k" not in config.saes.architecture_kwargs:
         raise ConfigError(f"saes.k: required for architecture '{config.saes.architecture}'")
 
 
