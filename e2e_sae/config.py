@@ -194,6 +194,29 @@ class TranscoderConfig(_Frozen):
     output: str
 
 
+class TranscoderSetConfig(_Frozen):
+    """One transcoder per listed block (`layers`: `all`, or block indices), each reading the
+    block's `input` hook and replacing its `output` hook (TransformerLens names relative to the
+    block: `ln2.hook_normalized` is the MLP's input as circuit-tracer's transcoders read it,
+    `hook_mlp_in` the residual before ln2 where the model has it; `hook_mlp_out` its output).
+    `skip`: each gets a linear skip path from input to output (skip transcoders). With
+    `saes.architecture: clt` the layers make one cross-layer transcoder (consecutive layers)."""
+
+    layers: Literal["all"] | list[Annotated[int, Field(ge=0)]] = "all"
+    input: str = "ln2.hook_normalized"
+    output: str = "hook_mlp_out"
+    skip: bool = False
+
+    @property
+    def layer_list(self) -> list[int] | None:
+        """The listed layers, None for `all`."""
+        return None if self.layers == "all" else list(self.layers)
+
+
+CLT_ARCHITECTURE = "clt"
+"""The cross-layer transcoder's architecture name (`e2e_sae.saes.clt`)."""
+
+
 class SAEsConfig(_Frozen):
     """Which SAEs to splice in and how. `sae_positions` are hook names or substrings."""
 
@@ -214,6 +237,9 @@ class SAEsConfig(_Frozen):
     `init_threshold`; gated: `aux_coeff`; matryoshka (batchtopk's and): `matryoshka_widths`,
     `matryoshka_e2e`, `prefix_weights`, `inner_mse_coeff`."""
     transcoders: list[TranscoderConfig] = Field(default_factory=list)
+    transcoder_set: TranscoderSetConfig | None = None
+    """A transcoder (or, with `architecture: clt`, one cross-layer transcoder) for every listed
+    block's MLP, trained jointly."""
     init_b_dec: Literal["zeros", "mean", "geometric_median"] = "zeros"
     tied_init: bool = False
     resample_every_n_samples: Count | None = None
@@ -223,8 +249,31 @@ class SAEsConfig(_Frozen):
 
     @model_validator(mode="after")
     def _some_position(self) -> SAEsConfig:
-        if not self.sae_positions and not self.transcoders:
-            raise ValueError("sae_positions (or transcoders) must name at least one hook")
+        if not self.sae_positions and not self.transcoders and self.transcoder_set is None:
+            raise ValueError(
+                "sae_positions (or transcoders, or transcoder_set) must name at least one hook"
+            )
+        if self.architecture == CLT_ARCHITECTURE:
+            if self.transcoder_set is None:
+                raise ValueError(
+                    "architecture: clt is a cross-layer transcoder over the layers of "
+                    "transcoder_set (set saes.transcoder_set)"
+                )
+            if self.sae_positions or self.transcoders:
+                raise ValueError(
+                    "architecture: clt covers transcoder_set's layers only; sae_positions and "
+                    "transcoders must be empty"
+                )
+            layers = self.transcoder_set.layer_list
+            if layers is not None and sorted(set(layers)) != list(
+                range(min(layers, default=0), max(layers, default=-1) + 1)
+            ):
+                raise ValueError(
+                    f"transcoder_set.layers: a cross-layer transcoder needs consecutive layers "
+                    f"(its features write to every later layer), got {layers}"
+                )
+            if self.transcoder_set.skip:
+                raise ValueError("transcoder_set.skip: not for a cross-layer transcoder (clt)")
         if self.resample_every_n_samples is not None and self.architecture != "relu":
             raise ValueError(
                 "resample_every_n_samples: only for architecture relu (the TopK family has AuxK)"

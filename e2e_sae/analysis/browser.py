@@ -529,8 +529,9 @@ def ablation_kl(
     _, cache = model.forward_raw(
         tokens, run_entire_model=False, cache_positions=[site.input_hook], cache_sae_positions=False
     )
-    c = sae.encode(cache[site.input_hook])
-    out = sae.decode(c)
+    x = cache[site.input_hook]
+    c = sae.encode(x)
+    out = sae.add_skip(sae.decode(c), x)  # (a skip transcoder's skip path stays in)
 
     def logprobs(act: Tensor) -> Tensor:
         def put(a: Tensor, hook: Any) -> Tensor:
@@ -1087,7 +1088,10 @@ def write_browser(
     )
     n_dead = int((fd.counts == 0).sum())
     ablation: list[float | None] = [None] * len(fd.indices)
-    n_ablate = min(ablate, len(fd.indices) - n_dead)
+    site = model.sites[position]
+    # a CLT layer's features write to later layers too, where the other layers' features write:
+    # ablating one feature needs the whole CLT spliced in, which `ablation_kl` does not do
+    n_ablate = 0 if site.later_outputs else min(ablate, len(fd.indices) - n_dead)
     n_abl_tok = 0
     if n_ablate > 0:
         order = fd.counts.argsort(descending=True, stable=True)[:n_ablate].tolist()
@@ -1145,6 +1149,18 @@ def write_browser(
         notes.append(
             f"Autointerp: {len(interp)} features explained (`e2e-sae autointerp`, "
             "<run>/autointerp/); the column is the explanation's simulation score."
+        )
+    if site.is_transcoder:
+        kind = "cross-layer transcoder layer" if site.later_outputs else "transcoder"
+        notes.append(
+            f"A {kind}: its features read {site.input_hook} and write to "
+            f"{', '.join(site.targets)}"
+            + (
+                " (decoder directions, logit effects and nearest features use the sum of its "
+                "decoders over those layers; ablation KL is not computed for a CLT)."
+                if site.later_outputs
+                else "."
+            ),
         )
     return write_folder(
         fd,

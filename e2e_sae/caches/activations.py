@@ -38,10 +38,9 @@ from tqdm.auto import tqdm
 from e2e_sae.config import Config
 from e2e_sae.data import create_data_loader, data_errors
 from e2e_sae.errors import ConfigError, UserError
-from e2e_sae.lm import splice
 from e2e_sae.lm.load import check_device, resolve_backend
 from e2e_sae.lm.runner import check_vocab
-from e2e_sae.lm.sites import SpliceSite, filter_names
+from e2e_sae.lm.sites import SpliceSite, config_sites, filter_names
 from e2e_sae.lm.splice import SAETransformer
 from e2e_sae.objective.forward import StepPlan, run_forward, with_runner
 from e2e_sae.resources import check_disk, reserve
@@ -311,18 +310,15 @@ def check_cacheable(config: Config) -> None:
         raise ConfigError("precision: training from cached activations runs in fp32; set fp32")
 
 
-def resolve_sites(config: Config, all_hook_names: Sequence[str]) -> dict[str, SpliceSite]:
-    """The SAE sites of `config` (as `SAETransformer` resolves them), from the LM's hook names."""
-    s = config.saes
-    pairs = [(t.input, t.output) for t in s.transcoders]
-    return splice.resolve_sites(list(all_hook_names), s.sae_positions, pairs)
-
-
-def hook_field(site: SpliceSite, hook: str) -> str:
+def hook_field(config: Config, site: SpliceSite, hook: str) -> str:
     """The config field that made `hook` necessary (for error messages)."""
     if not site.is_transcoder:
         return "saes.sae_positions"
-    return "saes.transcoders.input" if hook == site.input_hook else "saes.transcoders.output"
+    entry = "transcoders"
+    t = config.saes.transcoder_set
+    if t is not None and site.output_hook.endswith("." + t.output):
+        entry = "transcoder_set"
+    return f"saes.{entry}.input" if hook == site.input_hook else f"saes.{entry}.output"
 
 
 def model_source(config: Config) -> dict[str, Any]:
@@ -365,11 +361,11 @@ def check_against_cache(config: Config, cache: ActivationCache) -> None:
         raise ConfigError(
             f"{key}: the activation cache {cache.path} was built from another model ({built})"
         )
-    for site in resolve_sites(config, cache.meta["all_hook_names"]).values():
+    for site in config_sites(config, cache.meta["all_hook_names"]).values():
         for h in site.hooks:
             if h not in cache.hooks:
                 raise ConfigError(
-                    f"{hook_field(site, h)}: '{h}' is not in the activation cache "
+                    f"{hook_field(config, site, h)}: '{h}' is not in the activation cache "
                     f"{cache.path} (it holds {', '.join(cache.hooks)})"
                 )
 

@@ -24,8 +24,17 @@ def run_eval_command(args: argparse.Namespace) -> int:
         if out.is_dir():
             raise UserError(f"--out: {out} is a folder; give a file name (e.g. {out / EVAL_JSON})")
         check_output_folder(out.parent, "--out")
+    from e2e_sae.eval.evaluate import check_count
+    from e2e_sae.lm.splice import SAETransformer
+
+    check_count(args.graph_prompts, "--graph-prompts")
+    model = SAETransformer.from_local_path(args.run_dir, device=args.device)
+    if args.graph_prompts:  # refuse a run circuit-tracer cannot represent before evaluating
+        from e2e_sae.interop.circuits import circuit_tracer_layout
+
+        circuit_tracer_layout(model, args.run_dir)
     result = evaluate_run(
-        args.run_dir,
+        model,
         data=args.data,
         split=args.split,
         n_tokens=args.n_tokens,
@@ -33,6 +42,18 @@ def run_eval_command(args: argparse.Namespace) -> int:
         device=args.device,
         progress=True,
     )
+    if args.graph_prompts:
+        from e2e_sae.interop.circuits import graph_scores, prompt_windows
+
+        assert model.run_config is not None
+        prompts = prompt_windows(
+            model.run_config, args.graph_prompts, args.graph_prompt_tokens, args.data, args.split
+        )
+        print(f"attribution graphs of {len(prompts)} prompts (circuit-tracer) ...")
+        scores = graph_scores(model.to("cpu"), prompts, ct_python=args.ct_python)
+        result.metrics["graph_replacement_score"] = scores["replacement_score"]
+        result.metrics["graph_completeness_score"] = scores["completeness_score"]
+        result.graphs = scores["per_prompt"]
     out = write_eval(result, out, overwrite=args.overwrite)
     print(eval_table(result))
     if result.downstream:
@@ -61,4 +82,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "checkpoint, ...); without it that is an error",
     )
     e.add_argument("--device", default=None)
+    e.add_argument(
+        "--graph-prompts",
+        type=int,
+        default=None,
+        help="transcoder set / CLT: circuit-tracer's graph scores on this many fixed eval prompts "
+        "(needs .venv-ct, `make install-ct`)",
+    )
+    e.add_argument("--graph-prompt-tokens", type=int, default=16, help="tokens per graph prompt")
+    e.add_argument("--ct-python", type=Path, default=None, help="default: .venv-ct/bin/python")
     e.set_defaults(func=run_eval_command)

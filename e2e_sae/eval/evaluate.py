@@ -36,6 +36,15 @@ output per token (`sae_bench.evals.core.main.get_sparsity_and_variance_metrics`)
 SAEBench's own `explained_variance` and `mse` are per-token ratios averaged over tokens and drop
 BOS / padding tokens; ours (above) are pooled over all tokens and kept as they were.
 
+Transcoder sets and cross-layer transcoders: the model-level metrics are the replacement model's
+(every listed MLP output replaced at once, in one pass), and a transcoder's `explained_variance`,
+`l0` are in that pass (it reads an input the earlier replacements changed: errors compound);
+`explained_variance_local` is its FVE on the clean run's input (a CLT layer: the sum of every
+layer's contribution, each reading its clean input). `e2e-sae eval --graph-prompts N` adds
+circuit-tracer's replacement and completeness scores of attribution graphs for N fixed prompts
+(`graph_replacement_score`, `graph_completeness_score`, per prompt in `graphs`), computed in
+circuit-tracer's own environment (`e2e_sae.interop.circuits.graph_scores`).
+
 Downstream (`downstream[hook]`): MSE and explained variance of the SAE-spliced run's activation vs
 the clean run's at every residual-stream hook after the first SAE (`hook_resid_pre` of later blocks
 and the last block's `hook_resid_post`). With several SAEs every one before the hook contributes.
@@ -60,7 +69,7 @@ from tqdm.auto import tqdm
 from e2e_sae.config import Config, DatasetConfig
 from e2e_sae.data import eval_batches
 from e2e_sae.errors import UserError
-from e2e_sae.lm.sites import hook_layer
+from e2e_sae.lm.sites import hook_layer, run_sites
 from e2e_sae.lm.splice import SAETransformer
 from e2e_sae.objective.forward import StepPlan, make_plan, run_forward, with_runner
 from e2e_sae.objective.losses import LossTerm, build_loss_terms, compute_losses, kl_clean_to_new
@@ -257,6 +266,8 @@ class EvalResult:
     per_sae: dict[str, dict[str, float]] = field(default_factory=dict)
     downstream: dict[str, dict[str, float]] = field(default_factory=dict)
     feature_counts: dict[str, Tensor] = field(default_factory=dict)
+    graphs: list[dict[str, Any]] = field(default_factory=list)
+    """circuit-tracer's attribution graphs' scores per prompt (`--graph-prompts`), else empty."""
     settings: dict[str, Any] = field(default_factory=dict)
     """What was evaluated on what (`eval_settings`): the same settings give the same numbers."""
 
@@ -274,13 +285,14 @@ class EvalResult:
 
     def to_json(self) -> dict[str, Any]:
         """What `eval.json` holds: `settings`, model-level metrics at the top, then `per_sae`,
-        `downstream`."""
-        return {
+        `downstream` (and `graphs` with `--graph-prompts`)."""
+        out = {
             "settings": self.settings,
             **self.metrics,
             "per_sae": self.per_sae,
             "downstream": self.downstream,
         }
+        return {**out, "graphs": self.graphs} if self.graphs else out
 
 
 def _zero_ablated_logits(model: SAETransformer, tokens: Tensor, positions: list[str]) -> Tensor:
@@ -323,6 +335,8 @@ def evaluate(
     loss_totals: dict[str, float] = {}
     sums: dict[str, float] = {}
     stats = {p: _SAEStats() for p in plan.sae_positions}
+    # transcoders: also on the clean run's inputs (no compounding), `explained_variance_local`
+    local = {p: _EVStats() for p in plan.sae_positions if model.sites[p].is_transcoder}
     down = {h: _EVStats() for h in later}
     n = n_tok = n_pred = 0
     bar = tqdm(batches, total=n_batches, desc="eval", disable=not progress, leave=False)
@@ -350,6 +364,11 @@ def evaluate(
             sums[k] = sums.get(k, 0.0) + v
         for pos, acts in inputs.sae_acts.items():
             stats[pos].update(inputs.target(pos), acts.c, acts.output)
+        if local:
+            sites = {p: model.sites[p] for p in local}
+            clean_run = run_sites(sites, {p: model.sae(p) for p in local}, inputs.orig_acts)
+            for pos, ev in local.items():
+                ev.update(inputs.target(pos), clean_run[pos].output)
         for h in later:
             down[h].update(inputs.orig_acts[h], inputs.new_acts[h])
         n, n_tok, n_pred = n + 1, n_tok + bt, n_pred + bp
@@ -367,9 +386,12 @@ def evaluate(
         metrics["kl_div_score"] = kl_div_score(metrics["kl"], metrics["kl_zero_abl"])
     metrics["n_tokens"] = float(n_tok)
     n_layers = model.n_layers
+    per_sae = {p: s.result() for p, s in stats.items()}
+    for p, ev in local.items():
+        per_sae[p]["explained_variance_local"] = ev.result()["explained_variance"]
     return EvalResult(
         metrics,
-        {p: s.result() for p, s in stats.items()},
+        per_sae,
         {
             h: {**s.result(), "layer": hook_layer(h, n_layers) + ("resid_post" in h)}
             for h, s in down.items()

@@ -38,6 +38,8 @@ def eval_table(result: EvalResult) -> str:
         "kl_div_score",
         "top1_agreement",
         "tvd",
+        "graph_replacement_score",
+        "graph_completeness_score",
         "n_tokens",
     )
     keys = [k for k in order if k in m]
@@ -48,6 +50,7 @@ def eval_table(result: EvalResult) -> str:
         "dead_dict_elements",
         "explained_variance",
         "explained_variance_ln",
+        "explained_variance_local",
         "mse",
     ]
     cols = [c for c in cols if any(c in d for d in result.per_sae.values())]

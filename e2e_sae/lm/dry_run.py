@@ -2,7 +2,7 @@
 
 The model is built from its HookedTransformerConfig on the meta device (no memory, no weights, no
 tokenizer) and run once there on two tokens, so its hook names and activation sizes are exactly
-those of the real run: hooks resolve by the same rules (`resolve_sites`, `filter_names`), and the
+those of the real run: hooks resolve by the same rules (`config_sites`, `filter_names`), and the
 SAEs are built (also on the meta device) by the same code with the same keywords, so an unknown
 architecture, a missing `k` or a bad `architecture_kwargs` fails here as it would there. Also
 checked: the model name (a near miss of a built-in one), the datasets (a missing path, a near miss
@@ -46,9 +46,9 @@ from e2e_sae.lm.load import (
     model_name_field,
     resolve_backend,
 )
-from e2e_sae.lm.sites import check_after_first_sae, dict_size, filter_names, resolve_sites
+from e2e_sae.lm.sites import check_after_first_sae, config_sites, dict_size, filter_names
 from e2e_sae.lm.tl import HAS_HOOKED, TL_VERSION
-from e2e_sae.saes import SAEBase, build_sae, idle_aux_warnings, sae_kwargs
+from e2e_sae.saes import SAEBase, build_sae, idle_aux_warnings, is_cross_layer, sae_kwargs
 from e2e_sae.saes.registry import architecture_class
 
 
@@ -178,7 +178,8 @@ def _native_hook_shapes(cfg: Any) -> dict[str, tuple[int, ...]]:
 
 
 def check_hooks(config: Config, names: list[str] | None = None) -> str:
-    """Resolve `saes.sae_positions`, `saes.transcoders` and `loss.in_to_orig.hook_positions` as
+    """Resolve `saes.sae_positions`, `saes.transcoders`, `saes.transcoder_set` and
+    `loss.in_to_orig.hook_positions` as
     the real run does (ConfigError naming the field when one matches nothing); returns a one-line
     summary, or why the hooks could not be checked. `names`: the model's hook names, if known
     (the sweep checks each of its runs this way; `dry_run` checks far more)."""
@@ -189,10 +190,7 @@ def check_hooks(config: Config, names: list[str] | None = None) -> str:
         raise
     except UserError as err:
         return f"hooks not checked: {err}"
-    s = config.saes
-    found = list(
-        resolve_sites(names, s.sae_positions, [(t.input, t.output) for t in s.transcoders])
-    )
+    found = list(config_sites(config, names))
     if config.loss.in_to_orig is not None:
         field = "loss.in_to_orig.hook_positions"
         filter_names(names, config.loss.in_to_orig.hook_positions, field)
@@ -241,7 +239,9 @@ def check_architecture(config: Config) -> None:
     """Without the model's sizes: the architecture's name, and `k` where it needs one."""
     cls = architecture_class(config.saes.architecture)
     params = inspect.signature(cls.__init__).parameters
-    if "k" in params and config.saes.k is None and "k" not in config.saes.architecture_kwargs:
+    # (a CLT takes k only with activation topk; its constructor says so in `build_meta_saes`)
+    needs_k = "k" in params and not cls.cross_layer
+    if needs_k and config.saes.k is None and "k" not in config.saes.architecture_kwargs:
         raise ConfigError(f"saes.k: required for architecture '{config.saes.architecture}'")
 
 
@@ -249,7 +249,7 @@ def build_meta_saes(config: Config, shapes: dict[str, tuple[int, ...]]) -> dict[
     """The run's SAEs, built on the meta device with the real run's sizes and keywords."""
     s = config.saes
     names = list(shapes)
-    sites = resolve_sites(names, s.sae_positions, [(t.input, t.output) for t in s.transcoders])
+    sites = config_sites(config, names)
     for pos, site in sites.items():
         if site.is_transcoder and names.index(site.input_hook) > names.index(pos):
             raise ConfigError(
@@ -271,6 +271,8 @@ def build_meta_saes(config: Config, shapes: dict[str, tuple[int, ...]]) -> dict[
                 init_decoder_orthogonal=False,
                 output_size=d_out,
                 **kwargs,
+                **({"skip": True} if site.skip else {}),
+                **({"n_targets": len(site.targets)} if is_cross_layer(s.architecture) else {}),
             )
     return saes
 

@@ -9,6 +9,7 @@ TransformerBridge, reached only through its `e2e_sae.lm.runner.LMRunner` (`model
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,12 +22,31 @@ from e2e_sae.errors import ConfigError, UserError
 from e2e_sae.lm import generate as generation
 from e2e_sae.lm.load import default_device, load_lm
 from e2e_sae.lm.runner import LM, Hooks, LMRunner, cache_into, make_runner
-from e2e_sae.lm.sites import SpliceSite, dict_size, filter_names, resolve_sites
+from e2e_sae.lm.sites import (
+    PassWrites,
+    SpliceSite,
+    TranscoderSet,
+    closure,
+    dict_size,
+    filter_names,
+    resolve_sites,
+    run_sites,
+    transcoder_set_spec,
+)
 from e2e_sae.resources import check_memory
 from e2e_sae.runs.checkpoint import load_sae_weights
 from e2e_sae.runs.locate import locate_run
 from e2e_sae.runs.wandb import download_wandb_run
-from e2e_sae.saes import CacheActs, SAEActs, SAEBase, SAEDict, build_sae, sae_key, sae_kwargs
+from e2e_sae.saes import (
+    CacheActs,
+    SAEActs,
+    SAEBase,
+    SAEDict,
+    build_sae,
+    is_cross_layer,
+    sae_key,
+    sae_kwargs,
+)
 
 
 class HookShapes(dict[str, tuple[int, ...]]):
@@ -65,6 +85,7 @@ class SAETransformer(nn.Module):
         architecture: str = "relu",
         architecture_kwargs: dict[str, Any] | None = None,
         transcoders: Sequence[tuple[str, str]] = (),
+        transcoder_set: TranscoderSet | None = None,
     ) -> None:
         super().__init__()
         self.tlens_model = tlens_model.eval()
@@ -73,7 +94,17 @@ class SAETransformer(nn.Module):
         self.lm: LMRunner = make_runner(tlens_model)
         patterns = [raw_sae_positions] if isinstance(raw_sae_positions, str) else raw_sae_positions
         self.all_hook_names = self.lm.hook_names()
-        sites = resolve_sites(self.all_hook_names, list(patterns or []), list(transcoders))
+        cross_layer = is_cross_layer(architecture)
+        if transcoder_set is not None and transcoder_set.cross_layer != cross_layer:
+            transcoder_set = dataclasses.replace(transcoder_set, cross_layer=cross_layer)
+        if cross_layer and (transcoder_set is None or patterns or transcoders):
+            raise ConfigError(
+                f"saes.architecture: {architecture} is a cross-layer transcoder over the layers "
+                "of saes.transcoder_set (and nothing else: no sae_positions, no transcoders)"
+            )
+        sites = resolve_sites(
+            self.all_hook_names, list(patterns or []), list(transcoders), transcoder_set
+        )
         for pos, site in sites.items():
             problem = self.lm.replace_problem(pos)
             if problem is not None:
@@ -105,19 +136,26 @@ class SAETransformer(nn.Module):
             sizes[pos] = (d_in, dict_size(d_in, dict_size_to_input_ratio, pos), d_out)
         if sizes:  # the weights alone (fp32; + a few vectors) must fit before they are allocated
             check_memory(
-                sum(4 * d_sae * (d_in + d_out + 3) for d_in, d_sae, d_out in sizes.values()),
+                sum(
+                    4 * d_sae * (d_in + d_out * len(self.sites[p].targets) + 3)
+                    for p, (d_in, d_sae, d_out) in sizes.items()
+                ),
                 self.lm.device,
                 "saes.dict_size_to_input_ratio",
                 f"{len(sizes)} SAE(s) of up to {max(s[1] for s in sizes.values()):,} latents",
             )
         for pos, (d_in, d_sae, d_out) in sizes.items():
+            site = self.sites[pos]
+            per_site: dict[str, Any] = {"skip": True} if site.skip else {}
+            if cross_layer:
+                per_site["n_targets"] = len(site.targets)
             self.saes[sae_key(pos)] = build_sae(
                 architecture,
                 d_in,
                 d_sae,
                 init_decoder_orthogonal=init_decoder_orthogonal,
                 output_size=d_out,
-                **(architecture_kwargs or {}),
+                **{**(architecture_kwargs or {}), **per_site},
             )
 
     # --- shapes and bookkeeping ----------------------------------------------------------------
@@ -161,15 +199,16 @@ class SAETransformer(nn.Module):
         if sae_positions is None or sae_positions == "all":
             return list(self.sae_positions)
         wanted = [sae_positions] if isinstance(sae_positions, str) else list(sae_positions)
-        if all(p in self.sites for p in wanted):
-            return wanted
-        for p in wanted:
-            if not any(p in q for q in self.sae_positions):
-                raise UserError(
-                    f"{field}: '{p}' is not an SAE position of this model "
-                    f"(SAEs at: {', '.join(self.sae_positions) or 'none'})"
-                )
-        return filter_names(self.sae_positions, wanted, field)
+        if not all(p in self.sites for p in wanted):
+            for p in wanted:
+                if not any(p in q for q in self.sae_positions):
+                    raise UserError(
+                        f"{field}: '{p}' is not an SAE position of this model "
+                        f"(SAEs at: {', '.join(self.sae_positions) or 'none'})"
+                    )
+            wanted = filter_names(self.sae_positions, wanted, field)
+        # a cross-layer transcoder splices in whole: its layers write into each other's outputs
+        return closure(self.sites, wanted)
 
     def to(self, *args: Any, **kwargs: Any) -> SAETransformer:
         """`nn.Module.to`, also updating the LM's cfg.device / cfg.dtype as TransformerLens'
@@ -247,7 +286,6 @@ class SAETransformer(nn.Module):
         """
         positions = self.resolve_sae_positions(sae_positions)
         if orig_acts is not None:
-            acts: dict[str, SAEActs | CacheActs] = {}
             for pos in positions:
                 site = self.sites[pos]
                 if site.input_hook not in orig_acts:
@@ -255,8 +293,9 @@ class SAETransformer(nn.Module):
                         f"forward: orig_acts has no activation at '{site.input_hook}' "
                         "(forward_raw caches it)"
                     )
-                acts[pos] = site.run(self.sae(pos), orig_acts)
-            return None, acts
+            sites = {p: self.sites[p] for p in positions}
+            found = run_sites(sites, {p: self.sae(p) for p in positions}, orig_acts)
+            return None, dict(found)
         return self.forward_with_hooks(tokens, positions, cache_positions)
 
     def forward_with_hooks(
@@ -287,8 +326,9 @@ class SAETransformer(nn.Module):
         original); `spliced_activation` gives the value there that a downstream loss compares."""
         acts: dict[str, SAEActs | CacheActs] = {}
         hooks: Hooks = []
-        for pos in sae_positions:
-            hooks += self.sites[pos].splice(self.sae(pos), acts, copies)
+        writes = PassWrites()  # what the transcoders wrote to output hooks the pass has not reached
+        for pos in closure(self.sites, sae_positions):
+            hooks += self.sites[pos].splice(self.sae(pos), acts, copies, writes)
         for h in cache_positions or []:
             if h not in sae_positions:
                 hooks.append((h, cache_into(acts, h, self.lm.device, wrap=CacheActs)))
@@ -323,6 +363,7 @@ class SAETransformer(nn.Module):
             architecture=s.architecture,
             architecture_kwargs=kwargs,
             transcoders=[(t.input, t.output) for t in s.transcoders],
+            transcoder_set=transcoder_set_spec(config),
         )
         # With a device_map the LM is where from_pretrained put it; the SAEs join its embedding.
         return model.to(model.lm.device if config.device_map is not None else device)

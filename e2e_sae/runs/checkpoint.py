@@ -177,7 +177,7 @@ def save_checkpoint(run_dir: Path, model: SAETransformer, n_samples: int) -> Pat
     meta = {"architecture": model.architecture, "sae_positions": json.dumps(model.sae_positions)}
     # constructor options per SAE (k, thresholds' bandwidth, ...), for readers without the config
     meta["init_kwargs"] = json.dumps(
-        {p: model.saes.at(p).init_kwargs() for p in model.sae_positions}
+        {p: model.saes.at(p).build_kwargs() for p in model.sae_positions}
     )
     atomic_save_tensors(sae_state(model), path, meta)
     return path

@@ -114,7 +114,11 @@ class SAEBase(nn.Module):
     """
 
     architecture: ClassVar[str] = "base"
+    cross_layer: ClassVar[bool] = False
+    """True for a cross-layer transcoder's dictionaries: built with `n_targets` (the layers each
+    writes to), spliced in whole (`lm.sites.closure`)."""
     tokens_since_fired: Tensor
+    W_skip: nn.Parameter | None
 
     def __init__(
         self,
@@ -122,6 +126,7 @@ class SAEBase(nn.Module):
         n_dict_components: int,
         init_decoder_orthogonal: bool = True,
         output_size: int | None = None,
+        skip: bool = False,
     ) -> None:
         super().__init__()
         self.input_size = input_size
@@ -135,6 +140,12 @@ class SAEBase(nn.Module):
             self.decoder.weight.data = w.contiguous()
         # Tokens since each latent last fired (training statistic, reported as dead counts).
         self.register_buffer("tokens_since_fired", torch.zeros(n_dict_components, dtype=torch.long))
+        # A transcoder's linear skip path x @ W_skip^T [d_out, d_in] (Paulo et al. 2025), zero at
+        # init: `transcoder_set.skip`, or the `skip_transcoder` architecture.
+        if skip:
+            self.W_skip = nn.Parameter(torch.zeros(self.output_size, input_size))
+        else:
+            self.register_parameter("W_skip", None)
         self._since_bound: tuple[tuple[int, int], int] | None = None  # see `since_fired_bound`
 
     # --- the interface -------------------------------------------------------------------------
@@ -152,7 +163,19 @@ class SAEBase(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Returns (output, c) like the original SAE. Pure: no parameter or buffer is written."""
         c = self.encode(x)
-        return self.decode(c), c
+        return self.add_skip(self.decode(c), x), c
+
+    def add_skip(self, output: Tensor, x: Tensor) -> Tensor:
+        """`output` plus the skip path x @ W_skip^T (`decode` leaves it out); `output` itself
+        without one."""
+        return output if self.W_skip is None else output + F.linear(x, self.W_skip)
+
+    def forward_targets(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(what this dictionary writes to each hook it writes to, [n_targets, ..., d_out]; c).
+        One target (its output hook) here; a cross-layer transcoder's dictionary writes to its
+        own and every later layer of its set (`lm.sites.SpliceSite.targets`)."""
+        output, c = self(x)
+        return output.unsqueeze(0), c
 
     # --- training: what the generic step asks of an architecture ------------------------------
     def spliced_copies(self) -> int:
@@ -190,8 +213,12 @@ class SAEBase(nn.Module):
         return torch.norm(acts.c, p=p_norm, dim=-1)
 
     def init_kwargs(self) -> dict[str, Any]:
-        """Constructor arguments beyond sizes, stored with checkpoints."""
+        """Constructor arguments beyond sizes (the architecture's), stored with checkpoints."""
         return {}
+
+    def build_kwargs(self) -> dict[str, Any]:
+        """`init_kwargs` plus the options every architecture takes (`skip`): what rebuilds it."""
+        return {**self.init_kwargs(), **({"skip": True} if self.W_skip is not None else {})}
 
     @classmethod
     def run_defaults(cls, run_tokens: int | None) -> dict[str, Any]:

@@ -143,7 +143,7 @@ class MatryoshkaSAE(BatchTopKSAE):
             self.code(self.pre_acts(chunks[p]), update_threshold=p == last) for p in range(n_copies)
         ]
         outs = [self.decode_prefix(c, p) for p, c in enumerate(codes)]
-        return torch.cat(outs), torch.cat(codes)
+        return self.add_skip(torch.cat(outs), x), torch.cat(codes)
 
     def reconstruction_loss(self, acts: SAEActs, target: Tensor) -> Tensor:
         """What `out_to_in` counts for this SAE: sum_p prefix_weights[p] * MSE(out_p, target)
@@ -153,7 +153,7 @@ class MatryoshkaSAE(BatchTopKSAE):
             return full
         total = self.prefix_weights[-1] * full
         for w, out in zip(self.prefix_weights, self.inner_outputs(acts.c), strict=False):
-            total = total + w * F.mse_loss(out, target)
+            total = total + w * F.mse_loss(self.add_skip(out, acts.input), target)
         return total
 
     def aux_losses(self, acts: SAEActs, target: Tensor | None = None) -> dict[str, Tensor]:
@@ -164,7 +164,7 @@ class MatryoshkaSAE(BatchTopKSAE):
             target = acts.input if target is None else target
             inner = acts.output.new_zeros(())
             for w, o in zip(self.prefix_weights, self.inner_outputs(acts.c), strict=False):
-                inner = inner + w * F.mse_loss(o, target)
+                inner = inner + w * F.mse_loss(self.add_skip(o, acts.input), target)
             out["matryoshka_inner"] = self.inner_mse_coeff * inner
         return out
 

@@ -20,6 +20,13 @@ def register_architecture(cls: T) -> T:
     return cls
 
 
+def is_cross_layer(architecture: str) -> bool:
+    """Whether `architecture` is a cross-layer transcoder's (False for an unknown name, which
+    `build_sae` refuses)."""
+    cls = ARCHITECTURES.get(architecture)
+    return cls is not None and cls.cross_layer
+
+
 def architecture_class(architecture: str) -> type[SAEBase]:
     """The registered class of `architecture` (ConfigError with the closest name if none)."""
     if architecture in ARCHITECTURES:

@@ -14,17 +14,19 @@ It is also allowed at a single hook (it computes the same function there, and SA
 hook_name_out == hook_name load as such), but there W_skip = identity with no latent active
 reproduces the activation exactly: zero reconstruction error, zero KL, zero sparsity penalty, a
 global minimum of every loss here, which training drifts towards. Every loss and forward path
-works with it, since they all call `forward`.
+works with it, since they all call `forward`. The skip path itself is `SAEBase`'s (every
+architecture of a transcoder set takes it, `transcoder_set.skip`); this one is the relu SAE with it
+always on.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
+from e2e_sae.errors import ConfigError
 from e2e_sae.saes.base import SAEBase
 from e2e_sae.saes.registry import register_architecture
 
@@ -33,17 +35,15 @@ from e2e_sae.saes.registry import register_architecture
 class SkipTranscoder(SAEBase):
     architecture = "skip_transcoder"
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.W_skip = nn.Parameter(torch.zeros(self.output_size, self.input_size))
+    def __init__(self, *args: Any, skip: bool = True, **kwargs: Any) -> None:
+        if not skip:
+            raise ConfigError("saes.architecture_kwargs.skip: a skip_transcoder has its skip path")
+        super().__init__(*args, skip=True, **kwargs)
 
     def encode(self, x: Tensor) -> Tensor:
         return F.relu(self.pre_acts(x))
 
     def skip(self, x: Tensor) -> Tensor:
         """The skip connection's contribution x @ W_skip^T [..., d_out]."""
+        assert self.W_skip is not None
         return F.linear(x, self.W_skip)
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        c = self.encode(x)
-        return self.decode(c) + self.skip(x), c

@@ -143,7 +143,7 @@ class TopKSAE(SAEBase):
         if not self.uses_sparse_path() or x.numel() == 0:
             return super().forward(x)
         enc = cast(nn.Linear, self.encoder[0])
-        return sparse_topk_forward(
+        output, c = sparse_topk_forward(
             x,
             enc.weight,
             enc.bias,
@@ -153,6 +153,7 @@ class TopKSAE(SAEBase):
             positive_values,
             unit_columns=True,
         )
+        return self.add_skip(output, x), c
 
     def dead_mask(self) -> Tensor:
         """[d_sae] bool: latents that have not fired for `dead_tokens_threshold` tokens."""

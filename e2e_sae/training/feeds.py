@@ -15,7 +15,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from e2e_sae.lm.sites import SpliceSite
+from e2e_sae.lm.sites import SpliceSite, run_sites
 from e2e_sae.lm.splice import SAETransformer
 from e2e_sae.objective.forward import StepPlan, run_forward
 from e2e_sae.objective.losses import LossInputs
@@ -56,7 +56,8 @@ class LMFeed:
 @dataclass(frozen=True)
 class CacheFeed:
     """Stored clean activations {hook: [batch, pos, d]} (local losses only): each SAE reads the
-    activation at its input hook; a transcoder's target is the one at its output hook."""
+    activation at its input hook; a transcoder's target is the one at its output hook (a
+    cross-layer transcoder's output there sums every layer's, `lm.sites.run_sites`)."""
 
     sites: Mapping[str, SpliceSite]
     saes: SAEDict
@@ -65,5 +66,5 @@ class CacheFeed:
     def __call__(self, acts: Mapping[str, Tensor]) -> LossInputs:
         acts = {h: to_device(v, self.device) for h, v in acts.items()}
         saes = {pos: self.saes.at(pos) for pos in self.sites}
-        sae_acts = {pos: site.run(saes[pos], acts) for pos, site in self.sites.items()}
+        sae_acts = run_sites(self.sites, saes, acts)
         return LossInputs(sae_acts, orig_acts=acts, sites=self.sites, saes=saes)
