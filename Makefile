@@ -13,7 +13,7 @@ TESTS ?= tests/test_tl_versions.py tests/test_tl4.py tests/test_core.py tests/te
 	tests/test_train_lm.py tests/test_demo.py tests/test_interop.py \
 	tests/test_reliability.py::test_signal_then_resume_is_bit_exact \
 	tests/test_eval_analysis.py::test_eval_cli_writes_eval_json \
-	tests/test_eval_analysis.py::test_browser_page_shows_the_features
+	tests/test_eval_analysis.py::test_browser_is_one_folder_format
 else
 VENV ?= .venv
 TL_SPEC ?= transformer-lens>=3.9,<4

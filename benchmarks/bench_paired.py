@@ -163,7 +163,8 @@ def main() -> None:
         cfg = bt.make_config(args, mode)
         with mock.patch("e2e_sae.lm.load.load_tlens_model", lambda *_, **__: lm):
             new = setup(cfg, device="cpu")
-        old_cfg = old["config"].load_config(cfg.model_dump(mode="json"))
+        # what the benchmark set (keys the old code lacks stay at their defaults here)
+        old_cfg = old["config"].load_config(cfg.model_dump(mode="json", exclude_unset=True))
         with mock.patch.object(old["load"], "load_tlens_model", lambda *_, **__: lm):
             was = old["trainer"].setup(old_cfg, device="cpu")
         was.model.saes.load_state_dict(new.model.saes.state_dict())
