@@ -38,6 +38,8 @@ from e2e_sae.analysis.plots import (
     TYPE_COLORS,
     TYPE_ORDER,
     RunInfo,
+    run_positions,
+    run_types,
     save_figure,
 )
 from e2e_sae.analysis.plots import run_labels as plots_run_labels
@@ -142,18 +144,6 @@ class Comparison:
         return self.a.config.seed == self.b.config.seed
 
 
-def _positions(runs: Sequence[RunInfo]) -> list[str]:
-    seen: list[str] = []
-    for r in runs:
-        seen += [p for p in r.positions if p not in seen]
-    return seen
-
-
-def _types(runs: Sequence[RunInfo]) -> list[str]:
-    present = {r.sae_type for r in runs}
-    return [t for t in TYPE_ORDER if t in present]
-
-
 def type_pairs(types: Sequence[str]) -> list[tuple[str, str]]:
     """The paper's directions between the types present: (e2e, local), (e2e+ds, local),
     (e2e+ds, e2e): each element of the first type against the second type's dictionary."""
@@ -176,7 +166,7 @@ def geometry_comparisons(
         return cache[key]
 
     out: list[Comparison] = []
-    for pos in positions or _positions(runs):
+    for pos in positions or run_positions(runs):
         at = [r for r in runs if pos in r.positions]
         for r in at:
             e = dic(r, pos).elements
@@ -184,7 +174,7 @@ def geometry_comparisons(
                 out.append(
                     Comparison(WITHIN, pos, r, r, max_cosine_similarity(e, e, exclude_self=True))
                 )
-        for ta, tb in type_pairs(_types(at)):
+        for ta, tb in type_pairs(run_types(at)):
             for a in (r for r in at if r.sae_type == ta):
                 for b in (r for r in at if r.sae_type == tb):
                     ea, eb = dic(a, pos).elements, dic(b, pos).elements
@@ -312,7 +302,7 @@ def type_shades(runs: Sequence[RunInfo], position: str) -> dict[Path, Any]:
     from matplotlib import colormaps
 
     out: dict[Path, Any] = {}
-    for t in _types(runs):
+    for t in run_types(runs):
         mine = sorted(
             (r for r in runs if r.sae_type == t),
             key=lambda r: r.sae(position)["l0"] if position in r.positions else 0.0,
@@ -343,14 +333,14 @@ def summary_figure(runs: Sequence[RunInfo], comps: Sequence[Comparison]) -> Figu
     pooled per type; (2) the nearest direction in another type's dictionary, per type pair,
     pooled over the run pairs (different seeds when any); (3) the nearest direction in the same
     config's dictionary with another seed, per type. Dashed lines: means. None: nothing to draw."""
-    positions = [p for p in _positions(runs) if any(c.position == p for c in comps)]
+    positions = [p for p in run_positions(runs) if any(c.position == p for c in comps)]
     if not positions:
         return None
     fig = Figure(figsize=(13.5, 3.6 * len(positions)))
     centers = (np.asarray(COSINE_EDGES[:-1]) + np.asarray(COSINE_EDGES[1:])) / 2
     for row, pos in enumerate(positions):
         mine = [c for c in comps if c.position == pos]
-        types = _types([c.a for c in mine])
+        types = run_types([c.a for c in mine])
         axes = [fig.add_subplot(len(positions), 3, 3 * row + i + 1) for i in range(3)]
         sp = short_position(pos)
         for t in types:
@@ -414,8 +404,8 @@ def within_figure(runs: Sequence[RunInfo], comps: Sequence[Comparison]) -> Figur
     in its own dictionary (runs shaded sparse = dark to dense = light)."""
     cells = [
         (pos, t)
-        for pos in _positions(runs)
-        for t in _types(runs)
+        for pos in run_positions(runs)
+        for t in run_types(runs)
         if any(c.kind == WITHIN and c.position == pos and c.a.sae_type == t for c in comps)
     ]
     if not cells:
@@ -446,7 +436,7 @@ def pairs_figure(runs: Sequence[RunInfo], comps: Sequence[Comparison]) -> Figure
     """Per position, a matrix of the mean max cosine similarity between every two runs: row a,
     column b = mean over a's alive elements of the nearest element of b (both directions of
     every pair; the diagonal is the within-dictionary value). Same-seed pairs are marked `*`."""
-    positions = [p for p in _positions(runs) if sum(c.position == p for c in comps) > 1]
+    positions = [p for p in run_positions(runs) if sum(c.position == p for c in comps) > 1]
     if not positions:
         return None
     labels = run_labels(runs)
@@ -561,7 +551,7 @@ def geometry_markdown(runs: Sequence[RunInfo], comps: Sequence[Comparison]) -> s
         "dictionary); pooled means use pairs with different seeds when there are any.",
         "",
     ]
-    for pos in _positions(runs):
+    for pos in run_positions(runs):
         mine = [c for c in comps if c.position == pos]
         if not mine:
             continue
@@ -571,17 +561,17 @@ def geometry_markdown(runs: Sequence[RunInfo], comps: Sequence[Comparison]) -> s
             "| comparison | runs / pairs | mean max cosine |",
             "|---|---|---|",
         ]
-        for t in _types([c.a for c in mine]):
+        for t in run_types([c.a for c in mine]):
             w = [float(c.sims.mean()) for c in mine if c.kind == WITHIN and c.a.sae_type == t]
             if w:
                 lines.append(f"| within {t} | {len(w)} | {np.mean(w):.3f} |")
-        for ta, tb in type_pairs(_types([c.a for c in mine])):
+        for ta, tb in type_pairs(run_types([c.a for c in mine])):
             pooled = pooled_cross_type(mine, ta, tb, pos)
             if pooled:
                 same = " (same seed)" if all(c.same_seed for c in pooled) else ""
                 v = np.mean([float(c.sims.mean()) for c in pooled])
                 lines.append(f"| {ta} → {tb}{same} | {len(pooled)} | {v:.3f} |")
-        for t in _types([c.a for c in mine]):
+        for t in run_types([c.a for c in mine]):
             s = [float(c.sims.mean()) for c in mine if c.kind == CROSS_SEED and c.a.sae_type == t]
             if s:
                 lines.append(f"| {t} across seeds | {len(s)} | {np.mean(s):.3f} |")
@@ -643,7 +633,7 @@ def write_geometry(
             paths += save_figure(fig, out, stem)
     if umap:
         labels = run_labels(runs)
-        for pos in _positions(runs):
+        for pos in run_positions(runs):
             dicts = [alive_dictionary(r, pos) for r in runs if pos in r.positions]
             dicts = [d for d in dicts if d.elements.shape[1] > 0]
             if sum(d.elements.shape[1] for d in dicts) <= 2:

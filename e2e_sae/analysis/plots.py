@@ -246,14 +246,16 @@ def new_figure(width: float, height: float) -> Figure:
     return fig
 
 
-def _positions(runs: Sequence[RunInfo]) -> list[str]:
+def run_positions(runs: Sequence[RunInfo]) -> list[str]:
+    """The SAE positions of `runs`, in order of first appearance."""
     seen: list[str] = []
     for r in runs:
         seen += [p for p in r.positions if p not in seen]
     return seen
 
 
-def _types(runs: Sequence[RunInfo]) -> list[str]:
+def run_types(runs: Sequence[RunInfo]) -> list[str]:
+    """The SAE types of `runs` (local, e2e, e2e+ds, ...), in TYPE_ORDER."""
     present = {r.sae_type for r in runs}
     return [t for t in TYPE_ORDER if t in present]
 
@@ -345,36 +347,33 @@ def place_point_labels(ax: Axes, items: Sequence[tuple[float, float, str, Any]])
     for x, y in ax.transData.transform([(x, y) for x, y, _, _ in items] or np.empty((0, 2))):
         taken.append(Bbox.from_extents(x - pad, y - pad, x + pad, y + pad))
     for x, y, text, color in items:
-        for i, (dx, dy, ha, va) in enumerate(_LABEL_SPOTS):
-            ann = ax.annotate(
-                text,
-                (x, y),
-                textcoords="offset points",
-                xytext=(dx, dy),
-                ha=ha,
-                va=va,
-                fontsize=7,
-                color=color,
-            )
+        for spot in _LABEL_SPOTS:
+            ann = _annotate(ax, x, y, text, color, spot)
             box = ann.get_window_extent(renderer)
             fits = inside.contains(box.x0, box.y0) and inside.contains(box.x1, box.y1)
             if fits and not any(_boxes_overlap(box, t) for t in taken):
                 taken.append(box)
                 break
             ann.remove()
-            if i == len(_LABEL_SPOTS) - 1:  # nowhere free: the first spot
-                dx, dy, ha, va = _LABEL_SPOTS[0]
-                ann = ax.annotate(
-                    text,
-                    (x, y),
-                    textcoords="offset points",
-                    xytext=(dx, dy),
-                    ha=ha,
-                    va=va,
-                    fontsize=7,
-                    color=color,
-                )
-                taken.append(ann.get_window_extent(renderer))
+        else:  # nowhere free: the first spot
+            ann = _annotate(ax, x, y, text, color, _LABEL_SPOTS[0])
+            taken.append(ann.get_window_extent(renderer))
+
+
+def _annotate(
+    ax: Axes, x: float, y: float, text: str, color: Any, spot: tuple[int, int, str, str]
+) -> Any:
+    dx, dy, ha, va = spot
+    return ax.annotate(
+        text,
+        (x, y),
+        textcoords="offset points",
+        xytext=(dx, dy),
+        ha=ha,
+        va=va,
+        fontsize=7,
+        color=color,
+    )
 
 
 def plot_tradeoff(
@@ -397,7 +396,7 @@ def tradeoff_figure(
     increase, and lower x unless `higher_x_better`), drawn as filled points joined by a line;
     the group's other runs are hollow. Every point is labelled by what tells it apart within its
     group (`λ=2`, `k=16`, `seed=1`)."""
-    positions = _positions(runs)
+    positions = run_positions(runs)
     fig = new_figure(PANEL[0] * len(positions) + 2.4, PANEL[1] + 0.5)
     axes = list(fig.subplots(1, len(positions), squeeze=False)[0])
     labels = run_labels(runs)
@@ -504,7 +503,7 @@ def density_figure(runs: Sequence[RunInfo], bins: int = 40) -> Figure:
     """Histograms of each latent's firing frequency over the eval tokens (log x axis): one row of
     panels per SAE position, one panel per SAE type, one line per run. Dead latents (frequency
     0) cannot be drawn on a log axis: each run's legend entry counts them."""
-    positions, types = _positions(runs), _types(runs)
+    positions, types = run_positions(runs), run_types(runs)
     labels = run_labels(runs)
     per_type = {t: max(sum(r.sae_type == t for r in runs), 1) for t in types}
     legend_h = 0.2 * max(per_type.values()) + 0.3
@@ -606,7 +605,7 @@ def downstream_figure(runs: Sequence[RunInfo]) -> Figure:
 
 def write_runs_table(runs: Sequence[RunInfo], out_dir: Path) -> Path:
     """OUT_DIR/runs.md: each run's label (as in the figures), what it is and its directory."""
-    positions = _positions(runs)
+    positions = run_positions(runs)
     rows = []
     for r in runs:
         pos = next((p for p in positions if p in r.positions), None)

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -15,11 +13,11 @@ from torch import Tensor
 from e2e_sae.errors import UserError
 from e2e_sae.lm.load import load_original_lm, save_tlens_model
 from e2e_sae.runs.checkpoint import (
-    atomic_save_tensors,
     list_sae_checkpoints,
+    new_run_dir,
     newest_intact,
     read_tensors,
-    write_config,
+    save_relu_run,
 )
 from e2e_sae.runs.original import (
     CONFIG_FILE,
@@ -102,10 +100,7 @@ def convert_original_run(
         what = f"an SAE at '{stray[0]}'" if stray else f"no SAE for '{unused[0]}'"
         raise UserError(f"convert: {ckpt} has {what}, which saes.sae_positions does not match")
 
-    tmp = out.parent / f".{out.name}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with new_run_dir(out) as tmp:
         lm = original_lm_file(config.tlens_model_path) if config.tlens_model_path else None
         if lm is not None:
             if original_lm_fields(lm).get("dtype", torch.float32) == torch.float32:
@@ -118,16 +113,5 @@ def convert_original_run(
             tensors[f"{key}.tokens_since_fired"] = torch.zeros(
                 g["encoder.0.weight"].shape[0], dtype=torch.long
             )
-        meta = {
-            "architecture": "relu",
-            "sae_positions": json.dumps(positions),
-            "init_kwargs": json.dumps({p: {} for p in positions}),
-            "converted_from": str(ckpt),
-        }
-        atomic_save_tensors(tensors, tmp / f"samples_{n}.safetensors", meta)
-        write_config(tmp, config)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        save_relu_run(tmp, tensors, positions, n, config, str(ckpt))
     return out

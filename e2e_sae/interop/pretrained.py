@@ -5,9 +5,7 @@ GPT-2 small SAEs by name (`PAPER_SAES`, `load_paper_sae`, `write_paper_run`)."""
 from __future__ import annotations
 
 import glob
-import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,12 +21,12 @@ from e2e_sae.lm.load import load_pretrained
 from e2e_sae.lm.sites import filter_names
 from e2e_sae.lm.splice import SAETransformer
 from e2e_sae.runs.checkpoint import (
-    atomic_save_tensors,
     list_sae_checkpoints,
     load_sae_weights,
+    new_run_dir,
     newest_intact,
     read_tensors,
-    write_config,
+    save_relu_run,
 )
 from e2e_sae.runs.original import load_run_config, read_pt_state_dict
 from e2e_sae.saes import sae_key
@@ -254,22 +252,9 @@ def write_paper_run(
     pt, yaml_path = download_paper_sae(sae.name, revision, cache_dir)
     state = paper_sae_state(pt, sae.position)
     config = _paper_config(sae.name, yaml_path, state)
-    tmp = out.parent / f".{out.name}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        meta = {
-            "architecture": "relu",
-            "sae_positions": json.dumps([sae.position]),
-            "init_kwargs": json.dumps({sae.position: {}}),
-            "converted_from": f"hf://{PAPER_HF_REPO}/{pt.name}",
-        }
-        atomic_save_tensors(state, tmp / f"samples_{config.n_samples}.safetensors", meta)
-        write_config(tmp, config)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with new_run_dir(out) as tmp:
+        source = f"hf://{PAPER_HF_REPO}/{pt.name}"
+        save_relu_run(tmp, state, [sae.position], config.n_samples or 0, config, source)
     return out
 
 

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import re
+import shutil
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -166,6 +167,41 @@ def _sort_header_metadata(path: Path) -> None:
 def write_config(run_dir: Path, config: Config) -> None:
     text = yaml.safe_dump(config_to_yaml_dict(config), sort_keys=False)
     atomic_write_bytes(run_dir / CONFIG_FILE, text.encode())
+
+
+@contextmanager
+def new_run_dir(out: Path) -> Iterator[Path]:
+    """A run directory written in a temporary sibling of `out` and renamed to `out` when the
+    block ends: `out` appears complete or not at all."""
+    tmp = out.parent / f".{out.name}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_relu_run(
+    run_dir: Path,
+    tensors: Mapping[str, Tensor],
+    positions: list[str],
+    n_samples: int,
+    config: Config,
+    converted_from: str,
+) -> None:
+    """The original's (ReLU) SAEs at `positions` as a run of ours: `samples_<n_samples>` with
+    their weights and `final_config.yaml` (`convert`, the paper's SAEs)."""
+    meta = {
+        "architecture": "relu",
+        "sae_positions": json.dumps(positions),
+        "init_kwargs": json.dumps({p: {} for p in positions}),
+        "converted_from": converted_from,
+    }
+    atomic_save_tensors(tensors, run_dir / f"samples_{n_samples}.safetensors", meta)
+    write_config(run_dir, config)
 
 
 def sae_state(model: SAETransformer) -> dict[str, Tensor]:
