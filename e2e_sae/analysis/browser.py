@@ -52,6 +52,7 @@ from e2e_sae.eval.evaluate import (
     eval_request,
     eval_window_batches,
     eval_windows,
+    open_run,
 )
 from e2e_sae.lm.splice import SAETransformer
 from e2e_sae.saes import SAEBase
@@ -1005,14 +1006,7 @@ def write_browser(
     check_count(batch_size, "--batch-size")
     check_count(n_tokens, "--n-tokens")
     check_out_folder(out)  # before the scan
-    model = (
-        run
-        if isinstance(run, SAETransformer)
-        else SAETransformer.from_local_path(run, device=device)
-    )
-    config = model.run_config
-    if config is None:
-        raise UserError("browse: the model has no run config (load it with from_local_path)")
+    model, config = open_run(run, device, "browse")
     check_finite_weights(model.saes, run if not isinstance(run, SAETransformer) else "model")
     if position is None:
         if len(model.sae_positions) != 1:

@@ -200,15 +200,21 @@ def pareto_front(x: Sequence[float], y: Sequence[float]) -> list[int]:
     return front
 
 
+def _front(x: Sequence[float], y: Sequence[float], log_x: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The Pareto front's points as arrays (x as log x when `log_x`)."""
+    front = pareto_front(x, y)
+    xs = np.array([x[i] for i in front], dtype=float)
+    ys = np.array([y[i] for i in front], dtype=float)
+    return (np.log(xs) if log_x else xs), ys
+
+
 def interpolate_y_at_x(
     x: Sequence[float], y: Sequence[float], at: float, log_x: bool = True
 ) -> float:
     """y on the Pareto front of (x, y) at x = `at`, linear in log x; nan outside the front."""
-    front = pareto_front(x, y)
-    xs = np.array([x[i] for i in front], dtype=float)
-    ys = np.array([y[i] for i in front], dtype=float)
+    xs, ys = _front(x, y, log_x)
     if log_x:
-        xs, at = np.log(xs), math.log(at)
+        at = math.log(at)
     if len(xs) == 0 or at < xs[0] - 1e-12 or at > xs[-1] + 1e-12:
         return math.nan
     return float(np.interp(at, xs, ys))
@@ -218,11 +224,7 @@ def interpolate_x_at_y(
     x: Sequence[float], y: Sequence[float], at: float, log_x: bool = True
 ) -> float:
     """x on the Pareto front of (x, y) where y = `at` (y falls as x grows); nan outside it."""
-    front = pareto_front(x, y)
-    xs = np.array([x[i] for i in front], dtype=float)
-    ys = np.array([y[i] for i in front], dtype=float)
-    if log_x:
-        xs = np.log(xs)
+    xs, ys = _front(x, y, log_x)
     if len(ys) == 0 or at < ys[-1] - 1e-12 or at > ys[0] + 1e-12:
         return math.nan
     v = float(np.interp(at, ys[::-1], xs[::-1]))

@@ -508,6 +508,19 @@ def eval_dataset(
     return DatasetConfig.model_validate({**base.model_dump(), **updates})
 
 
+def open_run(
+    run: str | Path | SAETransformer, device: str | None, command: str
+) -> tuple[SAETransformer, Config]:
+    """A run directory loaded (`SAETransformer.from_local_path`), or the model given, with its run
+    config (`command` names who asks, for the error when the model has none)."""
+    if not isinstance(run, SAETransformer):
+        run = SAETransformer.from_local_path(run, device=device)
+    model = run
+    if model.run_config is None:
+        raise UserError(f"{command}: the model has no run config (load it with from_local_path)")
+    return model, model.run_config
+
+
 def evaluate_run(
     run_dir: str | Path | SAETransformer,
     *,
@@ -526,14 +539,7 @@ def evaluate_run(
     `eval_batches`). The result's `settings` say what was evaluated on what.
     """
 
-    model = (
-        run_dir
-        if isinstance(run_dir, SAETransformer)
-        else SAETransformer.from_local_path(run_dir, device=device)
-    )
-    config = model.run_config
-    if config is None:
-        raise UserError("eval: the model has no run config (load it with from_local_path)")
+    model, config = open_run(run_dir, device, "eval")
     ds = eval_dataset(config, data, split)
     check_count(batch_size, "--batch-size")
     check_count(n_tokens, "--n-tokens")
