@@ -50,7 +50,7 @@ install-dev: install
 	$(BIN)/pip install -q -e ".[dev,saelens,umap,wandb]"
 
 test:
-	$(BIN)/python -m pytest -q $(TESTS)
+	$(BIN)/python -m pytest -q -rs $(TESTS)
 
 test-all:
 	$(BIN)/python -m pytest -q -m "slow or not slow"
