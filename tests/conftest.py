@@ -13,7 +13,9 @@ from typing import Any
 
 import pytest
 import torch
+import yaml
 
+from e2e_sae.config import Config, load_config
 from e2e_sae.lm.tl import HAS_HOOKED, TL_VERSION
 
 # The tests use tiny tensors: one thread avoids thread-pool overhead (~4x faster on 2 cores).
@@ -155,3 +157,21 @@ def train_on_same_batches(
             if i < n:
                 log.append(t.train_step(iter(micro), state, stats=True))
     return logs
+
+
+def parse_config(cfg: dict[str, Any]) -> Config:
+    """A config dict validated as a run config (what `train` gets)."""
+    config = load_config(cfg)
+    assert isinstance(config, Config)
+    return config
+
+
+def write_yaml(path: Path, cfg: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def only_run(save_dir: Path) -> Path:
+    """The one run directory in `save_dir`."""
+    (run,) = [p for p in save_dir.iterdir() if p.is_dir()]
+    return run

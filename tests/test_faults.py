@@ -23,10 +23,12 @@ from typing import Any
 
 import pytest
 import torch
-import yaml
+from conftest import only_run as _only_run
+from conftest import parse_config as _config
+from conftest import write_yaml as _write
 
 from e2e_sae.cli import main
-from e2e_sae.config import Config, load_config
+from e2e_sae.config import load_config
 from e2e_sae.runs import checkpoint as checkpoint_mod
 from e2e_sae.runs.checkpoint import list_checkpoints, read_tensors
 from e2e_sae.training import trainer as train_mod
@@ -35,22 +37,6 @@ from e2e_sae.training.runlog import read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 LOCAL = {"loss": {"sparsity": {"coeff": 0.1}, "out_to_in": {"coeff": 1.0}}}
-
-
-def _config(cfg: dict[str, Any]) -> Config:
-    config = load_config(cfg)
-    assert isinstance(config, Config)
-    return config
-
-
-def _write(path: Path, cfg: dict[str, Any]) -> Path:
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def _only_run(save_dir: Path) -> Path:
-    (run,) = [p for p in save_dir.iterdir() if p.is_dir()]
-    return run
 
 
 def _message_lines(err: str) -> list[str]:

@@ -20,10 +20,12 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from conftest import only_run as _only_run
+from conftest import parse_config as _config
+from conftest import write_yaml as _write
 from torch import Tensor
 
 from e2e_sae.cli import main
-from e2e_sae.config import Config, load_config
 from e2e_sae.errors import TrainingInterrupted
 from e2e_sae.lm.splice import SAETransformer
 from e2e_sae.runs.checkpoint import atomic_save_tensors, list_checkpoints, read_tensors
@@ -46,17 +48,6 @@ REPO = Path(__file__).resolve().parent.parent
 SAE_KEY = "blocks-1-hook_resid_pre"  # the conftest config's SAE in the ModuleDict
 
 
-def _write(path: Path, cfg: dict[str, Any]) -> Path:
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def _config(cfg: dict[str, Any]) -> Config:
-    config = load_config(cfg)
-    assert isinstance(config, Config)
-    return config
-
-
 def _newest_weights(run_dir: Path) -> dict[str, Tensor]:
     return read_tensors(list_checkpoints(run_dir)[-1])
 
@@ -65,11 +56,6 @@ def _assert_bit_exact(a: dict[str, Tensor], b: dict[str, Tensor]) -> None:
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-
-
-def _only_run(save_dir: Path) -> Path:
-    (run,) = [p for p in save_dir.iterdir() if p.is_dir()]
-    return run
 
 
 def _sha(path: Path) -> str:
