@@ -15,6 +15,7 @@ Loaded tokenizers are cached per name and shared: callers must not mutate them.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import functools
 import importlib.util
@@ -25,6 +26,7 @@ import socket
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import transformers
@@ -306,6 +308,24 @@ GGUF_MODEL_ALIASES: dict[str, str] = {
     "smollm2-135m-instruct": SMOLLM2_NAME,
     "huggingfacetb/smollm2-135m-instruct": SMOLLM2_NAME,
 }
+
+
+def attach_tokenizer(model: Any, tokenizer_name: str) -> None:
+    """Give a TransformerLens model its tokenizer (for `to_tokens`, `to_string`, `generate` on
+    text), loaded offline where `load_tokenizer` can; if it cannot be loaded the model stays
+    without one (it works on token ids)."""
+    try:
+        shared = load_tokenizer(tokenizer_name)
+    except Exception as err:  # noqa: BLE001 - the model works without one (token ids only)
+        logger.info("model loaded without a tokenizer: %s", err)
+        return
+    # load_tokenizer's objects are shared; TransformerLens changes padding settings on its own.
+    tokenizer = copy.deepcopy(shared)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token  # to_tokens pads, even a single prompt
+    # Not set_tokenizer: it reloads the tokenizer by name with add_bos_token=True (hub access).
+    model.tokenizer = tokenizer
+    model.cfg.tokenizer_prepends_bos = len(tokenizer.encode("")) > 0
 
 
 def canonical_gguf_name(name: str) -> str | None:

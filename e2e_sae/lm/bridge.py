@@ -78,6 +78,18 @@ def load_bridge(
     return bridge.eval()
 
 
+def load_compat_bridge(
+    name: str, field: str, device: str | None = None, n_devices: int | None = None
+) -> TransformerBridge:
+    """A hub model with HookedTransformer's weight processing (`enable_compatibility_mode`): what
+    a HookedTransformer name loads as on TransformerLens 4.x."""
+    bridge = load_bridge(name, field, device, None, n_devices)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bridge.enable_compatibility_mode(disable_warnings=True)  # type: ignore[attr-defined]
+    return bridge.eval()
+
+
 def load_smollm2_bridge(
     device: str | None = None,
     device_map: DeviceMap | None = None,

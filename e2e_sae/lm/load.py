@@ -4,40 +4,37 @@ and what runs it (`resolve_backend`).
 `load_tlens_model` gives HookedTransformers; `load_lm` also gives TransformerBridges around any
 Hugging Face causal LM (`hf_model_name`, `backend: bridge`; see `e2e_sae.lm.bridge`).
 
-On TransformerLens 4.x (no HookedTransformer) every source gives a TransformerBridge with the
-HookedTransformer's numbers: our TransformerLens-format models over TL's native model
-(`e2e_sae.lm.native`), hub models with TransformerLens' weight processing
-(`enable_compatibility_mode`), `smollm2-135m` as its HF model (see `load_pretrained`).
+This module reads a source (a folder's fields and weights, an original `epoch_<N>.pt`, a
+`tlens_config`) and hands it to the one loader of the installed TransformerLens
+(`build_tlens_model`): `e2e_sae.lm.hooked` builds a HookedTransformer on 3.x; on 4.x (no
+HookedTransformer) `e2e_sae.lm.native` builds a TransformerBridge with the HookedTransformer's
+numbers over TL's native model, and hub models load through `e2e_sae.lm.bridge` with
+TransformerLens' weight processing (`enable_compatibility_mode`), `smollm2-135m` as its HF model.
 """
 
 from __future__ import annotations
 
-import copy
 import difflib
 import json
 import logging
-import math
 import os
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
-from e2e_sae.data.tokenizer import GGUF_MODEL_ALIASES, is_gguf_model_name, load_tokenizer
-from e2e_sae.errors import ConfigError, UserError, first_line
-from e2e_sae.lm import native
+from e2e_sae.data.tokenizer import GGUF_MODEL_ALIASES, is_gguf_model_name
+from e2e_sae.errors import ConfigError, UserError
+from e2e_sae.lm import hooked, native
 from e2e_sae.lm.bridge import (
-    OFFLINE_MODELS_HINT,
     is_local_folder,
     load_bridge,
+    load_compat_bridge,
     load_smollm2_bridge,
 )
-from e2e_sae.lm.gguf import GGUF_MODELS
-from e2e_sae.lm.tl import HAS_HOOKED, HookedTransformer, HookedTransformerConfig
-from e2e_sae.resources import check_memory
+from e2e_sae.lm.tl import HAS_HOOKED, HookedTransformer
 from e2e_sae.runs.original import CONFIG_FILE, read_original_lm
 
 if TYPE_CHECKING:
@@ -87,43 +84,19 @@ def build_random_model(
     fields.setdefault("seed", 0)
     if n_devices is not None:
         fields["n_devices"] = n_devices
-    if not HAS_HOOKED:
-        return _native_model(fields, None, device, "tlens_config")
-    tokenizer_name = fields.pop("tokenizer_name", None)
-    try:
-        cfg = HookedTransformerConfig(**fields, device=device or fields.pop("device", "cpu"))
-    except (TypeError, ValueError, AssertionError) as err:
-        raise ConfigError(f"tlens_config: {str(err).splitlines()[0]}") from None
-    check_memory(weights_bytes(cfg), cfg.device, "tlens_config", "the model's weights")
-    model = HookedTransformer(cfg)
-    if tokenizer_name:
-        cfg.tokenizer_name = tokenizer_name
-    return model
+    return build_tlens_model(fields, None, device, "tlens_config")
 
 
-def _native_model(
-    fields: dict[str, Any], state: dict[str, Tensor] | None, device: str | None, what: str
-) -> Any:
-    """TransformerLens 4.x: the TransformerBridge of HookedTransformerConfig fields and a
-    HookedTransformer state dict (None: random init), with its tokenizer if it names one."""
-    fields = {k: v for k, v in fields.items() if k != "device"}
-    resolved = native.resolved_fields(fields)
-    n = sum(math.prod(shape) for _, shape in native.hooked_param_shapes(resolved))
-    size = torch.empty((), dtype=resolved["dtype"]).element_size()
-    check_memory(n * size, device or "cpu", what, "the model's weights")
-    model = native.build_bridge(resolved, state, device or "cpu", what)
-    native.FIELDS[model] = resolved
-    if resolved.get("tokenizer_name"):
-        attach_tokenizer(model, str(resolved["tokenizer_name"]))
-    return model
-
-
-def weights_bytes(cfg: HookedTransformerConfig) -> int:
-    """The memory a HookedTransformer's weights take (blocks, embedding, unembedding, positions):
-    what building it allocates at least."""
-    n = cfg.n_params or 0
-    n += 2 * max(cfg.d_vocab, 0) * cfg.d_model + cfg.n_ctx * cfg.d_model
-    return n * torch.empty((), dtype=cfg.dtype).element_size()
+def build_tlens_model(
+    fields: dict[str, Any], state: hooked.State, device: str | None, what: str
+) -> HookedTransformer:
+    """The model of HookedTransformerConfig fields and a HookedTransformer state dict (or its
+    file; None: random init) on the installed TransformerLens: a HookedTransformer on 3.x
+    (`e2e_sae.lm.hooked`), the same function as a TransformerBridge on 4.x
+    (`e2e_sae.lm.native`). `what` names the source in errors."""
+    if HAS_HOOKED:
+        return hooked.build(fields, state, device, what)
+    return native.build(fields, state, device, what)
 
 
 def save_tlens_model(model: HookedTransformer, out_dir: Path, extra: dict[str, Any] | None = None):
@@ -205,31 +178,10 @@ def load_original_lm(path: str | os.PathLike[str], device: str | None = None) ->
 def _original_lm(
     pt: Path, fields: dict[str, Any], state: dict[str, Tensor], device: str | None
 ) -> HookedTransformer:
-    if not HAS_HOOKED:
-        try:
-            return _native_model(fields, state, device, f"tlens_model_path: {pt}")
-        except ConfigError as err:
-            raise ConfigError(f"{pt.parent / CONFIG_FILE}: {err}") from None
     try:
-        model = build_random_model({**fields, "init_weights": False}, device=device)
+        return build_tlens_model(fields, state, device, f"tlens_model_path: {pt}")
     except ConfigError as err:
         raise ConfigError(f"{pt.parent / CONFIG_FILE}: {err}") from None
-    own = model.state_dict()
-    params = dict(model.named_parameters())
-    problem = next((f"lacks '{k}'" for k in params if k not in state), None)
-    problem = problem or next((f"has an unexpected '{k}'" for k in state if k not in own), None)
-    problem = problem or next(
-        (
-            f"'{k}' is {tuple(v.shape)}, the config builds {tuple(own[k].shape)}"
-            for k, v in state.items()
-            if k in own and own[k].shape != v.shape
-        ),
-        None,
-    )
-    if problem is not None:
-        raise UserError(f"tlens_model_path: {pt} does not fit its tlens_config ({problem})")
-    model.load_state_dict(state, strict=False)
-    return model.eval()
 
 
 def load_tlens_model_from_path(
@@ -250,40 +202,9 @@ def load_tlens_model_from_path(
         )
     fields = json.loads((folder / MODEL_CONFIG).read_text())
     fields = {k: v for k, v in fields.items() if k in _CFG_KEYS}
-    fields["init_weights"] = False
-    if not HAS_HOOKED:
-        if n_devices is not None:
-            fields["n_devices"] = n_devices
-        return _native_model(fields, load_file(str(weights)), device, f"tlens_model_path: {path}")
-    model = build_random_model(fields, device=device, n_devices=n_devices)
-    try:
-        state = load_file(str(weights), device=str(model.cfg.device))
-        model.load_state_dict(state, strict=True)
-    except Exception as err:  # noqa: BLE001
-        raise UserError(
-            f"tlens_model_path: cannot load {weights}: {str(err).splitlines()[0]}"
-        ) from None
-    if fields.get("tokenizer_name"):
-        attach_tokenizer(model, str(fields["tokenizer_name"]))
-    return model
-
-
-def attach_tokenizer(model: Any, tokenizer_name: str) -> None:
-    """Give `model` its tokenizer (for `to_tokens`, `to_string`, `generate` on text), loaded
-    offline where `load_tokenizer` can; if it cannot be loaded the model stays without one."""
-
-    try:
-        shared = load_tokenizer(tokenizer_name)
-    except Exception as err:  # noqa: BLE001 - the model works without one (token ids only)
-        logger.info("model loaded without a tokenizer: %s", err)
-        return
-    # load_tokenizer's objects are shared; TransformerLens changes padding settings on its own.
-    tokenizer = copy.deepcopy(shared)
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token  # to_tokens pads, even a single prompt
-    # Not set_tokenizer: it reloads the tokenizer by name with add_bos_token=True (hub access).
-    model.tokenizer = tokenizer
-    model.cfg.tokenizer_prepends_bos = len(tokenizer.encode("")) > 0
+    if n_devices is not None:
+        fields["n_devices"] = n_devices
+    return build_tlens_model(fields, weights, device, f"tlens_model_path: {path}")
 
 
 def load_pretrained(
@@ -292,28 +213,21 @@ def load_pretrained(
     n_devices: int | None = None,
     field: str = "tlens_model_name",
 ) -> HookedTransformer:
-
-    if is_gguf_model_name(name):
-        if not HAS_HOOKED:  # its HF model as it is: RMSNorm, so the residual is HT's too
-            smollm2: Any = load_smollm2_bridge(device, None, n_devices)
-            return smollm2
-        return GGUF_MODELS[name.lower()](device=device or "cpu", n_devices=n_devices or 1)
+    """A model by name: a built-in folder (`shakespeare-lm`), the packaged SmolLM2 GGUF, or a
+    hub model HookedTransformer knows (on 4.x: as a bridge in compatibility mode)."""
     folder = builtin_model_dir(name)
     if folder is not None:
         return load_tlens_model_from_path(folder, device=device, n_devices=n_devices)
-    if not HAS_HOOKED:  # HookedTransformer's weight processing, on TransformerLens 4.x
-        bridge: Any = load_bridge(name, field, device, None, n_devices)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            bridge.enable_compatibility_mode(disable_warnings=True)  # type: ignore[attr-defined]
-        return bridge.eval()
-    try:
-        return HookedTransformer.from_pretrained(name, device=device, n_devices=n_devices or 1)
-    except Exception as err:  # noqa: BLE001 - any hub/network failure becomes one line
-        raise UserError(
-            f"{field}: cannot load '{name}' from the Hugging Face Hub ({first_line(err)}); "
-            f"{OFFLINE_MODELS_HINT}"
-        ) from None
+    gguf = is_gguf_model_name(name)
+    if HAS_HOOKED:
+        if gguf:
+            return hooked.smollm2(name, device, n_devices)
+        return hooked.from_hub(name, field, device, n_devices)
+    if gguf:  # its HF model as it is: RMSNorm, so the residual stream is HookedTransformer's too
+        smollm2: Any = load_smollm2_bridge(device, None, n_devices)
+        return smollm2
+    bridge: Any = load_compat_bridge(name, field, device, n_devices)
+    return bridge
 
 
 def load_tlens_model(
@@ -356,8 +270,7 @@ def load_lm(config: Config, device: str | None = None) -> LM:
                 f"backend: hooked cannot load the local folder {config.hf_model_name} "
                 "(HookedTransformer loads hub models it knows); use backend: bridge or auto"
             )
-        model = load_pretrained(config.hf_model_name, device, config.n_devices, "hf_model_name")
-        return model.eval()
+        return load_pretrained(config.hf_model_name, device, config.n_devices, "hf_model_name")
     return load_tlens_model(
         config.tlens_model_name,
         config.tlens_model_path,
@@ -400,9 +313,7 @@ def resolve_backend(config: Config) -> Backend:
         return "bridge"
     if is_gguf_model_name(name) or builtin_model_dir(name) is not None:
         return "hooked"
-    if is_local_folder(name):
-        return "bridge"
-    return "hooked" if hooked_supports(name) else "bridge"
+    return "hooked" if hooked_supports(name) and not is_local_folder(name) else "bridge"
 
 
 def model_name_field(config: Config) -> tuple[str | None, str]:
@@ -412,26 +323,6 @@ def model_name_field(config: Config) -> tuple[str | None, str]:
     if config.tlens_model_name is not None:
         return config.tlens_model_name, "tlens_model_name"
     return None, "tlens_model_path" if config.tlens_model_path is not None else "tlens_config"
-
-
-def check_device(device: str | None, field: str = "device") -> None:
-    """A device string torch understands and this machine has (else a one-line UserError)."""
-    if device is None:
-        return
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise UserError(
-            f"{field}: '{device}' is not a device (use cpu, cuda, cuda:1, ...)"
-        ) from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"{field}: '{device}' requested but CUDA is not available here")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            n = torch.cuda.device_count()
-            raise UserError(f"{field}: '{device}' but only {n} CUDA device(s) are visible")
-    elif dev.type not in ("cpu", "mps"):
-        raise UserError(f"{field}: device type '{dev.type}' is not supported (use cpu or cuda)")
 
 
 def default_device() -> str:

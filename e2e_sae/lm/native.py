@@ -27,14 +27,18 @@ import logging
 import math
 import warnings
 import weakref
+from pathlib import Path
 from typing import Any
 
 import einops
 import torch
+from safetensors.torch import load_file
 from torch import Tensor
 
+from e2e_sae.data.tokenizer import attach_tokenizer
 from e2e_sae.errors import ConfigError, UserError
 from e2e_sae.lm.tl import TL_VERSION
+from e2e_sae.resources import check_memory
 
 logger = logging.getLogger(__name__)
 
@@ -365,6 +369,26 @@ def from_native(bridge: Any, fields: dict[str, Any]) -> dict[str, Tensor]:
 
 
 # --- building the bridge ------------------------------------------------------------------------
+
+
+def build(
+    fields: dict[str, Any], state: dict[str, Tensor] | Path | None, device: str | None, what: str
+) -> Any:
+    """The TransformerBridge of HookedTransformerConfig fields and a HookedTransformer state dict
+    (or the safetensors file holding one; None: random init), with its tokenizer if the fields
+    name one: what `e2e_sae.lm.hooked.build` gives on TransformerLens 3.x."""
+    fields = {k: v for k, v in fields.items() if k != "device"}
+    resolved = resolved_fields(fields)
+    n = sum(math.prod(shape) for _, shape in hooked_param_shapes(resolved))
+    size = torch.empty((), dtype=resolved["dtype"]).element_size()
+    check_memory(n * size, device or "cpu", what, "the model's weights")
+    if isinstance(state, Path):
+        state = load_file(str(state))
+    model = build_bridge(resolved, state, device or "cpu", what)
+    FIELDS[model] = resolved
+    if resolved.get("tokenizer_name"):
+        attach_tokenizer(model, str(resolved["tokenizer_name"]))
+    return model
 
 
 def build_bridge(
