@@ -1,5 +1,6 @@
-"""What a job needs against what the machine has: memory on a device, space on a filesystem;
-and what the machine does fast (`bf16_is_fast`: whether `precision: auto` picks bf16).
+"""What a job needs against what the machine has: the device it names (`check_device`), memory on
+a device, space on a filesystem; and what the machine does fast (`bf16_is_fast`: whether
+`precision: auto` picks bf16).
 
 Checks run before anything large is allocated or written and compare a lower bound of the need
 (e.g. the weights alone) with what is free now, so a refusal means the job cannot fit, never that
@@ -150,3 +151,25 @@ def bf16_is_fast(device: object = "cpu") -> bool:
     if kind != "cpu":
         return False
     return "amx_bf16" in cpu_flags()
+
+
+def check_device(device: str | None, field: str = "device") -> None:
+    """A device string torch understands and this machine has (else a one-line UserError)."""
+    import torch
+
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UserError(
+            f"{field}: '{device}' is not a device (use cpu, cuda, cuda:1, ...)"
+        ) from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"{field}: '{device}' requested but CUDA is not available here")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            n = torch.cuda.device_count()
+            raise UserError(f"{field}: '{device}' but only {n} CUDA device(s) are visible")
+    elif dev.type not in ("cpu", "mps"):
+        raise UserError(f"{field}: device type '{dev.type}' is not supported (use cpu or cuda)")

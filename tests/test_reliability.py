@@ -28,8 +28,9 @@ from torch import Tensor
 from e2e_sae.cli import main
 from e2e_sae.errors import TrainingInterrupted
 from e2e_sae.lm.splice import SAETransformer
+from e2e_sae.runs import rundir
 from e2e_sae.runs.checkpoint import atomic_save_tensors, list_checkpoints, read_tensors
-from e2e_sae.runs.lock import RunLock
+from e2e_sae.runs.rundir import RunLock
 from e2e_sae.training import engine as engine_mod
 from e2e_sae.training import trainer as train_mod
 from e2e_sae.training.resume import resume_points
@@ -149,7 +150,7 @@ def test_resume_rejects_a_different_global_batch(config_dict, tmp_path: Path, ca
 # --- crash safety --------------------------------------------------------------------------------
 # `e2e-sae train ARGS` with the run directories' time stamp frozen (as if started in one second)
 _FROZEN_CLOCK = (
-    "import sys, e2e_sae.training.trainer as t; t._stamp = lambda: '20250101-000000'; "
+    "import sys, e2e_sae.runs.rundir as t; t._stamp = lambda: '20250101-000000'; "
     "from e2e_sae.cli import main; sys.exit(main())"
 )
 
@@ -465,9 +466,9 @@ def test_resume_falls_back_to_the_newest_intact_point(
 
 
 def test_make_run_dir_never_reuses_a_directory(config_dict, monkeypatch) -> None:
-    monkeypatch.setattr(train_mod, "_stamp", lambda: "20250101-000000")
+    monkeypatch.setattr(rundir, "_stamp", lambda: "20250101-000000")
     config = _config(config_dict(run_name="same"))
-    a, b, c = (train_mod.make_run_dir(config) for _ in range(3))
+    a, b, c = (rundir.make_run_dir(config) for _ in range(3))
     assert [a.name, b.name, c.name] == [f"same_20250101-000000{s}" for s in ("", "-2", "-3")]
 
 

@@ -38,12 +38,12 @@ from tqdm.auto import tqdm
 from e2e_sae.config import Config
 from e2e_sae.data import create_data_loader, data_errors
 from e2e_sae.errors import ConfigError, UserError
-from e2e_sae.lm.load import check_device, resolve_backend
+from e2e_sae.lm.load import resolve_backend
 from e2e_sae.lm.runner import check_vocab
 from e2e_sae.lm.sites import SpliceSite, config_sites, filter_names
 from e2e_sae.lm.splice import SAETransformer
 from e2e_sae.objective.forward import StepPlan, run_forward, with_runner
-from e2e_sae.resources import check_disk, reserve
+from e2e_sae.resources import check_device, check_disk, reserve
 
 META = "meta.json"
 TOKENS = "tokens.npy"

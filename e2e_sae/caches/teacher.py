@@ -42,10 +42,10 @@ from tqdm.auto import tqdm
 from e2e_sae.caches.activations import n_cache_batches, training_batches
 from e2e_sae.config import Config
 from e2e_sae.errors import ConfigError, UserError
-from e2e_sae.lm.load import check_device
 from e2e_sae.lm.runner import LMRunner, Unembedding, step_runner
 from e2e_sae.lm.splice import SAETransformer
 from e2e_sae.objective.losses import KLTarget, chunked_unembed_kl
+from e2e_sae.resources import check_device
 
 META = "meta.json"
 FORMAT_VERSION = 1
@@ -218,6 +218,13 @@ def check_teacher_config(config: Config) -> None:
     """A teacher cache replaces the clean pass of `logits_kl`-only e2e runs."""
     if config.loss.logits_kl is None or config.loss.in_to_orig is not None:
         raise ConfigError("teacher_cache: only for logits_kl runs without in_to_orig")
+
+
+def open_teacher_cache(config: Config) -> TeacherCache:
+    """The teacher cache a run config names (`teacher_cache`), checked against the config."""
+    check_teacher_config(config)
+    assert config.teacher_cache is not None
+    return TeacherCache(config.teacher_cache)
 
 
 def build_for_config(

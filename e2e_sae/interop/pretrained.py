@@ -16,7 +16,7 @@ from torch import Tensor
 from e2e_sae.config import Config
 from e2e_sae.errors import UserError
 from e2e_sae.interop.hub import is_saelens_dir, resolve_path
-from e2e_sae.interop.saelens import load_saelens_into, saelens_transformer
+from e2e_sae.interop.saelens import copy_saelens_folder_into, saelens_transformer
 from e2e_sae.lm.load import load_pretrained
 from e2e_sae.lm.sites import filter_names
 from e2e_sae.lm.splice import SAETransformer
@@ -39,9 +39,10 @@ def load_pretrained_saes(
     the positions that stay frozen."""
     loaded: list[str] = []
     for p in paths:
-        p = resolve_path(newest_match(p))  # local path, or hf://user/repo[/path] downloaded
+        p = newest_match(p)  # (a glob: its newest match)
+        p = resolve_path(p)  # local path, or hf://user/repo[/path] downloaded
         if is_saelens_dir(p):  # a SAELens SAE folder (cfg.json + sae_weights.safetensors)
-            loaded += load_saelens_into(model, p)
+            loaded += copy_saelens_folder_into(model, p)
             continue
         if p.is_dir():
             ckpts = list_sae_checkpoints(p)

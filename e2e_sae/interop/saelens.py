@@ -684,8 +684,20 @@ def load_saelens_sae(
     allow_inexact: bool = False,
 ) -> tuple[SAEBase, SAELensInfo]:
     """Load a SAELens SAE folder (local or `hf://user/repo/folder`) as one of our SAEs."""
+    return read_saelens_folder(
+        resolve_path(path), str(path), device=device, dtype=dtype, allow_inexact=allow_inexact
+    )
 
-    folder = resolve_path(path)
+
+def read_saelens_folder(
+    folder: Path,
+    path: str,
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    allow_inexact: bool = False,
+) -> tuple[SAEBase, SAELensInfo]:
+    """`load_saelens_sae` of a local folder (`path`: how the user named it, for messages)."""
     if not folder.is_dir():
         raise UserError(f"{path}: not a folder (expected {CFG_FILE} + {WEIGHTS_FILE})")
     cfg = read_saelens_cfg(folder)
@@ -755,11 +767,16 @@ def saelens_transformer(
 
 
 def load_saelens_into(model: SAETransformer, path: str | os.PathLike[str]) -> list[str]:
-    """Copy a SAELens SAE into the matching SAE of `model` (for `saes.pretrained_sae_paths`).
+    """Copy a SAELens SAE (local folder or `hf://` URI) into the matching SAE of `model`.
 
     Returns the position loaded. The config must build the same architecture and sizes.
     """
-    sae, info = load_saelens_sae(path)
+    return copy_saelens_folder_into(model, resolve_path(path))
+
+
+def copy_saelens_folder_into(model: SAETransformer, path: Path) -> list[str]:
+    """`load_saelens_into` for a local folder (`saes.pretrained_sae_paths`, resolved already)."""
+    sae, info = read_saelens_folder(path, str(path))
     field = "saes.pretrained_sae_paths"
     pos = info.position
     if pos not in model.sae_positions:

@@ -21,8 +21,8 @@ from e2e_sae.caches.activations import (
 )
 from e2e_sae.config import Config
 from e2e_sae.errors import ConfigError, UserError
-from e2e_sae.lm.load import check_device
-from e2e_sae.runs.lock import RunLock
+from e2e_sae.resources import check_device
+from e2e_sae.runs.rundir import RunLock
 from e2e_sae.training.distributed import dist_from_env
 from e2e_sae.training.engine import TrainState, n_grad_steps
 from e2e_sae.training.faults import write_faults
@@ -60,7 +60,7 @@ def prepare_runs(
         c = c.model_copy(update={"precision": "fp32"})  # (`auto` too: cached training is fp32)
         t = setup(c, device=device)
         check_model_against_cache(t.model, cache)
-        t.check_eval_data()
+        t.check_data()
         trainers.append(t.fed_from_cache())
     return trainers
 

@@ -27,7 +27,7 @@ import torch.distributed as tdist
 from torch import Tensor, nn
 
 from e2e_sae.errors import UserError
-from e2e_sae.lm.load import check_device
+from e2e_sae.resources import check_device
 
 FIRING_BUFFER = "tokens_since_fired"
 

@@ -13,7 +13,7 @@ from typing import Any
 from e2e_sae.config import Config, config_to_yaml_dict, load_config
 from e2e_sae.errors import ConfigError, UserError
 from e2e_sae.runs.checkpoint import CONFIG_FILE, clean_stale_temp_files
-from e2e_sae.runs.lock import RunLock
+from e2e_sae.runs.rundir import RunLock
 from e2e_sae.training.distributed import SINGLE, Dist, broadcast_str, on_main
 from e2e_sae.training.resume import (
     DAMAGED_SUFFIX,
@@ -133,7 +133,8 @@ def recorded_precision(resume: str | Path, config: Config) -> str:
     """The precision the run that `resume` names was trained in (`auto` when there is no such
     run: `find_resume` then says what is wrong)."""
     try:
-        return run_config(find_run_dir(resume, config)).precision
+        run_dir = find_run_dir(resume, config)
+        return run_config(run_dir).precision
     except UserError:
         return config.precision
 

@@ -31,7 +31,7 @@ class RunLogger:
         self.wandb_run: Any = None
         if enabled and config is not None and config.wandb_project:
             self.wandb_run = init_wandb(config, run_dir)
-            self.save_file(run_dir / "final_config.yaml")
+            save_file_to_wandb(self.wandb_run, run_dir / "final_config.yaml")
 
     def log(self, record: dict[str, Any], step: int | None = None) -> None:
         if not self.enabled:

@@ -8,11 +8,9 @@ import dataclasses
 import itertools
 import logging
 import random
-import re
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +19,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from e2e_sae.caches.teacher import TeacherCache, check_teacher_config
-from e2e_sae.config import MAX_NAME_BYTES, Config, DatasetConfig
+from e2e_sae.caches.teacher import open_teacher_cache
+from e2e_sae.config import Config, DatasetConfig
 from e2e_sae.data import create_data_loader, data_errors
 from e2e_sae.errors import UserError
 from e2e_sae.eval.evaluate import EvalResult, eval_settings, eval_window_batches, evaluate
@@ -33,7 +31,7 @@ from e2e_sae.objective.forward import StepPlan, make_plan
 from e2e_sae.objective.losses import build_loss_terms
 from e2e_sae.resources import bf16_is_fast, check_memory
 from e2e_sae.runs.checkpoint import CONFIG_FILE, write_config
-from e2e_sae.runs.lock import RunLock
+from e2e_sae.runs.rundir import RunLock, create_locked_run_dir
 from e2e_sae.saes import TopKSAE, idle_aux_warnings
 from e2e_sae.saes.init import Center, center, init_decoder_bias_, tie_encoder_
 from e2e_sae.training.distributed import (
@@ -65,74 +63,8 @@ def set_seed(seed: int | None) -> None:
     torch.manual_seed(seed)
 
 
-def get_run_name(config: Config) -> str:
-    """Name from the key settings, as the original library does."""
-    if config.run_name or config.wandb_run_name:
-        return str(config.run_name or config.wandb_run_name)
-    positions = "-".join(config.saes.sae_positions + [t.output for t in config.saes.transcoders])
-    parts = [f"{positions}", f"ratio-{config.saes.dict_size_to_input_ratio}", f"lr-{config.lr}"]
-    if config.saes.architecture != "relu":
-        parts.insert(0, config.saes.architecture + (f"{config.saes.k}" if config.saes.k else ""))
-    short = {
-        "sparsity": "lpcoeff",
-        "out_to_in": "in-to-out",
-        "out_to_orig": "out-to-orig",
-        "logits_kl": "logits-kl",
-        "in_to_orig": "in-to-orig",
-    }
-    for name, term in config.loss.enabled.items():
-        parts.append(f"{short[name]}-{getattr(term, 'coeff', 0):g}")
-    return folder_name(config.wandb_run_name_prefix + "_".join(parts))
-
-
-def folder_name(name: str) -> str:
-    """A name made of config values as one folder name: separators and control characters become
-    '_', cut to MAX_NAME_BYTES bytes (a name the user gave is checked by the config instead)."""
-    name = re.sub(r"[/\\\x00-\x1f\x7f]", "_", name).lstrip(".") or "run"
-    return name.encode()[:MAX_NAME_BYTES].decode(errors="ignore")
-
-
 RESUME_COMMAND = "e2e-sae train CONFIG --resume"
 """How a stopped `train` run continues (+ its run directory), in the messages that stop it."""
-
-
-def _stamp() -> str:
-    return datetime.now().strftime("%Y%m%d-%H%M%S")
-
-
-def make_run_dir(config: Config, run_dir: Path | None = None) -> Path:
-    """A new run directory: `run_dir`, or `<save_dir>/<run name>_<time>`, created exclusively
-    (`-2`, `-3`, ... appended when another run took the name, e.g. started in the same second)."""
-    try:
-        if run_dir is not None:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            return run_dir
-        assert config.save_dir is not None
-        base = Path(config.save_dir).expanduser() / f"{get_run_name(config)}_{_stamp()}"
-        base.parent.mkdir(parents=True, exist_ok=True)
-        for k in itertools.count(1):
-            run_dir = base if k == 1 else base.with_name(f"{base.name}-{k}")
-            try:
-                run_dir.mkdir()
-                return run_dir
-            except FileExistsError:
-                continue
-    except OSError as err:
-        where = run_dir or config.save_dir
-        raise UserError(f"save_dir: cannot create {where} ({err.strerror})") from None
-    raise AssertionError("unreachable")
-
-
-def create_locked_run_dir(config: Config, run_dir: Path | None = None) -> tuple[Path, RunLock]:
-    """`make_run_dir`, then its lock (a given `run_dir` that a live run holds is refused)."""
-    new = run_dir is None or not run_dir.exists()
-    run_dir = make_run_dir(config, run_dir)
-    try:
-        return run_dir, RunLock(run_dir).acquire("save_dir")
-    except UserError:
-        if new:  # (e.g. a full disk): no directory holding only a `.lock` is left
-            shutil.rmtree(run_dir, ignore_errors=True)
-        raise
 
 
 @dataclass(kw_only=True)
@@ -188,19 +120,16 @@ class Trainer(Engine[Config]):
         n = cfg.eval_n_samples
         return eval_window_batches(cfg.eval_data, cfg.batch_size, n, cfg.seed, asked)
 
-    def check_eval_data(self) -> None:
-        """Load the first eval batch now, so a bad eval dataset fails before anything is written."""
+    def check_data(self, first_train_batch: Tensor | None = None) -> None:
+        """Check the first training batch (if given) against the model's vocabulary, and load and
+        check the first eval batch now: bad data fails before anything is written."""
         cfg = self.config
+        if first_train_batch is not None:
+            check_vocab(self.model.lm, first_train_batch, "train_data")
         if cfg.eval_data is not None and cfg.eval_n_samples:
             with data_errors("eval_data"):
                 first = next(self.eval_batches()[0])
             check_vocab(self.model.lm, first, "eval_data")
-
-
-def open_teacher_cache(config: Config) -> Any:
-
-    check_teacher_config(config)
-    return TeacherCache(config.teacher_cache or "")
 
 
 def setup(
@@ -351,8 +280,7 @@ def train(
         with data_errors("train_data"):
             batches = t.batches(config.train_data, config.seed, start=state.batches, shard=True)
             first = next(batches)
-        check_vocab(t.model.lm, first, "train_data")
-        t.check_eval_data()
+        t.check_data(first)
         dirs = [found.run_dir] if found is not None else [run_dir] if run_dir is not None else []
         with write_faults(dirs, RESUME_COMMAND):
             run = open_run(t, state, found, run_dir, locks, on_eval)
