@@ -619,7 +619,7 @@ def test_wandb_offline_run_leaves_its_files(
 
 def test_frequency_histogram_matches_numpy() -> None:
     np = pytest.importorskip("numpy")
-    from e2e_sae.wandb_utils import frequency_histograms
+    from e2e_sae.training.runlog import frequency_histograms
 
     freqs = torch.tensor([0.0, 1e-4, 1e-3, 0.02, 0.5, 0.5, 1.0])
     (h,) = frequency_histograms({"p": freqs}, num_bins=5).values()

@@ -33,7 +33,7 @@ from e2e_sae.runs.checkpoint import atomic_save_tensors
 from e2e_sae.saes import SAEActs, SAEBase, SAEDict, build_sae, sae_key
 from e2e_sae.training.engine import Engine, TrainState, make_optimizer
 from e2e_sae.training.guard import NumericalError
-from e2e_sae.wandb_utils import init_wandb, log_feature_frequencies
+from e2e_sae.training.runlog import init_wandb, log_feature_frequencies
 
 logger = logging.getLogger(__name__)
 

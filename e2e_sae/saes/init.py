@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Literal, cast
 
 import torch
@@ -66,3 +67,27 @@ def init_decoder_bias_(sae: SAEBase, out_center: Tensor, in_center: Tensor) -> N
     """b_dec <- out_center [d_out]; the encoder's biases shift so that it sees x - in_center."""
     sae.decoder.bias.copy_(out_center)
     sae.center_input_(in_center)
+
+
+@torch.no_grad()
+def init_saes_(
+    saes: Mapping[str, SAEBase],
+    samples: Mapping[str, tuple[Tensor, Tensor | None]] | None,
+    *,
+    tied: bool,
+    b_dec: Center,
+) -> None:
+    """Apply the init options to SAEs {position: SAE}: `tied` ties each encoder to its decoder
+    first (so the bias shift uses the tied W_enc), then `b_dec` centres the decoder bias on the
+    sample's activations {position: (at the output site, at the input site or None when the two
+    are one)}, needed unless b_dec is "zeros"."""
+    for pos, sae in saes.items():
+        if tied:
+            tie_encoder_(sae, pos)
+        if b_dec == "zeros":
+            continue
+        assert samples is not None
+        out_acts, in_acts = samples[pos]
+        out_c = center(out_acts, b_dec)
+        in_c = out_c if in_acts is None else center(in_acts, b_dec)
+        init_decoder_bias_(sae, out_c, in_c)

@@ -53,8 +53,7 @@ from e2e_sae.errors import ConfigError, UserError
 from e2e_sae.lm.load import build_random_model, default_device, save_tlens_model
 from e2e_sae.lm.tl import HookedTransformer
 from e2e_sae.training.engine import lr_schedule
-from e2e_sae.training.runlog import RunLogger
-from e2e_sae.wandb_utils import init_wandb
+from e2e_sae.training.runlog import RunLogger, init_wandb
 
 logger = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ from e2e_sae.resources import bf16_is_fast, check_memory
 from e2e_sae.runs.checkpoint import CONFIG_FILE, write_config
 from e2e_sae.runs.rundir import RunLock, create_locked_run_dir
 from e2e_sae.saes import TopKSAE, idle_aux_warnings
-from e2e_sae.saes.init import Center, center, init_decoder_bias_, tie_encoder_
+from e2e_sae.saes.init import Center, init_saes_
 from e2e_sae.training.distributed import (
     SINGLE,
     Dist,
@@ -177,6 +177,7 @@ def setup(
     )
     broadcast_state(model.saes, dist)  # every rank starts from rank 0's SAEs, as DDP does
     plan = make_plan(model, config.loss, precision=config.precision)
+    eval_plan = make_plan(model, config.loss, force_full_pass=True)
     if config.teacher_cache is not None:
         plan = dataclasses.replace(plan, teacher=open_teacher_cache(config))
     if config.compile:
@@ -185,7 +186,6 @@ def setup(
     steps = n_grad_steps(config, dist.world_size)
     optimizer, scheduler = make_optimizer(config, model.saes, steps, dist.world_size)
     dev = next(model.saes.parameters()).device
-    eval_plan = make_plan(model, config.loss, force_full_pass=True)
     every = config.saes.resample_every_n_samples
     resampling = None
     if every is not None:
@@ -239,22 +239,23 @@ def concrete_precision(config: Config, device: torch.device | str) -> Config:
 def initialize_saes(
     model: SAETransformer, tokens: Tensor | None, *, tied: bool, b_dec: Center
 ) -> None:
-    """Apply the init options to every SAE of `model`; `tokens` [batch, pos] is the data sample
-    (needed unless b_dec is "zeros"). Tying happens first, so the bias shift uses the tied W_enc."""
-    if tied:
-        for pos in model.sae_positions:
-            tie_encoder_(model.sae(pos), pos)
-    if b_dec == "zeros":
-        return
-    if tokens is None:
-        raise ValueError("initialize_saes: init_b_dec needs a data sample")
-    hooks = sorted({h for s in model.sites.values() for h in s.hooks})
-    device = next(model.saes.parameters()).device
-    _, acts = model.forward_raw(tokens.to(device), run_entire_model=False, cache_positions=hooks)
-    for pos, site in model.sites.items():
-        out_c = center(acts[site.output_hook], b_dec)
-        in_c = center(acts[site.input_hook], b_dec) if site.is_transcoder else out_c
-        init_decoder_bias_(model.sae(pos), out_c, in_c)
+    """Apply the init options to every SAE of `model` (`e2e_sae.saes.init.init_saes_`); `tokens`
+    [batch, pos] is the data sample (needed unless b_dec is "zeros"), run through the clean LM."""
+    samples = None
+    if b_dec != "zeros":
+        if tokens is None:
+            raise ValueError("initialize_saes: init_b_dec needs a data sample")
+        hooks = sorted({h for s in model.sites.values() for h in s.hooks})
+        device = next(model.saes.parameters()).device
+        _, acts = model.forward_raw(
+            tokens.to(device), run_entire_model=False, cache_positions=hooks
+        )
+        samples = {
+            pos: (acts[site.output_hook], acts[site.input_hook] if site.is_transcoder else None)
+            for pos, site in model.sites.items()
+        }
+    saes = {pos: model.sae(pos) for pos in model.sae_positions}
+    init_saes_(saes, samples, tied=tied, b_dec=b_dec)
 
 
 def train(
