@@ -18,14 +18,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import device_check  # noqa: E402
 
 PRESET = [
-    "--model", "smollm2-135m",
-    "--architecture", "topk", "--k", "32",
-    "--batch-size", "4", "--n-ctx", "128",
-    "--modes", "local,e2e",
-    "--variants", "fp32,fp32+compile,bf16,bf16+compile",
-    "--warmup", "3", "--steps", "6",
+    "--model",
+    "smollm2-135m",
+    "--architecture",
+    "topk",
+    "--k",
+    "32",
+    "--batch-size",
+    "4",
+    "--n-ctx",
+    "128",
+    "--modes",
+    "local,e2e",
+    "--variants",
+    "fp32,fp32+compile,bf16,bf16+compile",
+    "--warmup",
+    "3",
+    "--steps",
+    "6",
     "--no-tests",
-]  # fmt: skip
+]
 
 if __name__ == "__main__":
     if not any(a.startswith("--device") for a in sys.argv[1:]):

@@ -297,8 +297,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     cuda = torch.cuda.is_available()
     p.add_argument("--device", default="cuda" if cuda else "cpu")
-    p.add_argument("--model", choices=sorted(bt.MODELS), default=None,
-                   help="default: gpt2-small-random on CUDA, tiny on CPU")  # fmt: skip
+    p.add_argument(
+        "--model",
+        choices=sorted(bt.MODELS),
+        default=None,
+        help="default: gpt2-small-random on CUDA, tiny on CPU",
+    )
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--variants", default="ref,fp32,bf16")
     p.add_argument("--steps", type=int, default=5, help="timed steps per variant")
@@ -309,8 +313,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--architecture", choices=("relu", "topk"), default="relu")
     p.add_argument("--k", type=int, default=32, help="latents per token for --architecture topk")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    p.add_argument("--tests", action=argparse.BooleanOptionalAction, default=True,
-                   help="run the CUDA-marked tests after the measurements")  # fmt: skip
+    p.add_argument(
+        "--tests",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the CUDA-marked tests after the measurements",
+    )
     p.add_argument("--tests-timeout", type=int, default=240)
     p.add_argument("--out", type=Path, default=bt.RESULTS)
     args = p.parse_args(argv)
@@ -322,8 +330,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args.n_ctx = args.n_ctx or (1024 if on_cuda else 128)
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    for name, got, allowed in (("--modes", args.modes, MODES), ("--variants", args.variants,
-                                                                 VARIANTS)):  # fmt: skip
+    for name, got, allowed in (
+        ("--modes", args.modes, MODES),
+        ("--variants", args.variants, VARIANTS),
+    ):
         if bad := [x for x in got if x not in allowed]:
             p.error(f"{name}: unknown {bad} (choose from {', '.join(allowed)})")
     args.topk_path = "auto"

@@ -6,10 +6,12 @@ A YAML config written for e2e_sae 2.1.1 loads unchanged. Additions are optional 
 
 from __future__ import annotations
 
+import copy
 import difflib
 import re
 import types
 import typing
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -26,7 +28,7 @@ from pydantic import (
     model_validator,
 )
 
-from e2e_sae.errors import ConfigError
+from e2e_sae.errors import ConfigError, UserError
 
 MAX_COUNT = 10**12
 """The largest count (windows, samples, tokens per chunk, steps, ...) a config may hold: far above
@@ -639,3 +641,37 @@ DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
 def demo_config() -> dict[str, Any]:
     """The demo config as a plain dict: change any field, then `load_config` it."""
     return dict(read_yaml(DEMO_CONFIG))
+
+
+def set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
+    """d["a"]["b"]["c"] = value for key "a.b.c", creating (or replacing a null) parent mappings."""
+    *parents, last = key.split(".")
+    cur = d
+    for p in parents:
+        if not isinstance(cur.get(p), dict):
+            cur[p] = {}
+        cur = cur[p]
+    cur[last] = copy.deepcopy(value)
+
+
+def parse_set(items: Iterable[str]) -> dict[str, Any]:
+    """`--set key.sub=value` items -> {dotted key: YAML-parsed value}."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--set: expected KEY=VALUE (e.g. n_samples=1000), got '{item}'")
+        try:
+            out[key.strip()] = yaml_load(value)
+        except YAMLRefused as err:
+            raise UserError(f"--set {key}: {err}") from None
+        except yaml.YAMLError:
+            raise UserError(f"--set {key}: '{value}' is not a YAML value") from None
+    return out
+
+
+def apply_overrides(raw: dict[str, Any], sets: Iterable[str]) -> dict[str, Any]:
+    """`raw` (a config's mapping) with `--set KEY=VALUE` items applied in place."""
+    for key, value in parse_set(sets).items():
+        set_dotted(raw, key, value)
+    return raw

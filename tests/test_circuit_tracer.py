@@ -55,8 +55,9 @@ def _tiny(arch: str, seed: int, **kw: Any) -> SAETransformer:
     lm = HookedTransformer(HookedTransformerConfig(**{**TINY_TLENS, "device": "cpu"}))
     skip = kw.pop("skip", False)
     spec = TranscoderSet(None, IN, OUT, skip=skip, cross_layer=arch == "clt")
-    model = SAETransformer(lm, [], 2.0, architecture=arch, architecture_kwargs=kw,
-                           transcoder_set=spec)  # fmt: skip
+    model = SAETransformer(
+        lm, [], 2.0, architecture=arch, architecture_kwargs=kw, transcoder_set=spec
+    )
     with torch.no_grad():  # trained-looking parameters: biases, skip paths, decoder norms
         for p in model.sae_positions:
             sae = model.sae(p)
@@ -99,8 +100,11 @@ def _shakespeare_run(tmp_path: Path, arch: str) -> tuple[Path, SAETransformer]:
     cfg["eval_every_n_samples"] = None
     for k in ("train_data", "eval_data"):
         cfg[k] = {**cfg[k], "n_ctx": 32}
-    saes: dict[str, Any] = {"transcoder_set": {"layers": "all"}, "architecture": arch,
-                            "dict_size_to_input_ratio": 1.0}  # fmt: skip
+    saes: dict[str, Any] = {
+        "transcoder_set": {"layers": "all"},
+        "architecture": arch,
+        "dict_size_to_input_ratio": 1.0,
+    }
     if arch == "clt":
         saes["architecture_kwargs"] = {"init_threshold": 0.05}
     cfg["saes"] = saes
@@ -139,15 +143,32 @@ def test_shakespeare_run_exported_checked_and_graphed(
     assert "logits_err" in check
     _assert_matches(check, arch)
     capsys.readouterr()
-    args = ["graph", str(out), "To be, or not", "--ct-python", str(ct_python), "--save",
-            str(tmp_path / "graphs")]  # fmt: skip
+    args = [
+        "graph",
+        str(out),
+        "To be, or not",
+        "--ct-python",
+        str(ct_python),
+        "--save",
+        str(tmp_path / "graphs"),
+    ]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "replacement" in printed and "completeness" in printed and "mean" in printed
     assert (tmp_path / "graphs" / "graph_0.pt").is_file()
     if arch == "relu":  # eval of the replacement model with graph scores on fixed eval prompts
-        args = ["eval", str(run), "--n-tokens", "64", "--graph-prompts", "2",
-                "--graph-prompt-tokens", "6", "--ct-python", str(ct_python)]  # fmt: skip
+        args = [
+            "eval",
+            str(run),
+            "--n-tokens",
+            "64",
+            "--graph-prompts",
+            "2",
+            "--graph-prompt-tokens",
+            "6",
+            "--ct-python",
+            str(ct_python),
+        ]
         assert main(args) == 0
         ev = json.loads((run / "eval.json").read_text())
         assert len(ev["graphs"]) == 2
@@ -163,11 +184,15 @@ def test_export_bad_input(tmp_path: Path, capsys, config_dict) -> None:
     """Runs circuit-tracer cannot represent: one line naming the run, exit 2, nothing written."""
     for name, saes in {
         "residual": {"sae_positions": ["blocks.1.hook_resid_pre"]},
-        "matryoshka": {"transcoder_set": {"layers": "all"}, "architecture": "matryoshka", "k": 4,
-                       "architecture_kwargs": {"matryoshka_widths": [8, 64]}},
+        "matryoshka": {
+            "transcoder_set": {"layers": "all"},
+            "architecture": "matryoshka",
+            "k": 4,
+            "architecture_kwargs": {"matryoshka_widths": [8, 64]},
+        },
         "topk": {"transcoder_set": {"layers": "all"}, "architecture": "topk", "k": 4},
         "subset": {"transcoder_set": {"layers": [0, 1]}},
-    }.items():  # fmt: skip
+    }.items():
         cfg = load_config(config_dict(saes={"dict_size_to_input_ratio": 2.0, **saes}))
         model = SAETransformer.from_config(cfg, device="cpu")
         run = tmp_path / name

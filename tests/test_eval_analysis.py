@@ -32,7 +32,7 @@ from e2e_sae.analysis.plots import (
     sae_type,
 )
 from e2e_sae.cli import main
-from e2e_sae.config import Config, load_config
+from e2e_sae.config import Config, load_config, set_dotted
 from e2e_sae.errors import ConfigError, UserError
 from e2e_sae.eval.evaluate import (
     _SAEStats,
@@ -50,7 +50,7 @@ from e2e_sae.lm.splice import SAETransformer
 from e2e_sae.objective.forward import make_plan
 from e2e_sae.objective.losses import build_loss_terms
 from e2e_sae.saes import SAEActs
-from e2e_sae.training.sweep import flatten_parameters, load_sweep, set_dotted, wandb_sweep_config
+from e2e_sae.training.sweep import flatten_parameters, load_sweep, wandb_sweep_config
 from e2e_sae.training.trainer import train
 
 # The shape of the original library's W&B sweep files (gpt2_e2e_recon_sweep.yaml, shortened).

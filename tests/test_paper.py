@@ -323,9 +323,17 @@ def test_activation_analysis_of_runs_matches_its_parts(runs: list[Path]) -> None
 def test_paper_figures_writes_every_file_and_an_index(runs: list[Path], tmp_path: Path) -> None:
     out = tmp_path / "figures"
     rc = main(
-        ["paper-figures", *map(str, runs), "--out", str(out), "--n-tokens", "64",
-         "--directions", "3"]
-    )  # fmt: skip
+        [
+            "paper-figures",
+            *map(str, runs),
+            "--out",
+            str(out),
+            "--n-tokens",
+            "64",
+            "--directions",
+            "3",
+        ]
+    )
     assert rc == 0
     stems = [
         "pareto_l0_ce_increase",
@@ -354,8 +362,12 @@ def test_paper_figures_writes_every_file_and_an_index(runs: list[Path], tmp_path
         assert f"[{table}]({table})" in index
     # one short label per run, the same in runs.md and in the figures (plots.run_labels)
     labels = run_labels(load_runs(runs))
-    assert labels == ["local relu λ=0.1, seed=0", "local relu λ=0.1, seed=1", "e2e relu λ=0.1",
-                      "e2e+ds relu λ=0.1"]  # fmt: skip
+    assert labels == [
+        "local relu λ=0.1, seed=0",
+        "local relu λ=0.1, seed=1",
+        "e2e relu λ=0.1",
+        "e2e+ds relu λ=0.1",
+    ]
     table = (out / "runs.md").read_text()
     within = (out / "geometry_within_dictionary.svg").read_text()
     for label in labels:

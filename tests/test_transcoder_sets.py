@@ -54,8 +54,9 @@ def tiny(**over: Any) -> HookedTransformer:
 def tset_model(arch: str = "relu", layers: list[int] | None = None, **kw: Any) -> SAETransformer:
     torch.manual_seed(0)
     spec = TranscoderSet(layers, IN, OUT, cross_layer=arch == "clt")
-    return SAETransformer(tiny(), [], 2.0, architecture=arch, architecture_kwargs=kw,
-                          transcoder_set=spec)  # fmt: skip
+    return SAETransformer(
+        tiny(), [], 2.0, architecture=arch, architecture_kwargs=kw, transcoder_set=spec
+    )
 
 
 def perturb_(model: SAETransformer) -> None:
@@ -276,8 +277,12 @@ def test_trains_under_each_loss_and_round_trips(
     arch = name.split("-")[0]
     tset: dict[str, Any] = {"layers": "all", "skip": name.endswith("skip")}
     loss = {"local": LOCAL, "e2e": {"sparsity": {"coeff": 0.1}, **KL}, "e2e_ds": E2E_DS}[kind]
-    saes = {"transcoder_set": tset, "architecture": arch, "dict_size_to_input_ratio": 2.0,
-            **ARCHS[name]}  # fmt: skip
+    saes = {
+        "transcoder_set": tset,
+        "architecture": arch,
+        "dict_size_to_input_ratio": 2.0,
+        **ARCHS[name],
+    }
     cfg = load_config(config_dict(loss=loss, saes=saes))
     t = setup(cfg, device="cpu")
     before = {k: v.clone() for k, v in t.model.saes.state_dict().items()}
@@ -317,8 +322,11 @@ def test_two_stage_recipe_fine_tunes_a_local_set_with_kl(config_dict, tmp_path: 
 
     run1 = train(load_config(first), run_dir=tmp_path / "local", device="cpu", progress=False)
     second = config_dict(loss={"sparsity": {"coeff": 0.1}, **KL}, saes=saes, n_samples=16)
-    second["saes"] = {**saes, "pretrained_sae_paths": [str(list_checkpoints(run1)[-1])],
-                      "retrain_saes": True}  # fmt: skip
+    second["saes"] = {
+        **saes,
+        "pretrained_sae_paths": [str(list_checkpoints(run1)[-1])],
+        "retrain_saes": True,
+    }
     cfg2 = load_config(second)
     t = setup(cfg2, device="cpu")
     w1 = read_tensors(list_checkpoints(run1)[-1])
@@ -337,8 +345,12 @@ def test_clt_signal_then_resume_is_bit_exact(config_dict, tmp_path: Path, monkey
 
     from e2e_sae.training import trainer as train_mod
 
-    saes = {"transcoder_set": {"layers": "all"}, "architecture": "clt",
-            "dict_size_to_input_ratio": 2.0, **ARCHS["clt"]}  # fmt: skip
+    saes = {
+        "transcoder_set": {"layers": "all"},
+        "architecture": "clt",
+        "dict_size_to_input_ratio": 2.0,
+        **ARCHS["clt"],
+    }
     cfg = config_dict(loss=E2E_DS, saes=saes, n_samples=32, save_every_n_samples=8)
     ref = train_mod.train(load_config(cfg), run_dir=tmp_path / "ref", progress=False)
     path = write_yaml(tmp_path / "cfg.yaml", cfg)
@@ -356,8 +368,12 @@ def test_torchrun_two_processes_equal_one_with_double_batch(config_dict, tmp_pat
 
     from e2e_sae.training import trainer as train_mod
 
-    saes = {"transcoder_set": {"layers": "all"}, "architecture": "clt",
-            "dict_size_to_input_ratio": 2.0, **ARCHS["clt"]}  # fmt: skip
+    saes = {
+        "transcoder_set": {"layers": "all"},
+        "architecture": "clt",
+        "dict_size_to_input_ratio": 2.0,
+        **ARCHS["clt"],
+    }
     over = {"loss": E2E_DS, "saes": saes, "n_samples": 16, "max_grad_norm": 1.0}
     cfg2 = config_dict(batch_size=2, **over)
     proc = _torchrun(2, [str(write_yaml(tmp_path / "ddp.yaml", cfg2))])
@@ -375,8 +391,12 @@ def test_train_cached_equals_lm_training(config_dict, tmp_path: Path, capsys) ->
 
     from e2e_sae.training.trainer import train
 
-    saes = {"transcoder_set": {"layers": "all"}, "architecture": "clt",
-            "dict_size_to_input_ratio": 2.0, **ARCHS["clt"]}  # fmt: skip
+    saes = {
+        "transcoder_set": {"layers": "all"},
+        "architecture": "clt",
+        "dict_size_to_input_ratio": 2.0,
+        **ARCHS["clt"],
+    }
     d = config_dict(loss=LOCAL, saes=saes, n_samples=16, eval_n_samples=None)
     lm_dir = train(load_config(d), run_dir=tmp_path / "lm_run", device="cpu", progress=False)
     path = tmp_path / "cfg.yaml"
@@ -396,8 +416,13 @@ def test_bad_input(config_dict, tmp_path: Path, capsys) -> None:
     with pytest.raises(ConfigError, match=r"transcoder_set.input: block 0 has no hook"):
         SAETransformer(tiny(attn_only=True), [], 2.0, transcoder_set=TranscoderSet(None, IN, OUT))
     with pytest.raises(ConfigError, match="consecutive layers"):
-        SAETransformer(tiny(), [], 2.0, architecture="clt",
-                       transcoder_set=TranscoderSet([0, 2], IN, OUT, cross_layer=True))  # fmt: skip
+        SAETransformer(
+            tiny(),
+            [],
+            2.0,
+            architecture="clt",
+            transcoder_set=TranscoderSet([0, 2], IN, OUT, cross_layer=True),
+        )
     with pytest.raises(ConfigError, match="not a block of this model"):
         tset_model(layers=[0, 5])
     bad = config_dict(saes={"transcoder_set": {"layers": [0, 2]}, "architecture": "clt"})
@@ -428,12 +453,19 @@ def test_eval_measures_the_replacement_model(arch: str) -> None:
         def ce(logits: torch.Tensor) -> float:
             return float(F.cross_entropy(logits[:, :-1].flatten(0, 1), toks[:, 1:].flatten()))
 
-        kl = F.kl_div(F.log_softmax(new, -1), F.log_softmax(clean, -1), log_target=True,
-                      reduction="none").sum(-1).mean()  # fmt: skip
+        kl = (
+            F.kl_div(
+                F.log_softmax(new, -1), F.log_softmax(clean, -1), log_target=True, reduction="none"
+            )
+            .sum(-1)
+            .mean()
+        )
         xs = [cache[f"blocks.{i}.{IN}"] for i in range(L)]
-        local = direct_clt(model, xs) if arch == "clt" else [
-            model.sae(f"blocks.{i}.{OUT}")(x)[0] for i, x in enumerate(xs)
-        ]  # fmt: skip
+        local = (
+            direct_clt(model, xs)
+            if arch == "clt"
+            else [model.sae(f"blocks.{i}.{OUT}")(x)[0] for i, x in enumerate(xs)]
+        )
     m = result.metrics
     assert m["ce_loss_increase"] == pytest.approx(ce(new) - ce(clean), rel=1e-4, abs=1e-6)
     assert m["kl"] == pytest.approx(float(kl), rel=1e-4)
@@ -457,8 +489,11 @@ def test_eval_measures_the_replacement_model(arch: str) -> None:
 def test_browser_opens_transcoder_and_clt_features(arch: str, config_dict, tmp_path: Path) -> None:
     from e2e_sae.analysis.browser import write_browser
 
-    saes = {"transcoder_set": {"layers": "all"}, "architecture": arch,
-            "dict_size_to_input_ratio": 2.0}  # fmt: skip
+    saes = {
+        "transcoder_set": {"layers": "all"},
+        "architecture": arch,
+        "dict_size_to_input_ratio": 2.0,
+    }
     cfg = load_config(config_dict(saes=saes))
     model = SAETransformer.from_config(cfg, device="cpu")
     run = tmp_path / "run"

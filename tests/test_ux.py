@@ -17,11 +17,11 @@ from e2e_sae.analysis.plots import (
     tradeoff_figure,
 )
 from e2e_sae.cli import main
-from e2e_sae.config import Config, load_config, yaml_load
+from e2e_sae.config import Config, load_config, parse_set, yaml_load
 from e2e_sae.errors import ConfigError
 from e2e_sae.training.curves import CURVES_FILE, panel_title
 from e2e_sae.training.loop import TokenRate, format_rate
-from e2e_sae.training.sweep import load_sweep, parse_set
+from e2e_sae.training.sweep import load_sweep
 from e2e_sae.training.trainer import train
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -39,7 +39,7 @@ def demo_config_dict(
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from e2e_sae.config import Config, load_config
+    from e2e_sae.config import Config, apply_overrides, load_config
     from e2e_sae.eval.evaluate import EvalResult
     from e2e_sae.eval.report import eval_table
     from e2e_sae.training.curves import CURVES_FILE, plot_training_curves
@@ -50,11 +50,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         getattr(args, "n_samples", None),
         getattr(args, "eval_n_samples", None),
     )
-    from e2e_sae.training.sweep import parse_set, set_dotted
-
-    for key, value in parse_set(getattr(args, "set", None) or []).items():
-        set_dotted(overrides, key, value)  # `e2e-sae train --set KEY=VALUE` without a config
-    config = load_config(overrides)
+    # `e2e-sae train --set KEY=VALUE` without a config
+    config = load_config(apply_overrides(overrides, getattr(args, "set", None) or []))
     assert isinstance(config, Config)
     print(
         f"e2e-sae demo: e2e SAE (logits KL + L1) at {', '.join(config.saes.sae_positions)} of "

@@ -60,7 +60,7 @@ def cmd_graph(args: argparse.Namespace) -> int:
             g["n_nodes"],
             f"{g['replacement_score']:.4f}",
             f"{g['completeness_score']:.4f}",
-        ]  # fmt: skip
+        ]
         for i, g in enumerate(graphs)
     ]
     n = len(graphs)
@@ -72,7 +72,7 @@ def cmd_graph(args: argparse.Namespace) -> int:
             "",
             f"{sum(g['replacement_score'] for g in graphs) / n:.4f}",
             f"{sum(g['completeness_score'] for g in graphs) / n:.4f}",
-        ]  # fmt: skip
+        ]
     )
     heads = ["prompt", "tokens", "active features", "nodes", "replacement", "completeness"]
     print(table(heads, rows))

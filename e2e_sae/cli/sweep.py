@@ -8,10 +8,10 @@ from pathlib import Path
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    from e2e_sae.config import parse_set
     from e2e_sae.eval.report import table
     from e2e_sae.training.sweep import (
         load_sweep,
-        parse_set,
         run_sweep,
         run_wandb_sweep,
         summary_rows,

@@ -75,14 +75,12 @@ def config_with_overrides(
     `--n-samples` applied."""
     if not sets and n_samples is None:
         return path
-    from e2e_sae.config import read_yaml
-    from e2e_sae.training.sweep import parse_set, set_dotted
+    from e2e_sae.config import apply_overrides, read_yaml
 
     raw = read_yaml(path)
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping of config keys")
-    for key, value in parse_set(sets).items():
-        set_dotted(raw, key, value)
+    apply_overrides(raw, sets)
     if n_samples is not None:
         raw["n_samples"] = n_samples
     return raw

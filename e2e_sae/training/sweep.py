@@ -43,12 +43,11 @@ from typing import Any
 from e2e_sae.config import (
     MODEL_SOURCES,
     Config,
-    YAMLRefused,
     config_to_yaml_dict,
     load_config,
     path_component_problem,
     read_yaml,
-    yaml_load,
+    set_dotted,
 )
 from e2e_sae.errors import ConfigError, UserError
 from e2e_sae.eval.evaluate import EVAL_JSON, EvalResult, read_eval, write_eval
@@ -124,35 +123,6 @@ def flatten_parameters(params: Any, source: str, prefix: str = "") -> dict[str, 
             out[path] = list(spec)
         else:
             out[path] = [spec]
-    return out
-
-
-def set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
-    """d["a"]["b"]["c"] = value for key "a.b.c", creating (or replacing a null) parent mappings."""
-    *parents, last = key.split(".")
-    cur = d
-    for p in parents:
-        if not isinstance(cur.get(p), dict):
-            cur[p] = {}
-        cur = cur[p]
-    cur[last] = copy.deepcopy(value)
-
-
-def parse_set(items: Iterable[str]) -> dict[str, Any]:
-    """`--set key.sub=value` items -> {dotted key: YAML-parsed value}."""
-    import yaml
-
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise UserError(f"--set: expected KEY=VALUE (e.g. n_samples=1000), got '{item}'")
-        try:
-            out[key.strip()] = yaml_load(value)
-        except YAMLRefused as err:
-            raise UserError(f"--set {key}: {err}") from None
-        except yaml.YAMLError:
-            raise UserError(f"--set {key}: '{value}' is not a YAML value") from None
     return out
 
 
