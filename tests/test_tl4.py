@@ -54,6 +54,28 @@ def test_saved_model_loads_back_with_the_same_function(fields: dict[str, Any], t
         assert state["blocks.0.attn._W_K"].shape == (2, 32, 8)
 
 
+def test_damaged_or_mismatched_saved_model_is_one_line(tmp_path: Path) -> None:
+    """On either version: a truncated model.safetensors, or weights that do not fit the folder's
+    tlens_config.json, is a one-line UserError naming tlens_model_path, never a traceback."""
+    import json
+
+    save_tlens_model(build_random_model(TINY_TLENS, device="cpu"), tmp_path / "lm")
+    weights = tmp_path / "lm" / "model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[: len(good) // 2])
+    with pytest.raises(UserError) as err:
+        load_tlens_model_from_path(tmp_path / "lm", device="cpu")
+    msg = str(err.value)
+    assert msg.startswith("tlens_model_path: ") and "not a readable safetensors" in msg, msg
+    assert len(msg.splitlines()) == 1
+    weights.write_bytes(good)
+    cfg_file = tmp_path / "lm" / "tlens_config.json"
+    fields = json.loads(cfg_file.read_text())
+    cfg_file.write_text(json.dumps({**fields, "d_mlp": fields["d_mlp"] * 2}))
+    with pytest.raises(UserError, match=r"^tlens_model_path: .*do not fit the config \(.*'"):
+        load_tlens_model_from_path(tmp_path / "lm", device="cpu")
+
+
 @only_tl4
 def test_layout_conversion_round_trips() -> None:
     """to_native then from_native gives the HookedTransformer state dict back exactly (rotary

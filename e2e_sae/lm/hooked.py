@@ -2,8 +2,9 @@
 
 `build` makes every model of ours (`shakespeare-lm`, `tlens_config`, `e2e-sae train-lm` folders,
 the original's `epoch_<N>.pt`) from HookedTransformerConfig fields and a state dict; `from_hub`
-and `smollm2` give the hub's and the packaged GGUF model. Its counterpart on TransformerLens 4.x
-is `e2e_sae.lm.native`, with the same three functions; `e2e_sae.lm.load` chooses between them.
+and `smollm2` give the hub's and the packaged GGUF model. On TransformerLens 4.x `build` is
+`e2e_sae.lm.native.build`, and hub and GGUF models load through `e2e_sae.lm.bridge`;
+`e2e_sae.lm.load` chooses.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor
 
 from e2e_sae.data.tokenizer import attach_tokenizer
@@ -21,6 +21,7 @@ from e2e_sae.lm.bridge import OFFLINE_MODELS_HINT
 from e2e_sae.lm.gguf import GGUF_MODELS
 from e2e_sae.lm.tl import HookedTransformer, HookedTransformerConfig
 from e2e_sae.resources import check_memory
+from e2e_sae.runs.checkpoint import read_tensors
 
 State = dict[str, Tensor] | Path | None
 """A HookedTransformer state dict, the safetensors file holding one, or None (random init)."""
@@ -42,10 +43,7 @@ def build(fields: dict[str, Any], state: State, device: str | None, what: str) -
     check_memory(weights_bytes(cfg), cfg.device, what, "the model's weights")
     model = HookedTransformer(cfg)
     if isinstance(state, Path):
-        try:
-            state = load_file(str(state), device=str(cfg.device))
-        except Exception as err:  # noqa: BLE001 - a damaged file becomes one line
-            raise UserError(f"{what}: cannot load {state}: {first_line(err)}") from None
+        state = read_tensors(state, what)
     if state is not None:
         problem = state_problem(model, state)
         if problem is not None:

@@ -32,13 +32,13 @@ from typing import Any
 
 import einops
 import torch
-from safetensors.torch import load_file
 from torch import Tensor
 
 from e2e_sae.data.tokenizer import attach_tokenizer
 from e2e_sae.errors import ConfigError, UserError
 from e2e_sae.lm.tl import TL_VERSION
 from e2e_sae.resources import check_memory
+from e2e_sae.runs.checkpoint import read_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -379,11 +379,22 @@ def build(
     name one: what `e2e_sae.lm.hooked.build` gives on TransformerLens 3.x."""
     fields = {k: v for k, v in fields.items() if k != "device"}
     resolved = resolved_fields(fields)
-    n = sum(math.prod(shape) for _, shape in hooked_param_shapes(resolved))
+    shapes = dict(hooked_param_shapes(resolved))
     size = torch.empty((), dtype=resolved["dtype"]).element_size()
-    check_memory(n * size, device or "cpu", what, "the model's weights")
+    check_memory(
+        sum(map(math.prod, shapes.values())) * size, device or "cpu", what, "the model's weights"
+    )
     if isinstance(state, Path):
-        state = load_file(str(state))
+        state = read_tensors(state, what)
+    misfit = next(
+        (k for k, v in (state or {}).items() if k in shapes and v.shape != shapes[k]), None
+    )
+    if misfit is not None:
+        assert state is not None
+        raise UserError(
+            f"{what}: the weights do not fit the config ('{misfit}' is "
+            f"{tuple(state[misfit].shape)}, the config builds {shapes[misfit]})"
+        )
     model = build_bridge(resolved, state, device or "cpu", what)
     FIELDS[model] = resolved
     if resolved.get("tokenizer_name"):
